@@ -1,0 +1,494 @@
+"""Expert pools: a folder with a `pool.json` manifest and the experts' files.
+
+    adapters/<pool>/pool.json            manifest (written atomically)
+    adapters/<pool>/experts/<name>/      a copied expert (PEFT LoRA folder or HF model folder)
+
+Experts are validated against the pool's base on `add` (architecture, tensor shapes, LoRA
+targets, finite values, safetensors only) and read lazily afterwards: `Expert.delta(name)`
+gives one tensor's task vector (exact `scale·B·A` for LoRA, `W_expert − W_base` for full).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel as Schema
+from pydantic import ConfigDict, Field, ValidationError, field_validator
+
+from .base import BaseModel, fingerprint
+from .errors import ExpertValidationError, ManifestError, PoolError, did_you_mean
+from .io import atomic_write_json, sha256_file
+from .tensors import SafetensorsDir, model_weight_files, refuse_pickles
+
+MANIFEST = "pool.json"
+EXPERTS_DIR = "experts"
+STAGING_DIR = ".staging"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Files worth keeping from an expert folder (never pickles, never checkpoints).
+_KEEP_SUFFIXES = {".json", ".safetensors", ".txt", ".md", ".model", ".jinja"}
+# PEFT saves LoRA weights as `base_model.model.<module>.lora_A.weight` (adapter name stripped).
+_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+
+
+def check_name(name: str, what: str = "expert name") -> str:
+    if not NAME_RE.match(name) or ".." in name:
+        raise PoolError(
+            f"invalid {what} {name!r}: use letters, digits, '_', '-', '.' (no '/', no '..', at most 64 chars)"
+        )
+    return name
+
+
+def pools_dir() -> Path:
+    return Path(os.environ.get("WORKBENCH_POOLS", "adapters"))
+
+
+def resolve_pool_path(spec: str | os.PathLike) -> Path:
+    """A pool given by path, or by name under `adapters/` ($WORKBENCH_POOLS)."""
+    path = Path(spec).expanduser()
+    if path.exists() or os.sep in str(spec) or str(spec).startswith("."):
+        return path
+    return pools_dir() / str(spec)
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+class BaseRef(Schema):
+    model_config = ConfigDict(extra="forbid")
+    spec: str = Field(description="alias, folder or hub id the pool's experts were trained on")
+    fingerprint: str = Field(description="hash of the config fields and tensor shapes")
+    architecture: str
+
+
+class LoraInfo(Schema):
+    model_config = ConfigDict(extra="forbid")
+    r: int
+    alpha: float
+    use_rslora: bool = False
+    target_modules: list[str]
+    modules: int = Field(description="number of adapted linear modules")
+
+
+class ExpertEntry(Schema):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    kind: Literal["lora", "full"]
+    path: str = Field(description="relative to the pool folder when copied, absolute when linked")
+    linked: bool = False
+    tags: dict[str, str] = Field(default_factory=dict, description="e.g. task=addition, domain=math")
+    training: dict[str, Any] = Field(default_factory=dict, description="training metadata")
+    notes: str = ""
+    lora: LoraInfo | None = None
+    files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256")
+    added_at: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, v: str) -> str:
+        return check_name(v)
+
+
+class PoolManifest(Schema):
+    model_config = ConfigDict(extra="forbid")
+    format: Literal[1] = 1
+    name: str
+    base: BaseRef
+    experts: list[ExpertEntry] = Field(default_factory=list)
+    created_at: str = ""
+
+    @field_validator("experts")
+    @classmethod
+    def _unique(cls, v: list[ExpertEntry]) -> list[ExpertEntry]:
+        seen: set[str] = set()
+        for e in v:
+            if e.name in seen:
+                raise ValueError(f"duplicate expert name {e.name!r}")
+            seen.add(e.name)
+        return v
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def detect_kind(folder: Path) -> Literal["lora", "full"]:
+    if (folder / "adapter_config.json").is_file():
+        return "lora"
+    if (folder / "config.json").is_file():
+        return "full"
+    raise ExpertValidationError(
+        f"{folder} is neither a PEFT adapter folder (adapter_config.json) nor a model folder (config.json)"
+    )
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ExpertValidationError(f"{what}: missing {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ExpertValidationError(f"{what}: {path} is not valid JSON ({e})") from None
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module name's suffix."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+class LoraLayout:
+    """How one PEFT LoRA folder maps onto base tensors: module -> (A key, B key, scale)."""
+
+    def __init__(self, folder: Path, base_shapes: dict[str, tuple[int, ...]], what: str):
+        self.folder = Path(folder)
+        cfg = _read_json(self.folder / "adapter_config.json", what)
+        if str(cfg.get("peft_type", "")).upper() != "LORA":
+            raise ExpertValidationError(f"{what}: peft_type is {cfg.get('peft_type')!r}, only LORA adapters are supported")
+        if cfg.get("use_dora"):
+            raise ExpertValidationError(f"{what}: DoRA adapters are not supported (their delta is not scale·B·A)")
+        refuse_pickles(self.folder, what)
+        if not (self.folder / "adapter_model.safetensors").is_file():
+            raise ExpertValidationError(f"{what}: missing {self.folder / 'adapter_model.safetensors'}")
+        self.config = cfg
+        self.weights = SafetensorsDir(self.folder, ["adapter_model.safetensors"])
+        self.r = int(cfg.get("r", 8))
+        self.alpha = float(cfg.get("lora_alpha", self.r))
+        self.use_rslora = bool(cfg.get("use_rslora", False))
+        targets = cfg.get("target_modules") or []
+        self.target_modules = [targets] if isinstance(targets, str) else sorted(targets)
+
+        pairs: dict[str, dict[str, str]] = {}
+        for key in self.weights.keys():
+            m = _LORA_KEY.match(key)
+            if not m:
+                raise ExpertValidationError(
+                    f"{what}: unsupported tensor {key!r} (only lora_A/lora_B of linear layers are supported)"
+                )
+            pairs.setdefault(m["module"], {})[m["ab"]] = key
+        if not pairs:
+            raise ExpertValidationError(f"{what}: adapter_model.safetensors holds no LoRA tensors")
+
+        base_modules = {k[: -len(".weight")] for k in base_shapes if k.endswith(".weight")}
+        if isinstance(targets, list):
+            leafs = {m.rsplit(".", 1)[-1] for m in base_modules}
+            missing = [t for t in targets if t not in leafs and not any(m.endswith("." + t) for m in base_modules)]
+            if missing:
+                raise ExpertValidationError(
+                    f"{what}: LoRA target modules {missing} do not exist in the base model"
+                )
+        self.modules: dict[str, tuple[str, str, float]] = {}
+        wshapes = self.weights.shapes
+        for module, ab in sorted(pairs.items()):
+            if set(ab) != {"A", "B"}:
+                raise ExpertValidationError(f"{what}: module {module!r} has lora_{''.join(ab)} but not both A and B")
+            if module not in base_modules:
+                raise ExpertValidationError(f"{what}: LoRA targets module {module!r}, which does not exist in the base model")
+            out_f, in_f = base_shapes[module + ".weight"]
+            (ra, ina), (outb, rb) = wshapes[ab["A"]], wshapes[ab["B"]]
+            if ina != in_f or outb != out_f or ra != rb:
+                raise ExpertValidationError(
+                    f"{what}: shape mismatch at {module!r}: A {list(wshapes[ab['A']])}, B {list(wshapes[ab['B']])} "
+                    f"vs base weight {[out_f, in_f]} (adapter trained on another base?)"
+                )
+            r = ra
+            alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, self.alpha))
+            scale = alpha / (r ** 0.5) if self.use_rslora else alpha / r
+            self.modules[module + ".weight"] = (ab["A"], ab["B"], scale)
+
+    def delta(self, tensor: str) -> torch.Tensor:
+        a_key, b_key, scale = self.modules[tensor]
+        a = self.weights.get(a_key).float()
+        b = self.weights.get(b_key).float()
+        return (b @ a).mul_(scale)
+
+    def info(self) -> LoraInfo:
+        return LoraInfo(r=self.r, alpha=self.alpha, use_rslora=self.use_rslora,
+                        target_modules=self.target_modules, modules=len(self.modules))
+
+
+def validate_full(folder: Path, base: BaseModel, what: str) -> SafetensorsDir:
+    folder = Path(folder)
+    cfg = _read_json(folder / "config.json", what)
+    refuse_pickles(folder, what)
+    files = model_weight_files(folder)
+    if not files:
+        raise ExpertValidationError(f"{what}: no .safetensors weights in {folder}")
+    tensors = SafetensorsDir(folder, files)
+    arch = (cfg.get("architectures") or [cfg.get("model_type")])[0]
+    if arch != base.architecture:
+        raise ExpertValidationError(f"{what}: architecture {arch} differs from the base's {base.architecture}")
+    bshapes, eshapes = base.tensors.shapes, tensors.shapes
+    optional = {"lm_head.weight"}  # tied embeddings may or may not be saved
+    missing = sorted(set(bshapes) - set(eshapes) - optional)
+    extra = sorted(set(eshapes) - set(bshapes) - optional)
+    if missing or extra:
+        names = (missing or extra)[:3]
+        raise ExpertValidationError(
+            f"{what}: tensors differ from the base ({'missing' if missing else 'unexpected'}: {names}; another base?)"
+        )
+    for k in set(bshapes) & set(eshapes):
+        if bshapes[k] != eshapes[k]:
+            raise ExpertValidationError(
+                f"{what}: shape mismatch at {k!r}: {list(eshapes[k])} vs base {list(bshapes[k])} (trained on another base?)"
+            )
+    if fingerprint(cfg, eshapes) != base.fingerprint:
+        raise ExpertValidationError(f"{what}: config differs from the base's (fingerprint mismatch)")
+    return tensors
+
+
+# ----------------------------------------------------------------------------- pool
+
+
+class Expert:
+    """One expert of a pool; its tensors are read lazily, one at a time."""
+
+    def __init__(self, pool: Pool, entry: ExpertEntry):
+        self.pool = pool
+        self.entry = entry
+
+    name = property(lambda self: self.entry.name)
+    kind = property(lambda self: self.entry.kind)
+
+    def __repr__(self) -> str:
+        return f"Expert({self.name!r}, kind={self.kind!r})"
+
+    @property
+    def path(self) -> Path:
+        p = Path(self.entry.path)
+        return p if p.is_absolute() else self.pool.root / p
+
+    @cached_property
+    def _lora(self) -> LoraLayout:
+        return LoraLayout(self.path, self.pool.base.tensors.shapes, f"expert {self.name!r}")
+
+    @cached_property
+    def _full(self) -> SafetensorsDir:
+        return SafetensorsDir(self.path, model_weight_files(self.path))
+
+    def delta_names(self) -> list[str]:
+        """Base tensor names this expert changes."""
+        if self.kind == "lora":
+            return list(self._lora.modules)
+        base = self.pool.base.tensors
+        return [k for k in self._full.keys() if k in base]
+
+    def delta(self, tensor: str) -> torch.Tensor:
+        """Task vector of one base tensor, fp32: `scale·B·A` (LoRA) or `W_expert − W_base` (full)."""
+        if self.kind == "lora":
+            return self._lora.delta(tensor)
+        return self._full.get(tensor).float() - self.pool.base.tensors.get(tensor).float()
+
+    def iter_deltas(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.delta_names():
+            yield name, self.delta(name)
+
+    def lora_factors(self, tensor: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A [r, d_in], B [d_out, r], scale) of one LoRA module, for adapter-space methods and kernels."""
+        if self.kind != "lora":
+            raise PoolError(f"expert {self.name!r} is a full model, not a LoRA")
+        a_key, b_key, scale = self._lora.modules[tensor]
+        return self._lora.weights.get(a_key).float(), self._lora.weights.get(b_key).float(), scale
+
+
+class Pool:
+    """A pool folder with its validated manifest."""
+
+    def __init__(self, root: Path, manifest: PoolManifest):
+        self.root = Path(root)
+        self.manifest = manifest
+
+    # -- opening and creating
+    @classmethod
+    def create(cls, spec: str | os.PathLike, base: str = "smollm2-135m") -> Pool:
+        root = resolve_pool_path(spec)
+        check_name(root.name, "pool name")
+        if (root / MANIFEST).exists():
+            raise PoolError(f"pool {root} already exists")
+        bm = BaseModel(base)
+        manifest = PoolManifest(
+            name=root.name, created_at=_now(),
+            base=BaseRef(spec=base, fingerprint=bm.fingerprint, architecture=bm.architecture),
+        )
+        root.mkdir(parents=True, exist_ok=True)
+        pool = cls(root, manifest)
+        pool.__dict__["base"] = bm
+        pool._save()
+        return pool
+
+    @classmethod
+    def open(cls, spec: str | os.PathLike) -> Pool:
+        root = resolve_pool_path(spec)
+        path = root / MANIFEST
+        if not path.is_file():
+            known = [p.parent.name for p in pools_dir().glob(f"*/{MANIFEST}")]
+            raise PoolError(f"no pool at {root} (missing {MANIFEST}){did_you_mean(root.name, known)}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix it by hand") from None
+        try:
+            manifest = PoolManifest.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"])
+            raise ManifestError(f"{path} is not a valid pool manifest: {loc}: {err['msg']}") from None
+        return cls(root, manifest)
+
+    @classmethod
+    def open_or_create(cls, spec: str | os.PathLike, base: str = "smollm2-135m") -> Pool:
+        root = resolve_pool_path(spec)
+        return cls.open(root) if (root / MANIFEST).exists() else cls.create(root, base)
+
+    def _save(self) -> None:
+        atomic_write_json(self.root / MANIFEST, self.manifest.model_dump(mode="json"))
+
+    @cached_property
+    def base(self) -> BaseModel:
+        bm = BaseModel(self.manifest.base.spec)
+        if bm.fingerprint != self.manifest.base.fingerprint:
+            raise PoolError(
+                f"pool {self.name!r}: base {self.manifest.base.spec!r} now has fingerprint {bm.fingerprint}, "
+                f"the manifest says {self.manifest.base.fingerprint} (base model changed?)"
+            )
+        return bm
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    # -- experts
+    @property
+    def experts(self) -> list[Expert]:
+        return [Expert(self, e) for e in self.manifest.experts]
+
+    def names(self, kind: str | None = None) -> list[str]:
+        return [e.name for e in self.manifest.experts if kind is None or e.kind == kind]
+
+    def expert(self, name: str) -> Expert:
+        for e in self.manifest.experts:
+            if e.name == name:
+                return Expert(self, e)
+        raise PoolError(f"pool {self.name!r} has no expert {name!r}{did_you_mean(name, self.names())}")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names()
+
+    def validate_source(self, source: Path, kind: str | None = None) -> tuple[str, LoraInfo | None]:
+        """Check a candidate expert folder against the pool's base; return (kind, lora info)."""
+        source = Path(source)
+        what = f"expert source {source}"
+        if not source.is_dir():
+            raise ExpertValidationError(f"{what} is not a folder")
+        kind = kind or detect_kind(source)
+        if kind == "lora":
+            layout = LoraLayout(source, self.base.tensors.shapes, what)
+            layout.weights.check_finite(what)
+            return kind, layout.info()
+        tensors = validate_full(source, self.base, what)
+        tensors.check_finite(what)
+        return kind, None
+
+    def add(self, source: str | os.PathLike, name: str, *, kind: str | None = None, link: bool = False,
+            tags: dict[str, str] | None = None, training: dict[str, Any] | None = None, notes: str = "",
+            replace: bool = False) -> Expert:
+        """Validate `source` and add it; copy by default, reference in place with `link`.
+
+        Order keeps the pool consistent: validate -> copy into `.staging/` -> rename into
+        `experts/<name>` -> write the manifest atomically. A crash before the last step
+        leaves no manifest entry pointing at half-copied files.
+        """
+        check_name(name)
+        if name in self and not replace:
+            raise PoolError(f"pool {self.name!r} already has an expert named {name!r}")
+        source = Path(source).expanduser().resolve()
+        kind, lora = self.validate_source(source, kind)
+        files = sorted(p.name for p in source.iterdir() if p.is_file() and p.suffix in _KEEP_SUFFIXES)
+        if link:
+            rel, hashes = str(source), {f: sha256_file(source / f) for f in files}
+        else:
+            final = self.root / EXPERTS_DIR / name
+            staging = self.root / STAGING_DIR
+            staging.mkdir(parents=True, exist_ok=True)
+            tmp = staging / f"{name}-{os.getpid()}-{time.monotonic_ns()}"
+            try:
+                tmp.mkdir()
+                for f in files:
+                    shutil.copy2(source / f, tmp / f)
+                hashes = {f: sha256_file(tmp / f) for f in files}
+                if final.exists():  # an orphan of a crashed add, or the expert being replaced
+                    shutil.rmtree(final)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            rel = f"{EXPERTS_DIR}/{name}"
+        entry = ExpertEntry(name=name, kind=kind, path=rel, linked=link, tags=tags or {}, training=training or {},
+                            notes=notes, lora=lora, files=hashes, added_at=_now())
+        self.manifest.experts = [e for e in self.manifest.experts if e.name != name] + [entry]
+        self._save()
+        return Expert(self, entry)
+
+    def remove(self, name: str) -> None:
+        expert = self.expert(name)
+        self.manifest.experts = [e for e in self.manifest.experts if e.name != name]
+        self._save()  # the manifest first: a crash below leaves an orphan folder, not a dangling entry
+        if not expert.entry.linked and expert.path.exists():
+            shutil.rmtree(expert.path)
+
+    def verify(self, *, hashes: bool = True) -> list[str]:
+        """Problems found (empty when the pool is sound): files, hashes, shapes, finite values."""
+        problems: list[str] = []
+        try:
+            base = self.base
+        except Exception as e:  # noqa: BLE001 - report, don't stop
+            return [str(e)]
+        for expert in self.experts:
+            e = expert.entry
+            for f, digest in e.files.items():
+                p = expert.path / f
+                if not p.is_file():
+                    problems.append(f"{e.name}: missing file {p}")
+                elif hashes and sha256_file(p) != digest:
+                    problems.append(f"{e.name}: {f} changed since it was added (sha256 mismatch)")
+            if any(p.startswith(e.name) for p in problems):
+                continue
+            try:
+                self.validate_source(expert.path, e.kind)
+            except ExpertValidationError as err:
+                problems.append(f"{e.name}: {err}")
+        known = {Path(e.path).name for e in self.manifest.experts if not e.linked}
+        exp_dir = self.root / EXPERTS_DIR
+        if exp_dir.is_dir():
+            problems += [f"orphan folder {p} (not in the manifest)" for p in exp_dir.iterdir() if p.name not in known]
+        del base
+        return problems
+
+    # -- loading
+    def peft_model(self, names: list[str] | None = None, model=None, dtype=None):
+        """The base with the pool's LoRA experts loaded as named PEFT adapters (first one active)."""
+        from peft import PeftModel
+
+        names = names or self.names("lora")
+        experts = [self.expert(n) for n in names]
+        if not experts or any(e.kind != "lora" for e in experts):
+            raise PoolError(f"peft_model needs LoRA experts; got {names}")
+        model = model if model is not None else self.base.load(dtype=dtype)
+        pm = PeftModel.from_pretrained(model, str(experts[0].path), adapter_name=experts[0].name, is_trainable=False)
+        for e in experts[1:]:
+            pm.load_adapter(str(e.path), adapter_name=e.name, is_trainable=False)
+        pm.eval()
+        return pm
