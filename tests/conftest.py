@@ -12,6 +12,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from workbench.testing import make_tiny_base, make_tiny_full, make_tiny_lora  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory):
+    """One cache (base models, task suite) per test session; $WORKBENCH_TEST_CACHE reuses one."""
+    path = os.environ.get("WORKBENCH_TEST_CACHE") or str(tmp_path_factory.mktemp("cache"))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WORKBENCH_CACHE", path)
+    yield Path(path)
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny base, two LoRA experts and one full expert, built once per session."""
@@ -27,7 +37,6 @@ def tiny_dir(tmp_path_factory) -> Path:
 def pools(tmp_path, monkeypatch) -> Path:
     """An isolated adapters/ folder and cache for one test."""
     monkeypatch.setenv("WORKBENCH_POOLS", str(tmp_path / "adapters"))
-    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
     return tmp_path / "adapters"
 
 

@@ -19,8 +19,14 @@ app = typer.Typer(help="Expert Workbench: pools of experts, combined, evaluated 
 base_app = typer.Typer(help="Base models: fetch into the cache, show info.", no_args_is_help=True)
 pool_app = typer.Typer(help="Expert pools under adapters/: create, add, list, show, remove, verify.",
                        no_args_is_help=True)
+train_app = typer.Typer(help="Train experts into a pool: lora, full, multitask.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluate models with lm-eval (offline) into results/.", invoke_without_command=True)
+results_app = typer.Typer(help="Read results/: tables.", no_args_is_help=True)
 app.add_typer(base_app, name="base")
 app.add_typer(pool_app, name="pool")
+app.add_typer(train_app, name="train")
+app.add_typer(eval_app, name="eval")
+app.add_typer(results_app, name="results")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -176,6 +182,193 @@ def pool_verify(
             err_console.print(f"[red]problem[/] {line}")
         raise typer.Exit(1)
     console.print(f"[green]ok[/] pool {p.name}: {len(p.names())} experts verified")
+
+
+@pool_app.command("build-demo")
+def pool_build_demo(
+    pool: Annotated[str, typer.Option(help="pool name or path")] = "demo",
+    base: Annotated[str, typer.Option(help="base model")] = "smollm2-135m",
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    only: Annotated[Optional[list[str]], typer.Option(help="build only these experts (repeatable)")] = None,
+):
+    """Train the demo pool (one LoRA per held-in task, multitask LoRA, full fine-tunes); skips what exists."""
+    from .demo import build_demo_pool
+
+    build_demo_pool(pool, base=base, device=device, only=only, log=console.print)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def _split_list(values: list[str] | None) -> list[str]:
+    return [x for v in values or [] for x in v.split(",") if x]
+
+
+def _train(kind: str, pool: str, tasks: list[str], name: Optional[str], device: str, replace: bool, **cfg):
+    from .pool import Pool
+    from .train import FullConfig, LoraConfigModel, train_expert
+    from .tasks.suite import get_task
+
+    for t in tasks:
+        get_task(t)
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    if "targets" in cfg:
+        cfg["targets"] = _split_list(cfg["targets"])
+    try:
+        config = LoraConfigModel(**cfg) if kind == "lora" else FullConfig(**cfg)
+    except Exception as e:  # pydantic: name the field
+        raise WorkbenchError(f"invalid training option: {str(e).splitlines()[1:3]}") from None
+    p = Pool.open(pool)
+    e = train_expert(p, name or (tasks[0] if len(tasks) == 1 else "multitask"), tasks, config, device=device,
+                     replace=replace)
+    m = e.entry.training
+    console.print(f"[green]trained[/] {e.kind} expert {e.name}: {m['steps']} steps, final loss {m['final_loss']:.4f}, "
+                  f"{m['wall_s']:.0f}s, {m['tokens_per_s']:.0f} tokens/s")
+
+
+_Pool = Annotated[str, typer.Option(help="pool name or path")]
+_Dev = Annotated[str, typer.Option(help="cpu or cuda")]
+
+
+@train_app.command("lora")
+def train_lora(
+    pool: _Pool, task: Annotated[str, typer.Option(help="task to train on")],
+    name: Annotated[Optional[str], typer.Option(help="expert name (default: the task)")] = None,
+    r: Optional[int] = None, alpha: Optional[float] = None,
+    targets: Annotated[Optional[list[str]], typer.Option(help="target modules, comma-separated")] = None,
+    steps: Optional[int] = None, lr: Optional[float] = None,
+    batch_size: Optional[int] = None, seed: Optional[int] = None, device: _Dev = "cpu",
+    replace: Annotated[bool, typer.Option(help="replace an expert of that name")] = False,
+):
+    """Train a PEFT LoRA expert on one task (loss on answer tokens only) into the pool."""
+    _train("lora", pool, [task], name, device, replace, r=r, alpha=alpha, targets=targets, steps=steps, lr=lr,
+           batch_size=batch_size, seed=seed)
+
+
+@train_app.command("full")
+def train_full(
+    pool: _Pool, task: Annotated[str, typer.Option(help="task to train on")],
+    name: Annotated[Optional[str], typer.Option(help="expert name (default: full-<task>)")] = None,
+    steps: Optional[int] = None, lr: Optional[float] = None, batch_size: Optional[int] = None,
+    seed: Optional[int] = None, device: _Dev = "cpu", replace: bool = False,
+):
+    """Full fine-tune expert (every weight) on one task, saved into the pool as a model folder."""
+    _train("full", pool, [task], name or f"full-{task}", device, replace, steps=steps, lr=lr,
+           batch_size=batch_size, seed=seed)
+
+
+@train_app.command("multitask")
+def train_multitask(
+    pool: _Pool,
+    tasks: Annotated[str, typer.Option(help="comma-separated tasks, or held_in")] = "held_in",
+    name: str = "multitask", r: Optional[int] = None, alpha: Optional[float] = None,
+    steps: Optional[int] = None, lr: Optional[float] = None, batch_size: Optional[int] = None,
+    seed: Optional[int] = None, device: _Dev = "cpu", replace: bool = False,
+):
+    """One LoRA on the union of tasks: the reference every combination is compared with."""
+    from .eval.harness import resolve_tasks
+
+    _train("lora", pool, resolve_tasks(_split_list([tasks])), name, device, replace, r=r, alpha=alpha,
+           steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+
+
+# ----------------------------------------------------------------------------- eval and results
+
+_Tasks = Annotated[str, typer.Option(help="comma-separated tasks, or held_in, held_out, skills, domains, all")]
+
+
+def _print_manifest(m: dict) -> None:
+    table = Table("task", "metric", "value", title=f"{m['model_name']} ({m['timings']['eval_s']:.0f}s)")
+    for task, metrics in m["scores"].items():
+        for k, v in metrics.items():
+            table.add_row(task, k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    console.print(table)
+
+
+@eval_app.callback()
+def eval_model(
+    ctx: typer.Context,
+    model: Annotated[Optional[str], typer.Option(help="base, an expert of --pool, or a model/adapter/artifact folder")] = None,
+    pool: Annotated[Optional[str], typer.Option(help="pool name or path")] = None,
+    tasks: _Tasks = "all", limit: Annotated[Optional[int], typer.Option(help="examples per task")] = None,
+    batch_size: int = 16, device: _Dev = "cpu",
+    out: Annotated[Optional[Path], typer.Option(help="lm-eval output folder")] = None,
+):
+    """Evaluate one model: `workbench eval --model SPEC --pool P --tasks ...`."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if model is None:
+        raise WorkbenchError("give --model (base, an expert name, or a folder); see workbench eval --help")
+    from .eval import run_eval
+    from .pool import Pool
+
+    p = Pool.open(pool) if pool else None
+    m = run_eval(model, _split_list([tasks]), pool=p, limit=limit, batch_size=batch_size, device=device, out_dir=out)
+    _print_manifest(m)
+
+
+@eval_app.command("matrix")
+def eval_matrix(
+    pool: _Pool = "demo", tasks: _Tasks = "all", batch_size: int = 16, device: _Dev = "cpu",
+    models: Annotated[Optional[str], typer.Option(help="comma-separated (default: base + every expert)")] = None,
+    force: Annotated[bool, typer.Option(help="re-run models that already have full results")] = False,
+):
+    """Every expert (and the base) on every task; models with complete results are skipped."""
+    from .eval import run_eval
+    from .eval.harness import RESULTS_DIR, resolve_tasks
+    from .eval.results import collect_scores
+    from .pool import Pool
+
+    p = Pool.open(pool)
+    task_list = resolve_tasks(_split_list([tasks]))
+    names = _split_list([models]) if models else ["base", *p.names()]
+    done = collect_scores(RESULTS_DIR / "lm-eval", pool=p.name)
+    for i, name in enumerate(names, 1):
+        have = set(done[done.model == name].task) if not done.empty else set()
+        if not force and set(task_list) <= have:
+            console.print(f"[{i}/{len(names)}] skip {name}: results exist")
+            continue
+        console.print(f"[{i}/{len(names)}] evaluating {name} on {len(task_list)} tasks")
+        m = run_eval(name, task_list, pool=p, batch_size=batch_size, device=device)
+        _print_manifest(m)
+    results_show(pool=p.name)
+
+
+@results_app.command("table")
+def results_show(
+    pool: Annotated[Optional[str], typer.Option(help="only runs of this pool")] = None,
+    results_dir: Annotated[Optional[Path], typer.Option(help="results folder")] = None,
+    csv: Annotated[Optional[Path], typer.Option(help="also write the table as CSV")] = None,
+):
+    """Method x task table from results/ (exact match %; domain columns: word perplexity)."""
+    from .eval.harness import RESULTS_DIR
+    from .eval.results import results_table
+
+    root = results_dir or RESULTS_DIR
+    df = results_table(root / "lm-eval" if (root / "lm-eval").is_dir() else root, pool)
+    if df.empty:
+        console.print("no results yet")
+        return
+    table = Table(*[str(c) for c in df.columns], title="results (exact match %, domains: word perplexity)")
+    for row in df.itertuples(index=False):
+        table.add_row(*[f"{v:.1f}" if isinstance(v, float) else str(v) for v in row])
+    console.print(table)
+    if csv:
+        df.to_csv(csv, index=False)
+
+
+@app.command("demo")
+def demo(
+    device: _Dev = "cpu", batch_size: int = 16,
+):
+    """The main job on the embedded default: fetch SmolLM2, build the demo pool, evaluate the matrix."""
+    from .base import BaseModel
+
+    with console.status("fetching the base model ..."):
+        bm = BaseModel("smollm2-135m")
+    console.print(f"base: {bm.info()['title']}")
+    pool_build_demo(pool="demo", base="smollm2-135m", device=device, only=None)
+    eval_matrix(pool="demo", tasks="all", batch_size=batch_size, device=device, models=None, force=False)
 
 
 # ----------------------------------------------------------------------------- entry point

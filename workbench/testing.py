@@ -32,7 +32,10 @@ def tiny_llama_config(**overrides):
 
     kw = dict(vocab_size=len(SPECIALS) + len(set(CHARS)), hidden_size=64, intermediate_size=128,
               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-              tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+              tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+              # A wider init than HF's 0.02: with 0.02 the tiny model's logits are near uniform
+              # and a LoRA alone can barely move them, so training tests would learn nothing.
+              initializer_range=0.2)
     kw.update(overrides)
     cfg = LlamaConfig(**kw)
     cfg.architectures = ["LlamaForCausalLM"]

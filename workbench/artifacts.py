@@ -1,0 +1,47 @@
+"""Artifacts: what a combination method produces, saved as a folder with `artifact.json`.
+
+`artifact.json` names the artifact type; each type registers a loader returning a
+`LoadedModel` (an nn.Module + tokenizer) so evaluation and serving never special-case a
+method. Types are registered by the modules that define them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import WorkbenchError, did_you_mean
+
+ARTIFACT_FILE = "artifact.json"
+LOADERS: dict[str, Callable[..., Any]] = {}
+
+
+def register_artifact(type_name: str):
+    def deco(fn):
+        LOADERS[type_name] = fn
+        return fn
+
+    return deco
+
+
+def read_artifact_meta(path: Path) -> dict[str, Any]:
+    f = Path(path) / ARTIFACT_FILE
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise WorkbenchError(f"cannot read artifact {f}: {e}") from None
+
+
+def load_artifact(path: Path, device: str | None = None):
+    meta = read_artifact_meta(path)
+    kind = meta.get("type", "?")
+    if kind not in LOADERS:
+        import importlib
+
+        for mod in ("workbench.methods",):  # registering modules
+            importlib.import_module(mod)
+    if kind not in LOADERS:
+        raise WorkbenchError(f"artifact {path} has unknown type {kind!r}{did_you_mean(kind, LOADERS)}")
+    return LOADERS[kind](Path(path), meta, device=device)

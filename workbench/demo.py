@@ -1,0 +1,49 @@
+"""The embedded default: SmolLM2-135M-Instruct + a demo pool of skill experts it lacks.
+
+`build_demo_pool` trains what is missing and skips what is built, so an interrupted build
+is resumed by running it again (each expert lands in the pool atomically).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from .pool import Pool
+from .tasks.suite import task_names
+from .train import FullConfig, LoraConfigModel, train_expert
+
+DEMO_POOL = "demo"
+# Full fine-tunes for full-model merging (TIES/DARE/PCB through mergekit) and upcycling.
+FULL_TASKS = ["addition", "sorting", "unit_conversion", "reverse_words"]
+
+
+@dataclass(frozen=True)
+class ExpertPlan:
+    name: str
+    tasks: tuple[str, ...]
+    config: LoraConfigModel | FullConfig
+
+
+def demo_plan() -> list[ExpertPlan]:
+    held_in = tuple(task_names("held_in"))
+    plan = [ExpertPlan(t, (t,), LoraConfigModel()) for t in held_in]
+    # The multitask reference: same rank, the same examples per task as one expert sees.
+    plan.append(ExpertPlan("multitask", held_in, LoraConfigModel(steps=120 * len(held_in) // 2, batch_size=32)))
+    plan += [ExpertPlan(f"full-{t}", (t,), FullConfig()) for t in FULL_TASKS]
+    return plan
+
+
+def build_demo_pool(pool_spec: str = DEMO_POOL, base: str = "smollm2-135m", device: str = "cpu",
+                    only: list[str] | None = None, log=print) -> Pool:
+    pool = Pool.open_or_create(pool_spec, base=base)
+    t0 = time.perf_counter()
+    for plan in demo_plan():
+        if only and plan.name not in only:
+            continue
+        if plan.name in pool:
+            log(f"skip {plan.name}: already in pool {pool.name}")
+            continue
+        train_expert(pool, plan.name, list(plan.tasks), plan.config, device=device)
+    log(f"demo pool {pool.name}: {len(pool.names())} experts ({time.perf_counter() - t0:.0f}s this run)")
+    return pool

@@ -1,0 +1,188 @@
+"""lm-eval on model objects: HFLM around whatever module a spec resolves to, offline.
+
+Results are written with lm-eval's own `EvaluationTracker` layout
+(`results/lm-eval/<model>/results_<date>.json` + `samples_<task>_<date>.jsonl`) and a
+workbench run manifest `run_<date>.json` beside them (spec, pool, method and parameters,
+git commit, timings, machine). Every run gets its own timestamped files: nothing is
+overwritten, so an interrupted job loses at most the run in flight.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import WorkbenchError
+from ..io import atomic_write_json
+from ..pool import Pool
+from ..tasks.suite import DEFAULT_SEED, TASKS, DOMAINS, data_hash, generate_suite
+
+RESULTS_DIR = Path(os.environ.get("WORKBENCH_RESULTS", "results"))
+
+
+def set_offline() -> None:
+    for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ[k] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # an nn.Module with .config, .device, .generate and logits from __call__
+    tokenizer: Any
+    name: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def load_model_spec(spec: str, pool: Pool | None = None, device: str | None = None) -> LoadedModel:
+    """Resolve SPEC: `base`, an expert of `pool`, or a folder (HF model, PEFT adapter, artifact)."""
+    from peft import PeftModel
+
+    path = Path(spec)
+    if spec == "base":
+        if pool is None:
+            raise WorkbenchError("model 'base' needs --pool (or use a base model folder)")
+        return LoadedModel(pool.base.load(device=device), pool.base.tokenizer(), "base",
+                           {"kind": "base", "base": pool.manifest.base.spec, "method": "base"})
+    if pool is not None and spec in pool:
+        e = pool.expert(spec)
+        tok = pool.base.tokenizer()
+        if e.kind == "lora":
+            model = PeftModel.from_pretrained(pool.base.load(device=device), str(e.path), is_trainable=False).eval()
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(e.path, dtype=pool.base.load().dtype).eval()
+            model = model.to(device) if device else model
+        method = "multitask" if e.entry.tags.get("task") == "multitask" else f"expert-{e.kind}"
+        return LoadedModel(model, tok, spec, {"kind": e.kind, "expert": spec, "method": method,
+                                              "tags": e.entry.tags})
+    if path.is_dir() and (path / "artifact.json").is_file():
+        from ..artifacts import load_artifact
+
+        return load_artifact(path, device=device)
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        if pool is None:
+            raise WorkbenchError(f"{spec} is a LoRA adapter: give --pool for its base model")
+        model = PeftModel.from_pretrained(pool.base.load(device=device), str(path), is_trainable=False).eval()
+        return LoadedModel(model, pool.base.tokenizer(), path.name, {"kind": "lora", "path": str(path)})
+    if path.is_dir() and (path / "config.json").is_file():
+        from ..base import BaseModel
+
+        bm = BaseModel(path)
+        return LoadedModel(bm.load(device=device), bm.tokenizer(), path.name, {"kind": "full", "path": str(path)})
+    known = ", ".join(["base", *(pool.names() if pool else [])])
+    raise WorkbenchError(f"unknown model {spec!r}: not one of [{known}] nor a model, adapter or artifact folder")
+
+
+def resolve_tasks(tasks: list[str]) -> list[str]:
+    """Task names (or `held_in`, `held_out`, `domains`, `all`) -> suite task names."""
+    out: list[str] = []
+    for t in tasks:
+        if t in ("held_in", "held_out"):
+            out += [n for n, x in TASKS.items() if x.kind == t]
+        elif t == "skills":
+            out += list(TASKS)
+        elif t == "domains":
+            out += list(DOMAINS)
+        elif t == "all":
+            out += list(TASKS) + list(DOMAINS)
+        elif t in TASKS or t in DOMAINS:
+            out.append(t)
+        else:
+            from ..errors import did_you_mean
+
+            raise WorkbenchError(f"unknown task {t!r}{did_you_mean(t, [*TASKS, *DOMAINS])}; "
+                                 "use task names or held_in, held_out, skills, domains, all")
+    return list(dict.fromkeys(out))
+
+
+def evaluate(loaded: LoadedModel, tasks: list[str], *, limit: int | None = None, batch_size: int = 16,
+             split_seed: int = DEFAULT_SEED, log_samples: bool = True) -> dict[str, Any]:
+    """Run lm-eval on a loaded model; returns lm-eval's results dict (with `samples`)."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    set_offline()
+    suite = generate_suite(split_seed)
+    tm = TaskManager(include_path=str(suite), include_defaults=False, verbosity="ERROR")
+    max_len = min(2048, int(getattr(loaded.model.config, "max_position_embeddings", 2048) or 2048))
+    lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size, max_length=max_len)
+    res = lm_eval.simple_evaluate(
+        model=lm, tasks=[f"wb_{t}" for t in tasks], limit=limit, task_manager=tm, log_samples=log_samples,
+        bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
+        verbosity="ERROR",
+    )
+    if res is None:
+        raise WorkbenchError("lm-eval returned no results")
+    return res
+
+
+def git_state() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def machine_info(device: str | None) -> dict[str, Any]:
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "device": device or "cpu", "threads": torch.get_num_threads()}
+    if device and device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def run_eval(spec: str, tasks: list[str], *, pool: Pool | None = None, limit: int | None = None,
+             batch_size: int = 16, device: str | None = None, out_dir: Path | None = None,
+             loaded: LoadedModel | None = None, extra: dict[str, Any] | None = None,
+             log_samples: bool = True) -> dict[str, Any]:
+    """Evaluate SPEC on TASKS and save lm-eval results + a run manifest; returns the manifest."""
+    from lm_eval.loggers import EvaluationTracker
+    from lm_eval.utils import sanitize_model_name
+
+    tasks = resolve_tasks(tasks)
+    out_dir = Path(out_dir or RESULTS_DIR / "lm-eval")
+    t0 = time.perf_counter()
+    loaded = loaded or load_model_spec(spec, pool, device)
+    t_load = time.perf_counter() - t0
+    tracker = EvaluationTracker(output_path=str(out_dir))
+    t1 = time.perf_counter()
+    res = evaluate(loaded, tasks, limit=limit, batch_size=batch_size, log_samples=log_samples)
+    t_eval = time.perf_counter() - t1
+    run_name = loaded.name if pool is None else f"{pool.name}__{loaded.name}"
+    gct = tracker.general_config_tracker
+    gct.model_name, gct.model_name_sanitized = run_name, sanitize_model_name(run_name)
+    gct.model_source = "workbench"
+    samples = res.pop("samples", None)
+    tracker.save_results_aggregated(results=res, samples=samples)
+    if samples and log_samples:
+        for task_name in res["configs"]:
+            tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
+    folder = out_dir / gct.model_name_sanitized
+    scores = {name[3:]: {k.split(",")[0]: v for k, v in metrics.items() if "," in k and "stderr" not in k}
+              for name, metrics in res["results"].items()}
+    manifest = {
+        "run_id": tracker.date_id, "model": spec, "model_name": run_name,
+        "pool": pool.name if pool else None, "base": pool.manifest.base.spec if pool else None,
+        "method": loaded.info.get("method", loaded.info.get("kind")), "model_info": loaded.info,
+        "params": (extra or {}).get("params", {}), "tasks": tasks, "limit": limit, "batch_size": batch_size,
+        "data_sha256": {t: data_hash(t) for t in tasks}, "scores": scores,
+        "results_file": str((folder / f"results_{tracker.date_id}.json").relative_to(out_dir.parent))
+        if out_dir.parent in (folder / "x").parents else str(folder / f"results_{tracker.date_id}.json"),
+        "git": git_state(), "timings": {"load_s": round(t_load, 2), "eval_s": round(t_eval, 2)},
+        "machine": machine_info(device), **{k: v for k, v in (extra or {}).items() if k != "params"},
+    }
+    atomic_write_json(folder / f"run_{tracker.date_id}.json", manifest)
+    return manifest

@@ -1,0 +1,68 @@
+"""Read results/: the latest score per (model, task) from workbench run manifests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..tasks.suite import DOMAINS, TASKS
+
+PRIMARY = {"exact_match": "exact_match", "word_perplexity": "word_perplexity"}
+
+
+def iter_runs(results_dir: Path) -> list[dict[str, Any]]:
+    runs = []
+    for p in sorted(Path(results_dir).rglob("run_*.json")):
+        try:
+            runs.append(json.loads(p.read_text()) | {"_path": str(p)})
+        except json.JSONDecodeError:
+            continue  # a foreign or broken file never stops the table
+    return sorted(runs, key=lambda r: r.get("run_id", ""))
+
+
+def collect_scores(results_dir: Path, pool: str | None = None, full_only: bool = True) -> pd.DataFrame:
+    """Long table: model, method, task, kind, metric, value, run_id (latest run wins).
+
+    `full_only` skips runs made with --limit (partial test splits).
+    """
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    for run in iter_runs(results_dir):
+        if pool and run.get("pool") != pool:
+            continue
+        if full_only and run.get("limit"):
+            continue
+        for task, metrics in run.get("scores", {}).items():
+            metric = "exact_match" if "exact_match" in metrics else "word_perplexity"
+            if metric not in metrics:
+                continue
+            kind = TASKS[task].kind if task in TASKS else ("domain" if task in DOMAINS else "?")
+            latest[(run["model_name"], task)] = {
+                "model": run["model"], "model_name": run["model_name"], "method": run.get("method"),
+                "task": task, "kind": kind, "metric": metric, "value": metrics[metric], "run_id": run["run_id"],
+            }
+    return pd.DataFrame(list(latest.values()),
+                        columns=["model", "model_name", "method", "task", "kind", "metric", "value", "run_id"])
+
+
+def results_table(results_dir: Path, pool: str | None = None, full_only: bool = True) -> pd.DataFrame:
+    """Wide table: one row per model, one column per task, plus held-in / held-out averages.
+
+    Exact match is in percent; domain columns are word perplexity.
+    """
+    df = collect_scores(results_dir, pool, full_only)
+    if df.empty:
+        return df
+    df = df.assign(value=[v * 100 if m == "exact_match" else v for v, m in zip(df.value, df.metric)])
+    wide = df.pivot_table(index=["model", "method"], columns="task", values="value", aggfunc="last")
+    order = [t for t in [*TASKS, *DOMAINS] if t in wide.columns]
+    wide = wide[order]
+    held_in = [t for t in order if t in TASKS and TASKS[t].kind == "held_in"]
+    held_out = [t for t in order if t in TASKS and TASKS[t].kind == "held_out"]
+    if held_in:
+        wide["held_in_avg"] = wide[held_in].mean(axis=1)
+    if held_out:
+        wide["held_out_avg"] = wide[held_out].mean(axis=1)
+    return wide.reset_index()

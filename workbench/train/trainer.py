@@ -1,0 +1,175 @@
+"""A small, deterministic causal-LM trainer with the loss on answer tokens only.
+
+Examples are `question` + " " + `answer` + EOS, tokenized exactly as lm-eval's HFLM sees the
+context at evaluation time (no special tokens before the question), so what is trained is
+what is evaluated. Batches are padded on the right; prompt and padding labels are -100.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel as Schema
+from pydantic import ConfigDict, Field
+
+from ..errors import WorkbenchError
+from ..pool import Expert, Pool
+from ..progress import progress_bar
+from ..tasks.suite import DEFAULT_SEED, data_hash, get_task, load_split
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class _Common(Schema):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    steps: int = Field(120, gt=0, description="optimizer steps")
+    batch_size: int = Field(16, gt=0, description="examples per step")
+    seed: int = Field(0, description="seed for initialisation and batch order")
+    warmup: int = Field(10, ge=0, description="linear warm-up steps, then linear decay to 0")
+    max_length: int = Field(128, gt=8, description="examples longer than this are truncated")
+    data_seed: int = Field(DEFAULT_SEED, description="task suite seed")
+
+
+class LoraConfigModel(_Common):
+    kind: Literal["lora"] = "lora"
+    r: int = Field(8, gt=0, description="LoRA rank")
+    alpha: float = Field(16, gt=0, description="LoRA alpha (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] = Field(default_factory=lambda: list(LLAMA_TARGETS), description="target module names")
+    lr: float = Field(2e-3, gt=0)
+
+
+class FullConfig(_Common):
+    kind: Literal["full"] = "full"
+    lr: float = Field(5e-5, gt=0)
+    steps: int = Field(60, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+@dataclass
+class TrainResult:
+    loss_curve: list[float]
+    wall_s: float
+    tokens: int
+    examples: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.wall_s, 1e-9)
+
+
+def encode(tokenizer, question: str, answer: str, max_length: int) -> tuple[list[int], list[int]]:
+    q = tokenizer(question, add_special_tokens=False)["input_ids"]
+    a = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (q + a)[:max_length]
+    labels = ([-100] * len(q) + a)[:max_length]
+    return ids, labels
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    n = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, (ids, lab) in enumerate(batch):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+def task_examples(tasks: list[str], data_seed: int) -> list[dict[str, Any]]:
+    rows = []
+    for t in tasks:
+        get_task(t)
+        rows += load_split(t, "train", data_seed)
+    return rows
+
+
+def train_loop(model, tokenizer, rows: list[dict[str, Any]], cfg: _Common, params, desc: str,
+               device: str = "cpu") -> TrainResult:
+    """AdamW with warm-up and linear decay; loss on answer tokens; progress bar with the loss."""
+    encoded = [encode(tokenizer, r["question"], r["answer"], cfg.max_length) for r in rows]
+    rng = random.Random(cfg.seed)
+    order: list[int] = []
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=getattr(cfg, "weight_decay", 0.0))
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        return max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.train()
+    curve, tokens, t0 = [], 0, time.perf_counter()
+    with progress_bar(desc, total=cfg.steps) as bar:
+        for step in range(cfg.steps):
+            batch_idx = []
+            for _ in range(cfg.batch_size):  # epochs of shuffled examples, in a seeded order
+                if not order:
+                    order = list(range(len(encoded)))
+                    rng.shuffle(order)
+                batch_idx.append(order.pop())
+            batch = collate([encoded[i] for i in batch_idx], tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            curve.append(round(loss.item(), 5))
+            tokens += int(batch["attention_mask"].sum())
+            bar.update(1, loss=curve[-1])
+            if not math.isfinite(curve[-1]):
+                raise WorkbenchError(f"{desc}: loss became {curve[-1]} at step {step} (lower the learning rate)")
+    model.eval()
+    return TrainResult(curve, time.perf_counter() - t0, tokens, len(rows))
+
+
+def train_expert(pool: Pool, name: str, tasks: list[str], cfg: LoraConfigModel | FullConfig, *,
+                 device: str = "cpu", tags: dict[str, str] | None = None, replace: bool = False) -> Expert:
+    """Train a LoRA or full expert on `tasks`' train splits and add it to `pool`."""
+    if name in pool and not replace:
+        raise WorkbenchError(f"pool {pool.name!r} already has an expert named {name!r} (use --replace)")
+    torch.manual_seed(cfg.seed)
+    base = pool.base
+    tok = base.tokenizer()
+    model = base.load(device=device)
+    rows = task_examples(tasks, cfg.data_seed)
+    if isinstance(cfg, LoraConfigModel):
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets),
+                          task_type="CAUSAL_LM")
+        model = get_peft_model(model, lcfg)
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        params = list(model.parameters())
+    result = train_loop(model, tok, rows, cfg, params, f"train {cfg.kind} {name}", device)
+    meta = {
+        "method": cfg.kind, "tasks": tasks, "config": cfg.model_dump(mode="json"), "steps": cfg.steps,
+        "loss_curve": result.loss_curve, "final_loss": sum(result.loss_curve[-10:]) / min(10, len(result.loss_curve)),
+        "wall_s": round(result.wall_s, 2), "tokens": result.tokens, "tokens_per_s": round(result.tokens_per_s, 1),
+        "examples": result.examples, "device": device, "torch": torch.__version__,
+        "data_sha256": {t: data_hash(t, cfg.data_seed) for t in tasks},
+    }
+    default_tags = {"task": tasks[0]} if len(tasks) == 1 else {"task": "multitask"}
+    with tempfile.TemporaryDirectory(prefix=f"wb-train-{name}-") as tmp:
+        out = Path(tmp) / name
+        model = model.to("cpu")
+        if isinstance(cfg, LoraConfigModel):
+            model.save_pretrained(out, safe_serialization=True)
+        else:
+            model.save_pretrained(out, safe_serialization=True)
+            tok.save_pretrained(out)
+        return pool.add(out, name, kind=cfg.kind, tags={**default_tags, **(tags or {})}, training=meta,
+                        replace=replace)
