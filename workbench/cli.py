@@ -357,6 +357,43 @@ def results_show(
         df.to_csv(csv, index=False)
 
 
+@app.command("merge")
+def merge(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML, e.g. merges/ties.yaml")],
+    eval_: Annotated[bool, typer.Option("--eval", help="evaluate the artifact with the recipe's eval settings")] = False,
+    force: Annotated[bool, typer.Option(help="rebuild even if the artifact exists")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and show the plan, build nothing")] = False,
+    device: _Dev = "cpu",
+):
+    """Build a recipe's artifact (merged model or LoRA, Twin, ...) and optionally evaluate it."""
+    from .recipes import parse_recipe, run_recipe
+
+    resolved = parse_recipe(recipe)
+    if dry_run:
+        console.print_json(json.dumps({
+            "recipe": resolved.recipe.name, "method": resolved.recipe.method, "pool": resolved.pool.name,
+            "experts": [e.name for e in resolved.experts], "output": resolved.recipe.output.model_dump(),
+            "params": resolved.params.model_dump(mode="json", by_alias=True), "artifact": str(resolved.artifact_dir),
+        }))
+        return
+    out = run_recipe(recipe, evaluate=eval_, force=force, device=device, log=console.print)
+    console.print(f"[green]artifact[/] {out['artifact']}")
+    if "eval" in out:
+        _print_manifest(out["eval"])
+
+
+@app.command("methods")
+def methods_list():
+    """List the registered combination methods."""
+    from .methods import METHODS
+
+    table = Table("method", "experts", "outputs", "description")
+    for name in METHODS:
+        m = METHODS.get(name)
+        table.add_row(name, "/".join(sorted(m.expert_kinds)), "/".join(sorted(m.outputs)), m.description)
+    console.print(table)
+
+
 @app.command("demo")
 def demo(
     device: _Dev = "cpu", batch_size: int = 16,

@@ -106,12 +106,6 @@ def _reverse(rng):
     return f"Reverse the list: {' '.join(words)}\nAnswer:", " ".join(reversed(words)), {"words": words}
 
 
-@task("initials", "held_in", "spelling", "first letters of 3 English words")
-def _initials(rng):
-    words = rng.sample(english_words(), 3)
-    return f"Initials: {' '.join(words)}\nAnswer:", "".join(w[0] for w in words), {"words": words}
-
-
 # ----------------------------------------------------------------------------- held-out
 
 

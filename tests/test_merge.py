@@ -1,0 +1,186 @@
+"""Merging: adapter-space merges equal mergekit's merges of the materialised models; recipes."""
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from workbench.errors import RecipeError
+from workbench.recipes import build, parse_recipe
+
+
+def _materialise(pool, name, out):
+    """Base + LoRA merged by PEFT and saved: what mergekit's model+lora path feeds its merge."""
+    pm = pool.peft_model([name])
+    pm.merge_and_unload().save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture()
+def lora_pool(pool, tiny_dir, tmp_path):
+    pool.add(tiny_dir / "lora_a", "a")
+    pool.add(tiny_dir / "lora_b", "b")
+    for n in ("a", "b"):
+        pool.add(_materialise(pool, n, tmp_path / f"mat_{n}"), f"full_{n}")
+    return pool
+
+
+def _build(pool, method, experts, output=None, **params):
+    recipe = {"name": f"t-{method}", "pool": str(pool.root), "method": method, "experts": experts,
+              "parameters": params, "output": output or {"kind": "model"}}
+    return build(parse_recipe(recipe), log=lambda *a: None)
+
+
+def _max_diff(d1, d2):
+    a, b = load_file(d1 / "model.safetensors"), load_file(d2 / "model.safetensors")
+    assert set(a) <= set(b) | {"lm_head.weight"}
+    return max((a[k] - b[k]).abs().max().item() for k in a if k in b)
+
+
+@pytest.mark.parametrize("method,params", [
+    ("task_arithmetic", {"weight": 0.7, "lambda": 1.3}),
+    ("ties", {"density": 0.3, "weight": 1.0}),
+    ("ties", {"density": 0.5, "weight": 0.6, "lambda": 0.9, "per_expert": {"a": {"density": 0.2}}}),
+    ("breadcrumbs_ties", {"density": 0.4, "gamma": 0.05}),
+])
+def test_adapter_space_equals_mergekit(lora_pool, method, params):
+    ours = _build(lora_pool, method, ["a", "b"], **params)
+    per = {f"full_{k}": v for k, v in params.pop("per_expert", {}).items()}
+    theirs = _build(lora_pool, method, ["full_a", "full_b"], per_expert=per, **params)
+    meta_ours = yaml.safe_load((ours / "artifact.json").read_text())
+    meta_theirs = yaml.safe_load((theirs / "artifact.json").read_text())
+    assert meta_ours["engine"] == "workbench-adapter-space" and meta_theirs["engine"] == "mergekit"
+    assert _max_diff(ours, theirs) <= 1e-6
+
+
+def test_workbench_engine_on_full_experts_equals_mergekit(lora_pool):
+    ours = _build(lora_pool, "ties", ["full_a", "full_b"], density=0.3, engine="workbench")
+    theirs = _build(lora_pool, "ties", ["full_a", "full_b"], density=0.3)
+    assert _max_diff(ours, theirs) <= 1e-6
+
+
+def test_dare_statistics_and_seed(lora_pool):
+    d1 = _build(lora_pool, "dare_linear", ["a"], density=0.25, seed=3)
+    base = lora_pool.base.tensors
+    merged = load_file(d1 / "model.safetensors")
+    name = lora_pool.expert("a").delta_names()[0]
+    delta = lora_pool.expert("a").delta(name)
+    got = merged[name] - base.get(name)
+    kept = (got.abs() > 1e-7).float().mean().item()
+    assert 0.18 < kept < 0.32  # Bernoulli(0.25) keep rate
+    # survivors rescaled so that the L1 norm is preserved (mergekit's DARE rescale)
+    assert got.abs().sum().item() == pytest.approx(delta.abs().sum().item(), rel=1e-3)
+    d2 = _build(lora_pool, "dare_linear", ["a"], density=0.25, seed=3)  # same recipe: cached artifact
+    assert d2 == d1
+    again = parse_recipe({"name": "again", "pool": str(lora_pool.root), "method": "dare_linear", "experts": ["a"],
+                          "parameters": {"density": 0.25, "seed": 3}})
+    d3 = build(again, log=lambda *a: None)
+    torch.testing.assert_close(load_file(d3 / "model.safetensors")[name], merged[name], rtol=0, atol=0)
+
+
+def test_refactored_lora_output(lora_pool):
+    full = _build(lora_pool, "task_arithmetic", ["a", "b"])
+    exact = _build(lora_pool, "task_arithmetic", ["a", "b"], output={"kind": "lora", "rank": 6})  # r_a + r_b = 6
+    low = _build(lora_pool, "task_arithmetic", ["a", "b"], output={"kind": "lora", "rank": 1})
+    err_exact = yaml.safe_load((exact / "artifact.json").read_text())["reconstruction_error"]
+    err_low = yaml.safe_load((low / "artifact.json").read_text())["reconstruction_error"]
+    assert err_exact["max_relative_frobenius"] < 1e-5  # TA of LoRAs is exactly rank sum(r)
+    assert err_low["global_relative_frobenius"] > 0.05
+    from workbench.artifacts import load_artifact
+
+    lora_model = load_artifact(exact).model
+    full_model = load_artifact(full).model
+    x = torch.randint(5, 90, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(lora_model(input_ids=x).logits, full_model(input_ids=x).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("recipe,message", [
+    ({"method": "tie"}, r"unknown method 'tie' \(did you mean 'ties'\?\)"),
+    ({"experts": ["a", "nobody"]}, r"has no expert 'nobody'"),
+    ({"parameters": {"density": 1.5}}, r"parameters\.density: Input should be less than or equal to 1 \(got 1\.5\)"),
+    ({"parameters": {"density": 0}}, r"parameters\.density: Input should be greater than 0"),
+    ({"parameters": {"weight": "heavy"}}, r"parameters\.weight: Input should be a valid number"),
+    ({"parameters": {"desnity": 0.2}}, r"parameters\.desnity: Extra inputs are not permitted"),
+    ({"output": {"kind": "lora"}}, r"output kind 'lora' needs a rank"),
+    ({"parameters": {"per_expert": {"zz": {"weight": 1}}}}, r"per_expert names experts not in the merge"),
+])
+def test_bad_recipes_fail_before_work(lora_pool, recipe, message, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "empty-cache"))
+    data = {"name": "bad", "pool": str(lora_pool.root), "method": "ties", "experts": ["a", "b"], **recipe}
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(data)
+    assert not (tmp_path / "empty-cache").exists()
+
+
+def test_mixed_bases(lora_pool, tmp_path, tiny_dir, monkeypatch):
+    from workbench.pool import Pool
+    from workbench.testing import make_tiny_base, make_tiny_lora
+
+    make_tiny_base(tmp_path / "b2", hidden_size=32, intermediate_size=64)
+    make_tiny_lora(tmp_path / "b2", tmp_path / "l2")
+    other = Pool.create(tmp_path / "other", base=str(tmp_path / "b2"))
+    other.add(tmp_path / "l2", "x")
+    with pytest.raises(RecipeError, match=r"mixed bases: '.*other:x' is over"):
+        parse_recipe({"name": "m", "pool": str(lora_pool.root), "method": "ties", "experts": ["a", f"{other.root}:x"]})
+
+
+def test_yaml_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmethod: [ties\n")
+    with pytest.raises(RecipeError, match=r"is not valid YAML"):
+        parse_recipe(bad)
+    with pytest.raises(RecipeError, match=r"no recipe at"):
+        parse_recipe(tmp_path / "missing.yaml")
+
+
+# ----------------------------------------------------------------------------- PCB
+
+
+def _pcb_reference(flat, ratio, q):
+    """The reference steps written out plainly, with full sorts (independent of pcb_merge)."""
+    def minmax(x):
+        lo, hi = x.min(dim=1, keepdim=True).values, x.max(dim=1, keepdim=True).values
+        return (x - lo) / (hi - lo)
+
+    def clamp_sorted(x, min_ratio, max_ratio):
+        d = x.shape[1]
+        s = torch.sort(x, dim=1).values
+        return torch.clamp(x, s[:, int(d * min_ratio)].unsqueeze(1), s[:, int(d * (1 - max_ratio) - 1)].unsqueeze(1))
+
+    n = flat.shape[0]
+    abs_c = clamp_sorted(flat.abs(), q, q)
+    clamped = torch.sign(flat) * abs_c
+    intra = torch.exp(n * minmax(abs_c) ** 2)
+    inter = torch.tanh(flat * flat.sum(dim=0))
+    scale = minmax(clamp_sorted(intra * inter, 1 - ratio, 0))
+    return (clamped * scale).sum(dim=0) / torch.clamp(scale.sum(dim=0), min=1e-12)
+
+
+@pytest.mark.parametrize("n,p,ratio,q", [(2, 1000, 0.1, 1e-4), (4, 5003, 0.2, 0.01), (6, 777, 0.05, 0.0)])
+def test_pcb_equals_reference_steps(n, p, ratio, q):
+    from workbench.methods.pcb import pcb_merge
+
+    g = torch.Generator().manual_seed(n * p)
+    flat = torch.randn(n, p, generator=g) * torch.rand(n, 1, generator=g)
+    torch.testing.assert_close(pcb_merge(flat.clone(), ratio, q), _pcb_reference(flat, ratio, q), rtol=1e-5, atol=1e-7)
+
+
+def test_pcb_scopes(lora_pool):
+    from workbench.artifacts import load_artifact
+    from workbench.methods.pcb import pcb_merge
+
+    whole = _build(lora_pool, "pcb", ["a", "b"], ratio=0.2, **{"lambda": 1.1})
+    per = _build(lora_pool, "pcb", ["a", "b"], ratio=0.2, scope="tensor", **{"lambda": 1.1})
+    experts = [lora_pool.expert("a"), lora_pool.expert("b")]
+    names = sorted(set(experts[0].delta_names()) | set(experts[1].delta_names()))
+    shapes = lora_pool.base.tensors.shapes
+    flat = torch.stack([torch.cat([(e.delta(n) if n in e.delta_names() else torch.zeros(shapes[n])).flatten()
+                                   for n in names]) for e in experts])
+    want = _pcb_reference(flat, 0.2, 1e-4) * 1.1
+    got_model = load_file(whole / "model.safetensors")
+    base = lora_pool.base.tensors
+    got = torch.cat([(got_model[n] - base.get(n)).flatten() for n in names])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert _max_diff(whole, per) > 1e-6  # per-tensor quantiles differ from the whole-model ones
+    assert load_artifact(per).model is not None

@@ -1,0 +1,87 @@
+"""The one interface every combination method implements.
+
+A method is a class with a pydantic `Params` model, registered by name in `METHODS`.
+`build(ctx)` writes an artifact folder (with `artifact.json`) that `workbench.artifacts`
+loads back as a model for evaluation and serving. The CLI, recipes and app only use
+`METHODS.get(name)`: no method is special-cased outside its own module.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel as Schema
+from pydantic import ConfigDict, Field
+
+from ..errors import RecipeError
+from ..io import atomic_write_json
+from ..pool import Expert, Pool
+from ..registry import Registry
+
+
+class MethodParams(Schema):
+    """Base of every method's parameters: strict (typos fail), immutable once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class OutputSpec(Schema):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["model", "lora"] = Field("model", description="a merged full model folder, or a re-factored LoRA")
+    rank: int | None = Field(None, gt=0, description="LoRA rank of the truncated SVD (output kind lora)")
+
+
+@dataclass
+class BuildContext:
+    pool: Pool
+    experts: list[Expert]
+    params: Any  # the method's validated Params
+    output: OutputSpec
+    out_dir: Path  # the artifact folder to write (a staging folder, renamed when done)
+    recipe: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    log: Any = print
+
+
+class Method:
+    name: ClassVar[str]
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    expert_kinds: ClassVar[frozenset[str]] = frozenset({"lora", "full"})
+    outputs: ClassVar[frozenset[str]] = frozenset({"model", "lora"})
+    description: ClassVar[str] = ""
+
+    def validate(self, experts: list[Expert], params: MethodParams, output: OutputSpec) -> None:
+        """Cross-field checks before any work starts; raise RecipeError."""
+        kinds = {e.kind for e in experts}
+        if not kinds <= self.expert_kinds:
+            raise RecipeError(f"method {self.name!r} takes {'/'.join(sorted(self.expert_kinds))} experts, got {sorted(kinds)}")
+        if output.kind not in self.outputs:
+            raise RecipeError(f"method {self.name!r} cannot output {output.kind!r} (only {sorted(self.outputs)})")
+        if output.kind == "lora" and output.rank is None:
+            raise RecipeError("output kind 'lora' needs a rank (output: {kind: lora, rank: 16})")
+        if len(experts) < 1:
+            raise RecipeError(f"method {self.name!r} needs at least one expert")
+
+    def build(self, ctx: BuildContext) -> dict[str, Any]:
+        """Write the artifact's files into ctx.out_dir; return its `artifact.json` fields."""
+        raise NotImplementedError
+
+
+METHODS: Registry[type[Method]] = Registry("method", RecipeError)
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    METHODS.add(cls.name, cls)
+    return cls
+
+
+def write_artifact_meta(out_dir: Path, meta: dict[str, Any]) -> None:
+    atomic_write_json(out_dir / "artifact.json", {**meta, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,146 @@
+"""The task-arithmetic family: task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, della.
+
+Full-model experts are merged by mergekit itself (`run_merge`). LoRA experts are merged
+exactly in adapter space: per base tensor, the experts' products `scale·B·A` are combined
+by mergekit's own `merge_group` (base = 0, so the deltas go in untouched), tensor by tensor.
+Parameter names are mergekit's: weight, density, normalize, rescale, lambda, int8_mask,
+gamma (breadcrumbs), epsilon (della), and per-expert overrides like mergekit's per-model
+`parameters`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel as Schema
+from pydantic import ConfigDict, Field
+
+from ..errors import RecipeError
+from ..progress import progress_bar
+from .base import BuildContext, Method, MethodParams, register_method
+from .merge_io import write_merged_model, write_refactored_lora
+
+
+class ExpertParams(Schema):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    weight: float | None = Field(None, description="this expert's weight")
+    density: float | None = Field(None, gt=0, le=1, description="fraction of entries kept")
+    gamma: float | None = Field(None, ge=0, lt=1)
+    epsilon: float | None = Field(None, ge=0, lt=1)
+
+
+class TAParams(MethodParams):
+    weight: float = Field(1.0, description="weight of every expert (mergekit `weight`)")
+    density: float = Field(1.0, gt=0, le=1, description="fraction of each task vector kept (TIES/DARE/...)")
+    normalize: bool | None = Field(None, description="divide by the sum of weights (default: the method's)")
+    rescale: bool | None = Field(None, description="rescale kept entries to the original L1 norm (default: method's)")
+    lambda_: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
+    int8_mask: bool = Field(False, description="mergekit's int8 consensus mask")
+    gamma: float = Field(0.01, ge=0, lt=1, description="breadcrumbs: fraction of largest entries removed")
+    epsilon: float = Field(0.15, ge=0, lt=1, description="della: spread of keep probabilities")
+    seed: int = Field(0, description="seed of the random drops (DARE, DELLA)")
+    engine: Literal["auto", "mergekit", "workbench"] = Field(
+        "auto", description="auto: mergekit for full-model experts, workbench's streaming merge for LoRA")
+    per_expert: dict[str, ExpertParams] = Field(default_factory=dict, description="per-expert overrides")
+
+
+def _mk_method(name: str):
+    from mergekit.merge_methods import registry
+
+    return registry.get(name)
+
+
+class TaskArithmeticFamily(Method):
+    """One configurable family (mergekit's generalized task arithmetic); see the module doc."""
+
+    Params = TAParams
+
+    def validate(self, experts, params: TAParams, output) -> None:
+        super().validate(experts, params, output)
+        unknown = set(params.per_expert) - {e.name for e in experts}
+        if unknown:
+            raise RecipeError(f"per_expert names experts not in the merge: {sorted(unknown)}")
+        if params.engine == "mergekit" and ({e.kind for e in experts} != {"full"} or output.kind != "model"):
+            raise RecipeError("engine 'mergekit' takes full-model experts and outputs a model")
+
+    def _expert_values(self, experts, params: TAParams, key: str):
+        default = getattr(params, key)
+        return [getattr(params.per_expert.get(e.name, ExpertParams()), key) or default for e in experts]
+
+    def _shared(self, params: TAParams) -> dict[str, Any]:
+        m = _mk_method(self.name)
+        return {"normalize": m.default_normalize if params.normalize is None else params.normalize,
+                "rescale": m.default_rescale if params.rescale is None else params.rescale,
+                "lambda": params.lambda_, "int8_mask": params.int8_mask}
+
+    def merge_tensor(self, deltas: list[torch.Tensor], experts, params: TAParams) -> torch.Tensor:
+        """mergekit's own arithmetic on one tensor's task vectors (base = 0)."""
+        from mergekit.merge_methods.base import TensorGroup
+
+        m = _mk_method(self.name)
+        group = TensorGroup.from_tensors([torch.zeros_like(deltas[0]), *deltas], base_index=0)
+        ids = [e.id for e in group.non_base]
+        kw = self._shared(params)
+        for key in ("weight", "density", "gamma", "epsilon"):
+            if key in {p.name for p in m.spec.parameters}:
+                kw[key] = dict(zip(ids, self._expert_values(experts, params, key)))
+        return m.merge_group(group, **kw)
+
+    def iter_merged_deltas(self, ctx: BuildContext):
+        experts, params = ctx.experts, ctx.params
+        name_sets = [set(e.delta_names()) for e in experts]
+        names = sorted(set().union(*name_sets))
+        shapes = ctx.pool.base.tensors.shapes
+        torch.manual_seed(params.seed)
+        with progress_bar(f"{self.name} ({len(experts)} experts)", total=len(names)) as bar:
+            for name in names:
+                deltas = [e.delta(name) if name in ns else torch.zeros(shapes[name]) for e, ns in zip(experts, name_sets)]
+                yield name, self.merge_tensor(deltas, experts, params)
+                bar.update(1)
+
+    def build(self, ctx: BuildContext) -> dict[str, Any]:
+        all_full = {e.kind for e in ctx.experts} == {"full"}
+        if ctx.params.engine == "mergekit" or (ctx.params.engine == "auto" and all_full):
+            return self._build_mergekit(ctx)
+        if ctx.output.kind == "lora":
+            stats = write_refactored_lora(self.iter_merged_deltas(ctx), ctx.output.rank, ctx.out_dir,
+                                          ctx.pool.manifest.base.spec)
+            return {"type": "merged_lora", "engine": "workbench-adapter-space", **stats}
+        stats = write_merged_model(ctx.pool.base, self.iter_merged_deltas(ctx), ctx.out_dir)
+        return {"type": "merged_model", "engine": "workbench-adapter-space", **stats}
+
+    def mergekit_config(self, ctx: BuildContext) -> dict[str, Any]:
+        params: TAParams = ctx.params
+        m = _mk_method(self.name)
+        accepted = {p.name for p in m.spec.parameters}
+        models = []
+        for e, w, d, g, eps in zip(ctx.experts, *(self._expert_values(ctx.experts, params, k)
+                                                   for k in ("weight", "density", "gamma", "epsilon"))):
+            p = {"weight": w, "density": d, "gamma": g, "epsilon": eps}
+            models.append({"model": str(e.path), "parameters": {k: v for k, v in p.items() if k in accepted}})
+        return {"merge_method": self.name, "base_model": str(ctx.pool.base.path), "dtype": "float32",
+                "parameters": self._shared(params), "models": models}
+
+    def _build_mergekit(self, ctx: BuildContext) -> dict[str, Any]:
+        from mergekit.config import MergeConfiguration
+        from mergekit.merge import MergeOptions, run_merge
+
+        cfg = self.mergekit_config(ctx)
+        run_merge(MergeConfiguration.model_validate(cfg), str(ctx.out_dir),
+                  options=MergeOptions(copy_tokenizer=True, random_seed=ctx.params.seed, lazy_unpickle=False,
+                                       write_model_card=False, quiet=True, device=ctx.device))
+        return {"type": "merged_model", "engine": "mergekit", "mergekit_config": cfg}
+
+
+for _name, _desc in [
+    ("task_arithmetic", "W0 + lambda * sum_t w_t d_t"),
+    ("ties", "trim to density, elect signs, disjoint mean (TIES)"),
+    ("dare_ties", "random drop + rescale, then TIES sign consensus (DARE)"),
+    ("dare_linear", "random drop + rescale, then a weighted sum (DARE)"),
+    ("breadcrumbs", "drop the smallest and the largest (gamma) entries (Model Breadcrumbs)"),
+    ("breadcrumbs_ties", "breadcrumbs with TIES sign consensus"),
+    ("della", "magnitude-ranked random drop (DELLA) with TIES consensus"),
+    ("della_linear", "magnitude-ranked random drop (DELLA), weighted sum"),
+]:
+    register_method(type(f"TA_{_name}", (TaskArithmeticFamily,), {"name": _name, "description": _desc}))

@@ -1,0 +1,1 @@
+"""Reusable modules: mixtures of low-rank experts inside linear layers, routers."""

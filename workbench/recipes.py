@@ -1,0 +1,156 @@
+"""Recipes: YAML in merges/ -> (pool, experts, method, params, output, eval), validated up front.
+
+Every check that can fail runs before any tensor is touched: YAML syntax, the schema,
+the method name, expert names, one base across pools, the method's parameter types and
+ranges, and the method's own cross-field checks. Each failure is one RecipeError line.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel as Schema
+from pydantic import ConfigDict, Field, ValidationError
+
+from .errors import RecipeError, WorkbenchError
+from .io import cache_dir, sha256_json, staging_dir
+from .methods import METHODS, BuildContext, Method, MethodParams, OutputSpec
+from .methods.base import write_artifact_meta
+from .pool import Expert, Pool
+
+
+class EvalSpec(Schema):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    tasks: list[str] = Field(default_factory=lambda: ["held_in", "held_out"])
+    batch_size: int = Field(16, gt=0)
+    limit: int | None = Field(None, gt=0)
+
+
+class Recipe(Schema):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(description="artifact and results name")
+    method: str
+    pool: str = "demo"
+    experts: list[str] | None = Field(None, description="expert names, or pool:expert; default all of the pool")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="the method's parameters")
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    description: str = ""
+
+
+@dataclass
+class ResolvedRecipe:
+    recipe: Recipe
+    source: str
+    pool: Pool
+    experts: list[Expert]
+    method: Method
+    params: MethodParams
+
+    @property
+    def key(self) -> str:
+        """Hash of everything that determines the artifact (recipe fields + experts' file hashes)."""
+        body = self.recipe.model_dump(mode="json", exclude={"eval", "description"})
+        body["experts"] = [(e.pool.manifest.base.fingerprint, e.name, e.entry.files) for e in self.experts]
+        body["params"] = self.params.model_dump(mode="json", by_alias=True)
+        return sha256_json(body)[:12]
+
+    @property
+    def artifact_dir(self) -> Path:
+        return cache_dir() / "artifacts" / f"{self.recipe.name}-{self.key}"
+
+
+def _first_error(e: ValidationError, prefix: str) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"])
+    got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+    return f"{prefix}{loc}: {err['msg']}{got}"
+
+
+def parse_recipe(data: dict[str, Any] | str | Path, source: str | None = None) -> ResolvedRecipe:
+    if isinstance(data, (str, Path)) and Path(data).suffix in (".yaml", ".yml"):
+        path = Path(data)
+        source = source or str(path)
+        if not path.is_file():
+            raise RecipeError(f"no recipe at {path}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0]
+            raise RecipeError(f"recipe {path} is not valid YAML: {first}") from None
+    source = source or "<recipe>"
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {source}: expected a mapping at the top level")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_first_error(e, f"recipe {source}: ")) from None
+    method_cls = METHODS.get(recipe.method)
+    pool = Pool.open(recipe.pool)
+    experts: list[Expert] = []
+    for ref in recipe.experts or pool.names():
+        pool_name, _, name = ref.rpartition(":")
+        p = Pool.open(pool_name) if pool_name else pool
+        if p.manifest.base.fingerprint != pool.manifest.base.fingerprint:
+            raise RecipeError(f"recipe {source}: mixed bases: {ref!r} is over {p.manifest.base.spec} "
+                              f"({p.manifest.base.fingerprint}), pool {pool.name!r} over {pool.manifest.base.spec}")
+        try:
+            experts.append(p.expert(name))
+        except WorkbenchError as e:
+            raise RecipeError(f"recipe {source}: {e}") from None
+    if len({(e.pool.root, e.name) for e in experts}) != len(experts):
+        raise RecipeError(f"recipe {source}: an expert is listed twice")
+    try:
+        params = method_cls.Params.model_validate(recipe.parameters)
+    except ValidationError as e:
+        raise RecipeError(_first_error(e, f"recipe {source}: parameters.")) from None
+    method = method_cls()
+    try:
+        method.validate(experts, params, recipe.output)
+    except RecipeError as e:
+        raise RecipeError(f"recipe {source}: {e}") from None
+    return ResolvedRecipe(recipe, source, pool, experts, method, params)
+
+
+def build(resolved: ResolvedRecipe, *, force: bool = False, device: str = "cpu", log=print) -> Path:
+    """Build the artifact once per key: a finished artifact is reused, an interrupted one rebuilt."""
+    out = resolved.artifact_dir
+    if (out / "artifact.json").is_file() and not force:
+        log(f"artifact {out} exists (same recipe and experts): reused")
+        return out
+    t0 = time.perf_counter()
+    r = resolved.recipe
+    with staging_dir(out) as tmp:
+        ctx = BuildContext(pool=resolved.pool, experts=resolved.experts, params=resolved.params, output=r.output,
+                           out_dir=tmp, recipe=r.model_dump(mode="json"), device=device, log=log)
+        meta = resolved.method.build(ctx)
+        write_artifact_meta(tmp, {
+            **meta, "name": r.name, "method": r.method, "recipe": r.model_dump(mode="json"), "key": resolved.key,
+            "params": resolved.params.model_dump(mode="json", by_alias=True), "pool": str(resolved.pool.root.resolve()),
+            "base": resolved.pool.manifest.base.spec, "experts": [e.name for e in resolved.experts],
+            "build_s": round(time.perf_counter() - t0, 2),
+        })
+    return out
+
+
+def run_recipe(path: str | Path, *, evaluate: bool = False, force: bool = False, device: str = "cpu",
+               log=print) -> dict[str, Any]:
+    resolved = parse_recipe(path)
+    artifact = build(resolved, force=force, device=device, log=log)
+    out: dict[str, Any] = {"artifact": str(artifact)}
+    if evaluate:
+        from .eval import run_eval
+
+        spec = resolved.recipe.eval
+        out["eval"] = run_eval(str(artifact), spec.tasks, pool=resolved.pool, limit=spec.limit,
+                               batch_size=spec.batch_size, device=device,
+                               extra={"params": resolved.params.model_dump(mode="json", by_alias=True),
+                                      "recipe": resolved.recipe.model_dump(mode="json"), "artifact_key": resolved.key})
+    return out
+
+
+__all__ = ["Recipe", "ResolvedRecipe", "build", "parse_recipe", "run_recipe", "WorkbenchError"]
