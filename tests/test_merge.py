@@ -184,3 +184,81 @@ def test_pcb_scopes(lora_pool):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     assert _max_diff(whole, per) > 1e-6  # per-tensor quantiles differ from the whole-model ones
     assert load_artifact(per).model is not None
+
+
+def test_sweep_selects_on_validation(lora_pool, tmp_path, monkeypatch):
+    import json
+
+    from workbench.eval import harness
+    from workbench.recipes import run_recipe
+
+    monkeypatch.setattr(harness, "RESULTS_DIR", tmp_path / "results")
+    seen_splits = []
+    real = harness.evaluate
+
+    def spy(*a, **k):
+        seen_splits.append(k.get("split", "test"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(harness, "evaluate", spy)
+    recipe = {"name": "sw", "pool": str(lora_pool.root), "method": "task_arithmetic", "experts": ["a", "b"],
+              "sweep": {"parameters": {"lambda": [0.5, 1.0]}, "tasks": ["addition"], "limit": 2, "batch_size": 4},
+              "eval": {"tasks": ["addition"], "limit": 2}}
+    out = run_recipe(recipe, evaluate=True, log=lambda *a: None)
+    assert seen_splits == ["validation", "validation", "test"]
+    record = json.loads((tmp_path / "results" / "sweeps" / "demo__sw.json").read_text())
+    assert [p["point"] for p in record["points"]] == [{"lambda": 0.5}, {"lambda": 1.0}]
+    assert record["best"]["point"] == out["selection"]["best"]
+    assert out["eval"]["selected_on_validation"]["best"] == record["best"]["point"]
+    assert out["eval"]["model_name"] == "demo__sw" and out["eval"]["params"]["lambda"] == record["best"]["point"]["lambda"]
+
+
+def test_bad_sweep_point_fails_up_front(lora_pool):
+    with pytest.raises(RecipeError, match=r"sweep point \{'density': 2\.0\}: parameters\.density"):
+        parse_recipe({"name": "s", "pool": str(lora_pool.root), "method": "ties", "experts": ["a", "b"],
+                      "sweep": {"parameters": {"density": [0.5, 2.0]}}})
+
+
+@pytest.mark.parametrize("method,params", [("ties", {"density": 0.3}), ("task_arithmetic", {"lambda": 0.8}),
+                                           ("ties", {"density": 0.5, "weight": 0.7, "normalize": False})])
+def test_streaming_full_engine_equals_mergekit(lora_pool, method, params, monkeypatch):
+    from workbench.methods import streaming
+
+    monkeypatch.setattr(streaming, "CHUNK_ELEMS", 1000)  # many row chunks even on the tiny model
+    ours = _build(lora_pool, method, ["full_a", "full_b"], engine="workbench", **params)
+    assert yaml.safe_load((ours / "artifact.json").read_text())["engine"] == "workbench-streaming"
+    theirs = _build(lora_pool, method, ["full_a", "full_b"], **params)
+    assert _max_diff(ours, theirs) <= 1e-6
+
+
+def test_streaming_dare_keeps_density(lora_pool, monkeypatch):
+    from workbench.methods import streaming
+
+    monkeypatch.setattr(streaming, "CHUNK_ELEMS", 1000)
+    out = _build(lora_pool, "dare_linear", ["full_a"], density=0.3, engine="workbench", seed=5)
+    merged = load_file(out / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    delta = lora_pool.expert("full_a").delta(name)
+    got = merged[name] - lora_pool.base.tensors.get(name)
+    nz = delta.abs() > 1e-6
+    kept = ((got.abs() > 1e-9) & nz).float().sum() / nz.float().sum()
+    assert 0.22 < kept.item() < 0.38
+    assert got.abs().sum().item() == pytest.approx(delta.abs().sum().item(), rel=2e-2)
+
+
+def test_shard_writer(tmp_path):
+    import json as _json
+
+    from workbench.methods.streaming import ShardWriter
+    from workbench.tensors import SafetensorsDir, model_weight_files
+
+    w = ShardWriter(tmp_path, shard_bytes=1000)
+    tensors = {f"t{i}": torch.randn(10, 10) for i in range(5)}  # 400 bytes each -> 3 shards
+    for k, v in tensors.items():
+        w.add(k, v)
+    w.close()
+    index = _json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 3
+    reader = SafetensorsDir(tmp_path, model_weight_files(tmp_path))
+    for k, v in tensors.items():
+        torch.testing.assert_close(reader.get(k), v, rtol=0, atol=0)

@@ -359,27 +359,34 @@ def results_show(
 
 @app.command("merge")
 def merge(
-    recipe: Annotated[Path, typer.Argument(help="recipe YAML, e.g. merges/ties.yaml")],
+    recipes: Annotated[list[Path], typer.Argument(help="recipe YAML files, e.g. merges/ties-lora.yaml")],
     eval_: Annotated[bool, typer.Option("--eval", help="evaluate the artifact with the recipe's eval settings")] = False,
     force: Annotated[bool, typer.Option(help="rebuild even if the artifact exists")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and show the plan, build nothing")] = False,
     device: _Dev = "cpu",
 ):
     """Build a recipe's artifact (merged model or LoRA, Twin, ...) and optionally evaluate it."""
-    from .recipes import parse_recipe, run_recipe
+    from .recipes import parse_recipe, run_recipe, sweep_points
 
-    resolved = parse_recipe(recipe)
+    resolved_all = [parse_recipe(r) for r in recipes]  # every recipe validated before any work
     if dry_run:
-        console.print_json(json.dumps({
-            "recipe": resolved.recipe.name, "method": resolved.recipe.method, "pool": resolved.pool.name,
-            "experts": [e.name for e in resolved.experts], "output": resolved.recipe.output.model_dump(),
-            "params": resolved.params.model_dump(mode="json", by_alias=True), "artifact": str(resolved.artifact_dir),
-        }))
+        for resolved in resolved_all:
+            console.print_json(json.dumps({
+                "recipe": resolved.recipe.name, "method": resolved.recipe.method, "pool": resolved.pool.name,
+                "experts": [e.name for e in resolved.experts], "output": resolved.recipe.output.model_dump(),
+                "params": resolved.params.model_dump(mode="json", by_alias=True), "artifact": str(resolved.artifact_dir),
+                "sweep": sweep_points(resolved.recipe.sweep) if resolved.recipe.sweep else None,
+            }))
         return
-    out = run_recipe(recipe, evaluate=eval_, force=force, device=device, log=console.print)
-    console.print(f"[green]artifact[/] {out['artifact']}")
-    if "eval" in out:
-        _print_manifest(out["eval"])
+    for i, recipe in enumerate(recipes, 1):
+        console.rule(f"[{i}/{len(recipes)}] {recipe}")
+        out = run_recipe(recipe, evaluate=eval_, force=force, device=device, log=console.print)
+        console.print(f"[green]artifact[/] {out['artifact']}")
+        if out.get("selection"):
+            console.print(f"selected on validation: {out['selection']['best']} "
+                          f"(score {out['selection']['validation_score']:.4f})")
+        if "eval" in out:
+            _print_manifest(out["eval"])
 
 
 @app.command("methods")

@@ -30,6 +30,16 @@ class EvalSpec(Schema):
     limit: int | None = Field(None, gt=0)
 
 
+class SweepSpec(Schema):
+    """A grid over method parameters, each point scored on the validation split (never test)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    parameters: dict[str, list[Any]] = Field(description="parameter name -> values; the grid is their product")
+    tasks: list[str] = Field(default_factory=lambda: ["held_in"], description="tasks scored (validation split)")
+    limit: int | None = Field(50, gt=0, description="validation examples per task")
+    batch_size: int = Field(16, gt=0)
+
+
 class Recipe(Schema):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = Field(description="artifact and results name")
@@ -39,6 +49,7 @@ class Recipe(Schema):
     parameters: dict[str, Any] = Field(default_factory=dict, description="the method's parameters")
     output: OutputSpec = Field(default_factory=OutputSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    sweep: SweepSpec | None = Field(None, description="select parameters on the validation split")
     description: str = ""
 
 
@@ -54,14 +65,15 @@ class ResolvedRecipe:
     @property
     def key(self) -> str:
         """Hash of everything that determines the artifact (recipe fields + experts' file hashes)."""
-        body = self.recipe.model_dump(mode="json", exclude={"eval", "description"})
+        # The name is not part of the key: a sweep's best point reuses that point's artifact.
+        body = self.recipe.model_dump(mode="json", exclude={"eval", "description", "sweep", "name"})
         body["experts"] = [(e.pool.manifest.base.fingerprint, e.name, e.entry.files) for e in self.experts]
         body["params"] = self.params.model_dump(mode="json", by_alias=True)
         return sha256_json(body)[:12]
 
     @property
     def artifact_dir(self) -> Path:
-        return cache_dir() / "artifacts" / f"{self.recipe.name}-{self.key}"
+        return cache_dir() / "artifacts" / f"{self.recipe.method}-{self.key}"
 
 
 def _first_error(e: ValidationError, prefix: str) -> str:
@@ -113,7 +125,38 @@ def parse_recipe(data: dict[str, Any] | str | Path, source: str | None = None) -
         method.validate(experts, params, recipe.output)
     except RecipeError as e:
         raise RecipeError(f"recipe {source}: {e}") from None
-    return ResolvedRecipe(recipe, source, pool, experts, method, params)
+    resolved = ResolvedRecipe(recipe, source, pool, experts, method, params)
+    if recipe.sweep:
+        from .eval.harness import resolve_tasks
+
+        resolve_tasks(recipe.sweep.tasks)
+        for point in sweep_points(recipe.sweep):  # every grid point is validated before any work
+            variant(resolved, point)
+    return resolved
+
+
+def sweep_points(sweep: SweepSpec) -> list[dict[str, Any]]:
+    import itertools
+
+    keys = list(sweep.parameters)
+    for k in keys:
+        if not sweep.parameters[k]:
+            raise RecipeError(f"sweep.parameters.{k} is empty")
+    return [dict(zip(keys, values)) for values in itertools.product(*(sweep.parameters[k] for k in keys))]
+
+
+def variant(resolved: ResolvedRecipe, point: dict[str, Any]) -> ResolvedRecipe:
+    """The recipe with `point` merged into its parameters (re-validated)."""
+    r = resolved.recipe
+    suffix = "-".join(f"{k}{v}" for k, v in point.items())
+    params_dict = {**r.parameters, **point}
+    try:
+        params = resolved.method.Params.model_validate(params_dict)
+    except ValidationError as e:
+        raise RecipeError(_first_error(e, f"recipe {resolved.source}: sweep point {point}: parameters.")) from None
+    resolved.method.validate(resolved.experts, params, r.output)
+    recipe = r.model_copy(update={"parameters": params_dict, "name": f"{r.name}@{suffix}"})
+    return ResolvedRecipe(recipe, resolved.source, resolved.pool, resolved.experts, resolved.method, params)
 
 
 def build(resolved: ResolvedRecipe, *, force: bool = False, device: str = "cpu", log=print) -> Path:
@@ -137,19 +180,72 @@ def build(resolved: ResolvedRecipe, *, force: bool = False, device: str = "cpu",
     return out
 
 
-def run_recipe(path: str | Path, *, evaluate: bool = False, force: bool = False, device: str = "cpu",
+def run_sweep(resolved: ResolvedRecipe, *, device: str = "cpu", force: bool = False, log=print) -> tuple[ResolvedRecipe, dict]:
+    """Build and score every grid point on the validation split; return the best point's recipe."""
+    import statistics
+
+    from .eval.harness import RESULTS_DIR, evaluate, resolve_tasks, scores_of
+    from .io import atomic_write_json
+    from .artifacts import load_artifact
+
+    sweep = resolved.recipe.sweep
+    tasks = resolve_tasks(sweep.tasks)
+    record_path = RESULTS_DIR / "sweeps" / f"{resolved.pool.name}__{resolved.recipe.name}.json"
+    cached = {}
+    if record_path.is_file() and not force:
+        import json
+
+        prior = json.loads(record_path.read_text())
+        cached = {p["key"]: p for p in prior.get("points", []) if prior.get("tasks") == tasks
+                  and prior.get("limit") == sweep.limit}
+    points = []
+    for i, point in enumerate(sweep_points(sweep), 1):
+        v = variant(resolved, point)
+        if v.key in cached:
+            points.append(cached[v.key])
+            log(f"sweep {i}: {point} -> {cached[v.key]['score']:.4f} (cached)")
+            continue
+        artifact = build(v, device=device, log=log)
+        res = evaluate(load_artifact(artifact, device=device), tasks, limit=sweep.limit, batch_size=sweep.batch_size,
+                       split="validation", log_samples=False)
+        per_task = {t: m.get("exact_match", float("nan")) for t, m in scores_of(res).items()}
+        score = statistics.fmean(per_task.values())
+        points.append({"point": point, "key": v.key, "score": score, "per_task": per_task, "artifact": str(artifact)})
+        log(f"sweep {i}: {point} -> validation exact match {score:.4f}")
+        atomic_write_json(record_path, {"recipe": resolved.recipe.name, "split": "validation", "tasks": tasks,
+                                        "limit": sweep.limit, "points": points})
+    best = max(points, key=lambda p: p["score"])  # first of equals wins (grid order)
+    record = {"recipe": resolved.recipe.name, "split": "validation", "tasks": tasks, "limit": sweep.limit,
+              "points": points, "best": best}
+    atomic_write_json(record_path, record)
+    chosen = variant(resolved, best["point"])
+    chosen = ResolvedRecipe(chosen.recipe.model_copy(update={"name": resolved.recipe.name}), chosen.source,
+                            chosen.pool, chosen.experts, chosen.method, chosen.params)
+    return chosen, {"file": str(record_path), "best": best["point"], "validation_score": best["score"]}
+
+
+def run_recipe(path: str | Path | dict, *, evaluate: bool = False, force: bool = False, device: str = "cpu",
                log=print) -> dict[str, Any]:
     resolved = parse_recipe(path)
+    selection = None
+    if resolved.recipe.sweep:
+        resolved, selection = run_sweep(resolved, device=device, force=force, log=log)
     artifact = build(resolved, force=force, device=device, log=log)
-    out: dict[str, Any] = {"artifact": str(artifact)}
+    out: dict[str, Any] = {"artifact": str(artifact), "selection": selection}
     if evaluate:
         from .eval import run_eval
 
+        from .artifacts import load_artifact
+
         spec = resolved.recipe.eval
-        out["eval"] = run_eval(str(artifact), spec.tasks, pool=resolved.pool, limit=spec.limit,
+        loaded = load_artifact(artifact, device=device)
+        loaded.name = resolved.recipe.name
+        loaded.info["method"] = resolved.recipe.method
+        out["eval"] = run_eval(str(artifact), spec.tasks, pool=resolved.pool, limit=spec.limit, loaded=loaded,
                                batch_size=spec.batch_size, device=device,
                                extra={"params": resolved.params.model_dump(mode="json", by_alias=True),
-                                      "recipe": resolved.recipe.model_dump(mode="json"), "artifact_key": resolved.key})
+                                      "recipe": resolved.recipe.model_dump(mode="json"), "artifact_key": resolved.key,
+                                      "selected_on_validation": selection})
     return out
 
 

@@ -78,6 +78,11 @@ class SafetensorsDir:
         except SafetensorError as e:
             raise ExpertValidationError(f"cannot read tensor {name!r} from {self.folder}: {e}") from None
 
+    def get_slice(self, name: str, rows: slice) -> torch.Tensor:
+        """Rows of one tensor, read without loading the rest of it."""
+        sl = self._open(self.index[name]).get_slice(name)
+        return sl[rows] if len(sl.get_shape()) else sl[:]
+
     def check_finite(self, what: str) -> None:
         for name in self.index:
             t = self.get(name)

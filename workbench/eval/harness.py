@@ -103,8 +103,11 @@ def resolve_tasks(tasks: list[str]) -> list[str]:
 
 
 def evaluate(loaded: LoadedModel, tasks: list[str], *, limit: int | None = None, batch_size: int = 16,
-             split_seed: int = DEFAULT_SEED, log_samples: bool = True) -> dict[str, Any]:
-    """Run lm-eval on a loaded model; returns lm-eval's results dict (with `samples`)."""
+             split_seed: int = DEFAULT_SEED, log_samples: bool = True, split: str = "test") -> dict[str, Any]:
+    """Run lm-eval on a loaded model; returns lm-eval's results dict (with `samples`).
+
+    split="validation" scores the validation split (for selecting hyperparameters).
+    """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -115,13 +118,22 @@ def evaluate(loaded: LoadedModel, tasks: list[str], *, limit: int | None = None,
     max_len = min(2048, int(getattr(loaded.model.config, "max_position_embeddings", 2048) or 2048))
     lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size, max_length=max_len)
     res = lm_eval.simple_evaluate(
-        model=lm, tasks=[f"wb_{t}" for t in tasks], limit=limit, task_manager=tm, log_samples=log_samples,
+        model=lm, tasks=[f"wb_{t}" if split == "test" else f"wb_{t}_val" for t in tasks], limit=limit, task_manager=tm, log_samples=log_samples,
         bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
         verbosity="ERROR",
     )
     if res is None:
         raise WorkbenchError("lm-eval returned no results")
     return res
+
+
+def scores_of(res: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} from lm-eval's results (task names without the wb_ / _val affixes)."""
+    out = {}
+    for name, metrics in res["results"].items():
+        task = name[3:].removesuffix("_val")
+        out[task] = {k.split(",")[0]: v for k, v in metrics.items() if "," in k and "stderr" not in k}
+    return out
 
 
 def git_state() -> dict[str, Any]:
@@ -171,8 +183,7 @@ def run_eval(spec: str, tasks: list[str], *, pool: Pool | None = None, limit: in
         for task_name in res["configs"]:
             tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
     folder = out_dir / gct.model_name_sanitized
-    scores = {name[3:]: {k.split(",")[0]: v for k, v in metrics.items() if "," in k and "stderr" not in k}
-              for name, metrics in res["results"].items()}
+    scores = scores_of(res)
     manifest = {
         "run_id": tracker.date_id, "model": spec, "model_name": run_name,
         "pool": pool.name if pool else None, "base": pool.manifest.base.spec if pool else None,

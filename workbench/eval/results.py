@@ -39,12 +39,15 @@ def collect_scores(results_dir: Path, pool: str | None = None, full_only: bool =
             if metric not in metrics:
                 continue
             kind = TASKS[task].kind if task in TASKS else ("domain" if task in DOMAINS else "?")
+            info = run.get("model_info") or {}
             latest[(run["model_name"], task)] = {
-                "model": run["model"], "model_name": run["model_name"], "method": run.get("method"),
+                "model": run["model"] if not str(run["model"]).startswith("/") else run["model_name"].split("__")[-1],
+                "model_name": run["model_name"], "method": run.get("method"),
+                "expert_task": (info.get("tags") or {}).get("task") if run.get("method") == "expert-lora" else None,
                 "task": task, "kind": kind, "metric": metric, "value": metrics[metric], "run_id": run["run_id"],
             }
-    return pd.DataFrame(list(latest.values()),
-                        columns=["model", "model_name", "method", "task", "kind", "metric", "value", "run_id"])
+    return pd.DataFrame(list(latest.values()), columns=["model", "model_name", "method", "expert_task", "task", "kind",
+                                                         "metric", "value", "run_id"])
 
 
 def results_table(results_dir: Path, pool: str | None = None, full_only: bool = True) -> pd.DataFrame:
@@ -63,6 +66,11 @@ def results_table(results_dir: Path, pool: str | None = None, full_only: bool = 
     held_out = [t for t in order if t in TASKS and TASKS[t].kind == "held_out"]
     if held_in:
         wide["held_in_avg"] = wide[held_in].mean(axis=1)
+        # normalized score: held-in average / the experts' own average (each LoRA expert on its own task)
+        own = df[(df.expert_task.notna()) & (df.expert_task == df.task)]
+        own = own[own.task.isin(held_in)].groupby("task").value.max()
+        if len(own) == len(held_in) and own.mean() > 0:
+            wide["normalized"] = 100 * wide["held_in_avg"] / own.mean()
     if held_out:
         wide["held_out_avg"] = wide[held_out].mean(axis=1)
     return wide.reset_index()

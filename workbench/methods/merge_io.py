@@ -18,23 +18,31 @@ _COPY_FROM_BASE = ("config.json", "generation_config.json", "tokenizer.json", "t
                    "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
 
 
-def write_merged_model(base: BaseModel, deltas: Iterable[tuple[str, torch.Tensor]], out_dir: Path) -> dict[str, Any]:
-    """W = W0 + delta for the given tensors, W0 elsewhere; saved as one safetensors file + base config."""
+def write_merged_model(base: BaseModel, deltas: Iterable[tuple[str, torch.Tensor]], out_dir: Path,
+                       absolute: bool = False) -> dict[str, Any]:
+    """W = W0 + delta for the given tensors (or W itself with `absolute`), W0 elsewhere.
+
+    Streams: each tensor goes to a size-bounded safetensors shard as soon as it is merged.
+    """
+    from .streaming import ShardWriter
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    delta_map = dict(deltas)
-    state = {}
-    for name in base.tensors.keys():
+    writer = ShardWriter(out_dir)
+    done = set()
+    for name, delta in deltas:
+        if name not in base.tensors:
+            raise ValueError(f"delta for tensor {name!r}, which is missing from the base")
         w = base.tensors.get(name)
-        if name in delta_map:
-            w = (w.float() + delta_map.pop(name)).to(w.dtype)
-        state[name] = w.contiguous()
-    if delta_map:
-        raise ValueError(f"deltas for tensors missing from the base: {sorted(delta_map)[:3]}")
-    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        writer.add(name, delta.to(w.dtype) if absolute else (w.float() + delta).to(w.dtype))
+        done.add(name)
+    for name in base.tensors.keys():
+        if name not in done:
+            writer.add(name, base.tensors.get(name))
+    writer.close()
     for f in _COPY_FROM_BASE:
         if (base.path / f).is_file():
             shutil.copy2(base.path / f, out_dir / f)
-    return {"tensors": len(state)}
+    return {"tensors": len(base.tensors.keys())}
 
 
 def svd_factor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -45,6 +45,9 @@ class TAParams(MethodParams):
     per_expert: dict[str, ExpertParams] = Field(default_factory=dict, description="per-expert overrides")
 
 
+STREAMING = {"task_arithmetic", "ties", "dare_ties", "dare_linear"}  # our streaming engine for full experts
+
+
 def _mk_method(name: str):
     from mergekit.merge_methods import registry
 
@@ -103,12 +106,35 @@ class TaskArithmeticFamily(Method):
         all_full = {e.kind for e in ctx.experts} == {"full"}
         if ctx.params.engine == "mergekit" or (ctx.params.engine == "auto" and all_full):
             return self._build_mergekit(ctx)
+        if all_full and self.name in STREAMING:
+            stats = write_merged_model(ctx.pool.base, self.iter_streamed(ctx), ctx.out_dir, absolute=True)
+            return {"type": "merged_model", "engine": "workbench-streaming", **stats}
         if ctx.output.kind == "lora":
             stats = write_refactored_lora(self.iter_merged_deltas(ctx), ctx.output.rank, ctx.out_dir,
                                           ctx.pool.manifest.base.spec)
             return {"type": "merged_lora", "engine": "workbench-adapter-space", **stats}
         stats = write_merged_model(ctx.pool.base, self.iter_merged_deltas(ctx), ctx.out_dir)
         return {"type": "merged_model", "engine": "workbench-adapter-space", **stats}
+
+    def iter_streamed(self, ctx: BuildContext):
+        """Full experts, our streaming engine (see methods/streaming.py); yields merged weights."""
+        from .streaming import merge_full_tensor
+
+        params: TAParams = ctx.params
+        m = _mk_method(self.name)
+        shared = self._shared(params)
+        sparsify = m.sparsification_method.value if m.sparsification_method else None
+        base = ctx.pool.base
+        names = [n for n in base.tensors.keys() if all(n in e._full for e in ctx.experts)]
+        with progress_bar(f"{self.name} streaming ({len(ctx.experts)} full experts)", total=len(names)) as bar:
+            for name in names:
+                merged = merge_full_tensor(
+                    name, base, ctx.experts, consensus=m.consensus_method is not None, sparsify=sparsify,
+                    densities=self._expert_values(ctx.experts, params, "density"),
+                    weights=self._expert_values(ctx.experts, params, "weight"), normalize=shared["normalize"],
+                    rescale=shared["rescale"], lam=shared["lambda"], seed=params.seed)
+                yield name, merged.add_(base.tensors.get(name).float())
+                bar.update(1)
 
     def mergekit_config(self, ctx: BuildContext) -> dict[str, Any]:
         params: TAParams = ctx.params

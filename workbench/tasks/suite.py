@@ -23,7 +23,7 @@ from typing import Any, Literal
 from ..errors import TaskError, did_you_mean
 from ..io import atomic_write_text, cache_dir, sha256_json
 
-SUITE_VERSION = 1
+SUITE_VERSION = 2
 DEFAULT_SEED = 1234
 SPLITS = ("train", "validation", "test")
 DEFAULT_SIZES = {"train": 1000, "validation": 100, "test": 100}
@@ -284,6 +284,9 @@ def generate_suite(seed: int = DEFAULT_SEED, out: Path | None = None, sizes: dic
         for split, rows in splits.items():
             atomic_write_text(folder / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         atomic_write_text(folder / f"wb_{name}.yaml", _task_yaml(name, folder, TASKS.get(name)))
+        # the same task scored on the validation split: hyperparameters are selected on it, never on test
+        val_yaml = _task_yaml(name, folder, TASKS.get(name)).replace(f"task: wb_{name}\n", f"task: wb_{name}_val\n")
+        atomic_write_text(folder / f"wb_{name}_val.yaml", val_yaml.replace("test_split: test", "test_split: validation"))
         hashes[name] = sha256_json(splits)[:16]
     atomic_write_text(stamp, json.dumps({"spec": meta_want, "data_sha256": hashes}, indent=2))
     return out
