@@ -9,6 +9,20 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+# Without a GPU, Triton kernels run in its interpreter on CPU tensors (must be set before import).
+if not _cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from workbench.testing import make_tiny_base, make_tiny_full, make_tiny_lora  # noqa: E402
 
 

@@ -50,3 +50,40 @@ def test_help_everywhere(run_cli):
     for args in [(), ("pool",), ("base",), ("pool", "add"), ("base", "info")]:
         code, out, _ = run_cli(*args, "--help")
         assert code == 0 and "Usage" in out
+
+
+def test_merge_cli_dry_run_and_errors(run_cli, pools, tiny_dir, tmp_path):
+    import yaml
+
+    run_cli("pool", "create", "demo", "--base", str(tiny_dir / "base"))
+    run_cli("pool", "add", "demo", str(tiny_dir / "lora_a"), "--name", "a")
+    run_cli("pool", "add", "demo", str(tiny_dir / "lora_b"), "--name", "b")
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({"name": "g", "pool": "demo", "method": "ties", "parameters": {"density": 0.5},
+                                    "sweep": {"parameters": {"lambda": [0.5, 1.0]}}}))
+    code, out, err = run_cli("merge", str(good), "--dry-run")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["experts"] == ["a", "b"] and plan["sweep"] == [{"lambda": 0.5}, {"lambda": 1.0}]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "b", "pool": "demo", "method": "ties", "parameters": {"density": 1.5}}))
+    code, out, err = run_cli("merge", str(good), str(bad))  # the bad one stops both before any work
+    assert code == 2 and err.count("\n") == 1 and "parameters.density" in err
+    code, out, err = run_cli("methods")
+    assert code == 0 and "pcb" in out and "twin" in out
+
+
+def test_every_method_module_registers():
+    import importlib
+    import pkgutil
+
+    import workbench.methods as methods
+    from workbench.methods.base import METHODS
+
+    helpers = {"base", "merge_io", "streaming"}
+    for mod in pkgutil.iter_modules(methods.__path__):
+        if mod.name in helpers:
+            continue
+        module = importlib.import_module(f"workbench.methods.{mod.name}")
+        registered = [n for n in METHODS.names() if METHODS.get(n).__module__ == module.__name__]
+        assert registered, f"workbench/methods/{mod.name}.py registers no method"

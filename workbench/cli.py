@@ -22,11 +22,14 @@ pool_app = typer.Typer(help="Expert pools under adapters/: create, add, list, sh
 train_app = typer.Typer(help="Train experts into a pool: lora, full, multitask.", no_args_is_help=True)
 eval_app = typer.Typer(help="Evaluate models with lm-eval (offline) into results/.", invoke_without_command=True)
 results_app = typer.Typer(help="Read results/: tables.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks against peers measured in the same run (figures in results/bench/).",
+                        no_args_is_help=True)
 app.add_typer(base_app, name="base")
 app.add_typer(pool_app, name="pool")
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 app.add_typer(results_app, name="results")
+app.add_typer(bench_app, name="bench")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -401,9 +404,42 @@ def methods_list():
     console.print(table)
 
 
+@bench_app.command("merge")
+def bench_merge(
+    pool: _Pool = "demo", density: float = 0.2,
+    out: Annotated[Optional[Path], typer.Option(help="JSON output (default results/bench/merge.json)")] = None,
+):
+    """TIES/PCB of 4 full experts vs mergekit-yaml; LoRA-space merge vs mergekit's base+lora path."""
+    from .bench.merge import run
+
+    rec = run(pool, density=density, out_file=out, log=console.print)
+    table = Table("measure", "ratio", "target", title="bench merge (ours / mergekit, same run)")
+    for k, v in rec["ratios"].items():
+        table.add_row(k, f"{v:.3f}", rec["targets"][k])
+    console.print(table)
+
+
+def _evaluated_models(pool: str) -> set[str]:
+    from .eval.harness import RESULTS_DIR
+    from .eval.results import collect_scores
+
+    df = collect_scores(RESULTS_DIR / "lm-eval", pool=pool)
+    return set(df.model) if not df.empty else set()
+
+
+def _recipe_name(path: Path) -> str:
+    import yaml
+
+    try:
+        return str(yaml.safe_load(path.read_text()).get("name"))
+    except Exception:  # noqa: BLE001 - an unreadable recipe is reported when it runs
+        return ""
+
+
 @app.command("demo")
 def demo(
     device: _Dev = "cpu", batch_size: int = 16,
+    merges: Annotated[bool, typer.Option(help="also run every recipe in merges/ with --eval")] = True,
 ):
     """The main job on the embedded default: fetch SmolLM2, build the demo pool, evaluate the matrix."""
     from .base import BaseModel
@@ -413,6 +449,14 @@ def demo(
     console.print(f"base: {bm.info()['title']}")
     pool_build_demo(pool="demo", base="smollm2-135m", device=device, only=None)
     eval_matrix(pool="demo", tasks="all", batch_size=batch_size, device=device, models=None, force=False)
+    if merges:
+        recipes = sorted(Path("merges").glob("*.yaml"))
+        done = _evaluated_models("demo")
+        todo = [r for r in recipes if _recipe_name(r) not in done]
+        console.print(f"merges: {len(recipes) - len(todo)} evaluated already, {len(todo)} to run")
+        if todo:
+            merge(todo, eval_=True, force=False, dry_run=False, device=device)
+    results_show(pool="demo")
 
 
 # ----------------------------------------------------------------------------- entry point

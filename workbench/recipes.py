@@ -7,6 +7,7 @@ ranges, and the method's own cross-field checks. Each failure is one RecipeError
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,8 @@ class ResolvedRecipe:
 
     @property
     def artifact_dir(self) -> Path:
-        return cache_dir() / "artifacts" / f"{self.recipe.method}-{self.key}"
+        root = os.environ.get("WORKBENCH_CACHE_ARTIFACTS")
+        return (Path(root) if root else cache_dir() / "artifacts") / f"{self.recipe.method}-{self.key}"
 
 
 def _first_error(e: ValidationError, prefix: str) -> str:

@@ -1,0 +1,98 @@
+"""Multi-LoRA op: every backend equals the plain reference (hypothesis over shapes, ranks, mixes)."""
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from workbench.kernels import BACKENDS, AdapterWeights, apply_lora, make_meta
+
+CUDA = torch.cuda.is_available()
+TRITON_OK = CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+try:
+    import triton  # noqa: F401
+except ImportError:
+    TRITON_OK = False
+
+
+@st.composite
+def problems(draw, max_tokens=40):
+    e = draw(st.integers(1, 6))
+    ranks = draw(st.lists(st.integers(1, 12), min_size=e, max_size=e))
+    d_in, d_out = draw(st.sampled_from([8, 24, 64])), draw(st.sampled_from([8, 40, 64]))
+    t = draw(st.integers(0, max_tokens))
+    k = draw(st.integers(1, 3))
+    # adapters that no token uses, tokens with no adapter (-1) and zero weights all occur
+    used = draw(st.lists(st.integers(0, e - 1), min_size=1, max_size=e, unique=True))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    choices = torch.tensor(used + [-1])
+    idx = choices[torch.randint(0, len(choices), (t, k), generator=g)]
+    w = torch.rand(t, k, generator=g)
+    w[torch.rand(t, k, generator=g) < 0.1] = 0
+    wts = AdapterWeights([torch.randn(r, d_in, generator=g) * 0.2 for r in ranks],
+                         [torch.randn(d_out, r, generator=g) * 0.2 for r in ranks], torch.rand(e, generator=g) + 0.5)
+    # magnitudes below ~1, where bf16's spacing (<= 2**-8) leaves the 2e-2 tolerance meaningful
+    x = torch.randn(t, d_in, generator=g) * 0.5
+    y0 = torch.randn(t, d_out, generator=g) * 0.25
+    return wts, idx, w, x, y0
+
+
+def _run(backend, wts, idx, w, x, y0, dtype=torch.float32, device="cpu"):
+    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    wts = AdapterWeights([cast(a) for a in wts.a], [cast(b) for b in wts.b], wts.scale.to(device))
+    meta = make_meta(idx.to(device), w.to(device), wts.num_adapters)
+    y = cast(y0).clone()
+    apply_lora(y, cast(x), wts, meta, backend)
+    return y.float().cpu()
+
+
+def _expected(p, dtype=torch.float32):
+    return _run("reference", *p, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "grouped_mm"])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(p=problems())
+def test_backend_equals_reference_fp32(backend, p):
+    torch.testing.assert_close(_run(backend, *p), _expected(p), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "grouped_mm"])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(p=problems())
+def test_backend_equals_reference_bf16(backend, p):
+    bf = torch.bfloat16  # the reference on the same bf16 inputs (it accumulates in fp32)
+    torch.testing.assert_close(_run(backend, *p, dtype=bf), _expected(p, dtype=bf), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="triton needs CUDA (or TRITON_INTERPRET=1 on CPU)")
+@settings(max_examples=25 if CUDA else 12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(p=problems(max_tokens=24))
+def test_triton_equals_reference(p):
+    dev = "cuda" if CUDA else "cpu"
+    torch.testing.assert_close(_run("triton", *p, device=dev), _expected(p), rtol=1e-5, atol=1e-5)
+    if CUDA:  # bf16 is a GPU dtype for these kernels
+        bf = torch.bfloat16
+        torch.testing.assert_close(_run("triton", *p, dtype=bf, device=dev), _expected(p, dtype=bf), rtol=2e-2, atol=2e-2)
+
+
+def test_meta_is_shared_and_contiguous_blocks():
+    idx = torch.tensor([0, 0, 0, 2, 2, 1, -1])
+    meta = make_meta(idx, None, 3)
+    assert meta.active == [0, 1, 2] and meta.counts == [3, 1, 2] and meta.offsets == [0, 3, 4, 6]
+    assert meta.contiguous == {0: (0, 3), 1: (5, 6), 2: (3, 5)}
+    mixed = make_meta(torch.tensor([[0, 1], [1, 0]]), torch.tensor([[0.5, 0.5], [0.9, 0.1]]), 2)
+    assert mixed.contiguous == {} or all(e in (0, 1) for e in mixed.contiguous)
+    with pytest.raises(ValueError, match="out of range"):
+        make_meta(torch.tensor([3]), None, 3)
+
+
+def test_backends_registered():
+    assert {"reference", "cpu", "grouped_mm"} <= set(BACKENDS.names())
+    from workbench.errors import WorkbenchError
+
+    with pytest.raises(WorkbenchError, match=r"unknown kernel backend 'cuda'; known: "):
+        BACKENDS.get("cuda")

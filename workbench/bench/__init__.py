@@ -1,0 +1,1 @@
+"""Benchmarks: commands that measure ours against a peer in the same run and print ratios."""
