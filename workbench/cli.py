@@ -436,6 +436,18 @@ def _recipe_name(path: Path) -> str:
         return ""
 
 
+@app.command("serve")
+def serve_cmd(
+    pool: _Pool = "demo", host: str = "127.0.0.1", port: int = 8000,
+    backend: Annotated[Optional[str], typer.Option(help="kernel backend (default: by device)")] = None,
+    device: _Dev = "cpu", max_batch: int = 32,
+):
+    """OpenAI-compatible server: /v1/models, /v1/completions, /v1/chat/completions (streaming too)."""
+    from .serve.api import serve
+
+    serve(pool, host=host, port=port, backend=backend, device=device, max_batch=max_batch)
+
+
 @app.command("demo")
 def demo(
     device: _Dev = "cpu", batch_size: int = 16,

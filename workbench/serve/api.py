@@ -1,0 +1,288 @@
+"""OpenAI-compatible HTTP server over MultiLoraModel (FastAPI + uvicorn).
+
+GET /v1/models, POST /v1/completions and /v1/chat/completions (non-streaming and SSE
+streaming). `model` picks "base", an expert, a saved LoRA composition or "mix:a=0.5,b=0.5".
+Concurrent requests are batched: a scheduler thread collects what arrives within a short
+window (up to max_batch) and decodes it as one batch, each sequence with its own adapter.
+A client that disconnects is dropped from its batch at the next token; others go on.
+Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}} with 4xx codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel as Schema
+from pydantic import ConfigDict, Field
+
+from ..errors import WorkbenchError
+from .engine import MultiLoraModel
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+class _Common(Schema):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(0.0, ge=0, le=2)
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1, description="one choice per prompt")
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str]
+
+
+class Message(Schema):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_Common):
+    messages: list[Message] = Field(min_length=1)
+
+
+@dataclass
+class Job:
+    prompt_ids: list[int]
+    assignment: tuple
+    max_tokens: int
+    temperature: float
+    stops: list[str]
+    seed: int
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue  # str pieces, then None; or an Exception
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+
+
+class Scheduler:
+    """Collects concurrent jobs into batches and decodes them on one worker thread."""
+
+    def __init__(self, engine: MultiLoraModel, max_batch: int = 32, window_s: float = 0.01):
+        self.engine, self.max_batch, self.window_s = engine, max_batch, window_s
+        self.q: queue.Queue[Job] = queue.Queue()
+        self.stats = {"batches": 0, "sequences": 0, "max_batch_seen": 0}
+        threading.Thread(target=self._run, daemon=True, name="workbench-scheduler").start()
+
+    def submit(self, job: Job) -> None:
+        self.q.put(job)
+
+    def _run(self) -> None:
+        while True:
+            jobs = [self.q.get()]
+            deadline = time.monotonic() + self.window_s
+            while len(jobs) < self.max_batch:
+                left = deadline - time.monotonic()
+                try:
+                    jobs.append(self.q.get(timeout=max(left, 0)) if left > 0 else self.q.get_nowait())
+                except queue.Empty:
+                    break
+            jobs = [j for j in jobs if not j.cancelled.is_set()]
+            if jobs:
+                self._decode(jobs)
+
+    def _decode(self, jobs: list[Job]) -> None:
+        self.stats["batches"] += 1
+        self.stats["sequences"] += len(jobs)
+        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(jobs))
+        tok = self.engine.tokenizer
+
+        def on_token(i: int, t: int) -> bool:
+            job = jobs[i]
+            if job.cancelled.is_set():
+                return False
+            job.tokens.append(t)
+            text = tok.decode(job.tokens, skip_special_tokens=True)
+            for s in job.stops:
+                cut = text.find(s)
+                if cut >= 0:
+                    self._emit(job, text[len(job.text):cut])
+                    job.text, job.finish_reason = text[:cut], "stop"
+                    return False
+            if not text.endswith("\ufffd"):  # hold back a partial multi-byte character
+                self._emit(job, text[len(job.text):])
+                job.text = text
+            return True
+
+        try:
+            outs = self.engine.generate([j.prompt_ids for j in jobs], [j.assignment for j in jobs],
+                                        [j.max_tokens for j in jobs], temperature=[j.temperature for j in jobs],
+                                        on_token=on_token, seed=jobs[0].seed)
+            for job, toks in zip(jobs, outs):
+                if job.finish_reason != "stop":
+                    job.finish_reason = "length" if len(toks) >= job.max_tokens else "stop"
+                    text = tok.decode(job.tokens, skip_special_tokens=True)
+                    self._emit(job, text[len(job.text):])
+                    job.text = text
+                job.loop.call_soon_threadsafe(job.out.put_nowait, None)
+        except Exception as e:  # noqa: BLE001 - every waiting client gets the error, the server lives on
+            for job in jobs:
+                job.loop.call_soon_threadsafe(job.out.put_nowait, e)
+
+    @staticmethod
+    def _emit(job: Job, piece: str) -> None:
+        if piece:
+            job.loop.call_soon_threadsafe(job.out.put_nowait, piece)
+
+
+def create_app(engine: MultiLoraModel, *, max_batch: int = 32, window_s: float = 0.01,
+               context_length: int | None = None) -> FastAPI:
+    app = FastAPI(title="Expert Workbench", version="0.1")
+    sched = Scheduler(engine, max_batch=max_batch, window_s=window_s)
+    ctx_len = context_length or int(getattr(engine.model.config, "max_position_embeddings", 2048))
+    app.state.scheduler = sched
+
+    def err(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
+        return JSONResponse(status_code=status, content={"error": {"message": message, "type": type_,
+                                                                   "param": param, "code": code}})
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, e: APIError):
+        return err(e.status, e.message, e.type, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_, e: RequestValidationError):
+        first = e.errors()[0]
+        if first.get("type") == "json_invalid":
+            return err(400, f"malformed JSON body: {first.get('msg')}", code="invalid_json")
+        loc = ".".join(str(x) for x in first["loc"] if x != "body")
+        return err(400, f"{loc}: {first['msg']}", param=loc or None, code="invalid_parameter")
+
+    @app.get("/v1/models")
+    async def models():
+        data = [{"id": "base", "object": "model", "owned_by": "workbench", "kind": "base"}]
+        data += [{"id": a.name, "object": "model", "owned_by": "workbench", "kind": a.kind} for a in engine.adapters]
+        return {"object": "list", "data": data}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **sched.stats}
+
+    def make_job(req: _Common, prompt_ids: list[int]) -> Job:
+        try:
+            assignment = engine.resolve(req.model)
+        except WorkbenchError as e:
+            raise APIError(404, f"{e}; see GET /v1/models", param="model", code="model_not_found") from None
+        if len(prompt_ids) + req.max_tokens > ctx_len:
+            raise APIError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the "
+                                f"context length {ctx_len}", param="max_tokens", code="context_length_exceeded")
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        return Job(prompt_ids, assignment, req.max_tokens, req.temperature, stops, req.seed or 0,
+                   asyncio.get_running_loop(), asyncio.Queue())
+
+    async def collect(job: Job) -> str:
+        while True:
+            item = await job.out.get()
+            if item is None:
+                return job.text
+            if isinstance(item, Exception):
+                raise APIError(500, f"generation failed: {item}", type_="server_error")
+
+    def usage(jobs: list[Job]) -> dict[str, int]:
+        p, c = sum(len(j.prompt_ids) for j in jobs), sum(len(j.tokens) for j in jobs)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    async def stream(request: Request, job: Job, chunk):
+        try:
+            while True:
+                if await request.is_disconnected():
+                    job.cancelled.set()
+                    return
+                try:
+                    item = await asyncio.wait_for(job.out.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    continue
+                if item is None:
+                    yield f"data: {json.dumps(chunk('', job.finish_reason))}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                if isinstance(item, Exception):
+                    yield f"data: {json.dumps({'error': {'message': str(item), 'type': 'server_error'}})}\n\n"
+                    return
+                yield f"data: {json.dumps(chunk(item, None))}\n\n"
+        finally:
+            job.cancelled.set()  # the client is gone or done: drop it from its batch
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not prompts:
+            raise APIError(400, "prompt: at least one prompt is required", param="prompt")
+        jobs = [make_job(req, engine.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if req.stream:
+            if len(jobs) != 1:
+                raise APIError(400, "stream: streaming takes one prompt", param="stream")
+            sched.submit(jobs[0])
+
+            def chunk(text, finish):
+                return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
+                        "choices": [{"index": 0, "text": text, "finish_reason": finish}]}
+
+            return StreamingResponse(stream(request, jobs[0], chunk), media_type="text/event-stream")
+        for j in jobs:
+            sched.submit(j)
+        texts = [await collect(j) for j in jobs]
+        return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
+                "choices": [{"index": i, "text": t, "finish_reason": j.finish_reason, "logprobs": None}
+                            for i, (t, j) in enumerate(zip(texts, jobs))], "usage": usage(jobs)}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        tok = engine.tokenizer
+        msgs = [m.model_dump() for m in req.messages]
+        if tok.chat_template:
+            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        else:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+        job = make_job(req, list(ids))
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        sched.submit(job)
+        if req.stream:
+            def chunk(text, finish):
+                delta = {"content": text} if text else {}
+                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+            return StreamingResponse(stream(request, job, chunk), media_type="text/event-stream")
+        text = await collect(job)
+        return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": job.finish_reason}], "usage": usage([job])}
+
+    return app
+
+
+def serve(pool_spec: str, host: str = "127.0.0.1", port: int = 8000, backend: str | None = None,
+          device: str = "cpu", max_batch: int = 32) -> None:
+    import uvicorn
+
+    from ..pool import Pool
+
+    engine = MultiLoraModel.from_pool(Pool.open(pool_spec), backend=backend, device=device)
+    uvicorn.run(create_app(engine, max_batch=max_batch), host=host, port=port, log_level="info")
+
+
+__all__ = ["APIError", "create_app", "serve", "Any"]
