@@ -448,9 +448,41 @@ def serve_cmd(
     serve(pool, host=host, port=port, backend=backend, device=device, max_batch=max_batch)
 
 
+@bench_app.command("kernels")
+def bench_kernels(
+    base: str = "smollm2-135m", reps: int = 3, device: _Dev = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
+    backends: Annotated[str, typer.Option(help="comma-separated kernel backends")] = "cpu,grouped_mm",
+):
+    """Multi-LoRA forward / base forward, vs PEFT mixed batch and per-adapter loop (same run)."""
+    import torch
+
+    from .bench.kernels import run
+
+    rec = run(base, reps=reps, device=device, dtype=getattr(torch, dtype), backends=tuple(_split_list([backends])),
+              log=console.print)
+    cols = [k for k in rec["rows"][0] if k.endswith("_x_base")]
+    table = Table("r", "U", *cols, title=f"forward time / base forward ({rec['device']}, {rec['dtype']})")
+    for row in rec["rows"]:
+        table.add_row(str(row["rank"]), str(row["U"]), *[f"{row[c]:.3f}" for c in cols])
+    console.print(table)
+
+
+@bench_app.command("serve")
+def bench_serve(pool: _Pool = "demo", requests: int = 64, adapters: int = 8, max_tokens: int = 16):
+    """Requests/s and p50/p95 latency: 64 concurrent requests over 8 adapters vs 1 adapter vs base."""
+    from .bench.serve import run
+
+    rec = run(pool, n_requests=requests, n_adapters=adapters, max_tokens=max_tokens, log=console.print)
+    table = Table("mix", "requests/s", "p50 s", "p95 s", "wall s", title="bench serve")
+    for k, v in rec["rows"].items():
+        table.add_row(k, f"{v['requests_per_s']:.2f}", f"{v['p50_s']:.2f}", f"{v['p95_s']:.2f}", f"{v['wall_s']:.1f}")
+    console.print(table)
+
+
 @app.command("demo")
 def demo(
-    device: _Dev = "cpu", batch_size: int = 16,
+    device: _Dev = "cpu", batch_size: int = 32,
     merges: Annotated[bool, typer.Option(help="also run every recipe in merges/ with --eval")] = True,
 ):
     """The main job on the embedded default: fetch SmolLM2, build the demo pool, evaluate the matrix."""

@@ -27,7 +27,7 @@ from .pool import Expert, Pool
 class EvalSpec(Schema):
     model_config = ConfigDict(extra="forbid", frozen=True)
     tasks: list[str] = Field(default_factory=lambda: ["held_in", "held_out"])
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(32, gt=0)
     limit: int | None = Field(None, gt=0)
 
 
@@ -38,7 +38,7 @@ class SweepSpec(Schema):
     parameters: dict[str, list[Any]] = Field(description="parameter name -> values; the grid is their product")
     tasks: list[str] = Field(default_factory=lambda: ["held_in"], description="tasks scored (validation split)")
     limit: int | None = Field(50, gt=0, description="validation examples per task")
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(32, gt=0)
 
 
 class Recipe(Schema):

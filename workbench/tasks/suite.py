@@ -23,7 +23,7 @@ from typing import Any, Literal
 from ..errors import TaskError, did_you_mean
 from ..io import atomic_write_text, cache_dir, sha256_json
 
-SUITE_VERSION = 2
+SUITE_VERSION = 3
 DEFAULT_SEED = 1234
 SPLITS = ("train", "validation", "test")
 DEFAULT_SIZES = {"train": 1000, "validation": 100, "test": 100}
@@ -48,13 +48,13 @@ class Task:
     skill: str
     description: str
     make: Callable[[random.Random], tuple[str, str, dict[str, Any]]] = field(repr=False)
-    max_gen_toks: int = 24
+    max_gen_toks: int = 16
 
 
 TASKS: dict[str, Task] = {}
 
 
-def task(name: str, kind: str, skill: str, description: str, max_gen_toks: int = 24):
+def task(name: str, kind: str, skill: str, description: str, max_gen_toks: int = 16):
     def register(fn):
         TASKS[name] = Task(name, kind, skill, description, fn, max_gen_toks)
         return fn
