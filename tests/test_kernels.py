@@ -53,7 +53,7 @@ def _expected(p, dtype=torch.float32):
     return _run("reference", *p, dtype=dtype)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "grouped_mm"])
+@pytest.mark.parametrize("backend", ["cpu", "grouped_mm", "cpu_bmm"])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(p=problems())
 def test_backend_equals_reference_fp32(backend, p):
@@ -77,6 +77,23 @@ def test_triton_equals_reference(p):
     if CUDA:  # bf16 is a GPU dtype for these kernels
         bf = torch.bfloat16
         torch.testing.assert_close(_run("triton", *p, dtype=bf, device=dev), _expected(p, dtype=bf), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", ["cpu_bmm", "cpu", "grouped_mm"])
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 6), s=st.integers(1, 9), e=st.integers(1, 5), seed=st.integers(0, 10**6))
+def test_one_adapter_per_sequence(backend, b, s, e, seed):
+    """The serving layout: B sequences of S tokens, one adapter (and weight) per sequence."""
+    g = torch.Generator().manual_seed(seed)
+    ranks = torch.randint(1, 9, (e,), generator=g).tolist()
+    wts = AdapterWeights([torch.randn(r, 16, generator=g) for r in ranks], [torch.randn(24, r, generator=g) for r in ranks],
+                         torch.rand(e, generator=g))
+    per_seq = torch.randint(-1, e, (b,), generator=g)
+    w = torch.rand(b, generator=g)
+    idx, wt = per_seq.repeat_interleave(s), w.repeat_interleave(s)
+    x, y0 = torch.randn(b * s, 16, generator=g), torch.randn(b * s, 24, generator=g)
+    p = (wts, idx[:, None], wt[:, None], x, y0)
+    torch.testing.assert_close(_run(backend, *p), _expected(p), rtol=1e-5, atol=1e-5)
 
 
 def test_meta_is_shared_and_contiguous_blocks():

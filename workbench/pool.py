@@ -458,13 +458,15 @@ class Pool:
             return [str(e)]
         for expert in self.experts:
             e = expert.entry
+            file_problems = []
             for f, digest in e.files.items():
                 p = expert.path / f
                 if not p.is_file():
-                    problems.append(f"{e.name}: missing file {p}")
+                    file_problems.append(f"{e.name}: missing file {p}")
                 elif hashes and sha256_file(p) != digest:
-                    problems.append(f"{e.name}: {f} changed since it was added (sha256 mismatch)")
-            if any(p.startswith(e.name) for p in problems):
+                    file_problems.append(f"{e.name}: {f} changed since it was added (sha256 mismatch)")
+            problems += file_problems
+            if file_problems:
                 continue
             try:
                 self.validate_source(expert.path, e.kind)

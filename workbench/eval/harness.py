@@ -57,7 +57,9 @@ def load_model_spec(spec: str, pool: Pool | None = None, device: str | None = No
         else:
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(e.path, dtype=pool.base.load().dtype).eval()
+            import torch
+
+            model = AutoModelForCausalLM.from_pretrained(e.path, dtype=torch.float32).eval()
             model = model.to(device) if device else model
         method = "multitask" if e.entry.tags.get("task") == "multitask" else f"expert-{e.kind}"
         return LoadedModel(model, tok, spec, {"kind": e.kind, "expert": spec, "method": method,
@@ -190,8 +192,7 @@ def run_eval(spec: str, tasks: list[str], *, pool: Pool | None = None, limit: in
         "method": loaded.info.get("method", loaded.info.get("kind")), "model_info": loaded.info,
         "params": (extra or {}).get("params", {}), "tasks": tasks, "limit": limit, "batch_size": batch_size,
         "data_sha256": {t: data_hash(t) for t in tasks}, "scores": scores,
-        "results_file": str((folder / f"results_{tracker.date_id}.json").relative_to(out_dir.parent))
-        if out_dir.parent in (folder / "x").parents else str(folder / f"results_{tracker.date_id}.json"),
+        "results_file": str((folder / f"results_{tracker.date_id}.json").relative_to(out_dir.parent)),
         "git": git_state(), "timings": {"load_s": round(t_load, 2), "eval_s": round(t_eval, 2)},
         "machine": machine_info(device), **{k: v for k, v in (extra or {}).items() if k != "params"},
     }

@@ -144,6 +144,38 @@ def lora_cpu(y: torch.Tensor, x: torch.Tensor, wts: AdapterWeights, meta: LoraMe
             y.index_add_(0, rows, h @ wts.b[e].T)
 
 
+def uniform_blocks(meta: LoraMeta) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+    """(S, adapter per block [B], weight per block [B]) when tokens form B equal blocks of S tokens,
+    each with exactly one pair and one weight (one adapter per sequence: the common serving case)."""
+    cache = meta.__dict__.setdefault("_uniform", {})
+    if "v" not in cache:
+        cache["v"] = None
+        t = meta.num_tokens
+        if meta.idx.shape[1] == 1 and t and len(meta.token_idx) == t and len(meta.contiguous) == len(meta.active):
+            first = meta.idx[:, 0]
+            ranges = sorted(meta.contiguous.values())
+            lengths = {b - a for a, b in ranges}
+            if len(lengths) == 1:
+                s_len = lengths.pop()
+                w_col = meta.w[:, 0]
+                if bool((w_col.view(-1, s_len) == w_col.view(-1, s_len)[:, :1]).all()):
+                    cache["v"] = (s_len, first.view(-1, s_len)[:, 0].clone(), w_col.view(-1, s_len)[:, 0].clone())
+    return cache["v"]
+
+
+@BACKENDS.register("cpu_bmm")
+def lora_cpu_bmm(y: torch.Tensor, x: torch.Tensor, wts: AdapterWeights, meta: LoraMeta) -> None:
+    """Uniform blocks (see uniform_blocks): gather each block's A/B and run two batched matmuls.
+    Falls back to the grouped `cpu` backend otherwise. Ranks are padded (to 8) here."""
+    u = uniform_blocks(meta)
+    if u is None:
+        return lora_cpu(y, x, wts, meta)
+    s_len, ad, w = u
+    a_pad, b_pad, _ = wts.padded
+    nb = ad.numel()
+    coef = (w.to(x.dtype) * wts.scale.to(x.dtype)[ad])[:, None, None]
+    h = torch.bmm(x.view(nb, s_len, -1), a_pad[ad].transpose(1, 2)).mul_(coef)  # [B, S, R]
+    y.view(nb, s_len, -1).baddbmm_(h, b_pad[ad].transpose(1, 2))
 @BACKENDS.register("grouped_mm")
 def lora_grouped_mm(y: torch.Tensor, x: torch.Tensor, wts: AdapterWeights, meta: LoraMeta) -> None:
     if not meta.active:
