@@ -262,3 +262,12 @@ def test_shard_writer(tmp_path):
     reader = SafetensorsDir(tmp_path, model_weight_files(tmp_path))
     for k, v in tensors.items():
         torch.testing.assert_close(reader.get(k), v, rtol=0, atol=0)
+
+
+def test_pcb_chunking_is_exact():
+    from workbench.methods.pcb import pcb_merge
+
+    flat = torch.randn(3, 1001, generator=torch.Generator().manual_seed(1))
+    flat[1, 10:50] = 0  # an expert that leaves some entries untouched
+    torch.testing.assert_close(pcb_merge(flat.clone(), 0.2, 0.01, chunk=7), _pcb_reference(flat, 0.2, 0.01),
+                               rtol=1e-5, atol=1e-7)

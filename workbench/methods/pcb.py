@@ -42,24 +42,38 @@ def _kth(x: torch.Tensor, index: int) -> torch.Tensor:
     return torch.kthvalue(x, index + 1, dim=1, keepdim=True).values
 
 
-def pcb_merge(d: torch.Tensor, ratio: float = 0.1, clamp_q: float = 1e-4) -> torch.Tensor:
-    """PCB on task vectors d [n, P] (fp32); returns the merged task vector [P] (lambda not applied)."""
+def pcb_merge(d: torch.Tensor, ratio: float = 0.1, clamp_q: float = 1e-4, chunk: int = 1 << 22) -> torch.Tensor:
+    """PCB on task vectors d [n, P] (fp32); returns the merged task vector [P] (lambda not applied).
+
+    Works in place and in column chunks: peak memory is about three n x P tensors
+    (d, its clamped magnitudes, the balancing scores), not one per step.
+    """
     n, p = d.shape
+    step = max(1, chunk // max(n, 1))
     absd = d.abs()
     lo = _kth(absd, int(p * clamp_q))
     hi = _kth(absd, int(p * (1 - clamp_q) - 1))
-    absd = torch.maximum(torch.minimum(absd, hi), lo)  # clamp per row (in place of |d|)
     span = hi - lo
-    intra = ((absd - lo) / torch.where(span > 0, span, torch.ones_like(span))).pow_(2).mul_(n).exp_()
-    b = torch.tanh(d * d.sum(dim=0, keepdim=True)).mul_(intra)
-    del intra
+    span = torch.where(span > 0, span, torch.ones_like(span))
+    colsum = d.sum(dim=0)
+    b = torch.empty_like(d)
+    for c in range(0, p, step):
+        sl = slice(c, c + step)
+        a = absd[:, sl].clamp_(min=lo, max=hi)  # in place: |d| clamped per row
+        intra = ((a - lo) / span).pow_(2).mul_(n).exp_()
+        b[:, sl] = torch.tanh(d[:, sl] * colsum[sl]).mul_(intra)  # inter (raw d) x intra
     t = _kth(b, int(p * (1 - ratio)))
     top = b.max(dim=1, keepdim=True).values
-    scale = (torch.maximum(b, t) - t).div_(torch.where(top > t, top - t, torch.ones_like(top)))
-    del b
-    clamped = torch.sign(d).mul_(absd)
-    del absd
-    return (clamped * scale).sum(dim=0) / scale.sum(dim=0).clamp_(min=1e-12)
+    denom = torch.where(top > t, top - t, torch.ones_like(top))
+    num = torch.zeros(p, dtype=d.dtype)
+    den = torch.zeros(p, dtype=d.dtype)
+    for c in range(0, p, step):
+        sl = slice(c, c + step)
+        scale = b[:, sl].clamp_(min=t).sub_(t).div_(denom)  # 0 where dropped, (0, 1] where kept
+        clamped = absd[:, sl].mul_(torch.sign(d[:, sl]))  # sign(0) = 0, as in the reference
+        num[sl] = (clamped * scale).sum(dim=0)
+        den[sl] = scale.sum(dim=0)
+    return num / den.clamp_(min=1e-12)
 
 
 @register_method
