@@ -337,6 +337,39 @@ def eval_matrix(
     results_show(pool=p.name)
 
 
+@eval_app.command("determinism")
+def eval_determinism(
+    pool: _Pool = "demo", model: str = "addition", tasks: _Tasks = "addition,sorting,word_count",
+    limit: int = 50, device: _Dev = "cpu",
+):
+    """Same model evaluated twice (batch 16) and at batch 1: scores and generations must agree."""
+    from .eval.harness import RESULTS_DIR, evaluate, load_model_spec, resolve_tasks, scores_of
+    from .io import atomic_write_json
+    from .pool import Pool
+
+    p = Pool.open(pool)
+    task_list = resolve_tasks(_split_list([tasks]))
+    loaded = load_model_spec(model, p, device)
+    runs = {}
+    for label, bs in [("bs16_a", 16), ("bs16_b", 16), ("bs1", 1)]:
+        res = evaluate(loaded, task_list, limit=limit, batch_size=bs)
+        gens = {t: [s["filtered_resps"][0] for s in sorted(res["samples"][t], key=lambda s: s["doc_id"])]
+                for t in res["samples"]}
+        runs[label] = {"scores": scores_of(res), "generations": gens}
+        console.print(f"{label}: {runs[label]['scores']}")
+    same = runs["bs16_a"] == runs["bs16_b"]
+    bs_agree = runs["bs16_a"]["scores"] == runs["bs1"]["scores"]
+    gen_diff = sum(a != b for t in runs["bs1"]["generations"]
+                   for a, b in zip(runs["bs16_a"]["generations"][t], runs["bs1"]["generations"][t]))
+    record = {"pool": pool, "model": model, "tasks": task_list, "limit": limit, "repeat_identical": same,
+              "batch1_vs_16_scores_equal": bs_agree, "batch1_vs_16_generation_differences": gen_diff,
+              "scores": {k: v["scores"] for k, v in runs.items()}}
+    atomic_write_json(RESULTS_DIR / "checks" / f"eval-determinism-{pool}-{model}.json", record)
+    console.print(f"repeat identical: {same}; batch 1 vs 16 scores equal: {bs_agree}; differing generations: {gen_diff}")
+    if not (same and bs_agree):
+        raise typer.Exit(1)
+
+
 @results_app.command("table")
 def results_show(
     pool: Annotated[Optional[str], typer.Option(help="only runs of this pool")] = None,
