@@ -117,16 +117,30 @@ def evaluate(loaded: LoadedModel, tasks: list[str], *, limit: int | None = None,
     set_offline()
     suite = generate_suite(split_seed)
     tm = TaskManager(include_path=str(suite), include_defaults=False, verbosity="ERROR")
-    max_len = min(2048, int(getattr(loaded.model.config, "max_position_embeddings", 2048) or 2048))
-    lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size, max_length=max_len)
-    res = lm_eval.simple_evaluate(
-        model=lm, tasks=[f"wb_{t}" if split == "test" else f"wb_{t}_val" for t in tasks], limit=limit, task_manager=tm, log_samples=log_samples,
-        bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
-        verbosity="ERROR",
-    )
-    if res is None:
-        raise WorkbenchError("lm-eval returned no results")
-    return res
+    max_len = min(1024, int(getattr(loaded.model.config, "max_position_embeddings", 1024) or 1024))
+    names = [f"wb_{t}" if split == "test" else f"wb_{t}_val" for t in tasks]
+    # Rolling perplexity materialises [batch, window, vocab] logits: run it at a small batch size.
+    groups = [([n for n, t in zip(names, tasks) if t in TASKS], batch_size),
+              ([n for n, t in zip(names, tasks) if t in DOMAINS], min(batch_size, 4))]
+    merged: dict[str, Any] | None = None
+    for group, bs in groups:
+        if not group:
+            continue
+        lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=bs, max_length=max_len)
+        res = lm_eval.simple_evaluate(
+            model=lm, tasks=group, limit=limit, task_manager=tm, log_samples=log_samples,
+            bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
+            verbosity="ERROR",
+        )
+        if res is None:
+            raise WorkbenchError("lm-eval returned no results")
+        if merged is None:
+            merged = res
+        else:  # one results dict in lm-eval's format: merge the per-task sections
+            for key, value in res.items():
+                if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                    merged[key].update(value)
+    return merged
 
 
 def scores_of(res: dict[str, Any]) -> dict[str, dict[str, float]]:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from ..errors import TaskError, did_you_mean
 from ..io import atomic_write_text, cache_dir, sha256_json
 
-SUITE_VERSION = 3
+SUITE_VERSION = 4
 DEFAULT_SEED = 1234
 SPLITS = ("train", "validation", "test")
 DEFAULT_SIZES = {"train": 1000, "validation": 100, "test": 100}
@@ -179,16 +179,29 @@ def _stdlib_files() -> list[Path]:
 
 
 def _chunks(text: str, size: int) -> list[str]:
-    """Paragraph-aligned chunks of about `size` characters."""
+    """Paragraph-aligned chunks of about `size` characters, never longer (long paragraphs are cut
+    at line ends), so that perplexity windows stay short and memory stays bounded."""
     out, cur = [], ""
+    lines = []
     for para in text.split("\n\n"):
-        if cur and len(cur) + len(para) > size:
+        if len(para) <= size:
+            lines.append(para)
+            continue
+        piece = ""
+        for line in para.split("\n"):
+            if piece and len(piece) + len(line) + 1 > size:
+                lines.append(piece)
+                piece = ""
+            piece += (line[:size] + "\n")
+        lines.append(piece)
+    for para in lines:
+        if cur and len(cur) + len(para) + 2 > size:
             out.append(cur.strip())
             cur = ""
         cur += para + "\n\n"
     if cur.strip():
         out.append(cur.strip())
-    return [c for c in out if len(c) > size // 4]
+    return [c[:size] for c in out if len(c) > size // 4]
 
 
 def _sampled_files(seed: int) -> list[Path]:
