@@ -385,10 +385,15 @@ def results_show(
     if df.empty:
         console.print("no results yet")
         return
-    table = Table(*[str(c) for c in df.columns], title="results (exact match %, domains: word perplexity)")
-    for row in df.itertuples(index=False):
+    short = {"addition": "add", "sorting": "sort", "unit_conversion": "unit", "word_count": "count",
+             "repeat_word": "repeat", "reverse_words": "rev", "subtraction": "sub*", "addition_phrase": "addph*",
+             "sort_descending": "sortd*", "python_code": "py ppl", "english_docs": "en ppl", "held_in_avg": "in avg",
+             "held_out_avg": "out avg*", "normalized": "norm"}
+    table = Table(*[short.get(str(c), str(c)) for c in df.columns if c != "method"],
+                  title="exact match % (* held-out; ppl: word perplexity; norm: held-in avg / experts' own avg)")
+    for row in df.drop(columns=["method"]).itertuples(index=False):
         table.add_row(*[f"{v:.1f}" if isinstance(v, float) else str(v) for v in row])
-    console.print(table)
+    Console(width=max(console.width, 160)).print(table)
     if csv:
         df.to_csv(csv, index=False)
 
