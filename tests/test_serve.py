@@ -2,16 +2,12 @@
 
 import asyncio
 import json
-import socket
-import threading
-import time
 
 import httpx
 import pytest
 import torch
-import uvicorn
 
-from workbench.serve.api import create_app
+from workbench.serve.api import create_app, start_in_thread
 from workbench.serve.engine import MultiLoraModel, top_k_router
 
 
@@ -21,17 +17,9 @@ def served(pool, tiny_dir):
     pool.add(tiny_dir / "lora_b", "b")
     engine = MultiLoraModel.from_pool(pool)
     app = create_app(engine, max_batch=64, window_s=0.05)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", pool, engine, app
+    url, server, thread = start_in_thread(app)
+    assert server.started
+    yield url, pool, engine, app
     server.should_exit = True
     thread.join(timeout=10)
 

@@ -7,9 +7,7 @@ a real uvicorn server on loopback: over 8 adapters, over one adapter only, and o
 from __future__ import annotations
 
 import asyncio
-import socket
 import statistics
-import threading
 import time
 from typing import Any
 
@@ -18,23 +16,9 @@ import httpx
 from ..eval.harness import RESULTS_DIR, git_state, machine_info
 from ..io import atomic_write_json
 from ..pool import Pool
-from ..serve.api import create_app
+from ..serve.api import create_app, start_in_thread
 from ..serve.engine import MultiLoraModel
 from ..tasks.suite import load_split, task_names
-
-
-def _start(app) -> tuple[str, Any, threading.Thread]:
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", server, thread
 
 
 async def _fire(url: str, models: list[str], prompts: list[str], max_tokens: int) -> tuple[float, list[float]]:
@@ -58,7 +42,7 @@ def run(pool_name: str = "demo", n_requests: int = 64, n_adapters: int = 8, max_
     tasks = task_names("held_in")
     prompts = [load_split(tasks[i % len(tasks)], "test")[i // len(tasks)]["question"] for i in range(n_requests)]
     app = create_app(engine, max_batch=max_batch, window_s=0.05)
-    url, server, thread = _start(app)
+    url, server, thread = start_in_thread(app)
     rows = {}
     try:
         asyncio.run(_fire(url, ["base"] * 4, prompts[:4], 4))  # warm-up

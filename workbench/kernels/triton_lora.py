@@ -19,20 +19,26 @@ from .multi_lora import BACKENDS, AdapterWeights, LoraMeta
 
 
 @triton.jit
-def _shrink(x_ptr, a_ptr, scale_ptr, tok_ptr, pw_ptr, seg_e_ptr, seg_s_ptr, seg_n_ptr, h_ptr,
-            d_in, R, stride_x, stride_ae, stride_ar,
-            BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-    seg = tl.program_id(0)
-    mblk = tl.program_id(1)
+def _segment_rows(tok_ptr, seg_e_ptr, seg_s_ptr, seg_n_ptr, seg, mblk, BLOCK_M: tl.constexpr):
+    """This program's block of pairs in its segment: (adapter, pair rows, their tokens, mask, any left)."""
     n = tl.load(seg_n_ptr + seg)
-    if mblk * BLOCK_M >= n:
-        return
     e = tl.load(seg_e_ptr + seg)
     start = tl.load(seg_s_ptr + seg)
     offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
     mmask = offs_m < n
     rows = start + offs_m
     tok = tl.load(tok_ptr + rows, mask=mmask, other=0)
+    return e, rows, tok, mmask, mblk * BLOCK_M < n
+
+
+@triton.jit
+def _shrink(x_ptr, a_ptr, scale_ptr, tok_ptr, pw_ptr, seg_e_ptr, seg_s_ptr, seg_n_ptr, h_ptr,
+            d_in, R, stride_x, stride_ae, stride_ar,
+            BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    e, rows, tok, mmask, any_left = _segment_rows(tok_ptr, seg_e_ptr, seg_s_ptr, seg_n_ptr, tl.program_id(0),
+                                                  tl.program_id(1), BLOCK_M)
+    if not any_left:
+        return
     offs_r = tl.arange(0, BLOCK_R)
     rmask = offs_r < R
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -55,18 +61,11 @@ def _shrink(x_ptr, a_ptr, scale_ptr, tok_ptr, pw_ptr, seg_e_ptr, seg_s_ptr, seg_
 def _expand(h_ptr, b_ptr, tok_ptr, seg_e_ptr, seg_s_ptr, seg_n_ptr, y_ptr,
             d_out, R, stride_y, stride_be, stride_bo,
             BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-    seg = tl.program_id(0)
-    mblk = tl.program_id(1)
+    e, rows, tok, mmask, any_left = _segment_rows(tok_ptr, seg_e_ptr, seg_s_ptr, seg_n_ptr, tl.program_id(0),
+                                                  tl.program_id(1), BLOCK_M)
     nblk = tl.program_id(2)
-    n = tl.load(seg_n_ptr + seg)
-    if mblk * BLOCK_M >= n:
+    if not any_left:
         return
-    e = tl.load(seg_e_ptr + seg)
-    start = tl.load(seg_s_ptr + seg)
-    offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
-    mmask = offs_m < n
-    rows = start + offs_m
-    tok = tl.load(tok_ptr + rows, mask=mmask, other=0)
     offs_r = tl.arange(0, BLOCK_R)
     rmask = offs_r < R
     offs_n = nblk * BLOCK_N + tl.arange(0, BLOCK_N)

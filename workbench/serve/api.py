@@ -275,6 +275,25 @@ def create_app(engine: MultiLoraModel, *, max_batch: int = 32, window_s: float =
     return app
 
 
+def start_in_thread(app: FastAPI, host: str = "127.0.0.1"):
+    """Run `app` under uvicorn on a free loopback port in a daemon thread: (url, server, thread).
+    Stop with `server.should_exit = True; thread.join()`. For tests and benchmarks."""
+    import socket
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return f"http://{host}:{port}", server, thread
+
+
 def serve(pool_spec: str, host: str = "127.0.0.1", port: int = 8000, backend: str | None = None,
           device: str = "cpu", max_batch: int = 32) -> None:
     import uvicorn
