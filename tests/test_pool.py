@@ -238,6 +238,13 @@ def test_verify_reports_tampering(pool, tiny_dir):
     assert any("orphan folder" in p and "stray" in p for p in problems)
 
 
+def test_files_present(pool, tiny_dir):
+    e = pool.add(tiny_dir / "lora_a", "a")
+    assert e.files_present()
+    shutil.rmtree(e.path)  # a fresh clone: manifest committed, weights not
+    assert not Pool.open(pool.root).expert("a").files_present()
+
+
 def test_unknown_expert_suggests(pool, tiny_dir):
     pool.add(tiny_dir / "lora_a", "addition")
     with pytest.raises(PoolError, match=r"no expert 'additon' \(did you mean 'addition'\?\)"):

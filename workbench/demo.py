@@ -42,9 +42,11 @@ def build_demo_pool(pool_spec: str = DEMO_POOL, base: str = "smollm2-135m", devi
     for plan in demo_plan():
         if only and plan.name not in only:
             continue
-        if plan.name in pool:
+        if plan.name in pool and pool.expert(plan.name).files_present():
             log(f"skip {plan.name}: already in pool {pool.name}")
             continue
-        train_expert(pool, plan.name, list(plan.tasks), plan.config, device=device)
+        if plan.name in pool:  # the manifest is committed, the weights are not: train them again
+            log(f"rebuilding {plan.name}: its files are missing")
+        train_expert(pool, plan.name, list(plan.tasks), plan.config, device=device, replace=plan.name in pool)
     log(f"demo pool {pool.name}: {len(pool.names())} experts ({time.perf_counter() - t0:.0f}s this run)")
     return pool

@@ -279,6 +279,10 @@ class Expert:
     def _full(self) -> SafetensorsDir:
         return SafetensorsDir(self.path, model_weight_files(self.path))
 
+    def files_present(self) -> bool:
+        """Whether every file the manifest lists is on disk (a clone has the manifest, not the weights)."""
+        return all((self.path / f).is_file() for f in self.entry.files)
+
     def delta_names(self) -> list[str]:
         """Base tensor names this expert changes."""
         if self.kind == "lora":
