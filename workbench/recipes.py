@@ -251,4 +251,4 @@ def run_recipe(path: str | Path | dict, *, evaluate: bool = False, force: bool =
     return out
 
 
-__all__ = ["Recipe", "ResolvedRecipe", "build", "parse_recipe", "run_recipe", "WorkbenchError"]
+__all__ = ["Recipe", "ResolvedRecipe", "build", "parse_recipe", "run_recipe"]

@@ -304,4 +304,4 @@ def serve(pool_spec: str, host: str = "127.0.0.1", port: int = 8000, backend: st
     uvicorn.run(create_app(engine, max_batch=max_batch), host=host, port=port, log_level="info")
 
 
-__all__ = ["APIError", "create_app", "serve", "Any"]
+__all__ = ["APIError", "create_app", "serve", "start_in_thread"]

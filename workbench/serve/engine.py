@@ -265,4 +265,4 @@ def top_k_router(weights_fn: Callable[[str, torch.Tensor], torch.Tensor], k: int
     return route
 
 
-__all__ = ["Adapter", "MultiLoraLinear", "MultiLoraModel", "Router", "saved_lora_compositions", "top_k_router", "Any"]
+__all__ = ["Adapter", "MultiLoraLinear", "MultiLoraModel", "Router", "saved_lora_compositions", "top_k_router"]

@@ -65,10 +65,14 @@ def task(name: str, kind: str, skill: str, description: str, max_gen_toks: int =
 # ----------------------------------------------------------------------------- held-in
 
 
+def _addends(rng, template: str):
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return template.format(a=a, b=b), str(a + b), {"a": a, "b": b}
+
+
 @task("addition", "held_in", "arithmetic", "sum of two 2-digit numbers")
 def _addition(rng):
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
-    return f"Add: {a}+{b}\nAnswer:", str(a + b), {"a": a, "b": b}
+    return _addends(rng, "Add: {a}+{b}\nAnswer:")
 
 
 @task("sorting", "held_in", "ordering", "sort 5 distinct digits ascending")
@@ -117,8 +121,7 @@ def _subtraction(rng):
 
 @task("addition_phrase", "held_out", "arithmetic", "2-digit addition in a new prompt template")
 def _addition_phrase(rng):
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
-    return f"What is {a} plus {b}?\nAnswer:", str(a + b), {"a": a, "b": b}
+    return _addends(rng, "What is {a} plus {b}?\nAnswer:")
 
 
 @task("sort_descending", "held_out", "ordering", "sort 5 distinct digits descending")
