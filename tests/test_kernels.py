@@ -113,3 +113,18 @@ def test_backends_registered():
 
     with pytest.raises(WorkbenchError, match=r"unknown kernel backend 'cuda'; known: "):
         BACKENDS.get("cuda")
+
+
+def test_bench_kernels_runs_on_a_tiny_model(tiny_dir, tmp_path):
+    """The benchmark's own correctness column: every backend agrees with PEFT's mixed batch."""
+    import json
+
+    from workbench.bench.kernels import run
+
+    out = tmp_path / "k.json"
+    rec = run(str(tiny_dir / "base"), ranks=(2,), us=(1, 3), seqs=6, tokens=8, reps=1, backends=("cpu", "cpu_bmm"),
+              out_file=out, log=lambda *a: None)
+    assert json.loads(out.read_text())["rows"] == rec["rows"] and len(rec["rows"]) == 2
+    for row in rec["rows"]:
+        assert row["base_s"] > 0 and row["ours_cpu_x_base"] > 0 and row["peft_mixed_x_base"] > 0
+        assert row["max_abs_diff_vs_peft_cpu"] < 1e-4 and row["max_abs_diff_vs_peft_cpu_bmm"] < 1e-4

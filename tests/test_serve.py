@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from workbench.serve.api import create_app, start_in_thread
-from workbench.serve.engine import MultiLoraModel, top_k_router
+from workbench.serve.engine import MultiLoraModel, peft_alone, top_k_router
 
 
 @pytest.fixture()
@@ -22,23 +22,6 @@ def served(pool, tiny_dir):
     yield url, pool, engine, app
     server.should_exit = True
     thread.join(timeout=10)
-
-
-def _peft_alone(pool, name, prompt, max_new):
-    tok = pool.base.tokenizer()
-    pm = pool.peft_model(["a", "b"])
-    enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
-    with torch.no_grad():
-        if name == "base":
-            with pm.disable_adapter():
-                out = pm.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
-        else:
-            pm.set_adapter(name)
-            out = pm.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
-    new = out[0, enc["input_ids"].shape[1]:].tolist()
-    if tok.eos_token_id in new:
-        new = new[: new.index(tok.eos_token_id)]
-    return tok.decode(new, skip_special_tokens=True)
 
 
 def test_models_endpoint(served):
@@ -61,13 +44,10 @@ def test_64_concurrent_mixed_requests_match_peft_alone(served):
     responses = asyncio.run(main())
     assert all(r.status_code == 200 for r in responses)
     assert app.state.scheduler.stats["max_batch_seen"] > 1  # requests were batched together
-    cache = {}
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        name = names[i % 3]
-        key = (name, p)
-        if key not in cache:
-            cache[key] = _peft_alone(pool, name, p, 6)
-        assert r.json()["choices"][0]["text"] == cache[key], (name, p)
+    folders = {a.name: a.source for a in engine.adapters}
+    expected = peft_alone(pool.base, folders, [(names[i % 3], p) for i, p in enumerate(prompts)], 6)
+    for i, (r, want) in enumerate(zip(responses, expected)):
+        assert r.json()["choices"][0]["text"] == want, (names[i % 3], prompts[i])
 
 
 def test_streaming_equals_non_streaming(served):

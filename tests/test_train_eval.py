@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from workbench.eval import results_table, run_eval
+from workbench.eval.results import results_chart
 from workbench.eval.harness import load_model_spec
 from workbench.train import FullConfig, LoraConfigModel, train_expert
 from workbench.train.trainer import encode
@@ -94,8 +95,15 @@ def test_results_table(trained_pool, tmp_path):
     out = tmp_path / "lm-eval"
     run_eval("base", ["addition", "subtraction"], pool=trained_pool, out_dir=out, batch_size=16,
              log_samples=False, loaded=_limited(load_model_spec("base", trained_pool)))
+    run_eval("add", ["addition", "subtraction"], pool=trained_pool, out_dir=out, batch_size=16, log_samples=False,
+             limit=8)
     df = results_table(out, full_only=False)
-    assert list(df.model) == ["base"] and {"addition", "subtraction", "held_in_avg", "held_out_avg"} <= set(df.columns)
+    assert list(df.model) == ["base", "add"]  # base first, then experts, whatever the names sort to
+    assert {"addition", "subtraction", "held_in_avg", "held_out_avg"} <= set(df.columns)
+    svg = tmp_path / "table.svg"
+    results_chart(df).save(str(svg))
+    text = svg.read_text()
+    assert text.startswith("<svg") and ">add<" in text and ">subtraction<" in text
 
 
 def _limited(loaded):

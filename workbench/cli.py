@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import WorkbenchError
+from .io import atomic_write_text
 
 app = typer.Typer(help="Expert Workbench: pools of experts, combined, evaluated and served.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -375,6 +376,8 @@ def results_show(
     pool: Annotated[Optional[str], typer.Option(help="only runs of this pool")] = None,
     results_dir: Annotated[Optional[Path], typer.Option(help="results folder")] = None,
     csv: Annotated[Optional[Path], typer.Option(help="also write the table as CSV")] = None,
+    markdown: Annotated[Optional[Path], typer.Option(help="also write the table as Markdown")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="also draw it as a heatmap (.svg, .png or .html)")] = None,
 ):
     """Method x task table from results/ (exact match %; domain columns: word perplexity)."""
     from .eval.harness import RESULTS_DIR
@@ -392,10 +395,20 @@ def results_show(
     table = Table(*[short.get(str(c), str(c)) for c in df.columns if c != "method"],
                   title="exact match % (* held-out; ppl: word perplexity; norm: held-in avg / experts' own avg)")
     for row in df.drop(columns=["method"]).itertuples(index=False):
-        table.add_row(*[f"{v:.1f}" if isinstance(v, float) else str(v) for v in row])
+        table.add_row(*["–" if isinstance(v, float) and v != v else f"{v:.1f}" if isinstance(v, float) else str(v) for v in row])
     Console(width=max(console.width, 160)).print(table)
     if csv:
-        df.to_csv(csv, index=False)
+        atomic_write_text(csv, df.to_csv(index=False))
+    if markdown:
+        atomic_write_text(markdown, df.rename(columns=short).drop(columns=["method"]).to_markdown(index=False, floatfmt=".1f") + "\n")
+    if plot:
+        from .eval.results import results_chart
+
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        tmp = plot.with_name(f".{plot.stem}.partial{plot.suffix}")
+        results_chart(df, f"{pool or 'all pools'}: exact match % (test split)").save(str(tmp))
+        tmp.replace(plot)
+        console.print(f"plot: {plot}")
 
 
 @app.command("merge")
@@ -507,15 +520,23 @@ def bench_kernels(
 
 
 @bench_app.command("serve")
-def bench_serve(pool: _Pool = "demo", requests: int = 64, adapters: int = 8, max_tokens: int = 16):
+def bench_serve(
+    pool: _Pool = "demo", requests: int = 64, adapters: int = 8, max_tokens: int = 16,
+    check: Annotated[bool, typer.Option(help="compare the mixed round with PEFT generating each request alone")] = True,
+):
     """Requests/s and p50/p95 latency: 64 concurrent requests over 8 adapters vs 1 adapter vs base."""
     from .bench.serve import run
 
-    rec = run(pool, n_requests=requests, n_adapters=adapters, max_tokens=max_tokens, log=console.print)
+    rec = run(pool, n_requests=requests, n_adapters=adapters, max_tokens=max_tokens, check=check, log=console.print)
     table = Table("mix", "requests/s", "p50 s", "p95 s", "wall s", title="bench serve")
     for k, v in rec["rows"].items():
         table.add_row(k, f"{v['requests_per_s']:.2f}", f"{v['p50_s']:.2f}", f"{v['p95_s']:.2f}", f"{v['wall_s']:.1f}")
     console.print(table)
+    if rec["exact_vs_peft_alone"] is not None:
+        ex = rec["exact_vs_peft_alone"]
+        console.print(f"served == PEFT alone: {ex['identical']}/{ex['requests']} requests")
+        if ex["differing"]:
+            raise typer.Exit(1)
 
 
 @app.command("demo")

@@ -1,7 +1,7 @@
 """`workbench bench kernels`: multi-LoRA forward cost relative to the base model's forward.
 
 SmolLM2-135M, r = 8 and 16 on all 7 projections, 32 sequences x 64 tokens, U distinct adapters
-(sequences assigned round-robin). Measured in the same run, each on its own model copy:
+(sequences assigned round-robin). Measured in the same run, interleaved, each on its own model copy:
 the base forward; PEFT's mixed batch (`adapter_names=`); PEFT one forward per adapter
 (`set_adapter` + that adapter's sequences); ours (MultiLoraModel) with each CPU backend.
 Random adapters (B non-zero) stand in for trained ones: the cost does not depend on values.
@@ -23,15 +23,18 @@ from ..serve.engine import Adapter, MultiLoraModel
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _time(fn, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
+def _time(fns: dict[str, Any], reps: int) -> dict[str, float]:
+    """Median seconds per call of each fn, interleaved (one call of each per round, after a warm-up
+    round) so that drift of the machine's speed hits every candidate alike."""
+    for fn in fns.values():
         fn()
-    ts = []
+    ts: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            ts[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in ts.items()}
 
 
 def run(base_spec: str = "smollm2-135m", ranks=(8, 16), us=(1, 4, 16, 32), seqs: int = 32, tokens: int = 64,
@@ -42,12 +45,10 @@ def run(base_spec: str = "smollm2-135m", ranks=(8, 16), us=(1, 4, 16, 32), seqs:
     bm = BaseModel(base_spec)
     tok = bm.tokenizer()
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, tok.vocab_size - 100, (seqs, tokens), generator=g).to(device)
+    margin = min(100, len(tok) // 10)  # keep clear of special tokens at either end
+    ids = torch.randint(margin, len(tok) - margin, (seqs, tokens), generator=g).to(device)
     base = bm.load(dtype=dtype, device=device)
     rows = []
-    with torch.inference_mode():
-        t_base = _time(lambda: base(input_ids=ids), reps)
-    log(f"base forward {seqs}x{tokens}: {t_base:.3f}s")
     for r in ranks:
         n_adapters = max(us)
         torch.manual_seed(r)
@@ -74,7 +75,6 @@ def run(base_spec: str = "smollm2-135m", ranks=(8, 16), us=(1, 4, 16, 32), seqs:
             with torch.inference_mode():
                 check_peft = peft(input_ids=ids[:2], adapter_names=names[:2]).logits
                 row: dict[str, Any] = {"rank": r, "U": u}
-                row["peft_mixed_s"] = _time(lambda: peft(input_ids=ids, adapter_names=names), reps)
 
                 def per_adapter_loop():
                     for i in range(u):
@@ -82,20 +82,23 @@ def run(base_spec: str = "smollm2-135m", ranks=(8, 16), us=(1, 4, 16, 32), seqs:
                         sel = [j for j in range(seqs) if names[j] == f"a{i}"]
                         peft(input_ids=ids[sel])
 
-                row["peft_loop_s"] = _time(per_adapter_loop, reps)
+                fns = {"base_s": lambda: base(input_ids=ids),
+                       "peft_mixed_s": lambda: peft(input_ids=ids, adapter_names=names),
+                       "peft_loop_s": per_adapter_loop}
                 for b, eng in engines.items():
                     assign = [eng.resolve(n) for n in names]
                     got = eng.forward(ids[:2], assignments=assign[:2]).logits
                     row[f"max_abs_diff_vs_peft_{b}"] = float((got - check_peft).abs().max())
-                    row[f"ours_{b}_s"] = _time(lambda: eng.forward(ids, assignments=assign), reps)
+                    fns[f"ours_{b}_s"] = (lambda e, a: lambda: e.forward(ids, assignments=a))(eng, assign)
+                row |= _time(fns, reps)
             for k in list(row):
-                if k.endswith("_s"):
-                    row[k.replace("_s", "_x_base")] = round(row[k] / t_base, 3)
+                if k.endswith("_s") and k != "base_s":
+                    row[k.replace("_s", "_x_base")] = round(row[k] / row["base_s"], 3)
             rows.append(row)
             log(f"r={r} U={u}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k.endswith("x_base")))
         del peft, engines
     record = {"benchmark": "kernels", "base": base_spec, "shape": {"sequences": seqs, "tokens": tokens},
-              "dtype": str(dtype).replace("torch.", ""), "device": device, "base_forward_s": t_base, "rows": rows,
+              "dtype": str(dtype).replace("torch.", ""), "device": device, "rows": rows,
               "target": "ours <= 1.10x base at U=32", "machine": machine_info(device), "git": git_state(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     atomic_write_json(out_file or RESULTS_DIR / "bench" / f"kernels-{device}-{record['dtype']}.json", record)

@@ -73,4 +73,40 @@ def results_table(results_dir: Path, pool: str | None = None, full_only: bool = 
             wide["normalized"] = 100 * wide["held_in_avg"] / own.mean()
     if held_out:
         wide["held_out_avg"] = wide[held_out].mean(axis=1)
-    return wide.reset_index()
+    wide = wide.reset_index()
+    # rows: base, LoRA experts (in task order), multitask, full experts, then combinations by method
+    task_rank = {t: i for i, t in enumerate(TASKS)}
+    first = df.groupby("model_name").run_id.min()
+    names = dict(zip(df.model, df.model_name))
+    own = dict(zip(df.model, df.expert_task))
+
+    def key(row):
+        group = METHOD_ORDER.get(row.method, len(METHOD_ORDER))
+        return (group, task_rank.get(own.get(row.model) or "", 99), first.get(names.get(row.model), ""), row.model)
+
+    return wide.iloc[sorted(range(len(wide)), key=lambda i: key(wide.iloc[i]))].reset_index(drop=True)
+
+
+METHOD_ORDER = {"base": 0, "expert-lora": 1, "multitask": 2, "expert-full": 3}
+
+
+def results_chart(table: pd.DataFrame, title: str = ""):
+    """Heatmap of the results table (exact match %, held-in | held-out | averages), an altair chart."""
+    import altair as alt
+
+    cols = [c for c in table.columns if c not in ("model", "method") and (c not in DOMAINS)]
+    long = table.melt(id_vars=["model", "method"], value_vars=cols, var_name="column", value_name="score").dropna()
+    group = {c: ("held-in" if c in TASKS and TASKS[c].kind == "held_in" else
+                 "held-out" if c in TASKS else "summary") for c in cols}
+    long["group"] = long.column.map(group)
+    base = alt.Chart(long).encode(
+        x=alt.X("column:N", sort=cols, title=None, axis=alt.Axis(labelAngle=-40)),
+        y=alt.Y("model:N", sort=list(table.model), title=None))
+    heat = base.mark_rect().encode(
+        color=alt.Color("score:Q", scale=alt.Scale(domain=[0, 100], scheme="viridis"), title="%"),
+        tooltip=["model", "method", "column", alt.Tooltip("score:Q", format=".1f")])
+    text = base.mark_text(fontSize=10).encode(
+        text=alt.Text("score:Q", format=".0f"),
+        color=alt.condition("datum.score > 60", alt.value("black"), alt.value("white")))
+    return (heat + text).properties(title=title or "exact match % by model and task", width=alt.Step(38),
+                                    height=alt.Step(20))

@@ -62,6 +62,7 @@ class Adapter:
     name: str
     kind: str  # lora | merged_lora
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(repr=False)  # tensor -> (A, B, scale)
+    source: str | None = None  # the PEFT adapter folder it was read from
 
 
 class MultiLoraModel:
@@ -99,7 +100,7 @@ class MultiLoraModel:
         adapters = []
         for n in names:
             e = pool.expert(n)
-            adapters.append(Adapter(n, "lora", {t: e.lora_factors(t) for t in e.delta_names()}))
+            adapters.append(Adapter(n, "lora", {t: e.lora_factors(t) for t in e.delta_names()}, str(e.path)))
         if include_artifacts:
             adapters += saved_lora_compositions(pool, taken={a.name for a in adapters})
         return cls(pool.base.load(), pool.base.tokenizer(), adapters, backend=backend, device=device, dtype=dtype)
@@ -249,7 +250,7 @@ def saved_lora_compositions(pool, taken: set[str]) -> list[Adapter]:
             if ".lora_A." in k:
                 module = k[len("base_model.model."): -len(".lora_A.weight")]
                 factors[module + ".weight"] = (a, sd[k.replace(".lora_A.", ".lora_B.")], scale)
-        out.append(Adapter(name, "merged_lora", factors))
+        out.append(Adapter(name, "merged_lora", factors, str(folder)))
         taken.add(name)
     return out
 
@@ -266,3 +267,35 @@ def top_k_router(weights_fn: Callable[[str, torch.Tensor], torch.Tensor], k: int
 
 
 __all__ = ["Adapter", "MultiLoraLinear", "MultiLoraModel", "Router", "saved_lora_compositions", "top_k_router"]
+
+
+@torch.no_grad()
+def peft_alone(base, adapters: dict[str, str], requests: Sequence[tuple[str, str]], max_new_tokens: int) -> list[str]:
+    """Greedy text of each (model, prompt) generated alone (batch 1) through PEFT: the reference
+    the server must match. `model` is a key of `adapters` (name -> PEFT adapter folder) or "base"."""
+    from peft import PeftModel
+
+    tok = base.tokenizer()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    names = sorted({m for m, _ in requests if m != "base"}) or list(adapters)[:1]
+    pm = PeftModel.from_pretrained(base.load(), adapters[names[0]], adapter_name=names[0], is_trainable=False)
+    for n in names[1:]:
+        pm.load_adapter(adapters[n], adapter_name=n, is_trainable=False)
+    pm.eval()
+    memo: dict[tuple[str, str], str] = {}
+    for model, prompt in requests:
+        if (model, prompt) in memo:
+            continue
+        enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(pm.device)
+        kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        if model == "base":
+            with pm.disable_adapter():
+                out = pm.generate(**enc, **kw)
+        else:
+            pm.set_adapter(model)
+            out = pm.generate(**enc, **kw)
+        new = out[0, enc["input_ids"].shape[1]:].tolist()
+        if tok.eos_token_id in new:
+            new = new[: new.index(tok.eos_token_id)]
+        memo[(model, prompt)] = tok.decode(new, skip_special_tokens=True)
+    return [memo[r] for r in requests]
