@@ -23,7 +23,7 @@ def _cuda() -> bool:
 if not _cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from workbench.testing import make_tiny_base, make_tiny_full, make_tiny_lora  # noqa: E402
+from workbench.testing import make_tiny_base, make_tiny_full, make_tiny_lora
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -77,7 +77,7 @@ def test_every_method_module_registers():
     import importlib
     import pkgutil
 
-    import workbench.methods as methods
+    from workbench import methods
     from workbench.methods.base import METHODS
 
     helpers = {"base", "merge_io", "streaming"}

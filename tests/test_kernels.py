@@ -41,7 +41,7 @@ def problems(draw, max_tokens=40):
 
 
 def _run(backend, wts, idx, w, x, y0, dtype=torch.float32, device="cpu"):
-    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    cast = lambda t: t.to(device=device, dtype=dtype)
     wts = AdapterWeights([cast(a) for a in wts.a], [cast(b) for b in wts.b], wts.scale.to(device))
     meta = make_meta(idx.to(device), w.to(device), wts.num_adapters)
     y = cast(y0).clone()

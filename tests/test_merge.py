@@ -168,7 +168,6 @@ def test_pcb_equals_reference_steps(n, p, ratio, q):
 
 def test_pcb_scopes(lora_pool):
     from workbench.artifacts import load_artifact
-    from workbench.methods.pcb import pcb_merge
 
     whole = _build(lora_pool, "pcb", ["a", "b"], ratio=0.2, **{"lambda": 1.1})
     per = _build(lora_pool, "pcb", ["a", "b"], ratio=0.2, scope="tensor", **{"lambda": 1.1})
@@ -252,16 +251,26 @@ def test_shard_writer(tmp_path):
     from workbench.methods.streaming import ShardWriter
     from workbench.tensors import SafetensorsDir, model_weight_files
 
-    w = ShardWriter(tmp_path, shard_bytes=1000)
     tensors = {f"t{i}": torch.randn(10, 10) for i in range(5)}  # 400 bytes each -> 3 shards
-    for k, v in tensors.items():
-        w.add(k, v)
+    tensors["h"] = torch.randn(3, 5).to(torch.bfloat16)
+    tensors["i"] = torch.arange(7)
+    w = ShardWriter(tmp_path, [(k, {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}[v.dtype],
+                                tuple(v.shape)) for k, v in tensors.items()], shard_bytes=1000)
+    with pytest.raises(ValueError, match="layout says"):
+        w.add("t0", torch.randn(10, 9))
+    for k in reversed(list(tensors)):  # any order
+        w.add(k, tensors[k])
     w.close()
     index = _json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == 3
     reader = SafetensorsDir(tmp_path, model_weight_files(tmp_path))
     for k, v in tensors.items():
         torch.testing.assert_close(reader.get(k), v, rtol=0, atol=0)
+    (tmp_path / "u").mkdir()
+    unfinished = ShardWriter(tmp_path / "u", [("a", "F32", (2,)), ("b", "F32", (2,))])
+    unfinished.add("a", torch.zeros(2))
+    with pytest.raises(ValueError, match="never written"):
+        unfinished.close()
 
 
 def test_pcb_chunking_is_exact():

@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import snapshot
 from safetensors.torch import load_file, save_file
 
-from conftest import snapshot
 from workbench.errors import BaseModelError, ExpertValidationError, ManifestError, PoolError
 from workbench.pool import Pool
 from workbench.testing import make_tiny_base, make_tiny_lora

@@ -108,3 +108,25 @@ def test_router_callback_mixture(pool, tiny_dir):
     mixed = eng.forward(x, router=top_k_router(lambda n, h: torch.zeros(h.shape[0], 2), k=2)).logits
     half = eng.forward(x, assignments=[eng.resolve("mix:a=0.5,b=0.5")] * 2).logits
     torch.testing.assert_close(mixed, half)
+
+
+def test_saved_composition_served_by_recipe_name(pool, tiny_dir):
+    """A re-factored merge is listed under its recipe's name, also when a sweep point built it first."""
+    from workbench.artifacts import load_artifact
+    from workbench.recipes import build, parse_recipe
+
+    pool.add(tiny_dir / "lora_a", "a")
+    pool.add(tiny_dir / "lora_b", "b")
+    recipe = {"pool": str(pool.root), "method": "task_arithmetic", "experts": ["a", "b"],
+              "parameters": {"lambda": 0.5}, "output": {"kind": "lora", "rank": 6}}
+    first = build(parse_recipe({**recipe, "name": "combo@lambda0.5"}), log=lambda *a: None)
+    assert MultiLoraModel.from_pool(pool).model_names() == ["base", "a", "b"]  # a bare sweep point is not served
+    again = build(parse_recipe({**recipe, "name": "combo"}), log=lambda *a: None)
+    assert again == first
+    eng = MultiLoraModel.from_pool(pool)
+    assert eng.model_names() == ["base", "a", "b", "combo"]
+    x = torch.randint(5, 90, (2, 9))
+    with torch.no_grad():
+        want = load_artifact(first).model(input_ids=x).logits
+    torch.testing.assert_close(eng.forward(x, assignments=[eng.resolve("combo")] * 2).logits, want,
+                               rtol=1e-4, atol=1e-4)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from workbench.eval import results_table, run_eval
-from workbench.eval.results import results_chart
 from workbench.eval.harness import load_model_spec
+from workbench.eval.results import results_chart
 from workbench.train import FullConfig, LoraConfigModel, train_expert
 from workbench.train.trainer import encode
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -210,8 +211,8 @@ def _split_list(values: list[str] | None) -> list[str]:
 
 def _train(kind: str, pool: str, tasks: list[str], name: Optional[str], device: str, replace: bool, **cfg):
     from .pool import Pool
-    from .train import FullConfig, LoraConfigModel, train_expert
     from .tasks.suite import get_task
+    from .train import FullConfig, LoraConfigModel, train_expert
 
     for t in tasks:
         get_task(t)
@@ -395,7 +396,7 @@ def results_show(
     table = Table(*[short.get(str(c), str(c)) for c in df.columns if c != "method"],
                   title="exact match % (* held-out; ppl: word perplexity; norm: held-in avg / experts' own avg)")
     for row in df.drop(columns=["method"]).itertuples(index=False):
-        table.add_row(*["–" if isinstance(v, float) and v != v else f"{v:.1f}" if isinstance(v, float) else str(v) for v in row])
+        table.add_row(*["–" if isinstance(v, float) and math.isnan(v) else f"{v:.1f}" if isinstance(v, float) else str(v) for v in row])
     Console(width=max(console.width, 160)).print(table)
     if csv:
         atomic_write_text(csv, df.to_csv(index=False))
@@ -458,12 +459,13 @@ def methods_list():
 @bench_app.command("merge")
 def bench_merge(
     pool: _Pool = "demo", density: float = 0.2,
+    lora_repeats: Annotated[int, typer.Option(help="runs of each side of the (short) LoRA comparison")] = 3,
     out: Annotated[Optional[Path], typer.Option(help="JSON output (default results/bench/merge.json)")] = None,
 ):
     """TIES/PCB of 4 full experts vs mergekit-yaml; LoRA-space merge vs mergekit's base+lora path."""
     from .bench.merge import run
 
-    rec = run(pool, density=density, out_file=out, log=console.print)
+    rec = run(pool, density=density, lora_repeats=lora_repeats, out_file=out, log=console.print)
     table = Table("measure", "ratio", "target", title="bench merge (ours / mergekit, same run)")
     for k, v in rec["ratios"].items():
         table.add_row(k, f"{v:.3f}", rec["targets"][k])

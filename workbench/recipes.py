@@ -18,7 +18,8 @@ from pydantic import BaseModel as Schema
 from pydantic import ConfigDict, Field, ValidationError
 
 from .errors import RecipeError, WorkbenchError
-from .io import cache_dir, sha256_json, staging_dir
+from .artifacts import ARTIFACT_FILE, read_artifact_meta
+from .io import atomic_write_json, cache_dir, sha256_json, staging_dir
 from .methods import METHODS, BuildContext, Method, MethodParams, OutputSpec
 from .methods.base import write_artifact_meta
 from .pool import Expert, Pool
@@ -166,6 +167,10 @@ def build(resolved: ResolvedRecipe, *, force: bool = False, device: str = "cpu",
     out = resolved.artifact_dir
     if (out / "artifact.json").is_file() and not force:
         log(f"artifact {out} exists (same recipe and experts): reused")
+        meta = read_artifact_meta(out)
+        names = meta.get("names") or [meta.get("name")]
+        if resolved.recipe.name not in names:  # e.g. a sweep's best point, now also the recipe's own artifact
+            atomic_write_json(out / ARTIFACT_FILE, {**meta, "names": [*names, resolved.recipe.name]})
         return out
     t0 = time.perf_counter()
     r = resolved.recipe
@@ -174,7 +179,7 @@ def build(resolved: ResolvedRecipe, *, force: bool = False, device: str = "cpu",
                            out_dir=tmp, recipe=r.model_dump(mode="json"), device=device, log=log)
         meta = resolved.method.build(ctx)
         write_artifact_meta(tmp, {
-            **meta, "name": r.name, "method": r.method, "recipe": r.model_dump(mode="json"), "key": resolved.key,
+            **meta, "name": r.name, "names": [r.name], "method": r.method, "recipe": r.model_dump(mode="json"), "key": resolved.key,
             "params": resolved.params.model_dump(mode="json", by_alias=True), "pool": str(resolved.pool.root.resolve()),
             "base": resolved.pool.manifest.base.spec, "experts": [e.name for e in resolved.experts],
             "build_s": round(time.perf_counter() - t0, 2),
@@ -186,9 +191,9 @@ def run_sweep(resolved: ResolvedRecipe, *, device: str = "cpu", force: bool = Fa
     """Build and score every grid point on the validation split; return the best point's recipe."""
     import statistics
 
+    from .artifacts import load_artifact
     from .eval.harness import RESULTS_DIR, evaluate, resolve_tasks, scores_of
     from .io import atomic_write_json
-    from .artifacts import load_artifact
 
     sweep = resolved.recipe.sweep
     tasks = resolve_tasks(sweep.tasks)
@@ -235,9 +240,8 @@ def run_recipe(path: str | Path | dict, *, evaluate: bool = False, force: bool =
     artifact = build(resolved, force=force, device=device, log=log)
     out: dict[str, Any] = {"artifact": str(artifact), "selection": selection}
     if evaluate:
-        from .eval import run_eval
-
         from .artifacts import load_artifact
+        from .eval import run_eval
 
         spec = resolved.recipe.eval
         loaded = load_artifact(artifact, device=device)

@@ -66,6 +66,11 @@ class SafetensorsDir:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(self._open(f).get_slice(k).get_shape()) for k, f in self.index.items()}
 
+    @cached_property
+    def dtypes(self) -> dict[str, str]:
+        """tensor name -> safetensors dtype code (F32, BF16, ...)"""
+        return {k: self._open(f).get_slice(k).get_dtype() for k, f in self.index.items()}
+
     def __contains__(self, name: str) -> bool:
         return name in self.index
 

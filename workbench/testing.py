@@ -16,7 +16,7 @@ CHARS = list(string.printable[:95]) + ["\n"]  # digits, letters, punctuation, sp
 
 
 def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(SPECIALS + sorted(set(CHARS)))}

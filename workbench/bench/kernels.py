@@ -9,6 +9,7 @@ Random adapters (B non-zero) stand in for trained ones: the cost does not depend
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import Any
@@ -35,6 +36,31 @@ def _time(fns: dict[str, Any], reps: int) -> dict[str, float]:
             fn()
             ts[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in ts.items()}
+
+
+@torch.inference_mode()
+def _row(base, peft, engines: dict[str, MultiLoraModel], ids: torch.Tensor, names: list[str], reps: int) -> dict[str, Any]:
+    """One (rank, U) row: seconds per forward of each candidate and their ratios to the base forward."""
+    check_peft = peft(input_ids=ids[:2], adapter_names=names[:2]).logits
+    row: dict[str, Any] = {}
+
+    def per_adapter_loop():
+        for a in sorted(set(names)):
+            peft.set_adapter(a)
+            peft(input_ids=ids[[j for j, n in enumerate(names) if n == a]])
+
+    fns = {"base_s": lambda: base(input_ids=ids),
+           "peft_mixed_s": lambda: peft(input_ids=ids, adapter_names=names),
+           "peft_loop_s": per_adapter_loop}
+    for b, eng in engines.items():
+        assign = [eng.resolve(n) for n in names]
+        got = eng.forward(ids[:2], assignments=assign[:2]).logits
+        row[f"max_abs_diff_vs_peft_{b}"] = float((got - check_peft).abs().max())
+        fns[f"ours_{b}_s"] = functools.partial(eng.forward, ids, assignments=assign)
+    row |= _time(fns, reps)
+    for k in [k for k in row if k.endswith("_s") and k != "base_s"]:
+        row[k.replace("_s", "_x_base")] = round(row[k] / row["base_s"], 3)
+    return row
 
 
 def run(base_spec: str = "smollm2-135m", ranks=(8, 16), us=(1, 4, 16, 32), seqs: int = 32, tokens: int = 64,
@@ -71,32 +97,10 @@ def run(base_spec: str = "smollm2-135m", ranks=(8, 16), us=(1, 4, 16, 32), seqs:
         engines = {b: MultiLoraModel(bm.load(dtype=dtype), tok, adapters, backend=b, device=device, dtype=dtype)
                    for b in backends}
         for u in us:
-            names = [f"a{i % u}" for i in range(seqs)]
-            with torch.inference_mode():
-                check_peft = peft(input_ids=ids[:2], adapter_names=names[:2]).logits
-                row: dict[str, Any] = {"rank": r, "U": u}
-
-                def per_adapter_loop():
-                    for i in range(u):
-                        peft.set_adapter(f"a{i}")
-                        sel = [j for j in range(seqs) if names[j] == f"a{i}"]
-                        peft(input_ids=ids[sel])
-
-                fns = {"base_s": lambda: base(input_ids=ids),
-                       "peft_mixed_s": lambda: peft(input_ids=ids, adapter_names=names),
-                       "peft_loop_s": per_adapter_loop}
-                for b, eng in engines.items():
-                    assign = [eng.resolve(n) for n in names]
-                    got = eng.forward(ids[:2], assignments=assign[:2]).logits
-                    row[f"max_abs_diff_vs_peft_{b}"] = float((got - check_peft).abs().max())
-                    fns[f"ours_{b}_s"] = (lambda e, a: lambda: e.forward(ids, assignments=a))(eng, assign)
-                row |= _time(fns, reps)
-            for k in list(row):
-                if k.endswith("_s") and k != "base_s":
-                    row[k.replace("_s", "_x_base")] = round(row[k] / row["base_s"], 3)
+            row = _row(base, peft, engines, ids, [f"a{i % u}" for i in range(seqs)], reps) | {"rank": r, "U": u}
             rows.append(row)
             log(f"r={r} U={u}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k.endswith("x_base")))
-        del peft, engines
+        del peft, engines  # free this rank's models before the next
     record = {"benchmark": "kernels", "base": base_spec, "shape": {"sequences": seqs, "tokens": tokens},
               "dtype": str(dtype).replace("torch.", ""), "device": device, "rows": rows,
               "target": "ours <= 1.10x base at U=32", "machine": machine_info(device), "git": git_state(),

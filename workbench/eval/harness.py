@@ -20,7 +20,7 @@ from typing import Any
 from ..errors import WorkbenchError
 from ..io import atomic_write_json
 from ..pool import Pool
-from ..tasks.suite import DEFAULT_SEED, TASKS, DOMAINS, data_hash, generate_suite
+from ..tasks.suite import DEFAULT_SEED, DOMAINS, TASKS, data_hash, generate_suite
 
 RESULTS_DIR = Path(os.environ.get("WORKBENCH_RESULTS", "results"))
 
@@ -55,9 +55,8 @@ def load_model_spec(spec: str, pool: Pool | None = None, device: str | None = No
         if e.kind == "lora":
             model = PeftModel.from_pretrained(pool.base.load(device=device), str(e.path), is_trainable=False).eval()
         else:
-            from transformers import AutoModelForCausalLM
-
             import torch
+            from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(e.path, dtype=torch.float32).eval()
             model = model.to(device) if device else model

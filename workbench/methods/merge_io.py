@@ -22,22 +22,23 @@ def write_merged_model(base: BaseModel, deltas: Iterable[tuple[str, torch.Tensor
                        absolute: bool = False) -> dict[str, Any]:
     """W = W0 + delta for the given tensors (or W itself with `absolute`), W0 elsewhere.
 
-    Streams: each tensor goes to a size-bounded safetensors shard as soon as it is merged.
+    Streams: each tensor goes to its place in a pre-laid-out safetensors shard as soon as it is merged.
     """
     from .streaming import ShardWriter
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(out_dir)
+    t = base.tensors
+    writer = ShardWriter(out_dir, [(name, t.dtypes[name], t.shapes[name]) for name in t.keys()])
     done = set()
     for name, delta in deltas:
-        if name not in base.tensors:
+        if name not in t:
             raise ValueError(f"delta for tensor {name!r}, which is missing from the base")
-        w = base.tensors.get(name)
+        w = t.get(name)
         writer.add(name, delta.to(w.dtype) if absolute else (w.float() + delta).to(w.dtype))
         done.add(name)
-    for name in base.tensors.keys():
+    for name in t.keys():
         if name not in done:
-            writer.add(name, base.tensors.get(name))
+            writer.add(name, t.get(name))
     writer.close()
     for f in _COPY_FROM_BASE:
         if (base.path / f).is_file():

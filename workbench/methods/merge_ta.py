@@ -3,6 +3,8 @@
 Full-model experts are merged by mergekit itself (`run_merge`). LoRA experts are merged
 exactly in adapter space: per base tensor, the experts' products `scale·B·A` are combined
 by mergekit's own `merge_group` (base = 0, so the deltas go in untouched), tensor by tensor.
+Plain task arithmetic of LoRAs is linear, so there the sum is one product of the stacked
+factors, [λw_1 s_1 B_1, ...] @ [A_1; ...], equal to mergekit's sum up to fp32 rounding.
 Parameter names are mergekit's: weight, density, normalize, rescale, lambda, int8_mask,
 gamma (breadcrumbs), epsilon (della), and per-expert overrides like mergekit's per-model
 `parameters`.
@@ -96,10 +98,21 @@ class TaskArithmeticFamily(Method):
         names = sorted(set().union(*name_sets))
         shapes = ctx.pool.base.tensors.shapes
         torch.manual_seed(params.seed)
+        linear = self.name == "task_arithmetic" and not self._shared(params)["normalize"] \
+            and all(e.kind == "lora" for e in experts)
+        weights = self._expert_values(experts, params, "weight")
         with progress_bar(f"{self.name} ({len(experts)} experts)", total=len(names)) as bar:
             for name in names:
-                deltas = [e.delta(name) if name in ns else torch.zeros(shapes[name]) for e, ns in zip(experts, name_sets)]
-                yield name, self.merge_tensor(deltas, experts, params)
+                if linear:
+                    # sum_i lambda w_i s_i B_i A_i as one product of the stacked factors: the same
+                    # sum as mergekit's (equal up to fp32 rounding), without forming each delta
+                    fac = [(e.lora_factors(name), w) for e, ns, w in zip(experts, name_sets, weights) if name in ns]
+                    b = torch.cat([f[1] * (f[2] * w * params.lambda_) for f, w in fac], dim=1)
+                    yield name, b @ torch.cat([f[0] for f, _ in fac])
+                else:
+                    deltas = [e.delta(name) if name in ns else torch.zeros(shapes[name])
+                              for e, ns in zip(experts, name_sets)]
+                    yield name, self.merge_tensor(deltas, experts, params)
                 bar.update(1)
 
     def build(self, ctx: BuildContext) -> dict[str, Any]:

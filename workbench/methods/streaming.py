@@ -16,44 +16,82 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 CHUNK_ELEMS = 1 << 22  # 4M fp32 entries (16 MB) per expert per chunk
 
 
-class ShardWriter:
-    """Writes tensors into safetensors shards of at most `shard_bytes`, with an HF index."""
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_CODES = {v: k for k, v in _DTYPES.items()}
 
-    def __init__(self, out_dir: Path, shard_bytes: int = 256 << 20):
-        self.out_dir, self.shard_bytes = Path(out_dir), shard_bytes
-        self.buf: dict[str, torch.Tensor] = {}
-        self.size = 0
-        self.shards: list[list[str]] = []
-        self.total = 0
+
+class ShardWriter:
+    """Writes safetensors shards whose layout is fixed up front, each tensor straight to its place.
+
+    Every tensor's name, dtype and shape are known before merging starts (they are the base's),
+    so each shard's header is written first and a tensor goes to disk the moment it is merged,
+    in any order: nothing is buffered (a buffering writer holds up to a shard of output in
+    memory). Shards hold at most `shard_bytes` (a bigger tensor gets a shard of its own), with
+    an HF index when there are several. `close()` checks that every tensor was written.
+    """
+
+    def __init__(self, out_dir: Path, layout: list[tuple[str, str, tuple[int, ...]]], shard_bytes: int = 1 << 30):
+        self.out_dir = Path(out_dir)
+        self.slots: dict[str, tuple[int, int, int, str, tuple[int, ...]]] = {}  # name -> shard, offset, nbytes, ...
+        shards: list[list[tuple[str, str, tuple[int, ...], int]]] = [[]]
+        size = 0
+        for name, dtype, shape in layout:
+            nbytes = torch.Size(shape).numel() * _DTYPES[dtype].itemsize
+            if shards[-1] and size + nbytes > shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, dtype, tuple(shape), nbytes))
+            size += nbytes
+        self.files, self.names = [], []
+        for i, shard in enumerate(shards):
+            header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+            offset = 0
+            for name, dtype, shape, nbytes in shard:
+                header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+            f = open(self.out_dir / f"shard-{i:05d}.tmp", "wb")  # noqa: SIM115 - closed in close()
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            f.truncate(8 + len(raw) + offset)
+            start = 8 + len(raw)
+            o = 0
+            for name, dtype, shape, nbytes in shard:
+                self.slots[name] = (i, start + o, nbytes, dtype, shape)
+                o += nbytes
+            self.files.append(f)
+            self.names.append([name for name, *_ in shard])
+        self.pending = set(self.slots)
+        self.total = sum(v[2] for v in self.slots.values())
 
     def add(self, name: str, t: torch.Tensor) -> None:
-        nbytes = t.numel() * t.element_size()
-        if self.buf and self.size + nbytes > self.shard_bytes:
-            self.flush()
-        self.buf[name] = t.contiguous()
-        self.size += nbytes
-        self.total += nbytes
-
-    def flush(self) -> None:
-        if not self.buf:
-            return
-        save_file(self.buf, str(self.out_dir / f"shard-{len(self.shards):05d}.tmp"), metadata={"format": "pt"})
-        self.shards.append(list(self.buf))
-        self.buf, self.size = {}, 0
+        if name not in self.slots:
+            raise ValueError(f"tensor {name!r} is not in the output layout")
+        i, offset, nbytes, dtype, shape = self.slots[name]
+        if tuple(t.shape) != shape or _CODES.get(t.dtype) != dtype:
+            raise ValueError(f"tensor {name!r}: got {tuple(t.shape)} {t.dtype}, layout says {shape} {dtype}")
+        f = self.files[i]
+        f.seek(offset)
+        f.write(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
+        self.pending.discard(name)
 
     def close(self) -> None:
-        self.flush()
-        n = len(self.shards)
+        for f in self.files:
+            f.close()
+        if self.pending:
+            raise ValueError(f"{len(self.pending)} tensors never written, e.g. {sorted(self.pending)[:3]}")
+        n = len(self.files)
         if n == 1:
             (self.out_dir / "shard-00000.tmp").rename(self.out_dir / "model.safetensors")
             return
         weight_map = {}
-        for i, names in enumerate(self.shards):
+        for i, names in enumerate(self.names):
             final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             (self.out_dir / f"shard-{i:05d}.tmp").rename(self.out_dir / final)
             weight_map.update({k: final for k in names})

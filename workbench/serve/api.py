@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -211,7 +211,7 @@ def create_app(engine: MultiLoraModel, *, max_batch: int = 32, window_s: float =
                     return
                 try:
                     item = await asyncio.wait_for(job.out.get(), timeout=0.5)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
                 if item is None:
                     yield f"data: {json.dumps(chunk('', job.finish_reason))}\n\n"

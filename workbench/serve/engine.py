@@ -12,7 +12,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -238,9 +237,11 @@ def saved_lora_compositions(pool, taken: set[str]) -> list[Adapter]:
             continue
         if meta.get("type") != "merged_lora" or meta.get("pool") != str(pool.root.resolve()):
             continue
-        name = meta.get("name", meta_path.parent.name)
-        if name in taken or "@" in name:  # sweep points stay out of the list
+        # a recipe's artifact, by its latest recipe name; bare sweep points ("name@point") stay out
+        names = [n for n in (meta.get("names") or [meta.get("name", meta_path.parent.name)]) if "@" not in n]
+        if not names or names[-1] in taken:
             continue
+        name = names[-1]
         folder = meta_path.parent
         cfg = json.loads((folder / "adapter_config.json").read_text())
         sd = load_file(str(folder / "adapter_model.safetensors"))
