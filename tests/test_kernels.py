@@ -40,10 +40,10 @@ def problems(draw, max_tokens=40):
     return wts, idx, w, x, y0
 
 
-def _run(backend, wts, idx, w, x, y0, dtype=torch.float32, device="cpu"):
+def _run(backend, wts, idx, w, x, y0, dtype=torch.float32, device="cpu", block=None):
     cast = lambda t: t.to(device=device, dtype=dtype)
     wts = AdapterWeights([cast(a) for a in wts.a], [cast(b) for b in wts.b], wts.scale.to(device))
-    meta = make_meta(idx.to(device), w.to(device), wts.num_adapters)
+    meta = make_meta(idx.to(device), w.to(device), wts.num_adapters, block=block)
     y = cast(y0).clone()
     apply_lora(y, cast(x), wts, meta, backend)
     return y.float().cpu()
@@ -81,11 +81,12 @@ def test_triton_equals_reference(p):
 
 @pytest.mark.parametrize("backend", ["cpu_bmm", "cpu", "grouped_mm"])
 @settings(max_examples=30, deadline=None)
-@given(b=st.integers(1, 6), s=st.integers(1, 9), e=st.integers(1, 5), seed=st.integers(0, 10**6))
-def test_one_adapter_per_sequence(backend, b, s, e, seed):
-    """The serving layout: B sequences of S tokens, one adapter (and weight) per sequence."""
+@given(b=st.integers(1, 6), s=st.integers(1, 9), e=st.integers(1, 5), equal=st.booleans(), seed=st.integers(0, 10**6))
+def test_one_adapter_per_sequence(backend, b, s, e, equal, seed):
+    """The serving layout: B sequences of S tokens, one adapter (and weight) per sequence;
+    equal ranks take the batched-matmul path of `cpu`, mixed ranks its grouped path."""
     g = torch.Generator().manual_seed(seed)
-    ranks = torch.randint(1, 9, (e,), generator=g).tolist()
+    ranks = [3] * e if equal else torch.randint(1, 9, (e,), generator=g).tolist()
     wts = AdapterWeights([torch.randn(r, 16, generator=g) for r in ranks], [torch.randn(24, r, generator=g) for r in ranks],
                          torch.rand(e, generator=g))
     per_seq = torch.randint(-1, e, (b,), generator=g)
@@ -94,6 +95,7 @@ def test_one_adapter_per_sequence(backend, b, s, e, seed):
     x, y0 = torch.randn(b * s, 16, generator=g), torch.randn(b * s, 24, generator=g)
     p = (wts, idx[:, None], wt[:, None], x, y0)
     torch.testing.assert_close(_run(backend, *p), _expected(p), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_run(backend, *p, block=s), _expected(p), rtol=1e-5, atol=1e-5)
 
 
 def test_meta_is_shared_and_contiguous_blocks():

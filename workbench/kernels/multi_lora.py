@@ -9,8 +9,10 @@ and whether each adapter's tokens form one contiguous block (then no gather/scat
 
 Backends (registered by name; `default_backend(device)` picks one):
 - reference: a plain loop over tokens and pairs, obviously correct;
-- cpu: grouped by adapter (one shrink and one expand matmul per active adapter), exact
+- cpu: one adapter per sequence with equal ranks -> two batched matmuls over the sequences;
+  otherwise grouped by adapter (one shrink and one expand matmul per active adapter), exact
   ranks (no padding), slices instead of gathers for contiguous blocks;
+- cpu_bmm: one adapter per sequence as two batched matmuls, ranks padded where they differ;
 - grouped_mm: torch.nn.functional.grouped_mm over the active adapters (ranks padded);
 - triton: SGMV-style shrink and expand kernels (workbench.kernels.triton_lora), CUDA.
 """
@@ -59,6 +61,14 @@ class AdapterWeights:
         return a_pad, b_pad, torch.tensor(self.ranks, dtype=torch.int32, device=a0.device)
 
 
+    @cached_property
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A [E, r, d_in], B [E, d_out, r]) when every adapter has the same rank r, else None."""
+        if len(set(self.ranks)) != 1:
+            return None
+        return torch.stack(self.a), torch.stack(self.b)
+
+
 @dataclass
 class LoraMeta:
     """Per-batch routing metadata, shared by every layer of one forward."""
@@ -73,14 +83,16 @@ class LoraMeta:
     offsets: list[int]  # [E + 1]
     active: list[int]  # adapters with at least one pair
     contiguous: dict[int, tuple[int, int]] = field(default_factory=dict)  # e -> token range [s, e) if one block
+    block: int | None = None  # tokens come in blocks of this many (one sequence each) sharing their pairs
 
     @property
     def num_tokens(self) -> int:
         return self.idx.shape[0]
 
 
-def make_meta(idx: torch.Tensor, w: torch.Tensor | None, num_adapters: int) -> LoraMeta:
-    """idx [T] or [T, k] adapter ids (-1 for none), w same shape (default 1)."""
+def make_meta(idx: torch.Tensor, w: torch.Tensor | None, num_adapters: int, block: int | None = None) -> LoraMeta:
+    """idx [T] or [T, k] adapter ids (-1 for none), w same shape (default 1). `block`: the caller
+    promises that tokens come in blocks of that many (sequences) with the same pairs in a block."""
     if idx.dim() == 1:
         idx = idx[:, None]
     w = torch.ones(idx.shape, dtype=torch.float32, device=idx.device) if w is None else (w[:, None] if w.dim() == 1 else w)
@@ -110,7 +122,9 @@ def make_meta(idx: torch.Tensor, w: torch.Tensor | None, num_adapters: int) -> L
             s, n = offsets[e], counts[e]
             if all(step_one[s:s + n - 1]):
                 contiguous[e] = (tok_list[s], tok_list[s] + n)
-    return LoraMeta(idx, w, num_adapters, token_idx, pair_w, pair_adapter, counts, offsets, active, contiguous)
+    if block is not None and (block <= 0 or t % block):
+        raise ValueError(f"block {block} does not divide {t} tokens")
+    return LoraMeta(idx, w, num_adapters, token_idx, pair_w, pair_adapter, counts, offsets, active, contiguous, block)
 
 
 Backend = "callable(y, x, weights, meta) -> None, adding the LoRA term into y in place"
@@ -128,8 +142,22 @@ def lora_reference(y: torch.Tensor, x: torch.Tensor, wts: AdapterWeights, meta: 
             y[t] += (wt * float(wts.scale[e]) * (h @ wts.b[e].float().T)).to(y.dtype)
 
 
+def _bmm_blocks(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+                u: tuple[int, torch.Tensor, torch.Tensor]) -> None:
+    """One adapter per block of S tokens: gather each block's A/B, two batched matmuls, y += in place."""
+    s_len, ad, w = u
+    nb = ad.numel()
+    coef = (w.to(x.dtype) * scale.to(x.dtype)[ad])[:, None, None]
+    h = torch.bmm(x.view(nb, s_len, -1), a[ad].transpose(1, 2)).mul_(coef)  # [B, S, r]
+    y.view(nb, s_len, -1).baddbmm_(h, b[ad].transpose(1, 2))
+
+
 @BACKENDS.register("cpu")
 def lora_cpu(y: torch.Tensor, x: torch.Tensor, wts: AdapterWeights, meta: LoraMeta) -> None:
+    u = uniform_blocks(meta)
+    if u is not None and wts.stacked is not None:  # one adapter per sequence, equal ranks: no padding needed
+        _bmm_blocks(y, x, *wts.stacked, wts.scale, u)
+        return
     for e in meta.active:
         s, n = meta.offsets[e], meta.counts[e]
         pw = meta.pair_w[s:s + n].to(x.dtype) * wts.scale[e].to(x.dtype)
@@ -146,36 +174,35 @@ def lora_cpu(y: torch.Tensor, x: torch.Tensor, wts: AdapterWeights, meta: LoraMe
 
 def uniform_blocks(meta: LoraMeta) -> tuple[int, torch.Tensor, torch.Tensor] | None:
     """(S, adapter per block [B], weight per block [B]) when tokens form B equal blocks of S tokens,
-    each with exactly one pair and one weight (one adapter per sequence: the common serving case)."""
+    each with exactly one pair and one weight (one adapter per sequence: the common serving case).
+    Blocks are the caller's (`meta.block`), else found from adapters whose tokens are contiguous."""
     cache = meta.__dict__.setdefault("_uniform", {})
     if "v" not in cache:
         cache["v"] = None
         t = meta.num_tokens
-        if meta.idx.shape[1] == 1 and t and len(meta.token_idx) == t and len(meta.contiguous) == len(meta.active):
-            first = meta.idx[:, 0]
-            ranges = sorted(meta.contiguous.values())
-            lengths = {b - a for a, b in ranges}
-            if len(lengths) == 1:
-                s_len = lengths.pop()
-                w_col = meta.w[:, 0]
-                if bool((w_col.view(-1, s_len) == w_col.view(-1, s_len)[:, :1]).all()):
-                    cache["v"] = (s_len, first.view(-1, s_len)[:, 0].clone(), w_col.view(-1, s_len)[:, 0].clone())
+        if meta.idx.shape[1] == 1 and t and len(meta.token_idx) == t:
+            s_len = meta.block
+            if s_len is None and len(meta.contiguous) == len(meta.active):
+                lengths = {b - a for a, b in meta.contiguous.values()}
+                s_len = lengths.pop() if len(lengths) == 1 else None
+            if s_len is not None:
+                e_blk, w_blk = meta.idx[:, 0].view(-1, s_len), meta.w[:, 0].view(-1, s_len)
+                if bool((e_blk == e_blk[:, :1]).all()) and bool((w_blk == w_blk[:, :1]).all()):
+                    cache["v"] = (s_len, e_blk[:, 0].clone(), w_blk[:, 0].clone())
     return cache["v"]
 
 
 @BACKENDS.register("cpu_bmm")
 def lora_cpu_bmm(y: torch.Tensor, x: torch.Tensor, wts: AdapterWeights, meta: LoraMeta) -> None:
-    """Uniform blocks (see uniform_blocks): gather each block's A/B and run two batched matmuls.
-    Falls back to the grouped `cpu` backend otherwise. Ranks are padded (to 8) here."""
+    """Uniform blocks (see uniform_blocks) as two batched matmuls, ranks padded (to a multiple of 8)
+    when they differ; otherwise the grouped `cpu` backend."""
     u = uniform_blocks(meta)
     if u is None:
         return lora_cpu(y, x, wts, meta)
-    s_len, ad, w = u
-    a_pad, b_pad, _ = wts.padded
-    nb = ad.numel()
-    coef = (w.to(x.dtype) * wts.scale.to(x.dtype)[ad])[:, None, None]
-    h = torch.bmm(x.view(nb, s_len, -1), a_pad[ad].transpose(1, 2)).mul_(coef)  # [B, S, R]
-    y.view(nb, s_len, -1).baddbmm_(h, b_pad[ad].transpose(1, 2))
+    a, b = wts.stacked or wts.padded[:2]
+    _bmm_blocks(y, x, a, b, wts.scale, u)
+
+
 @BACKENDS.register("grouped_mm")
 def lora_grouped_mm(y: torch.Tensor, x: torch.Tensor, wts: AdapterWeights, meta: LoraMeta) -> None:
     if not meta.active:

@@ -51,8 +51,7 @@ class MultiLoraLinear(nn.Module):
         meta = self.ctx.meta_for(self.name, x2)
         if meta is None or not meta.active:
             return y
-        y2 = y.view(-1, y.shape[-1])
-        apply_lora(y2, x2, self.weights, meta, self.ctx.backend)
+        apply_lora(y.view(-1, y.shape[-1]), x2, self.weights, meta, self.ctx.backend)
         return y
 
 
@@ -148,7 +147,7 @@ class MultiLoraModel:
                 # every token of sequence b carries its sequence's pairs ([B, S] flattened row-major)
                 idx = idx.repeat_interleave(seq_len, dim=0).to(self.device)
                 w = w.repeat_interleave(seq_len, dim=0).to(self.device)
-                self._meta_cache[key] = make_meta(idx, w, len(self.adapters))
+                self._meta_cache[key] = make_meta(idx, w, len(self.adapters), block=seq_len)
         return self._meta_cache[key]
 
     # -- forward and generation
