@@ -53,14 +53,14 @@ def _expected(p, dtype=torch.float32):
     return _run("reference", *p, dtype=dtype)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "grouped_mm", "cpu_bmm"])
+@pytest.mark.parametrize("backend", ["cpu", "cpu_grouped", "cpu_dense", "grouped_mm", "cpu_bmm"])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(p=problems())
 def test_backend_equals_reference_fp32(backend, p):
     torch.testing.assert_close(_run(backend, *p), _expected(p), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "grouped_mm"])
+@pytest.mark.parametrize("backend", ["cpu", "cpu_grouped", "cpu_dense", "grouped_mm"])
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(p=problems())
 def test_backend_equals_reference_bf16(backend, p):
@@ -79,7 +79,7 @@ def test_triton_equals_reference(p):
         torch.testing.assert_close(_run("triton", *p, dtype=bf, device=dev), _expected(p, dtype=bf), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("backend", ["cpu_bmm", "cpu", "grouped_mm"])
+@pytest.mark.parametrize("backend", ["cpu_bmm", "cpu", "cpu_grouped", "cpu_dense", "grouped_mm"])
 @settings(max_examples=30, deadline=None)
 @given(b=st.integers(1, 6), s=st.integers(1, 9), e=st.integers(1, 5), equal=st.booleans(), seed=st.integers(0, 10**6))
 def test_one_adapter_per_sequence(backend, b, s, e, equal, seed):
@@ -96,6 +96,14 @@ def test_one_adapter_per_sequence(backend, b, s, e, equal, seed):
     p = (wts, idx[:, None], wt[:, None], x, y0)
     torch.testing.assert_close(_run(backend, *p), _expected(p), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(_run(backend, *p, block=s), _expected(p), rtol=1e-5, atol=1e-5)
+    if backend == "cpu":  # tiny problems go dense; force its batched-matmul and grouped choices too
+        from unittest import mock
+
+        import workbench.kernels.multi_lora as ml
+
+        with mock.patch.object(ml, "DENSE_MAX_TOKEN_RANKS", 0):
+            torch.testing.assert_close(_run(backend, *p, block=s), _expected(p), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(_run(backend, *p), _expected(p), rtol=1e-5, atol=1e-5)
 
 
 def test_meta_is_shared_and_contiguous_blocks():

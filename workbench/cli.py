@@ -521,6 +521,23 @@ def bench_kernels(
     console.print(table)
 
 
+@bench_app.command("kernels-profile")
+def bench_kernels_profile(base: str = "smollm2-135m", rank: int = 8, adapters: int = 32):
+    """Per-projection cost of the LoRA pieces (gather, shrink, expand) beside the base GEMM, CPU."""
+    from .bench.kernels import profile
+
+    rec = profile(base, rank=rank, n_adapters=adapters, log=lambda *a: None)
+    table = Table("projection", "d_in x d_out", "base ms", "gather ms", "shrink ms", "expand ms", "shrink GB/s",
+                  "expand GB/s", "lora/base", title=f"one layer, {rec['tokens']} tokens, r={rank}, {adapters} adapters")
+    for r in rec["rows"]:
+        table.add_row(r["projection"], f"{r['d_in']}x{r['d_out']}", f"{r['base_ms']:.2f}", f"{r['gather_ms']:.3f}",
+                      f"{r['shrink_ms']:.3f}", f"{r['expand_ms']:.3f}", f"{r['shrink_gbps']}", f"{r['expand_gbps']}",
+                      f"{r['lora_over_base']:.3f}")
+    console.print(table)
+    console.print(f"per forward ({rec['layers']} layers): projection GEMMs {rec['projection_gemms_ms_per_forward']} ms, "
+                  f"LoRA ops {rec['lora_ops_ms_per_forward']} ms")
+
+
 @bench_app.command("serve")
 def bench_serve(
     pool: _Pool = "demo", requests: int = 64, adapters: int = 8, max_tokens: int = 16,

@@ -107,3 +107,102 @@ def run(base_spec: str = "smollm2-135m", ranks=(8, 16), us=(1, 4, 16, 32), seqs:
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     atomic_write_json(out_file or RESULTS_DIR / "bench" / f"kernels-{device}-{record['dtype']}.json", record)
     return record
+
+
+PROJECTIONS = {"q_proj": ("hidden", "hidden"), "k_proj": ("hidden", "kv"), "v_proj": ("hidden", "kv"),
+               "o_proj": ("hidden", "hidden"), "gate_proj": ("hidden", "inter"), "up_proj": ("hidden", "inter"),
+               "down_proj": ("inter", "hidden")}
+
+
+def profile(base_spec: str = "smollm2-135m", rank: int = 8, seqs: int = 32, tokens: int = 64, n_adapters: int = 32,
+            min_run_time: float = 0.5, out_file=None, log=print) -> dict[str, Any]:
+    """Where the multi-LoRA forward's time over the base goes, per projection of one layer.
+
+    Times, with torch.utils.benchmark on the model's shapes (T = seqs x tokens, one adapter per
+    sequence over `n_adapters`), each piece of the batched-matmul path: the base GEMM, the gather
+    of each sequence's A and B, the shrink bmm and the in-place expand baddbmm; and the bytes each
+    LoRA piece must move at least (the activations it reads and writes). Summed over the layers
+    this is the overhead those ops cost by themselves, to set beside the measured forward ratio.
+    """
+    from torch.utils import benchmark as tb
+
+    cfg = BaseModel(base_spec).config
+    head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    dims = {"hidden": cfg["hidden_size"], "inter": cfg["intermediate_size"], "kv": cfg["num_key_value_heads"] * head}
+    t = seqs * tokens
+    g = torch.Generator().manual_seed(0)
+    ad = torch.arange(seqs) % n_adapters
+
+    def ms(stmt: str, **env) -> float:
+        return tb.Timer(stmt, globals={"torch": torch, **env}, num_threads=torch.get_num_threads()).blocked_autorange(
+            min_run_time=min_run_time).median * 1e3
+
+    rows, total = [], {"base_ms": 0.0, "gather_ms": 0.0, "shrink_ms": 0.0, "expand_ms": 0.0}
+    for proj, (din_k, dout_k) in PROJECTIONS.items():
+        din, dout = dims[din_k], dims[dout_k]
+        x = torch.randn(t, din, generator=g)
+        w = torch.randn(dout, din, generator=g)
+        a = torch.randn(n_adapters, rank, din, generator=g)
+        b = torch.randn(n_adapters, dout, rank, generator=g)
+        y = x @ w.T
+        h = torch.bmm(x.view(seqs, tokens, din), a[ad].transpose(1, 2))
+        row = {"projection": proj, "d_in": din, "d_out": dout,
+               "base_ms": ms("x @ w.T", x=x, w=w),
+               "gather_ms": ms("a[ad]; b[ad]", a=a, b=b, ad=ad),
+               "shrink_ms": ms("torch.bmm(x.view(s, n, -1), a[ad].transpose(1, 2))", x=x, a=a, ad=ad, s=seqs, n=tokens),
+               "expand_ms": ms("y.view(s, n, -1).baddbmm_(h, b[ad].transpose(1, 2))", y=y, h=h, b=b, ad=ad, s=seqs,
+                               n=tokens)}
+        row["shrink_ms"] -= row["gather_ms"] / 2  # the timed statements include one gather each
+        row["expand_ms"] -= row["gather_ms"] / 2
+        # least traffic: shrink reads x; expand reads and writes y (fp32)
+        row["shrink_gbps"] = round(t * din * 4 / row["shrink_ms"] / 1e6, 1)
+        row["expand_gbps"] = round(2 * t * dout * 4 / row["expand_ms"] / 1e6, 1)
+        row["lora_over_base"] = round((row["gather_ms"] + row["shrink_ms"] + row["expand_ms"]) / row["base_ms"], 4)
+        for k in total:
+            total[k] += row[k]
+        rows.append({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+        log(f"{proj}: {rows[-1]}")
+    layers = cfg["num_hidden_layers"]
+    lora_ms = total["gather_ms"] + total["shrink_ms"] + total["expand_ms"]
+    forward = _profile_forward(base_spec, dims, layers, rank, seqs, tokens, n_adapters)
+    log(f"forward: {forward}")
+    record = {"benchmark": "kernels-profile", "base": base_spec, "rank": rank, "tokens": t, "adapters": n_adapters,
+              "per_layer": {k: round(v, 3) for k, v in total.items()}, "layers": layers,
+              "lora_ops_ms_per_forward": round(lora_ms * layers, 1),
+              "projection_gemms_ms_per_forward": round(total["base_ms"] * layers, 1),
+              "rows": rows, "forward": forward, "machine": machine_info("cpu"), "git": git_state(),
+              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write_json(out_file or RESULTS_DIR / "bench" / "kernels-cpu-profile.json", record)
+    return record
+
+
+def _profile_forward(base_spec: str, dims: dict[str, int], layers: int, rank: int, seqs: int, tokens: int,
+                     n_adapters: int) -> dict[str, Any]:
+    """torch.profiler over one multi-LoRA forward (one adapter per sequence, round-robin): self CPU
+    time of the ops, with the LoRA path's own ops (bmm, baddbmm_, index = gathers) summed."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    bm = BaseModel(base_spec)
+    g = torch.Generator().manual_seed(1)
+    adapters = []
+    for i in range(n_adapters):
+        factors = {}
+        for layer in range(layers):
+            for proj, (din_k, dout_k) in PROJECTIONS.items():
+                part = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+                factors[f"model.layers.{layer}.{part}.{proj}.weight"] = (
+                    torch.randn(rank, dims[din_k], generator=g) * 0.01, torch.randn(dims[dout_k], rank, generator=g) * 0.01,
+                    2.0)
+        adapters.append(Adapter(f"a{i}", "lora", factors))
+    eng = MultiLoraModel(bm.load(), bm.tokenizer(), adapters, backend="cpu")
+    ids = torch.randint(100, 1000, (seqs, tokens), generator=g)
+    assign = [eng.resolve(f"a{i % n_adapters}") for i in range(seqs)]
+    with torch.inference_mode():
+        eng.forward(ids, assignments=assign)  # warm-up
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            eng.forward(ids, assignments=assign)
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    top = [{"op": e.key, "self_ms": round(e.self_cpu_time_total / 1e3, 1), "calls": e.count} for e in ops[:12]]
+    total_ms = sum(e.self_cpu_time_total for e in ops) / 1e3
+    lora_ms = sum(e.self_cpu_time_total for e in ops if e.key in ("aten::bmm", "aten::baddbmm_", "aten::index")) / 1e3
+    return {"total_ms": round(total_ms, 1), "lora_ops_ms": round(lora_ms, 1), "top_ops": top}

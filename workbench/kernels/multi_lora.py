@@ -9,10 +9,11 @@ and whether each adapter's tokens form one contiguous block (then no gather/scat
 
 Backends (registered by name; `default_backend(device)` picks one):
 - reference: a plain loop over tokens and pairs, obviously correct;
-- cpu: one adapter per sequence with equal ranks -> two batched matmuls over the sequences;
-  otherwise grouped by adapter (one shrink and one expand matmul per active adapter), exact
-  ranks (no padding), slices instead of gathers for contiguous blocks;
+- cpu_grouped: one shrink and one expand matmul per active adapter, exact ranks (no
+  padding), slices instead of gathers for contiguous blocks;
+- cpu_dense: every token against all active adapters in two matmuls, masked per token;
 - cpu_bmm: one adapter per sequence as two batched matmuls, ranks padded where they differ;
+- cpu (the CPU default): picks among those three by cost (see lora_cpu);
 - grouped_mm: torch.nn.functional.grouped_mm over the active adapters (ranks padded);
 - triton: SGMV-style shrink and expand kernels (workbench.kernels.triton_lora), CUDA.
 """
@@ -152,12 +153,18 @@ def _bmm_blocks(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tens
     y.view(nb, s_len, -1).baddbmm_(h, b[ad].transpose(1, 2))
 
 
-@BACKENDS.register("cpu")
-def lora_cpu(y: torch.Tensor, x: torch.Tensor, wts: AdapterWeights, meta: LoraMeta) -> None:
-    u = uniform_blocks(meta)
-    if u is not None and wts.stacked is not None:  # one adapter per sequence, equal ranks: no padding needed
-        _bmm_blocks(y, x, *wts.stacked, wts.scale, u)
-        return
+def _bmm_pays(meta: LoraMeta, u: tuple[int, torch.Tensor, torch.Tensor], wts: AdapterWeights) -> bool:
+    """Batched matmuls gather one copy of A and B per sequence; the grouped path reads each active
+    adapter once but gathers/scatters activations and pays per-adapter dispatch. Gathering wins
+    when the copied weights are small beside the activations (prefill: blocks x r <= tokens) or
+    when most sequences have their own adapter (few would share a group anyway)."""
+    blocks = u[1].numel()
+    return blocks * max(wts.ranks) <= meta.num_tokens or 4 * len(meta.active) > blocks
+
+
+@BACKENDS.register("cpu_grouped")
+def lora_cpu_grouped(y: torch.Tensor, x: torch.Tensor, wts: AdapterWeights, meta: LoraMeta) -> None:
+    """One shrink and one expand matmul per active adapter, exact ranks, slices for contiguous blocks."""
     for e in meta.active:
         s, n = meta.offsets[e], meta.counts[e]
         pw = meta.pair_w[s:s + n].to(x.dtype) * wts.scale[e].to(x.dtype)
@@ -170,6 +177,62 @@ def lora_cpu(y: torch.Tensor, x: torch.Tensor, wts: AdapterWeights, meta: LoraMe
             rows = meta.token_idx[s:s + n]
             h = (x.index_select(0, rows) @ wts.a[e].T).mul_(pw[:, None])
             y.index_add_(0, rows, h @ wts.b[e].T)
+
+
+DENSE_MAX_TOKEN_RANKS = 1 << 16  # tokens x sum of active ranks up to which `cpu` takes the dense path
+
+
+def _dense_factors(wts: AdapterWeights, active: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A_cat [R, d_in], s*B_cat [d_out, R]) over the active adapters, R = sum of their ranks; cached
+    per active set (a decode loop reuses one set for every step)."""
+    cache = wts.__dict__.setdefault("_dense", {})
+    key = tuple(active)
+    if key not in cache:
+        if len(cache) >= 8:
+            cache.clear()
+        cache[key] = (torch.cat([wts.a[e] for e in active]),
+                      torch.cat([wts.b[e] * wts.scale[e].to(wts.b[e].dtype) for e in active], dim=1))
+    return cache[key]
+
+
+def _dense_mask(meta: LoraMeta, ranks: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """M [T, R]: token t's total weight on adapter e, repeated over e's r_e columns (cached per meta)."""
+    cache = meta.__dict__.setdefault("_mask", {})
+    key = (ranks, dtype)
+    if key not in cache:
+        dev = meta.idx.device
+        col = torch.zeros(meta.num_adapters, dtype=torch.long, device=dev)
+        col[torch.tensor(meta.active, device=dev)] = torch.arange(len(meta.active), device=dev)
+        per = torch.zeros(meta.num_tokens, len(meta.active), dtype=torch.float32, device=dev)
+        per.index_put_((meta.token_idx, col[meta.pair_adapter]), meta.pair_w.float(), accumulate=True)
+        cache[key] = per.repeat_interleave(torch.tensor(ranks, device=dev), dim=1).to(dtype)
+    return cache[key]
+
+
+@BACKENDS.register("cpu_dense")
+def lora_cpu_dense(y: torch.Tensor, x: torch.Tensor, wts: AdapterWeights, meta: LoraMeta) -> None:
+    """Every token against every active adapter in two matmuls, masked to its own pairs:
+    y += ((x @ A_cat.T) * M) @ (s B_cat).T. Exact ranks, any k; FLOPs grow with T x R, so `cpu`
+    takes it where that product is small (decode steps, few adapters)."""
+    if not meta.active:
+        return
+    a_cat, b_cat = _dense_factors(wts, meta.active)
+    mask = _dense_mask(meta, tuple(wts.ranks[e] for e in meta.active), x.dtype)
+    y.addmm_((x @ a_cat.T).mul_(mask), b_cat.T)
+
+
+@BACKENDS.register("cpu")
+def lora_cpu(y: torch.Tensor, x: torch.Tensor, wts: AdapterWeights, meta: LoraMeta) -> None:
+    """Picks by cost: dense while tokens x active ranks is small; batched matmuls for one adapter
+    per sequence with equal ranks (when `_bmm_pays`); else grouped by adapter."""
+    if not meta.active:
+        return None
+    if meta.num_tokens * sum(wts.ranks[e] for e in meta.active) <= DENSE_MAX_TOKEN_RANKS:
+        return lora_cpu_dense(y, x, wts, meta)
+    u = uniform_blocks(meta)
+    if u is not None and wts.stacked is not None and _bmm_pays(meta, u, wts):
+        return _bmm_blocks(y, x, *wts.stacked, wts.scale, u)  # equal ranks: no padding
+    return lora_cpu_grouped(y, x, wts, meta)
 
 
 def uniform_blocks(meta: LoraMeta) -> tuple[int, torch.Tensor, torch.Tensor] | None:
@@ -198,7 +261,7 @@ def lora_cpu_bmm(y: torch.Tensor, x: torch.Tensor, wts: AdapterWeights, meta: Lo
     when they differ; otherwise the grouped `cpu` backend."""
     u = uniform_blocks(meta)
     if u is None:
-        return lora_cpu(y, x, wts, meta)
+        return lora_cpu_grouped(y, x, wts, meta)
     a, b = wts.stacked or wts.padded[:2]
     _bmm_blocks(y, x, a, b, wts.scale, u)
 
