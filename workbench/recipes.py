@@ -17,8 +17,8 @@ import yaml
 from pydantic import BaseModel as Schema
 from pydantic import ConfigDict, Field, ValidationError
 
-from .errors import RecipeError, WorkbenchError
 from .artifacts import ARTIFACT_FILE, read_artifact_meta
+from .errors import RecipeError, WorkbenchError
 from .io import atomic_write_json, cache_dir, sha256_json, staging_dir
 from .methods import METHODS, BuildContext, Method, MethodParams, OutputSpec
 from .methods.base import write_artifact_meta
