@@ -91,7 +91,7 @@ def test_lm_eval_run_layout_determinism_and_batch_size(trained_pool, tmp_path):
     assert m1["method"] == "expert-lora" and m1["pool"] == "demo"
 
 
-def test_results_table(trained_pool, tmp_path):
+def test_results_table(trained_pool, tmp_path, run_cli):
     out = tmp_path / "lm-eval"
     run_eval("base", ["addition", "subtraction"], pool=trained_pool, out_dir=out, batch_size=16,
              log_samples=False, loaded=_limited(load_model_spec("base", trained_pool)))
@@ -104,6 +104,11 @@ def test_results_table(trained_pool, tmp_path):
     results_chart(df).save(str(svg))
     text = svg.read_text()
     assert text.startswith("<svg") and ">add<" in text and ">subtraction<" in text
+    md, png = tmp_path / "t.md", tmp_path / "t.png"
+    code, out_text, _ = run_cli("results", "table", "--results-dir", str(out), "--markdown", str(md), "--plot", str(png))
+    assert code == 0 and png.read_bytes()[:4] == b"\x89PNG"
+    lines = md.read_text().splitlines()
+    assert lines[0].startswith("| model") and lines[2].startswith("| base") and "nan" not in md.read_text()
 
 
 def _limited(loaded):

@@ -401,7 +401,9 @@ def results_show(
     if csv:
         atomic_write_text(csv, df.to_csv(index=False))
     if markdown:
-        atomic_write_text(markdown, df.rename(columns=short).drop(columns=["method"]).to_markdown(index=False, floatfmt=".1f", missingval="–") + "\n")
+        md = df.rename(columns=short).drop(columns=["method"])
+        md = md.astype(object).where(md.notna(), None)  # tabulate's missingval replaces None, not NaN
+        atomic_write_text(markdown, md.to_markdown(index=False, floatfmt=".1f", missingval="–") + "\n")
     if plot:
         from .eval.results import results_chart
 
