@@ -186,7 +186,8 @@ def _profile_forward(base_spec: str, dims: dict[str, int], layers: int, rank: in
                      n_adapters: int) -> dict[str, Any]:
     """torch.profiler over one multi-LoRA forward (one adapter per sequence, round-robin): self CPU
     time of the ops, with the LoRA path's own ops (bmm, baddbmm_, index = gathers) summed."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     bm = BaseModel(base_spec)
     g = torch.Generator().manual_seed(1)
