@@ -21,7 +21,10 @@ from ..eval.harness import RESULTS_DIR, git_state, machine_info
 from ..io import atomic_write_json
 from ..serve.engine import Adapter, MultiLoraModel
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROJECTIONS = {"q_proj": ("hidden", "hidden"), "k_proj": ("hidden", "kv"), "v_proj": ("hidden", "kv"),
+               "o_proj": ("hidden", "hidden"), "gate_proj": ("hidden", "inter"), "up_proj": ("hidden", "inter"),
+               "down_proj": ("inter", "hidden")}
+TARGETS = list(PROJECTIONS)
 
 
 def _time(fns: dict[str, Any], reps: int) -> dict[str, list[float]]:
@@ -59,13 +62,13 @@ def _row(base, peft, engines: dict[str, MultiLoraModel], ids: torch.Tensor, name
         fns[f"ours_{b}_s"] = functools.partial(eng.forward, ids, assignments=assign)
     # ratios from each candidate's fastest run (least disturbed by the rest of the machine; on
     # this shared 2-core VM the median of one candidate drifts by up to ~15% between rows)
-    for k, samples in _time(fns, reps).items():
-        row[k] = min(samples)
-        row[k.replace("_s", "_samples_s")] = [round(v, 4) for v in samples]
-    for k in [k for k in row if k.endswith("_s") and not k.endswith("samples_s") and k != "base_s"]:
-        row[k.replace("_s", "_x_base")] = round(row[k] / row["base_s"], 3)
-        row[k.replace("_s", "_x_base_median")] = round(statistics.median(row[k.replace("_s", "_samples_s")])
-                                                      / statistics.median(row["base_samples_s"]), 3)
+    samples = _time(fns, reps)  # keys end in "_s"
+    for k, v in samples.items():
+        row[k] = min(v)
+        row[f"{k[:-2]}_samples_s"] = [round(t, 4) for t in v]
+    for k in [k for k in samples if k != "base_s"]:
+        row[f"{k[:-2]}_x_base"] = round(min(samples[k]) / min(samples["base_s"]), 3)
+        row[f"{k[:-2]}_x_base_median"] = round(statistics.median(samples[k]) / statistics.median(samples["base_s"]), 3)
     return row
 
 
@@ -113,11 +116,6 @@ def run(base_spec: str = "smollm2-135m", ranks=(8, 16), us=(1, 4, 16, 32), seqs:
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     atomic_write_json(out_file or RESULTS_DIR / "bench" / f"kernels-{device}-{record['dtype']}.json", record)
     return record
-
-
-PROJECTIONS = {"q_proj": ("hidden", "hidden"), "k_proj": ("hidden", "kv"), "v_proj": ("hidden", "kv"),
-               "o_proj": ("hidden", "hidden"), "gate_proj": ("hidden", "inter"), "up_proj": ("hidden", "inter"),
-               "down_proj": ("inter", "hidden")}
 
 
 def profile(base_spec: str = "smollm2-135m", rank: int = 8, seqs: int = 32, tokens: int = 64, n_adapters: int = 32,

@@ -44,8 +44,8 @@ class AdapterWeights:
     def num_adapters(self) -> int:
         return len(self.a)
 
-    @property
-    def ranks(self) -> list[int]:
+    @cached_property
+    def ranks(self) -> list[int]:  # read on every layer call: computed once
         return [a.shape[0] for a in self.a]
 
     @cached_property
@@ -60,7 +60,6 @@ class AdapterWeights:
             a_pad[i, : a.shape[0]] = a
             b_pad[i, :, : b.shape[1]] = b
         return a_pad, b_pad, torch.tensor(self.ranks, dtype=torch.int32, device=a0.device)
-
 
     @cached_property
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -226,7 +225,7 @@ def lora_cpu(y: torch.Tensor, x: torch.Tensor, wts: AdapterWeights, meta: LoraMe
     """Picks by cost: dense while tokens x active ranks is small; batched matmuls for one adapter
     per sequence with equal ranks (when `_bmm_pays`); else grouped by adapter."""
     if not meta.active:
-        return None
+        return
     if meta.num_tokens * sum(wts.ranks[e] for e in meta.active) <= DENSE_MAX_TOKEN_RANKS:
         return lora_cpu_dense(y, x, wts, meta)
     u = uniform_blocks(meta)
@@ -258,7 +257,7 @@ def uniform_blocks(meta: LoraMeta) -> tuple[int, torch.Tensor, torch.Tensor] | N
 @BACKENDS.register("cpu_bmm")
 def lora_cpu_bmm(y: torch.Tensor, x: torch.Tensor, wts: AdapterWeights, meta: LoraMeta) -> None:
     """Uniform blocks (see uniform_blocks) as two batched matmuls, ranks padded (to a multiple of 8)
-    when they differ; otherwise the grouped `cpu` backend."""
+    when they differ; otherwise `cpu_grouped`."""
     u = uniform_blocks(meta)
     if u is None:
         return lora_cpu_grouped(y, x, wts, meta)

@@ -51,22 +51,21 @@ class ShardWriter:
         self.files, self.names = [], []
         for i, shard in enumerate(shards):
             header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-            offset = 0
+            offsets, offset = {}, 0
             for name, dtype, shape, nbytes in shard:
                 header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+                offsets[name] = offset
                 offset += nbytes
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+            start = 8 + len(raw)
             f = open(self.out_dir / f"shard-{i:05d}.tmp", "wb")  # noqa: SIM115 - closed in close()
             f.write(len(raw).to_bytes(8, "little") + raw)
-            f.truncate(8 + len(raw) + offset)
-            start = 8 + len(raw)
-            o = 0
+            f.truncate(start + offset)
             for name, dtype, shape, nbytes in shard:
-                self.slots[name] = (i, start + o, nbytes, dtype, shape)
-                o += nbytes
+                self.slots[name] = (i, start + offsets[name], nbytes, dtype, shape)
             self.files.append(f)
-            self.names.append([name for name, *_ in shard])
+            self.names.append(list(offsets))
         self.pending = set(self.slots)
         self.total = sum(v[2] for v in self.slots.values())
 

@@ -266,9 +266,6 @@ def top_k_router(weights_fn: Callable[[str, torch.Tensor], torch.Tensor], k: int
     return route
 
 
-__all__ = ["Adapter", "MultiLoraLinear", "MultiLoraModel", "Router", "saved_lora_compositions", "top_k_router"]
-
-
 @torch.no_grad()
 def peft_alone(base, adapters: dict[str, str], requests: Sequence[tuple[str, str]], max_new_tokens: int) -> list[str]:
     """Greedy text of each (model, prompt) generated alone (batch 1) through PEFT: the reference
@@ -299,3 +296,7 @@ def peft_alone(base, adapters: dict[str, str], requests: Sequence[tuple[str, str
             new = new[: new.index(tok.eos_token_id)]
         memo[(model, prompt)] = tok.decode(new, skip_special_tokens=True)
     return [memo[r] for r in requests]
+
+
+__all__ = ["Adapter", "MultiLoraLinear", "MultiLoraModel", "Router", "peft_alone", "saved_lora_compositions",
+           "top_k_router"]
