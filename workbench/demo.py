@@ -1,7 +1,8 @@
 """The embedded default: SmolLM2-135M-Instruct + a demo pool of skill experts it lacks.
 
 `build_demo_pool` trains what is missing and skips what is built, so an interrupted build
-is resumed by running it again (each expert lands in the pool atomically).
+is resumed by running it again (each expert lands in the pool atomically). Retraining an expert
+whose files are missing (a fresh clone) keeps its manifest entry: pool.json is not rewritten.
 """
 
 from __future__ import annotations
@@ -45,8 +46,13 @@ def build_demo_pool(pool_spec: str = DEMO_POOL, base: str = "smollm2-135m", devi
         if plan.name in pool and pool.expert(plan.name).files_present():
             log(f"skip {plan.name}: already in pool {pool.name}")
             continue
-        if plan.name in pool:  # the manifest is committed, the weights are not: train them again
+        # The manifest is committed, the weights are not: train them again, keeping the tracked entry
+        # (added_at, training record) so that a rebuild does not rewrite pool.json.
+        old = pool.expert(plan.name).entry if plan.name in pool else None
+        if old:
             log(f"rebuilding {plan.name}: its files are missing")
-        train_expert(pool, plan.name, list(plan.tasks), plan.config, device=device, replace=plan.name in pool)
+        train_expert(pool, plan.name, list(plan.tasks), plan.config, device=device, replace=old is not None)
+        if old:
+            pool.keep_metadata(old)
     log(f"demo pool {pool.name}: {len(pool.names())} experts ({time.perf_counter() - t0:.0f}s this run)")
     return pool

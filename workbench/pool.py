@@ -4,7 +4,8 @@
     adapters/<pool>/experts/<name>/      a copied expert (PEFT LoRA folder or HF model folder)
 
 Experts are validated against the pool's base on `add` (architecture, tensor shapes, LoRA
-targets, finite values, safetensors only) and read lazily afterwards: `Expert.delta(name)`
+targets and ranks, finite values, safetensors only, no links out of the folder, distance to the
+base or the adapter's named base) and read lazily afterwards: `Expert.delta(name)`
 gives one tensor's task vector (exact `scale·B·A` for LoRA, `W_expert − W_base` for full).
 """
 
@@ -22,25 +23,31 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel as Schema
-from pydantic import ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_serializer
 
 from .base import BaseModel, fingerprint
 from .errors import ExpertValidationError, ManifestError, PoolError, did_you_mean
 from .io import atomic_write_json, sha256_file
-from .tensors import SafetensorsDir, model_weight_files, refuse_pickles
+from .tensors import SafetensorsDir, model_weight_files, refuse_pickles, relative_distance
 
 MANIFEST = "pool.json"
 EXPERTS_DIR = "experts"
 STAGING_DIR = ".staging"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # used with fullmatch: `$` would allow a final "\n"
 # Files worth keeping from an expert folder (never pickles, never checkpoints).
 _KEEP_SUFFIXES = {".json", ".safetensors", ".txt", ".md", ".model", ".jinja"}
+# A full expert farther than this from the base (||W_e − W_0|| / ||W_0|| over all shared tensors) is refused
+# unless allowed. Two independent models of one architecture sit near sqrt(2) ≈ 1.41 (equal norms, uncorrelated
+# weights; 1.35 for the tiny test models, whose norm layers agree), while experts of the base measure about 0.1
+# (tiny full expert: noise 0.02 on weights of std 0.2), 0.25 (a random rank-2 LoRA merged in) and far less for the
+# demo's full fine-tunes (lr 1e-4, 80 steps): 0.5 leaves a wide margin on both sides.
+MAX_BASE_DISTANCE = 0.5
 # PEFT saves LoRA weights as `base_model.model.<module>.lora_A.weight` (adapter name stripped).
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 
 
 def check_name(name: str, what: str = "expert name") -> str:
-    if not NAME_RE.match(name) or ".." in name:
+    if not NAME_RE.fullmatch(name) or ".." in name:
         raise PoolError(
             f"invalid {what} {name!r}: use letters, digits, '_', '-', '.' (no '/', no '..', at most 64 chars)"
         )
@@ -90,11 +97,20 @@ class ExpertEntry(Schema):
     lora: LoraInfo | None = None
     files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256")
     added_at: str = ""
+    base_distance: float | None = Field(None, description="full experts: ||W_e − W_0|| / ||W_0||, measured on add")
 
     @field_validator("name")
     @classmethod
     def _valid_name(cls, v: str) -> str:
         return check_name(v)
+
+    @model_serializer(mode="wrap")
+    def _drop_unmeasured(self, handler):
+        # Entries written before `base_distance` existed (or LoRA ones) keep their bytes on a rewrite.
+        data = handler(self)
+        if data.get("base_distance") is None:
+            data.pop("base_distance", None)
+        return data
 
 
 class PoolManifest(Schema):
@@ -142,6 +158,16 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
         raise ExpertValidationError(f"{what}: {path} is not valid JSON ({e})") from None
 
 
+def refuse_outside_links(folder: Path, what: str) -> None:
+    """Refuse a symbolic link in `folder` that resolves outside it (its bytes would be copied or hashed)."""
+    folder = Path(folder).resolve()
+    for p in sorted(folder.iterdir()):
+        if p.is_symlink() and not p.resolve().is_relative_to(folder):
+            raise ExpertValidationError(
+                f"{what}: {p.name} is a symbolic link to {p.resolve()}, outside the folder; copy the file in instead"
+            )
+
+
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module name's suffix."""
     for key, value in patterns.items():
@@ -166,7 +192,7 @@ class LoraLayout:
         self.config = cfg
         self.weights = SafetensorsDir(self.folder, ["adapter_model.safetensors"])
         self.r = int(cfg.get("r", 8))
-        self.alpha = float(cfg.get("lora_alpha", self.r))
+        self.alpha = float(cfg.get("lora_alpha", 8))  # PEFT's LoraConfig default, whatever r is
         self.use_rslora = bool(cfg.get("use_rslora", False))
         targets = cfg.get("target_modules") or []
         self.target_modules = [targets] if isinstance(targets, str) else sorted(targets)
@@ -184,8 +210,9 @@ class LoraLayout:
 
         base_modules = {k[: -len(".weight")] for k in base_shapes if k.endswith(".weight")}
         if isinstance(targets, list):
-            leafs = {m.rsplit(".", 1)[-1] for m in base_modules}
-            missing = [t for t in targets if t not in leafs and not any(m.endswith("." + t) for m in base_modules)]
+            # PEFT's own rule: a target names a module in full or a suffix after a dot ("all-linear" is saved
+            # as the full names it matched, "q_proj" matches every "...self_attn.q_proj").
+            missing = [t for t in targets if not any(m == t or m.endswith("." + t) for m in base_modules)]
             if missing:
                 raise ExpertValidationError(
                     f"{what}: LoRA target modules {missing} do not exist in the base model"
@@ -204,7 +231,12 @@ class LoraLayout:
                     f"{what}: shape mismatch at {module!r}: A {list(wshapes[ab['A']])}, B {list(wshapes[ab['B']])} "
                     f"vs base weight {[out_f, in_f]} (adapter trained on another base?)"
                 )
-            r = ra
+            r = int(_pattern_value(cfg.get("rank_pattern") or {}, module, self.r))
+            if ra != r:  # PEFT would build rank-r layers and fail to load these tensors (size mismatch)
+                raise ExpertValidationError(
+                    f"{what}: module {module!r} has rank-{ra} LoRA tensors but adapter_config.json gives it r={r}"
+                    f"{' (rank_pattern)' if r != self.r else ''}"
+                )
             alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, self.alpha))
             scale = alpha / (r ** 0.5) if self.use_rslora else alpha / r
             self.modules[module + ".weight"] = (ab["A"], ab["B"], scale)
@@ -279,9 +311,18 @@ class Expert:
     def _full(self) -> SafetensorsDir:
         return SafetensorsDir(self.path, model_weight_files(self.path))
 
+    def missing_files(self) -> list[str]:
+        """Files the manifest lists that are not on disk (a clone has the manifest, not the weights)."""
+        return [f for f in self.entry.files if not (self.path / f).is_file()]
+
     def files_present(self) -> bool:
-        """Whether every file the manifest lists is on disk (a clone has the manifest, not the weights)."""
-        return all((self.path / f).is_file() for f in self.entry.files)
+        """Whether every file the manifest lists is on disk."""
+        return not self.missing_files()
+
+    def status(self) -> str:
+        """'ok', or 'missing files: a, b' (for `pool list` and `pool show`)."""
+        missing = self.missing_files()
+        return f"missing files: {', '.join(missing)}" if missing else "ok"
 
     def delta_names(self) -> list[str]:
         """Base tensor names this expert changes."""
@@ -397,6 +438,7 @@ class Pool:
         what = f"expert source {source}"
         if not source.is_dir():
             raise ExpertValidationError(f"{what} is not a folder")
+        refuse_outside_links(source, what)
         kind = kind or detect_kind(source)
         if kind == "lora":
             layout = LoraLayout(source, self.base.tensors.shapes, what)
@@ -406,9 +448,31 @@ class Pool:
         tensors.check_finite(what)
         return kind, None
 
+    def _check_base_identity(self, source: Path, kind: str, what: str, allow_distant: bool = False) -> float | None:
+        """Refuse an expert of another base that shapes cannot tell apart; return a full expert's distance.
+
+        Full: `||W_e − W_0|| / ||W_0||` over all shared tensors (streamed), at most MAX_BASE_DISTANCE.
+        LoRA: `base_model_name_or_path` must name the pool's base, where it names anything comparable.
+        """
+        override = "add it anyway with allow_distant=True (CLI: --allow-distant-base)"
+        if kind == "full":
+            distance = relative_distance(SafetensorsDir(source, model_weight_files(source)), self.base.tensors)
+            if distance > MAX_BASE_DISTANCE and not allow_distant:
+                raise ExpertValidationError(
+                    f"{what}: relative delta norm to the pool's base is {distance:.3f} (> {MAX_BASE_DISTANCE}; "
+                    f"fine-tuned from another base?); {override}"
+                )
+            return round(distance, 6)
+        named = _read_json(source / "adapter_config.json", what).get("base_model_name_or_path") or ""
+        if not allow_distant and not self.base.is_named_by(str(named)):
+            raise ExpertValidationError(
+                f"{what}: trained on base {named!r}, the pool's base is {self.manifest.base.spec!r}; {override}"
+            )
+        return None
+
     def add(self, source: str | os.PathLike, name: str, *, kind: str | None = None, link: bool = False,
             tags: dict[str, str] | None = None, training: dict[str, Any] | None = None, notes: str = "",
-            replace: bool = False) -> Expert:
+            replace: bool = False, allow_distant: bool = False) -> Expert:
         """Validate `source` and add it; copy by default, reference in place with `link`.
 
         Order keeps the pool consistent: validate -> copy into `.staging/` -> rename into
@@ -420,6 +484,7 @@ class Pool:
             raise PoolError(f"pool {self.name!r} already has an expert named {name!r}")
         source = Path(source).expanduser().resolve()
         kind, lora = self.validate_source(source, kind)
+        distance = self._check_base_identity(source, kind, f"expert source {source}", allow_distant)
         files = sorted(p.name for p in source.iterdir() if p.is_file() and p.suffix in _KEEP_SUFFIXES)
         if link:
             rel, hashes = str(source), {f: sha256_file(source / f) for f in files}
@@ -441,10 +506,32 @@ class Pool:
                 shutil.rmtree(tmp, ignore_errors=True)
             rel = f"{EXPERTS_DIR}/{name}"
         entry = ExpertEntry(name=name, kind=kind, path=rel, linked=link, tags=tags or {}, training=training or {},
-                            notes=notes, lora=lora, files=hashes, added_at=_now())
-        self.manifest.experts = [e for e in self.manifest.experts if e.name != name] + [entry]
-        self._save()
+                            notes=notes, lora=lora, files=hashes, added_at=_now(), base_distance=distance)
+        self._put(entry)
         return Expert(self, entry)
+
+    def _put(self, entry: ExpertEntry) -> None:
+        """Write `entry` into the manifest: in its place when the name exists (a replace), else last."""
+        names = self.names()
+        experts = list(self.manifest.experts)
+        if entry.name in names:
+            experts[names.index(entry.name)] = entry
+        else:
+            experts.append(entry)
+        self.manifest.experts = experts
+        self._save()
+
+    def keep_metadata(self, old: ExpertEntry) -> Expert:
+        """After rebuilding `old.name`'s files, put back `old`'s entry (added_at, training, tags, notes).
+
+        Only what was measured on the files (hashes, LoRA info, base distance) is updated, and only when
+        the bytes differ: a rebuild to identical files leaves `pool.json` byte for byte as it was.
+        """
+        new = self.expert(old.name).entry
+        if new.files != old.files:
+            old = old.model_copy(update={"files": new.files, "lora": new.lora, "base_distance": new.base_distance})
+        self._put(old)
+        return Expert(self, old)
 
     def remove(self, name: str) -> None:
         expert = self.expert(name)

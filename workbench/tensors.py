@@ -109,3 +109,16 @@ def model_weight_files(folder: Path) -> list[str]:
             raise ExpertValidationError(f"invalid {index}: {e}") from None
         return sorted(set(weight_map.values()))
     return sorted(p.name for p in folder.glob("*.safetensors"))
+
+
+def relative_distance(tensors: SafetensorsDir, reference: SafetensorsDir) -> float:
+    """`||T − R|| / ||R||` over every floating tensor both hold (one Frobenius norm), read one tensor at a time."""
+    num = den = 0.0
+    for name in sorted(set(tensors.index) & set(reference.index)):
+        t, r = tensors.get(name), reference.get(name)
+        if not (t.is_floating_point() and r.is_floating_point()):
+            continue
+        r = r.float()
+        num += (t.float() - r).square().sum(dtype=torch.float64).item()
+        den += r.square().sum(dtype=torch.float64).item()
+    return (num / den) ** 0.5 if den else 0.0
