@@ -1,5 +1,7 @@
 """Merging: adapter-space merges equal mergekit's merges of the materialised models; recipes."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -59,8 +61,30 @@ def test_workbench_engine_on_full_experts_equals_mergekit(lora_pool):
     assert _max_diff(ours, theirs) <= 1e-6
 
 
-def test_dare_statistics_and_seed(lora_pool):
-    d1 = _build(lora_pool, "dare_linear", ["a"], density=0.25, seed=3)
+@pytest.mark.parametrize("method,experts,params", [
+    ("task_arithmetic", ["a", "b"], {"lambda": 1.3}),  # adapter space, one product of stacked factors
+    ("ties", ["a", "b"], {"density": 0.5}),  # adapter space, mergekit's merge_group per tensor
+    ("task_arithmetic", ["full_a", "full_b"], {"lambda": 1.3}),  # full experts, mergekit
+    ("ties", ["full_a", "full_b"], {"density": 0.5, "engine": "workbench"}),  # full experts, streaming engine
+])
+def test_per_expert_weight_zero_leaves_the_expert_out(lora_pool, method, experts, params):
+    zero = _build(lora_pool, method, experts, per_expert={experts[1]: {"weight": 0}}, **params)
+    alone = _build(lora_pool, method, experts[:1], **params)
+    assert _max_diff(zero, alone) <= 1e-6
+
+
+def test_per_expert_zero_gamma_is_kept(lora_pool):
+    zero = {"a": {"gamma": 0}, "b": {"gamma": 0}}
+    per = _build(lora_pool, "breadcrumbs", ["a", "b"], density=0.5, gamma=0.2, per_expert=zero)
+    assert _max_diff(per, _build(lora_pool, "breadcrumbs", ["a", "b"], density=0.5, gamma=0)) <= 1e-6
+
+
+def test_dare_statistics_and_seed(lora_pool, tmp_path, monkeypatch):
+    def build_in(cache: str, seed: int):  # a fresh artifact cache: a real build, never a reused artifact
+        monkeypatch.setenv("WORKBENCH_CACHE_ARTIFACTS", str(tmp_path / cache))
+        return _build(lora_pool, "dare_linear", ["a"], density=0.25, seed=seed)
+
+    d1 = build_in("c1", 3)
     base = lora_pool.base.tensors
     merged = load_file(d1 / "model.safetensors")
     name = lora_pool.expert("a").delta_names()[0]
@@ -70,12 +94,10 @@ def test_dare_statistics_and_seed(lora_pool):
     assert 0.18 < kept < 0.32  # Bernoulli(0.25) keep rate
     # survivors rescaled so that the L1 norm is preserved (mergekit's DARE rescale)
     assert got.abs().sum().item() == pytest.approx(delta.abs().sum().item(), rel=1e-3)
-    d2 = _build(lora_pool, "dare_linear", ["a"], density=0.25, seed=3)  # same recipe: cached artifact
-    assert d2 == d1
-    again = parse_recipe({"name": "again", "pool": str(lora_pool.root), "method": "dare_linear", "experts": ["a"],
-                          "parameters": {"density": 0.25, "seed": 3}})
-    d3 = build(again, log=lambda *a: None)
-    torch.testing.assert_close(load_file(d3 / "model.safetensors")[name], merged[name], rtol=0, atol=0)
+    d2 = build_in("c2", 3)  # built again from scratch with the same seed: the same bytes
+    assert d2.parent != d1.parent and (d2 / "model.safetensors").read_bytes() == (d1 / "model.safetensors").read_bytes()
+    other = load_file(build_in("c3", 4) / "model.safetensors")[name] - base.get(name)
+    assert ((other.abs() > 1e-7) != (got.abs() > 1e-7)).float().mean().item() > 0.1  # another seed: another mask
 
 
 def test_refactored_lora_output(lora_pool):
@@ -104,6 +126,13 @@ def test_refactored_lora_output(lora_pool):
     ({"parameters": {"desnity": 0.2}}, r"parameters\.desnity: Extra inputs are not permitted"),
     ({"output": {"kind": "lora"}}, r"output kind 'lora' needs a rank"),
     ({"parameters": {"per_expert": {"zz": {"weight": 1}}}}, r"per_expert names experts not in the merge"),
+    # a LoRA cannot be re-factored from full experts (1-D norm weights, whole-model merges ignore the rank)
+    ({"experts": ["full_a", "full_b"], "output": {"kind": "lora", "rank": 4}},
+     r"method 'ties' cannot output a LoRA from full experts \['full_a', 'full_b'\]: use output kind 'model'"),
+    ({"method": "task_arithmetic", "experts": ["a", "full_b"], "output": {"kind": "lora", "rank": 4}},
+     r"method 'task_arithmetic' cannot output a LoRA from full experts \['full_b'\]"),
+    ({"method": "pcb", "experts": ["full_a", "full_b"], "output": {"kind": "lora", "rank": 4}, "parameters": {}},
+     r"method 'pcb' cannot output a LoRA from full experts"),
 ])
 def test_bad_recipes_fail_before_work(lora_pool, recipe, message, tmp_path, monkeypatch):
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "empty-cache"))
@@ -139,9 +168,9 @@ def test_yaml_errors(tmp_path):
 
 def _pcb_reference(flat, ratio, q):
     """The reference steps written out plainly, with full sorts (independent of pcb_merge)."""
-    def minmax(x):
+    def minmax(x):  # a constant row (an expert that leaves a tensor alone) maps to 0, as in pcb_merge
         lo, hi = x.min(dim=1, keepdim=True).values, x.max(dim=1, keepdim=True).values
-        return (x - lo) / (hi - lo)
+        return (x - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))
 
     def clamp_sorted(x, min_ratio, max_ratio):
         d = x.shape[1]
@@ -181,35 +210,71 @@ def test_pcb_scopes(lora_pool):
     base = lora_pool.base.tensors
     got = torch.cat([(got_model[n] - base.get(n)).flatten() for n in names])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    got_per = load_file(per / "model.safetensors")
+    for n in names:  # scope tensor: the reference steps applied to each tensor alone
+        want_n = _pcb_reference(torch.stack([e.delta(n) if n in e.delta_names() else torch.zeros(shapes[n])
+                                             for e in experts]).flatten(1), 0.2, 1e-4) * 1.1
+        torch.testing.assert_close((got_per[n] - base.get(n)).flatten(), want_n, rtol=1e-4, atol=1e-6)
     assert _max_diff(whole, per) > 1e-6  # per-tensor quantiles differ from the whole-model ones
     assert load_artifact(per).model is not None
 
 
 def test_sweep_selects_on_validation(lora_pool, tmp_path, monkeypatch):
     import json
+    import os
 
     from workbench.eval import harness
+    from workbench.methods import METHODS
     from workbench.recipes import run_recipe
 
-    monkeypatch.setattr(harness, "RESULTS_DIR", tmp_path / "results")
+    monkeypatch.setattr(harness, "RESULTS_DIR", tmp_path / "elsewhere")  # results_dir wins over the global
+    monkeypatch.setenv("WORKBENCH_CACHE_ARTIFACTS", str(tmp_path / "artifacts"))
+    # Validation scores read the merged weights: lambda = <W - W0, d> / <d, d>, d the plain sum of deltas.
+    # The middle point scores best, so neither grid order nor a tie can pick it.
+    scores = {0.5: 0.2, 1.0: 0.9, 1.5: 0.4}
+    name = "model.layers.0.self_attn.q_proj.weight"
+    d = lora_pool.expert("a").delta(name) + lora_pool.expert("b").delta(name)
+    w0 = lora_pool.base.tensors.get(name).float()
     seen_splits = []
     real = harness.evaluate
 
-    def spy(*a, **k):
+    def fake(loaded, tasks, **k):
         seen_splits.append(k.get("split", "test"))
-        return real(*a, **k)
+        if k.get("split") != "validation":
+            return real(loaded, tasks, **k)
+        lam = round(((loaded.model.state_dict()[name].float() - w0) * d).sum().item() / d.pow(2).sum().item(), 3)
+        return {"results": {f"wb_{t}_val": {"exact_match,none": scores[lam]} for t in tasks}}
 
-    monkeypatch.setattr(harness, "evaluate", spy)
+    monkeypatch.setattr(harness, "evaluate", fake)
     recipe = {"name": "sw", "pool": str(lora_pool.root), "method": "task_arithmetic", "experts": ["a", "b"],
-              "sweep": {"parameters": {"lambda": [0.5, 1.0]}, "tasks": ["addition"], "limit": 2, "batch_size": 4},
+              "sweep": {"parameters": {"lambda": [0.5, 1.0, 1.5]}, "tasks": ["addition"], "limit": 2, "batch_size": 4},
               "eval": {"tasks": ["addition"], "limit": 2}}
-    out = run_recipe(recipe, evaluate=True, log=lambda *a: None)
-    assert seen_splits == ["validation", "validation", "test"]
-    record = json.loads((tmp_path / "results" / "sweeps" / "demo__sw.json").read_text())
-    assert [p["point"] for p in record["points"]] == [{"lambda": 0.5}, {"lambda": 1.0}]
-    assert record["best"]["point"] == out["selection"]["best"]
-    assert out["eval"]["selected_on_validation"]["best"] == record["best"]["point"]
-    assert out["eval"]["model_name"] == "demo__sw" and out["eval"]["params"]["lambda"] == record["best"]["point"]["lambda"]
+    results = tmp_path / "results"
+    out = run_recipe(recipe, evaluate=True, results_dir=results, log=lambda *a: None)
+    assert seen_splits == ["validation"] * 3 + ["test"]
+    record_file = results / "sweeps" / "demo__sw.json"
+    record = json.loads(record_file.read_text())
+    assert [p["point"] for p in record["points"]] == [{"lambda": 0.5}, {"lambda": 1.0}, {"lambda": 1.5}]
+    assert [p["score"] for p in record["points"]] == [0.2, 0.9, 0.4]
+    assert record["best"]["point"] == out["selection"]["best"] == {"lambda": 1.0}
+    assert out["selection"]["validation_score"] == 0.9 and out["selection"]["file"] == "sweeps/demo__sw.json"
+    assert out["artifact"] == record["best"]["artifact"] == f"artifacts/{Path(out['artifact_dir']).name}"
+    assert out["eval"]["selected_on_validation"]["best"] == {"lambda": 1.0}
+    assert out["eval"]["model_name"] == "demo__sw" and out["eval"]["params"]["lambda"] == 1.0
+    assert out["eval"]["recipe"]["pool"] == "demo" and out["eval"]["model"] == out["artifact"]
+    # records under results/ name no path of this machine; nothing went to the global RESULTS_DIR
+    run_manifest = next(results.glob("lm-eval/*/run_*.json"))
+    for f in (record_file, run_manifest):
+        assert str(tmp_path) not in f.read_text() and os.environ["WORKBENCH_CACHE"] not in f.read_text(), f
+    assert not (tmp_path / "elsewhere").exists()
+    # scores are reused while the keys hold; a new method version invalidates them
+    seen_splits.clear()
+    run_recipe(recipe, results_dir=results, log=lambda *a: None)
+    assert seen_splits == []
+    monkeypatch.setattr(METHODS.get("task_arithmetic"), "version", 2)
+    run_recipe(recipe, results_dir=results, log=lambda *a: None)
+    assert seen_splits == ["validation"] * 3
+    assert not {p["key"] for p in json.loads(record_file.read_text())["points"]} & {p["key"] for p in record["points"]}
 
 
 def test_bad_sweep_point_fails_up_front(lora_pool):

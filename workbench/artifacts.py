@@ -26,6 +26,11 @@ def register_artifact(type_name: str):
     return deco
 
 
+def artifact_ref(path: Path) -> str:
+    """How records name an artifact: `artifacts/<folder>`, relative to the cache, never a path of this machine."""
+    return f"artifacts/{Path(path).name}"
+
+
 def read_artifact_meta(path: Path) -> dict[str, Any]:
     f = Path(path) / ARTIFACT_FILE
     try:

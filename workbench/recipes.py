@@ -1,8 +1,10 @@
 """Recipes: YAML in merges/ -> (pool, experts, method, params, output, eval), validated up front.
 
-Every check that can fail runs before any tensor is touched: YAML syntax, the schema,
-the method name, expert names, one base across pools, the method's parameter types and
-ranges, and the method's own cross-field checks. Each failure is one RecipeError line.
+Every check that can fail runs before any tensor is touched: the file's size and encoding,
+YAML syntax (no aliases, bounded nesting), the schema, the method name, expert names and
+files, one base across pools, the method's parameter types and ranges, and the method's own
+cross-field checks. Each failure is one RecipeError line that echoes at most ~80 characters
+of the input. Builds check the experts' file hashes against the manifest first.
 """
 
 from __future__ import annotations
@@ -10,19 +12,25 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel as Schema
 from pydantic import ConfigDict, Field, ValidationError
+from yaml.composer import ComposerError
 
-from .artifacts import ARTIFACT_FILE, read_artifact_meta
+from .artifacts import ARTIFACT_FILE, artifact_ref, read_artifact_meta
 from .errors import RecipeError, WorkbenchError
-from .io import atomic_write_json, cache_dir, sha256_json, staging_dir
+from .io import atomic_write_json, cache_dir, sha256_file_cached, sha256_json, staging_dir
 from .methods import METHODS, BuildContext, Method, MethodParams, OutputSpec
 from .methods.base import write_artifact_meta
 from .pool import Expert, Pool
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; more is a mistake (or an attack)
+MAX_DEPTH = 32  # nesting levels of a recipe (one needs about 5)
+Ref = Annotated[str, Field(max_length=1024)]  # a name or path: bounded, so errors that echo it stay short
 
 
 class EvalSpec(Schema):
@@ -36,7 +44,8 @@ class SweepSpec(Schema):
     """A grid over method parameters, each point scored on the validation split (never test)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    parameters: dict[str, list[Any]] = Field(description="parameter name -> values; the grid is their product")
+    parameters: dict[Annotated[str, Field(max_length=64)], list[Any]] = Field(
+        description="parameter name -> values; the grid is their product")
     tasks: list[str] = Field(default_factory=lambda: ["held_in"], description="tasks scored (validation split)")
     limit: int | None = Field(50, gt=0, description="validation examples per task")
     batch_size: int = Field(32, gt=0)
@@ -44,10 +53,10 @@ class SweepSpec(Schema):
 
 class Recipe(Schema):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str = Field(description="artifact and results name")
-    method: str
-    pool: str = "demo"
-    experts: list[str] | None = Field(None, description="expert names, or pool:expert; default all of the pool")
+    name: str = Field(max_length=200, description="artifact and results name")
+    method: str = Field(max_length=64)
+    pool: Ref = "demo"
+    experts: list[Ref] | None = Field(None, description="expert names, or pool:expert; default all of the pool")
     parameters: dict[str, Any] = Field(default_factory=dict, description="the method's parameters")
     output: OutputSpec = Field(default_factory=OutputSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
@@ -64,13 +73,21 @@ class ResolvedRecipe:
     method: Method
     params: MethodParams
 
+    @cached_property
+    def inputs(self) -> dict[str, Any]:
+        """Hashes of the data the method's build reads beyond the experts' files (`Method.key_inputs`)."""
+        return self.method.key_inputs(self.experts, self.params)
+
     @property
     def key(self) -> str:
-        """Hash of everything that determines the artifact (recipe fields + experts' file hashes)."""
+        """Hash of everything that determines the artifact: recipe fields, experts' file hashes, the method's
+        version and the data its build reads."""
         # The name is not part of the key: a sweep's best point reuses that point's artifact.
         body = self.recipe.model_dump(mode="json", exclude={"eval", "description", "sweep", "name"})
         body["experts"] = [(e.pool.manifest.base.fingerprint, e.name, e.entry.files) for e in self.experts]
         body["params"] = self.params.model_dump(mode="json", by_alias=True)
+        body["method_version"] = self.method.version
+        body["inputs"] = self.inputs
         return sha256_json(body)[:12]
 
     @property
@@ -79,27 +96,95 @@ class ResolvedRecipe:
         return (Path(root) if root else cache_dir() / "artifacts") / f"{self.recipe.method}-{self.key}"
 
 
+def _clip(text: str, limit: int = 80) -> str:
+    """`text` cut to `limit` characters: errors never echo unbounded input."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _first_error(e: ValidationError, prefix: str) -> str:
     err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"])
-    got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
-    return f"{prefix}{loc}: {err['msg']}{got}"
+    loc = ".".join(_clip(str(x), 64) for x in err["loc"])
+    got = f" (got {_clip(repr(err['input']))})" if "input" in err and not isinstance(err["input"], dict) else ""
+    return f"{prefix}{loc}: {_clip(err['msg'], 200)}{got}"
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """SafeLoader without aliases (an alias bomb expands exponentially; recipes need none) and with bounded
+    nesting (composing recurses per level)."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        mark = self.peek_event().start_mark
+        if self.check_event(yaml.AliasEvent):
+            raise ComposerError(None, None, "aliases (*name) are not allowed in recipes", mark)
+        if self.depth >= MAX_DEPTH:
+            raise ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep", mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _load_yaml(path: Path) -> Any:
+    """A recipe file's YAML, refusing what a recipe never is: over 1 MiB, not UTF-8, aliases, deep nesting."""
+    if not path.is_file():
+        raise RecipeError(f"no recipe at {path}")
+    with open(path, "rb") as f:
+        raw = f.read(MAX_RECIPE_BYTES + 1)  # never more, whatever the file's size
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe {path} is over {MAX_RECIPE_BYTES >> 20} MiB ({path.stat().st_size:,} bytes)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"recipe {path} is not UTF-8 text (invalid byte at offset {e.start})") from None
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark and problem else ""
+        raise RecipeError(f"recipe {path} is not valid YAML: {_clip(problem or str(e).splitlines()[0])}{where}") from None
+
+
+def _depth(obj: Any, limit: int = MAX_DEPTH) -> int:
+    """Nesting depth of dicts and lists, counted up to `limit + 1` at most."""
+    if limit < 0 or not isinstance(obj, (dict, list)):
+        return 0
+    items = obj.values() if isinstance(obj, dict) else obj
+    return 1 + max((_depth(x, limit - 1) for x in items), default=0)
+
+
+def _check_files_present(source: str, experts: list[Expert]) -> None:
+    """Existence only (cheap): a deleted or moved expert folder fails here, before any work."""
+    for e in experts:
+        missing = [e.path / f for f in e.missing_files()] or ([] if e.path.is_dir() else [e.path])
+        if missing:
+            raise RecipeError(f"recipe {source}: expert {e.name!r} is missing {missing[0]} (moved or deleted? "
+                              f"`workbench pool verify {e.pool.name}` lists what is missing)")
+
+
+def check_expert_files(experts: list[Expert]) -> None:
+    """Each expert's files hash as the manifest says (a linked folder may have changed since `pool add`)."""
+    for e in experts:
+        for f, digest in e.entry.files.items():
+            p = e.path / f
+            if not p.is_file():
+                raise RecipeError(f"expert {e.name!r} is missing {p}; run `workbench pool verify {e.pool.name}`")
+            if sha256_file_cached(p) != digest:
+                raise RecipeError(f"expert {e.name!r}: {p} changed since it was added (sha256 mismatch); check with "
+                                  f"`workbench pool verify {e.pool.name}`, then remove and re-add the expert")
 
 
 def parse_recipe(data: dict[str, Any] | str | Path, source: str | None = None) -> ResolvedRecipe:
     if isinstance(data, (str, Path)) and Path(data).suffix in (".yaml", ".yml"):
-        path = Path(data)
-        source = source or str(path)
-        if not path.is_file():
-            raise RecipeError(f"no recipe at {path}")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            first = str(e).splitlines()[0]
-            raise RecipeError(f"recipe {path} is not valid YAML: {first}") from None
+        source = source or str(data)
+        data = _load_yaml(Path(data))
     source = source or "<recipe>"
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {source}: expected a mapping at the top level")
+    if _depth(data) > MAX_DEPTH:
+        raise RecipeError(f"recipe {source}: nested more than {MAX_DEPTH} levels deep")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
@@ -119,6 +204,7 @@ def parse_recipe(data: dict[str, Any] | str | Path, source: str | None = None) -
             raise RecipeError(f"recipe {source}: {e}") from None
     if len({(e.pool.root, e.name) for e in experts}) != len(experts):
         raise RecipeError(f"recipe {source}: an expert is listed twice")
+    _check_files_present(source, experts)
     try:
         params = method_cls.Params.model_validate(recipe.parameters)
     except ValidationError as e:
@@ -156,14 +242,19 @@ def variant(resolved: ResolvedRecipe, point: dict[str, Any]) -> ResolvedRecipe:
     try:
         params = resolved.method.Params.model_validate(params_dict)
     except ValidationError as e:
-        raise RecipeError(_first_error(e, f"recipe {resolved.source}: sweep point {point}: parameters.")) from None
+        raise RecipeError(_first_error(e, f"recipe {resolved.source}: sweep point {_clip(repr(point))}: "
+                                          "parameters.")) from None
     resolved.method.validate(resolved.experts, params, r.output)
     recipe = r.model_copy(update={"parameters": params_dict, "name": f"{r.name}@{suffix}"})
     return ResolvedRecipe(recipe, resolved.source, resolved.pool, resolved.experts, resolved.method, params)
 
 
 def build(resolved: ResolvedRecipe, *, force: bool = False, device: str = "cpu", log=print) -> Path:
-    """Build the artifact once per key: a finished artifact is reused, an interrupted one rebuilt."""
+    """Build the artifact once per key: a finished artifact is reused, an interrupted one rebuilt.
+
+    The experts' files are checked against the manifest's hashes first: the key trusts them.
+    """
+    check_expert_files(resolved.experts)
     out = resolved.artifact_dir
     if (out / "artifact.json").is_file() and not force:
         log(f"artifact {out} exists (same recipe and experts): reused")
@@ -180,6 +271,7 @@ def build(resolved: ResolvedRecipe, *, force: bool = False, device: str = "cpu",
         meta = resolved.method.build(ctx)
         write_artifact_meta(tmp, {
             **meta, "name": r.name, "names": [r.name], "method": r.method, "recipe": r.model_dump(mode="json"), "key": resolved.key,
+            "method_version": resolved.method.version, "key_inputs": resolved.inputs,
             "params": resolved.params.model_dump(mode="json", by_alias=True), "pool": str(resolved.pool.root.resolve()),
             "base": resolved.pool.manifest.base.spec, "experts": [e.name for e in resolved.experts],
             "build_s": round(time.perf_counter() - t0, 2),
@@ -187,24 +279,43 @@ def build(resolved: ResolvedRecipe, *, force: bool = False, device: str = "cpu",
     return out
 
 
-def run_sweep(resolved: ResolvedRecipe, *, device: str = "cpu", force: bool = False, log=print) -> tuple[ResolvedRecipe, dict]:
-    """Build and score every grid point on the validation split; return the best point's recipe."""
+def _recorded_recipe(resolved: ResolvedRecipe) -> dict[str, Any]:
+    """The recipe as results record it: pools by name, not by a path of this machine."""
+    r = resolved.recipe.model_dump(mode="json")
+    r["pool"] = resolved.pool.name
+    if r["experts"] is not None:
+        r["experts"] = [e.name if e.pool.root == resolved.pool.root else f"{e.pool.name}:{e.name}"
+                        for e in resolved.experts]
+    return r
+
+
+def run_sweep(resolved: ResolvedRecipe, *, device: str = "cpu", force: bool = False, results_dir: Path | None = None,
+              log=print) -> tuple[ResolvedRecipe, dict]:
+    """Build and score every grid point on the validation split; return the best point's recipe.
+
+    Scores are recorded in `<results_dir>/sweeps/` and reused while the point's artifact key, the tasks,
+    the limit and the tasks' data are the same.
+    """
+    import json
     import statistics
 
     from .artifacts import load_artifact
-    from .eval.harness import RESULTS_DIR, evaluate, resolve_tasks, scores_of
-    from .io import atomic_write_json
+    from .eval import harness
+    from .eval.harness import evaluate, resolve_tasks, scores_of
+    from .tasks.suite import data_hash
 
+    check_expert_files(resolved.experts)  # cached scores trust the key, and the key trusts the files
     sweep = resolved.recipe.sweep
     tasks = resolve_tasks(sweep.tasks)
-    record_path = RESULTS_DIR / "sweeps" / f"{resolved.pool.name}__{resolved.recipe.name}.json"
+    data = {t: data_hash(t) for t in tasks}
+    record_path = Path(results_dir or harness.RESULTS_DIR) / "sweeps" / f"{resolved.pool.name}__{resolved.recipe.name}.json"
+    head = {"recipe": resolved.recipe.name, "pool": resolved.pool.name, "split": "validation", "tasks": tasks,
+            "limit": sweep.limit, "data_sha256": data}
     cached = {}
     if record_path.is_file() and not force:
-        import json
-
         prior = json.loads(record_path.read_text())
-        cached = {p["key"]: p for p in prior.get("points", []) if prior.get("tasks") == tasks
-                  and prior.get("limit") == sweep.limit}
+        if all(prior.get(k) == head[k] for k in ("tasks", "limit", "data_sha256")):
+            cached = {p["key"]: p for p in prior.get("points", [])}
     points = []
     for i, point in enumerate(sweep_points(sweep), 1):
         v = variant(resolved, point)
@@ -217,28 +328,32 @@ def run_sweep(resolved: ResolvedRecipe, *, device: str = "cpu", force: bool = Fa
                        split="validation", log_samples=False)
         per_task = {t: m.get("exact_match", float("nan")) for t, m in scores_of(res).items()}
         score = statistics.fmean(per_task.values())
-        points.append({"point": point, "key": v.key, "score": score, "per_task": per_task, "artifact": str(artifact)})
+        points.append({"point": point, "key": v.key, "score": score, "per_task": per_task,
+                       "artifact": artifact_ref(artifact)})
         log(f"sweep {i}: {point} -> validation exact match {score:.4f}")
-        atomic_write_json(record_path, {"recipe": resolved.recipe.name, "split": "validation", "tasks": tasks,
-                                        "limit": sweep.limit, "points": points})
+        atomic_write_json(record_path, {**head, "points": points})
     best = max(points, key=lambda p: p["score"])  # first of equals wins (grid order)
-    record = {"recipe": resolved.recipe.name, "split": "validation", "tasks": tasks, "limit": sweep.limit,
-              "points": points, "best": best}
-    atomic_write_json(record_path, record)
+    atomic_write_json(record_path, {**head, "points": points, "best": best})
     chosen = variant(resolved, best["point"])
     chosen = ResolvedRecipe(chosen.recipe.model_copy(update={"name": resolved.recipe.name}), chosen.source,
                             chosen.pool, chosen.experts, chosen.method, chosen.params)
-    return chosen, {"file": str(record_path), "best": best["point"], "validation_score": best["score"]}
+    return chosen, {"file": f"sweeps/{record_path.name}", "best": best["point"], "validation_score": best["score"]}
 
 
 def run_recipe(path: str | Path | dict, *, evaluate: bool = False, force: bool = False, device: str = "cpu",
-               log=print) -> dict[str, Any]:
+               results_dir: Path | None = None, log=print) -> dict[str, Any]:
+    """Parse, sweep (if asked), build and evaluate (if asked) one recipe; records go under `results_dir`
+    (default: the harness's RESULTS_DIR) and name the artifact relative to the cache (`artifacts/<folder>`)."""
+    from .eval import harness
+
+    results_dir = Path(results_dir or harness.RESULTS_DIR)
     resolved = parse_recipe(path)
     selection = None
     if resolved.recipe.sweep:
-        resolved, selection = run_sweep(resolved, device=device, force=force, log=log)
+        resolved, selection = run_sweep(resolved, device=device, force=force, results_dir=results_dir, log=log)
     artifact = build(resolved, force=force, device=device, log=log)
-    out: dict[str, Any] = {"artifact": str(artifact), "selection": selection}
+    ref = artifact_ref(artifact)
+    out: dict[str, Any] = {"artifact": ref, "artifact_dir": str(artifact), "selection": selection}
     if evaluate:
         from .artifacts import load_artifact
         from .eval import run_eval
@@ -246,13 +361,13 @@ def run_recipe(path: str | Path | dict, *, evaluate: bool = False, force: bool =
         spec = resolved.recipe.eval
         loaded = load_artifact(artifact, device=device)
         loaded.name = resolved.recipe.name
-        loaded.info["method"] = resolved.recipe.method
-        out["eval"] = run_eval(str(artifact), spec.tasks, pool=resolved.pool, limit=spec.limit, loaded=loaded,
-                               batch_size=spec.batch_size, device=device,
+        loaded.info.update(method=resolved.recipe.method, artifact=ref)
+        out["eval"] = run_eval(ref, spec.tasks, pool=resolved.pool, limit=spec.limit, loaded=loaded,
+                               batch_size=spec.batch_size, device=device, out_dir=results_dir / "lm-eval",
                                extra={"params": resolved.params.model_dump(mode="json", by_alias=True),
-                                      "recipe": resolved.recipe.model_dump(mode="json"), "artifact_key": resolved.key,
+                                      "recipe": _recorded_recipe(resolved), "artifact_key": resolved.key,
                                       "selected_on_validation": selection})
     return out
 
 
-__all__ = ["Recipe", "ResolvedRecipe", "build", "parse_recipe", "run_recipe"]
+__all__ = ["Recipe", "ResolvedRecipe", "build", "check_expert_files", "parse_recipe", "run_recipe", "run_sweep"]

@@ -52,7 +52,13 @@ class Method:
     Params: ClassVar[type[MethodParams]] = MethodParams
     expert_kinds: ClassVar[frozenset[str]] = frozenset({"lora", "full"})
     outputs: ClassVar[frozenset[str]] = frozenset({"model", "lora"})
+    lora_from_full: ClassVar[bool] = False  # can output a LoRA from full experts (none can yet: 1-D norms, no rank)
     description: ClassVar[str] = ""
+    version: ClassVar[int] = 1  # part of the artifact key: bump when the method's output changes
+
+    def key_inputs(self, experts: list[Expert], params: MethodParams) -> dict[str, Any]:
+        """Hashes of the data `build` reads beyond the experts' files (e.g. task data); part of the artifact key."""
+        return {}
 
     def validate(self, experts: list[Expert], params: MethodParams, output: OutputSpec) -> None:
         """Cross-field checks before any work starts; raise RecipeError."""
@@ -63,6 +69,10 @@ class Method:
             raise RecipeError(f"method {self.name!r} cannot output {output.kind!r} (only {sorted(self.outputs)})")
         if output.kind == "lora" and output.rank is None:
             raise RecipeError("output kind 'lora' needs a rank (output: {kind: lora, rank: 16})")
+        full = [e.name for e in experts if e.kind == "full"]
+        if output.kind == "lora" and full and not self.lora_from_full:
+            raise RecipeError(f"method {self.name!r} cannot output a LoRA from full experts {full}: "
+                              "use output kind 'model'")
         if len(experts) < 1:
             raise RecipeError(f"method {self.name!r} needs at least one expert")
 

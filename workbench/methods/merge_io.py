@@ -28,7 +28,7 @@ def write_merged_model(base: BaseModel, deltas: Iterable[tuple[str, torch.Tensor
 
     out_dir.mkdir(parents=True, exist_ok=True)
     t = base.tensors
-    writer = ShardWriter(out_dir, [(name, t.dtypes[name], t.shapes[name]) for name in t.keys()])
+    writer = ShardWriter(out_dir, [(name, t.dtypes[name], t.shapes[name]) for name in t.keys()])  # noqa: SIM118 - not a dict
     done = set()
     for name, delta in deltas:
         if name not in t:
@@ -36,7 +36,7 @@ def write_merged_model(base: BaseModel, deltas: Iterable[tuple[str, torch.Tensor
         w = t.get(name)
         writer.add(name, delta.to(w.dtype) if absolute else (w.float() + delta).to(w.dtype))
         done.add(name)
-    for name in t.keys():
+    for name in t.keys():  # noqa: SIM118 - not a dict
         if name not in done:
             writer.add(name, t.get(name))
     writer.close()

@@ -70,8 +70,10 @@ class TaskArithmeticFamily(Method):
             raise RecipeError("engine 'mergekit' takes full-model experts and outputs a model")
 
     def _expert_values(self, experts, params: TAParams, key: str):
+        """Each expert's value of `key`: its per_expert override when set (0 included), else the global one."""
         default = getattr(params, key)
-        return [getattr(params.per_expert.get(e.name, ExpertParams()), key) or default for e in experts]
+        values = [getattr(params.per_expert.get(e.name, ExpertParams()), key) for e in experts]
+        return [default if v is None else v for v in values]
 
     def _shared(self, params: TAParams) -> dict[str, Any]:
         m = _mk_method(self.name)
@@ -138,7 +140,7 @@ class TaskArithmeticFamily(Method):
         shared = self._shared(params)
         sparsify = m.sparsification_method.value if m.sparsification_method else None
         base = ctx.pool.base
-        names = [n for n in base.tensors.keys() if all(n in e._full for e in ctx.experts)]
+        names = [n for n in base.tensors.keys() if all(n in e._full for e in ctx.experts)]  # noqa: SIM118 - not a dict
         with progress_bar(f"{self.name} streaming ({len(ctx.experts)} full experts)", total=len(names)) as bar:
             for name in names:
                 merged = merge_full_tensor(

@@ -72,7 +72,7 @@ class ShardWriter:
     def add(self, name: str, t: torch.Tensor) -> None:
         if name not in self.slots:
             raise ValueError(f"tensor {name!r} is not in the output layout")
-        i, offset, nbytes, dtype, shape = self.slots[name]
+        i, offset, _, dtype, shape = self.slots[name]
         if tuple(t.shape) != shape or _CODES.get(t.dtype) != dtype:
             raise ValueError(f"tensor {name!r}: got {tuple(t.shape)} {t.dtype}, layout says {shape} {dtype}")
         f = self.files[i]
