@@ -7,9 +7,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from workbench.kernels import BACKENDS, AdapterWeights, apply_lora, make_meta
+from workbench.kernels import BACKENDS, AdapterWeights, apply_lora, available_backends, backend_unavailable, make_meta
 
 CUDA = torch.cuda.is_available()
+# torch.nn.functional.grouped_mm is newer than the oldest torch the project takes (2.6)
+HAS_GROUPED_MM = hasattr(torch.nn.functional, "grouped_mm")
+GROUPED_MM = pytest.param("grouped_mm", marks=pytest.mark.skipif(
+    not HAS_GROUPED_MM, reason=f"torch {torch.__version__} has no torch.nn.functional.grouped_mm"))
 TRITON_OK = CUDA or os.environ.get("TRITON_INTERPRET") == "1"
 try:
     import triton  # noqa: F401
@@ -53,14 +57,14 @@ def _expected(p, dtype=torch.float32):
     return _run("reference", *p, dtype=dtype)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cpu_grouped", "cpu_dense", "grouped_mm", "cpu_bmm"])
+@pytest.mark.parametrize("backend", ["cpu", "cpu_grouped", "cpu_dense", GROUPED_MM, "cpu_bmm"])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(p=problems())
 def test_backend_equals_reference_fp32(backend, p):
     torch.testing.assert_close(_run(backend, *p), _expected(p), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cpu_grouped", "cpu_dense", "grouped_mm"])
+@pytest.mark.parametrize("backend", ["cpu", "cpu_grouped", "cpu_dense", GROUPED_MM])
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(p=problems())
 def test_backend_equals_reference_bf16(backend, p):
@@ -79,7 +83,7 @@ def test_triton_equals_reference(p):
         torch.testing.assert_close(_run("triton", *p, dtype=bf, device=dev), _expected(p, dtype=bf), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("backend", ["cpu_bmm", "cpu", "cpu_grouped", "cpu_dense", "grouped_mm"])
+@pytest.mark.parametrize("backend", ["cpu_bmm", "cpu", "cpu_grouped", "cpu_dense", GROUPED_MM])
 @settings(max_examples=30, deadline=None)
 @given(b=st.integers(1, 6), s=st.integers(1, 9), e=st.integers(1, 5), equal=st.booleans(), seed=st.integers(0, 10**6))
 def test_one_adapter_per_sequence(backend, b, s, e, equal, seed):
@@ -106,15 +110,55 @@ def test_one_adapter_per_sequence(backend, b, s, e, equal, seed):
             torch.testing.assert_close(_run(backend, *p), _expected(p), rtol=1e-5, atol=1e-5)
 
 
-def test_meta_is_shared_and_contiguous_blocks():
+def _runs_of_one(tokens: list[int]) -> bool:
+    """Whether `tokens` (one adapter's, in pair order) are consecutive, each once: one contiguous block."""
+    return tokens == list(range(tokens[0], tokens[0] + len(tokens)))
+
+
+def test_meta_is_shared_and_contiguous_blocks(pool, tiny_dir, monkeypatch):
     idx = torch.tensor([0, 0, 0, 2, 2, 1, -1])
     meta = make_meta(idx, None, 3)
     assert meta.active == [0, 1, 2] and meta.counts == [3, 1, 2] and meta.offsets == [0, 3, 4, 6]
     assert meta.contiguous == {0: (0, 3), 1: (5, 6), 2: (3, 5)}
     mixed = make_meta(torch.tensor([[0, 1], [1, 0]]), torch.tensor([[0.5, 0.5], [0.9, 0.1]]), 2)
-    assert mixed.contiguous == {} or all(e in (0, 1) for e in mixed.contiguous)
+    assert mixed.contiguous == {0: (0, 2), 1: (0, 2)}
+    # not contiguous: a gap, a token twice, a zero weight that drops a pair from the middle
+    assert make_meta(torch.tensor([0, 1, 0]), None, 2).contiguous == {1: (1, 2)}
+    assert make_meta(torch.tensor([[0, 0], [1, -1]]), None, 2).contiguous == {1: (1, 2)}
+    assert make_meta(torch.tensor([0, 0, 0]), torch.tensor([1.0, 0.0, 1.0]), 1).contiguous == {}
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):  # every block found is one, and every block is found
+        ix = torch.randint(-1, 3, (int(torch.randint(1, 9, (1,), generator=g)), 2), generator=g)
+        m = make_meta(ix, None, 3)
+        want = {}
+        for e in m.active:
+            toks = m.token_idx[m.offsets[e]:m.offsets[e + 1]].tolist()
+            assert sorted(toks) == sorted(t for t in range(ix.shape[0]) for j in range(2) if ix[t, j] == e)
+            if _runs_of_one(toks):
+                want[e] = (toks[0], toks[-1] + 1)
+        assert m.contiguous == want, ix
     with pytest.raises(ValueError, match="out of range"):
         make_meta(torch.tensor([3]), None, 3)
+
+    # shared: one make_meta per batch shape, the same object handed to every adapted layer
+    import workbench.serve.engine as engine_mod
+
+    pool.add(tiny_dir / "lora_a", "a")
+    pool.add(tiny_dir / "lora_b", "b")
+    eng = engine_mod.MultiLoraModel.from_pool(pool, include_artifacts=False)
+    built, seen = [], []
+    real_make, real_apply = engine_mod.make_meta, engine_mod.apply_lora
+    monkeypatch.setattr(engine_mod, "make_meta", lambda *a, **k: built.append(1) or real_make(*a, **k))
+    monkeypatch.setattr(engine_mod, "apply_lora", lambda y, x, w, meta, b=None: seen.append(meta) or real_apply(y, x, w, meta, b))
+    layers = sum(isinstance(m, engine_mod.MultiLoraLinear) for m in eng.model.modules())
+    assert layers > 1
+    eng.forward(torch.randint(5, 90, (3, 6)), assignments=[eng.resolve("a"), eng.resolve("b"), eng.resolve("mix:a=0.5,b=0.5")])
+    assert len(built) == 1 and len(seen) == layers and len({id(m) for m in seen}) == 1
+    built.clear()
+    seen.clear()
+    steps = 5  # a prefill and 4 decode steps: one meta for the prefill, one reused by every decode step
+    eng.generate([[5, 6, 7], [8, 9]], [eng.resolve("a"), eng.resolve("b")], steps, stop_ids=set())
+    assert len(built) == 2 and len(seen) == layers * steps and len({id(m) for m in seen}) == 2
 
 
 def test_backends_registered():
@@ -123,6 +167,22 @@ def test_backends_registered():
 
     with pytest.raises(WorkbenchError, match=r"unknown kernel backend 'cuda'; known: "):
         BACKENDS.get("cuda")
+
+
+def test_grouped_mm_unavailable_without_torch_support(monkeypatch):
+    """On a torch without torch.nn.functional.grouped_mm the backend says so, and choosing it is a clear error."""
+    from workbench.errors import WorkbenchError
+
+    assert ("grouped_mm" in available_backends()) == HAS_GROUPED_MM
+    monkeypatch.delattr(torch.nn.functional, "grouped_mm", raising=False)
+    assert "grouped_mm" not in available_backends() and "cpu" in available_backends()
+    assert "torch.nn.functional.grouped_mm" in backend_unavailable("grouped_mm")
+    wts = AdapterWeights([torch.ones(2, 4)], [torch.ones(3, 2)], torch.ones(1))
+    y = torch.zeros(2, 3)
+    with pytest.raises(WorkbenchError, match=r"^kernel backend 'grouped_mm' needs torch.nn.functional.grouped_mm, "
+                                             r"which torch .* lacks; use one of: .*cpu"):
+        apply_lora(y, torch.ones(2, 4), wts, make_meta(torch.tensor([0, -1]), None, 1), "grouped_mm")
+    assert not y.any()
 
 
 def test_bench_kernels_runs_on_a_tiny_model(tiny_dir, tmp_path):

@@ -14,7 +14,8 @@ Backends (registered by name; `default_backend(device)` picks one):
 - cpu_dense: every token against all active adapters in two matmuls, masked per token;
 - cpu_bmm: one adapter per sequence as two batched matmuls, ranks padded where they differ;
 - cpu (the CPU default): picks among those three by cost (see lora_cpu);
-- grouped_mm: torch.nn.functional.grouped_mm over the active adapters (ranks padded);
+- grouped_mm: torch.nn.functional.grouped_mm over the active adapters (ranks padded); unavailable
+  on a torch without it (`backend_unavailable`, `check_backend`);
 - triton: SGMV-style shrink and expand kernels (workbench.kernels.triton_lora), CUDA.
 """
 
@@ -25,6 +26,7 @@ from functools import cached_property
 
 import torch
 
+from ..errors import WorkbenchError
 from ..registry import Registry
 
 
@@ -265,8 +267,37 @@ def lora_cpu_bmm(y: torch.Tensor, x: torch.Tensor, wts: AdapterWeights, meta: Lo
     _bmm_blocks(y, x, a, b, wts.scale, u)
 
 
+def backend_unavailable(name: str) -> str | None:
+    """Why backend `name` cannot run on this install, or None when it can (torch.nn.functional.grouped_mm
+    appeared after torch 2.6, the oldest torch the project takes)."""
+    if name == "grouped_mm" and not hasattr(torch.nn.functional, "grouped_mm"):
+        return f"needs torch.nn.functional.grouped_mm, which torch {torch.__version__} lacks"
+    return None
+
+
+def available_backends() -> list[str]:
+    """Registered backends that can run here (triton registers itself when it imports)."""
+    return [n for n in BACKENDS.names() if backend_unavailable(n) is None]
+
+
+def check_backend(name: str) -> str:
+    """`name` when it is a known backend that runs here; else a WorkbenchError naming the choices."""
+    if name == "triton":
+        try:
+            from . import triton_lora  # noqa: F401  (registers the backend)
+        except ImportError:
+            raise WorkbenchError("kernel backend 'triton' needs the triton package (pip install triton)") from None
+    BACKENDS.get(name)
+    why = backend_unavailable(name)
+    if why:
+        raise WorkbenchError(f"kernel backend {name!r} {why}; use one of: {', '.join(available_backends())}")
+    return name
+
+
 @BACKENDS.register("grouped_mm")
 def lora_grouped_mm(y: torch.Tensor, x: torch.Tensor, wts: AdapterWeights, meta: LoraMeta) -> None:
+    if not hasattr(torch.nn.functional, "grouped_mm"):
+        check_backend("grouped_mm")  # a clear error on an older torch
     if not meta.active:
         return
     a_pad, b_pad, _ = wts.padded
@@ -287,7 +318,7 @@ def default_backend(device: torch.device | str) -> str:
 
             return "triton"
         except ImportError:
-            return "grouped_mm" if hasattr(torch.nn.functional, "grouped_mm") else "cpu"
+            return "grouped_mm" if backend_unavailable("grouped_mm") is None else "cpu"
     return "cpu"
 
 

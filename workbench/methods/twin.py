@@ -14,6 +14,7 @@ shared delta only.
 
 from __future__ import annotations
 
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from ..artifacts import register_artifact
 from ..errors import RecipeError
 from ..modules.mixture import MixtureContext, MixtureLinear, get_module, set_module
 from ..progress import progress_bar
-from ..tasks.suite import load_split
+from ..tasks.suite import data_hash, load_split
 from .base import BuildContext, Method, MethodParams, register_method
 
 
@@ -64,8 +65,14 @@ def dense_svd(d: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _expert_tasks(expert) -> list[str]:
+    """The tasks whose training data the router learns to send to `expert` (training.tasks, else tags.task)."""
     tasks = expert.entry.training.get("tasks") or ([expert.entry.tags["task"]] if "task" in expert.entry.tags else [])
     return [t for t in tasks if t != "multitask"]
+
+
+def _interleaved(splits: list[list[dict]], n: int) -> list[dict]:
+    """Up to n rows taking one of each task's rows in turn, so a multi-task expert's examples cover all its tasks."""
+    return [r for group in zip_longest(*splits) for r in group if r is not None][:n]
 
 
 # ----------------------------------------------------------------------------- router
@@ -169,14 +176,26 @@ class Twin(Method):
     Params = TwinParams
     outputs = frozenset({"model"})
     description = "shared task arithmetic + SVD-compressed exclusive parts routed per input (Twin-Merging)"
+    version = 1
 
     def validate(self, experts, params, output) -> None:
         super().validate(experts, params, output)
         if len(experts) < 2:
             raise RecipeError("twin needs at least 2 experts")
+        owner: dict[str, str] = {}  # task -> the expert the router learns to send its inputs to
         for e in experts:
-            if not _expert_tasks(e):
+            tasks = _expert_tasks(e)
+            if not tasks:
                 raise RecipeError(f"twin: expert {e.name!r} has no training task (tags.task or training.tasks) for the router")
+            for t in tasks:
+                if t in owner and owner[t] != e.name:
+                    raise RecipeError(f"twin: experts {owner[t]!r} and {e.name!r} were both trained on task {t!r}; "
+                                      "the router cannot tell them apart (keep one)")
+                owner[t] = e.name
+
+    def key_inputs(self, experts, params) -> dict[str, Any]:
+        """The router reads each expert's task data: a new suite version (new data) rebuilds the artifact."""
+        return {"task_data": {t: data_hash(t) for t in sorted({t for e in experts for t in _expert_tasks(e)})}}
 
     def build(self, ctx: BuildContext) -> dict[str, Any]:
         p: TwinParams = ctx.params
@@ -224,7 +243,7 @@ class Twin(Method):
         tasks = [_expert_tasks(e) for e in experts]
         feats, labels, val_feats, val_labels = [], [], [], []
         for i, ts in enumerate(tasks):
-            rows = [r for t in ts for r in load_split(t, "train")][: p.router_examples]
+            rows = _interleaved([load_split(t, "train") for t in ts], p.router_examples)
             val = [r for t in ts for r in load_split(t, "validation")]
             feats.append(pooled_features(model, tok, [r["question"] for r in rows], p.batch_size, f"router features {experts[i].name}"))
             val_feats.append(pooled_features(model, tok, [r["question"] for r in val], p.batch_size, f"router val {experts[i].name}"))

@@ -82,7 +82,8 @@ class Scheduler:
     def __init__(self, engine: MultiLoraModel, max_batch: int = 32, window_s: float = 0.01):
         self.engine, self.max_batch, self.window_s = engine, max_batch, window_s
         self.q: queue.Queue[Job] = queue.Queue()
-        self.stats = {"batches": 0, "sequences": 0, "max_batch_seen": 0}
+        # tokens: generated for clients; cancelled: sequences dropped from their batch (client gone)
+        self.stats = {"batches": 0, "sequences": 0, "max_batch_seen": 0, "tokens": 0, "cancelled": 0}
         threading.Thread(target=self._run, daemon=True, name="workbench-scheduler").start()
 
     def submit(self, job: Job) -> None:
@@ -111,7 +112,9 @@ class Scheduler:
         def on_token(i: int, t: int) -> bool:
             job = jobs[i]
             if job.cancelled.is_set():
+                self.stats["cancelled"] += 1
                 return False
+            self.stats["tokens"] += 1
             job.tokens.append(t)
             text = tok.decode(job.tokens, skip_special_tokens=True)
             for s in job.stops:
@@ -177,7 +180,7 @@ def create_app(engine: MultiLoraModel, *, max_batch: int = 32, window_s: float =
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", **sched.stats}
+        return {"status": "ok", **sched.stats, "active_sequences": engine.active_sequences}
 
     def make_job(req: _Common, prompt_ids: list[int]) -> Job:
         try:

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from ..errors import WorkbenchError, did_you_mean
-from ..kernels import AdapterWeights, LoraMeta, apply_lora, default_backend, make_meta
+from ..kernels import AdapterWeights, LoraMeta, apply_lora, check_backend, default_backend, make_meta
 from ..modules.mixture import get_module, set_module
+from ..pool import LoraLayout
 
 Assignment = tuple[tuple[int, float], ...]  # ((adapter id, weight), ...) for one sequence; () = base
 Router = Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -68,14 +69,16 @@ class MultiLoraModel:
 
     def __init__(self, base_model, tokenizer, adapters: list[Adapter], *, backend: str | None = None,
                  device: str = "cpu", dtype=torch.float32):
+        self.ctx = ServeContext(check_backend(backend) if backend else default_backend(device))
         self.model = base_model.to(device=device, dtype=dtype).eval()
         self.tokenizer = tokenizer
         self.adapters = adapters
         self.ids = {a.name: i for i, a in enumerate(adapters)}
-        self.ctx = ServeContext(backend or default_backend(device))
         self.ctx.num_adapters = len(adapters)
         self.device, self.dtype = torch.device(device), dtype
         self.lock = threading.Lock()  # one forward at a time (the context is per model)
+        self.active_sequences = 0  # sequences still decoding in running `generate` calls
+        self._active_lock = threading.Lock()
         targets = sorted({t for a in adapters for t in a.factors})
         for tensor in targets:
             module = tensor[: -len(".weight")]
@@ -191,37 +194,46 @@ class MultiLoraModel:
         gen = torch.Generator(device=self.device).manual_seed(seed)
         out: list[list[int]] = [[] for _ in range(b)]
         done = [m <= 0 for m in max_new]
+        live = self._count_active(done.count(False))
         step_ids = ids
-        while not all(done):
-            logits = self.forward(step_ids, attention_mask=mask, assignments=assignments, router=router,
-                                  position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1].float()
-            nxt = logits.argmax(-1)
-            for i, t in enumerate(temps):
-                if t > 0 and not done[i]:
-                    nxt[i] = torch.multinomial(torch.softmax(logits[i] / t, -1), 1, generator=gen)[0]
-            toks = nxt.tolist()
-            for i, tok in enumerate(toks):
-                if done[i]:
-                    continue
-                if tok in stop_ids:
-                    done[i] = True
-                    continue
-                out[i].append(tok)
-                if on_token is not None and on_token(i, tok) is False:
-                    done[i] = True
-                if len(out[i]) >= max_new[i]:
-                    done[i] = True
-            step_ids = nxt[:, None]
-            mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=mask.device)], dim=1)
-            pos = pos[:, -1:] + 1
+        try:
+            while not all(done):
+                logits = self.forward(step_ids, attention_mask=mask, assignments=assignments, router=router,
+                                      position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1].float()
+                nxt = logits.argmax(-1)
+                for i, t in enumerate(temps):
+                    if t > 0 and not done[i]:
+                        nxt[i] = torch.multinomial(torch.softmax(logits[i] / t, -1), 1, generator=gen)[0]
+                toks = nxt.tolist()
+                for i, tok in enumerate(toks):
+                    if done[i]:
+                        continue
+                    if tok in stop_ids:
+                        done[i] = True
+                        continue
+                    out[i].append(tok)
+                    if on_token is not None and on_token(i, tok) is False:
+                        done[i] = True
+                    if len(out[i]) >= max_new[i]:
+                        done[i] = True
+                live += self._count_active(done.count(False) - live)  # a finished sequence leaves the count
+                step_ids = nxt[:, None]
+                mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=mask.device)], dim=1)
+                pos = pos[:, -1:] + 1
+        finally:
+            self._count_active(-live)
         return out
+
+    def _count_active(self, delta: int) -> int:
+        """Add `delta` to `active_sequences` (generate calls may run on several threads); returns delta."""
+        with self._active_lock:
+            self.active_sequences += delta
+        return delta
 
 
 def saved_lora_compositions(pool, taken: set[str]) -> list[Adapter]:
     """merged_lora artifacts built over this pool (re-factored merges), servable as adapters."""
     import json
-
-    from safetensors.torch import load_file
 
     from ..io import cache_dir
 
@@ -242,14 +254,10 @@ def saved_lora_compositions(pool, taken: set[str]) -> list[Adapter]:
             continue
         name = names[-1]
         folder = meta_path.parent
-        cfg = json.loads((folder / "adapter_config.json").read_text())
-        sd = load_file(str(folder / "adapter_model.safetensors"))
-        scale = cfg["lora_alpha"] / cfg["r"]
-        factors = {}
-        for k, a in sd.items():
-            if ".lora_A." in k:
-                module = k[len("base_model.model."): -len(".lora_A.weight")]
-                factors[module + ".weight"] = (a, sd[k.replace(".lora_A.", ".lora_B.")], scale)
+        # the pool's own LoRA parser: rsLoRA, rank and alpha patterns scale exactly as PEFT does
+        layout = LoraLayout(folder, pool.base.tensors.shapes, f"saved composition {name!r} ({folder})")
+        factors = {t: (layout.weights.get(a).float(), layout.weights.get(b).float(), scale)
+                   for t, (a, b, scale) in layout.modules.items()}
         out.append(Adapter(name, "merged_lora", factors, str(folder)))
         taken.add(name)
     return out
@@ -284,7 +292,7 @@ def peft_alone(base, adapters: dict[str, str], requests: Sequence[tuple[str, str
         if (model, prompt) in memo:
             continue
         enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(pm.device)
-        kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad}
         if model == "base":
             with pm.disable_adapter():
                 out = pm.generate(**enc, **kw)
