@@ -31,7 +31,10 @@ app.add_typer(pool_app, name="pool")
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 app.add_typer(results_app, name="results")
+route_app = typer.Typer(help="Routed compositions (PHATGOOSE, Arrow, ...): per-token routing traces.",
+                        no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.add_typer(route_app, name="route")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -451,12 +454,40 @@ def merge(
     for i, recipe in enumerate(recipes, 1):
         console.rule(f"[{i}/{len(recipes)}] {recipe}")
         out = run_recipe(recipe, evaluate=eval_, force=force, device=device, log=console.print)
-        console.print(f"[green]artifact[/] {out['artifact']}")
+        console.print(f"[green]artifact[/] {out['artifact_dir']}")
         if out.get("selection"):
             console.print(f"selected on validation: {out['selection']['best']} "
                           f"(score {out['selection']['validation_score']:.4f})")
         if "eval" in out:
             _print_manifest(out["eval"])
+
+
+@route_app.command("trace")
+def route_trace(
+    recipe: Annotated[Path, typer.Argument(help="a routed recipe, e.g. merges/phatgoose.yaml (built if needed)")],
+    prompt: Annotated[str, typer.Argument(help="the prompt to trace")],
+    out: Annotated[Optional[Path], typer.Option(help="write the trace JSON here (e.g. results/traces/x.json)")] = None,
+    device: _Dev = "cpu",
+):
+    """Which experts each token chose at each layer, with what weight (per-layer usage + per-token choices)."""
+    from .artifacts import load_artifact
+    from .methods.routing import trace_prompt
+    from .recipes import build, parse_recipe
+
+    resolved = parse_recipe(recipe)
+    loaded = load_artifact(build(resolved, device=device, log=console.print), device=device)
+    tr = {"recipe": resolved.recipe.name, "pool": resolved.pool.name,
+          **trace_prompt(loaded.model, loaded.tokenizer, prompt)}
+    table = Table("layer", *tr["experts"], title=f"{tr['recipe']}: mean expert weight per layer over {len(tr['tokens'])} tokens")
+    for layer, usage in zip(tr["layers"], tr["usage"]):
+        top = max(usage)
+        table.add_row(str(layer), *(f"[bold]{u:.2f}[/]" if u == top else f"{u:.2f}" for u in usage))
+    console.print(table)
+    if out is not None:
+        from .io import atomic_write_json
+
+        atomic_write_json(out, tr)
+        console.print(f"trace: {out}")
 
 
 @app.command("methods")
@@ -520,15 +551,20 @@ def serve_cmd(
 def bench_kernels(
     base: str = "smollm2-135m", reps: int = 3, device: _Dev = "cpu",
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
-    backends: Annotated[str, typer.Option(help="comma-separated kernel backends")] = "cpu,grouped_mm",
+    backends: Annotated[str, typer.Option(help="comma-separated kernel backends (default: cpu and grouped_mm "
+                                                "where this torch has it)")] = "",
 ):
     """Multi-LoRA forward / base forward, vs PEFT mixed batch and per-adapter loop (same run)."""
     import torch
 
     from .bench.kernels import run
+    from .kernels.multi_lora import backend_unavailable, check_backend
 
-    rec = run(base, reps=reps, device=device, dtype=getattr(torch, dtype), backends=tuple(_split_list([backends])),
-              log=console.print)
+    chosen = _split_list([backends]) if backends else \
+        [b for b in ("cpu", "grouped_mm") if backend_unavailable(b) is None]
+    for b in chosen:
+        check_backend(b)  # one line naming the problem before any model is loaded
+    rec = run(base, reps=reps, device=device, dtype=getattr(torch, dtype), backends=tuple(chosen), log=console.print)
     cols = [k for k in rec["rows"][0] if k.endswith("_x_base")]
     table = Table("r", "U", *cols, title=f"forward time / base forward ({rec['device']}, {rec['dtype']})")
     for row in rec["rows"]:

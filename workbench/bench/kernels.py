@@ -73,7 +73,7 @@ def _row(base, peft, engines: dict[str, MultiLoraModel], ids: torch.Tensor, name
 
 
 def run(base_spec: str = "smollm2-135m", ranks=(8, 16), us=(1, 4, 16, 32), seqs: int = 32, tokens: int = 64,
-        reps: int = 3, backends=("cpu", "grouped_mm"), dtype=torch.float32, device: str = "cpu",
+        reps: int = 3, backends=("cpu",), dtype=torch.float32, device: str = "cpu",
         out_file=None, log=print) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
 

@@ -1,0 +1,141 @@
+"""PHATGOOSE (Muqeeth et al., ICLR 2024): post-hoc gates, then per-token top-k routing.
+
+1. Per expert and per module it adapts, a gate vector v (init 0): the module's LoRA output is
+   multiplied by sigmoid(v . h) per token. Base and LoRA frozen; only v trains, on that expert's
+   own training data (AdamW, constant lr after warm-up, 100 steps: mttl's PhatgooseTransform).
+2. Routing: scores = LN(h) . LN(v_e) / sqrt(d) (layer norm without affine), softmax over the
+   experts, top-k (k = 2), renormalised = softmax over the k scores; y = W0 h + sum w_e s_e B_e A_e h.
+Gate training runs on the routed-LoRA layer's dense path (gradient to the gate only); routing
+on its sparse path.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+
+from ..errors import RecipeError
+from ..modules.routed_lora import RoutedGroup, routed_modules, wrap_experts
+from ..modules.routers import GateRouter, PrototypeRouter
+from ..progress import progress_bar
+from ..tasks.suite import load_split
+from .base import BuildContext, MethodParams, register_method
+from .routing import RoutedMethod, expert_tasks
+
+
+class PhatgooseParams(MethodParams):
+    k: int = Field(2, gt=0, description="experts per token (top-k)")
+    steps: int = Field(100, gt=0, description="gate training steps per expert")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the gates (mttl's default)")
+    batch_size: int = Field(8, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    examples: int = Field(400, gt=0, description="training examples per expert (its own data only)")
+    max_length: int = Field(128, gt=8)
+    seed: int = 0
+
+
+@register_method
+class Phatgoose(RoutedMethod):
+    name = "phatgoose"
+    Params = PhatgooseParams
+    version = 1
+    description = "PHATGOOSE: sigmoid gates trained post hoc per expert, then per-token top-k routing"
+
+    def validate(self, experts, params, output) -> None:
+        super().validate(experts, params, output)
+        for e in experts:
+            if not expert_tasks(e):
+                raise RecipeError(f"expert {e.name!r} has no training data for PHATGOOSE's gate "
+                                  "(its manifest entry names no task: add a tag task=<suite task>)")
+
+    def key_inputs(self, experts, params) -> dict[str, Any]:
+        from ..tasks.suite import data_hash
+
+        return {"data": {t: data_hash(t) for e in experts for t in expert_tasks(e)}}
+
+    def build(self, ctx: BuildContext) -> dict[str, Any]:
+        from ..train.trainer import collate, encode
+
+        p: PhatgooseParams = ctx.params
+        experts = ctx.experts
+        base = ctx.pool.base
+        model = base.load(device=ctx.device)
+        for prm in model.parameters():
+            prm.requires_grad_(False)
+        routing = wrap_experts(model, experts)
+        mods = routed_modules(model)
+        tok = base.tokenizer()
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        gates, curves = {}, {}
+        for i, e in enumerate(experts):
+            cached = self._cached_gates(ctx, e)
+            if cached is not None:
+                gates[e.name], curves[e.name] = cached
+                ctx.log(f"phatgoose gate {e.name}: cached")
+                continue
+            own = {t[: -len(".weight")] for t in e.delta_names()}
+            gate = GateRouter([e.name], {m: mods[m].base.in_features for m in sorted(own)}).to(ctx.device)
+            rows = [r for t in expert_tasks(e) for r in load_split(t, "train")]
+            random.Random(p.seed).shuffle(rows)
+            data = [encode(tok, r["question"], r["answer"], p.max_length) for r in rows[: p.examples]]
+            opt = torch.optim.AdamW(gate.parameters(), lr=p.lr, weight_decay=0.0)
+            warm = max(1, int(p.warmup_ratio * p.steps))
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, warm=warm: min(1.0, (s + 1) / warm))
+            rng = random.Random(p.seed + i)
+            group = [RoutedGroup(gate, None, experts=torch.tensor([i], device=ctx.device))]
+            curve = []
+            model.train()
+            with progress_bar(f"phatgoose gate {e.name}", total=p.steps) as bar, routing.use(groups=group, dense=True):
+                for _ in range(p.steps):
+                    batch = collate(rng.sample(data, min(p.batch_size, len(data))), pad)
+                    loss = model(**{k: v.to(ctx.device) for k, v in batch.items()}).loss
+                    opt.zero_grad()
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(gate.parameters(), 1.0)
+                    opt.step()
+                    sched.step()
+                    curve.append(round(float(loss.detach()), 5))
+                    bar.update(1, loss=curve[-1])
+            model.eval()
+            gates[e.name] = {m: gate.gate(m).detach().cpu() for m in own}
+            curves[e.name] = curve
+            self._save_gates(ctx, e, gates[e.name], curve)
+        protos = {}
+        for m, lin in mods.items():
+            protos[m] = torch.stack([gates[e.name].get(m, torch.zeros(lin.base.in_features)) for e in experts])
+        router = PrototypeRouter([e.name for e in experts], protos, k=p.k, standardize=True, scale="inv_sqrt_d",
+                                 kind="phatgoose")
+        summary = {n: {"first": c[0], "last": c[-1], "mean_last_10": round(sum(c[-10:]) / len(c[-10:]), 5)}
+                   for n, c in curves.items()}
+        return self.save(ctx, router, {"k": p.k, "gate_loss": summary, "gate_loss_curves": curves})
+
+    # Gates depend on the expert, its data and the training settings, not on k (or the other experts):
+    # cached beside the artifacts, so a sweep over k or another expert set trains each gate once.
+    def _gate_dir(self, ctx: BuildContext, expert) -> Path:
+        from ..io import sha256_json
+        from ..tasks.suite import data_hash
+
+        p = ctx.params.model_dump(mode="json", exclude={"k"})
+        key = sha256_json({"version": self.version, "params": p, "files": expert.entry.files,
+                           "base": ctx.pool.manifest.base.fingerprint,
+                           "data": {t: data_hash(t) for t in expert_tasks(expert)}})[:16]
+        return ctx.out_dir.parent / "phatgoose-gates" / f"{expert.name}-{key}"
+
+    def _cached_gates(self, ctx: BuildContext, expert):
+        folder = self._gate_dir(ctx, expert)
+        if not (folder / "curve.json").is_file():
+            return None
+        return load_file(str(folder / "gates.safetensors")), json.loads((folder / "curve.json").read_text())
+
+    def _save_gates(self, ctx: BuildContext, expert, gates: dict[str, torch.Tensor], curve: list[float]) -> None:
+        from ..io import staging_dir
+
+        with staging_dir(self._gate_dir(ctx, expert)) as tmp:
+            save_file({m: g.contiguous() for m, g in gates.items()}, str(tmp / "gates.safetensors"))
+            (tmp / "curve.json").write_text(json.dumps(curve))

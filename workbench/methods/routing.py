@@ -1,0 +1,116 @@
+"""Routed compositions of a pool's LoRA experts: the `routed_lora` artifact type.
+
+An artifact holds a saved router (`router.json` + `router.safetensors`) and names the pool's
+experts it routes over (with their file hashes). Loading wraps the pool's base with every
+expert on the routed-LoRA layer and routes each token of every forward (prefill, each decode
+step with the KV cache, lm-eval) through the router: the loaded model is a plain HF causal LM.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..artifacts import register_artifact
+from ..errors import RecipeError, WorkbenchError
+from ..modules.routed_lora import RoutedGroup, wrap_experts
+from ..modules.routers import BaseRouter, load_router
+from .base import Method
+
+
+def expert_tasks(expert) -> list[str]:
+    """The suite tasks an expert was trained on (its training data), from the manifest."""
+    tr = expert.entry.training
+    tasks = tr.get("tasks") or ([tr["task"]] if tr.get("task") else [])
+    tasks = tasks or ([expert.entry.tags["task"]] if "task" in expert.entry.tags else [])
+    return [t for t in tasks if t != "multitask"]
+
+
+class RoutedMethod(Method):
+    """Routing over the pool's LoRA experts (one artifact type, one loader)."""
+
+    expert_kinds = frozenset({"lora"})
+    outputs = frozenset({"model"})
+
+    def validate(self, experts, params, output) -> None:
+        super().validate(experts, params, output)
+        if len(experts) < 2:
+            raise RecipeError(f"method {self.name!r} routes between experts: give at least 2 (got {len(experts)})")
+        k = getattr(params, "k", 1)
+        if k > len(experts):
+            raise RecipeError(f"top-k {k} is larger than the number of experts ({len(experts)})")
+
+    def save(self, ctx, router: BaseRouter, extra: dict[str, Any]) -> dict[str, Any]:
+        router.save(ctx.out_dir)
+        return {"type": "routed_lora", "router": router.name, "router_kind": getattr(router, "kind", router.name),
+                "pool_root": str(ctx.pool.root.resolve()), "pool_fingerprint": ctx.pool.manifest.base.fingerprint,
+                "expert_files": {e.name: e.entry.files for e in ctx.experts}, **extra}
+
+
+def open_routed(path: Path, meta: dict[str, Any], device: str | None = None, router: BaseRouter | None = None):
+    """(model with the router installed, tokenizer, router, routing context) of a routed_lora artifact."""
+    from ..pool import Pool
+
+    pool = Pool.open(meta["pool_root"])
+    names = list(meta["experts"])
+    if pool.manifest.base.fingerprint != meta.get("pool_fingerprint"):
+        raise WorkbenchError(f"artifact {path}: pool {pool.name!r} now has another base than the router was built for")
+    experts = [pool.expert(n) for n in names]
+    for e in experts:
+        if e.entry.files != meta["expert_files"].get(e.name):
+            raise WorkbenchError(f"artifact {path}: expert {e.name!r} changed since the router was built; rebuild it")
+    router = router or load_router(path, device)
+    if router.experts != names:
+        raise WorkbenchError(f"artifact {path}: router trained for experts {router.experts}, artifact names {names}")
+    model = pool.base.load(device=device).eval()
+    ctx = wrap_experts(model, experts)
+    ctx.groups = [RoutedGroup(router, None)]  # every forward routes, also inside generate and lm-eval
+    model.routing = ctx
+    return model, pool.base.tokenizer(), router, ctx
+
+
+@register_artifact("routed_lora")
+def load_routed(path: Path, meta: dict[str, Any], device: str | None = None):
+    from ..eval.harness import LoadedModel
+
+    model, tok, router, _ = open_routed(Path(path), meta, device)
+    return LoadedModel(model, tok, meta.get("name", Path(path).name),
+                       {"kind": "routed_lora", "method": meta.get("method"), "router": router.config()})
+
+
+def trace_prompt(model, tokenizer, prompt: str, experts: list[str] | None = None) -> dict[str, Any]:
+    """Which experts each token of `prompt` chose at each layer, with what weight.
+
+    `model` is a loaded routed model (its `routing` context holds the router). Returns JSON-ready
+    `{prompt, tokens, experts, layers, usage [L][E], choices [T][L][E], modules}`: a layer's weights
+    are the mean over its routed modules of each token's expert weights; usage is their mean over tokens.
+    """
+    import re
+
+    import torch
+
+    from ..modules.routed_lora import Trace
+
+    ctx = getattr(model, "routing", None)
+    if ctx is None or not ctx.groups:
+        raise WorkbenchError("this model has no router: traces exist for routed compositions only")
+    experts = experts or list(ctx.groups[0].router.experts)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(next(model.parameters()).device)
+    trace = Trace()
+    with torch.no_grad(), ctx.use(groups=ctx.groups, trace=trace):
+        model(input_ids=ids)
+    n_tok, n_exp = ids.shape[1], len(experts)
+    per_layer: dict[int, list[torch.Tensor]] = {}
+    for module, calls in trace.modules.items():
+        idx, w = calls[-1]
+        dense = torch.zeros(n_tok, n_exp).scatter_add_(1, idx.clamp(min=0), torch.where(idx >= 0, w, 0.0))
+        m = re.search(r"\.layers\.(\d+)\.", module)
+        per_layer.setdefault(int(m.group(1)) if m else -1, []).append(dense)
+    layers = sorted(per_layer)
+    weights = torch.stack([torch.stack(per_layer[i]).mean(0) for i in layers], dim=1)  # [T, L, E]
+    return {"prompt": prompt, "tokens": tokenizer.convert_ids_to_tokens(ids[0].tolist()), "experts": experts,
+            "layers": layers, "usage": weights.mean(0).round(decimals=4).tolist(),
+            "choices": weights.round(decimals=4).tolist(), "modules": len(trace.modules)}
+
+
+__all__ = ["RoutedMethod", "expert_tasks", "load_routed", "open_routed", "trace_prompt"]

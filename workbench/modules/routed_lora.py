@@ -1,0 +1,220 @@
+"""The one routed-LoRA layer: every low-rank composition (plain adapters, mixes, Twin, routing,
+learned mixtures) runs through it, over the one multi-LoRA op.
+
+`RoutedLoraLinear` wraps a target linear and holds its experts' A/B factors once
+(`AdapterWeights`). On each forward it asks the model-wide `RoutingContext` for the per-token
+`(idx [T, k], w [T, k])` pairs of this module and adds the LoRA mixture with `apply_lora`:
+only each token's own k experts are computed (sparse dispatch). A context can mix, in one
+batch, sequences with fixed pairs (one adapter, a weighted mix) and sequences routed by a
+router (each router sees its own sequences' tokens only).
+
+Routers (`workbench.modules.routers`) turn one module's input into pairs. For training a
+router (PHATGOOSE gates, MoLE, SMoRA) the context's `dense` mode asks the router for dense
+differentiable weights [T, E] and computes the mixture with plain tensor ops instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ..kernels import AdapterWeights, LoraMeta, apply_lora, default_backend, make_meta
+
+Pairs = tuple[torch.Tensor, torch.Tensor]  # idx [T, k] long (-1: none), w [T, k] float
+
+
+class TokenRouter(Protocol):
+    """What the routed layer asks of a router."""
+
+    def route(self, module: str, x: torch.Tensor) -> Pairs:  # x [T, d_in] -> sparse top-k pairs
+        ...
+
+    def weights(self, module: str, x: torch.Tensor) -> torch.Tensor:  # x [T, d_in] -> dense w [T, E], differentiable
+        ...
+
+
+@dataclass
+class RoutedGroup:
+    """Tokens (rows of the flattened [B*S, d] input) routed by one router; `experts` maps the
+    router's expert i to the layer's adapter id."""
+
+    router: Any
+    rows: torch.Tensor | None  # [n] token rows, None: every token
+    experts: torch.Tensor | None = None  # [E_router] adapter ids, None: identity
+
+
+@dataclass
+class Trace:
+    """Per-layer routing decisions recorded during a forward (for `route trace` and the app)."""
+
+    modules: dict[str, list[Pairs]] = field(default_factory=dict)
+
+    def record(self, module: str, idx: torch.Tensor, w: torch.Tensor) -> None:
+        self.modules.setdefault(module, []).append((idx.detach().cpu(), w.detach().float().cpu()))
+
+
+class RoutingContext:
+    """What every RoutedLoraLinear of one model reads during one forward."""
+
+    def __init__(self, num_adapters: int, backend: str | None = None):
+        self.num_adapters = num_adapters
+        self.backend = backend
+        self.meta: LoraMeta | None = None  # fixed pairs for every token (plain adapters, mixes)
+        self.groups: list[RoutedGroup] = []  # routed tokens (their rows in `meta` carry no pairs)
+        self.dense = False  # training: dense differentiable weights from the (single) group's router
+        self.trace: Trace | None = None
+        self.calls = 0  # layer calls since the context was set (tests check sharing)
+
+    @contextmanager
+    def use(self, *, meta: LoraMeta | None = None, groups: Sequence[RoutedGroup] = (), dense: bool = False,
+            trace: Trace | None = None) -> Iterator[RoutingContext]:
+        prev = (self.meta, self.groups, self.dense, self.trace)
+        self.meta, self.groups, self.dense, self.trace = meta, list(groups), dense, trace
+        try:
+            yield self
+        finally:
+            self.meta, self.groups, self.dense, self.trace = prev
+
+    def pairs_meta(self, module: str, x2: torch.Tensor) -> LoraMeta | None:
+        """The LoraMeta of this module's call: fixed pairs, with routed groups' pairs written in."""
+        if not self.groups:
+            return self.meta
+        t = x2.shape[0]
+        parts: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
+        for g in self.groups:
+            xs = x2 if g.rows is None else x2.index_select(0, g.rows)
+            with torch.no_grad():
+                idx, w = g.router.route(module, xs)
+            if g.experts is not None:
+                idx = torch.where(idx >= 0, g.experts[idx.clamp(min=0)], idx)
+            if self.trace is not None:
+                self.trace.record(module, idx, w)
+            parts.append((g.rows, idx, w))
+        k = max([p[1].shape[1] for p in parts] + ([self.meta.idx.shape[1]] if self.meta is not None else []))
+        if self.meta is not None:
+            idx_all = torch.full((t, k), -1, dtype=torch.long, device=x2.device)
+            w_all = torch.zeros((t, k), dtype=torch.float32, device=x2.device)
+            idx_all[:, : self.meta.idx.shape[1]] = self.meta.idx
+            w_all[:, : self.meta.w.shape[1]] = self.meta.w
+        elif len(parts) == 1 and parts[0][0] is None:
+            return make_meta(parts[0][1], parts[0][2].float(), self.num_adapters)
+        else:
+            idx_all = torch.full((t, k), -1, dtype=torch.long, device=x2.device)
+            w_all = torch.zeros((t, k), dtype=torch.float32, device=x2.device)
+        for rows, idx, w in parts:
+            pad = k - idx.shape[1]
+            if pad:
+                idx = torch.cat([idx, idx.new_full((idx.shape[0], pad), -1)], 1)
+                w = torch.cat([w, w.new_zeros((w.shape[0], pad))], 1)
+            if rows is None:
+                idx_all, w_all = idx, w.float()
+            else:
+                idx_all[rows], w_all[rows] = idx, w.float()
+        return make_meta(idx_all, w_all, self.num_adapters)
+
+
+class RoutedLoraLinear(nn.Module):
+    """y = W0 x + sum over the token's pairs (e, w) of w * s_e * B_e A_e x."""
+
+    def __init__(self, base: nn.Linear, weights: AdapterWeights, ctx: RoutingContext, name: str):
+        super().__init__()
+        self.base, self.weights, self.ctx, self.name = base, weights, ctx, name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        ctx = self.ctx
+        ctx.calls += 1
+        x2 = x.reshape(-1, x.shape[-1])
+        if ctx.dense:
+            return y + self._dense(x2).view(y.shape)
+        meta = ctx.pairs_meta(self.name, x2)
+        if meta is None or not meta.active:
+            return y
+        apply_lora(y.view(-1, y.shape[-1]), x2, self.weights, meta, ctx.backend or default_backend(x.device))
+        return y
+
+    def _dense(self, x2: torch.Tensor) -> torch.Tensor:
+        """sum_e w[:, e] * s_e * (x A_e^T) B_e^T with w from the router, differentiable in w (and x)."""
+        (group,) = self.ctx.groups
+        w = group.router.weights(self.name, x2)  # [T, E]
+        a, b, _ = self.weights.padded  # [E, R, d_in], [E, d_out, R] (zero-padded ranks add nothing)
+        if group.experts is not None:
+            a, b = a[group.experts], b[group.experts]
+            scale = self.weights.scale[group.experts]
+        else:
+            scale = self.weights.scale
+        h = torch.einsum("ti,eri->ter", x2, a.to(x2.dtype))  # [T, E, R]
+        h = h * (w * scale.to(w.dtype))[:, :, None].to(h.dtype)
+        return torch.einsum("ter,eor->to", h, b.to(h.dtype))
+
+
+def get_module(model: nn.Module, dotted: str) -> nn.Module:
+    m = model
+    for part in dotted.split("."):
+        m = getattr(m, part)
+    return m
+
+
+def set_module(model: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent, _, leaf = dotted.rpartition(".")
+    setattr(get_module(model, parent) if parent else model, leaf, new)
+
+
+FactorsFn = Callable[[str], "list[tuple[torch.Tensor, torch.Tensor, float] | None]"]
+
+
+def wrap_model(model: nn.Module, targets: Sequence[str], factors: FactorsFn, num_adapters: int, *,
+               backend: str | None = None) -> RoutingContext:
+    """Replace each target linear (`<module>.weight` names) with a RoutedLoraLinear over its adapters.
+
+    `factors(tensor)` returns one (A [r, d_in], B [d_out, r], scale) per adapter, or None where
+    an adapter does not touch that module (rank 0 there: adds nothing). Returns the shared context.
+    """
+    ctx = RoutingContext(num_adapters, backend)
+    p = next(model.parameters())
+    for tensor in targets:
+        module = tensor[: -len(".weight")]
+        lin = get_module(model, module)
+        d_out, d_in = lin.weight.shape
+        a_list, b_list, scales = [], [], []
+        for f in factors(tensor):
+            a, b, s = f if f is not None else (torch.zeros(0, d_in), torch.zeros(d_out, 0), 0.0)
+            a_list.append(a.to(device=p.device, dtype=p.dtype).contiguous())
+            b_list.append(b.to(device=p.device, dtype=p.dtype).contiguous())
+            scales.append(float(s))
+        if len(a_list) != num_adapters:
+            raise ValueError(f"{tensor}: {len(a_list)} adapters' factors, expected {num_adapters}")
+        wts = AdapterWeights(a_list, b_list, torch.tensor(scales, dtype=torch.float32, device=p.device))
+        set_module(model, module, RoutedLoraLinear(lin, wts, ctx, module))
+    return ctx
+
+
+def routed_modules(model: nn.Module) -> dict[str, RoutedLoraLinear]:
+    return {m.name: m for m in model.modules() if isinstance(m, RoutedLoraLinear)}
+
+
+__all__ = [
+    "Pairs",
+    "RoutedGroup",
+    "RoutedLoraLinear",
+    "RoutingContext",
+    "Trace",
+    "get_module",
+    "routed_modules",
+    "set_module",
+    "wrap_experts",
+    "wrap_model",
+]
+
+
+def wrap_experts(model: nn.Module, experts: Sequence[Any], *, backend: str | None = None) -> RoutingContext:
+    """Wrap `model` (the pool's base) with the LoRA experts' factors: adapter i = experts[i]."""
+    names = [set(e.delta_names()) for e in experts]
+    targets = sorted(set().union(*names))
+    return wrap_model(model, targets, lambda t: [e.lora_factors(t) if t in n else None for e, n in zip(experts, names)],
+                      len(experts), backend=backend)
