@@ -3,6 +3,7 @@
 import json
 import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -426,12 +427,18 @@ def test_full_expert_from_another_base_refused(run_cli, pool, tiny_dir, tmp_path
 
 
 def test_lora_base_name_compared(pool, tiny_dir, tmp_path):
+    """A folder base: another existing folder is refused; a hub id or another machine's path has nothing
+    here to compare with (the folder's config names no hub id), so it passes."""
     make_tiny_base(tmp_path / "other_base", seed=7)
-    for i, named in enumerate(["meta-llama/Llama-2-7b-hf", str(tmp_path / "other_base")]):
-        src = _edit_config(_copy(tiny_dir / "lora_a", tmp_path / f"bad{i}"), base_model_name_or_path=named)
-        _expect_unchanged(pool, lambda src=src: pool.add(src, "bad"), ExpertValidationError,
-                          rf"trained on base '{named}', the pool's base is '.*/base'; .*allow_distant=True")
+    named = str(tmp_path / "other_base")
+    src = _edit_config(_copy(tiny_dir / "lora_a", tmp_path / "bad0"), base_model_name_or_path=named)
+    _expect_unchanged(pool, lambda src=src: pool.add(src, "bad"), ExpertValidationError,
+                      rf"trained on base '{named}', the pool's base is '.*/base'; .*allow_distant=True")
     assert pool.add(tmp_path / "bad0", "distant", allow_distant=True).entry.lora is not None
+    for i, other in enumerate(["meta-llama/Llama-2-7b-hf", "/elsewhere/outputs/base", "llama-7b"]):
+        src = _edit_config(_copy(tiny_dir / "lora_a", tmp_path / f"unknown{i}"), base_model_name_or_path=other)
+        pool.add(src, f"unknown{i}")
+        pool.remove(f"unknown{i}")
     ok = _edit_config(_copy(tiny_dir / "lora_a", tmp_path / "ok"), base_model_name_or_path="")
     pool.add(ok, "empty")
     cfg = json.loads((ok / "adapter_config.json").read_text())
@@ -452,10 +459,11 @@ def test_lora_base_name_of_an_alias(pools, tiny_dir, tmp_path, monkeypatch):
         src = _edit_config(_copy(tiny_dir / "lora_a", tmp_path / "src"), base_model_name_or_path=named)
         pool.add(src, "ok", replace=True)
         shutil.rmtree(src)
-    src = _edit_config(_copy(tiny_dir / "lora_a", tmp_path / "src"),
-                       base_model_name_or_path="HuggingFaceTB/SmolLM2-360M")
-    _expect_unchanged(pool, lambda: pool.add(src, "bad"), ExpertValidationError,
-                      r"trained on base 'HuggingFaceTB/SmolLM2-360M', the pool's base is 'smollm2-135m'")
+    for other in ["HuggingFaceTB/SmolLM2-360M", "meta-llama/Llama-2-7b-hf"]:
+        src = _edit_config(_copy(tiny_dir / "lora_a", tmp_path / "src"), base_model_name_or_path=other)
+        _expect_unchanged(pool, lambda src=src: pool.add(src, "bad"), ExpertValidationError,
+                          rf"trained on base '{other}', the pool's base is 'smollm2-135m'")
+        shutil.rmtree(src)
 
 
 # ----------------------------------------------------------------------------- demo rebuild
@@ -501,3 +509,31 @@ def test_missing_lora_alpha_defaults_like_peft(pool, tiny_dir, tmp_path):
     (src / "adapter_config.json").write_text(json.dumps(cfg))
     e = pool.add(src, "noalpha")
     _assert_deltas_match_peft(e, tiny_dir / "base", src)
+
+
+def test_hf_cache_snapshot_links_accepted(pool, tiny_dir, tmp_path):
+    """The Hugging Face cache's layout: snapshots/<rev>/<file> -> ../../blobs/<hash>, accepted and copied."""
+    repo = tmp_path / "models--x--lora"
+    snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in (tiny_dir / "lora_a").iterdir():
+        (blobs / f"h-{f.name}").write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(Path("..") / ".." / "blobs" / f"h-{f.name}")
+    e = pool.add(snap, "cached")
+    assert not any(p.is_symlink() for p in e.path.iterdir()) and e.files_present()
+    (snap / "notes.md").symlink_to(tmp_path / "secret.txt")
+    (tmp_path / "secret.txt").write_text("private")
+    with pytest.raises(ExpertValidationError, match="notes.md is a symbolic link"):
+        pool.add(snap, "leak")
+
+
+def test_sharded_index_outside_folder_refused(pool, tiny_dir, tmp_path):
+    src = _copy(tiny_dir / "full_c", tmp_path / "full")
+    (src / "model.safetensors").rename(tmp_path / "outside.safetensors")
+    names = json.loads(json.dumps(list(__import__("safetensors").safe_open(
+        str(tmp_path / "outside.safetensors"), "pt").keys())))
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {n: "../outside.safetensors" for n in names}}))
+    _expect_unchanged(pool, lambda: pool.add(src, "full"), ExpertValidationError,
+                      r"weight_map names '../outside.safetensors', not a .safetensors file of this folder")

@@ -76,6 +76,9 @@ def test_deep_nesting(tmp_path):
     ({"name": "x", "method": "ties", "experts": ["e" * 100_000]}, r"experts\.0: String should have at most 1024"),
     ({"name": "x", "method": "ties", "sweep": {"parameters": {"density": [0.5, ["z"] * 100_000]}}},
      r"sweep point \{'density': \['z', .*\.\.\.: parameters\.density: Input should be a valid number"),
+    ({"name": "x", "method": "ties", "parameters": {"per_expert": {"p" * 100_000: {"weight": 0}}}},
+     r"per_expert names experts not in the merge: \['ppp"),
+    ({"name": "../../../x\n", "method": "ties"}, r"name: String should match pattern"),
 ])
 def test_errors_never_echo_unbounded_input(pool, tiny_dir, data, message):
     pool.add(tiny_dir / "lora_a", "a")

@@ -193,12 +193,18 @@ class BaseModel:
         path = Path(name).expanduser()
         if path.is_dir():
             return path.resolve() == self.path.resolve()
-        if name.startswith((".", "/", "~")) or name.count("/") > 1:
-            return True
-        meta_path = self.path / "workbench-base.json"
-        alias = json.loads(meta_path.read_text()).get("alias") if meta_path.is_file() else None
+        if name.startswith((".", "/", "~")) or name.count("/") != 1:
+            return True  # another machine's path, or no hub id: nothing comparable here
+        try:
+            meta_path = self.path / "workbench-base.json"
+            alias = json.loads(meta_path.read_text()).get("alias") if meta_path.is_file() else None
+        except (OSError, json.JSONDecodeError):
+            alias = None
         names = {self.spec, alias} | {ALIASES[a].hub_id for a in (self.spec, alias) if a in ALIASES}
-        return name.casefold() in {n.casefold() for n in names if n}
+        names |= {self.config.get("_name_or_path")}
+        known = {n.casefold() for n in names if n and Path(n).name != n and "/" in n and not Path(n).is_absolute()}
+        # compare hub ids only where this base has one (an alias, or the id its config was saved from)
+        return not known or name.casefold() in known or name.casefold() in {n.casefold() for n in names if n}
 
     def info(self) -> dict[str, Any]:
         c = self.config

@@ -527,10 +527,10 @@ def _evaluated_models(pool: str) -> set[str]:
 
 
 def _recipe_name(path: Path) -> str:
-    import yaml
+    from .recipes import _load_yaml
 
     try:
-        return str(yaml.safe_load(path.read_text()).get("name"))
+        return str(_load_yaml(path).get("name"))[:200]
     except Exception:  # noqa: BLE001 - an unreadable recipe is reported when it runs
         return ""
 

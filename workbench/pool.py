@@ -161,8 +161,11 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 def refuse_outside_links(folder: Path, what: str) -> None:
     """Refuse a symbolic link in `folder` that resolves outside it (its bytes would be copied or hashed)."""
     folder = Path(folder).resolve()
+    # The Hugging Face cache lays a revision out as links: <repo>/snapshots/<rev>/<file> -> ../../blobs/<hash>
+    blobs = folder.parent.parent / "blobs" if folder.parent.name == "snapshots" else None
     for p in sorted(folder.iterdir()):
-        if p.is_symlink() and not p.resolve().is_relative_to(folder):
+        target = p.resolve()
+        if p.is_symlink() and not target.is_relative_to(folder) and not (blobs and target.parent == blobs):
             raise ExpertValidationError(
                 f"{what}: {p.name} is a symbolic link to {p.resolve()}, outside the folder; copy the file in instead"
             )

@@ -53,7 +53,8 @@ class SweepSpec(Schema):
 
 class Recipe(Schema):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str = Field(max_length=200, description="artifact and results name")
+    name: str = Field(max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@=+-]*\z",
+                      description="artifact and results name (letters, digits, _ . - @ = +; it names files)")
     method: str = Field(max_length=64)
     pool: Ref = "demo"
     experts: list[Ref] | None = Field(None, description="expert names, or pool:expert; default all of the pool")

@@ -107,7 +107,12 @@ def model_weight_files(folder: Path) -> list[str]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise ExpertValidationError(f"invalid {index}: {e}") from None
-        return sorted(set(weight_map.values()))
+        files = sorted(set(weight_map.values()))
+        bad = [f for f in files if not isinstance(f, str) or Path(f).name != f or not f.endswith(".safetensors")]
+        if bad:  # a shard outside the folder would be read but never copied or hashed
+            raise ExpertValidationError(f"invalid {index}: weight_map names {str(bad[0])[:80]!r}, not a .safetensors "
+                                        "file of this folder")
+        return files
     return sorted(p.name for p in folder.glob("*.safetensors"))
 
 

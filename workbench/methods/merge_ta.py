@@ -65,7 +65,7 @@ class TaskArithmeticFamily(Method):
         super().validate(experts, params, output)
         unknown = set(params.per_expert) - {e.name for e in experts}
         if unknown:
-            raise RecipeError(f"per_expert names experts not in the merge: {sorted(unknown)}")
+            raise RecipeError(f"per_expert names experts not in the merge: {str(sorted(unknown))[:120]}")
         if params.engine == "mergekit" and ({e.kind for e in experts} != {"full"} or output.kind != "model"):
             raise RecipeError("engine 'mergekit' takes full-model experts and outputs a model")
 
