@@ -1,17 +1,19 @@
 """lm-eval on model objects: HFLM around whatever module a spec resolves to, offline.
 
-Results are written with lm-eval's own `EvaluationTracker` layout
-(`results/lm-eval/<model>/results_<date>.json` + `samples_<task>_<date>.jsonl`) and a
-workbench run manifest `run_<date>.json` beside them (spec, pool, method and parameters,
-git commit, timings, machine). Every run gets its own timestamped files: nothing is
-overwritten, so an interrupted job loses at most the run in flight.
+Each run writes, under `results/lm-eval/<model>/` (see `record`): lm-eval's results JSON
+`results_<run_id>.json`, the per-example outputs `samples_<run_id>.jsonl.gz` and a workbench run
+manifest `run_<run_id>.json` (spec, pool, method and parameters, settings, git commit, timings,
+machine), all without the machine's absolute paths. A rerun with the same settings replaces the
+older run once it is fully written; runs with other settings stay beside it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,8 @@ from typing import Any
 from ..errors import WorkbenchError
 from ..io import atomic_write_json
 from ..pool import Pool
-from ..tasks.suite import DEFAULT_SEED, DOMAINS, TASKS, data_hash, generate_suite
+from ..tasks.suite import ADD_SPECIAL_TOKENS, DEFAULT_SEED, DOMAINS, TASKS, data_hash, generate_suite
+from . import record
 
 RESULTS_DIR = Path(os.environ.get("WORKBENCH_RESULTS", "results"))
 
@@ -103,6 +106,15 @@ def resolve_tasks(tasks: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def make_lm(loaded: LoadedModel, batch_size: int):
+    """lm-eval's HFLM around a loaded model, encoding prompts as training does (ADD_SPECIAL_TOKENS)."""
+    from lm_eval.models.huggingface import HFLM
+
+    max_len = min(1024, int(getattr(loaded.model.config, "max_position_embeddings", 1024) or 1024))
+    return HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size, max_length=max_len,
+                add_bos_token=ADD_SPECIAL_TOKENS)
+
+
 def evaluate(loaded: LoadedModel, tasks: list[str], *, limit: int | None = None, batch_size: int = 16,
              split_seed: int = DEFAULT_SEED, log_samples: bool = True, split: str = "test") -> dict[str, Any]:
     """Run lm-eval on a loaded model; returns lm-eval's results dict (with `samples`).
@@ -110,13 +122,13 @@ def evaluate(loaded: LoadedModel, tasks: list[str], *, limit: int | None = None,
     split="validation" scores the validation split (for selecting hyperparameters).
     """
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    if split not in ("test", "validation"):
+        raise WorkbenchError(f"unknown evaluation split {split!r}; use test or validation")
     set_offline()
     suite = generate_suite(split_seed)
     tm = TaskManager(include_path=str(suite), include_defaults=False, verbosity="ERROR")
-    max_len = min(1024, int(getattr(loaded.model.config, "max_position_embeddings", 1024) or 1024))
     names = [f"wb_{t}" if split == "test" else f"wb_{t}_val" for t in tasks]
     # Rolling perplexity materialises [batch, window, vocab] logits: run it at a small batch size.
     groups = [([n for n, t in zip(names, tasks) if t in TASKS], batch_size),
@@ -125,7 +137,7 @@ def evaluate(loaded: LoadedModel, tasks: list[str], *, limit: int | None = None,
     for group, bs in groups:
         if not group:
             continue
-        lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=bs, max_length=max_len)
+        lm = make_lm(loaded, bs)
         res = lm_eval.simple_evaluate(
             model=lm, tasks=group, limit=limit, task_manager=tm, log_samples=log_samples,
             bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
@@ -146,15 +158,16 @@ def scores_of(res: dict[str, Any]) -> dict[str, dict[str, float]]:
     """{task: {metric: value}} from lm-eval's results (task names without the wb_ / _val affixes)."""
     out = {}
     for name, metrics in res["results"].items():
-        task = name[3:].removesuffix("_val")
-        out[task] = {k.split(",")[0]: v for k, v in metrics.items() if "," in k and "stderr" not in k}
+        out[record.suite_task(name)] = {k.split(",")[0]: v for k, v in metrics.items()
+                                        if "," in k and "stderr" not in k}
     return out
 
 
 def git_state() -> dict[str, Any]:
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10).stdout.strip()
+            out = subprocess.run(["git", *args], check=False, capture_output=True, text=True, timeout=10)
+            return out.stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
@@ -172,42 +185,55 @@ def machine_info(device: str | None) -> dict[str, Any]:
 
 
 def run_eval(spec: str, tasks: list[str], *, pool: Pool | None = None, limit: int | None = None,
-             batch_size: int = 16, device: str | None = None, out_dir: Path | None = None,
+             batch_size: int = 16, device: str | None = None, results_dir: Path | None = None,
              loaded: LoadedModel | None = None, extra: dict[str, Any] | None = None,
-             log_samples: bool = True) -> dict[str, Any]:
-    """Evaluate SPEC on TASKS and save lm-eval results + a run manifest; returns the manifest."""
+             log_samples: bool = True, split: str = "test", out_dir: Path | None = None) -> dict[str, Any]:
+    """Evaluate SPEC on TASKS and save lm-eval results, samples and a run manifest; returns the manifest.
+
+    `results_dir` is the lm-eval folder (default RESULTS_DIR / "lm-eval"; `out_dir` is its older name).
+    """
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.utils import sanitize_model_name
 
+    if results_dir is not None and out_dir is not None and Path(results_dir) != Path(out_dir):
+        raise WorkbenchError(f"run_eval: results_dir {results_dir} and out_dir {out_dir} disagree; give one")
     tasks = resolve_tasks(tasks)
-    out_dir = Path(out_dir or RESULTS_DIR / "lm-eval")
+    out_dir = Path(results_dir or out_dir or RESULTS_DIR / "lm-eval")
     t0 = time.perf_counter()
     loaded = loaded or load_model_spec(spec, pool, device)
     t_load = time.perf_counter() - t0
-    tracker = EvaluationTracker(output_path=str(out_dir))
+    tracker = EvaluationTracker()
     t1 = time.perf_counter()
-    res = evaluate(loaded, tasks, limit=limit, batch_size=batch_size, log_samples=log_samples)
+    res = evaluate(loaded, tasks, limit=limit, batch_size=batch_size, log_samples=log_samples, split=split)
     t_eval = time.perf_counter() - t1
     run_name = loaded.name if pool is None else f"{pool.name}__{loaded.name}"
     gct = tracker.general_config_tracker
     gct.model_name, gct.model_name_sanitized = run_name, sanitize_model_name(run_name)
     gct.model_source = "workbench"
     samples = res.pop("samples", None)
-    tracker.save_results_aggregated(results=res, samples=samples)
-    if samples and log_samples:
-        for task_name in res["configs"]:
-            tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
+    with tempfile.TemporaryDirectory(prefix="wb-lm-eval-") as tmp:  # lm-eval writes here; we scrub and move
+        tracker.output_path = tmp
+        tracker.save_results_aggregated(results=res, samples=samples)
+        written = Path(tmp) / gct.model_name_sanitized / f"results_{tracker.date_id}.json"
+        if not written.is_file():  # lm-eval logs a failed write and carries on
+            raise WorkbenchError(f"lm-eval did not write its results for {run_name}")
+        lm_json = json.loads(written.read_text(encoding="utf-8"))
+    run_id, roots = tracker.date_id, record.default_roots()
     folder = out_dir / gct.model_name_sanitized
-    scores = scores_of(res)
-    manifest = {
-        "run_id": tracker.date_id, "model": spec, "model_name": run_name,
+    atomic_write_json(folder / f"results_{run_id}.json", record.scrub(lm_json, roots))
+    if samples and log_samples:
+        record.write_samples(folder / f"samples_{run_id}.jsonl.gz",  # data, kept verbatim: never scrubbed
+                             [record.compact_sample(record.suite_task(t), s) for t, rows in samples.items() for s in rows])
+    manifest = record.scrub({
+        "run_id": run_id, "model": spec, "model_name": run_name,
         "pool": pool.name if pool else None, "base": pool.manifest.base.spec if pool else None,
         "method": loaded.info.get("method", loaded.info.get("kind")), "model_info": loaded.info,
-        "params": (extra or {}).get("params", {}), "tasks": tasks, "limit": limit, "batch_size": batch_size,
-        "data_sha256": {t: data_hash(t) for t in tasks}, "scores": scores,
-        "results_file": str((folder / f"results_{tracker.date_id}.json").relative_to(out_dir.parent)),
+        "params": (extra or {}).get("params", {}), "tasks": tasks, "limit": limit, "split": split,
+        "batch_size": batch_size, "data_sha256": {t: data_hash(t) for t in tasks}, "scores": scores_of(res),
+        "results_file": (folder / f"results_{run_id}.json").relative_to(out_dir.parent).as_posix(),
         "git": git_state(), "timings": {"load_s": round(t_load, 2), "eval_s": round(t_eval, 2)},
         "machine": machine_info(device), **{k: v for k, v in (extra or {}).items() if k != "params"},
-    }
-    atomic_write_json(folder / f"run_{tracker.date_id}.json", manifest)
+    }, roots)
+    atomic_write_json(folder / f"run_{run_id}.json", manifest)
+    record.replace_older_runs(folder, manifest)
     return manifest

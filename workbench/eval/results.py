@@ -1,4 +1,4 @@
-"""Read results/: the latest score per (model, task) from workbench run manifests."""
+"""Read results/: the latest score per (model, task) from workbench run manifests, and per-example outputs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from ..tasks.suite import DOMAINS, TASKS
+from .record import read_samples
 
 PRIMARY = {"exact_match": "exact_match", "word_perplexity": "word_perplexity"}
 
@@ -26,13 +27,13 @@ def iter_runs(results_dir: Path) -> list[dict[str, Any]]:
 def collect_scores(results_dir: Path, pool: str | None = None, full_only: bool = True) -> pd.DataFrame:
     """Long table: model, method, task, kind, metric, value, run_id (latest run wins).
 
-    `full_only` skips runs made with --limit (partial test splits).
+    `full_only` skips runs made with --limit (partial test splits); validation-split runs are never read.
     """
     latest: dict[tuple[str, str], dict[str, Any]] = {}
     for run in iter_runs(results_dir):
         if pool and run.get("pool") != pool:
             continue
-        if full_only and run.get("limit"):
+        if (full_only and run.get("limit")) or run.get("split", "test") != "test":
             continue
         for task, metrics in run.get("scores", {}).items():
             metric = "exact_match" if "exact_match" in metrics else "word_perplexity"
@@ -41,7 +42,9 @@ def collect_scores(results_dir: Path, pool: str | None = None, full_only: bool =
             kind = TASKS[task].kind if task in TASKS else ("domain" if task in DOMAINS else "?")
             info = run.get("model_info") or {}
             latest[(run["model_name"], task)] = {
-                "model": run["model"] if not str(run["model"]).startswith("/") else run["model_name"].split("__")[-1],
+                # a folder spec (absolute, or as the record writes it: $WORKBENCH_CACHE/..., ~/..., relative) shows
+                # as the run's name
+                "model": run["model"] if "/" not in str(run["model"]) else run["model_name"].split("__")[-1],
                 "model_name": run["model_name"], "method": run.get("method"),
                 "expert_task": (info.get("tags") or {}).get("task") if run.get("method") == "expert-lora" else None,
                 "task": task, "kind": kind, "metric": metric, "value": metrics[metric], "run_id": run["run_id"],
@@ -88,6 +91,24 @@ def results_table(results_dir: Path, pool: str | None = None, full_only: bool = 
 
 
 METHOD_ORDER = {"base": 0, "expert-lora": 1, "multitask": 2, "expert-full": 3}
+
+
+def paired_samples(run_a: dict[str, Any] | Path, run_b: dict[str, Any] | Path, task: str) -> pd.DataFrame:
+    """The examples of `task` both runs scored, side by side: doc_id, question, target, response_a/_b and
+    value_a/_b (exact match, or a perplexity task's log-likelihood), for pairwise diffs and paired tests."""
+    def rows(run):
+        out = {}
+        for s in read_samples(run):
+            if s["task"] == task:
+                v = s["metrics"].get("exact_match", s["metrics"].get("word_perplexity"))
+                out[s["doc_id"]] = s | {"value": v[0] if isinstance(v, list) else v}
+        return out
+
+    a, b = rows(run_a), rows(run_b)
+    return pd.DataFrame([{"doc_id": d, "question": a[d]["question"], "target": a[d]["target"],
+                          "response_a": a[d]["response"], "response_b": b[d]["response"],
+                          "value_a": a[d]["value"], "value_b": b[d]["value"]} for d in sorted(a.keys() & b.keys())],
+                        columns=["doc_id", "question", "target", "response_a", "response_b", "value_a", "value_b"])
 
 
 def results_chart(table: pd.DataFrame, title: str = ""):

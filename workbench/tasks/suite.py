@@ -145,6 +145,31 @@ def check_answer(prediction: str, answer: str) -> bool:
     return prediction.strip() == answer.strip()
 
 
+# ----------------------------------------------------------------------------- tokenisation
+
+# How a prompt becomes token ids, wherever it is encoded (training, lm-eval's HFLM as `add_bos_token`, which it
+# passes on as `add_special_tokens`, serving): the text alone, no BOS or other special tokens. SmolLM2's
+# tokenizer adds none by default, so pinning it changes nothing there; a tokenizer that adds a BOS (Llama's)
+# would otherwise be evaluated on sequences its experts were never trained on.
+ADD_SPECIAL_TOKENS = False
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of `text`, as every prompt is encoded (see ADD_SPECIAL_TOKENS)."""
+    return list(tokenizer(text, add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"])
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) cut as lm-eval's HFLM cuts them (`_encode_pair`): trailing spaces move
+    to the continuation, the whole text is encoded once and split after the context's tokens, so a BPE merge
+    at the boundary is tokenized as at evaluation."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    ctx = encode_text(tokenizer, context)
+    return ctx, encode_text(tokenizer, context + continuation)[len(ctx):]
+
+
 def make_examples(name: str, seed: int = DEFAULT_SEED, sizes: dict[str, int] | None = None) -> dict[str, list[Example]]:
     """Disjoint splits (no question appears in two splits), deterministic in (name, seed, sizes)."""
     t = get_task(name)

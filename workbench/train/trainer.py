@@ -1,8 +1,9 @@
 """A small, deterministic causal-LM trainer with the loss on answer tokens only.
 
-Examples are `question` + " " + `answer` + EOS, tokenized exactly as lm-eval's HFLM sees the
-context at evaluation time (no special tokens before the question), so what is trained is
-what is evaluated. Batches are padded on the right; prompt and padding labels are -100.
+Examples are `question` + " " + `answer` + EOS, tokenized exactly as lm-eval's HFLM sees them at
+evaluation time (`tasks.suite.encode_pair`: the special-token setting every prompt shares, the answer
+cut from the whole text's tokens), so what is trained is what is evaluated. Batches are padded on the
+right; prompt and padding labels are -100.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pydantic import ConfigDict, Field
 from ..errors import WorkbenchError
 from ..pool import Expert, Pool
 from ..progress import progress_bar
-from ..tasks.suite import DEFAULT_SEED, data_hash, get_task, load_split
+from ..tasks.suite import DEFAULT_SEED, data_hash, encode_pair, get_task, load_split
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -67,8 +68,8 @@ class TrainResult:
 
 
 def encode(tokenizer, question: str, answer: str, max_length: int) -> tuple[list[int], list[int]]:
-    q = tokenizer(question, add_special_tokens=False)["input_ids"]
-    a = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    q, a = encode_pair(tokenizer, question, " " + answer)  # " ": lm-eval's target delimiter
+    a = a + [tokenizer.eos_token_id]
     ids = (q + a)[:max_length]
     labels = ([-100] * len(q) + a)[:max_length]
     return ids, labels
