@@ -15,6 +15,7 @@ from ..artifacts import register_artifact
 from ..errors import RecipeError, WorkbenchError
 from ..modules.routed_lora import RoutedGroup, wrap_experts
 from ..modules.routers import BaseRouter, load_router
+from ..tasks.suite import ADD_SPECIAL_TOKENS
 from .base import Method
 
 
@@ -95,7 +96,8 @@ def trace_prompt(model, tokenizer, prompt: str, experts: list[str] | None = None
     if ctx is None or not ctx.groups:
         raise WorkbenchError("this model has no router: traces exist for routed compositions only")
     experts = experts or list(ctx.groups[0].router.experts)
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(next(model.parameters()).device)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"]
+    ids = ids.to(next(model.parameters()).device)
     trace = Trace()
     with torch.no_grad(), ctx.use(groups=ctx.groups, trace=trace):
         model(input_ids=ids)

@@ -27,7 +27,7 @@ from ..artifacts import register_artifact
 from ..errors import RecipeError
 from ..modules.mixture import MixtureContext, MixtureLinear, get_module, set_module
 from ..progress import progress_bar
-from ..tasks.suite import data_hash, load_split
+from ..tasks.suite import ADD_SPECIAL_TOKENS, data_hash, load_split
 from .base import BuildContext, Method, MethodParams, register_method
 
 
@@ -97,7 +97,8 @@ def pooled_features(model, tokenizer, texts: list[str], batch_size: int = 32, de
     try:
         with progress_bar(desc, total=len(texts)) as bar:
             for i in range(0, len(texts), batch_size):
-                enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+                enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
+                                add_special_tokens=ADD_SPECIAL_TOKENS)
                 enc = {k: v.to(model.device) for k, v in enc.items()}
                 h = model(**enc, output_hidden_states=True).hidden_states[-1]
                 m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)

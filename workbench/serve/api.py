@@ -26,6 +26,7 @@ from pydantic import BaseModel as Schema
 from pydantic import ConfigDict, Field
 
 from ..errors import WorkbenchError
+from ..tasks.suite import ADD_SPECIAL_TOKENS
 from .engine import MultiLoraModel
 
 
@@ -232,7 +233,7 @@ def create_app(engine: MultiLoraModel, *, max_batch: int = 32, window_s: float =
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts:
             raise APIError(400, "prompt: at least one prompt is required", param="prompt")
-        jobs = [make_job(req, engine.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        jobs = [make_job(req, engine.tokenizer(p, add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"]) for p in prompts]
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
             if len(jobs) != 1:
@@ -259,7 +260,7 @@ def create_app(engine: MultiLoraModel, *, max_batch: int = 32, window_s: float =
             ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
         else:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
-            ids = tok(text, add_special_tokens=False)["input_ids"]
+            ids = tok(text, add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"]
         job = make_job(req, list(ids))
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         sched.submit(job)

@@ -20,6 +20,7 @@ from ..errors import WorkbenchError, did_you_mean
 from ..kernels import AdapterWeights, LoraMeta, apply_lora, check_backend, default_backend, make_meta
 from ..modules.mixture import get_module, set_module
 from ..pool import LoraLayout
+from ..tasks.suite import ADD_SPECIAL_TOKENS
 
 Assignment = tuple[tuple[int, float], ...]  # ((adapter id, weight), ...) for one sequence; () = base
 Router = Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -291,7 +292,7 @@ def peft_alone(base, adapters: dict[str, str], requests: Sequence[tuple[str, str
     for model, prompt in requests:
         if (model, prompt) in memo:
             continue
-        enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(pm.device)
+        enc = tok(prompt, return_tensors="pt", add_special_tokens=ADD_SPECIAL_TOKENS).to(pm.device)
         kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad}
         if model == "base":
             with pm.disable_adapter():
