@@ -1,6 +1,7 @@
 """Task suite: determinism, disjoint splits, answers recomputed independently, real words."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -70,7 +71,7 @@ def test_check_answer():
 def test_domain_sets_disjoint():
     for name in DOMAINS:
         d = make_domain(name)
-        texts = [set(x["text"] for x in d[s]) for s in ("train", "validation", "test")]
+        texts = [{x["text"] for x in d[s]} for s in ("train", "validation", "test")]
         assert all(texts) and not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
 
 
@@ -81,8 +82,8 @@ def test_written_suite_is_valid_lm_eval():
     for name in [*TASKS, *DOMAINS]:
         cfg = yaml.safe_load((folder / name / f"wb_{name}.yaml").read_text())
         assert cfg["task"] == f"wb_{name}"
-        for split, path in cfg["dataset_kwargs"]["data_files"].items():
-            assert path.startswith("/") and len(open(path).read().splitlines()) > 0
+        for path in cfg["dataset_kwargs"]["data_files"].values():
+            assert path.startswith("/") and len(Path(path).read_text().splitlines()) > 0
     tm = TaskManager(include_path=str(folder), include_defaults=False)
     assert {f"wb_{n}" for n in [*TASKS, *DOMAINS]} <= set(tm.all_tasks)
     assert load_split("addition", "test") == [json.loads(x) for x in (folder / "addition" / "test.jsonl").read_text().splitlines()]
