@@ -407,7 +407,9 @@ def results_show(
         return
     short = {"addition": "add", "sorting": "sort", "unit_conversion": "unit", "word_count": "count",
              "repeat_word": "repeat", "reverse_words": "rev", "subtraction": "sub*", "addition_phrase": "addph*",
-             "sort_descending": "sortd*", "python_code": "py ppl", "english_docs": "en ppl", "held_in_avg": "in avg",
+             "sort_descending": "sortd*", "sort_phrase": "sortph*", "unit_phrase": "unitph*",
+             "count_phrase": "countph*", "repeat_phrase": "repph*", "reverse_phrase": "revph*", "convert_sum": "convsum*",
+             "python_code": "py ppl", "english_docs": "en ppl", "held_in_avg": "in avg",
              "held_out_avg": "out avg*", "normalized": "norm"}
     table = Table(*[short.get(str(c), str(c)) for c in df.columns if c != "method"],
                   title="exact match % (* held-out; ppl: word perplexity; norm: held-in avg / experts' own avg)")

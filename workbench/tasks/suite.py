@@ -1,8 +1,9 @@
 """Deterministic skill tasks with short exact answers, written as JSONL + lm-eval task YAML.
 
-Held-in tasks each get a LoRA expert; held-out tasks need a held-in skill in a new form
-(subtraction beside addition, a new prompt template, the reverse sort order) and measure
-zero-shot generalisation. Domain sets are plain text for perplexity (upcycling experiments).
+Held-in tasks each get a LoRA expert; held-out tasks need held-in skills in a new form
+(a new prompt template or phrasing, subtraction beside addition, two skills in sequence) and measure
+zero-shot generalisation: every held-in skill has a held-out variant that picking or combining the
+held-in experts can solve. Domain sets are plain text for perplexity (upcycling experiments).
 
 Every example is a JSON object: {"id", "question" (ends with "Answer:"), "answer", "fields"}
 where `fields` holds the inputs the answer is computed from, so checkers can recompute it.
@@ -43,12 +44,20 @@ Example = dict[str, Any]
 
 @dataclass(frozen=True)
 class Task:
+    """A skill task; `skill` is a held-in task's category, and for a held-out task the held-in task(s) it
+    reuses, joined by "+" in the order they apply (`reuses`)."""
+
     name: str
     kind: Literal["held_in", "held_out"]
     skill: str
     description: str
     make: Callable[[random.Random], tuple[str, str, dict[str, Any]]] = field(repr=False)
     max_gen_toks: int = 16
+
+    @property
+    def reuses(self) -> tuple[str, ...]:
+        """The held-in tasks whose experts apply: the task itself when held-in."""
+        return (self.name,) if self.kind == "held_in" else tuple(self.skill.split("+"))
 
 
 TASKS: dict[str, Task] = {}
@@ -113,21 +122,71 @@ def _reverse(rng):
 # ----------------------------------------------------------------------------- held-out
 
 
-@task("subtraction", "held_out", "arithmetic", "difference of two 2-digit numbers (addition's form, new operation)")
+@task("subtraction", "held_out", "addition", "difference of two 2-digit numbers (addition's form, new operation)")
 def _subtraction(rng):
     a, b = sorted(rng.sample(range(10, 100), 2), reverse=True)
     return f"Subtract: {a}-{b}\nAnswer:", str(a - b), {"a": a, "b": b}
 
 
-@task("addition_phrase", "held_out", "arithmetic", "2-digit addition in a new prompt template")
+@task("addition_phrase", "held_out", "addition", "2-digit addition in a new prompt template")
 def _addition_phrase(rng):
     return _addends(rng, "What is {a} plus {b}?\nAnswer:")
 
 
-@task("sort_descending", "held_out", "ordering", "sort 5 distinct digits descending")
+@task("sort_descending", "held_out", "sorting+reverse_words", "sort 5 distinct digits descending")
 def _sort_desc(rng):
     xs = rng.sample(range(10), 5)
     return f"Sort descending: {' '.join(map(str, xs))}\nAnswer:", " ".join(map(str, sorted(xs, reverse=True))), {"xs": xs}
+
+
+# Added without a SUITE_VERSION bump: every task draws from its own RNG (seeded by its name), so the data of the
+# tasks above is unchanged (tests/test_tasks.py pins their hashes), and a written suite whose stamp lacks these
+# tasks is rewritten with them.
+
+
+@task("sort_phrase", "held_out", "sorting", "sort 5 distinct digits ascending, new prompt template")
+def _sort_phrase(rng):
+    xs = rng.sample(range(10), 5)
+    while xs == sorted(xs):  # an already sorted input would hold its answer
+        xs = rng.sample(range(10), 5)
+    return f"Put in ascending order: {' '.join(map(str, xs))}\nAnswer:", " ".join(map(str, sorted(xs))), {"xs": xs}
+
+
+@task("unit_phrase", "held_out", "unit_conversion", "metric conversion to a smaller unit, asked as a question")
+def _unit_phrase(rng):
+    src, dst, factor = rng.choice(UNITS)
+    v = rng.randint(1, 250)
+    fields = {"value": v, "factor": factor, "src": src, "dst": dst}
+    return f"How many {dst} are in {v} {src}?\nAnswer:", str(v * factor), fields
+
+
+@task("count_phrase", "held_out", "word_count", "count 2-8 English words, asked as a question")
+def _count_phrase(rng):
+    words = rng.sample(english_words(), rng.randint(2, 8))
+    return f"How many words are in: {' '.join(words)}\nAnswer:", str(len(words)), {"words": words}
+
+
+@task("repeat_phrase", "held_out", "repeat_word", "repeat an English word 2-5 times, word before count")
+def _repeat_phrase(rng):
+    w = rng.choice(english_words())
+    while w == "word":  # "Write the word word 2 times" would hold its answer
+        w = rng.choice(english_words())
+    n = rng.randint(2, 5)
+    return f"Write the word {w} {n} times\nAnswer:", " ".join([w] * n), {"word": w, "n": n}
+
+
+@task("reverse_phrase", "held_out", "reverse_words", "reverse the order of 3-5 English words, new prompt template")
+def _reverse_phrase(rng):
+    words = rng.sample(english_words(), rng.randint(3, 5))
+    return f"Say these words in reverse order: {' '.join(words)}\nAnswer:", " ".join(reversed(words)), {"words": words}
+
+
+@task("convert_sum", "held_out", "addition+unit_conversion", "add two 2-digit metric quantities, convert the sum")
+def _convert_sum(rng):
+    src, dst, factor = rng.choice(UNITS)
+    a, b = rng.randint(10, 99), rng.randint(10, 99)  # a + b in 20..198: inside unit_conversion's 1..250
+    fields = {"a": a, "b": b, "factor": factor, "src": src, "dst": dst}
+    return f"Convert: {a}+{b} {src} to {dst}\nAnswer:", str((a + b) * factor), fields
 
 
 def task_names(kind: str | None = None) -> list[str]:
