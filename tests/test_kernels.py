@@ -141,16 +141,17 @@ def test_meta_is_shared_and_contiguous_blocks(pool, tiny_dir, monkeypatch):
         make_meta(torch.tensor([3]), None, 3)
 
     # shared: one make_meta per batch shape, the same object handed to every adapted layer
+    import workbench.modules.routed_lora as routed_mod
     import workbench.serve.engine as engine_mod
 
     pool.add(tiny_dir / "lora_a", "a")
     pool.add(tiny_dir / "lora_b", "b")
     eng = engine_mod.MultiLoraModel.from_pool(pool, include_artifacts=False)
     built, seen = [], []
-    real_make, real_apply = engine_mod.make_meta, engine_mod.apply_lora
+    real_make, real_apply = engine_mod.make_meta, routed_mod.apply_lora
     monkeypatch.setattr(engine_mod, "make_meta", lambda *a, **k: built.append(1) or real_make(*a, **k))
-    monkeypatch.setattr(engine_mod, "apply_lora", lambda y, x, w, meta, b=None: seen.append(meta) or real_apply(y, x, w, meta, b))
-    layers = sum(isinstance(m, engine_mod.MultiLoraLinear) for m in eng.model.modules())
+    monkeypatch.setattr(routed_mod, "apply_lora", lambda y, x, w, meta, b=None: seen.append(meta) or real_apply(y, x, w, meta, b))
+    layers = sum(isinstance(m, routed_mod.RoutedLoraLinear) for m in eng.model.modules())
     assert layers > 1
     eng.forward(torch.randint(5, 90, (3, 6)), assignments=[eng.resolve("a"), eng.resolve("b"), eng.resolve("mix:a=0.5,b=0.5")])
     assert len(built) == 1 and len(seen) == layers and len({id(m) for m in seen}) == 1

@@ -237,3 +237,145 @@ def test_saved_composition_served_by_recipe_name(pool, tiny_dir):
         want = load_artifact(first).model(input_ids=x).logits
     torch.testing.assert_close(eng.forward(x, assignments=[eng.resolve("combo")] * 2).logits, want,
                                rtol=1e-4, atol=1e-4)
+
+
+# -- routed compositions (routed_lora artifacts) served beside plain adapters and mixes
+
+# arrow routes over (b, a): its router's expert i is not the engine's adapter i
+ROUTED = {"arrow-k1": ("arrow", ["b", "a"], {"k": 1}),
+          "goose": ("phatgoose", ["a", "b"], {"k": 2, "steps": 3, "examples": 16})}
+
+
+@pytest.fixture(scope="module")
+def routed_pool(tmp_path_factory, tiny_dir):
+    """A pool of two tagged LoRA experts with an Arrow and a PHATGOOSE artifact built over it (once per module)."""
+    from workbench.pool import Pool
+    from workbench.recipes import build, parse_recipe
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WORKBENCH_POOLS", str(tmp_path_factory.mktemp("routed") / "adapters"))
+    pool = Pool.create("routed", base=str(tiny_dir / "base"))
+    pool.add(tiny_dir / "lora_a", "a", tags={"task": "addition"})
+    pool.add(tiny_dir / "lora_b", "b", tags={"task": "sorting"})
+    arts = {name: build(parse_recipe({"name": name, "method": method, "pool": "routed", "experts": experts,
+                                      "parameters": params}), log=lambda *a: None)
+            for name, (method, experts, params) in ROUTED.items()}
+    yield pool, arts
+    mp.undo()
+
+
+@pytest.fixture()
+def served_routed(routed_pool):
+    pool, arts = routed_pool
+    logs: list[str] = []
+    engine = MultiLoraModel.from_pool(pool, log=logs.append)
+    app = create_app(engine, max_batch=64, window_s=0.05)
+    url, server, thread = start_in_thread(app)
+    assert server.started
+    yield url, pool, arts, engine, app, logs
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _hf_alone(model, tok, prompt: str, max_new_tokens: int) -> str:
+    """Greedy text of `prompt` generated alone (batch 1) by a loaded HF model, cut at EOS."""
+    from workbench.tasks.suite import ADD_SPECIAL_TOKENS
+
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    new = new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+    return tok.decode(new, skip_special_tokens=True)
+
+
+def test_routed_compositions_listed_in_models(served_routed):
+    url, _, _, engine, _, logs = served_routed
+    data = httpx.get(f"{url}/v1/models").json()["data"]
+    assert [(m["id"], m["kind"]) for m in data] == [("base", "base"), ("a", "lora"), ("b", "lora"),
+                                                    ("arrow-k1", "routed_lora"), ("goose", "routed_lora")]
+    assert {m["id"]: m.get("router") for m in data}["goose"] == "phatgoose" and not logs
+    assert engine.model_names() == ["base", "a", "b", "arrow-k1", "goose"]
+    assert engine.routed["arrow-k1"].router.experts == ["b", "a"]  # mapped onto adapter ids [1, 0]
+    r = httpx.post(f"{url}/v1/completions", json={"model": "mix:goose=0.5,a=0.5", "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["message"] == ("routed composition 'goose' cannot be part of "
+                                                                     "a mix: request it alone")
+    r = httpx.post(f"{url}/v1/completions", json={"model": "gose", "prompt": "x"})
+    assert r.status_code == 404 and "did you mean 'goose'?" in r.json()["error"]["message"]
+
+
+def test_routed_compositions_in_one_forward_equal_each_alone(served_routed):
+    """One prefill batch mixing an adapter, a mix and both routed compositions: each sequence's logits equal
+    that sequence alone, and a routed sequence's equal its artifact loaded by load_artifact."""
+    from workbench.artifacts import load_artifact
+
+    _, _, arts, engine, _, _ = served_routed
+    specs = ["goose", "a", "arrow-k1", "mix:a=0.3,b=0.7", "goose", "base"]
+    x = torch.randint(5, 90, (len(specs), 7), generator=torch.Generator().manual_seed(3))
+    got = engine.forward(x, assignments=[engine.resolve(s) for s in specs]).logits
+    for i, s in enumerate(specs):
+        alone = engine.forward(x[i:i + 1], assignments=[engine.resolve(s)]).logits
+        torch.testing.assert_close(got[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+        if s in arts:
+            with torch.no_grad():
+                want = load_artifact(arts[s]).model(input_ids=x[i:i + 1]).logits
+            torch.testing.assert_close(got[i:i + 1], want, rtol=1e-5, atol=1e-5)
+    base = engine.forward(x, assignments=[()] * len(specs)).logits
+    for i, s in enumerate(specs[:-1]):  # every composition really adds to the base
+        assert (got[i] - base[i]).abs().max() > 1e-3, s
+
+
+def test_64_concurrent_requests_mixing_routed_compositions(served_routed):
+    """Plain adapters, a weighted mix and two routed compositions, 64 concurrent requests in mixed batches:
+    every output equals that request served alone; plain ones equal PEFT alone, routed ones their artifact's
+    HF generate alone (greedy, KV cache: prefill rows [B*S] and decode rows [B] routed per step)."""
+    from workbench.artifacts import load_artifact
+    from workbench.tasks.suite import ADD_SPECIAL_TOKENS
+
+    url, pool, arts, engine, _, _ = served_routed
+    names = ["a", "goose", "mix:a=0.3,b=0.7", "arrow-k1", "base", "b"]
+    prompts = [f"Add: {i}+{2 * i}\nAnswer:" if i // 6 % 2 else f"Sort: {i % 7} {i % 5} 9\nAnswer:" for i in range(64)]
+    batches: list[set] = []
+    generate = engine.generate
+    engine.generate = lambda prompts, assignments, *a, **k: (batches.append(set(assignments)),
+                                                             generate(prompts, assignments, *a, **k))[1]
+
+    async def main():
+        async with httpx.AsyncClient(timeout=120) as c:
+            reqs = [c.post(f"{url}/v1/completions", json={"model": names[i % 6], "prompt": p, "max_tokens": 6})
+                    for i, p in enumerate(prompts)]
+            return await asyncio.gather(*reqs)
+
+    responses = asyncio.run(main())
+    assert all(r.status_code == 200 for r in responses)
+    # one batch held plain adapters, the mix and both routed compositions
+    assert any({engine.resolve(n) for n in names if n != "base"} <= b for b in batches)
+    texts = [r.json()["choices"][0]["text"] for r in responses]
+    tok = engine.tokenizer
+
+    def served_alone(model: str, prompt: str) -> str:
+        ids = tok(prompt, add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"]
+        return tok.decode(generate([ids], [engine.resolve(model)], 6)[0], skip_special_tokens=True)
+
+    for i, p in enumerate(prompts):
+        assert texts[i] == served_alone(names[i % 6], p), (names[i % 6], p)
+    plain = [i for i in range(64) if names[i % 6] in ("a", "b", "base")]
+    folders = {a.name: a.source for a in engine.adapters}
+    expected = peft_alone(pool.base, folders, [(names[i % 6], prompts[i]) for i in plain], 6)
+    assert [texts[i] for i in plain] == expected
+    for name, art in arts.items():
+        loaded = load_artifact(art)
+        mine = [i for i in range(64) if names[i % 6] == name]
+        want = {prompts[i]: _hf_alone(loaded.model, loaded.tokenizer, prompts[i], 6) for i in mine}
+        assert [texts[i] for i in mine] == [want[prompts[i]] for i in mine], name
+        assert any(want[p] != served_alone("base", p) for p in want), name  # the experts change the outputs
+
+
+def test_routed_composition_over_experts_not_loaded_is_skipped(routed_pool):
+    """An engine over expert a only: both routed artifacts (over a and b) are left out, each with its reason."""
+    pool, arts = routed_pool
+    logs: list[str] = []
+    engine = MultiLoraModel.from_pool(pool, experts=["a"], log=logs.append)
+    assert engine.model_names() == ["base", "a"]
+    assert len(logs) == 2 and all(f"routed composition {n!r} ({arts[n]}) not served: its experts ['b'] are not "
+                                  "LoRA experts loaded here" in logs for n in arts)

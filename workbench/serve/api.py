@@ -1,9 +1,10 @@
 """OpenAI-compatible HTTP server over MultiLoraModel (FastAPI + uvicorn).
 
 GET /v1/models, POST /v1/completions and /v1/chat/completions (non-streaming and SSE
-streaming). `model` picks "base", an expert, a saved LoRA composition or "mix:a=0.5,b=0.5".
+streaming). `model` picks "base", an expert, a saved LoRA composition, a routed composition
+(its tokens routed over the pool's experts by its router) or "mix:a=0.5,b=0.5".
 Concurrent requests are batched: a scheduler thread collects what arrives within a short
-window (up to max_batch) and decodes it as one batch, each sequence with its own adapter.
+window (up to max_batch) and decodes it as one batch, each sequence with its own adapter, mix or router.
 A client that disconnects is dropped from its batch at the next token; others go on.
 Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}} with 4xx codes.
 """
@@ -27,7 +28,7 @@ from pydantic import ConfigDict, Field
 
 from ..errors import WorkbenchError
 from ..tasks.suite import ADD_SPECIAL_TOKENS
-from .engine import MultiLoraModel
+from .engine import MultiLoraModel, UnknownModel
 
 
 class APIError(Exception):
@@ -175,8 +176,7 @@ def create_app(engine: MultiLoraModel, *, max_batch: int = 32, window_s: float =
 
     @app.get("/v1/models")
     async def models():
-        data = [{"id": "base", "object": "model", "owned_by": "workbench", "kind": "base"}]
-        data += [{"id": a.name, "object": "model", "owned_by": "workbench", "kind": a.kind} for a in engine.adapters]
+        data = [{**m, "object": "model", "owned_by": "workbench"} for m in engine.models()]
         return {"object": "list", "data": data}
 
     @app.get("/health")
@@ -186,8 +186,10 @@ def create_app(engine: MultiLoraModel, *, max_batch: int = 32, window_s: float =
     def make_job(req: _Common, prompt_ids: list[int]) -> Job:
         try:
             assignment = engine.resolve(req.model)
-        except WorkbenchError as e:
+        except UnknownModel as e:
             raise APIError(404, f"{e}; see GET /v1/models", param="model", code="model_not_found") from None
+        except WorkbenchError as e:
+            raise APIError(400, str(e), param="model", code="invalid_model") from None
         if len(prompt_ids) + req.max_tokens > ctx_len:
             raise APIError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the "
                                 f"context length {ctx_len}", param="max_tokens", code="context_length_exceeded")

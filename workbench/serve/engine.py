@@ -1,60 +1,55 @@
-"""Batched generation where each sequence names an adapter, a weighted mix, or a router.
+"""Batched generation where each sequence names an adapter, a weighted mix, or a routed composition.
 
-`MultiLoraModel` puts the multi-LoRA op into a Hugging Face causal LM's target linears and
-loads a pool's adapters once. Each forward reads one `LoraMeta` (token -> adapter pairs),
-built once per batch shape from the sequences' assignments and reused by every layer and
-every decode step. A router callback `router(module_name, x) -> (idx [T, k], w [T, k])`
-instead gives per-token, per-layer top-k mixtures (PHATGOOSE/Arrow-style compositions).
+`MultiLoraModel` wraps a Hugging Face causal LM's target linears with the one routed-LoRA layer
+(`workbench.modules.routed_lora`) and loads a pool's adapters once. Each forward hands the layers
+one `RoutingContext`: a `LoraMeta` of fixed pairs (plain adapters, weighted mixes), built once per
+batch shape and reused by every layer and every decode step, plus one `RoutedGroup` per routed
+composition in the batch (its sequences' token rows, routed per token and per layer by its saved
+router). A router callback `router(module_name, x) -> (idx [T, k], w [T, k])` instead routes
+every token of the batch (PHATGOOSE/Arrow-style compositions built by hand).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
 
 from ..errors import WorkbenchError, did_you_mean
-from ..kernels import AdapterWeights, LoraMeta, apply_lora, check_backend, default_backend, make_meta
-from ..modules.mixture import get_module, set_module
+from ..kernels import LoraMeta, check_backend, default_backend, make_meta
+from ..modules.routed_lora import RoutedGroup, RoutedLoraLinear, wrap_model
 from ..pool import LoraLayout
 from ..tasks.suite import ADD_SPECIAL_TOKENS
 
-Assignment = tuple[tuple[int, float], ...]  # ((adapter id, weight), ...) for one sequence; () = base
 Router = Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-class ServeContext:
-    """What the wrapped layers read during one forward."""
-
-    def __init__(self, backend: str):
-        self.backend = backend
-        self.meta: LoraMeta | None = None
-        self.router: Router | None = None
-        self.num_adapters = 0
-
-    def meta_for(self, name: str, x2: torch.Tensor) -> LoraMeta | None:
-        if self.router is not None:
-            idx, w = self.router(name, x2)
-            return make_meta(idx, w, self.num_adapters)
-        return self.meta
+class UnknownModel(WorkbenchError):
+    """A request names a model this engine does not serve."""
 
 
-class MultiLoraLinear(nn.Module):
-    def __init__(self, base: nn.Linear, weights: AdapterWeights, ctx: ServeContext, name: str):
-        super().__init__()
-        self.base, self.weights, self.ctx, self.name = base, weights, ctx, name
+@dataclass(frozen=True)
+class Routed:
+    """A sequence whose tokens are routed by the routed composition `name`."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        x2 = x.reshape(-1, x.shape[-1])
-        meta = self.ctx.meta_for(self.name, x2)
-        if meta is None or not meta.active:
-            return y
-        apply_lora(y.view(-1, y.shape[-1]), x2, self.weights, meta, self.ctx.backend)
-        return y
+    name: str
+
+
+Assignment = tuple[tuple[int, float], ...] | Routed  # ((adapter id, weight), ...) for one sequence; () = base
+
+
+class _CallbackRouter:
+    """A router callback as the routed layer's router (pairs over the engine's adapter ids)."""
+
+    def __init__(self, fn: Router):
+        self.fn = fn
+
+    def route(self, module: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fn(module, x)
 
 
 @dataclass
@@ -65,58 +60,77 @@ class Adapter:
     source: str | None = None  # the PEFT adapter folder it was read from
 
 
-class MultiLoraModel:
-    """A base model with every adapter of a pool (and saved LoRA compositions) loaded once."""
+@dataclass
+class RoutedComposition:
+    """A saved router over LoRA adapters of the engine (a `routed_lora` artifact)."""
 
-    def __init__(self, base_model, tokenizer, adapters: list[Adapter], *, backend: str | None = None,
-                 device: str = "cpu", dtype=torch.float32):
-        self.ctx = ServeContext(check_backend(backend) if backend else default_backend(device))
+    name: str
+    router: Any = field(repr=False)  # workbench.modules.routers.BaseRouter; router.experts name engine adapters
+    kind: str  # the router's kind: arrow, phatgoose, ...
+    source: str | None = None  # the artifact folder
+
+
+class MultiLoraModel:
+    """A base model with every adapter of a pool (and saved LoRA and routed compositions) loaded once."""
+
+    def __init__(self, base_model, tokenizer, adapters: list[Adapter], *, routed: Sequence[RoutedComposition] = (),
+                 backend: str | None = None, device: str = "cpu", dtype=torch.float32):
         self.model = base_model.to(device=device, dtype=dtype).eval()
         self.tokenizer = tokenizer
         self.adapters = adapters
         self.ids = {a.name: i for i, a in enumerate(adapters)}
-        self.ctx.num_adapters = len(adapters)
+        self.routed = {c.name: c for c in routed}
         self.device, self.dtype = torch.device(device), dtype
+        self._experts = {}  # routed composition -> [E_router] adapter ids of its router's experts
+        for c in routed:
+            missing = [e for e in c.router.experts if e not in self.ids]
+            if missing:
+                raise WorkbenchError(f"routed composition {c.name!r} routes over {missing}, which are not loaded")
+            self._experts[c.name] = torch.tensor([self.ids[e] for e in c.router.experts], device=self.device)
         self.lock = threading.Lock()  # one forward at a time (the context is per model)
         self.active_sequences = 0  # sequences still decoding in running `generate` calls
         self._active_lock = threading.Lock()
         targets = sorted({t for a in adapters for t in a.factors})
-        for tensor in targets:
-            module = tensor[: -len(".weight")]
-            lin = get_module(self.model, module)
-            d_out, d_in = lin.weight.shape
-            a_list, b_list, scales = [], [], []
-            for ad in adapters:  # an adapter that skips this module gets rank 0 (adds nothing)
-                a, b, s = ad.factors.get(tensor, (torch.zeros(0, d_in), torch.zeros(d_out, 0), 0.0))
-                a_list.append(a.to(device=device, dtype=dtype).contiguous())
-                b_list.append(b.to(device=device, dtype=dtype).contiguous())
-                scales.append(s)
-            wts = AdapterWeights(a_list, b_list, torch.tensor(scales, dtype=torch.float32, device=device))
-            set_module(self.model, module, MultiLoraLinear(lin, wts, self.ctx, module))
-        self._meta_cache: dict[tuple, LoraMeta] = {}
+        self.ctx = wrap_model(self.model, targets, lambda t: [a.factors.get(t) for a in adapters], len(adapters),
+                              backend=check_backend(backend) if backend else default_backend(device))
+        self._layout_cache: dict[tuple, tuple[LoraMeta | None, list[RoutedGroup]]] = {}
 
     @classmethod
     def from_pool(cls, pool, experts: list[str] | None = None, *, include_artifacts: bool = True,
-                  backend: str | None = None, device: str = "cpu", dtype=torch.float32) -> MultiLoraModel:
+                  backend: str | None = None, device: str = "cpu", dtype=torch.float32,
+                  log: Callable[[str], Any] = print) -> MultiLoraModel:
+        """The pool's LoRA experts (all, or `experts`), and with `include_artifacts` the saved LoRA compositions
+        and routed compositions built over this pool (a routed one whose experts are not loaded is skipped: `log`)."""
         names = experts if experts is not None else pool.names("lora")
         adapters = []
         for n in names:
             e = pool.expert(n)
             adapters.append(Adapter(n, "lora", {t: e.lora_factors(t) for t in e.delta_names()}, str(e.path)))
+        routed: list[RoutedComposition] = []
         if include_artifacts:
-            adapters += saved_lora_compositions(pool, taken={a.name for a in adapters})
-        return cls(pool.base.load(), pool.base.tokenizer(), adapters, backend=backend, device=device, dtype=dtype)
+            taken = {a.name for a in adapters}
+            adapters += saved_lora_compositions(pool, taken=taken)
+            routed = saved_routed_compositions(pool, set(names), taken=taken, device=device, log=log)
+        return cls(pool.base.load(), pool.base.tokenizer(), adapters, routed=routed, backend=backend, device=device,
+                   dtype=dtype)
 
     # -- specs
     def model_names(self) -> list[str]:
-        return ["base", *self.ids]
+        return ["base", *self.ids, *self.routed]
+
+    def models(self) -> list[dict[str, str]]:
+        """What /v1/models lists: id and kind (and a routed composition's router kind) of every servable model."""
+        return ([{"id": "base", "kind": "base"}] + [{"id": a.name, "kind": a.kind} for a in self.adapters]
+                + [{"id": c.name, "kind": "routed_lora", "router": c.kind} for c in self.routed.values()])
 
     def resolve(self, spec: str | dict[str, float]) -> Assignment:
-        """'base', an adapter name, 'mix:a=0.5,b=0.5', or {name: weight}."""
+        """'base', an adapter name, a routed composition's name, 'mix:a=0.5,b=0.5', or {name: weight}."""
         if isinstance(spec, dict):
             items = list(spec.items())
         elif spec == "base":
             return ()
+        elif spec in self.routed:
+            return Routed(spec)
         elif spec.startswith("mix:"):
             items = []
             for part in spec[4:].split(","):
@@ -129,42 +143,52 @@ class MultiLoraModel:
             items = [(spec, 1.0)]
         out = []
         for name, w in items:
+            if name in self.routed:
+                raise WorkbenchError(f"routed composition {name!r} cannot be part of a mix: request it alone")
             if name not in self.ids:
-                raise WorkbenchError(f"unknown model {name!r}{did_you_mean(name, self.ids)}")
+                raise UnknownModel(f"unknown model {name!r}{did_you_mean(name, self.model_names())}")
             out.append((self.ids[name], float(w)))
         return tuple(out)
 
-    def _meta(self, assignments: Sequence[Assignment], seq_len: int) -> LoraMeta | None:
+    def _layout(self, assignments: Sequence[Assignment], seq_len: int) -> tuple[LoraMeta | None, list[RoutedGroup]]:
+        """(fixed pairs of every token [B*S], one routed group per routed composition) of a [B, S] batch, computed
+        once per batch shape: a prefill and its decode steps ([B, 1]) each get their own token rows."""
         key = (tuple(assignments), seq_len)
-        if key not in self._meta_cache:
-            if len(self._meta_cache) > 64:
-                self._meta_cache.clear()
-            k = max((len(a) for a in assignments), default=0)
-            if k == 0:
-                self._meta_cache[key] = None
-            else:
-                idx = torch.full((len(assignments), k), -1, dtype=torch.long)
-                w = torch.zeros((len(assignments), k))
-                for b, a in enumerate(assignments):
+        if key not in self._layout_cache:
+            if len(self._layout_cache) > 64:
+                self._layout_cache.clear()
+            fixed = [() if isinstance(a, Routed) else a for a in assignments]  # routed sequences: no fixed pairs
+            k = max((len(a) for a in fixed), default=0)
+            meta = None
+            if k:
+                idx = torch.full((len(fixed), k), -1, dtype=torch.long)
+                w = torch.zeros((len(fixed), k))
+                for b, a in enumerate(fixed):
                     for j, (e, wt) in enumerate(a):
                         idx[b, j], w[b, j] = e, wt
                 # every token of sequence b carries its sequence's pairs ([B, S] flattened row-major)
                 idx = idx.repeat_interleave(seq_len, dim=0).to(self.device)
                 w = w.repeat_interleave(seq_len, dim=0).to(self.device)
-                self._meta_cache[key] = make_meta(idx, w, len(self.adapters), block=seq_len)
-        return self._meta_cache[key]
+                meta = make_meta(idx, w, len(self.adapters), block=seq_len)
+            groups = []
+            for name in dict.fromkeys(a.name for a in assignments if isinstance(a, Routed)):
+                seqs = torch.tensor([b for b, a in enumerate(assignments) if a == Routed(name)])
+                rows = (seqs[:, None] * seq_len + torch.arange(seq_len)).reshape(-1).to(self.device)  # [n * S]
+                groups.append(RoutedGroup(self.routed[name].router, rows, self._experts[name]))
+            self._layout_cache[key] = (meta, groups)
+        return self._layout_cache[key]
 
     # -- forward and generation
     @torch.no_grad()
     def forward(self, input_ids, attention_mask=None, assignments: Sequence[Assignment] | None = None,
                 router: Router | None = None, **kw):
         with self.lock:
-            self.ctx.router = router
-            self.ctx.meta = None if router else self._meta(assignments or [()] * input_ids.shape[0], input_ids.shape[1])
-            try:
+            if router is not None:
+                meta, groups = None, [RoutedGroup(_CallbackRouter(router), None)]
+            else:
+                meta, groups = self._layout(assignments or [()] * input_ids.shape[0], input_ids.shape[1])
+            with self.ctx.use(meta=meta, groups=groups):
                 return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)
-            finally:
-                self.ctx.meta, self.ctx.router = None, None
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], assignments: Sequence[Assignment], max_new_tokens: Sequence[int] | int,
@@ -232,34 +256,70 @@ class MultiLoraModel:
         return delta
 
 
-def saved_lora_compositions(pool, taken: set[str]) -> list[Adapter]:
-    """merged_lora artifacts built over this pool (re-factored merges), servable as adapters."""
+def _pool_artifacts(pool, type_: str, pool_key: str, taken: set[str]) -> Iterator[tuple[str, Path, dict[str, Any]]]:
+    """(served name, folder, meta) of each `type_` artifact built over this pool (`meta[pool_key]` is its root):
+    a recipe's artifact by its latest recipe name; bare sweep points ("name@point") and taken names stay out."""
     import json
 
     from ..io import cache_dir
 
-    out = []
     root = cache_dir() / "artifacts"
     if not root.is_dir():
-        return out
+        return
     for meta_path in sorted(root.glob("*/artifact.json")):
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if meta.get("type") != "merged_lora" or meta.get("pool") != str(pool.root.resolve()):
+        if meta.get("type") != type_ or meta.get(pool_key) != str(pool.root.resolve()):
             continue
-        # a recipe's artifact, by its latest recipe name; bare sweep points ("name@point") stay out
         names = [n for n in (meta.get("names") or [meta.get("name", meta_path.parent.name)]) if "@" not in n]
-        if not names or names[-1] in taken:
-            continue
-        name = names[-1]
-        folder = meta_path.parent
+        if names and names[-1] not in taken:
+            yield names[-1], meta_path.parent, meta
+
+
+def saved_lora_compositions(pool, taken: set[str]) -> list[Adapter]:
+    """merged_lora artifacts built over this pool (re-factored merges), servable as adapters."""
+    out = []
+    for name, folder, _ in _pool_artifacts(pool, "merged_lora", "pool", taken):
         # the pool's own LoRA parser: rsLoRA, rank and alpha patterns scale exactly as PEFT does
         layout = LoraLayout(folder, pool.base.tensors.shapes, f"saved composition {name!r} ({folder})")
         factors = {t: (layout.weights.get(a).float(), layout.weights.get(b).float(), scale)
                    for t, (a, b, scale) in layout.modules.items()}
         out.append(Adapter(name, "merged_lora", factors, str(folder)))
+        taken.add(name)
+    return out
+
+
+def saved_routed_compositions(pool, loaded: set[str], taken: set[str], device: str = "cpu",
+                              log: Callable[[str], Any] = print) -> list[RoutedComposition]:
+    """routed_lora artifacts built over this pool whose experts are all among the `loaded` LoRA experts,
+    unchanged since the router was built; any other is skipped with its reason logged."""
+    from ..modules.routers import load_router
+
+    out = []
+    for name, folder, meta in _pool_artifacts(pool, "routed_lora", "pool_root", taken):
+        experts = list(meta.get("experts") or [])
+        missing = [e for e in experts if e not in loaded]
+        files = meta.get("expert_files") or {}
+        changed = [e for e in experts if e not in missing and pool.expert(e).entry.files != files.get(e)]
+        if not experts or missing:
+            reason = f"its experts {missing or experts} are not LoRA experts loaded here"
+        elif changed:
+            reason = f"its experts {changed} changed since the router was built; rebuild it"
+        elif meta.get("pool_fingerprint") != pool.manifest.base.fingerprint:
+            reason = "the pool now has another base than the router was built for"
+        else:
+            try:
+                router = load_router(folder, device)
+            except (WorkbenchError, OSError) as e:
+                router, reason = None, f"cannot load its router: {e}"
+            else:
+                reason = "" if router.experts == experts else f"its router routes over {router.experts}, not {experts}"
+        if reason:
+            log(f"routed composition {name!r} ({folder}) not served: {reason}")
+            continue
+        out.append(RoutedComposition(name, router, meta.get("router_kind", router.name), str(folder)))
         taken.add(name)
     return out
 
@@ -307,5 +367,5 @@ def peft_alone(base, adapters: dict[str, str], requests: Sequence[tuple[str, str
     return [memo[r] for r in requests]
 
 
-__all__ = ["Adapter", "MultiLoraLinear", "MultiLoraModel", "Router", "peft_alone", "saved_lora_compositions",
-           "top_k_router"]
+__all__ = ["Adapter", "Assignment", "MultiLoraModel", "Routed", "RoutedComposition", "RoutedLoraLinear", "Router",
+           "UnknownModel", "peft_alone", "saved_lora_compositions", "saved_routed_compositions", "top_k_router"]
