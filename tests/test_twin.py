@@ -1,4 +1,5 @@
-"""Twin-Merging: exact reconstruction with a one-hot router at full rank, per-sample mixing."""
+"""Twin-Merging on the routed-LoRA layer: exact reconstruction with a one-hot router at full rank, per-sample
+mixing, padding invariance, generation with and without the KV cache."""
 
 import json
 
@@ -29,21 +30,47 @@ def _expert_logits(pool, name, x):
         return pm(input_ids=x).logits
 
 
+def _force(router, i: int) -> None:
+    """Make the router's MLP pick expert i for every input: softmax of a 1e4 margin is exactly one-hot in fp32."""
+    last = router.net[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.nn.functional.one_hot(torch.tensor(i), last.out_features).float() * 1e4)
+
+
+def _left_padded(rows: list[list[int]], pad: int = 0):
+    """(input_ids, attention_mask, position_ids) of a left-padded batch, as HF generate and lm-eval build them."""
+    n = max(map(len, rows))
+    ids = torch.tensor([[pad] * (n - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (n - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def test_one_hot_full_rank_reproduces_each_expert(twin_pool):
+    """Forced to one expert at full rank, Twin on the routed layer is that expert's PEFT model: forward and generate."""
     art = _twin(twin_pool, rank=64, shared_lambda=0.4)
     twin = load_artifact(art).model
+    router = twin.twin.router
     x = torch.randint(5, 90, (2, 11))
     for t, name in enumerate(["a", "b"]):
-        twin.forced_weights = torch.nn.functional.one_hot(torch.tensor(t), 2).float()
+        _force(router, t)
+        pm = twin_pool.peft_model([name])
         with torch.no_grad():
             got = twin(input_ids=x).logits
-        torch.testing.assert_close(got, _expert_logits(twin_pool, name, x), rtol=1e-4, atol=1e-4)
-    # per sample inside one batch: row 0 routed to a, row 1 to b
-    twin.forced_weights = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+            gen = twin.generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
+                                return_dict_in_generate=True)
+            want = pm.generate(input_ids=x, max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
+                               return_dict_in_generate=True)
+        torch.testing.assert_close(got, _expert_logits(twin_pool, name, x), rtol=0, atol=1e-5)
+        assert torch.equal(gen.sequences, want.sequences)
+        # decode steps stack the fp32 error of folding W0 + delta_s + e_t (1.2e-5 seen): 1e-4 as before
+        torch.testing.assert_close(torch.stack(gen.scores), torch.stack(want.scores), rtol=0, atol=1e-4)
+    # per sample inside one batch: row 0 routed to a, row 1 to b (each token gets its own pairs)
+    router.token_weights = lambda f: torch.eye(2)[:, None, :].expand(2, f.shape[1], 2)
     with torch.no_grad():
         mixed = twin(input_ids=x).logits
-    torch.testing.assert_close(mixed[0], _expert_logits(twin_pool, "a", x[:1])[0], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(mixed[1], _expert_logits(twin_pool, "b", x[1:])[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mixed[0], _expert_logits(twin_pool, "a", x[:1])[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(mixed[1], _expert_logits(twin_pool, "b", x[1:])[0], rtol=0, atol=1e-5)
 
 
 def test_low_rank_is_lossy_and_router_trained(twin_pool, tmp_path):
@@ -54,38 +81,136 @@ def test_low_rank_is_lossy_and_router_trained(twin_pool, tmp_path):
     assert meta["type"] == "twin" and meta["rank"] == 1
     loaded = load_artifact(art)
     twin, tok = loaded.model, loaded.tokenizer
-    # the router separates the tasks on held-out (validation) questions, routed through the model itself
+    # the router separates the tasks on held-out (validation) questions, routed through the model itself:
+    # the weights a forward uses at a question's last token
     right = total = 0
     for t, task in enumerate(["addition", "sorting"]):
         for row in load_split(task, "validation")[:40]:
             ids = tok(row["question"], return_tensors="pt", add_special_tokens=False)["input_ids"]
-            right += int(twin.route(ids).argmax(-1).item() == t)
+            right += int(twin.twin.weights(ids)[0, -1].argmax().item() == t)
             total += 1
     assert right / total >= 0.9, f"router accuracy {right}/{total} on held-out questions (chance: 0.5)"
     assert meta["router"]["validation_accuracy"] >= 0.9
-    # padding with its attention mask changes nothing: a sequence alone vs right-padded in a batch.
-    # (Without a mask the route pools over the padding: a known limitation, fixed separately.)
-    short, long = (tok(q, add_special_tokens=False)["input_ids"] for q in ("Sort: 3 1\nAnswer:", "Add: 12+30 and 7+5\nAnswer:"))
-    n = len(short)
-    assert n < len(long)
-    batch = torch.tensor([short + [tok.pad_token_id] * (len(long) - n), long])
-    mask = (torch.arange(len(long)) < torch.tensor([[n], [len(long)]])).long()
-    with torch.no_grad():
-        alone = twin(input_ids=torch.tensor([short])).logits[0]
-        padded = twin(input_ids=batch, attention_mask=mask).logits[0, :n]
-        w_alone, w_padded = twin.route(torch.tensor([short])), twin.route(batch, mask)[:1]
-    assert w_alone.min() > 0.01  # a soft route: both exclusive parts weigh in the logits compared below
-    torch.testing.assert_close(w_padded, w_alone, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
-    twin.forced_weights = torch.tensor([1.0, 0.0])
+    # low rank: forced to expert a it is not a's PEFT model
+    _force(twin.twin.router, 0)
     x = torch.randint(5, 90, (1, 7))
     with torch.no_grad():
         diff = (twin(input_ids=x).logits - _expert_logits(twin_pool, "a", x)).abs().max().item()
     assert diff > 1e-4
     # routed (router, not forced) generation through lm-eval's HFLM
-    twin.forced_weights = None
     m = run_eval(str(art), ["addition", "sorting"], pool=twin_pool, limit=3, batch_size=4, out_dir=tmp_path / "lm")
     assert m["method"] == "twin" and set(m["scores"]) == {"addition", "sorting"}
+
+
+@pytest.fixture()
+def routed_twin(twin_pool):
+    """A trained rank-1 Twin, loaded, with two prompts of different lengths that it routes softly."""
+    art = _twin(twin_pool, rank=1)
+    loaded = load_artifact(art)
+    short, long = (loaded.tokenizer(q, add_special_tokens=False)["input_ids"]
+                   for q in ("Sort: 3 1\nAnswer:", "Add: 12+30 and 7+5\nAnswer:"))
+    return loaded.model, short, long
+
+
+def test_padding_never_changes_a_real_tokens_logits(routed_twin):
+    """A sequence's logits alone == in a right-padded batch without a mask (lm-eval's loglikelihood call) or
+    with one == in a left-padded batch with its mask and positions (generate)."""
+    twin, short, long = routed_twin
+    n, pad = len(short), len(long) - len(short)
+    assert pad > 0
+    with torch.no_grad():
+        alone = twin(input_ids=torch.tensor([short])).logits[0]
+        batch = torch.tensor([short + [0] * pad, long])
+        right = twin(batch).logits[0, :n]  # lm-eval's call: positional ids, no mask
+        masked = twin(input_ids=batch, attention_mask=(batch != 0).long()).logits[0, :n]
+        ids, mask, pos = _left_padded([short, long])
+        left = twin(input_ids=ids, attention_mask=mask, position_ids=pos).logits[0, pad:]
+    torch.testing.assert_close(right, alone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(masked, alone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(left, alone, rtol=0, atol=1e-5)
+
+
+def test_routing_is_soft_and_matters(routed_twin):
+    """The padding tests above compare logits that routing moves: weights are soft and change the output."""
+    twin, short, _ = routed_twin
+    ids = torch.tensor([short])
+    w = twin.twin.weights(ids)
+    assert w.shape == (1, len(short), 2) and w.min() > 0.01
+    with torch.no_grad():
+        routed = twin(input_ids=ids).logits
+        with twin.routing.use():  # no pairs: the shared model
+            shared = twin(input_ids=ids).logits
+    assert (routed - shared).abs().max() > 1e-3
+
+
+def test_generate_with_cache_equals_without(routed_twin):
+    """Routing per new token at decode: the KV-cached pre-pass and running sums give what full forwards give."""
+    twin, short, long = routed_twin
+    ids, mask, _ = _left_padded([short, long])
+    out = {}
+    with torch.no_grad():
+        for cache in (True, False):
+            out[cache] = twin.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                       use_cache=cache, output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(out[True].sequences, out[False].sequences)
+    torch.testing.assert_close(torch.stack(out[True].scores), torch.stack(out[False].scores), rtol=0, atol=1e-5)
+
+
+def test_manual_decode_continues_its_own_cache(routed_twin):
+    """A cache returned by a plain forward continues (routing state tied to it); a foreign cache is refused."""
+    from transformers import DynamicCache
+
+    from workbench.errors import WorkbenchError
+
+    twin, _, long = routed_twin
+    ids = torch.tensor([long])
+    with torch.no_grad():
+        full = twin(input_ids=ids).logits[0, -1]
+        first = twin(input_ids=ids[:, :-1])
+        step = twin(input_ids=ids[:, -1:], cache=first.cache).logits[0, -1]
+        torch.testing.assert_close(step, full, rtol=0, atol=1e-5)
+        foreign = DynamicCache(config=twin.config)
+        with twin.routing.use():  # filled by the decoder alone, not through the model's forward
+            twin.base_model(input_ids=ids[:, :-1], cache=foreign, use_cache=True)
+        with pytest.raises(WorkbenchError, match="not filled by this model's own forwards"):
+            twin(input_ids=ids[:, -1:], cache=foreign)
+
+
+def test_first_generated_token_routes_like_the_prompt_mean(routed_twin):
+    """generate_until (left-padded prompts with a mask): the first new token's routing is the reference's
+    prompt-level routing, softmax(router(mean over the prompt's tokens of the shared model's last hidden state))."""
+    twin, short, long = routed_twin
+    router = twin.twin.router
+    ids, mask, _ = _left_padded([short, long])
+    seen = []
+    real = router.token_weights
+    router.token_weights = lambda f: seen.append(real(f)) or seen[-1]
+    with torch.no_grad():
+        twin.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=0)
+        with twin.routing.use():  # the mean-pooled route of the previous (per-input) Twin
+            h = twin(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    m = mask[..., None].float()
+    prompt_level = real((h * m).sum(1) / m.sum(1))
+    assert seen[0].shape == (2, ids.shape[1], 2)
+    torch.testing.assert_close(seen[0][:, -1], prompt_level, rtol=0, atol=1e-5)
+
+
+def test_twin_router_is_a_saved_router(routed_twin, twin_pool, tmp_path):
+    """The router is registered (load_router reads it back) and a trace shows Twin's per-token weights."""
+    from workbench.methods.routing import trace_prompt
+    from workbench.modules.routers import ROUTERS, load_router
+
+    twin, short, _ = routed_twin
+    router = twin.twin.router
+    assert ROUTERS.get("twin") is type(router)
+    router.save(tmp_path / "r")
+    again = load_router(tmp_path / "r")
+    f = torch.randn(3, router.d_in)
+    torch.testing.assert_close(again.token_weights(f), router.token_weights(f))
+    tok = twin_pool.base.tokenizer()
+    tr = trace_prompt(twin, tok, "Sort: 3 1\nAnswer:")
+    w = twin.twin.weights(torch.tensor([short]))[0]
+    torch.testing.assert_close(torch.tensor(tr["choices"])[:, 0], w, rtol=0, atol=1e-4)
 
 
 def test_twin_needs_tasks(pool, tiny_dir):

@@ -6,14 +6,32 @@
    is low rank, so its exact SVD comes from two QRs and an m x m SVD (m = r_t + sum r);
 3. router: an MLP (2 hidden layers, dropout) from the mean-pooled last hidden state of the
    shared model to the expert id, trained with cross-entropy on the experts' training data;
-4. inference: w = softmax(router(x)); W(x) = W0 + delta_s + sum_t w_t e_t, per sample inside a
-   batch (MixtureLinear), with routing computed from the prompt once per forward/generate.
+4. inference on the one routed-LoRA layer: W0 + delta_s is folded into the base weights, the
+   e_t are the layer's adapters, and the `twin` router gives every token all experts with
+   w = softmax(router(features) / temperature), so W(x) = W0 + delta_s + sum_t w_t e_t.
 Exclusive parts cover the decoder's 2-D weights; other tensors (norms, embeddings) get the
 shared delta only.
+
+Routing features, a deliberate deviation from the reference (which builds one model per input
+and pools over the whole input): token t's features are the mean of the shared model's last
+hidden states over the REAL tokens 0..t of its sequence (a causal prefix mean; positions with
+attention_mask == 0 are left out; without a mask every position counts, which is exact for
+right padding since later padding never enters a prefix). So padding never changes a real
+token's logits, with or without a mask, left or right, and in lm-eval's loglikelihood call
+(right padding, no mask) a token is routed from the text before it only. At the last prompt
+token the prefix mean is the reference's mean over the prompt, so a generation's first token
+is routed as in the reference; later tokens add what was generated. The features come from a
+pre-pass of the same model with no pairs (the shared model), run by a hook before each forward;
+under `generate` with the KV cache the pre-pass keeps its own cache and a running (sum, count)
+per sequence, tied to the main cache object (a forward without a cache, or with an empty one,
+starts afresh). Beam search (which reorders the cache) is not supported.
 """
 
 from __future__ import annotations
 
+import inspect
+import weakref
+from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any
@@ -24,8 +42,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..artifacts import register_artifact
-from ..errors import RecipeError
-from ..modules.mixture import MixtureContext, MixtureLinear, get_module, set_module
+from ..errors import RecipeError, WorkbenchError
+from ..modules.routed_lora import RoutedGroup, RoutingContext, get_module, wrap_model
+from ..modules.routers import ROUTERS, BaseRouter
 from ..progress import progress_bar
 from ..tasks.suite import ADD_SPECIAL_TOKENS, data_hash, load_split
 from .base import BuildContext, Method, MethodParams, register_method
@@ -78,19 +97,135 @@ def _interleaved(splits: list[list[dict]], n: int) -> list[dict]:
 # ----------------------------------------------------------------------------- router
 
 
-class Router(nn.Module):
-    def __init__(self, d_in: int, n_out: int, hidden: int, dropout: float):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Dropout(dropout),
-                                 nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_out))
+@ROUTERS.register("twin")
+class TwinRouter(BaseRouter):
+    """Twin's MLP (2 hidden layers, dropout) from routing features to expert logits. Every token gets all E
+    experts with w = softmax(logits / temperature). The weights come from the token's prefix, not from a
+    module's input: `TwinRouting` sets them (`current`, [T, E]) before each forward of the model."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    name = "twin"
+
+    def __init__(self, experts: list[str], d_in: int, hidden: int, dropout: float = 0.5, temperature: float = 1.0):
+        super().__init__(experts)
+        if temperature <= 0:
+            raise WorkbenchError(f"router temperature must be > 0 (got {temperature})")
+        self.d_in, self.hidden, self.dropout, self.temperature = d_in, hidden, dropout, float(temperature)
+        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, len(experts)))
+        self.current: torch.Tensor | None = None  # [T, E]: the weights of the forward in progress
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "d_in": self.d_in, "hidden": self.hidden, "dropout": self.dropout,
+                "temperature": self.temperature}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.state_dict())  # net.* (the artifact's router.safetensors)
+
+    @classmethod
+    def from_saved(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> TwinRouter:
+        cfg = dict(config)
+        router = cls(cfg.pop("experts"), **cfg)
+        router.load_state_dict(tensors)
+        return router.eval()
+
+    def token_weights(self, features: torch.Tensor) -> torch.Tensor:
+        """[..., d_in] routing features -> [..., E] expert weights."""
+        return torch.softmax(self.net(features.float()) / self.temperature, dim=-1)
+
+    def weights(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        w = self.current
+        if w is None or w.shape[0] != x.shape[0]:
+            raise WorkbenchError("the twin router routes its model's own forwards only (the model's hook sets "
+                                 "each forward's weights)")
+        return w
+
+    def route(self, module: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.weights(module, x)
+        return torch.arange(w.shape[1], device=w.device).expand_as(w), w
+
+
+@dataclass
+class _Prefix:
+    """A batch's running routing state across decode steps: the pre-pass's KV cache, per-sequence sums."""
+
+    cache: Any  # the shared model's own KV cache, or None
+    total: torch.Tensor | None = None  # [B, d] sum of the real tokens' last hidden states so far
+    count: torch.Tensor | None = None  # [B, 1] number of real tokens so far
+
+
+class TwinRouting:
+    """Routes every forward of `model` (a plain call, `generate` with or without the KV cache, lm-eval):
+    a hook runs the shared model (no pairs) as a pre-pass, turns its last hidden states into per-token
+    prefix means and sets the router's weights for the forward."""
+
+    def __init__(self, model: nn.Module, ctx: RoutingContext, router: TwinRouter):
+        self.model, self.ctx, self.router = model, ctx, router
+        self.decoder = model.base_model
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
+        self._positional = list(inspect.signature(model.forward).parameters)
+        self._states: weakref.WeakKeyDictionary[Any, _Prefix] = weakref.WeakKeyDictionary()  # main cache -> state
+        self._pending: _Prefix | None = None
+        ctx.groups = [RoutedGroup(router, None)]
+        model.register_forward_pre_hook(self._before, with_kwargs=True)
+        model.register_forward_hook(self._after, always_call=True)
+
+    @torch.no_grad()
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None, state: _Prefix | None = None) -> torch.Tensor:
+        """[B, S, d] routing features: per token the mean of the shared model's last hidden states over the real
+        tokens of its prefix. `state` carries earlier steps (KV cache, sums) and is updated in place."""
+        cache = state.cache if state is not None else None
+        with self.ctx.use():  # no pairs: the shared model
+            h = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=cache is not None, **{self._cache_kw: cache}).last_hidden_state.float()
+        s = input_ids.shape[1]
+        real = (attention_mask[:, -s:] if attention_mask is not None else torch.ones_like(input_ids)).bool()[..., None]
+        total = torch.where(real, h, 0.0).cumsum(1)  # where, not *: padding rows may hold anything
+        count = real.float().cumsum(1)
+        if state is not None:
+            if state.total is not None:
+                total, count = total + state.total[:, None], count + state.count[:, None]
+            state.total, state.count = total[:, -1], count[:, -1]
+        return total / count.clamp(min=1)
+
+    def weights(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, S, E] each token's expert weights (what a forward on these inputs routes with)."""
+        return self.router.token_weights(self.features(input_ids, attention_mask, position_ids))
+
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        kw = {**dict(zip(self._positional, args)), **kwargs}
+        ids = kw.get("input_ids")
+        if ids is None:
+            raise WorkbenchError("twin routes from input_ids: calls with inputs_embeds are not supported")
+        cache = kw.get("cache", kw.get("past_key_values"))
+        if cache is None or cache.get_seq_length() == 0:  # a new batch of sequences
+            from transformers import DynamicCache
+
+            use_cache = kw.get("use_cache")
+            keep = cache is not None or (use_cache if use_cache is not None else self.model.config.use_cache)
+            state = _Prefix(DynamicCache(config=self.model.config) if keep else None)
+        else:
+            state = self._states.get(cache)
+            if state is None or state.cache.get_seq_length() != cache.get_seq_length():
+                raise WorkbenchError("twin: this KV cache was not filled by this model's own forwards (or was cropped "
+                                     "since); start from an empty cache")
+        w = self.router.token_weights(self.features(ids, kw.get("attention_mask"), kw.get("position_ids"), state))
+        self.router.current = w.reshape(-1, w.shape[-1])
+        self._pending = state
+
+    def _after(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.router.current = None
+        state, self._pending = self._pending, None
+        cache = next((output[k] for k in ("cache", "past_key_values") if k in output), None) if isinstance(output, dict) else None
+        if state is not None and state.cache is not None and cache is not None:
+            self._states[cache] = state  # lives as long as the main cache: decode steps continue it
 
 
 @torch.no_grad()
 def pooled_features(model, tokenizer, texts: list[str], batch_size: int = 32, desc: str = "router features") -> torch.Tensor:
-    """Mean-pooled last hidden states [N, d] over the non-padding tokens."""
+    """[N, d] routing features of whole texts: the shared model's last hidden states averaged over the tokens."""
     out = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "right"
@@ -99,73 +234,14 @@ def pooled_features(model, tokenizer, texts: list[str], batch_size: int = 32, de
             for i in range(0, len(texts), batch_size):
                 enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
                                 add_special_tokens=ADD_SPECIAL_TOKENS)
-                enc = {k: v.to(model.device) for k, v in enc.items()}
-                h = model(**enc, output_hidden_states=True).hidden_states[-1]
-                m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-                out.append(((h * m).sum(1) / m.sum(1).clamp(min=1)).float().cpu())
-                bar.update(len(texts[i:i + batch_size]))
+                ids, mask = enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
+                f = model.twin.features(ids, mask)  # prefix means: the last real token's is the whole text's
+                last = (mask.sum(1) - 1).clamp(min=0)
+                out.append(f[torch.arange(len(ids), device=f.device), last].cpu())
+                bar.update(len(ids))
     finally:
         tokenizer.padding_side = side
     return torch.cat(out)
-
-
-# ----------------------------------------------------------------------------- the model
-
-
-class TwinModel(nn.Module):
-    """Base + shared delta (folded into the weights) + per-sample routed exclusive parts."""
-
-    def __init__(self, model: nn.Module, router: Router, ctx: MixtureContext, temperature: float = 1.0):
-        super().__init__()
-        self.model = model
-        self.router = router.eval()
-        self.ctx = ctx
-        self.temperature = temperature
-        self.forced_weights: torch.Tensor | None = None  # [T] or [batch, T]: bypass the router (tests, oracles)
-
-    @property
-    def config(self):
-        return self.model.config
-
-    @property
-    def device(self):
-        return self.model.device
-
-    @property
-    def generation_config(self):
-        return self.model.generation_config
-
-    def tie_weights(self, *a, **k):
-        return None
-
-    @torch.no_grad()
-    def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        b = input_ids.shape[0]
-        if self.forced_weights is not None:
-            w = self.forced_weights
-            return (w.expand(b, -1) if w.dim() == 1 else w).to(self.device)
-        self.ctx.weights = None  # features come from the shared model alone
-        h = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[-1]
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        feats = (h * m).sum(1) / m.sum(1).clamp(min=1)
-        return torch.softmax(self.router(feats.float()) / self.temperature, dim=-1)
-
-    def forward(self, input_ids=None, attention_mask=None, **kwargs):
-        self.ctx.weights = self.route(input_ids, attention_mask)
-        try:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        finally:
-            self.ctx.weights = None
-
-    @torch.no_grad()
-    def generate(self, input_ids=None, attention_mask=None, **kwargs):
-        self.ctx.weights = self.route(input_ids, attention_mask)
-        try:
-            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        finally:
-            self.ctx.weights = None
 
 
 # ----------------------------------------------------------------------------- method
@@ -239,7 +315,7 @@ class Twin(Method):
         save_file(excl_t, str(ctx.out_dir / "exclusive.safetensors"))
 
         # router on the shared model's features
-        model = load_twin_model(ctx.out_dir, base, router=None, n_experts=len(experts)).model
+        model = load_twin_model(ctx.out_dir, base, router=None)
         tok = base.tokenizer()
         tasks = [_expert_tasks(e) for e in experts]
         feats, labels, val_feats, val_labels = [], [], [], []
@@ -253,7 +329,7 @@ class Twin(Method):
         x, y = torch.cat(feats), torch.tensor(labels)
         xv, yv = torch.cat(val_feats), torch.tensor(val_labels)
         torch.manual_seed(p.seed)
-        router = Router(x.shape[1], len(experts), p.router_hidden, p.router_dropout)
+        router = TwinRouter([e.name for e in experts], x.shape[1], p.router_hidden, p.router_dropout, p.temperature)
         opt = torch.optim.Adam(router.parameters(), lr=p.router_lr)
         g = torch.Generator().manual_seed(p.seed)
         router.train()
@@ -261,27 +337,35 @@ class Twin(Method):
             perm = torch.randperm(len(x), generator=g)
             for i in range(0, len(x), 64):
                 idx = perm[i:i + 64]
-                loss = nn.functional.cross_entropy(router(x[idx]), y[idx])
+                loss = nn.functional.cross_entropy(router.net(x[idx]), y[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
         router.eval()
         with torch.no_grad():
-            acc_train = (router(x).argmax(-1) == y).float().mean().item()
-            acc_val = (router(xv).argmax(-1) == yv).float().mean().item()
-        save_file(router.state_dict(), str(ctx.out_dir / "router.safetensors"))
+            acc_train = (router.net(x).argmax(-1) == y).float().mean().item()
+            acc_val = (router.net(xv).argmax(-1) == yv).float().mean().item()
+        router.save(ctx.out_dir)  # router.safetensors (+ router.json: loadable by `load_router` too)
         return {"type": "twin", "experts_tasks": tasks, "rank": p.rank, "shared_lambda": p.shared_lambda,
                 "router": {"d_in": x.shape[1], "hidden": p.router_hidden, "dropout": p.router_dropout,
                            "train_accuracy": round(acc_train, 4), "validation_accuracy": round(acc_val, 4)},
                 "temperature": p.temperature}
 
 
-def load_twin_model(folder: Path, base, router: Router | None, n_experts: int, temperature: float = 1.0,
-                    device: str | None = None) -> TwinModel:
+def _trim(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the zero slots padded onto a stacked exclusive part (a [k, in], b [out, k]): its own rank."""
+    used = ((a != 0).any(1) | (b != 0).any(0)).nonzero()
+    r = int(used.max()) + 1 if used.numel() else 0
+    return a[:r], b[:, :r]
+
+
+def load_twin_model(folder: Path, base, router: TwinRouter | None, device: str | None = None) -> nn.Module:
+    """The base with the shared delta folded in, the exclusive parts on the routed-LoRA layer and `router`
+    routing every forward (`model.twin`, `model.routing`): a plain HF causal LM. Without a router (building
+    one) only the shared model's features are of use."""
     model = base.load(device=device)
     shared = load_file(str(folder / "shared.safetensors"))
     excl = load_file(str(folder / "exclusive.safetensors"))
-    ctx = MixtureContext()
     with torch.no_grad():
         for key in [k for k in shared if k.endswith((".A", ".delta"))]:
             name = key.rsplit(".", 1)[0]
@@ -289,14 +373,13 @@ def load_twin_model(folder: Path, base, router: Router | None, n_experts: int, t
             param = w if w is not None else dict(model.named_parameters())[name]
             delta = shared[key] if key.endswith(".delta") else shared[f"{name}.B"] @ shared[f"{name}.A"]
             param.add_(delta.to(param.dtype).to(param.device))
-        for key in [k for k in excl if k.endswith(".A")]:
-            name = key[: -len(".A")]
-            module = name[: -len(".weight")]
-            lin = get_module(model, module)
-            set_module(model, module, MixtureLinear(lin, excl[key].to(lin.weight.device), excl[f"{name}.B"].to(lin.weight.device), ctx))
-    if router is None:
-        router = Router(model.config.hidden_size, n_experts, 1, 0.0)  # placeholder until trained
-    return TwinModel(model.eval(), router.to(model.device), ctx, temperature)
+    targets = sorted(k[: -len(".A")] for k in excl if k.endswith(".A"))
+    n = excl[f"{targets[0]}.A"].shape[0]
+    router = router if router is not None else TwinRouter([str(i) for i in range(n)], model.config.hidden_size, 1, 0.0)
+    ctx = wrap_model(model, targets, lambda t: [(*_trim(excl[f"{t}.A"][i], excl[f"{t}.B"][i]), 1.0) for i in range(n)], n)
+    model.routing = ctx
+    model.twin = TwinRouting(model, ctx, router.to(model.device).eval())
+    return model.eval()
 
 
 @register_artifact("twin")
@@ -306,8 +389,8 @@ def load_twin(path: Path, meta: dict[str, Any], device: str | None = None):
 
     base = BaseModel(meta["base"])
     r = meta["router"]
-    router = Router(r["d_in"], len(meta["experts"]), r["hidden"], r["dropout"])
+    router = TwinRouter(list(meta["experts"]), r["d_in"], r["hidden"], r["dropout"], meta.get("temperature", 1.0))
     router.load_state_dict(load_file(str(Path(path) / "router.safetensors")))
-    model = load_twin_model(Path(path), base, router, len(meta["experts"]), meta.get("temperature", 1.0), device)
+    model = load_twin_model(Path(path), base, router, device)
     return LoadedModel(model, base.tokenizer(), meta.get("name", Path(path).name),
                        {"kind": "twin", "method": "twin", "artifact": str(path), "router": r})

@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from ..kernels import AdapterWeights, LoraMeta, apply_lora, default_backend, make_meta
-from .mixture import get_module, set_module  # one copy (mixture.py itself goes once Twin is on this layer)
 
 Pairs = tuple[torch.Tensor, torch.Tensor]  # idx [T, k] long (-1: none), w [T, k] float
 
@@ -152,6 +151,18 @@ class RoutedLoraLinear(nn.Module):
         h = torch.einsum("ti,eri->ter", x2, a.to(x2.dtype))  # [T, E, R]
         h = h * (w * scale.to(w.dtype))[:, :, None].to(h.dtype)
         return torch.einsum("ter,eor->to", h, b.to(h.dtype))
+
+
+def get_module(model: nn.Module, dotted: str) -> nn.Module:
+    m = model
+    for part in dotted.split("."):
+        m = getattr(m, part)
+    return m
+
+
+def set_module(model: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent, _, leaf = dotted.rpartition(".")
+    setattr(get_module(model, parent) if parent else model, leaf, new)
 
 
 FactorsFn = Callable[[str], "list[tuple[torch.Tensor, torch.Tensor, float] | None]"]
