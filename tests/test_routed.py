@@ -239,10 +239,66 @@ def test_route_trace_cli(pool, tiny_dir, tmp_path, run_cli):
     _tagged_pool(pool, tiny_dir)
     recipe = tmp_path / "arrow.yaml"
     recipe.write_text(yaml.safe_dump(_recipe("arrow", k=1)))
-    code, out, err = run_cli("route", "trace", str(recipe), "12+30=", "--out", str(tmp_path / "t.json"))
+    code, _out, err = run_cli("route", "trace", str(recipe), "12+30=", "--out", str(tmp_path / "t.json"))
     assert code == 0, err
     tr = json.loads((tmp_path / "t.json").read_text())
     assert tr["recipe"] == "arrow-test" and tr["experts"] == ["a", "b"] and len(tr["choices"]) == 6
     assert all(abs(sum(u) - 1) < 1e-3 for u in tr["usage"])  # k = 1: one expert per token, weight 1
-    code, out, err = run_cli("route", "trace", str(tmp_path / "nope.yaml"), "x")
+    code, _out, err = run_cli("route", "trace", str(tmp_path / "nope.yaml"), "x")
     assert code == 2 and "no recipe at" in err
+
+
+def _forced_prototypes(router, keep: int):
+    """The router's prototypes with every other expert's rows zeroed: zero rows are absent experts, so every
+    token goes to `keep` alone, whatever it scores."""
+    from workbench.modules.routers import PrototypeRouter
+
+    protos = {m: torch.where(torch.arange(p.shape[0])[:, None] == keep, p, torch.zeros_like(p))
+              for m, p in router.tensors().items()}
+    cfg = router.config()
+    return PrototypeRouter(cfg.pop("experts"), protos, **cfg)
+
+
+@pytest.mark.parametrize("method,params", [("arrow", {"k": 2}), ("phatgoose", {"k": 2, "steps": 3, "examples": 16})])
+def test_routed_artifact_forced_to_one_expert_equals_peft(pool, tiny_dir, tmp_path, method, params):
+    """PHATGOOSE and Arrow artifacts with the router forced to expert i: that expert's PEFT output in forward
+    (1e-5) and in generate (same tokens). The tiny experts adapt different modules: where the forced expert
+    has no LoRA the router picks nobody (the base), exactly like PEFT."""
+    from workbench.artifacts import load_artifact, read_artifact_meta
+    from workbench.methods.routing import open_routed
+    from workbench.modules.routers import load_router
+    from workbench.recipes import build, parse_recipe
+
+    _tagged_pool(pool, tiny_dir)
+    art = build(parse_recipe(_recipe(method, **params)), log=lambda *a: None)
+    ids = _ids(2, 7, seed=11)
+    for i, name in enumerate(["a", "b"]):
+        model, _tok, _, _ = open_routed(art, read_artifact_meta(art), router=_forced_prototypes(load_router(art), i))
+        peft = pool.peft_model([name])
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, peft(input_ids=ids).logits, atol=1e-5, rtol=0)
+            ours = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+            want = peft.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(ours, want)
+    assert load_artifact(art).model is not None
+
+
+@pytest.mark.parametrize("method,params", [("arrow", {"k": 2}), ("phatgoose", {"k": 2, "steps": 3, "examples": 16})])
+def test_routed_artifact_padding_invariance(pool, tiny_dir, method, params):
+    """A sequence's logits alone == right-padded in a batch without a mask (lm-eval's loglikelihood call)
+    == left-padded with its mask and positions."""
+    from workbench.artifacts import load_artifact
+    from workbench.recipes import build, parse_recipe
+
+    _tagged_pool(pool, tiny_dir)
+    model = load_artifact(build(parse_recipe(_recipe(method, **params)), log=lambda *a: None)).model
+    seq, other = _ids(1, 5, seed=12), _ids(1, 9, seed=13)
+    with torch.no_grad():
+        alone = model(input_ids=seq).logits[0]
+        right = model(input_ids=torch.cat([torch.cat([seq, torch.zeros(1, 4, dtype=torch.long)], 1), other])).logits[0, :5]
+        left_ids = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), seq], 1), other])
+        mask = torch.cat([torch.cat([torch.zeros(1, 4), torch.ones(1, 5)], 1), torch.ones(1, 9)]).long()
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        left = model(input_ids=left_ids, attention_mask=mask, position_ids=pos).logits[0, 4:]
+    torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(left, alone, atol=1e-5, rtol=0)

@@ -574,6 +574,21 @@ def bench_kernels(
     console.print(table)
 
 
+@bench_app.command("routing")
+def bench_routing(
+    base: str = "smollm2-135m", experts: int = 6, rank: int = 8, k: int = 2, reps: int = 3,
+    new_tokens: Annotated[int, typer.Option(help="greedy tokens per sequence in the decode timing")] = 16,
+):
+    """Per-token routing (PHATGOOSE's router, top-k of E experts) vs base, one LoRA, PEFT mixed, dense mixture."""
+    from .bench.routing import run
+
+    rec = run(base, experts=experts, rank=rank, k=k, reps=reps, new_tokens=new_tokens, log=console.print)
+    table = Table("phase", *rec["forward"]["x_base"], title=f"time / base ({experts} experts, r {rank}, top-{k}; CPU)")
+    for phase in ("forward", "decode"):
+        table.add_row(phase, *[f"{v:.3f}" for v in rec[phase]["x_base"].values()])
+    console.print(table)
+
+
 @bench_app.command("kernels-profile")
 def bench_kernels_profile(base: str = "smollm2-135m", rank: int = 8, adapters: int = 32):
     """Per-projection cost of the LoRA pieces (gather, shrink, expand) beside the base GEMM, CPU."""

@@ -103,9 +103,6 @@ class PrototypeRouter(BaseRouter):
         # prototypes are fixed: their standardised form is computed once
         self._ready = {m: (standardise(p) if standardize else p) for m, p in self._proto.items()}
         self._absent = {m: (p == 0).all(dim=1) for m, p in self._proto.items()}
-        for m, a in self._absent.items():
-            if bool(a.all()):
-                raise WorkbenchError(f"router prototypes of {m} are all zero: no expert adapts it")
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "k": self.k, "temperature": self.temperature, "standardize": self.standardize,
@@ -138,6 +135,9 @@ class PrototypeRouter(BaseRouter):
         return s.masked_fill(absent.to(s.device), float("-inf")) if bool(absent.any()) else s
 
     def route(self, module: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if bool(self._absent[module].all()):  # no expert adapts this module: the base alone
+            empty = torch.full((x.shape[0], 1), -1, dtype=torch.long, device=x.device)
+            return empty, torch.zeros(x.shape[0], 1, device=x.device)
         top = self.scores(module, x).topk(self.k, dim=-1)
         w = torch.softmax(top.values / self.temperature, dim=-1)  # absent experts (-inf) get weight 0
         return torch.where(torch.isfinite(top.values), top.indices, -1), w

@@ -1,0 +1,113 @@
+"""`workbench bench routing`: the cost of per-token routing beside its peers, measured in one run.
+
+SmolLM2-135M, E = 6 random LoRA experts (r = 8, all 7 projections; the cost does not depend on
+trained values), a batched forward of 32 sequences x 64 tokens and greedy decoding (KV cache) of
+32 prompts. Candidates, each timed interleaved with the others (fastest of `reps`):
+- base: the model alone;
+- lora: one plain LoRA (our routed layer, one fixed adapter for every sequence);
+- peft_mixed: PEFT's mixed batch (`adapter_names=`, one of the 6 adapters per sequence);
+- routed top-k: PHATGOOSE's router (standardised scores / sqrt(d), softmax, top-2) over the 6,
+  sparse dispatch through the multi-LoRA op;
+- dense: every token through all 6 experts with softmax weights (the routed layer's dense path:
+  what a router without sparse dispatch costs).
+Routing prototypes are random: with trained gates only the choice of experts changes, not the cost.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from ..base import BaseModel
+from ..eval.harness import RESULTS_DIR, git_state, machine_info
+from ..io import atomic_write_json
+from ..modules.routed_lora import RoutedGroup, routed_modules, wrap_model
+from ..modules.routers import FixedRouter, PrototypeRouter
+from .kernels import TARGETS, _time
+
+
+class _SoftmaxAll:
+    """Dense weights softmax(scores) over all experts from a prototype router (the dense peer)."""
+
+    def __init__(self, router: PrototypeRouter):
+        self.router = router
+
+    def weights(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.router.scores(module, x), dim=-1).to(x.dtype)
+
+
+def run(base_spec: str = "smollm2-135m", experts: int = 6, rank: int = 8, k: int = 2, seqs: int = 32,
+        tokens: int = 64, new_tokens: int = 16, reps: int = 3, out_file=None, log=print) -> dict[str, Any]:
+    from peft import LoraConfig, get_peft_model
+
+    bm = BaseModel(base_spec)
+    tok = bm.tokenizer()
+    g = torch.Generator().manual_seed(0)
+    margin = min(100, len(tok) // 10)
+    ids = torch.randint(margin, len(tok) - margin, (seqs, tokens), generator=g)
+    prompts = ids[:, :24]
+    names = [f"e{i}" for i in range(experts)]
+    torch.manual_seed(rank)
+    peft = get_peft_model(bm.load(), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
+                                                init_lora_weights=False), adapter_name=names[0])
+    for n in names[1:]:
+        peft.add_adapter(n, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights=False))
+    peft.eval()
+    factors: dict[str, list] = {}
+    for mod_name, mod in peft.named_modules():
+        if hasattr(mod, "lora_A") and names[0] in mod.lora_A:
+            key = mod_name.replace("base_model.model.", "") + ".weight"
+            factors[key] = [(mod.lora_A[n].weight.detach(), mod.lora_B[n].weight.detach(), mod.scaling[n]) for n in names]
+    base = bm.load().eval()
+    model = bm.load().eval()
+    ctx = wrap_model(model, sorted(factors), lambda t: factors[t], experts)
+    mods = routed_modules(model)
+    protos = {m: torch.randn(experts, lin.base.in_features, generator=g) for m, lin in mods.items()}
+    router = PrototypeRouter(names, protos, k=k, kind="phatgoose")
+    groups = {"lora": ([RoutedGroup(FixedRouter(names, [1.0] + [0.0] * (experts - 1), k=1), None)], False),
+              f"routed_top{k}": ([RoutedGroup(router, None)], False),
+              "dense": ([RoutedGroup(_SoftmaxAll(router), None)], True)}
+    per_seq = [names[i % experts] for i in range(seqs)]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def ours(name, fn):
+        grp, dense = groups[name]
+
+        def call():
+            with ctx.use(groups=grp, dense=dense):
+                return fn(model)
+        return call
+
+    def fwd(m, **kw):
+        return m(input_ids=ids, **kw)
+
+    def dec(m, **kw):
+        return m.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad, **kw)
+
+    rec: dict[str, Any] = {}
+    with torch.inference_mode():
+        for phase, fn in (("forward", fwd), ("decode", dec)):
+            fns = {"base_s": lambda fn=fn: fn(base),
+                   "peft_mixed_s": lambda fn=fn: fn(peft, adapter_names=per_seq),
+                   **{f"{n}_s": ours(n, fn) for n in groups}}
+            log(f"routing bench: {phase} ({len(fns)} candidates x {reps} interleaved rounds)")
+            samples = _time(fns, reps)
+            best = {key[:-2]: min(v) for key, v in samples.items()}
+            unit = seqs * (tokens if phase == "forward" else new_tokens)
+            rec[phase] = {"seconds": {n: round(s, 4) for n, s in best.items()},
+                          "samples_s": {key[:-2]: [round(t, 4) for t in v] for key, v in samples.items()},
+                          "tokens_per_s": {n: round(unit / s, 1) for n, s in best.items()},
+                          "x_base": {n: round(s / best["base"], 3) for n, s in best.items()},
+                          f"routed_top{k}_x_lora": round(best[f"routed_top{k}"] / best["lora"], 3),
+                          f"routed_top{k}_x_peft_mixed": round(best[f"routed_top{k}"] / best["peft_mixed"], 3),
+                          f"routed_top{k}_x_dense": round(best[f"routed_top{k}"] / best["dense"], 3)}
+            log(f"  {phase}: " + ", ".join(f"{n} {v}x" for n, v in rec[phase]["x_base"].items()))
+    record = {"benchmark": "routing", "base": base_spec, "experts": experts, "rank": rank, "k": k,
+              "shape": {"sequences": seqs, "tokens": tokens, "prompt_tokens": prompts.shape[1], "new_tokens": new_tokens},
+              **rec, "target": f"routed_top{k} forward <= 1.3x base", "machine": machine_info("cpu"), "git": git_state(),
+              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write_json(out_file or RESULTS_DIR / "bench" / "routing-cpu.json", record)
+    return record
