@@ -302,3 +302,71 @@ def test_routed_artifact_padding_invariance(pool, tiny_dir, method, params):
         left = model(input_ids=left_ids, attention_mask=mask, position_ids=pos).logits[0, 4:]
     torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)
     torch.testing.assert_close(left, alone, atol=1e-5, rtol=0)
+
+
+def test_phatgoose_scores_by_hand_absent_experts_and_unknown_modules():
+    """E = 3, k = 2: weights = softmax over the top-2 of LN(h).LN(v)/sqrt(d), computed here independently;
+    a zero prototype row is never chosen; a module the router has no prototypes for routes to nobody."""
+    g = torch.Generator().manual_seed(21)
+    d, t = 16, 10
+    v = torch.randn(3, d, generator=g)
+    x = torch.randn(t, d, generator=g) * 3 + 1
+    r = PrototypeRouter(["a", "b", "c"], {"m": v}, k=2)
+    idx, w = r.route("m", x)
+
+    def ln(z):
+        return (z - z.mean(-1, keepdim=True)) / (z.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+
+    s = ln(x) @ ln(v).T / d ** 0.5
+    p = torch.softmax(s, -1)
+    top = p.topk(2, -1)
+    torch.testing.assert_close(idx, top.indices)
+    torch.testing.assert_close(w, top.values / top.values.sum(-1, keepdim=True), atol=1e-6, rtol=0)
+    v2 = v.clone()
+    v2[1] = 0
+    idx2, w2 = PrototypeRouter(["a", "b", "c"], {"m": v2}, k=2).route("m", x)
+    assert not (idx2 == 1).any() and torch.allclose(w2.sum(-1), torch.ones(t))
+    idx3, w3 = PrototypeRouter(["a", "b", "c"], {"m": v2}, k=1).route("elsewhere", x)
+    assert (idx3 == -1).all() and (w3 == 0).all()
+
+
+def test_gate_multiplies_lora_output_by_sigmoid(two):
+    """PHATGOOSE's training gate: base + sigmoid(v.h) * s B A h per token; at init (v = 0) half the LoRA."""
+    model, ctx = _routed(two, ["a", "b"])
+    mods = routed_modules(model)
+    gate = GateRouter(["a"], {m: lin.base.in_features for m, lin in mods.items()})
+    ids = _ids()
+    with torch.no_grad():
+        with ctx.use(groups=[RoutedGroup(gate, None, experts=torch.tensor([0]))], dense=True):
+            gated = model(input_ids=ids).logits
+        with ctx.use(groups=[RoutedGroup(FixedRouter(["a", "b"], [0.5, 0.0], k=1), None)]):
+            half = model(input_ids=ids).logits
+    torch.testing.assert_close(gated, half, atol=1e-5, rtol=0)
+
+
+def test_router_without_a_module_in_a_wider_model(pool, tiny_dir):
+    """A routed group whose router knows only some wrapped modules (other adapters add more) routes the rest
+    to nobody instead of failing the whole batch (serving mixes such groups with plain adapters)."""
+    pool.add(tiny_dir / "lora_a", "a")
+    pool.add(tiny_dir / "lora_b", "b")
+    model, ctx = _routed(pool, ["a", "b"])
+    mods = routed_modules(model)
+    a_only = {t[: -len(".weight")] for t in pool.expert("a").delta_names()}
+    protos = {m: torch.randn(1, mods[m].base.in_features) for m in a_only}
+    router = PrototypeRouter(["a"], protos, k=1)
+    with torch.no_grad(), ctx.use(groups=[RoutedGroup(router, None, experts=torch.tensor([0]))]):
+        got = model(input_ids=_ids()).logits
+    torch.testing.assert_close(got, _peft_logits(pool, "a", _ids()), atol=1e-5, rtol=0)
+
+
+def test_corrupt_router_file_is_one_line(tmp_path):
+    from workbench.errors import WorkbenchError
+
+    r = FixedRouter(["a", "b"], [0.5, 0.5])
+    r.save(tmp_path / "r")
+    (tmp_path / "r" / "router.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(WorkbenchError, match=r"cannot load router .*: \w+"):
+        load_router(tmp_path / "r")
+    (tmp_path / "r" / "router.json").write_text('{"router": "fixed", "config": {}}')
+    with pytest.raises(WorkbenchError, match="cannot load router"):
+        load_router(tmp_path / "r")

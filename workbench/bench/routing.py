@@ -8,6 +8,9 @@ trained values), a batched forward of 32 sequences x 64 tokens and greedy decodi
 - peft_mixed: PEFT's mixed batch (`adapter_names=`, one of the 6 adapters per sequence);
 - routed top-k: PHATGOOSE's router (standardised scores / sqrt(d), softmax, top-2) over the 6,
   sparse dispatch through the multi-LoRA op;
+- routed top-k sparse: the same with the op's grouped backend forced (only each token's k experts
+  computed); the default `cpu` backend picks, by cost, one masked matmul over all active experts
+  when their ranks add up to little (6 x 8 here);
 - dense: every token through all 6 experts with softmax weights (the routed layer's dense path:
   what a router without sparse dispatch costs).
 Routing prototypes are random: with trained gates only the choice of experts changes, not the cost.
@@ -72,10 +75,11 @@ def run(base_spec: str = "smollm2-135m", experts: int = 6, rank: int = 8, k: int
     per_seq = [names[i % experts] for i in range(seqs)]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
-    def ours(name, fn):
+    def ours(name, fn, backend=None):
         grp, dense = groups[name]
 
         def call():
+            ctx.backend = backend  # None: the device's default (on CPU `cpu`, which picks a path by cost)
             with ctx.use(groups=grp, dense=dense):
                 return fn(model)
         return call
@@ -92,7 +96,9 @@ def run(base_spec: str = "smollm2-135m", experts: int = 6, rank: int = 8, k: int
         for phase, fn in (("forward", fwd), ("decode", dec)):
             fns = {"base_s": lambda fn=fn: fn(base),
                    "peft_mixed_s": lambda fn=fn: fn(peft, adapter_names=per_seq),
-                   **{f"{n}_s": ours(n, fn) for n in groups}}
+                   **{f"{n}_s": ours(n, fn) for n in groups},
+                   # the sparse path forced: only each token's k experts computed (gather, 2 matmuls, scatter)
+                   f"routed_top{k}_sparse_s": ours(f"routed_top{k}", fn, "cpu_grouped")}
             log(f"routing bench: {phase} ({len(fns)} candidates x {reps} interleaved rounds)")
             samples = _time(fns, reps)
             best = {key[:-2]: min(v) for key, v in samples.items()}

@@ -140,7 +140,9 @@ class RoutedLoraLinear(nn.Module):
 
     def _dense(self, x2: torch.Tensor) -> torch.Tensor:
         """sum_e w[:, e] * s_e * (x A_e^T) B_e^T with w from the router, differentiable in w (and x)."""
-        (group,) = self.ctx.groups
+        if len(self.ctx.groups) != 1 or self.ctx.groups[0].rows is not None or self.ctx.meta is not None:
+            raise ValueError("the dense (training) path takes exactly one routed group over every token, no fixed pairs")
+        group = self.ctx.groups[0]
         w = group.router.weights(self.name, x2)  # [T, E]
         a, b, _ = self.weights.padded  # [E, R, d_in], [E, d_out, R] (zero-padded ranks add nothing)
         if group.experts is not None:

@@ -70,8 +70,13 @@ def load_router(folder: Path, device: str | torch.device | None = None) -> BaseR
         spec = json.loads((folder / "router.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise WorkbenchError(f"cannot read router {folder / 'router.json'}: {e}") from None
-    tensors = load_file(str(folder / "router.safetensors"), device=str(device or "cpu"))
-    return ROUTERS.get(spec["router"]).from_saved(spec["config"], tensors)
+    try:
+        tensors = load_file(str(folder / "router.safetensors"), device=str(device or "cpu"))
+        return ROUTERS.get(spec["router"]).from_saved(spec["config"], tensors)
+    except WorkbenchError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign router file: one line, not a traceback
+        raise WorkbenchError(f"cannot load router {folder}: {type(e).__name__}: {str(e)[:120]}") from None
 
 
 def standardise(x: torch.Tensor) -> torch.Tensor:
@@ -135,7 +140,8 @@ class PrototypeRouter(BaseRouter):
         return s.masked_fill(absent.to(s.device), float("-inf")) if bool(absent.any()) else s
 
     def route(self, module: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if bool(self._absent[module].all()):  # no expert adapts this module: the base alone
+        absent = self._absent.get(module)
+        if absent is None or bool(absent.all()):  # none of this router's experts adapts the module: base alone
             empty = torch.full((x.shape[0], 1), -1, dtype=torch.long, device=x.device)
             return empty, torch.zeros(x.shape[0], 1, device=x.device)
         top = self.scores(module, x).topk(self.k, dim=-1)
