@@ -131,13 +131,24 @@ class PrototypeRouter(BaseRouter):
         if p is None:
             raise WorkbenchError(f"router has no prototypes for module {module!r}")
         p = p.to(x.device)
-        h = standardise(x.float()) if self.standardize else x.float()
+        h = self._standardised(x) if self.standardize else x.float()
         s = h @ p.T
         if self.scale == "inv_sqrt_d":
             s = s / x.shape[-1] ** 0.5
         s = s.abs() if self.absolute else s
         absent = self._absent[module]
         return s.masked_fill(absent.to(s.device), float("-inf")) if bool(absent.any()) else s
+
+    def _standardised(self, x: torch.Tensor) -> torch.Tensor:
+        """LN(x), reused when the next module reads the same input (q/k/v, and gate/up, share one: one
+        layer norm instead of three). The cache holds x itself, so its memory cannot be handed to another
+        tensor while the key (address, shape, strides) is remembered; module inputs are never written in place."""
+        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device)
+        cached = getattr(self, "_ln_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, standardise(x.float()), x)
+            self._ln_cache = cached
+        return cached[1]
 
     def route(self, module: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         absent = self._absent.get(module)
