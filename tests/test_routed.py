@@ -370,3 +370,35 @@ def test_corrupt_router_file_is_one_line(tmp_path):
     (tmp_path / "r" / "router.json").write_text('{"router": "fixed", "config": {}}')
     with pytest.raises(WorkbenchError, match="cannot load router"):
         load_router(tmp_path / "r")
+
+
+def test_avg_act_prototypes_are_mean_module_inputs_under_peft(pool, tiny_dir):
+    """avg_act's prototype of expert a at a module = the mean input of that module over a's training tokens
+    with a applied, computed here through PEFT's own model with a hook."""
+    import random
+
+    from workbench.artifacts import load_artifact
+    from workbench.modules.routers import load_router
+    from workbench.recipes import build, parse_recipe
+    from workbench.tasks.suite import load_split
+    from workbench.train.trainer import collate, encode
+
+    _tagged_pool(pool, tiny_dir)
+    art = build(parse_recipe(_recipe("avg_act", k=1, examples=8, batch_size=8)), log=lambda *a: None)
+    protos = load_router(art).tensors()
+    tok = pool.base.tokenizer()
+    rows = load_split("addition", "train")
+    random.Random(0).shuffle(rows)
+    batch = collate([encode(tok, r["question"], r["answer"], 128) for r in rows[:8]], tok.pad_token_id)
+    peft = pool.peft_model(["a"])
+    module = "model.layers.1.self_attn.q_proj"
+    seen = []
+    target = dict(peft.named_modules())[f"base_model.model.{module}"]
+    h = target.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    h.remove()
+    m = batch["attention_mask"].reshape(-1).float()
+    want = (seen[0].reshape(-1, seen[0].shape[-1]) * m[:, None]).sum(0) / m.sum()
+    torch.testing.assert_close(protos[module][0], want, atol=1e-5, rtol=1e-5)
+    assert load_artifact(art).info["kind"] == "routed_lora"

@@ -1,0 +1,87 @@
+"""Average-activation routing (the PHATGOOSE paper's baseline; mttl's `avg_act` selector).
+
+Prototype of expert e at a module: the mean of that module's input over the tokens of e's own
+training examples, run with e applied (no training). Routing as PHATGOOSE's router: LN(h).LN(p)/sqrt(d),
+softmax, top-k, renormalised (the PHATGOOSE repository routes its averaged hiddens the same way;
+mttl L2-normalises them and skips the layer norm: equivalent up to the LN's centring).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from ..modules.routed_lora import RoutedGroup, routed_modules, wrap_experts
+from ..modules.routers import FixedRouter, PrototypeRouter
+from ..progress import progress_bar
+from ..tasks.suite import load_split
+from .base import BuildContext, MethodParams, register_method
+from .phatgoose import Phatgoose
+from .routing import expert_tasks
+
+
+class AvgActParams(MethodParams):
+    k: int = Field(2, gt=0, description="experts per token (top-k)")
+    examples: int = Field(64, gt=0, description="training examples per expert averaged into its prototypes")
+    batch_size: int = Field(16, gt=0)
+    max_length: int = Field(128, gt=8)
+    seed: int = 0
+
+
+@register_method
+class AvgAct(Phatgoose):
+    """Shares PHATGOOSE's checks (LoRA experts with training data) and key inputs (their data)."""
+
+    name = "avg_act"
+    Params = AvgActParams
+    version = 1
+    description = "average-activation prototypes (mean module input on each expert's data), PHATGOOSE's router"
+
+    @torch.no_grad()
+    def build(self, ctx: BuildContext) -> dict[str, Any]:
+        from ..train.trainer import collate, encode
+
+        p: AvgActParams = ctx.params
+        experts = ctx.experts
+        base = ctx.pool.base
+        model = base.load(device=ctx.device).eval()
+        routing = wrap_experts(model, experts)
+        mods = routed_modules(model)
+        tok = base.tokenizer()
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        names = [e.name for e in experts]
+        sums = {m: torch.zeros(len(experts), lin.base.in_features) for m, lin in mods.items()}
+        counts = torch.zeros(len(experts))
+        mask_now: dict[str, torch.Tensor] = {}
+
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            sums[module.name][current] += (x * mask_now["m"][:, None]).sum(0).cpu()
+
+        handles = [lin.register_forward_pre_hook(hook) for lin in mods.values()]
+        try:
+            with progress_bar(f"avg_act prototypes ({len(experts)} experts)", total=len(experts)) as bar:
+                for current, e in enumerate(experts):
+                    rows = [r for t in expert_tasks(e) for r in load_split(t, "train")]
+                    random.Random(p.seed).shuffle(rows)
+                    data = [encode(tok, r["question"], r["answer"], p.max_length) for r in rows[: p.examples]]
+                    forced = FixedRouter(names, [1.0 if i == current else 0.0 for i in range(len(experts))], k=1)
+                    with routing.use(groups=[RoutedGroup(forced, None)]):
+                        for i in range(0, len(data), p.batch_size):
+                            batch = collate(data[i:i + p.batch_size], pad)
+                            mask_now["m"] = batch["attention_mask"].reshape(-1).float().to(ctx.device)
+                            model(input_ids=batch["input_ids"].to(ctx.device),
+                                  attention_mask=batch["attention_mask"].to(ctx.device))
+                            counts[current] += mask_now["m"].sum().cpu()
+                    bar.update(1)
+        finally:
+            for h in handles:
+                h.remove()
+        own = [{t[: -len(".weight")] for t in e.delta_names()} for e in experts]
+        protos = {m: torch.stack([s[i] / counts[i] if m in own[i] else torch.zeros(s.shape[1]) for i in range(len(experts))])
+                  for m, s in sums.items()}
+        router = PrototypeRouter(names, protos, k=p.k, standardize=True, scale="inv_sqrt_d", kind="avg_act")
+        return self.save(ctx, router, {"k": p.k, "tokens_averaged": {n: int(c) for n, c in zip(names, counts)}})
