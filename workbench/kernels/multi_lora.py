@@ -21,7 +21,7 @@ Backends (registered by name; `default_backend(device)` picks one):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -73,23 +73,68 @@ class AdapterWeights:
 
 @dataclass
 class LoraMeta:
-    """Per-batch routing metadata, shared by every layer of one forward."""
+    """Per-batch routing metadata, shared by every layer of one forward.
+
+    The pair list sorted by adapter (token_idx, pair_w, pair_adapter, offsets, contiguous blocks) is
+    built on first use: the dense path never needs it, and routed layers build one meta per call."""
 
     idx: torch.Tensor  # [T, k] adapter ids (-1: none)
     w: torch.Tensor  # [T, k] weights
     num_adapters: int
-    token_idx: torch.Tensor  # [P] token of each (token, pair), sorted by adapter
-    pair_w: torch.Tensor  # [P] the pair's weight
-    pair_adapter: torch.Tensor  # [P] the pair's adapter (sorted)
+    valid: torch.Tensor  # [T * k] pairs that count (adapter >= 0, weight != 0), row-major
     counts: list[int]  # [E]
-    offsets: list[int]  # [E + 1]
     active: list[int]  # adapters with at least one pair
-    contiguous: dict[int, tuple[int, int]] = field(default_factory=dict)  # e -> token range [s, e) if one block
     block: int | None = None  # tokens come in blocks of this many (one sequence each) sharing their pairs
 
     @property
     def num_tokens(self) -> int:
         return self.idx.shape[0]
+
+    @cached_property
+    def offsets(self) -> list[int]:  # [E + 1]
+        out = [0]
+        for c in self.counts:
+            out.append(out[-1] + c)
+        return out
+
+    @cached_property
+    def _sorted(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t, k = self.idx.shape
+        tokens = torch.arange(t, device=self.idx.device).repeat_interleave(k)[self.valid]
+        flat_e, flat_w = self.idx.reshape(-1)[self.valid], self.w.reshape(-1).float()[self.valid]
+        order = torch.argsort(flat_e, stable=True)
+        return tokens[order], flat_w[order], flat_e[order]
+
+    @property
+    def token_idx(self) -> torch.Tensor:  # [P] token of each (token, pair), sorted by adapter
+        return self._sorted[0]
+
+    @property
+    def pair_w(self) -> torch.Tensor:  # [P] the pair's weight
+        return self._sorted[1]
+
+    @property
+    def pair_adapter(self) -> torch.Tensor:  # [P] the pair's adapter (sorted)
+        return self._sorted[2]
+
+    @cached_property
+    def contiguous(self) -> dict[int, tuple[int, int]]:
+        """e -> token range [s, e) where adapter e's tokens form one block (step exactly 1: no gap, no token
+        twice); the steps != 1 inside each adapter's segment are counted with one cumulative sum."""
+        out: dict[int, tuple[int, int]] = {}
+        if not self.active:
+            return out
+        token_idx, offsets, counts = self.token_idx, self.offsets, self.counts
+        breaks = torch.zeros(token_idx.numel(), dtype=torch.long, device=token_idx.device)
+        breaks[1:] = (token_idx[1:] - token_idx[:-1] != 1).long().cumsum(0)
+        starts = torch.tensor([offsets[e] for e in self.active], device=token_idx.device)
+        ends = torch.tensor([offsets[e] + counts[e] - 1 for e in self.active], device=token_idx.device)
+        inside = (breaks[ends] - breaks[starts]).tolist()
+        first = token_idx[starts].tolist()
+        for e, b, f in zip(self.active, inside, first):
+            if b == 0:
+                out[e] = (f, f + counts[e])
+        return out
 
 
 def make_meta(idx: torch.Tensor, w: torch.Tensor | None, num_adapters: int, block: int | None = None) -> LoraMeta:
@@ -102,35 +147,14 @@ def make_meta(idx: torch.Tensor, w: torch.Tensor | None, num_adapters: int, bloc
         raise ValueError(f"idx {tuple(idx.shape)} and w {tuple(w.shape)} differ")
     if idx.numel() and int(idx.max()) >= num_adapters:
         raise ValueError(f"adapter id {int(idx.max())} out of range ({num_adapters} adapters)")
-    t, k = idx.shape
-    flat_e = idx.reshape(-1)
-    flat_w = w.reshape(-1).float()
-    valid = (flat_e >= 0) & (flat_w != 0)
-    tokens = torch.arange(t, device=idx.device).repeat_interleave(k)[valid]
-    flat_e, flat_w = flat_e[valid], flat_w[valid]
-    order = torch.argsort(flat_e, stable=True)
-    token_idx, pair_adapter, pair_w = tokens[order], flat_e[order], flat_w[order]
-    counts = torch.bincount(pair_adapter, minlength=num_adapters).tolist()
-    offsets = [0]
-    for c in counts:
-        offsets.append(offsets[-1] + c)
-    active = [e for e, c in enumerate(counts) if c]
-    contiguous = {}
-    if active:
-        # a block is contiguous when its tokens step by exactly 1 (no gaps, no token twice): count the
-        # steps != 1 inside each adapter's segment with one cumulative sum (no per-pair Python work)
-        breaks = torch.zeros(token_idx.numel(), dtype=torch.long, device=idx.device)
-        breaks[1:] = (token_idx[1:] - token_idx[:-1] != 1).long().cumsum(0)
-        starts = torch.tensor([offsets[e] for e in active], device=idx.device)
-        ends = torch.tensor([offsets[e] + counts[e] - 1 for e in active], device=idx.device)
-        inside = (breaks[ends] - breaks[starts]).tolist()
-        first = token_idx[starts].tolist()
-        for e, b, f in zip(active, inside, first):
-            if b == 0:
-                contiguous[e] = (f, f + counts[e])
+    t = idx.shape[0]
     if block is not None and (block <= 0 or t % block):
         raise ValueError(f"block {block} does not divide {t} tokens")
-    return LoraMeta(idx, w, num_adapters, token_idx, pair_w, pair_adapter, counts, offsets, active, contiguous, block)
+    flat_e = idx.reshape(-1)
+    valid = (flat_e >= 0) & (w.reshape(-1) != 0)
+    counts = torch.bincount(flat_e[valid], minlength=num_adapters).tolist()
+    active = [e for e, c in enumerate(counts) if c]
+    return LoraMeta(idx, w, num_adapters, valid, counts, active, block)
 
 
 Backend = "callable(y, x, weights, meta) -> None, adding the LoRA term into y in place"
@@ -205,15 +229,17 @@ def _dense_factors(wts: AdapterWeights, active: list[int]) -> tuple[torch.Tensor
 
 
 def _dense_mask(meta: LoraMeta, ranks: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """M [T, R]: token t's total weight on adapter e, repeated over e's r_e columns (cached per meta)."""
+    """M [T, R]: token t's total weight on adapter e, repeated over e's r_e columns (cached per meta);
+    scattered straight from (idx, w), no sorted pair list needed."""
     cache = meta.__dict__.setdefault("_mask", {})
     key = (ranks, dtype)
     if key not in cache:
         dev = meta.idx.device
-        col = torch.zeros(meta.num_adapters, dtype=torch.long, device=dev)
-        col[torch.tensor(meta.active, device=dev)] = torch.arange(len(meta.active), device=dev)
-        per = torch.zeros(meta.num_tokens, len(meta.active), dtype=torch.float32, device=dev)
-        per.index_put_((meta.token_idx, col[meta.pair_adapter]), meta.pair_w.float(), accumulate=True)
+        w = torch.where(meta.valid.view(meta.idx.shape), meta.w.float(), torch.zeros((), device=dev))
+        per = torch.zeros(meta.num_tokens, meta.num_adapters, dtype=torch.float32, device=dev)
+        per.scatter_add_(1, meta.idx.clamp(min=0), w)
+        if len(meta.active) != meta.num_adapters:
+            per = per[:, torch.tensor(meta.active, device=dev)]
         cache[key] = per.repeat_interleave(torch.tensor(ranks, device=dev), dim=1).to(dtype)
     return cache[key]
 
