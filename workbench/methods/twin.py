@@ -252,7 +252,7 @@ class Twin(Method):
     name = "twin"
     Params = TwinParams
     outputs = frozenset({"model"})
-    description = "shared task arithmetic + SVD-compressed exclusive parts routed per input (Twin-Merging)"
+    description = "shared task arithmetic + SVD-compressed exclusive parts routed from the prefix so far (Twin-Merging)"
     version = 1
 
     def validate(self, experts, params, output) -> None:
