@@ -27,6 +27,16 @@ def served(pool, tiny_dir):
     thread.join(timeout=10)
 
 
+def _post_concurrently(url: str, models: list[str], prompts: list[str], max_tokens: int) -> list:
+    """Every (model, prompt) as its own /v1/completions request, all in flight at once."""
+    async def main():
+        async with httpx.AsyncClient(timeout=120) as c:
+            return await asyncio.gather(*[c.post(f"{url}/v1/completions", json={
+                "model": m, "prompt": p, "max_tokens": max_tokens}) for m, p in zip(models, prompts)])
+
+    return asyncio.run(main())
+
+
 def test_models_endpoint(served):
     url, *_ = served
     data = httpx.get(f"{url}/v1/models").json()["data"]
@@ -38,13 +48,7 @@ def test_64_concurrent_mixed_requests_match_peft_alone(served):
     names = ["a", "b", "base"]
     prompts = [f"Add: {i}+{2 * i}\nAnswer:" if i % 2 else f"Sort: {i % 7} {i % 5} 9\nAnswer:" for i in range(64)]
 
-    async def main():
-        async with httpx.AsyncClient(timeout=120) as c:
-            reqs = [c.post(f"{url}/v1/completions", json={"model": names[i % 3], "prompt": p, "max_tokens": 6})
-                    for i, p in enumerate(prompts)]
-            return await asyncio.gather(*reqs)
-
-    responses = asyncio.run(main())
+    responses = _post_concurrently(url, [names[i % 3] for i in range(64)], prompts, 6)
     assert all(r.status_code == 200 for r in responses)
     assert app.state.scheduler.stats["max_batch_seen"] > 1  # requests were batched together
     folders = {a.name: a.source for a in engine.adapters}
@@ -340,13 +344,7 @@ def test_64_concurrent_requests_mixing_routed_compositions(served_routed):
     engine.generate = lambda prompts, assignments, *a, **k: (batches.append(set(assignments)),
                                                              generate(prompts, assignments, *a, **k))[1]
 
-    async def main():
-        async with httpx.AsyncClient(timeout=120) as c:
-            reqs = [c.post(f"{url}/v1/completions", json={"model": names[i % 6], "prompt": p, "max_tokens": 6})
-                    for i, p in enumerate(prompts)]
-            return await asyncio.gather(*reqs)
-
-    responses = asyncio.run(main())
+    responses = _post_concurrently(url, [names[i % 6] for i in range(64)], prompts, 6)
     assert all(r.status_code == 200 for r in responses)
     # one batch held plain adapters, the mix and both routed compositions
     assert any({engine.resolve(n) for n in names if n != "base"} <= b for b in batches)

@@ -314,6 +314,14 @@ class Expert:
     def _full(self) -> SafetensorsDir:
         return SafetensorsDir(self.path, model_weight_files(self.path))
 
+    def tasks(self) -> list[str]:
+        """The suite tasks whose training data this expert learned (training.tasks, training.task, else its
+        task tag); routers that learn from the experts' data read them."""
+        tr = self.entry.training
+        tasks = tr.get("tasks") or ([tr["task"]] if tr.get("task") else [])
+        tasks = tasks or ([self.entry.tags["task"]] if "task" in self.entry.tags else [])
+        return [t for t in tasks if t != "multitask"]
+
     def missing_files(self) -> list[str]:
         """Files the manifest lists that are not on disk (a clone has the manifest, not the weights)."""
         return [f for f in self.entry.files if not (self.path / f).is_file()]

@@ -19,8 +19,7 @@ from ..modules.routers import FixedRouter, PrototypeRouter
 from ..progress import progress_bar
 from ..tasks.suite import load_split
 from .base import BuildContext, MethodParams, register_method
-from .phatgoose import Phatgoose
-from .routing import expert_tasks
+from .routing import DataRoutedMethod
 
 
 class AvgActParams(MethodParams):
@@ -32,9 +31,7 @@ class AvgActParams(MethodParams):
 
 
 @register_method
-class AvgAct(Phatgoose):
-    """Shares PHATGOOSE's checks (LoRA experts with training data) and key inputs (their data)."""
-
+class AvgAct(DataRoutedMethod):
     name = "avg_act"
     Params = AvgActParams
     version = 1
@@ -65,7 +62,7 @@ class AvgAct(Phatgoose):
         try:
             with progress_bar(f"avg_act prototypes ({len(experts)} experts)", total=len(experts)) as bar:
                 for current, e in enumerate(experts):
-                    rows = [r for t in expert_tasks(e) for r in load_split(t, "train")]
+                    rows = [r for t in e.tasks() for r in load_split(t, "train")]
                     random.Random(p.seed).shuffle(rows)
                     data = [encode(tok, r["question"], r["answer"], p.max_length) for r in rows[: p.examples]]
                     forced = FixedRouter(names, [1.0 if i == current else 0.0 for i in range(len(experts))], k=1)

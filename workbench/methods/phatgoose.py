@@ -20,13 +20,12 @@ import torch
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
-from ..errors import RecipeError
 from ..modules.routed_lora import RoutedGroup, routed_modules, wrap_experts
 from ..modules.routers import GateRouter, PrototypeRouter
 from ..progress import progress_bar
 from ..tasks.suite import load_split
 from .base import BuildContext, MethodParams, register_method
-from .routing import RoutedMethod, expert_tasks
+from .routing import DataRoutedMethod
 
 
 class PhatgooseParams(MethodParams):
@@ -41,23 +40,11 @@ class PhatgooseParams(MethodParams):
 
 
 @register_method
-class Phatgoose(RoutedMethod):
+class Phatgoose(DataRoutedMethod):
     name = "phatgoose"
     Params = PhatgooseParams
     version = 1
     description = "PHATGOOSE: sigmoid gates trained post hoc per expert, then per-token top-k routing"
-
-    def validate(self, experts, params, output) -> None:
-        super().validate(experts, params, output)
-        for e in experts:
-            if not expert_tasks(e):
-                raise RecipeError(f"expert {e.name!r} has no training data for PHATGOOSE's gate "
-                                  "(its manifest entry names no task: add a tag task=<suite task>)")
-
-    def key_inputs(self, experts, params) -> dict[str, Any]:
-        from ..tasks.suite import data_hash
-
-        return {"data": {t: data_hash(t) for e in experts for t in expert_tasks(e)}}
 
     def build(self, ctx: BuildContext) -> dict[str, Any]:
         from ..train.trainer import collate, encode
@@ -81,7 +68,7 @@ class Phatgoose(RoutedMethod):
                 continue
             own = {t[: -len(".weight")] for t in e.delta_names()}
             gate = GateRouter([e.name], {m: mods[m].base.in_features for m in sorted(own)}).to(ctx.device)
-            rows = [r for t in expert_tasks(e) for r in load_split(t, "train")]
+            rows = [r for t in e.tasks() for r in load_split(t, "train")]
             random.Random(p.seed).shuffle(rows)
             data = [encode(tok, r["question"], r["answer"], p.max_length) for r in rows[: p.examples]]
             opt = torch.optim.AdamW(gate.parameters(), lr=p.lr, weight_decay=0.0)
@@ -124,7 +111,7 @@ class Phatgoose(RoutedMethod):
         p = ctx.params.model_dump(mode="json", exclude={"k"})
         key = sha256_json({"version": self.version, "params": p, "files": expert.entry.files,
                            "base": ctx.pool.manifest.base.fingerprint,
-                           "data": {t: data_hash(t) for t in expert_tasks(expert)}})[:16]
+                           "data": {t: data_hash(t) for t in expert.tasks()}})[:16]
         return ctx.out_dir.parent / "phatgoose-gates" / f"{expert.name}-{key}"
 
     def _cached_gates(self, ctx: BuildContext, expert):

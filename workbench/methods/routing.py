@@ -14,17 +14,9 @@ from typing import Any
 from ..artifacts import register_artifact
 from ..errors import RecipeError, WorkbenchError
 from ..modules.routed_lora import RoutedGroup, wrap_experts
-from ..modules.routers import BaseRouter, load_router
+from ..modules.routers import BaseRouter, dense_weights, load_router
 from ..tasks.suite import ADD_SPECIAL_TOKENS
 from .base import Method
-
-
-def expert_tasks(expert) -> list[str]:
-    """The suite tasks an expert was trained on (its training data), from the manifest."""
-    tr = expert.entry.training
-    tasks = tr.get("tasks") or ([tr["task"]] if tr.get("task") else [])
-    tasks = tasks or ([expert.entry.tags["task"]] if "task" in expert.entry.tags else [])
-    return [t for t in tasks if t != "multitask"]
 
 
 class RoutedMethod(Method):
@@ -48,21 +40,49 @@ class RoutedMethod(Method):
                 "expert_files": {e.name: e.entry.files for e in ctx.experts}, **extra}
 
 
+class DataRoutedMethod(RoutedMethod):
+    """A routed method whose build reads each expert's own training data (PHATGOOSE's gates, average
+    activations): every expert must name its tasks, and their data hashes are part of the artifact key."""
+
+    def validate(self, experts, params, output) -> None:
+        super().validate(experts, params, output)
+        for e in experts:
+            if not e.tasks():
+                raise RecipeError(f"expert {e.name!r} has no training data for {self.name}'s build "
+                                  "(its manifest entry names no task: add a tag task=<suite task>)")
+
+    def key_inputs(self, experts, params) -> dict[str, Any]:
+        from ..tasks.suite import data_hash
+
+        return {"data": {t: data_hash(t) for e in experts for t in e.tasks()}}
+
+
+def routed_problem(pool, meta: dict[str, Any], router: BaseRouter | None = None) -> str | None:
+    """Why a routed_lora artifact cannot run over `pool` as it is now, or None: another base, an expert
+    gone or changed since the router was built, a router over other experts."""
+    names = list(meta.get("experts") or [])
+    if pool.manifest.base.fingerprint != meta.get("pool_fingerprint"):
+        return f"pool {pool.name!r} now has another base than the router was built for"
+    gone = [n for n in names if n not in pool]
+    if gone or not names:
+        return f"its experts {gone or names} are not in pool {pool.name!r}"
+    changed = [n for n in names if pool.expert(n).entry.files != (meta.get("expert_files") or {}).get(n)]
+    if changed:
+        return f"its experts {changed} changed since the router was built; rebuild it"
+    if router is not None and router.experts != names:
+        return f"its router routes over {router.experts}, not {names}"
+    return None
+
+
 def open_routed(path: Path, meta: dict[str, Any], device: str | None = None, router: BaseRouter | None = None):
     """(model with the router installed, tokenizer, router, routing context) of a routed_lora artifact."""
     from ..pool import Pool
 
     pool = Pool.open(meta["pool_root"])
-    names = list(meta["experts"])
-    if pool.manifest.base.fingerprint != meta.get("pool_fingerprint"):
-        raise WorkbenchError(f"artifact {path}: pool {pool.name!r} now has another base than the router was built for")
-    experts = [pool.expert(n) for n in names]
-    for e in experts:
-        if e.entry.files != meta["expert_files"].get(e.name):
-            raise WorkbenchError(f"artifact {path}: expert {e.name!r} changed since the router was built; rebuild it")
     router = router or load_router(path, device)
-    if router.experts != names:
-        raise WorkbenchError(f"artifact {path}: router trained for experts {router.experts}, artifact names {names}")
+    if problem := routed_problem(pool, meta, router):
+        raise WorkbenchError(f"artifact {path}: {problem}")
+    experts = [pool.expert(n) for n in meta["experts"]]
     model = pool.base.load(device=device).eval()
     ctx = wrap_experts(model, experts)
     ctx.groups = [RoutedGroup(router, None)]  # every forward routes, also inside generate and lm-eval
@@ -101,11 +121,11 @@ def trace_prompt(model, tokenizer, prompt: str, experts: list[str] | None = None
     trace = Trace()
     with torch.no_grad(), ctx.use(groups=ctx.groups, trace=trace):
         model(input_ids=ids)
-    n_tok, n_exp = ids.shape[1], len(experts)
+    n_exp = len(experts)
     per_layer: dict[int, list[torch.Tensor]] = {}
     for module, calls in trace.modules.items():
         idx, w = calls[-1]
-        dense = torch.zeros(n_tok, n_exp).scatter_add_(1, idx.clamp(min=0), torch.where(idx >= 0, w, 0.0))
+        dense = dense_weights(idx, w.float(), n_exp)
         m = re.search(r"\.layers\.(\d+)\.", module)
         per_layer.setdefault(int(m.group(1)) if m else -1, []).append(dense)
     layers = sorted(per_layer)
@@ -115,4 +135,4 @@ def trace_prompt(model, tokenizer, prompt: str, experts: list[str] | None = None
             "choices": weights.round(decimals=4).tolist(), "modules": len(trace.modules)}
 
 
-__all__ = ["RoutedMethod", "expert_tasks", "load_routed", "open_routed", "trace_prompt"]
+__all__ = ["DataRoutedMethod", "RoutedMethod", "load_routed", "open_routed", "routed_problem", "trace_prompt"]

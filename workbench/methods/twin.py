@@ -83,12 +83,6 @@ def dense_svd(d: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (root[:, None] * vh[:k]).contiguous(), (u[:, :k] * root).contiguous()
 
 
-def _expert_tasks(expert) -> list[str]:
-    """The tasks whose training data the router learns to send to `expert` (training.tasks, else tags.task)."""
-    tasks = expert.entry.training.get("tasks") or ([expert.entry.tags["task"]] if "task" in expert.entry.tags else [])
-    return [t for t in tasks if t != "multitask"]
-
-
 def _interleaved(splits: list[list[dict]], n: int) -> list[dict]:
     """Up to n rows taking one of each task's rows in turn, so a multi-task expert's examples cover all its tasks."""
     return [r for group in zip_longest(*splits) for r in group if r is not None][:n]
@@ -261,7 +255,7 @@ class Twin(Method):
             raise RecipeError("twin needs at least 2 experts")
         owner: dict[str, str] = {}  # task -> the expert the router learns to send its inputs to
         for e in experts:
-            tasks = _expert_tasks(e)
+            tasks = e.tasks()
             if not tasks:
                 raise RecipeError(f"twin: expert {e.name!r} has no training task (tags.task or training.tasks) for the router")
             for t in tasks:
@@ -272,7 +266,7 @@ class Twin(Method):
 
     def key_inputs(self, experts, params) -> dict[str, Any]:
         """The router reads each expert's task data: a new suite version (new data) rebuilds the artifact."""
-        return {"task_data": {t: data_hash(t) for t in sorted({t for e in experts for t in _expert_tasks(e)})}}
+        return {"task_data": {t: data_hash(t) for t in sorted({t for e in experts for t in e.tasks()})}}
 
     def build(self, ctx: BuildContext) -> dict[str, Any]:
         p: TwinParams = ctx.params
@@ -317,7 +311,7 @@ class Twin(Method):
         # router on the shared model's features
         model = load_twin_model(ctx.out_dir, base, router=None)
         tok = base.tokenizer()
-        tasks = [_expert_tasks(e) for e in experts]
+        tasks = [e.tasks() for e in experts]
         feats, labels, val_feats, val_labels = [], [], [], []
         for i, ts in enumerate(tasks):
             rows = _interleaved([load_split(t, "train") for t in ts], p.router_examples)

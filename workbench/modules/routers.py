@@ -53,9 +53,7 @@ class BaseRouter(nn.Module):
 
     def weights(self, module: str, x: torch.Tensor) -> torch.Tensor:
         """Dense weights [T, E]: the sparse pairs scattered (routers that train override this)."""
-        idx, w = self.route(module, x)
-        out = torch.zeros(x.shape[0], self.num_experts, dtype=w.dtype, device=w.device)
-        return out.scatter_add_(1, idx.clamp(min=0), torch.where(idx >= 0, w, torch.zeros_like(w)))
+        return dense_weights(*self.route(module, x), self.num_experts)
 
     def save(self, folder: Path) -> None:
         folder = Path(folder)
@@ -77,6 +75,12 @@ def load_router(folder: Path, device: str | torch.device | None = None) -> BaseR
         raise
     except Exception as e:  # noqa: BLE001 - a corrupt or foreign router file: one line, not a traceback
         raise WorkbenchError(f"cannot load router {folder}: {type(e).__name__}: {str(e)[:120]}") from None
+
+
+def dense_weights(idx: torch.Tensor, w: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Pairs (idx [T, k], -1 for none; w [T, k]) as dense weights [T, num_experts]."""
+    out = torch.zeros(idx.shape[0], num_experts, dtype=w.dtype, device=w.device)
+    return out.scatter_add_(1, idx.clamp(min=0), torch.where(idx >= 0, w, torch.zeros_like(w)))
 
 
 def standardise(x: torch.Tensor) -> torch.Tensor:
@@ -221,4 +225,5 @@ class FixedRouter(BaseRouter):
         return self._idx.to(x.device).expand(t, -1), self._w.to(x.device).expand(t, -1)
 
 
-__all__ = ["ROUTERS", "BaseRouter", "FixedRouter", "GateRouter", "PrototypeRouter", "load_router", "standardise"]
+__all__ = ["ROUTERS", "BaseRouter", "FixedRouter", "GateRouter", "PrototypeRouter", "dense_weights", "load_router",
+           "standardise"]

@@ -295,27 +295,25 @@ def saved_routed_compositions(pool, loaded: set[str], taken: set[str], device: s
                               log: Callable[[str], Any] = print) -> list[RoutedComposition]:
     """routed_lora artifacts built over this pool whose experts are all among the `loaded` LoRA experts,
     unchanged since the router was built; any other is skipped with its reason logged."""
+    from ..methods.routing import routed_problem
     from ..modules.routers import load_router
 
     out = []
     for name, folder, meta in _pool_artifacts(pool, "routed_lora", "pool_root", taken):
         experts = list(meta.get("experts") or [])
         missing = [e for e in experts if e not in loaded]
-        files = meta.get("expert_files") or {}
-        changed = [e for e in experts if e not in missing and pool.expert(e).entry.files != files.get(e)]
+        router = None
         if not experts or missing:
             reason = f"its experts {missing or experts} are not LoRA experts loaded here"
-        elif changed:
-            reason = f"its experts {changed} changed since the router was built; rebuild it"
-        elif meta.get("pool_fingerprint") != pool.manifest.base.fingerprint:
-            reason = "the pool now has another base than the router was built for"
         else:
-            try:
-                router = load_router(folder, device)
-            except (WorkbenchError, OSError) as e:
-                router, reason = None, f"cannot load its router: {e}"
-            else:
-                reason = "" if router.experts == experts else f"its router routes over {router.experts}, not {experts}"
+            reason = routed_problem(pool, meta)
+            if not reason:
+                try:
+                    router = load_router(folder, device)
+                except (WorkbenchError, OSError) as e:
+                    reason = f"cannot load its router: {e}"
+                else:
+                    reason = routed_problem(pool, meta, router)
         if reason:
             log(f"routed composition {name!r} ({folder}) not served: {reason}")
             continue
