@@ -221,6 +221,22 @@ def test_saved_composition_scales_like_peft(pool, tiny_dir, extra):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_corrupt_saved_composition_is_skipped_not_fatal(pool, tiny_dir):
+    """One merged_lora folder that does not parse is skipped with its reason; the server still starts."""
+    from workbench.io import cache_dir
+
+    pool.add(tiny_dir / "lora_a", "a")
+    folder = cache_dir() / "artifacts" / f"task_arithmetic-{uuid.uuid4().hex[:12]}"
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')  # no weights file
+    (folder / "artifact.json").write_text(json.dumps({"type": "merged_lora", "name": "broken", "names": ["broken"],
+                                                      "pool": str(pool.root.resolve())}))
+    logged = []
+    eng = MultiLoraModel.from_pool(pool, log=logged.append)
+    assert "broken" not in eng.model_names() and "a" in eng.model_names()
+    assert any("saved composition 'broken'" in line and "missing" in line for line in logged), logged
+
+
 def test_saved_composition_served_by_recipe_name(pool, tiny_dir):
     """A re-factored merge is listed under its recipe's name, also when a sweep point built it first."""
     from workbench.artifacts import load_artifact

@@ -317,3 +317,14 @@ def test_migrate_compacts_and_scrubs_a_legacy_folder(pool, tmp_path):
     assert set(collect_scores(out, full_only=False).task) == {"word_count", "english_docs"}
     state = snapshot(out)
     assert migrate(out) == {"runs_compacted": 0, "jsonl_removed": 0, "json_scrubbed": 0} and snapshot(out) == state
+
+
+def test_rerun_never_replaces_a_run_with_samples_or_other_data():
+    """A run without per-example outputs, or on other task data, is another experiment: it replaces nothing."""
+    from workbench.eval.record import run_settings
+
+    base = {"model": "x", "model_name": "p__x", "tasks": ["a"], "limit": 6, "batch_size": 1, "params": {},
+            "data_sha256": {"a": "h1"}}
+    assert run_settings(base) == run_settings({**base, "samples_logged": True})  # manifests before the flag had samples
+    assert run_settings(base) != run_settings({**base, "samples_logged": False})
+    assert run_settings(base) != run_settings({**base, "data_sha256": {"a": "h2"}})

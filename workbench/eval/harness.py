@@ -230,6 +230,7 @@ def run_eval(spec: str, tasks: list[str], *, pool: Pool | None = None, limit: in
         "method": loaded.info.get("method", loaded.info.get("kind")), "model_info": loaded.info,
         "params": (extra or {}).get("params", {}), "tasks": tasks, "limit": limit, "split": split,
         "batch_size": batch_size, "data_sha256": {t: data_hash(t) for t in tasks}, "scores": scores_of(res),
+        "samples_logged": bool(samples and log_samples),
         "results_file": (folder / f"results_{run_id}.json").relative_to(out_dir.parent).as_posix(),
         "git": git_state(), "timings": {"load_s": round(t_load, 2), "eval_s": round(t_eval, 2)},
         "machine": machine_info(device), **{k: v for k, v in (extra or {}).items() if k != "params"},

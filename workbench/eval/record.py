@@ -132,7 +132,9 @@ def run_settings(manifest: dict[str, Any]) -> dict[str, Any]:
     return {"model": manifest.get("model"), "model_name": manifest.get("model_name"),
             "tasks": sorted(manifest.get("tasks") or []), "limit": manifest.get("limit"),
             "split": manifest.get("split", "test"), "batch_size": manifest.get("batch_size"),
-            "params": manifest.get("params") or {}}
+            "params": manifest.get("params") or {}, "data_sha256": manifest.get("data_sha256") or {},
+            # a run without per-example outputs never replaces one that has them (pairwise diffs need them)
+            "samples": manifest.get("samples_logged", True)}
 
 
 def run_files(folder: Path, run_id: str) -> list[Path]:

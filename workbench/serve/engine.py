@@ -109,7 +109,7 @@ class MultiLoraModel:
         routed: list[RoutedComposition] = []
         if include_artifacts:
             taken = {a.name for a in adapters}
-            adapters += saved_lora_compositions(pool, taken=taken)
+            adapters += saved_lora_compositions(pool, taken=taken, log=log)
             routed = saved_routed_compositions(pool, set(names), taken=taken, device=device, log=log)
         return cls(pool.base.load(), pool.base.tokenizer(), adapters, routed=routed, backend=backend, device=device,
                    dtype=dtype)
@@ -278,12 +278,17 @@ def _pool_artifacts(pool, type_: str, pool_key: str, taken: set[str]) -> Iterato
             yield names[-1], meta_path.parent, meta
 
 
-def saved_lora_compositions(pool, taken: set[str]) -> list[Adapter]:
-    """merged_lora artifacts built over this pool (re-factored merges), servable as adapters."""
+def saved_lora_compositions(pool, taken: set[str], log: Callable[[str], Any] = print) -> list[Adapter]:
+    """merged_lora artifacts built over this pool (re-factored merges), servable as adapters; a folder that
+    does not parse is skipped with its reason logged (one bad artifact never stops the server)."""
     out = []
     for name, folder, _ in _pool_artifacts(pool, "merged_lora", "pool", taken):
         # the pool's own LoRA parser: rsLoRA, rank and alpha patterns scale exactly as PEFT does
-        layout = LoraLayout(folder, pool.base.tensors.shapes, f"saved composition {name!r} ({folder})")
+        try:
+            layout = LoraLayout(folder, pool.base.tensors.shapes, f"saved composition {name!r} ({folder})")
+        except WorkbenchError as e:
+            log(f"not served: {e}")
+            continue
         factors = {t: (layout.weights.get(a).float(), layout.weights.get(b).float(), scale)
                    for t, (a, b, scale) in layout.modules.items()}
         out.append(Adapter(name, "merged_lora", factors, str(folder)))
