@@ -8,7 +8,6 @@ mttl L2-normalises them and skips the layer norm: equivalent up to the LN's cent
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 import torch
@@ -17,9 +16,8 @@ from pydantic import Field
 from ..modules.routed_lora import RoutedGroup, routed_modules, wrap_experts
 from ..modules.routers import FixedRouter, PrototypeRouter
 from ..progress import progress_bar
-from ..tasks.suite import load_split
 from .base import BuildContext, MethodParams, register_method
-from .routing import DataRoutedMethod
+from .routing import DataRoutedMethod, expert_examples
 
 
 class AvgActParams(MethodParams):
@@ -39,7 +37,7 @@ class AvgAct(DataRoutedMethod):
 
     @torch.no_grad()
     def build(self, ctx: BuildContext) -> dict[str, Any]:
-        from ..train.trainer import collate, encode
+        from ..train.trainer import collate
 
         p: AvgActParams = ctx.params
         experts = ctx.experts
@@ -62,9 +60,7 @@ class AvgAct(DataRoutedMethod):
         try:
             with progress_bar(f"avg_act prototypes ({len(experts)} experts)", total=len(experts)) as bar:
                 for current, e in enumerate(experts):
-                    rows = [r for t in e.tasks() for r in load_split(t, "train")]
-                    random.Random(p.seed).shuffle(rows)
-                    data = [encode(tok, r["question"], r["answer"], p.max_length) for r in rows[: p.examples]]
+                    data = expert_examples(e, tok, p.examples, p.seed, p.max_length)
                     forced = FixedRouter(names, [1.0 if i == current else 0.0 for i in range(len(experts))], k=1)
                     with routing.use(groups=[RoutedGroup(forced, None)]):
                         for i in range(0, len(data), p.batch_size):

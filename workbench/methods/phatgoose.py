@@ -23,9 +23,8 @@ from safetensors.torch import load_file, save_file
 from ..modules.routed_lora import RoutedGroup, routed_modules, wrap_experts
 from ..modules.routers import GateRouter, PrototypeRouter
 from ..progress import progress_bar
-from ..tasks.suite import load_split
 from .base import BuildContext, MethodParams, register_method
-from .routing import DataRoutedMethod
+from .routing import DataRoutedMethod, expert_examples
 
 
 class PhatgooseParams(MethodParams):
@@ -47,7 +46,7 @@ class Phatgoose(DataRoutedMethod):
     description = "PHATGOOSE: sigmoid gates trained post hoc per expert, then per-token top-k routing"
 
     def build(self, ctx: BuildContext) -> dict[str, Any]:
-        from ..train.trainer import collate, encode
+        from ..train.trainer import collate
 
         p: PhatgooseParams = ctx.params
         experts = ctx.experts
@@ -68,9 +67,7 @@ class Phatgoose(DataRoutedMethod):
                 continue
             own = {t[: -len(".weight")] for t in e.delta_names()}
             gate = GateRouter([e.name], {m: mods[m].base.in_features for m in sorted(own)}).to(ctx.device)
-            rows = [r for t in e.tasks() for r in load_split(t, "train")]
-            random.Random(p.seed).shuffle(rows)
-            data = [encode(tok, r["question"], r["answer"], p.max_length) for r in rows[: p.examples]]
+            data = expert_examples(e, tok, p.examples, p.seed, p.max_length)
             opt = torch.optim.AdamW(gate.parameters(), lr=p.lr, weight_decay=0.0)
             warm = max(1, int(p.warmup_ratio * p.steps))
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, warm=warm: min(1.0, (s + 1) / warm))

@@ -57,6 +57,18 @@ class DataRoutedMethod(RoutedMethod):
         return {"data": {t: data_hash(t) for e in experts for t in e.tasks()}}
 
 
+def expert_examples(expert, tokenizer, n: int, seed: int, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """Up to n of the expert's own training examples (all its tasks, shuffled by `seed`), encoded as training does."""
+    import random
+
+    from ..tasks.suite import load_split
+    from ..train.trainer import encode
+
+    rows = [r for t in expert.tasks() for r in load_split(t, "train")]
+    random.Random(seed).shuffle(rows)
+    return [encode(tokenizer, r["question"], r["answer"], max_length) for r in rows[:n]]
+
+
 def routed_problem(pool, meta: dict[str, Any], router: BaseRouter | None = None) -> str | None:
     """Why a routed_lora artifact cannot run over `pool` as it is now, or None: another base, an expert
     gone or changed since the router was built, a router over other experts."""
