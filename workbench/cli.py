@@ -335,24 +335,12 @@ def eval_matrix(
     force: Annotated[bool, typer.Option(help="re-run models that already have full results")] = False,
 ):
     """Every expert (and the base) on every task; models with complete results are skipped."""
-    from .eval import run_eval
-    from .eval.harness import RESULTS_DIR, resolve_tasks
-    from .eval.results import collect_scores
-    from .pool import Pool
+    from .jobs import eval_matrix as run_matrix
 
-    p = Pool.open(pool)
-    task_list = resolve_tasks(_split_list([tasks]))
-    names = _split_list([models]) if models else ["base", *p.names()]
-    done = collect_scores(RESULTS_DIR / "lm-eval", pool=p.name)
-    for i, name in enumerate(names, 1):
-        have = set(done[done.model == name].task) if not done.empty else set()
-        if not force and set(task_list) <= have:
-            console.print(f"[{i}/{len(names)}] skip {name}: results exist")
-            continue
-        console.print(f"[{i}/{len(names)}] evaluating {name} on {len(task_list)} tasks")
-        m = run_eval(name, task_list, pool=p, batch_size=batch_size, device=device)
+    for m in run_matrix(pool, _split_list([tasks]), models=_split_list([models]) if models else None,
+                        batch_size=batch_size, device=device, force=force, log=console.print):
         _print_manifest(m)
-    results_show(pool=p.name)
+    results_show(pool=pool)
 
 
 @eval_app.command("determinism")
@@ -361,7 +349,7 @@ def eval_determinism(
     limit: int = 50, device: _Dev = "cpu",
 ):
     """Same model evaluated twice (batch 16) and at batch 1: scores and generations must agree."""
-    from .eval.harness import RESULTS_DIR, evaluate, load_model_spec, resolve_tasks, scores_of
+    from .eval.harness import evaluate, load_model_spec, resolve_tasks, results_root, scores_of
     from .io import atomic_write_json
     from .pool import Pool
 
@@ -382,7 +370,7 @@ def eval_determinism(
     record = {"pool": pool, "model": model, "tasks": task_list, "limit": limit, "repeat_identical": same,
               "batch1_vs_16_scores_equal": bs_agree, "batch1_vs_16_generation_differences": gen_diff,
               "scores": {k: v["scores"] for k, v in runs.items()}}
-    atomic_write_json(RESULTS_DIR / "checks" / f"eval-determinism-{pool}-{model}.json", record)
+    atomic_write_json(results_root() / "checks" / f"eval-determinism-{pool}-{model}.json", record)
     console.print(f"repeat identical: {same}; batch 1 vs 16 scores equal: {bs_agree}; differing generations: {gen_diff}")
     if not (same and bs_agree):
         raise typer.Exit(1)
@@ -397,20 +385,16 @@ def results_show(
     plot: Annotated[Optional[Path], typer.Option(help="also draw it as a heatmap (.svg, .png or .html)")] = None,
 ):
     """Method x task table from results/ (exact match %; domain columns: word perplexity)."""
-    from .eval.harness import RESULTS_DIR
+    from .eval.harness import results_root
     from .eval.results import results_table
 
-    root = results_dir or RESULTS_DIR
+    root = results_dir or results_root()
     df = results_table(root / "lm-eval" if (root / "lm-eval").is_dir() else root, pool)
     if df.empty:
         console.print("no results yet")
         return
-    short = {"addition": "add", "sorting": "sort", "unit_conversion": "unit", "word_count": "count",
-             "repeat_word": "repeat", "reverse_words": "rev", "subtraction": "sub*", "addition_phrase": "addph*",
-             "sort_descending": "sortd*", "sort_phrase": "sortph*", "unit_phrase": "unitph*",
-             "count_phrase": "countph*", "repeat_phrase": "repph*", "reverse_phrase": "revph*", "convert_sum": "convsum*",
-             "python_code": "py ppl", "english_docs": "en ppl", "held_in_avg": "in avg",
-             "held_out_avg": "out avg*", "normalized": "norm"}
+    from .eval.results import SHORT as short
+
     table = Table(*[short.get(str(c), str(c)) for c in df.columns if c != "method"],
                   title="exact match % (* held-out; ppl: word perplexity; norm: held-in avg / experts' own avg)")
     for row in df.drop(columns=["method"]).itertuples(index=False):
@@ -520,23 +504,6 @@ def bench_merge(
     console.print(table)
 
 
-def _evaluated_models(pool: str) -> set[str]:
-    from .eval.harness import RESULTS_DIR
-    from .eval.results import collect_scores
-
-    df = collect_scores(RESULTS_DIR / "lm-eval", pool=pool)
-    return set(df.model) if not df.empty else set()
-
-
-def _recipe_name(path: Path) -> str:
-    from .recipes import _load_yaml
-
-    try:
-        return str(_load_yaml(path).get("name"))[:200]
-    except Exception:  # noqa: BLE001 - an unreadable recipe is reported when it runs
-        return ""
-
-
 @app.command("serve")
 def serve_cmd(
     pool: _Pool = "demo", host: str = "127.0.0.1", port: int = 8000,
@@ -626,27 +593,94 @@ def bench_serve(
             raise typer.Exit(1)
 
 
+def _print_board(board: dict) -> None:
+    from .eval.leaderboard import short
+
+    ref = board["reference"]
+    table = Table("model", "method", "held-in %", "held-out %", f"Δ vs {ref}", "p",
+                  *[short(t) for t in board["tasks"]],
+                  title=f"{board['name']}: exact match % ± se (paired test vs {ref}; ns: p >= 0.05)")
+
+    def pm(d):
+        return "–" if not d else f"{100 * d['mean']:.1f}±{100 * d['stderr']:.0f}" if d["stderr"] == d["stderr"] \
+            else f"{100 * d['mean']:.1f}"
+
+    for r in board["rows"]:
+        p = r["paired"]
+        table.add_row(r["name"], r["method"], pm(r["summary"].get("held_in")), pm(r["summary"].get("held_out")),
+                      f"{100 * p['diff']:+.1f}" if p else ("ref" if r["name"] == ref else "–"),
+                      (f"{p['p_value']:.2g}" + ("" if p["p_value"] < 0.05 else " ns")) if p else "–",
+                      *[f"{100 * r['tasks'][t]['mean']:.0f}" if t in r["tasks"] else "–" for t in board["tasks"]])
+    Console(width=max(console.width, 200)).print(table)
+
+
+def _compare(recipe: Path, *, dry_run: bool, executor: str, address: str | None, cpus: float, gpus: float,
+             device: str, results: Path | None) -> dict | None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .compare import parse_comparison
+    from .jobs import describe, make_plan, run_comparison
+
+    comparison = parse_comparison(recipe)  # every check before any work
+    plan = make_plan(comparison, results)
+    if dry_run:
+        for line in describe(plan):
+            console.print(line, highlight=False)
+        return None
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[current]}"), console=err_console, refresh_per_second=2)
+    with bar:
+        job = bar.add_task(f"compare {comparison.spec.name}", total=len(plan.builds) + len(plan.evals), current="")
+
+        def progress(state):
+            bar.update(job, completed=state.done, current=state.current)
+
+        board = run_comparison(comparison, results_dir=results, executor=executor, device=device, address=address,
+                               cpus=cpus, gpus=gpus, log=console.print, progress=progress)
+    _print_board(board)
+    console.print(f"leaderboard: {plan.out / 'leaderboard.md'} (+ .csv, .json, .svg)")
+    return board
+
+
+@app.command("compare")
+def compare(
+    recipe: Annotated[Path, typer.Argument(help="a comparison recipe, e.g. merges/demo.yaml")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and show the plan (what is done), run nothing")] = False,
+    executor: Annotated[str, typer.Option(help="local | ray")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start Ray locally)")] = None,
+    cpus: Annotated[float, typer.Option(help="CPUs each Ray task declares")] = 1,
+    gpus: Annotated[float, typer.Option(help="GPUs each Ray task declares")] = 0,
+    device: _Dev = "cpu",
+    results: Annotated[Optional[Path], typer.Option(help="results folder (default results/ or $WORKBENCH_RESULTS)")] = None,
+):
+    """Run a comparison: build each artifact once, evaluate every (row, task) cell, write a leaderboard
+    (Markdown, CSV, JSON, plot) with standard errors and paired tests. Resumable: a rerun skips finished cells."""
+    _compare(recipe, dry_run=dry_run, executor=executor, address=address, cpus=cpus, gpus=gpus, device=device,
+             results=results)
+
+
 @app.command("demo")
 def demo(
-    device: _Dev = "cpu", batch_size: int = 32,
-    merges: Annotated[bool, typer.Option(help="also run every recipe in merges/ with --eval")] = True,
+    full: Annotated[bool, typer.Option("--full", help="rebuild everything: train the pool (LoRA and full experts), "
+                                                     "full test splits, every recipe with its sweep")] = False,
+    executor: Annotated[str, typer.Option(help="local | ray")] = "local",
+    device: _Dev = "cpu",
 ):
-    """The main job on the embedded default: fetch SmolLM2, build the demo pool, evaluate the matrix."""
+    """The main job on the embedded default: SmolLM2-135M + the shipped demo pool -> merges/demo.yaml leaderboard."""
     from .base import BaseModel
+    from .demo import DEMO_COMPARISON, DEMO_FULL_COMPARISON, build_demo_pool, missing_shipped
 
     with console.status("fetching the base model ..."):
         bm = BaseModel("smollm2-135m")
     console.print(f"base: {bm.info()['title']}")
-    pool_build_demo(pool="demo", base="smollm2-135m", device=device, only=None)
-    eval_matrix(pool="demo", tasks="all", batch_size=batch_size, device=device, models=None, force=False)
-    if merges:
-        recipes = sorted(Path("merges").glob("*.yaml"))
-        done = _evaluated_models("demo")
-        todo = [r for r in recipes if _recipe_name(r) not in done]
-        console.print(f"merges: {len(recipes) - len(todo)} evaluated already, {len(todo)} to run")
-        if todo:
-            merge(todo, eval_=True, force=False, dry_run=False, device=device)
-    results_show(pool="demo")
+    if full:
+        build_demo_pool(device=device, log=console.print)
+    elif missing := missing_shipped():
+        raise WorkbenchError(f"the shipped demo experts are missing ({', '.join(missing)}): restore adapters/demo from "
+                             "git, or run `workbench demo --full` to train them")
+    _compare(DEMO_FULL_COMPARISON if full else DEMO_COMPARISON, dry_run=False, executor=executor, address=None,
+             cpus=1, gpus=0, device=device, results=None)
+    console.print("open the app: .venv/bin/streamlit run app/app.py")
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from .pool import Pool
 from .tasks.suite import task_names
 from .train import FullConfig, LoraConfigModel, train_expert
 
 DEMO_POOL = "demo"
+_ROOT = Path(__file__).resolve().parent.parent
+# The quick main job (shipped LoRA experts, a --limit that fits minutes) and the full one (everything rebuilt,
+# whole test splits, every recipe with its validation sweep): the provenance of the committed tables.
+DEMO_COMPARISON = _ROOT / "merges" / "demo.yaml"
+DEMO_FULL_COMPARISON = _ROOT / "merges" / "demo-full.yaml"
 # Full fine-tunes for full-model merging (TIES/DARE/PCB through mergekit) and upcycling.
 FULL_TASKS = ["addition", "sorting", "unit_conversion", "reverse_words"]
 
@@ -34,6 +40,12 @@ def demo_plan() -> list[ExpertPlan]:
     plan.append(ExpertPlan("multitask", held_in, LoraConfigModel(steps=120 * len(held_in) // 3, batch_size=32)))
     plan += [ExpertPlan(f"full-{t}", (t,), FullConfig(steps=80, lr=1e-4)) for t in FULL_TASKS]
     return plan
+
+
+def missing_shipped(pool_spec: str = DEMO_POOL) -> list[str]:
+    """The demo pool's LoRA experts (shipped in the repository) whose files are not on disk."""
+    pool = Pool.open(pool_spec)
+    return [e.name for e in pool.experts if e.kind == "lora" and not e.files_present()]
 
 
 def build_demo_pool(pool_spec: str = DEMO_POOL, base: str = "smollm2-135m", device: str = "cpu",

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .faults import fault_point
+
 # Formats that unpickle on load. A pool never loads them (arbitrary code execution).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _UMASK = os.umask(0)
@@ -37,6 +39,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; written files get the usual mode
+        fault_point("write")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -48,22 +51,53 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 @contextmanager
-def staging_dir(final: Path) -> Iterator[Path]:
+def staging_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
     """A temp folder beside `final`, renamed onto it only if the block succeeds.
 
-    A crash leaves at most a `.staging-*` folder, never a half-written `final`.
+    A crash leaves at most a `.staging-*` folder, never a half-written `final`. When `final` exists by the
+    time the block ends (another process built the same thing meanwhile), the existing folder is kept and
+    this one discarded, unless `replace`: then the old folder is first renamed aside, so that `final` is
+    always either the old folder or the new one, never a mix or missing while the new one is ready.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".staging-{final.name}-", dir=final.parent))
     try:
         yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if replace and final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
+            os.replace(final, old / final.name)
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(tmp, final)  # atomic; fails when another process's `final` landed first
+        except OSError:
+            if not final.exists():
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (created if missing) for the block: read-modify-write of a shared
+    record by one process at a time. The kernel drops it when the holder dies (even by SIGKILL)."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def lock_for(path: Path) -> Path:
+    """The lock file guarding `path` (a record in results/): kept in the cache, never beside the record."""
+    digest = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:20]
+    return cache_dir() / "locks" / f"{digest}.lock"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

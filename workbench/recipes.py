@@ -23,7 +23,8 @@ from yaml.composer import ComposerError
 
 from .artifacts import ARTIFACT_FILE, artifact_ref, read_artifact_meta
 from .errors import RecipeError, WorkbenchError
-from .io import atomic_write_json, cache_dir, sha256_file_cached, sha256_json, staging_dir
+from .faults import fault_point
+from .io import atomic_write_json, cache_dir, file_lock, lock_for, sha256_file_cached, sha256_json, staging_dir
 from .methods import METHODS, BuildContext, Method, MethodParams, OutputSpec
 from .methods.base import write_artifact_meta
 from .pool import Expert, Pool
@@ -177,13 +178,18 @@ def check_expert_files(experts: list[Expert]) -> None:
                                   f"`workbench pool verify {e.pool.name}`, then remove and re-add the expert")
 
 
-def parse_recipe(data: dict[str, Any] | str | Path, source: str | None = None) -> ResolvedRecipe:
+def parse_recipe(data: dict[str, Any] | str | Path, source: str | None = None, *,
+                 require_files: bool = True) -> ResolvedRecipe:
+    """A recipe (file or mapping) validated and resolved; `require_files=False` accepts experts whose files are
+    absent (a comparison plans, and skips, what it cannot build)."""
     if isinstance(data, (str, Path)) and Path(data).suffix in (".yaml", ".yml"):
         source = source or str(data)
         data = _load_yaml(Path(data))
     source = source or "<recipe>"
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {source}: expected a mapping at the top level")
+    if "entries" in data and "method" not in data:
+        raise RecipeError(f"{source} is a comparison, not a merge recipe: run it with `workbench compare {source}`")
     if _depth(data) > MAX_DEPTH:
         raise RecipeError(f"recipe {source}: nested more than {MAX_DEPTH} levels deep")
     try:
@@ -205,7 +211,8 @@ def parse_recipe(data: dict[str, Any] | str | Path, source: str | None = None) -
             raise RecipeError(f"recipe {source}: {e}") from None
     if len({(e.pool.root, e.name) for e in experts}) != len(experts):
         raise RecipeError(f"recipe {source}: an expert is listed twice")
-    _check_files_present(source, experts)
+    if require_files:
+        _check_files_present(source, experts)
     try:
         params = method_cls.Params.model_validate(recipe.parameters)
     except ValidationError as e:
@@ -257,26 +264,29 @@ def build(resolved: ResolvedRecipe, *, force: bool = False, device: str = "cpu",
     """
     check_expert_files(resolved.experts)
     out = resolved.artifact_dir
-    if (out / "artifact.json").is_file() and not force:
-        log(f"artifact {out} exists (same recipe and experts): reused")
-        meta = read_artifact_meta(out)
-        names = meta.get("names") or [meta.get("name")]
-        if resolved.recipe.name not in names:  # e.g. a sweep's best point, now also the recipe's own artifact
-            atomic_write_json(out / ARTIFACT_FILE, {**meta, "names": [*names, resolved.recipe.name]})
-        return out
-    t0 = time.perf_counter()
-    r = resolved.recipe
-    with staging_dir(out) as tmp:
-        ctx = BuildContext(pool=resolved.pool, experts=resolved.experts, params=resolved.params, output=r.output,
-                           out_dir=tmp, recipe=r.model_dump(mode="json"), device=device, log=log)
-        meta = resolved.method.build(ctx)
-        write_artifact_meta(tmp, {
-            **meta, "name": r.name, "names": [r.name], "method": r.method, "recipe": r.model_dump(mode="json"), "key": resolved.key,
-            "method_version": resolved.method.version, "key_inputs": resolved.inputs,
-            "params": resolved.params.model_dump(mode="json", by_alias=True), "pool": str(resolved.pool.root.resolve()),
-            "base": resolved.pool.manifest.base.spec, "experts": [e.name for e in resolved.experts],
-            "build_s": round(time.perf_counter() - t0, 2),
-        })
+    # One builder per key at a time: a second process (a Ray worker, another compare) waits, then reuses.
+    with file_lock(out.parent / f".{out.name}.lock"):
+        if (out / "artifact.json").is_file() and not force:
+            log(f"artifact {out} exists (same recipe and experts): reused")
+            meta = read_artifact_meta(out)
+            names = meta.get("names") or [meta.get("name")]
+            if resolved.recipe.name not in names:  # e.g. a sweep's best point, now also the recipe's own artifact
+                atomic_write_json(out / ARTIFACT_FILE, {**meta, "names": [*names, resolved.recipe.name]})
+            return out
+        t0 = time.perf_counter()
+        r = resolved.recipe
+        with staging_dir(out, replace=True) as tmp:
+            ctx = BuildContext(pool=resolved.pool, experts=resolved.experts, params=resolved.params, output=r.output,
+                               out_dir=tmp, recipe=r.model_dump(mode="json"), device=device, log=log)
+            meta = resolved.method.build(ctx)
+            write_artifact_meta(tmp, {
+                **meta, "name": r.name, "names": [r.name], "method": r.method, "recipe": r.model_dump(mode="json"),
+                "key": resolved.key, "method_version": resolved.method.version, "key_inputs": resolved.inputs,
+                "params": resolved.params.model_dump(mode="json", by_alias=True),
+                "pool": str(resolved.pool.root.resolve()), "base": resolved.pool.manifest.base.spec,
+                "experts": [e.name for e in resolved.experts], "build_s": round(time.perf_counter() - t0, 2),
+            })
+            fault_point("build")
     return out
 
 
@@ -297,21 +307,30 @@ def run_sweep(resolved: ResolvedRecipe, *, device: str = "cpu", force: bool = Fa
     Scores are recorded in `<results_dir>/sweeps/` and reused while the point's artifact key, the tasks,
     the limit and the tasks' data are the same.
     """
-    import json
-    import statistics
-
-    from .artifacts import load_artifact
     from .eval import harness
-    from .eval.harness import evaluate, resolve_tasks, scores_of
+    from .eval.harness import resolve_tasks
     from .tasks.suite import data_hash
 
     check_expert_files(resolved.experts)  # cached scores trust the key, and the key trusts the files
     sweep = resolved.recipe.sweep
     tasks = resolve_tasks(sweep.tasks)
     data = {t: data_hash(t) for t in tasks}
-    record_path = Path(results_dir or harness.RESULTS_DIR) / "sweeps" / f"{resolved.pool.name}__{resolved.recipe.name}.json"
+    record_path = Path(results_dir or harness.results_root()) / "sweeps" / f"{resolved.pool.name}__{resolved.recipe.name}.json"
     head = {"recipe": resolved.recipe.name, "pool": resolved.pool.name, "split": "validation", "tasks": tasks,
             "limit": sweep.limit, "data_sha256": data}
+    with file_lock(lock_for(record_path)):  # one process at a time reads, extends and rewrites the record
+        return _sweep_locked(resolved, record_path, head, tasks, device=device, force=force, log=log)
+
+
+def _sweep_locked(resolved: ResolvedRecipe, record_path: Path, head: dict, tasks: list[str], *, device: str,
+                  force: bool, log) -> tuple[ResolvedRecipe, dict]:
+    import json
+    import statistics
+
+    from .artifacts import load_artifact
+    from .eval.harness import evaluate, scores_of
+
+    sweep = resolved.recipe.sweep
     cached = {}
     if record_path.is_file() and not force:
         prior = json.loads(record_path.read_text())
@@ -344,10 +363,10 @@ def run_sweep(resolved: ResolvedRecipe, *, device: str = "cpu", force: bool = Fa
 def run_recipe(path: str | Path | dict, *, evaluate: bool = False, force: bool = False, device: str = "cpu",
                results_dir: Path | None = None, log=print) -> dict[str, Any]:
     """Parse, sweep (if asked), build and evaluate (if asked) one recipe; records go under `results_dir`
-    (default: the harness's RESULTS_DIR) and name the artifact relative to the cache (`artifacts/<folder>`)."""
+    (default: the harness's results_root()) and name the artifact relative to the cache (`artifacts/<folder>`)."""
     from .eval import harness
 
-    results_dir = Path(results_dir or harness.RESULTS_DIR)
+    results_dir = Path(results_dir or harness.results_root())
     resolved = parse_recipe(path)
     selection = None
     if resolved.recipe.sweep:

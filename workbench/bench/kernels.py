@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..base import BaseModel
-from ..eval.harness import RESULTS_DIR, git_state, machine_info
+from ..eval.harness import git_state, machine_info, results_root
 from ..io import atomic_write_json
 from ..serve.engine import Adapter, MultiLoraModel
 
@@ -114,7 +114,7 @@ def run(base_spec: str = "smollm2-135m", ranks=(8, 16), us=(1, 4, 16, 32), seqs:
               "dtype": str(dtype).replace("torch.", ""), "device": device, "rows": rows,
               "target": "ours <= 1.10x base at U=32", "machine": machine_info(device), "git": git_state(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    atomic_write_json(out_file or RESULTS_DIR / "bench" / f"kernels-{device}-{record['dtype']}.json", record)
+    atomic_write_json(out_file or results_root() / "bench" / f"kernels-{device}-{record['dtype']}.json", record)
     return record
 
 
@@ -176,7 +176,7 @@ def profile(base_spec: str = "smollm2-135m", rank: int = 8, seqs: int = 32, toke
               "projection_gemms_ms_per_forward": round(total["base_ms"] * layers, 1),
               "rows": rows, "forward": forward, "machine": machine_info("cpu"), "git": git_state(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    atomic_write_json(out_file or RESULTS_DIR / "bench" / "kernels-cpu-profile.json", record)
+    atomic_write_json(out_file or results_root() / "bench" / "kernels-cpu-profile.json", record)
     return record
 
 

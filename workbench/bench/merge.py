@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from ..eval.harness import RESULTS_DIR, git_state, machine_info
+from ..eval.harness import git_state, machine_info, results_root
 from ..io import atomic_write_json
 from ..pool import Pool
 from .procmem import measure
@@ -102,5 +102,5 @@ def run(pool_name: str = "demo", density: float = 0.2, lora_repeats: int = 3, ou
                           "pcb_tensor_full_wall_vs_mergekit_ties": "<= 0.5", "pcb_tensor_full_anon_vs_mergekit_ties": "<= 0.5",
                           "lora_ta_speedup_vs_mergekit_base_plus_lora": ">= 10"},
               "machine": machine_info("cpu"), "git": git_state(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    atomic_write_json(out_file or RESULTS_DIR / "bench" / "merge.json", record)
+    atomic_write_json(out_file or results_root() / "bench" / "merge.json", record)
     return record

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..base import BaseModel
-from ..eval.harness import RESULTS_DIR, git_state, machine_info
+from ..eval.harness import git_state, machine_info, results_root
 from ..io import atomic_write_json
 from ..modules.routed_lora import RoutedGroup, routed_modules, wrap_model
 from ..modules.routers import FixedRouter, PrototypeRouter
@@ -115,5 +115,5 @@ def run(base_spec: str = "smollm2-135m", experts: int = 6, rank: int = 8, k: int
               "shape": {"sequences": seqs, "tokens": tokens, "prompt_tokens": prompts.shape[1], "new_tokens": new_tokens},
               **rec, "target": f"routed_top{k} forward <= 1.3x base", "machine": machine_info("cpu"), "git": git_state(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    atomic_write_json(out_file or RESULTS_DIR / "bench" / "routing-cpu.json", record)
+    atomic_write_json(out_file or results_root() / "bench" / "routing-cpu.json", record)
     return record

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from ..eval.harness import RESULTS_DIR, git_state, machine_info
+from ..eval.harness import git_state, machine_info, results_root
 from ..io import atomic_write_json
 from ..pool import Pool
 from ..serve.api import create_app, start_in_thread
@@ -72,5 +72,5 @@ def run(pool_name: str = "demo", n_requests: int = 64, n_adapters: int = 8, max_
               "ratios": {"multi_adapter_rps_vs_base": round(rows[f"{len(adapters)}_adapters"]["requests_per_s"] / rows["base"]["requests_per_s"], 3),
                          "one_adapter_rps_vs_base": round(rows["1_adapter"]["requests_per_s"] / rows["base"]["requests_per_s"], 3)},
               "machine": machine_info("cpu"), "git": git_state(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    atomic_write_json(out_file or RESULTS_DIR / "bench" / "serve.json", record)
+    atomic_write_json(out_file or results_root() / "bench" / "serve.json", record)
     return record

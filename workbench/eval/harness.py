@@ -20,12 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import WorkbenchError
-from ..io import atomic_write_json
+from ..io import atomic_write_json, file_lock, lock_for
 from ..pool import Pool
 from ..tasks.suite import ADD_SPECIAL_TOKENS, DEFAULT_SEED, DOMAINS, TASKS, data_hash, generate_suite
 from . import record
 
-RESULTS_DIR = Path(os.environ.get("WORKBENCH_RESULTS", "results"))
+# The results folder is a parameter of every writer; this is only the default, read when called (never fixed at
+# import): RESULTS_DIR when a caller sets it, else $WORKBENCH_RESULTS, else results/.
+RESULTS_DIR: Path | None = None
+
+
+def results_root() -> Path:
+    return Path(RESULTS_DIR) if RESULTS_DIR is not None else Path(os.environ.get("WORKBENCH_RESULTS", "results"))
 
 
 def set_offline() -> None:
@@ -190,7 +196,7 @@ def run_eval(spec: str, tasks: list[str], *, pool: Pool | None = None, limit: in
              log_samples: bool = True, split: str = "test", out_dir: Path | None = None) -> dict[str, Any]:
     """Evaluate SPEC on TASKS and save lm-eval results, samples and a run manifest; returns the manifest.
 
-    `results_dir` is the lm-eval folder (default RESULTS_DIR / "lm-eval"; `out_dir` is its older name).
+    `results_dir` is the lm-eval folder (default results_root() / "lm-eval"; `out_dir` is its older name).
     """
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.utils import sanitize_model_name
@@ -198,7 +204,7 @@ def run_eval(spec: str, tasks: list[str], *, pool: Pool | None = None, limit: in
     if results_dir is not None and out_dir is not None and Path(results_dir) != Path(out_dir):
         raise WorkbenchError(f"run_eval: results_dir {results_dir} and out_dir {out_dir} disagree; give one")
     tasks = resolve_tasks(tasks)
-    out_dir = Path(results_dir or out_dir or RESULTS_DIR / "lm-eval")
+    out_dir = Path(results_dir or out_dir or results_root() / "lm-eval")
     t0 = time.perf_counter()
     loaded = loaded or load_model_spec(spec, pool, device)
     t_load = time.perf_counter() - t0
@@ -220,21 +226,22 @@ def run_eval(spec: str, tasks: list[str], *, pool: Pool | None = None, limit: in
         lm_json = json.loads(written.read_text(encoding="utf-8"))
     run_id, roots = tracker.date_id, record.default_roots()
     folder = out_dir / gct.model_name_sanitized
-    atomic_write_json(folder / f"results_{run_id}.json", record.scrub(lm_json, roots))
-    if samples and log_samples:
-        record.write_samples(folder / f"samples_{run_id}.jsonl.gz",  # data, kept verbatim: never scrubbed
-                             [record.compact_sample(record.suite_task(t), s) for t, rows in samples.items() for s in rows])
-    manifest = record.scrub({
-        "run_id": run_id, "model": spec, "model_name": run_name,
-        "pool": pool.name if pool else None, "base": pool.manifest.base.spec if pool else None,
-        "method": loaded.info.get("method", loaded.info.get("kind")), "model_info": loaded.info,
-        "params": (extra or {}).get("params", {}), "tasks": tasks, "limit": limit, "split": split,
-        "batch_size": batch_size, "data_sha256": {t: data_hash(t) for t in tasks}, "scores": scores_of(res),
-        "samples_logged": bool(samples and log_samples),
-        "results_file": (folder / f"results_{run_id}.json").relative_to(out_dir.parent).as_posix(),
-        "git": git_state(), "timings": {"load_s": round(t_load, 2), "eval_s": round(t_eval, 2)},
-        "machine": machine_info(device), **{k: v for k, v in (extra or {}).items() if k != "params"},
-    }, roots)
-    atomic_write_json(folder / f"run_{run_id}.json", manifest)
-    record.replace_older_runs(folder, manifest)
+    with file_lock(lock_for(folder)):  # this model's record: written and pruned by one process at a time
+        atomic_write_json(folder / f"results_{run_id}.json", record.scrub(lm_json, roots))
+        if samples and log_samples:
+            record.write_samples(folder / f"samples_{run_id}.jsonl.gz",  # data, kept verbatim: never scrubbed
+                                 [record.compact_sample(record.suite_task(t), s) for t, rows in samples.items() for s in rows])
+        manifest = record.scrub({
+            "run_id": run_id, "model": spec, "model_name": run_name,
+            "pool": pool.name if pool else None, "base": pool.manifest.base.spec if pool else None,
+            "method": loaded.info.get("method", loaded.info.get("kind")), "model_info": loaded.info,
+            "params": (extra or {}).get("params", {}), "tasks": tasks, "limit": limit, "split": split,
+            "batch_size": batch_size, "data_sha256": {t: data_hash(t) for t in tasks}, "scores": scores_of(res),
+            "samples_logged": bool(samples and log_samples),
+            "results_file": (folder / f"results_{run_id}.json").relative_to(out_dir.parent).as_posix(),
+            "git": git_state(), "timings": {"load_s": round(t_load, 2), "eval_s": round(t_eval, 2)},
+            "machine": machine_info(device), **{k: v for k, v in (extra or {}).items() if k != "params"},
+        }, roots)
+        atomic_write_json(folder / f"run_{run_id}.json", manifest)
+        record.replace_older_runs(folder, manifest)
     return manifest

@@ -90,6 +90,14 @@ def results_table(results_dir: Path, pool: str | None = None, full_only: bool = 
     return wide.iloc[sorted(range(len(wide)), key=lambda i: key(wide.iloc[i]))].reset_index(drop=True)
 
 
+# Column names of the tables (* held-out)
+SHORT = {"addition": "add", "sorting": "sort", "unit_conversion": "unit", "word_count": "count",
+         "repeat_word": "repeat", "reverse_words": "rev", "subtraction": "sub*", "addition_phrase": "addph*",
+         "sort_descending": "sortd*", "sort_phrase": "sortph*", "unit_phrase": "unitph*",
+         "count_phrase": "countph*", "repeat_phrase": "repph*", "reverse_phrase": "revph*", "convert_sum": "convsum*",
+         "python_code": "py ppl", "english_docs": "en ppl", "held_in_avg": "in avg",
+         "held_out_avg": "out avg*", "normalized": "norm"}
+
 METHOD_ORDER = {"base": 0, "expert-lora": 1, "multitask": 2, "expert-full": 3}
 
 

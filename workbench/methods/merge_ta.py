@@ -22,6 +22,7 @@ from ..errors import RecipeError
 from ..progress import progress_bar
 from .base import BuildContext, Method, MethodParams, register_method
 from .merge_io import write_merged_model, write_refactored_lora
+from .streaming import tensor_seed
 
 
 class ExpertParams(Schema):
@@ -99,7 +100,6 @@ class TaskArithmeticFamily(Method):
         name_sets = [set(e.delta_names()) for e in experts]
         names = sorted(set().union(*name_sets))
         shapes = ctx.pool.base.tensors.shapes
-        torch.manual_seed(params.seed)
         linear = self.name == "task_arithmetic" and not self._shared(params)["normalize"] \
             and all(e.kind == "lora" for e in experts)
         weights = self._expert_values(experts, params, "weight")
@@ -114,7 +114,13 @@ class TaskArithmeticFamily(Method):
                 else:
                     deltas = [e.delta(name) if name in ns else torch.zeros(shapes[name])
                               for e, ns in zip(experts, name_sets)]
-                    yield name, self.merge_tensor(deltas, experts, params)
+                    # mergekit's random drops draw from torch's global generator: seed it per tensor inside a
+                    # fork that restores it afterwards, so the drops depend on (seed, tensor) only and the
+                    # caller's random state is untouched
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(tensor_seed(params.seed, name, 0))
+                        merged = self.merge_tensor(deltas, experts, params)
+                    yield name, merged
                 bar.update(1)
 
     def build(self, ctx: BuildContext) -> dict[str, Any]:
@@ -168,9 +174,10 @@ class TaskArithmeticFamily(Method):
         from mergekit.merge import MergeOptions, run_merge
 
         cfg = self.mergekit_config(ctx)
-        run_merge(MergeConfiguration.model_validate(cfg), str(ctx.out_dir),
-                  options=MergeOptions(copy_tokenizer=True, random_seed=ctx.params.seed, lazy_unpickle=False,
-                                       write_model_card=False, quiet=True, device=ctx.device))
+        with torch.random.fork_rng(devices=[]):  # mergekit seeds the global generator: restore it afterwards
+            run_merge(MergeConfiguration.model_validate(cfg), str(ctx.out_dir),
+                      options=MergeOptions(copy_tokenizer=True, random_seed=ctx.params.seed, lazy_unpickle=False,
+                                           write_model_card=False, quiet=True, device=ctx.device))
         return {"type": "merged_model", "engine": "mergekit", "mergekit_config": cfg}
 
 

@@ -106,7 +106,8 @@ def _row_chunks(shape: tuple[int, ...]):
         yield slice(start, min(rows, start + step))
 
 
-def _seed(seed: int, name: str, i: int) -> int:
+def tensor_seed(seed: int, name: str, i: int) -> int:
+    """A 63-bit seed of (seed, tensor name, expert index): random draws independent of order and of process."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}:{i}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
@@ -129,7 +130,7 @@ def merge_full_tensor(name: str, base, experts, *, consensus: bool, sparsify: st
                 scale = before / after if before >= 1e-7 and after >= 1e-7 else 1.0
             del mag
         elif sparsify == "random" and dens < 1 and rescale:
-            g = torch.Generator().manual_seed(_seed(seed, name, i))
+            g = torch.Generator().manual_seed(tensor_seed(seed, name, i))
             before = after = 0.0
             for rows in _row_chunks(shape):
                 d = r.get_slice(name, rows).float() - w0[rows].float()
@@ -141,7 +142,7 @@ def merge_full_tensor(name: str, base, experts, *, consensus: bool, sparsify: st
         scales.append(scale)
 
     out = torch.empty(shape, dtype=torch.float32)
-    gens = [torch.Generator().manual_seed(_seed(seed, name, i)) for i in range(len(readers))]
+    gens = [torch.Generator().manual_seed(tensor_seed(seed, name, i)) for i in range(len(readers))]
     wts = torch.tensor(weights, dtype=torch.float32)
     for rows in _row_chunks(shape):
         base_rows = w0[rows].float()

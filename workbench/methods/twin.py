@@ -322,23 +322,26 @@ class Twin(Method):
             val_labels += [i] * len(val)
         x, y = torch.cat(feats), torch.tensor(labels)
         xv, yv = torch.cat(val_feats), torch.tensor(val_labels)
-        torch.manual_seed(p.seed)
-        router = TwinRouter([e.name for e in experts], x.shape[1], p.router_hidden, p.router_dropout, p.temperature)
-        opt = torch.optim.Adam(router.parameters(), lr=p.router_lr)
-        g = torch.Generator().manual_seed(p.seed)
-        router.train()
-        for _ in range(p.router_epochs):
-            perm = torch.randperm(len(x), generator=g)
-            for i in range(0, len(x), 64):
-                idx = perm[i:i + 64]
-                loss = nn.functional.cross_entropy(router.net(x[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        router.eval()
-        with torch.no_grad():
-            acc_train = (router.net(x).argmax(-1) == y).float().mean().item()
-            acc_val = (router.net(xv).argmax(-1) == yv).float().mean().item()
+        # initialisation and dropout draw from torch's global generator: seeded inside a fork that restores
+        # it afterwards, so the router depends on p.seed only and the caller's random state is untouched
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(p.seed)
+            router = TwinRouter([e.name for e in experts], x.shape[1], p.router_hidden, p.router_dropout, p.temperature)
+            opt = torch.optim.Adam(router.parameters(), lr=p.router_lr)
+            g = torch.Generator().manual_seed(p.seed)
+            router.train()
+            for _ in range(p.router_epochs):
+                perm = torch.randperm(len(x), generator=g)
+                for i in range(0, len(x), 64):
+                    idx = perm[i:i + 64]
+                    loss = nn.functional.cross_entropy(router.net(x[idx]), y[idx])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+            router.eval()
+            with torch.no_grad():
+                acc_train = (router.net(x).argmax(-1) == y).float().mean().item()
+                acc_val = (router.net(xv).argmax(-1) == yv).float().mean().item()
         router.save(ctx.out_dir)  # router.safetensors (+ router.json: loadable by `load_router` too)
         return {"type": "twin", "experts_tasks": tasks, "rank": p.rank, "shared_lambda": p.shared_lambda,
                 "router": {"d_in": x.shape[1], "hidden": p.router_hidden, "dropout": p.router_dropout,

@@ -141,21 +141,24 @@ def train_expert(pool: Pool, name: str, tasks: list[str], cfg: LoraConfigModel |
     """Train a LoRA or full expert on `tasks`' train splits and add it to `pool`."""
     if name in pool and not replace:
         raise WorkbenchError(f"pool {pool.name!r} already has an expert named {name!r} (use --replace)")
-    torch.manual_seed(cfg.seed)
-    base = pool.base
-    tok = base.tokenizer()
-    model = base.load(device=device)
-    rows = task_examples(tasks, cfg.data_seed)
-    if isinstance(cfg, LoraConfigModel):
-        from peft import LoraConfig, get_peft_model
+    # LoRA's initialisation (and dropout) draw from torch's global generator: seeded inside a fork that
+    # restores it afterwards (the caller's random state is untouched)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        base = pool.base
+        tok = base.tokenizer()
+        model = base.load(device=device)
+        rows = task_examples(tasks, cfg.data_seed)
+        if isinstance(cfg, LoraConfigModel):
+            from peft import LoraConfig, get_peft_model
 
-        lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets),
-                          task_type="CAUSAL_LM")
-        model = get_peft_model(model, lcfg)
-        params = [p for p in model.parameters() if p.requires_grad]
-    else:
-        params = list(model.parameters())
-    result = train_loop(model, tok, rows, cfg, params, f"train {cfg.kind} {name}", device)
+            lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets),
+                              task_type="CAUSAL_LM")
+            model = get_peft_model(model, lcfg)
+            params = [p for p in model.parameters() if p.requires_grad]
+        else:
+            params = list(model.parameters())
+        result = train_loop(model, tok, rows, cfg, params, f"train {cfg.kind} {name}", device)
     meta = {
         "method": cfg.kind, "tasks": tasks, "config": cfg.model_dump(mode="json"), "steps": cfg.steps,
         "loss_curve": result.loss_curve, "final_loss": sum(result.loss_curve[-10:]) / min(10, len(result.loss_curve)),

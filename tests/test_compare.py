@@ -1,0 +1,284 @@
+"""Comparison jobs: recipes validated before any work, leaderboards with standard errors and paired tests,
+runs that survive SIGKILL at any point, and the Ray executor giving the local executor's numbers."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import snapshot
+
+from workbench.compare import parse_comparison
+from workbench.errors import RecipeError
+from workbench.eval.leaderboard import build_leaderboard, leaderboard_markdown
+from workbench.eval.record import read_samples
+from workbench.io import file_lock, staging_dir
+from workbench.jobs import collect_cells, describe, make_plan, run_comparison
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def quiet(*a):
+    return None
+
+
+@pytest.fixture()
+def cmp_pool(pool, tiny_dir, tmp_path, monkeypatch):
+    """The tiny pool with two LoRA experts (tagged with their tasks) and one full expert; results in tmp."""
+    pool.add(tiny_dir / "lora_a", "addition", tags={"task": "addition"})
+    pool.add(tiny_dir / "lora_b", "sorting", tags={"task": "sorting"})
+    pool.add(tiny_dir / "full_c", "full_c", tags={"task": "word_count"})
+    monkeypatch.setenv("WORKBENCH_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("WORKBENCH_CACHE_ARTIFACTS", str(tmp_path / "artifacts"))
+    return pool
+
+
+def write(tmp_path: Path, body: dict, name: str = "cmp.yaml") -> Path:
+    f = tmp_path / name
+    f.write_text(yaml.safe_dump(body))
+    return f
+
+
+SMALL = {"name": "small", "pool": "demo", "tasks": ["addition", "sorting"], "eval": {"limit": 2, "batch_size": 8},
+         "reference": "base",
+         "entries": ["base", "addition", {"name": "ta", "method": "task_arithmetic", "experts": ["addition", "sorting"],
+                                          "parameters": {"lambda": 0.5}}]}
+
+
+# ----------------------------------------------------------------------------- bad recipes: one line, no work
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"entries": ["base", {"method": "no_such_method"}]}, r"entries\.1: unknown method 'no_such_method'"),
+    ({"entries": ["base", "nobody"]}, r"entries\.1: unknown entry 'nobody': not `base`, `experts`, nor an expert"),
+    ({"entries": [{"method": "ties", "experts": ["addition", "ghost"]}]}, r"entries\.0 \(ties\): pool 'demo' has no expert 'ghost'$"),
+    ({"tasks": ["addition", "no_such_task"]}, r"tasks: .*no_such_task"),
+    ({"entries": [{"method": "ties", "parameters": {"densty": 0.5}}]}, r"parameters\.densty: Extra inputs"),
+    ({"entries": [{"method": "ties", "parameters": {"density": 7}}]}, r"parameters\.density: .*less than or equal"),
+    ({"entries": [{"method": "arrow", "experts": ["addition", "full_c"]}]}, r"entries\.0 \(arrow\): method 'arrow' takes lora experts, got \['full', 'lora'\]$"),
+    ({"entries": ["base", "addition", {"name": "addition", "method": "ties"}]}, r"duplicate row name 'addition'"),
+    ({"entries": ["experts", "addition"]}, r"duplicate row name 'addition'"),
+    ({"reference": "nope"}, r"reference 'nope' is not a row"),
+    ({"eval": {"limit": 0}}, r"eval\.limit: Input should be greater than 0"),
+    ({"entries": [{"method": "ties", "recipe": "x.yaml"}]}, r"exactly one of `method` or `recipe`"),
+    ({"bogus": 1}, r"bogus: Extra inputs are not permitted"),
+])
+def test_bad_comparison_fails_before_any_work(cmp_pool, tmp_path, change, message):
+    f = write(tmp_path, {**SMALL, **change})
+    before = snapshot(tmp_path)
+    with pytest.raises(RecipeError, match=message) as e:
+        parse_comparison(f)
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 400, msg
+    assert snapshot(tmp_path) == before  # nothing built, evaluated or written
+
+
+def test_merge_recipe_and_comparison_are_told_apart(cmp_pool, tmp_path, run_cli):
+    f = write(tmp_path, SMALL)
+    code, _, err = run_cli("merge", str(f))
+    assert code == 2 and "is a comparison, not a merge recipe: run it with `workbench compare" in err
+    r = write(tmp_path, {"name": "t", "method": "ties", "pool": "demo"}, "merge.yaml")
+    code, _, err = run_cli("compare", str(r))
+    assert code == 2 and "is a merge recipe, not a comparison" in err
+
+
+def test_rows_with_absent_files_are_skipped_with_one_line(cmp_pool, tmp_path):
+    import shutil
+
+    shutil.rmtree(cmp_pool.expert("full_c").path)  # a fresh clone: full fine-tunes are not shipped
+    c = parse_comparison(write(tmp_path, {**SMALL, "entries": ["base", "experts",
+                                                                {"name": "tf", "method": "ties", "experts": ["full_c"]}]}))
+    skipped = {r.name: r.skip for r in c.rows if r.skip}
+    assert set(skipped) == {"full_c", "tf"}
+    assert all("full expert full_c is not on disk; `workbench demo --full` trains them" in s for s in skipped.values())
+    assert [r.name for r in c.active_rows] == ["base", "addition", "sorting"]
+    lines = describe(make_plan(c))
+    assert any(line.strip().startswith("skip  tf:") for line in lines)
+
+
+def test_seeds_expand_seeded_methods_only(cmp_pool, tmp_path):
+    body = {**SMALL, "seeds": [0, 1], "entries": ["base", "addition", {"name": "dare", "method": "dare_linear",
+                                                             "parameters": {"density": 0.5}},
+                                                  {"name": "ta", "method": "task_arithmetic"}]}
+    c = parse_comparison(write(tmp_path, body))
+    names = [r.name for r in c.rows]
+    assert names == ["base", "addition", "dare@seed0", "dare@seed1", "ta@seed0", "ta@seed1"]  # the TA family takes a seed
+    seeds = [r.recipe.params.seed for r in c.rows if r.name.startswith("dare")]
+    assert seeds == [0, 1]
+    body["entries"][2]["parameters"]["seed"] = 7  # a seed given by the entry is kept: one row
+    assert [r.name for r in parse_comparison(write(tmp_path, body)).rows][:3] == ["base", "addition", "dare"]
+
+
+# ----------------------------------------------------------------------------- uncertainty, by hand
+
+
+def test_leaderboard_stderr_and_paired_test_by_hand():
+    ids = list(range(10))
+    ref = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]  # 40 %
+    row = [1, 1, 1, 1, 1, 1, 1, 1, 0, 0]  # 80 %: right on 4 examples ref got wrong, never the reverse
+    other = [1, 1, 1, 0, 1, 0, 0, 0, 0, 0]  # 40 %: 1 discordant pair each way
+    cells = {(n, "addition"): {"metric": "exact_match", "doc_ids": ids, "values": [float(v) for v in vals]}
+             for n, vals in [("ref", ref), ("row", row), ("other", other)]}
+    board = build_leaderboard([{"name": n, "method": "m"} for n in ("ref", "row", "other")], cells, ["addition"], "ref")
+    by = {r["name"]: r for r in board["rows"]}
+    # standard error as lm-eval: sqrt(p (1 - p) / (n - 1))
+    assert by["row"]["tasks"]["addition"]["stderr"] == pytest.approx(math.sqrt(0.8 * 0.2 / 9))
+    assert by["ref"]["tasks"]["addition"]["stderr"] == pytest.approx(math.sqrt(0.4 * 0.6 / 9))
+    # McNemar exact: b = 4, c = 0 -> p = 2 * P[Bin(4, 1/2) <= 0] = 2 / 16
+    assert by["row"]["paired"]["p_value"] == pytest.approx(0.125)
+    assert (by["row"]["paired"]["row_only"], by["row"]["paired"]["reference_only"]) == (4, 0)
+    assert by["row"]["paired"]["diff"] == pytest.approx(0.4)
+    # b = 1, c = 1 -> p = min(1, 2 * P[Bin(2, 1/2) <= 1]) = 1
+    assert by["other"]["paired"]["p_value"] == pytest.approx(1.0)
+    assert by["ref"]["paired"] is None
+    assert [r["name"] for r in board["rows"]] == ["row", "ref", "other"]  # ranked by held-in mean
+    md = leaderboard_markdown(board)
+    assert "| row | m | 80.0 ± 13.3 | – | +40.0 | 0.125 (ns) | 80.0 ± 13.3 |" in md
+
+
+def test_group_stderr_combines_tasks():
+    cells = {("a", "addition"): {"metric": "exact_match", "doc_ids": [0, 1, 2, 3], "values": [1.0, 1.0, 0.0, 0.0]},
+             ("a", "sorting"): {"metric": "exact_match", "doc_ids": [0, 1, 2, 3], "values": [1.0, 0.0, 0.0, 0.0]}}
+    board = build_leaderboard([{"name": "a", "method": "m"}], cells, ["addition", "sorting"], "a")
+    s = board["rows"][0]["summary"]["held_in"]
+    se1, se2 = math.sqrt(0.5 * 0.5 / 3), math.sqrt(0.25 * 0.75 / 3)
+    assert s["mean"] == pytest.approx(0.375)
+    assert s["stderr"] == pytest.approx(math.sqrt(se1 ** 2 + se2 ** 2) / 2)
+
+
+# ----------------------------------------------------------------------------- resumable, SIGKILL-safe
+
+
+def _run_cli_subprocess(recipe: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "workbench.cli", "compare", str(recipe)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _board(results: Path, name: str) -> dict:
+    board = json.loads((results / "compare" / name / "leaderboard.json").read_text())
+    return {k: board[k] for k in ("rows", "tasks", "reference", "complete", "cells", "skipped")}
+
+
+def test_sigkill_at_any_point_then_rerun_gives_the_uninterrupted_leaderboard(cmp_pool, tmp_path):
+    f = write(tmp_path, SMALL)
+    clean = tmp_path / "clean"
+    run_comparison(parse_comparison(f), results_dir=clean, log=quiet)
+    expected = _board(clean, "small")
+    assert expected["complete"] and expected["cells"] == "6/6"
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "WORKBENCH_RESULTS": str(killed), "WORKBENCH_CACHE_ARTIFACTS": str(tmp_path / "art2")}
+    cell_dir = killed / "compare" / "small" / "cells"
+    # killed during the artifact build, after lm-eval wrote a cell's outputs, inside the 6th atomic write (a run
+    # manifest or cell record: temp file written, not renamed), and between the leaderboard's files
+    for site in ("build", "eval:2", "write:6", "leaderboard"):
+        before = {p: p.stat().st_mtime_ns for p in cell_dir.rglob("*.json")} if cell_dir.exists() else {}
+        r = _run_cli_subprocess(f, {**env, "WORKBENCH_FAULT": site})
+        assert r.returncode == -9, (site, r.returncode, r.stderr[-2000:])
+        after = {p: p.stat().st_mtime_ns for p in cell_dir.rglob("*.json")} if cell_dir.exists() else {}
+        assert all(after.get(p) == t for p, t in before.items()), f"{site}: a finished cell was redone"
+    r = _run_cli_subprocess(f, env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _board(killed, "small") == expected
+    out = killed / "compare" / "small"
+    assert sorted(p.relative_to(out / "cells").as_posix() for p in (out / "cells").rglob("*.json")) == \
+        sorted(f"{row}/{t}.json" for row in ("base", "addition", "ta") for t in ("addition", "sorting"))
+    # one run per (row, task) in the lm-eval record: a cell redone after a kill replaced its earlier run
+    for row in ("base", "addition", "ta"):
+        runs = [json.loads(p.read_text()) for p in (out / "lm-eval" / f"demo__{row}").glob("run_*.json")]
+        assert sorted(t for m in runs for t in m["tasks"]) == ["addition", "sorting"], row
+    leftovers = [p for p in out.rglob("*") if p.name.startswith(".") or ".tmp" in p.name or "partial" in p.name]
+    assert not leftovers, leftovers
+    for folder in (out / "lm-eval").iterdir():  # every lm-eval output belongs to a run whose manifest landed
+        runs = {p.name[4:-5] for p in folder.glob("run_*.json")}
+        data = {p.name.split("_", 1)[1].split(".json")[0] for p in folder.glob("results_*.json")}
+        assert data == runs, folder
+    md = (out / "leaderboard.md").read_text()
+    assert md.count("\n| ta |") == 1 and md.count("\n| base |") == 1
+
+
+def test_rerun_skips_finished_cells_and_dry_run_shows_them(cmp_pool, tmp_path, run_cli):
+    f = write(tmp_path, {**SMALL, "entries": ["base"], "tasks": ["addition"]})
+    results = tmp_path / "results"
+    board = run_comparison(parse_comparison(f), results_dir=results, log=quiet)
+    cell = results / "compare" / "small" / "cells" / "base" / "addition.json"
+    t0 = cell.stat().st_mtime_ns
+    before = snapshot(results)
+    code, out, _ = run_cli("compare", str(f), "--dry-run")
+    assert code == 0 and "1 cells (1 done, 0 to run)" in out
+    assert snapshot(results) == before  # a dry run writes nothing
+    again = run_comparison(parse_comparison(f), results_dir=results, log=quiet)
+    assert cell.stat().st_mtime_ns == t0 and again["rows"] == board["rows"]
+    # another limit is another experiment: the cell is redone
+    f2 = write(tmp_path, {**SMALL, "entries": ["base"], "tasks": ["addition"], "eval": {"limit": 3}})
+    third = run_comparison(parse_comparison(f2), results_dir=results, log=quiet)
+    assert third["rows"][0]["tasks"]["addition"]["n"] == 3
+
+
+# ----------------------------------------------------------------------------- concurrency and seeds
+
+
+def test_staging_never_deletes_a_folder_another_process_finished(tmp_path):
+    final = tmp_path / "artifact"
+    with staging_dir(final) as tmp:
+        (tmp / "a.txt").write_text("mine")
+        final.mkdir()  # another worker's build landed meanwhile
+        (final / "a.txt").write_text("theirs")
+    assert (final / "a.txt").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["artifact"]  # our staging folder is gone
+    with staging_dir(final, replace=True) as tmp:  # --force: the new folder replaces the old one
+        (tmp / "a.txt").write_text("new")
+    assert (final / "a.txt").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["artifact"]
+
+
+def test_file_lock_excludes_another_process(tmp_path):
+    lock = tmp_path / "x.lock"
+    code = ("import sys, fcntl; f = open(sys.argv[1], 'a+'); "
+            "fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)")
+    with file_lock(lock):
+        held = subprocess.run([sys.executable, "-c", code, str(lock)], capture_output=True, text=True)
+    free = subprocess.run([sys.executable, "-c", code, str(lock)], capture_output=True, text=True)
+    assert held.returncode != 0 and "BlockingIOError" in held.stderr and free.returncode == 0
+
+
+def test_builds_use_local_seeds(cmp_pool, tmp_path, monkeypatch):
+    from workbench.recipes import build, parse_recipe
+
+    monkeypatch.setenv("WORKBENCH_CACHE_ARTIFACTS", str(tmp_path / "a1"))
+    body = {"name": "d", "method": "dare_linear", "pool": "demo", "experts": ["addition", "sorting"],
+            "parameters": {"density": 0.5, "seed": 3}, "output": {"kind": "lora", "rank": 4}}
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = build(parse_recipe(body), log=quiet)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random state is untouched
+    torch.manual_seed(999)  # another global state: the same artifact
+    monkeypatch.setenv("WORKBENCH_CACHE_ARTIFACTS", str(tmp_path / "a2"))
+    b = build(parse_recipe(body), log=quiet)
+    fa, fb = snapshot(a), snapshot(b)
+    assert {k: v for k, v in fa.items() if k.endswith(".safetensors")} == \
+        {k: v for k, v in fb.items() if k.endswith(".safetensors")}
+
+
+# ----------------------------------------------------------------------------- Ray
+
+
+def test_ray_executor_gives_the_local_numbers(cmp_pool, tmp_path):
+    pytest.importorskip("ray")
+    f = write(tmp_path, SMALL)
+    local, ray_dir = tmp_path / "local", tmp_path / "ray"
+    a = run_comparison(parse_comparison(f), results_dir=local, log=quiet)
+    b = run_comparison(parse_comparison(f), results_dir=ray_dir, executor="ray", log=quiet)
+    assert a["complete"] and b["complete"]
+    assert _board(local, "small") == _board(ray_dir, "small")
+    c = parse_comparison(f)
+    cells_a, cells_b = collect_cells(make_plan(c, local)), collect_cells(make_plan(c, ray_dir))
+    assert cells_a.keys() == cells_b.keys() and len(cells_a) == 6
+    for k in cells_a:  # the same examples, the same generated text
+        ra = [s["response"] for s in read_samples(local / "compare" / "small" / cells_a[k]["run"])]
+        rb = [s["response"] for s in read_samples(ray_dir / "compare" / "small" / cells_b[k]["run"])]
+        assert ra == rb and cells_a[k]["values"] == cells_b[k]["values"]

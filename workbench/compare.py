@@ -1,0 +1,284 @@
+"""Comparison recipes: one pool, a list of rows (base, experts, any registered method, or an existing recipe),
+a task list and eval settings -> a plan of cells, validated before any work.
+
+A comparison file (e.g. `merges/demo.yaml`):
+
+    name: demo
+    pool: demo
+    tasks: [held_in, held_out]
+    eval: {limit: 20, batch_size: 32, split: test}
+    seeds: [0]
+    reference: multitask           # the row every other row is paired against
+    entries:
+      - base
+      - experts                    # every expert of the pool except multitask ones, one row each
+      - multitask                  # any expert by name
+      - {name: ta, method: task_arithmetic, parameters: {lambda: 0.3}}
+      - {recipe: ties-lora.yaml}   # an existing recipe (its validation sweep runs unless sweep: false)
+
+Every check runs in `parse_comparison`: schema, unknown method, expert, task or parameter, experts of a kind
+the method does not take, duplicate row names, an unknown reference. Rows whose experts are in the manifest
+but not on disk (full fine-tunes are not shipped with the repository) are planned as skipped, with one line
+saying how to get them. The cells and their execution live in `workbench.jobs`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel as Schema
+from pydantic import ConfigDict, Field, ValidationError
+
+from .errors import RecipeError, WorkbenchError
+from .io import sha256_json
+from .methods import METHODS
+from .methods.base import OutputSpec
+from .pool import Pool
+from .recipes import MAX_DEPTH, ResolvedRecipe, _clip, _depth, _first_error, _load_yaml, parse_recipe
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.@=+-]*\z"
+Ref = Annotated[str, Field(max_length=1024)]
+
+
+class MethodEntry(Schema):
+    """A row built by a method (`method`) or by an existing recipe file (`recipe`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str | None = Field(None, max_length=120, pattern=NAME, description="row name (default: method or recipe name)")
+    method: str | None = Field(None, max_length=64, description="a registered method")
+    recipe: Ref | None = Field(None, description="a recipe file, relative to the comparison's folder")
+    experts: list[Ref] | None = Field(None, description="expert names (default: the recipe's, else the pool's)")
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    output: OutputSpec | None = None
+    sweep: bool = Field(True, description="run the recipe's validation sweep (recipe entries)")
+
+
+class CompareEval(Schema):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    limit: int | None = Field(None, gt=0, description="examples per task (None: the whole split)")
+    batch_size: int = Field(32, gt=0)
+    split: Literal["test", "validation"] = "test"
+
+
+class ComparisonSpec(Schema):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(max_length=120, pattern=NAME, description="names the results folder")
+    pool: Ref = "demo"
+    description: str = ""
+    entries: list[Annotated[str, Field(max_length=120)] | MethodEntry] = Field(min_length=1)
+    tasks: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=lambda: ["held_in", "held_out"])
+    eval: CompareEval = Field(default_factory=CompareEval)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="seeds of seeded methods")
+    reference: str | None = Field(None, description="row for the paired tests (default: multitask, else the first)")
+
+
+@dataclass
+class Row:
+    """One leaderboard row: `base`, an expert of the pool, or an artifact built from `recipe`."""
+
+    name: str
+    kind: Literal["base", "expert", "artifact"]
+    method: str
+    expert: str | None = None
+    recipe: ResolvedRecipe | None = None
+    sweep: bool = False
+    skip: str | None = None  # why the row is not run (its experts' files are absent)
+    info: dict[str, Any] = field(default_factory=dict)
+    base_fp: str = ""
+
+    def identity(self) -> dict[str, Any]:
+        """What determines this row's model before any build (sweep rows: the recipe and its grid)."""
+        if self.kind == "base":
+            return {"base": self.base_fp}
+        if self.kind == "expert":
+            return {"expert": self.expert, "files": self.info["files"]}
+        body = {"key": self.recipe.key}
+        if self.sweep and self.recipe.recipe.sweep:
+            body["sweep"] = self.recipe.recipe.sweep.model_dump(mode="json")
+        return body
+
+
+@dataclass
+class Comparison:
+    spec: ComparisonSpec
+    source: str
+    folder: Path  # the comparison file's folder: recipe paths are relative to it
+    pool: Pool
+    rows: list[Row]
+    tasks: list[str]
+    reference: str
+
+    @property
+    def active_rows(self) -> list[Row]:
+        return [r for r in self.rows if r.skip is None]
+
+    def row(self, name: str) -> Row:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise WorkbenchError(f"comparison {self.spec.name!r} has no row {name!r}")
+
+    def settings(self) -> dict[str, Any]:
+        """What every cell's result depends on besides its row and task."""
+        return {"eval": self.spec.eval.model_dump(mode="json")}
+
+    def to_payload(self) -> dict[str, Any]:
+        """What a worker process needs to rebuild this comparison (Ray tasks): the spec and where it came from."""
+        return {"spec": self.spec.model_dump(mode="json"), "source": self.source, "folder": str(self.folder.resolve()),
+                "pool": str(self.pool.root.resolve())}
+
+
+def _fingerprint_base(pool: Pool) -> str:
+    return pool.manifest.base.fingerprint
+
+
+def _is_multitask(expert) -> bool:
+    return expert.entry.tags.get("task") == "multitask" or len(expert.tasks()) > 1
+
+
+def _missing_reason(experts, pool: Pool) -> str | None:
+    missing = [e.name for e in experts if not e.files_present()]
+    if not missing:
+        return None
+    how = ("`workbench demo --full` trains them" if pool.name == "demo"
+           else f"`workbench pool verify {pool.name}` lists what is missing")
+    kinds = sorted({e.kind for e in experts if e.name in missing})
+    return (f"the {'/'.join(kinds)} expert{'s' if len(missing) > 1 else ''} {', '.join(missing[:4])}"
+            f"{' ...' if len(missing) > 4 else ''} {'are' if len(missing) > 1 else 'is'} not on disk; {how}")
+
+
+def parse_comparison(data: dict[str, Any] | str | Path, source: str | None = None, *,
+                     folder: Path | None = None, pool_path: str | None = None) -> Comparison:
+    """Validate a comparison (file or mapping) and resolve its rows; raises one RecipeError line on any problem."""
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        source = source or str(path)
+        folder = folder or path.parent
+        data = _load_yaml(path)
+    source = source or "<comparison>"
+    folder = Path(folder or ".")
+    if not isinstance(data, dict):
+        raise RecipeError(f"comparison {source}: expected a mapping at the top level")
+    if "entries" not in data and "method" in data:
+        raise RecipeError(f"{source} is a merge recipe, not a comparison: run it with `workbench merge {source}`")
+    if _depth(data) > MAX_DEPTH:
+        raise RecipeError(f"comparison {source}: nested more than {MAX_DEPTH} levels deep")
+    try:
+        spec = ComparisonSpec.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_first_error(e, f"comparison {source}: ")) from None
+    from .eval.harness import resolve_tasks
+
+    try:
+        tasks = resolve_tasks(list(spec.tasks))
+    except WorkbenchError as e:
+        raise RecipeError(f"comparison {source}: tasks: {e}") from None
+    pool = Pool.open(pool_path or spec.pool)
+    rows: list[Row] = []
+    for i, entry in enumerate(spec.entries):
+        where = f"comparison {source}: entries.{i}"
+        rows += _entry_rows(entry, spec, pool, folder, where, pool_path)
+    seen: set[str] = set()
+    for r in rows:
+        if r.name in seen:
+            raise RecipeError(f"comparison {source}: duplicate row name {r.name!r} (give the entry a `name:`)")
+        seen.add(r.name)
+    reference = spec.reference
+    if reference is None:
+        reference = "multitask" if "multitask" in seen else rows[0].name
+    elif reference not in seen:
+        raise RecipeError(f"comparison {source}: reference {_clip(reference)!r} is not a row "
+                          f"(rows: {_clip(', '.join(r.name for r in rows), 200)})")
+    return Comparison(spec, source, folder, pool, rows, tasks, reference)
+
+
+def _entry_rows(entry, spec: ComparisonSpec, pool: Pool, folder: Path, where: str, pool_path: str | None) -> list[Row]:
+    fp = _fingerprint_base(pool)
+    if isinstance(entry, str):
+        if entry == "base":
+            return [Row("base", "base", "base", base_fp=fp)]
+        if entry == "experts":
+            experts = [e for e in pool.experts if not _is_multitask(e)]
+            if not experts:
+                raise RecipeError(f"{where}: pool {pool.name!r} has no single-task experts for `experts`")
+        elif entry in pool:
+            experts = [pool.expert(entry)]
+        else:
+            raise RecipeError(f"{where}: unknown entry {_clip(entry)!r}: not `base`, `experts`, nor an expert of pool "
+                              f"{pool.name!r} ({_clip(', '.join(pool.names()), 160)})")
+        out = []
+        for e in experts:
+            method = "multitask" if _is_multitask(e) else f"expert-{e.kind}"
+            out.append(Row(e.name, "expert", method, expert=e.name, skip=_missing_reason([e], pool),
+                           info={"files": e.entry.files}, base_fp=fp))
+        return out
+    if (entry.method is None) == (entry.recipe is None):
+        raise RecipeError(f"{where}: give exactly one of `method` or `recipe`")
+    if entry.method is not None:
+        if entry.method not in METHODS:
+            try:
+                METHODS.get(entry.method)
+            except WorkbenchError as e:
+                raise RecipeError(f"{where}: {e}") from None
+        body: dict[str, Any] = {"name": entry.name or entry.method, "method": entry.method, "pool": pool_path or spec.pool,
+                                "parameters": dict(entry.parameters)}
+        if entry.experts is not None:
+            body["experts"] = list(entry.experts)
+        if entry.output is not None:
+            body["output"] = entry.output.model_dump(mode="json")
+        sweep = False
+    else:
+        if entry.experts is not None or entry.parameters or entry.output is not None:
+            raise RecipeError(f"{where}: a `recipe` entry takes its experts, parameters and output from the recipe")
+        path = Path(entry.recipe)
+        path = path if path.is_absolute() else folder / path
+        body = _load_yaml(path)
+        if not isinstance(body, dict):
+            raise RecipeError(f"{where}: recipe {entry.recipe} is not a mapping")
+        body = dict(body)
+        if entry.name:
+            body["name"] = entry.name
+        if pool_path:
+            body["pool"] = pool_path
+        sweep = entry.sweep and body.get("sweep") is not None
+    seeded = "seed" in METHODS.get(body["method"]).Params.model_fields and "seed" not in body.get("parameters", {})
+    seeds = spec.seeds if seeded else [None]
+    out = []
+    for seed in seeds:
+        b = dict(body)
+        if seed is not None:
+            b["parameters"] = {**b.get("parameters", {}), "seed": seed}
+            if len(seeds) > 1:
+                b["name"] = f"{body['name']}@seed{seed}"
+        try:
+            resolved = parse_recipe(b, source=f"{where} ({b['name']})", require_files=False)
+        except RecipeError as e:
+            raise RecipeError(str(e).replace("recipe ", "", 1)) from None
+        out.append(Row(resolved.recipe.name, "artifact", resolved.recipe.method, recipe=resolved, sweep=sweep,
+                       skip=_missing_reason(resolved.experts, pool), base_fp=fp))
+    return out
+
+
+def cell_key(comparison: Comparison, model_key: dict[str, Any], task: str) -> str:
+    """The key of one (row, task) result: the row's model, the task's data and the eval settings."""
+    from .tasks.suite import data_hash
+
+    return sha256_json({"model": model_key, "task": task, "data": data_hash(task),
+                        **comparison.settings()})[:16]
+
+
+def comparison_dir(results_dir: Path, name: str) -> Path:
+    return Path(results_dir) / "compare" / name
+
+
+def default_results_dir() -> Path:
+    """`$WORKBENCH_RESULTS`, else `results` (read when called, not at import)."""
+    from .eval.harness import results_root
+
+    return results_root()
+
+
+__all__ = ["Comparison", "ComparisonSpec", "Row", "cell_key", "comparison_dir", "default_results_dir",
+           "parse_comparison"]

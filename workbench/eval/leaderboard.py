@@ -1,0 +1,147 @@
+"""A comparison's leaderboard from its cell records: scores with standard errors and a paired test per row.
+
+Each cell holds one (row, task) result with its per-example values (exact match 0/1, in doc_id order). Per
+task: the mean and its standard error (`stats.stderr`, as lm-eval computes it). Per group (held-in,
+held-out): the mean of the task means, its standard error sqrt(sum se_t^2) / T. Per row: a paired test
+against the reference row on every example both scored (McNemar on exact match, `stats.compare`), so a
+1-point gap on 100 examples reads as the noise it is. Rows are ranked by held-in mean.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..tasks.suite import TASKS
+from . import stats
+
+
+def _group(task: str) -> str:
+    t = TASKS.get(task)
+    return "held_in" if t is not None and t.kind == "held_in" else "held_out" if t is not None else "other"
+
+
+def build_leaderboard(rows: list[dict[str, Any]], cells: dict[tuple[str, str], dict[str, Any]], tasks: list[str],
+                      reference: str) -> dict[str, Any]:
+    """`rows`: [{name, method}] in plan order; `cells`: (row, task) -> cell record. Returns a JSON-able table."""
+    ref_cells = {t: cells.get((reference, t)) for t in tasks}
+    out_rows = []
+    for row in rows:
+        per_task, groups = {}, {"held_in": [], "held_out": []}
+        paired_a, paired_b = [], []
+        for t in tasks:
+            c = cells.get((row["name"], t))
+            if c is None:
+                continue
+            values = c["values"]
+            mean = sum(values) / len(values) if values else float("nan")
+            se = stats.stderr(values)
+            per_task[t] = {"mean": mean, "stderr": se, "n": len(values), "metric": c["metric"]}
+            if c["metric"] == "exact_match" and _group(t) in groups:
+                groups[_group(t)].append((mean, se))
+            ref = ref_cells.get(t)
+            if ref is not None and c["metric"] == "exact_match" and row["name"] != reference:
+                ref_by_doc = dict(zip(ref["doc_ids"], ref["values"]))
+                for d, v in zip(c["doc_ids"], values):
+                    if d in ref_by_doc:
+                        paired_a.append(v)
+                        paired_b.append(ref_by_doc[d])
+        summary = {}
+        for g, vals in groups.items():
+            if vals:
+                summary[g] = {"mean": sum(m for m, _ in vals) / len(vals),
+                              "stderr": math.sqrt(sum(0.0 if math.isnan(s) else s * s for _, s in vals)) / len(vals),
+                              "tasks": len(vals)}
+        paired = None
+        if paired_a:
+            c = stats.compare(paired_a, paired_b)
+            paired = {"reference": reference, "n": c["n"], "diff": c["diff"], "p_value": c["p_value"],
+                      "test": c["test"], "row_only": c.get("a_only"), "reference_only": c.get("b_only")}
+        out_rows.append({"name": row["name"], "method": row["method"], "tasks": per_task, "summary": summary,
+                         "paired": paired})
+    out_rows.sort(key=lambda r: -r["summary"].get("held_in", {}).get("mean", -1.0))
+    return {"tasks": tasks, "reference": reference, "rows": out_rows}
+
+
+def _pm(mean: float, se: float) -> str:
+    if math.isnan(mean):
+        return "–"
+    return f"{100 * mean:.1f} ± {100 * se:.1f}" if not math.isnan(se) else f"{100 * mean:.1f}"
+
+
+def short(task: str) -> str:
+    from .results import SHORT
+
+    return SHORT.get(task, task)
+
+
+def leaderboard_frame(board: dict[str, Any]):
+    """The leaderboard as a DataFrame of strings (Markdown, terminal) and numbers (CSV): one row per model."""
+    import pandas as pd
+
+    recs = []
+    for r in board["rows"]:
+        rec: dict[str, Any] = {"model": r["name"], "method": r["method"]}
+        for g in ("held_in", "held_out"):
+            s = r["summary"].get(g)
+            rec[f"{g} %"] = 100 * s["mean"] if s else float("nan")
+            rec[f"{g} se"] = 100 * s["stderr"] if s else float("nan")
+        p = r["paired"]
+        rec["diff vs ref (pp)"] = 100 * p["diff"] if p else float("nan")
+        rec["p (paired)"] = p["p_value"] if p else float("nan")
+        rec["paired n"] = p["n"] if p else 0
+        for t in board["tasks"]:
+            c = r["tasks"].get(t)
+            rec[f"{t} %"] = 100 * c["mean"] if c else float("nan")
+            rec[f"{t} se"] = 100 * c["stderr"] if c else float("nan")
+        recs.append(rec)
+    return pd.DataFrame(recs)
+
+
+def leaderboard_markdown(board: dict[str, Any], title: str = "") -> str:
+    """Markdown: model, held-in and held-out mean ± se, the paired test against the reference, then each task."""
+    ref = board["reference"]
+    head = ["model", "method", "held-in %", "held-out %", f"Δ vs {ref} (pp)", "p", *[short(t) for t in board["tasks"]]]
+    lines = [f"### {title}" if title else "", "", "| " + " | ".join(head) + " |",
+             "|" + "|".join([":--", ":--"] + ["--:"] * (len(head) - 2)) + "|"]
+    for r in board["rows"]:
+        s, p = r["summary"], r["paired"]
+        cells = [r["name"], r["method"],
+                 _pm(s["held_in"]["mean"], s["held_in"]["stderr"]) if "held_in" in s else "–",
+                 _pm(s["held_out"]["mean"], s["held_out"]["stderr"]) if "held_out" in s else "–",
+                 f"{100 * p['diff']:+.1f}" if p else ("ref" if r["name"] == ref else "–"),
+                 (f"{p['p_value']:.3g}" + ("" if p["p_value"] < 0.05 else " (ns)")) if p else "–"]
+        for t in board["tasks"]:
+            c = r["tasks"].get(t)
+            cells.append(_pm(c["mean"], c["stderr"]) if c else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Exact match % ± standard error over each task's examples; group means ± sqrt(Σ se²)/T. "
+              f"Δ and p: paired against `{ref}` on every example both scored (exact McNemar on exact match; "
+              "(ns): p ≥ 0.05, a difference the examples cannot tell from noise)."]
+    return "\n".join(lines).lstrip() + "\n"
+
+
+def leaderboard_chart(board: dict[str, Any], title: str = ""):
+    """Held-in and held-out means with ±1.96 se bars per model (altair)."""
+    import altair as alt
+    import pandas as pd
+
+    recs = []
+    for r in board["rows"]:
+        for g, label in (("held_in", "held-in"), ("held_out", "held-out")):
+            s = r["summary"].get(g)
+            if s:
+                se = 0.0 if math.isnan(s["stderr"]) else s["stderr"]
+                recs.append({"model": r["name"], "group": label, "score": 100 * s["mean"],
+                             "lo": 100 * max(0.0, s["mean"] - 1.96 * se), "hi": 100 * min(1.0, s["mean"] + 1.96 * se)})
+    df = pd.DataFrame(recs)
+    order = [r["name"] for r in board["rows"]]
+    base = alt.Chart(df).encode(y=alt.Y("model:N", sort=order, title=None),
+                                yOffset=alt.YOffset("group:N"), color=alt.Color("group:N", title=None))
+    bars = base.mark_bar().encode(x=alt.X("score:Q", scale=alt.Scale(domain=[0, 100]), title="exact match %"),
+                                  tooltip=["model", "group", alt.Tooltip("score:Q", format=".1f")])
+    err = base.mark_rule(color="black").encode(x="lo:Q", x2="hi:Q")
+    return (bars + err).properties(title=title or "leaderboard (95% intervals)", width=360, height=alt.Step(9))
+
+
+__all__ = ["build_leaderboard", "leaderboard_chart", "leaderboard_frame", "leaderboard_markdown"]

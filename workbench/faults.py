@@ -1,0 +1,27 @@
+"""Crash injection for the kill tests: `WORKBENCH_FAULT=site[:n]` kills this process with SIGKILL the n-th time
+(default 1st) it reaches `fault_point(site)`. Unset (always, outside those tests) it costs one dict lookup.
+
+Sites: `build` (an artifact fully staged, not yet renamed into place), `eval` (a cell's lm-eval outputs
+written, its cell record not yet), `write` (any atomic write: temp file synced, not yet renamed),
+`leaderboard` (between the leaderboard's files).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+
+_hits: Counter[str] = Counter()
+
+
+def fault_point(site: str) -> None:
+    spec = os.environ.get("WORKBENCH_FAULT")
+    if not spec:
+        return
+    name, _, n = spec.partition(":")
+    if name != site:
+        return
+    _hits[site] += 1
+    if _hits[site] == int(n or 1):
+        os.kill(os.getpid(), signal.SIGKILL)

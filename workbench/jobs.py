@@ -1,0 +1,454 @@
+"""Jobs: the library code behind `workbench compare`, `workbench demo` and `workbench eval matrix`, shared by the
+CLI, the app and Ray workers.
+
+A comparison runs as cells. Build cells (one per artifact row) build each artifact once, cached by the hash
+of its inputs (`recipes.build`, locked per key: two workers never build or delete the same folder), after
+the recipe's validation sweep when it has one. Eval cells (row, task) evaluate with lm-eval, write the
+usual lm-eval outputs and run manifests under `<results>/compare/<name>/lm-eval/`, then the cell record
+`cells/<row>/<task>.json`: written atomically, last, and keyed by everything the result depends on. A rerun
+skips every cell whose record has its key, so a run killed at any point (SIGKILL included) loses at most the
+cell in flight, and the leaderboard is made from the plan and the cell records alone, never by scanning
+outputs that a killed run may have left behind.
+
+Executors: `local` (this process, one model loaded at a time) and `ray` (build cells, then one task per row
+evaluating that row's cells, with declared CPUs/GPUs; `ray.init()` locally or `--address` of a cluster,
+whose workers must see the same results folder, pools and cache, e.g. a shared filesystem).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .compare import Comparison, Row, cell_key, comparison_dir, default_results_dir, parse_comparison
+from .errors import WorkbenchError
+from .faults import fault_point
+from .io import atomic_write_json, atomic_write_text, file_lock, lock_for, sha256_json
+
+Log = Callable[[str], None]
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+@dataclass
+class Plan:
+    comparison: Comparison
+    out: Path  # <results>/compare/<name>
+    results_dir: Path
+
+    @property
+    def builds(self) -> list[Row]:
+        return [r for r in self.comparison.active_rows if r.kind == "artifact"]
+
+    @property
+    def evals(self) -> list[tuple[Row, str]]:
+        return [(r, t) for r in self.comparison.active_rows for t in self.comparison.tasks]
+
+    @property
+    def skipped(self) -> list[Row]:
+        return [r for r in self.comparison.rows if r.skip is not None]
+
+    def build_path(self, row: Row) -> Path:
+        return self.out / "builds" / f"{row.name}.json"
+
+    def cell_path(self, row: Row, task: str) -> Path:
+        return self.out / "cells" / row.name / f"{task}.json"
+
+
+def make_plan(comparison: Comparison, results_dir: Path | None = None) -> Plan:
+    results_dir = Path(results_dir or default_results_dir())
+    return Plan(comparison, comparison_dir(results_dir, comparison.spec.name), results_dir)
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def build_key(row: Row) -> str:
+    return sha256_json(row.identity())[:16]
+
+
+def build_done(plan: Plan, row: Row) -> dict[str, Any] | None:
+    """The row's build record when it is current and its artifact is still in the cache."""
+    from .artifacts import ARTIFACT_FILE
+    from .io import cache_dir
+
+    rec = _read(plan.build_path(row))
+    if not rec or rec.get("key") != build_key(row):
+        return None
+    root = os.environ.get("WORKBENCH_CACHE_ARTIFACTS")
+    folder = (Path(root) if root else cache_dir() / "artifacts") / Path(rec["artifact"]).name
+    return rec if (folder / ARTIFACT_FILE).is_file() else None
+
+
+def model_key(plan: Plan, row: Row) -> dict[str, Any] | None:
+    """What determines the row's model: its identity, or for a built row the artifact key its build chose
+    (None while a sweep row is not built: its model is not known yet)."""
+    if row.kind != "artifact":
+        return row.identity()
+    rec = build_done(plan, row)
+    return {"artifact": rec["model_key"]} if rec else None
+
+
+def cell_done(plan: Plan, row: Row, task: str) -> dict[str, Any] | None:
+    mk = model_key(plan, row)
+    if mk is None:
+        return None
+    rec = _read(plan.cell_path(row, task))
+    return rec if rec and rec.get("key") == cell_key(plan.comparison, mk, task) else None
+
+
+def describe(plan: Plan) -> list[str]:
+    """The plan as lines (`--dry-run`): each build and eval cell with its state, and the skipped rows."""
+    c = plan.comparison
+    lines = [f"comparison {c.spec.name}: pool {c.pool.name}, {len(c.active_rows)} rows x {len(c.tasks)} tasks, "
+             f"split {c.spec.eval.split}, limit {c.spec.eval.limit or 'all'}; reference row {c.reference}"]
+    for r in plan.skipped:
+        lines.append(f"  skip  {r.name}: {r.skip}")
+    for r in plan.builds:
+        state = "done" if build_done(plan, r) else "todo"
+        sweep = f", validation sweep of {len(_sweep_points(r))} points" if r.sweep else ""
+        lines.append(f"  build {r.name} ({r.method}{sweep}): {state}")
+    done = sum(1 for r, t in plan.evals if cell_done(plan, r, t))
+    lines.append(f"  eval  {len(plan.evals)} cells ({done} done, {len(plan.evals) - done} to run)")
+    for r in c.active_rows:
+        todo = [t for t in c.tasks if not cell_done(plan, r, t)]
+        lines.append(f"    {r.name}: {len(c.tasks) - len(todo)}/{len(c.tasks)} done")
+    return lines
+
+
+def _sweep_points(row: Row) -> list[dict[str, Any]]:
+    from .recipes import sweep_points
+
+    return sweep_points(row.recipe.recipe.sweep) if row.sweep else []
+
+
+# ----------------------------------------------------------------------------- cells
+
+
+def run_build(plan: Plan, row: Row, *, device: str = "cpu", log: Log = print) -> dict[str, Any]:
+    """Build the row's artifact (after its validation sweep) unless a current build record says it is done."""
+    from .artifacts import artifact_ref
+    from .recipes import build, check_expert_files, run_sweep
+
+    if rec := build_done(plan, row):
+        return rec
+    resolved, selection = row.recipe, None
+    check_expert_files(resolved.experts)
+    if row.sweep:
+        resolved, selection = run_sweep(resolved, device=device, results_dir=plan.out, log=log)
+    t0 = time.perf_counter()
+    artifact = build(resolved, device=device, log=log)
+    rec = {"key": build_key(row), "row": row.name, "method": row.method, "artifact": artifact_ref(artifact),
+           "model_key": resolved.key, "params": resolved.params.model_dump(mode="json", by_alias=True),
+           "selection": selection, "build_s": round(time.perf_counter() - t0, 2)}
+    atomic_write_json(plan.build_path(row), rec)
+    return rec
+
+
+def _load_row(plan: Plan, row: Row, device: str):
+    from .eval.harness import load_model_spec
+
+    if row.kind != "artifact":
+        return load_model_spec(row.expert or "base", plan.comparison.pool, device)
+    from .artifacts import load_artifact
+    from .io import cache_dir
+
+    rec = build_done(plan, row)
+    if rec is None:
+        raise WorkbenchError(f"row {row.name!r} is not built yet (its build cell runs first)")
+    root = os.environ.get("WORKBENCH_CACHE_ARTIFACTS")
+    loaded = load_artifact((Path(root) if root else cache_dir() / "artifacts") / Path(rec["artifact"]).name,
+                           device=device)
+    loaded.name = row.name
+    loaded.info.update(method=row.method, artifact=rec["artifact"])
+    return loaded
+
+
+def run_row(plan: Plan, row: Row, *, device: str = "cpu", log: Log = print,
+            on_cell: Callable[[Row, str, dict], None] | None = None) -> list[dict[str, Any]]:
+    """Evaluate the row's cells that are not done (the model is loaded once, only if one is missing)."""
+    from .eval import run_eval
+    from .eval.record import read_samples
+
+    c = plan.comparison
+    spec = c.spec.eval
+    mk = model_key(plan, row)
+    if mk is None:
+        raise WorkbenchError(f"row {row.name!r} is not built yet (its build cell runs first)")
+    loaded, out = None, []
+    for task in c.tasks:
+        if rec := cell_done(plan, row, task):
+            out.append(rec)
+            continue
+        if loaded is None:
+            loaded = _load_row(plan, row, device)
+        t0 = time.perf_counter()
+        lm_dir = plan.out / "lm-eval"
+        build = build_done(plan, row) if row.kind == "artifact" else None
+        extra = {"comparison": c.spec.name, "row": row.name}
+        if build:
+            extra |= {"params": build["params"], "artifact_key": build["model_key"],
+                      "selected_on_validation": build["selection"]}
+        m = run_eval(loaded.name if row.kind == "artifact" else (row.expert or "base"), [task], pool=c.pool,
+                     limit=spec.limit, batch_size=spec.batch_size, split=spec.split, device=device,
+                     results_dir=lm_dir, loaded=loaded, extra=extra)
+        run_path = lm_dir / Path(m["results_file"]).parent.name / f"run_{m['run_id']}.json"
+        samples = sorted((s for s in read_samples(run_path) if s["task"] == task), key=lambda s: s["doc_id"])
+        metric = "exact_match" if samples and "exact_match" in samples[0]["metrics"] else \
+            (next(iter(samples[0]["metrics"])) if samples else "exact_match")
+        values = [float(s["metrics"][metric][0] if isinstance(s["metrics"][metric], list) else s["metrics"][metric])
+                  for s in samples]
+        fault_point("eval")
+        rec = {"key": cell_key(c, mk, task), "row": row.name, "task": task, "metric": metric,
+               "score": m["scores"].get(task, {}).get(metric), "n": len(values),
+               "doc_ids": [s["doc_id"] for s in samples], "values": values,
+               "run": Path(run_path).relative_to(plan.out).as_posix(), "eval_s": round(time.perf_counter() - t0, 2)}
+        atomic_write_json(plan.cell_path(row, task), rec)
+        out.append(rec)
+        if on_cell:
+            on_cell(row, task, rec)
+        else:
+            log(f"{row.name} x {task}: {100 * (sum(values) / max(len(values), 1)):.1f} ({rec['eval_s']:.0f}s)")
+    return out
+
+
+# ----------------------------------------------------------------------------- executors
+
+
+@dataclass
+class Progress:
+    """Counts for the whole job; the CLI draws them with rich, the app with its own widgets."""
+
+    total: int
+    done: int = 0
+    current: str = ""
+    events: list[str] = field(default_factory=list)
+
+
+def _local(plan: Plan, device: str, log: Log, tick: Callable[[str], None]) -> None:
+    for row in plan.builds:
+        if not build_done(plan, row):
+            tick(f"build {row.name}")
+            run_build(plan, row, device=device, log=log)
+        tick(None)
+    for row in plan.comparison.active_rows:
+        for task in plan.comparison.tasks:
+            if cell_done(plan, row, task):
+                tick(None)
+        run_row(plan, row, device=device, log=log, on_cell=lambda r, t, rec: tick(None, f"{r.name} x {t}", rec))
+
+
+def _worker_env() -> dict[str, str]:
+    keep = ("WORKBENCH_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "XDG_CACHE_HOME", "TRITON_")
+    return {k: v for k, v in os.environ.items() if k.startswith(keep)}
+
+
+def _ray_setup(payload: dict[str, Any], cwd: str, env: dict[str, str]) -> Plan:
+    os.environ.update(env)
+    if Path(cwd).is_dir():
+        os.chdir(cwd)
+    c = parse_comparison(payload["spec"], payload["source"], folder=Path(payload["folder"]), pool_path=payload["pool"])
+    return make_plan(c, Path(payload["results_dir"]))
+
+
+def _ray_build(payload, row_name, cwd, env, device):
+    plan = _ray_setup(payload, cwd, env)
+    return run_build(plan, plan.comparison.row(row_name), device=device, log=lambda m: None)
+
+
+def _ray_row(payload, row_name, cwd, env, device):
+    plan = _ray_setup(payload, cwd, env)
+    return run_row(plan, plan.comparison.row(row_name), device=device, log=lambda m: None)
+
+
+def _ray(plan: Plan, device: str, log: Log, tick, address: str | None, cpus: float, gpus: float) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise WorkbenchError("the ray executor needs Ray: pip install -e '.[ray]'") from None
+    payload = {**plan.comparison.to_payload(), "results_dir": str(plan.results_dir.resolve())}
+    cwd, env = os.getcwd(), _worker_env()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": env} if env else None)
+    try:
+        opts = {"num_cpus": cpus, "num_gpus": gpus, "max_retries": 0}
+        build_fn, row_fn = ray.remote(**opts)(_ray_build), ray.remote(**opts)(_ray_row)
+        pending = {}
+        for row in plan.builds:
+            if build_done(plan, row):
+                tick(None)
+            else:
+                pending[build_fn.remote(payload, row.name, cwd, env, device)] = row
+        _drain(ray, pending, lambda row, rec: tick(None, f"build {row.name}"))
+        pending = {}
+        for row in plan.comparison.active_rows:
+            for task in plan.comparison.tasks:
+                if cell_done(plan, row, task):
+                    tick(None)
+            if any(not cell_done(plan, row, t) for t in plan.comparison.tasks):
+                pending[row_fn.remote(payload, row.name, cwd, env, device)] = row
+        _drain(ray, pending, lambda row, recs: [tick(None, f"{row.name} x {r['task']}", r) for r in recs
+                                                if r.get("eval_s") is not None])
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _drain(ray, pending: dict, done_fn) -> None:
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            row = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else e
+                raise WorkbenchError(f"row {row.name!r} failed on a Ray worker: {str(cause).splitlines()[0]}") from None
+            done_fn(row, result)
+
+
+def run_comparison(comparison: Comparison, *, results_dir: Path | None = None, executor: str = "local",
+                   device: str = "cpu", address: str | None = None, cpus: float = 1, gpus: float = 0,
+                   log: Log = print, progress: Callable[[Progress], None] | None = None) -> dict[str, Any]:
+    """Run every cell not done yet and write the leaderboard; returns it (see `eval.leaderboard`)."""
+    plan = make_plan(comparison, results_dir)
+    for r in plan.skipped:
+        log(f"skip {r.name}: {r.skip}")
+    state = Progress(total=len(plan.builds) + len(plan.evals))
+    with file_lock(lock_for(plan.out)):  # one run of a comparison at a time (Ray workers write its cells)
+        for p in clean_leftovers(plan.out):
+            log(f"removed {p.relative_to(plan.out)}: left by an interrupted run")
+        atomic_write_json(plan.out / "plan.json", plan_record(plan))
+
+        def tick(current: str | None, event: str | None = None, rec: dict | None = None) -> None:
+            if current is not None:  # a cell started
+                state.current = current
+            else:
+                state.done += 1
+            if event:
+                score = f": {100 * rec['score']:.1f}" if rec and rec.get("score") is not None else ""
+                state.events.append(event + score)
+            if progress:
+                progress(state)
+
+        if executor == "local":
+            _local(plan, device, log, tick)
+        elif executor == "ray":
+            _ray(plan, device, log, tick, address, cpus, gpus)
+        else:
+            raise WorkbenchError(f"unknown executor {executor!r}: local or ray")
+        return write_leaderboard(plan)
+
+
+def clean_leftovers(out: Path) -> list[Path]:
+    """What a killed run of this comparison left behind (call with its lock held: no writer is live): temp files of
+    atomic writes, and lm-eval outputs whose run manifest (written last) never landed. Nothing reads them."""
+    import shutil
+
+    from .eval.record import run_files
+
+    gone = []
+    if not out.is_dir():
+        return gone
+    for p in sorted(out.rglob(".*")):
+        if p.is_file() and (p.name.endswith(".tmp") or ".partial" in p.name):
+            p.unlink(missing_ok=True)
+            gone.append(p)
+        elif p.is_dir() and p.name.startswith((".staging-", ".old-")):
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+    for folder in sorted((out / "lm-eval").glob("*")) if (out / "lm-eval").is_dir() else []:
+        ids = {f.name[len("results_"):-len(".json")] for f in folder.glob("results_*.json")}
+        ids |= {f.name[len("samples_"):-len(".jsonl.gz")] for f in folder.glob("samples_*.jsonl.gz")}
+        for run_id in sorted(ids):
+            if not (folder / f"run_{run_id}.json").is_file():
+                for f in run_files(folder, run_id):
+                    if f.is_file():
+                        f.unlink()
+                        gone.append(f)
+    return gone
+
+
+def plan_record(plan: Plan) -> dict[str, Any]:
+    c = plan.comparison
+    return {"name": c.spec.name, "source": Path(c.source).as_posix() if not Path(c.source).is_absolute()
+            else Path(c.source).name, "pool": c.pool.name, "tasks": c.tasks, "reference": c.reference,
+            "eval": c.spec.eval.model_dump(mode="json"), "rows": [{"name": r.name, "method": r.method} for r in c.active_rows],
+            "skipped": {r.name: r.skip for r in plan.skipped}}
+
+
+def collect_cells(plan: Plan) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(r.name, t): rec for r, t in plan.evals if (rec := cell_done(plan, r, t))}
+
+
+def write_leaderboard(plan: Plan) -> dict[str, Any]:
+    """leaderboard.json, .csv, .md and .svg under the comparison's folder, from the plan and its cell records."""
+    from .eval.leaderboard import build_leaderboard, leaderboard_chart, leaderboard_frame, leaderboard_markdown
+
+    c = plan.comparison
+    cells = collect_cells(plan)
+    board = build_leaderboard([{"name": r.name, "method": r.method} for r in c.active_rows], cells, c.tasks,
+                              c.reference)
+    board |= {"name": c.spec.name, "pool": c.pool.name, "eval": c.spec.eval.model_dump(mode="json"),
+              "complete": len(cells) == len(plan.evals), "cells": f"{len(cells)}/{len(plan.evals)}",
+              "skipped": {r.name: r.skip for r in plan.skipped}}
+    title = (f"{c.spec.name}: pool {c.pool.name}, {c.spec.eval.split} split, "
+             f"{'limit ' + str(c.spec.eval.limit) if c.spec.eval.limit else 'all examples'} per task")
+    atomic_write_json(plan.out / "leaderboard.json", board)
+    fault_point("leaderboard")
+    atomic_write_text(plan.out / "leaderboard.csv", leaderboard_frame(board).to_csv(index=False, float_format="%.4f"))
+    atomic_write_text(plan.out / "leaderboard.md", leaderboard_markdown(board, title))
+    try:
+        svg = plan.out / "leaderboard.svg"
+        tmp = svg.with_name(".leaderboard.partial.svg")
+        leaderboard_chart(board, title).save(str(tmp))
+        tmp.replace(svg)
+    except Exception as e:  # noqa: BLE001 - the plot is a view of the table: a missing renderer loses only it
+        board["plot_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return board
+
+
+# ----------------------------------------------------------------------------- eval matrix
+
+
+def eval_matrix(pool_spec: str, tasks: list[str], *, models: list[str] | None = None, batch_size: int = 16,
+                device: str = "cpu", force: bool = False, results_dir: Path | None = None,
+                log: Log = print) -> list[dict[str, Any]]:
+    """Every expert (and the base) of a pool on every task; models whose results cover the tasks are skipped."""
+    from .eval import run_eval
+    from .eval.harness import resolve_tasks
+    from .eval.results import collect_scores
+    from .pool import Pool
+
+    p = Pool.open(pool_spec)
+    task_list = resolve_tasks(tasks)
+    names = models or ["base", *p.names()]
+    lm_dir = Path(results_dir or default_results_dir()) / "lm-eval"
+    done = collect_scores(lm_dir, pool=p.name)
+    out = []
+    for i, name in enumerate(names, 1):
+        have = set(done[done.model == name].task) if not done.empty else set()
+        if not force and set(task_list) <= have:
+            log(f"[{i}/{len(names)}] skip {name}: results exist")
+            continue
+        if name != "base" and name in p and not p.expert(name).files_present():
+            log(f"[{i}/{len(names)}] skip {name}: its files are not on disk (`workbench pool verify {p.name}`)")
+            continue
+        log(f"[{i}/{len(names)}] evaluating {name} on {len(task_list)} tasks")
+        out.append(run_eval(name, task_list, pool=p, batch_size=batch_size, device=device, results_dir=lm_dir))
+    return out
+
+
+__all__ = ["Plan", "Progress", "collect_cells", "describe", "eval_matrix", "make_plan", "run_build",
+           "run_comparison", "run_row", "write_leaderboard"]
