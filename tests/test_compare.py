@@ -67,8 +67,16 @@ SMALL = {"name": "small", "pool": "demo", "tasks": ["addition", "sorting"], "eva
     ({"eval": {"limit": 0}}, r"eval\.limit: Input should be greater than 0"),
     ({"entries": [{"method": "ties", "recipe": "x.yaml"}]}, r"exactly one of `method` or `recipe`"),
     ({"bogus": 1}, r"bogus: Extra inputs are not permitted"),
+    ({"entries": [{"recipe": "nomethod.yaml"}]}, r"entries\.0: recipe nomethod\.yaml names no method$"),
+    ({"entries": [{"recipe": "badmethod.yaml"}]}, r"entries\.0: unknown method 'no_such'"),
+    ({"entries": [{"recipe": "otherpool.yaml"}]}, r"entries\.0: recipe otherpool\.yaml is over pool 'other', the "
+                                                  r"comparison over 'demo'$"),
+    ({"entries": [{"recipe": "missing.yaml"}]}, r"no recipe at .*missing\.yaml$"),
 ])
 def test_bad_comparison_fails_before_any_work(cmp_pool, tmp_path, change, message):
+    write(tmp_path, {"name": "r", "pool": "demo", "parameters": {}}, "nomethod.yaml")
+    write(tmp_path, {"name": "r", "pool": "demo", "method": "no_such"}, "badmethod.yaml")
+    write(tmp_path, {"name": "r", "pool": "other", "method": "ties"}, "otherpool.yaml")
     f = write(tmp_path, {**SMALL, **change})
     before = snapshot(tmp_path)
     with pytest.raises(RecipeError, match=message) as e:
@@ -87,6 +95,24 @@ def test_merge_recipe_and_comparison_are_told_apart(cmp_pool, tmp_path, run_cli)
     assert code == 2 and "is a merge recipe, not a comparison" in err
 
 
+def test_unknown_executor_fails_before_any_write(cmp_pool, tmp_path):
+    from workbench.errors import WorkbenchError
+
+    c = parse_comparison(write(tmp_path, SMALL))
+    with pytest.raises(WorkbenchError, match=r"^unknown executor 'slurm': local or ray$"):
+        run_comparison(c, results_dir=tmp_path / "r", executor="slurm", log=quiet)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_skipped_reference_row_falls_back_and_says_so(cmp_pool, tmp_path):
+    import shutil
+
+    shutil.rmtree(cmp_pool.expert("sorting").path)
+    said = []
+    c = parse_comparison(write(tmp_path, {**SMALL, "reference": "sorting", "entries": ["base", "experts"]}), log=said.append)
+    assert c.reference == "base" and said == ["reference row sorting is skipped: paired tests use base instead"]
+
+
 def test_rows_with_absent_files_are_skipped_with_one_line(cmp_pool, tmp_path):
     import shutil
 
@@ -95,7 +121,7 @@ def test_rows_with_absent_files_are_skipped_with_one_line(cmp_pool, tmp_path):
                                                                 {"name": "tf", "method": "ties", "experts": ["full_c"]}]}))
     skipped = {r.name: r.skip for r in c.rows if r.skip}
     assert set(skipped) == {"full_c", "tf"}
-    assert all("full expert full_c is not on disk; `workbench demo --full` trains them" in s for s in skipped.values())
+    assert all("full expert full_c is not on disk; `workbench demo --full` trains it" in s for s in skipped.values())
     assert [r.name for r in c.active_rows] == ["base", "addition", "sorting"]
     lines = describe(make_plan(c))
     assert any(line.strip().startswith("skip  tf:") for line in lines)
@@ -151,6 +177,25 @@ def test_group_stderr_combines_tasks():
     assert s["stderr"] == pytest.approx(math.sqrt(se1 ** 2 + se2 ** 2) / 2)
 
 
+def test_pairs_by_doc_id_over_the_examples_both_scored():
+    ref = {"metric": "exact_match", "doc_ids": [0, 1, 2, 3, 4], "values": [1.0, 0.0, 0.0, 1.0, 0.0]}
+    row = {"metric": "exact_match", "doc_ids": [4, 3, 2, 9], "values": [1.0, 1.0, 1.0, 1.0]}  # other order, doc 9 extra
+    board = build_leaderboard([{"name": "ref", "method": "m"}, {"name": "row", "method": "m"}],
+                              {("ref", "addition"): ref, ("row", "addition"): row}, ["addition"], "ref")
+    p = next(r for r in board["rows"] if r["name"] == "row")["paired"]
+    # docs 4, 3, 2: row right on all, ref right on 3 only -> b = 2, c = 0, p = 2 * 1/4
+    assert (p["n"], p["row_only"], p["reference_only"]) == (3, 2, 0) and p["p_value"] == pytest.approx(0.5)
+    assert p["diff"] == pytest.approx(2 / 3)
+
+
+def test_a_single_example_task_makes_the_group_stderr_unknown():
+    cells = {("a", "addition"): {"metric": "exact_match", "doc_ids": [0], "values": [1.0]},
+             ("a", "sorting"): {"metric": "exact_match", "doc_ids": [0, 1], "values": [1.0, 0.0]}}
+    board = build_leaderboard([{"name": "a", "method": "m"}], cells, ["addition", "sorting"], "a")
+    assert math.isnan(board["rows"][0]["summary"]["held_in"]["stderr"])  # never silently 0
+    assert "75.0 |" in leaderboard_markdown(board)  # shown without a ± it does not have
+
+
 # ----------------------------------------------------------------------------- resumable, SIGKILL-safe
 
 
@@ -180,6 +225,8 @@ def test_sigkill_at_any_point_then_rerun_gives_the_uninterrupted_leaderboard(cmp
         before = {p: p.stat().st_mtime_ns for p in cell_dir.rglob("*.json")} if cell_dir.exists() else {}
         r = _run_cli_subprocess(f, {**env, "WORKBENCH_FAULT": site})
         assert r.returncode == -9, (site, r.returncode, r.stderr[-2000:])
+        name, _, n = site.partition(":")
+        assert f"WORKBENCH_FAULT: killed at {name} #{n or 1}" in r.stderr  # it died where the test meant
         after = {p: p.stat().st_mtime_ns for p in cell_dir.rglob("*.json")} if cell_dir.exists() else {}
         assert all(after.get(p) == t for p, t in before.items()), f"{site}: a finished cell was redone"
     r = _run_cli_subprocess(f, env)
@@ -200,6 +247,9 @@ def test_sigkill_at_any_point_then_rerun_gives_the_uninterrupted_leaderboard(cmp
         assert data == runs, folder
     md = (out / "leaderboard.md").read_text()
     assert md.count("\n| ta |") == 1 and md.count("\n| base |") == 1
+    # the build killed while staged left a .staging folder in the artifact cache: the rerun's build removed it
+    assert [p.name for p in (tmp_path / "art2").iterdir() if not p.name.endswith(".lock")] == \
+        [p.name for p in (tmp_path / "artifacts").iterdir() if not p.name.endswith(".lock")]
 
 
 def test_rerun_skips_finished_cells_and_dry_run_shows_them(cmp_pool, tmp_path, run_cli):
@@ -212,8 +262,11 @@ def test_rerun_skips_finished_cells_and_dry_run_shows_them(cmp_pool, tmp_path, r
     code, out, _ = run_cli("compare", str(f), "--dry-run")
     assert code == 0 and "1 cells (1 done, 0 to run)" in out
     assert snapshot(results) == before  # a dry run writes nothing
-    again = run_comparison(parse_comparison(f), results_dir=results, log=quiet)
+    seen = []
+    again = run_comparison(parse_comparison(f), results_dir=results, log=quiet,
+                           progress=lambda st: seen.append((st.done, st.total)))
     assert cell.stat().st_mtime_ns == t0 and again["rows"] == board["rows"]
+    assert seen == [(1, 1)]  # the finished cell counted once, nothing run
     # another limit is another experiment: the cell is redone
     f2 = write(tmp_path, {**SMALL, "entries": ["base"], "tasks": ["addition"], "eval": {"limit": 3}})
     third = run_comparison(parse_comparison(f2), results_dir=results, log=quiet)
@@ -267,17 +320,25 @@ def test_builds_use_local_seeds(cmp_pool, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- Ray
 
 
-def test_ray_executor_gives_the_local_numbers(cmp_pool, tmp_path):
+def test_ray_executor_gives_the_local_numbers(cmp_pool, tmp_path, monkeypatch):
     pytest.importorskip("ray")
-    f = write(tmp_path, SMALL)
+    body = {**SMALL, "entries": [*SMALL["entries"], {"name": "arrow", "method": "arrow", "experts": ["addition", "sorting"],
+                                                      "parameters": {"k": 1}}]}
+    f = write(tmp_path, body)
     local, ray_dir = tmp_path / "local", tmp_path / "ray"
     a = run_comparison(parse_comparison(f), results_dir=local, log=quiet)
-    b = run_comparison(parse_comparison(f), results_dir=ray_dir, executor="ray", log=quiet)
+    monkeypatch.setenv("WORKBENCH_CACHE_ARTIFACTS", str(tmp_path / "ray-artifacts"))  # Ray builds its own
+    seen = []
+    b = run_comparison(parse_comparison(f), results_dir=ray_dir, executor="ray", log=quiet,
+                       progress=lambda st: seen.append((st.done, st.total)))
+    assert seen[-1] == (10, 10) and all(d <= t for d, t in seen)  # 2 builds + 8 cells, each counted once
+    assert sorted(p.name for p in (tmp_path / "ray-artifacts").iterdir() if not p.name.endswith(".lock")) == \
+        sorted(p.name for p in (tmp_path / "artifacts").iterdir() if not p.name.endswith(".lock"))
     assert a["complete"] and b["complete"]
     assert _board(local, "small") == _board(ray_dir, "small")
     c = parse_comparison(f)
     cells_a, cells_b = collect_cells(make_plan(c, local)), collect_cells(make_plan(c, ray_dir))
-    assert cells_a.keys() == cells_b.keys() and len(cells_a) == 6
+    assert cells_a.keys() == cells_b.keys() and len(cells_a) == 8
     for k in cells_a:  # the same examples, the same generated text
         ra = [s["response"] for s in read_samples(local / "compare" / "small" / cells_a[k]["run"])]
         rb = [s["response"] for s in read_samples(ray_dir / "compare" / "small" / cells_b[k]["run"])]

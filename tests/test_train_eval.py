@@ -158,6 +158,9 @@ def test_lm_eval_run_layout_reruns_determinism_and_batch_size(trained_pool, tmp_
     res = json.loads((out.parent / m2["results_file"]).read_text())
     assert {"results", "configs", "versions", "n-samples"} <= set(res)  # lm-eval's own JSON format
     assert res["n-samples"]["wb_word_count"]["effective"] == 6
+    # lm-eval's own standard error, sqrt(p (1 - p) / (n - 1)), not "N/A"
+    p_wc = res["results"]["wb_word_count"]["exact_match,strip"]
+    assert res["results"]["wb_word_count"]["exact_match_stderr,strip"] == pytest.approx((p_wc * (1 - p_wc) / 5) ** 0.5)
     assert set(m1["scores"]) == set(tasks) and "exact_match" in m1["scores"]["word_count"]
     assert "word_perplexity" in m1["scores"]["english_docs"]
     assert m1["scores"] == m2["scores"] and m2["split"] == "test"

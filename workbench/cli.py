@@ -416,6 +416,26 @@ def results_show(
         console.print(f"plot: {plot}")
 
 
+@results_app.command("curve")
+def results_curve(
+    recipe: Annotated[Path, typer.Argument(help="the comparison, e.g. merges/merge-count.yaml (run it first)")],
+    results: Annotated[Optional[Path], typer.Option(help="results folder")] = None,
+):
+    """Score vs number of merged experts from a comparison's cells (curve.json + curve.svg beside its leaderboard)."""
+    from .compare import parse_comparison
+    from .jobs import make_plan, merge_count_curve
+
+    plan = make_plan(parse_comparison(recipe), results)
+    curve = merge_count_curve(plan)
+    if not curve["points"]:
+        raise WorkbenchError(f"no finished rows in {plan.out}: run `workbench compare {recipe}` first")
+    table = Table("method", "experts", "mean %", "se", title=f"{curve['name']}: mean over the merged experts' tasks")
+    for p in curve["points"]:
+        table.add_row(p["method"], str(p["experts"]), f"{100 * p['mean']:.1f}", f"{100 * p['stderr']:.1f}")
+    console.print(table)
+    console.print(f"curve: {plan.out / 'curve.svg'}")
+
+
 @app.command("merge")
 def merge(
     recipes: Annotated[list[Path], typer.Argument(help="recipe YAML files, e.g. merges/ties-lora.yaml")],
@@ -621,8 +641,8 @@ def _compare(recipe: Path, *, dry_run: bool, executor: str, address: str | None,
     from .compare import parse_comparison
     from .jobs import describe, make_plan, run_comparison
 
-    comparison = parse_comparison(recipe)  # every check before any work
-    plan = make_plan(comparison, results)
+    comparison = parse_comparison(recipe, log=console.print)  # every check before any work
+    plan = make_plan(comparison, results, device)
     if dry_run:
         for line in describe(plan):
             console.print(line, highlight=False)
@@ -632,7 +652,12 @@ def _compare(recipe: Path, *, dry_run: bool, executor: str, address: str | None,
     with bar:
         job = bar.add_task(f"compare {comparison.spec.name}", total=len(plan.builds) + len(plan.evals), current="")
 
+        printed = [0]
+
         def progress(state):
+            for event in state.events[printed[0]:]:
+                bar.console.print(f"  {event}", highlight=False)
+            printed[0] = len(state.events)
             bar.update(job, completed=state.done, current=state.current)
 
         board = run_comparison(comparison, results_dir=results, executor=executor, device=device, address=address,

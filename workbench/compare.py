@@ -9,11 +9,12 @@ A comparison file (e.g. `merges/demo.yaml`):
     eval: {limit: 20, batch_size: 32, split: test}
     seeds: [0]
     reference: multitask           # the row every other row is paired against
+    experts: [addition, sorting]   # of method entries that name none (default: the whole pool)
     entries:
       - base
       - experts                    # every expert of the pool except multitask ones, one row each
       - multitask                  # any expert by name
-      - {name: ta, method: task_arithmetic, parameters: {lambda: 0.3}}
+      - {name: ta, method: task_arithmetic, parameters: {lambda: 0.3}}   # experts: the top-level list
       - {recipe: ties-lora.yaml}   # an existing recipe (its validation sweep runs unless sweep: false)
 
 Every check runs in `parse_comparison`: schema, unknown method, expert, task or parameter, experts of a kind
@@ -53,6 +54,8 @@ class MethodEntry(Schema):
     parameters: dict[str, Any] = Field(default_factory=dict)
     output: OutputSpec | None = None
     sweep: bool = Field(True, description="run the recipe's validation sweep (recipe entries)")
+    tasks: list[Annotated[str, Field(max_length=64)]] | None = Field(
+        None, description="tasks of this row (default: the comparison's; e.g. only the merged experts' tasks)")
 
 
 class CompareEval(Schema):
@@ -68,6 +71,8 @@ class ComparisonSpec(Schema):
     pool: Ref = "demo"
     description: str = ""
     entries: list[Annotated[str, Field(max_length=120)] | MethodEntry] = Field(min_length=1)
+    experts: list[Ref] | None = Field(None, description="experts of `method` entries that name none "
+                                                        "(default: every expert of the pool)")
     tasks: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=lambda: ["held_in", "held_out"])
     eval: CompareEval = Field(default_factory=CompareEval)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="seeds of seeded methods")
@@ -87,13 +92,14 @@ class Row:
     skip: str | None = None  # why the row is not run (its experts' files are absent)
     info: dict[str, Any] = field(default_factory=dict)
     base_fp: str = ""
+    tasks: list[str] = field(default_factory=list)  # the tasks this row is evaluated on
 
     def identity(self) -> dict[str, Any]:
         """What determines this row's model before any build (sweep rows: the recipe and its grid)."""
         if self.kind == "base":
             return {"base": self.base_fp}
         if self.kind == "expert":
-            return {"expert": self.expert, "files": self.info["files"]}
+            return {"expert": self.expert, "files": self.info["files"], "base": self.base_fp}
         body = {"key": self.recipe.key}
         if self.sweep and self.recipe.recipe.sweep:
             body["sweep"] = self.recipe.recipe.sweep.model_dump(mode="json")
@@ -124,10 +130,13 @@ class Comparison:
         """What every cell's result depends on besides its row and task."""
         return {"eval": self.spec.eval.model_dump(mode="json")}
 
+    recipe_bodies: dict[str, Any] = field(default_factory=dict)  # recipe files as read when parsing
+
     def to_payload(self) -> dict[str, Any]:
-        """What a worker process needs to rebuild this comparison (Ray tasks): the spec and where it came from."""
+        """What a worker process needs to rebuild this comparison (Ray tasks): the spec, where it came from, and
+        the recipe files' contents as the driver read them (an edit meanwhile changes nothing)."""
         return {"spec": self.spec.model_dump(mode="json"), "source": self.source, "folder": str(self.folder.resolve()),
-                "pool": str(self.pool.root.resolve())}
+                "recipe_bodies": self.recipe_bodies}
 
 
 def _fingerprint_base(pool: Pool) -> str:
@@ -142,7 +151,7 @@ def _missing_reason(experts, pool: Pool) -> str | None:
     missing = [e.name for e in experts if not e.files_present()]
     if not missing:
         return None
-    how = ("`workbench demo --full` trains them" if pool.name == "demo"
+    how = (f"`workbench demo --full` trains {'them' if len(missing) > 1 else 'it'}" if pool.name == "demo"
            else f"`workbench pool verify {pool.name}` lists what is missing")
     kinds = sorted({e.kind for e in experts if e.name in missing})
     return (f"the {'/'.join(kinds)} expert{'s' if len(missing) > 1 else ''} {', '.join(missing[:4])}"
@@ -150,8 +159,10 @@ def _missing_reason(experts, pool: Pool) -> str | None:
 
 
 def parse_comparison(data: dict[str, Any] | str | Path, source: str | None = None, *,
-                     folder: Path | None = None, pool_path: str | None = None) -> Comparison:
-    """Validate a comparison (file or mapping) and resolve its rows; raises one RecipeError line on any problem."""
+                     folder: Path | None = None, recipe_bodies: dict[str, Any] | None = None,
+                     log=None) -> Comparison:
+    """Validate a comparison (file or mapping) and resolve its rows; raises one RecipeError line on any problem.
+    `recipe_bodies` (path -> mapping) stands in for reading recipe files (a worker replays the driver's)."""
     if isinstance(data, (str, Path)):
         path = Path(data)
         source = source or str(path)
@@ -175,26 +186,45 @@ def parse_comparison(data: dict[str, Any] | str | Path, source: str | None = Non
         tasks = resolve_tasks(list(spec.tasks))
     except WorkbenchError as e:
         raise RecipeError(f"comparison {source}: tasks: {e}") from None
-    pool = Pool.open(pool_path or spec.pool)
+    pool = Pool.open(spec.pool)
+    bodies: dict[str, Any] = dict(recipe_bodies or {})
     rows: list[Row] = []
     for i, entry in enumerate(spec.entries):
         where = f"comparison {source}: entries.{i}"
-        rows += _entry_rows(entry, spec, pool, folder, where, pool_path)
+        row_tasks = tasks
+        if isinstance(entry, MethodEntry) and entry.tasks is not None:
+            try:
+                row_tasks = resolve_tasks(list(entry.tasks))
+            except WorkbenchError as e:
+                raise RecipeError(f"{where}: tasks: {e}") from None
+            if extra := [t for t in row_tasks if t not in tasks]:
+                raise RecipeError(f"{where}: tasks {extra} are not among the comparison's tasks")
+        for r in _entry_rows(entry, spec, pool, folder, where, bodies):
+            r.tasks = list(row_tasks)
+            rows.append(r)
     seen: set[str] = set()
     for r in rows:
         if r.name in seen:
             raise RecipeError(f"comparison {source}: duplicate row name {r.name!r} (give the entry a `name:`)")
         seen.add(r.name)
     reference = spec.reference
-    if reference is None:
-        reference = "multitask" if "multitask" in seen else rows[0].name
-    elif reference not in seen:
+    if reference is not None and reference not in seen:
         raise RecipeError(f"comparison {source}: reference {_clip(reference)!r} is not a row "
                           f"(rows: {_clip(', '.join(r.name for r in rows), 200)})")
-    return Comparison(spec, source, folder, pool, rows, tasks, reference)
+    active = [r.name for r in rows if r.skip is None]
+    if not active:
+        raise RecipeError(f"comparison {source}: every row is skipped ({rows[0].name}: {rows[0].skip})")
+    wanted = reference or ("multitask" if "multitask" in seen else active[0])
+    if wanted not in active:  # e.g. multitask in a clone without its weights: pair against another row, say so
+        reference = active[0]
+        if log:
+            log(f"reference row {wanted} is skipped: paired tests use {reference} instead")
+    else:
+        reference = wanted
+    return Comparison(spec, source, folder, pool, rows, tasks, reference, recipe_bodies=bodies)
 
 
-def _entry_rows(entry, spec: ComparisonSpec, pool: Pool, folder: Path, where: str, pool_path: str | None) -> list[Row]:
+def _entry_rows(entry, spec: ComparisonSpec, pool: Pool, folder: Path, where: str, bodies: dict[str, Any]) -> list[Row]:
     fp = _fingerprint_base(pool)
     if isinstance(entry, str):
         if entry == "base":
@@ -222,28 +252,38 @@ def _entry_rows(entry, spec: ComparisonSpec, pool: Pool, folder: Path, where: st
                 METHODS.get(entry.method)
             except WorkbenchError as e:
                 raise RecipeError(f"{where}: {e}") from None
-        body: dict[str, Any] = {"name": entry.name or entry.method, "method": entry.method, "pool": pool_path or spec.pool,
+        body: dict[str, Any] = {"name": entry.name or entry.method, "method": entry.method, "pool": spec.pool,
                                 "parameters": dict(entry.parameters)}
-        if entry.experts is not None:
-            body["experts"] = list(entry.experts)
+        experts = entry.experts if entry.experts is not None else spec.experts
+        if experts is not None:
+            body["experts"] = list(experts)
         if entry.output is not None:
             body["output"] = entry.output.model_dump(mode="json")
         sweep = False
     else:
         if entry.experts is not None or entry.parameters or entry.output is not None:
             raise RecipeError(f"{where}: a `recipe` entry takes its experts, parameters and output from the recipe")
-        path = Path(entry.recipe)
-        path = path if path.is_absolute() else folder / path
-        body = _load_yaml(path)
+        if entry.recipe not in bodies:
+            path = Path(entry.recipe)
+            bodies[entry.recipe] = _load_yaml(path if path.is_absolute() else folder / path)
+        body = bodies[entry.recipe]
         if not isinstance(body, dict):
-            raise RecipeError(f"{where}: recipe {entry.recipe} is not a mapping")
+            raise RecipeError(f"{where}: recipe {_clip(entry.recipe)} is not a mapping")
         body = dict(body)
+        if not isinstance(body.get("method"), str):
+            raise RecipeError(f"{where}: recipe {_clip(entry.recipe)} names no method")
+        if body.get("pool", "demo") != spec.pool:
+            raise RecipeError(f"{where}: recipe {_clip(entry.recipe)} is over pool {_clip(str(body.get('pool', 'demo')))!r}, "
+                              f"the comparison over {_clip(spec.pool)!r}")
         if entry.name:
             body["name"] = entry.name
-        if pool_path:
-            body["pool"] = pool_path
         sweep = entry.sweep and body.get("sweep") is not None
-    seeded = "seed" in METHODS.get(body["method"]).Params.model_fields and "seed" not in body.get("parameters", {})
+    try:
+        method_cls = METHODS.get(body["method"])
+    except WorkbenchError as e:
+        raise RecipeError(f"{where}: {e}") from None
+    params = body.get("parameters") if isinstance(body.get("parameters"), dict) else {}
+    seeded = "seed" in method_cls.Params.model_fields and "seed" not in params
     seeds = spec.seeds if seeded else [None]
     out = []
     for seed in seeds:
@@ -261,12 +301,22 @@ def _entry_rows(entry, spec: ComparisonSpec, pool: Pool, folder: Path, where: st
     return out
 
 
-def cell_key(comparison: Comparison, model_key: dict[str, Any], task: str) -> str:
-    """The key of one (row, task) result: the row's model, the task's data and the eval settings."""
+def task_config_hash(task: str) -> str:
+    """The task's lm-eval configuration (prompt, generation settings, filters, metric), without this machine's paths."""
+    from .tasks.suite import DOMAINS, TASKS, _task_yaml
+
+    return sha256_json(_task_yaml(task, Path("/suite"), TASKS.get(task) if task not in DOMAINS else None))[:16]
+
+
+def cell_key(comparison: Comparison, model_key: dict[str, Any], task: str, device: str = "cpu") -> str:
+    """The key of one (row, task) result: the row's model, the task's data and configuration, the eval settings,
+    lm-eval's version and the device."""
+    from importlib.metadata import version
+
     from .tasks.suite import data_hash
 
-    return sha256_json({"model": model_key, "task": task, "data": data_hash(task),
-                        **comparison.settings()})[:16]
+    return sha256_json({"model": model_key, "task": task, "data": data_hash(task), "config": task_config_hash(task),
+                        "lm_eval": version("lm-eval"), "device": device.split(":")[0], **comparison.settings()})[:16]
 
 
 def comparison_dir(results_dir: Path, name: str) -> Path:

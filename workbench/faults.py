@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections import Counter
 
 _hits: Counter[str] = Counter()
@@ -24,4 +25,6 @@ def fault_point(site: str) -> None:
         return
     _hits[site] += 1
     if _hits[site] == int(n or 1):
+        sys.stderr.write(f"WORKBENCH_FAULT: killed at {site} #{_hits[site]}\n")
+        sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)

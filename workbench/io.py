@@ -64,30 +64,38 @@ def staging_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".staging-{final.name}-", dir=final.parent))
     try:
         yield tmp
-        if replace and final.exists():
+        old = None
+        if replace and final.exists():  # aside first; deleted only once the new folder is in place
             old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
             os.replace(final, old / final.name)
-            shutil.rmtree(old, ignore_errors=True)
         try:
             os.rename(tmp, final)  # atomic; fails when another process's `final` landed first
         except OSError:
             if not final.exists():
                 raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager
-def file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path, waiting=None) -> Iterator[None]:
     """An exclusive advisory lock on `path` (created if missing) for the block: read-modify-write of a shared
-    record by one process at a time. The kernel drops it when the holder dies (even by SIGKILL)."""
+    record by one process at a time. The kernel drops it when the holder dies (even by SIGKILL). `waiting()` is
+    called once if another process holds it (to say so before blocking)."""
     import fcntl
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                waiting()
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
             yield
         finally:

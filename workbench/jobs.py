@@ -40,6 +40,7 @@ class Plan:
     comparison: Comparison
     out: Path  # <results>/compare/<name>
     results_dir: Path
+    device: str = "cpu"  # part of every cell's key
 
     @property
     def builds(self) -> list[Row]:
@@ -47,7 +48,7 @@ class Plan:
 
     @property
     def evals(self) -> list[tuple[Row, str]]:
-        return [(r, t) for r in self.comparison.active_rows for t in self.comparison.tasks]
+        return [(r, t) for r in self.comparison.active_rows for t in r.tasks]
 
     @property
     def skipped(self) -> list[Row]:
@@ -60,9 +61,9 @@ class Plan:
         return self.out / "cells" / row.name / f"{task}.json"
 
 
-def make_plan(comparison: Comparison, results_dir: Path | None = None) -> Plan:
+def make_plan(comparison: Comparison, results_dir: Path | None = None, device: str = "cpu") -> Plan:
     results_dir = Path(results_dir or default_results_dir())
-    return Plan(comparison, comparison_dir(results_dir, comparison.spec.name), results_dir)
+    return Plan(comparison, comparison_dir(results_dir, comparison.spec.name), results_dir, device)
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -76,17 +77,32 @@ def build_key(row: Row) -> str:
     return sha256_json(row.identity())[:16]
 
 
-def build_done(plan: Plan, row: Row) -> dict[str, Any] | None:
-    """The row's build record when it is current and its artifact is still in the cache."""
-    from .artifacts import ARTIFACT_FILE
+def _artifact_folder(rec: dict[str, Any]) -> Path:
     from .io import cache_dir
 
-    rec = _read(plan.build_path(row))
-    if not rec or rec.get("key") != build_key(row):
-        return None
     root = os.environ.get("WORKBENCH_CACHE_ARTIFACTS")
-    folder = (Path(root) if root else cache_dir() / "artifacts") / Path(rec["artifact"]).name
-    return rec if (folder / ARTIFACT_FILE).is_file() else None
+    return (Path(root) if root else cache_dir() / "artifacts") / Path(rec["artifact"]).name
+
+
+def build_record(plan: Plan, row: Row) -> dict[str, Any] | None:
+    """The row's build record when it is current (its artifact may since have left the cache)."""
+    rec = _read(plan.build_path(row))
+    return rec if rec and rec.get("key") == build_key(row) else None
+
+
+def build_done(plan: Plan, row: Row) -> dict[str, Any] | None:
+    """The row's build record when it is current and its artifact is in the cache (loadable)."""
+    from .artifacts import ARTIFACT_FILE
+
+    rec = build_record(plan, row)
+    return rec if rec and (_artifact_folder(rec) / ARTIFACT_FILE).is_file() else None
+
+
+def needs_build(plan: Plan, row: Row) -> bool:
+    """No current build record, or its artifact left the cache while some of the row's cells still need it."""
+    if build_record(plan, row) is None:
+        return True
+    return build_done(plan, row) is None and any(cell_done(plan, row, t) is None for t in row.tasks)
 
 
 def model_key(plan: Plan, row: Row) -> dict[str, Any] | None:
@@ -94,7 +110,7 @@ def model_key(plan: Plan, row: Row) -> dict[str, Any] | None:
     (None while a sweep row is not built: its model is not known yet)."""
     if row.kind != "artifact":
         return row.identity()
-    rec = build_done(plan, row)
+    rec = build_record(plan, row)
     return {"artifact": rec["model_key"]} if rec else None
 
 
@@ -103,7 +119,7 @@ def cell_done(plan: Plan, row: Row, task: str) -> dict[str, Any] | None:
     if mk is None:
         return None
     rec = _read(plan.cell_path(row, task))
-    return rec if rec and rec.get("key") == cell_key(plan.comparison, mk, task) else None
+    return rec if rec and rec.get("key") == cell_key(plan.comparison, mk, task, plan.device) else None
 
 
 def describe(plan: Plan) -> list[str]:
@@ -114,14 +130,14 @@ def describe(plan: Plan) -> list[str]:
     for r in plan.skipped:
         lines.append(f"  skip  {r.name}: {r.skip}")
     for r in plan.builds:
-        state = "done" if build_done(plan, r) else "todo"
+        state = "todo" if needs_build(plan, r) else "done"
         sweep = f", validation sweep of {len(_sweep_points(r))} points" if r.sweep else ""
         lines.append(f"  build {r.name} ({r.method}{sweep}): {state}")
     done = sum(1 for r, t in plan.evals if cell_done(plan, r, t))
     lines.append(f"  eval  {len(plan.evals)} cells ({done} done, {len(plan.evals) - done} to run)")
     for r in c.active_rows:
-        todo = [t for t in c.tasks if not cell_done(plan, r, t)]
-        lines.append(f"    {r.name}: {len(c.tasks) - len(todo)}/{len(c.tasks)} done")
+        todo = [t for t in r.tasks if not cell_done(plan, r, t)]
+        lines.append(f"    {r.name}: {len(r.tasks) - len(todo)}/{len(r.tasks)} done")
     return lines
 
 
@@ -139,8 +155,8 @@ def run_build(plan: Plan, row: Row, *, device: str = "cpu", log: Log = print) ->
     from .artifacts import artifact_ref
     from .recipes import build, check_expert_files, run_sweep
 
-    if rec := build_done(plan, row):
-        return rec
+    if not needs_build(plan, row):
+        return build_record(plan, row)
     resolved, selection = row.recipe, None
     check_expert_files(resolved.experts)
     if row.sweep:
@@ -174,8 +190,9 @@ def _load_row(plan: Plan, row: Row, device: str):
 
 
 def run_row(plan: Plan, row: Row, *, device: str = "cpu", log: Log = print,
-            on_cell: Callable[[Row, str, dict], None] | None = None) -> list[dict[str, Any]]:
-    """Evaluate the row's cells that are not done (the model is loaded once, only if one is missing)."""
+            on_cell: Callable[[Row, str, dict | None], None] | None = None) -> list[dict[str, Any]]:
+    """Evaluate the row's cells that are not done (the model is loaded once, only if one is missing); returns the
+    records written. `on_cell(row, task, None)` as a cell starts, `on_cell(row, task, record)` once written."""
     from .eval import run_eval
     from .eval.record import read_samples
 
@@ -184,11 +201,16 @@ def run_row(plan: Plan, row: Row, *, device: str = "cpu", log: Log = print,
     mk = model_key(plan, row)
     if mk is None:
         raise WorkbenchError(f"row {row.name!r} is not built yet (its build cell runs first)")
+    if row.kind == "expert" and any(cell_done(plan, row, t) is None for t in row.tasks):
+        from .recipes import check_expert_files
+
+        check_expert_files([c.pool.expert(row.expert)])  # the key trusts the manifest's hashes: check the files
     loaded, out = None, []
-    for task in c.tasks:
-        if rec := cell_done(plan, row, task):
-            out.append(rec)
+    for task in row.tasks:
+        if cell_done(plan, row, task):
             continue
+        if on_cell:
+            on_cell(row, task, None)  # starting
         if loaded is None:
             loaded = _load_row(plan, row, device)
         t0 = time.perf_counter()
@@ -208,7 +230,7 @@ def run_row(plan: Plan, row: Row, *, device: str = "cpu", log: Log = print,
         values = [float(s["metrics"][metric][0] if isinstance(s["metrics"][metric], list) else s["metrics"][metric])
                   for s in samples]
         fault_point("eval")
-        rec = {"key": cell_key(c, mk, task), "row": row.name, "task": task, "metric": metric,
+        rec = {"key": cell_key(c, mk, task, plan.device), "row": row.name, "task": task, "metric": metric,
                "score": m["scores"].get(task, {}).get(metric), "n": len(values),
                "doc_ids": [s["doc_id"] for s in samples], "values": values,
                "run": Path(run_path).relative_to(plan.out).as_posix(), "eval_s": round(time.perf_counter() - t0, 2)}
@@ -236,15 +258,16 @@ class Progress:
 
 def _local(plan: Plan, device: str, log: Log, tick: Callable[[str], None]) -> None:
     for row in plan.builds:
-        if not build_done(plan, row):
+        if needs_build(plan, row):
             tick(f"build {row.name}")
             run_build(plan, row, device=device, log=log)
         tick(None)
     for row in plan.comparison.active_rows:
-        for task in plan.comparison.tasks:
+        for task in row.tasks:
             if cell_done(plan, row, task):
                 tick(None)
-        run_row(plan, row, device=device, log=log, on_cell=lambda r, t, rec: tick(None, f"{r.name} x {t}", rec))
+        run_row(plan, row, device=device, log=log,
+                on_cell=lambda r, t, rec: tick(f"{r.name} x {t}") if rec is None else tick(None, f"{r.name} x {t}", rec))
 
 
 def _worker_env() -> dict[str, str]:
@@ -256,8 +279,11 @@ def _ray_setup(payload: dict[str, Any], cwd: str, env: dict[str, str]) -> Plan:
     os.environ.update(env)
     if Path(cwd).is_dir():
         os.chdir(cwd)
-    c = parse_comparison(payload["spec"], payload["source"], folder=Path(payload["folder"]), pool_path=payload["pool"])
-    return make_plan(c, Path(payload["results_dir"]))
+    # the pool as the comparison names it, resolved as the driver resolves it (same working folder and
+    # $WORKBENCH_POOLS): rows, keys and records are then the driver's
+    c = parse_comparison(payload["spec"], payload["source"], folder=Path(payload["folder"]),
+                         recipe_bodies=payload["recipe_bodies"])
+    return make_plan(c, Path(payload["results_dir"]), payload["device"])
 
 
 def _ray_build(payload, row_name, cwd, env, device):
@@ -271,11 +297,9 @@ def _ray_row(payload, row_name, cwd, env, device):
 
 
 def _ray(plan: Plan, device: str, log: Log, tick, address: str | None, cpus: float, gpus: float) -> None:
-    try:
-        import ray
-    except ImportError:
-        raise WorkbenchError("the ray executor needs Ray: pip install -e '.[ray]'") from None
-    payload = {**plan.comparison.to_payload(), "results_dir": str(plan.results_dir.resolve())}
+    import ray
+
+    payload = {**plan.comparison.to_payload(), "results_dir": str(plan.results_dir.resolve()), "device": plan.device}
     cwd, env = os.getcwd(), _worker_env()
     started = not ray.is_initialized()
     if started:
@@ -286,20 +310,19 @@ def _ray(plan: Plan, device: str, log: Log, tick, address: str | None, cpus: flo
         build_fn, row_fn = ray.remote(**opts)(_ray_build), ray.remote(**opts)(_ray_row)
         pending = {}
         for row in plan.builds:
-            if build_done(plan, row):
+            if not needs_build(plan, row):
                 tick(None)
             else:
                 pending[build_fn.remote(payload, row.name, cwd, env, device)] = row
         _drain(ray, pending, lambda row, rec: tick(None, f"build {row.name}"))
         pending = {}
         for row in plan.comparison.active_rows:
-            for task in plan.comparison.tasks:
+            for task in row.tasks:
                 if cell_done(plan, row, task):
                     tick(None)
-            if any(not cell_done(plan, row, t) for t in plan.comparison.tasks):
+            if any(not cell_done(plan, row, t) for t in row.tasks):
                 pending[row_fn.remote(payload, row.name, cwd, env, device)] = row
-        _drain(ray, pending, lambda row, recs: [tick(None, f"{row.name} x {r['task']}", r) for r in recs
-                                                if r.get("eval_s") is not None])
+        _drain(ray, pending, lambda row, recs: [tick(None, f"{row.name} x {r['task']}", r) for r in recs])
     finally:
         if started:
             ray.shutdown()
@@ -322,11 +345,19 @@ def run_comparison(comparison: Comparison, *, results_dir: Path | None = None, e
                    device: str = "cpu", address: str | None = None, cpus: float = 1, gpus: float = 0,
                    log: Log = print, progress: Callable[[Progress], None] | None = None) -> dict[str, Any]:
     """Run every cell not done yet and write the leaderboard; returns it (see `eval.leaderboard`)."""
-    plan = make_plan(comparison, results_dir)
+    if executor not in ("local", "ray"):
+        raise WorkbenchError(f"unknown executor {executor!r}: local or ray")
+    if executor == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise WorkbenchError("the ray executor needs Ray: pip install -e '.[ray]'") from None
+    plan = make_plan(comparison, results_dir, device)
     for r in plan.skipped:
         log(f"skip {r.name}: {r.skip}")
     state = Progress(total=len(plan.builds) + len(plan.evals))
-    with file_lock(lock_for(plan.out)):  # one run of a comparison at a time (Ray workers write its cells)
+    # one run of a comparison at a time (its Ray workers write its cells under the driver's lock)
+    with file_lock(lock_for(plan.out), waiting=lambda: log(f"waiting for another run of {plan.out} to finish")):
         for p in clean_leftovers(plan.out):
             log(f"removed {p.relative_to(plan.out)}: left by an interrupted run")
         atomic_write_json(plan.out / "plan.json", plan_record(plan))
@@ -344,10 +375,8 @@ def run_comparison(comparison: Comparison, *, results_dir: Path | None = None, e
 
         if executor == "local":
             _local(plan, device, log, tick)
-        elif executor == "ray":
-            _ray(plan, device, log, tick, address, cpus, gpus)
         else:
-            raise WorkbenchError(f"unknown executor {executor!r}: local or ray")
+            _ray(plan, device, log, tick, address, cpus, gpus)
         return write_leaderboard(plan)
 
 
@@ -417,6 +446,37 @@ def write_leaderboard(plan: Plan) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - the plot is a view of the table: a missing renderer loses only it
         board["plot_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return board
+
+
+def merge_count_curve(plan: Plan) -> dict[str, Any]:
+    """Score vs number of merged experts: for each artifact row, its method, its expert count and its mean over
+    its tasks (± the combined standard error); written as curve.json and curve.svg beside the leaderboard."""
+    from .eval import stats
+    from .eval.leaderboard import curve_chart
+
+    cells = collect_cells(plan)
+    points = []
+    for row in plan.comparison.active_rows:
+        if row.kind != "artifact":
+            continue
+        got = [cells[(row.name, t)] for t in row.tasks if (row.name, t) in cells]
+        if len(got) < len(row.tasks):
+            continue
+        means = [sum(c["values"]) / len(c["values"]) for c in got]
+        ses = [stats.stderr(c["values"]) for c in got]
+        points.append({"row": row.name, "method": row.method, "experts": len(row.recipe.experts),
+                       "tasks": row.tasks, "mean": sum(means) / len(means),
+                       "stderr": sum(x * x for x in ses) ** 0.5 / len(ses),  # NaN (n < 2) propagates
+                       "per_task": dict(zip(row.tasks, means))})
+    curve = {"name": plan.comparison.spec.name, "pool": plan.comparison.pool.name,
+             "eval": plan.comparison.spec.eval.model_dump(mode="json"), "points": points}
+    atomic_write_json(plan.out / "curve.json", curve)
+    if points:
+        svg = plan.out / "curve.svg"
+        tmp = svg.with_name(".curve.partial.svg")
+        curve_chart(curve).save(str(tmp))
+        tmp.replace(svg)
+    return curve
 
 
 # ----------------------------------------------------------------------------- eval matrix

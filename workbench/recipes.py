@@ -10,6 +10,7 @@ of the input. Builds check the experts' file hashes against the manifest first.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -85,7 +86,8 @@ class ResolvedRecipe:
         """Hash of everything that determines the artifact: recipe fields, experts' file hashes, the method's
         version and the data its build reads."""
         # The name is not part of the key: a sweep's best point reuses that point's artifact.
-        body = self.recipe.model_dump(mode="json", exclude={"eval", "description", "sweep", "name"})
+        # Nor is the pool's spelling (a name here, a path on a worker): the experts below identify it.
+        body = self.recipe.model_dump(mode="json", exclude={"eval", "description", "sweep", "name", "pool"})
         body["experts"] = [(e.pool.manifest.base.fingerprint, e.name, e.entry.files) for e in self.experts]
         body["params"] = self.params.model_dump(mode="json", by_alias=True)
         body["method_version"] = self.method.version
@@ -273,6 +275,8 @@ def build(resolved: ResolvedRecipe, *, force: bool = False, device: str = "cpu",
             if resolved.recipe.name not in names:  # e.g. a sweep's best point, now also the recipe's own artifact
                 atomic_write_json(out / ARTIFACT_FILE, {**meta, "names": [*names, resolved.recipe.name]})
             return out
+        for stale in out.parent.glob(f".staging-{out.name}-*"):  # a killed build's (we hold the key's lock)
+            shutil.rmtree(stale, ignore_errors=True)
         t0 = time.perf_counter()
         r = resolved.recipe
         with staging_dir(out, replace=True) as tmp:

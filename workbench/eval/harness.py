@@ -146,7 +146,7 @@ def evaluate(loaded: LoadedModel, tasks: list[str], *, limit: int | None = None,
         lm = make_lm(loaded, bs)
         res = lm_eval.simple_evaluate(
             model=lm, tasks=group, limit=limit, task_manager=tm, log_samples=log_samples,
-            bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
+            bootstrap_iters=1000, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
             verbosity="ERROR",
         )
         if res is None:

@@ -50,7 +50,7 @@ def build_leaderboard(rows: list[dict[str, Any]], cells: dict[tuple[str, str], d
         for g, vals in groups.items():
             if vals:
                 summary[g] = {"mean": sum(m for m, _ in vals) / len(vals),
-                              "stderr": math.sqrt(sum(0.0 if math.isnan(s) else s * s for _, s in vals)) / len(vals),
+                              "stderr": math.sqrt(sum(s * s for _, s in vals)) / len(vals),  # NaN propagates
                               "tasks": len(vals)}
         paired = None
         if paired_a:
@@ -144,4 +144,19 @@ def leaderboard_chart(board: dict[str, Any], title: str = ""):
     return (bars + err).properties(title=title or "leaderboard (95% intervals)", width=360, height=alt.Step(9))
 
 
-__all__ = ["build_leaderboard", "leaderboard_chart", "leaderboard_frame", "leaderboard_markdown"]
+def curve_chart(curve: dict[str, Any]):
+    """Mean score over the merged experts' tasks vs their number, one line per method, ±1.96 se band."""
+    import altair as alt
+    import pandas as pd
+
+    df = pd.DataFrame([{"method": p["method"], "experts": p["experts"], "score": 100 * p["mean"],
+                        "lo": 100 * max(0.0, p["mean"] - 1.96 * p["stderr"]),
+                        "hi": 100 * min(1.0, p["mean"] + 1.96 * p["stderr"])} for p in curve["points"]])
+    base = alt.Chart(df).encode(x=alt.X("experts:O", title="experts merged"), color=alt.Color("method:N", title=None))
+    line = base.mark_line(point=True).encode(y=alt.Y("score:Q", scale=alt.Scale(domain=[0, 100]),
+                                                     title="mean exact match % on their tasks"))
+    band = base.mark_errorband(opacity=0.15).encode(y="lo:Q", y2="hi:Q")
+    return (band + line).properties(title=f"{curve['name']}: pool {curve['pool']}", width=320, height=220)
+
+
+__all__ = ["curve_chart", "build_leaderboard", "leaderboard_chart", "leaderboard_frame", "leaderboard_markdown"]

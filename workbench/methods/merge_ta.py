@@ -61,6 +61,7 @@ class TaskArithmeticFamily(Method):
     """One configurable family (mergekit's generalized task arithmetic); see the module doc."""
 
     Params = TAParams
+    version = 2  # 2: random drops seeded per (seed, tensor) in adapter space (were one global seed)
 
     def validate(self, experts, params: TAParams, output) -> None:
         super().validate(experts, params, output)

@@ -112,10 +112,13 @@ class Phatgoose(DataRoutedMethod):
         return ctx.out_dir.parent / "phatgoose-gates" / f"{expert.name}-{key}"
 
     def _cached_gates(self, ctx: BuildContext, expert):
+        """Gates trained before: in the cache, else shipped with the pool (`<pool>/parts/phatgoose-gates/`,
+        e.g. the demo pool's, so that the quick demo trains none); the key names the same folder in both."""
         folder = self._gate_dir(ctx, expert)
-        if not (folder / "curve.json").is_file():
-            return None
-        return load_file(str(folder / "gates.safetensors")), json.loads((folder / "curve.json").read_text())
+        for f in (folder, ctx.pool.root / "parts" / "phatgoose-gates" / folder.name):
+            if (f / "curve.json").is_file() and (f / "gates.safetensors").is_file():
+                return load_file(str(f / "gates.safetensors")), json.loads((f / "curve.json").read_text())
+        return None
 
     def _save_gates(self, ctx: BuildContext, expert, gates: dict[str, torch.Tensor], curve: list[float]) -> None:
         from ..io import staging_dir

@@ -1,0 +1,72 @@
+"""The embedded default as a fresh clone has it: the shipped demo LoRA experts are present, intact and half
+precision; every recipe and comparison in merges/ parses against the committed pool; the quick demo plans
+every LoRA row and skips only what needs the (unshipped) full fine-tunes, each with one line."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from workbench.compare import parse_comparison
+from workbench.pool import Pool
+from workbench.recipes import parse_recipe
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def repo_cwd(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("WORKBENCH_POOLS", raising=False)
+
+
+def test_shipped_lora_experts_are_present_intact_and_half_precision():
+    pool = Pool.open("demo")
+    lora = [e for e in pool.experts if e.kind == "lora"]
+    assert {e.name for e in lora} >= {"addition", "sorting", "unit_conversion", "word_count", "repeat_word",
+                                      "reverse_words", "multitask"}
+    problems = [p for p in pool.verify() if not p.startswith("full-")]  # full fine-tunes are not shipped
+    assert problems == []
+    for e in lora:
+        with safe_open(str(e.path / "adapter_model.safetensors"), "pt") as f:
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        assert dtypes == {"F16"}, (e.name, dtypes)
+        assert e.entry.training["config"]["lr"] > 0  # a real training record ships with the weights
+    tracked = set(subprocess.run(["git", "ls-files", "adapters/demo/experts", "adapters/demo/parts"], cwd=ROOT,
+                                 capture_output=True, text=True, check=True).stdout.split())
+    for e in lora:  # in git, not just on this disk
+        assert {f"adapters/demo/{e.entry.path}/{f}" for f in e.entry.files} <= tracked, e.name
+
+
+def test_half_lora_loads_as_fp32():
+    pool = Pool.open("demo")
+    a, b, _ = pool.expert("addition").lora_factors(pool.expert("addition").delta_names()[0])
+    assert a.dtype == b.dtype == torch.float32
+
+
+def test_every_recipe_and_comparison_in_merges_parses():
+    for f in sorted((ROOT / "merges").glob("*.yaml")):
+        data = yaml.safe_load(f.read_text())
+        if "entries" in data:
+            c = parse_comparison(f)
+            assert len(c.rows) >= len(data["entries"]), f
+        else:
+            parse_recipe(data, source=str(f), require_files=False)
+
+
+def test_quick_demo_skips_only_full_finetune_rows():
+    c = parse_comparison(ROOT / "merges" / "demo.yaml")
+    pool = Pool.open("demo")
+    full_absent = {e.name for e in pool.experts if e.kind == "full" and not e.files_present()}
+    skipped = {r.name: r.skip for r in c.rows if r.skip}
+    needs_full = {r.name for r in c.rows if r.kind == "expert" and r.expert in full_absent} | \
+        {r.name for r in c.rows if r.recipe is not None and {e.name for e in r.recipe.experts} & full_absent}
+    assert set(skipped) == needs_full
+    assert all("`workbench demo --full` trains" in s for s in skipped.values())
+    active = {r.name for r in c.active_rows}
+    assert {"base", "multitask", "ta", "ties", "pcb", "twin", "phatgoose", "arrow", "avg-act"} <= active
+    assert c.reference == "multitask"
