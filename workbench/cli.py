@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import WorkbenchError
-from .io import atomic_write_text
+from .io import atomic_write_json, atomic_write_text
 
 app = typer.Typer(help="Expert Workbench: pools of experts, combined, evaluated and served.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -693,19 +693,26 @@ def demo(
 ):
     """The main job on the embedded default: SmolLM2-135M + the shipped demo pool -> merges/demo.yaml leaderboard."""
     from .base import BaseModel
-    from .demo import DEMO_COMPARISON, DEMO_FULL_COMPARISON, build_demo_pool, missing_shipped
+    from .demo import DEMO_COMPARISON, DEMO_FULL_COMPARISON, build_demo_pool, missing_shipped, ship_half, ship_parts
+    from .eval.harness import results_root
 
     with console.status("fetching the base model ..."):
         bm = BaseModel("smollm2-135m")
     console.print(f"base: {bm.info()['title']}")
-    if full:
-        build_demo_pool(device=device, log=console.print)
+    if full:  # everything from scratch: the pool (shipped experts retrained), half-precision check, gates
+        pool = build_demo_pool(device=device, force=True, log=console.print)
+        atomic_write_json(results_root() / "checks" / "demo-pool-half.json", ship_half(pool, log=console.print))
     elif missing := missing_shipped():
         raise WorkbenchError(f"the shipped demo experts are missing ({', '.join(missing)}): restore adapters/demo from "
                              "git, or run `workbench demo --full` to train them")
     _compare(DEMO_FULL_COMPARISON if full else DEMO_COMPARISON, dry_run=False, executor=executor, address=None,
              cpus=1, gpus=0, device=device, results=None)
-    console.print("open the app: .venv/bin/streamlit run app/app.py")
+    if full:
+        ship_parts(DEMO_COMPARISON, log=console.print)
+    from .demo import _ROOT
+
+    if (_ROOT / "app" / "app.py").is_file():
+        console.print("open the app: .venv/bin/streamlit run app/app.py")
 
 
 # ----------------------------------------------------------------------------- entry point

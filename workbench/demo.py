@@ -86,7 +86,7 @@ def ship_half(pool: Pool, names: list[str] | None = None, dtype: str = "float16"
                 model = PeftModel.from_pretrained(pool.base.load(), str(folder), is_trainable=False).eval()
                 loaded = LoadedModel(model, pool.base.tokenizer(), e.name, {"kind": "lora"})
                 res = scores_of(evaluate(loaded, tasks, limit=limit, batch_size=32, log_samples=False))
-                scores[label] = {t: res[t]["exact_match"] for t in tasks}
+                scores[label] = {t: float(res[t]["exact_match"]) for t in tasks}
             worst = max(abs(scores["float32"][t] - scores[dtype][t]) for t in tasks)
             ok = worst <= tolerance
             report["experts"][e.name] = {"tasks": tasks, "scores": scores, "max_abs_diff_points": round(100 * worst, 2),
@@ -138,13 +138,14 @@ def missing_shipped(pool_spec: str = DEMO_POOL) -> list[str]:
 
 
 def build_demo_pool(pool_spec: str = DEMO_POOL, base: str = "smollm2-135m", device: str = "cpu",
-                    only: list[str] | None = None, log=print) -> Pool:
+                    only: list[str] | None = None, force: bool = False, log=print) -> Pool:
+    """Train the plan's experts that are missing (`force`: every one, the shipped ones included)."""
     pool = Pool.open_or_create(pool_spec, base=base)
     t0 = time.perf_counter()
     for plan in demo_plan():
         if only and plan.name not in only:
             continue
-        if plan.name in pool and pool.expert(plan.name).files_present():
+        if plan.name in pool and pool.expert(plan.name).files_present() and not force:
             log(f"skip {plan.name}: already in pool {pool.name}")
             continue
         # The manifest is committed, the weights are not: train them again, keeping the tracked entry
@@ -152,7 +153,9 @@ def build_demo_pool(pool_spec: str = DEMO_POOL, base: str = "smollm2-135m", devi
         old = pool.expert(plan.name).entry if plan.name in pool else None
         same = old is not None and old.training.get("config") == plan.config.model_dump(mode="json")
         if old:
-            log(f"rebuilding {plan.name}: " + ("its files are missing" if same else "its training config changed"))
+            why = ("its training config changed" if not same else "--full retrains it"
+                   if pool.expert(plan.name).files_present() else "its files are missing")
+            log(f"rebuilding {plan.name}: {why}")
         train_expert(pool, plan.name, list(plan.tasks), plan.config, device=device, replace=old is not None)
         if same:
             pool.keep_metadata(old)

@@ -121,6 +121,30 @@ def make_lm(loaded: LoadedModel, batch_size: int):
                 add_bos_token=ADD_SPECIAL_TOKENS)
 
 
+_ENV_INFO: dict[str, Any] = {}
+
+
+def _cache_env_info() -> None:
+    """lm-eval collects the machine's environment (torch's collect_env: several subprocesses, 1-2 s here) and the
+    git hash on every call; a comparison makes hundreds of calls in one process, where neither changes: collect
+    them once per process, then copy them into each result."""
+    import lm_eval.evaluator as ev
+    from lm_eval.loggers import utils as lu
+
+    if getattr(ev.add_env_info, "_workbench_cached", False):
+        return
+
+    def add_env_info(storage: dict[str, Any]) -> None:
+        if not _ENV_INFO:
+            lu.add_env_info(_ENV_INFO)
+        storage.update(_ENV_INFO)
+
+    git = lu.get_git_commit_hash()
+    add_env_info._workbench_cached = True
+    ev.add_env_info = add_env_info
+    ev.get_git_commit_hash = lambda: git
+
+
 def evaluate(loaded: LoadedModel, tasks: list[str], *, limit: int | None = None, batch_size: int = 16,
              split_seed: int = DEFAULT_SEED, log_samples: bool = True, split: str = "test") -> dict[str, Any]:
     """Run lm-eval on a loaded model; returns lm-eval's results dict (with `samples`).
@@ -133,6 +157,7 @@ def evaluate(loaded: LoadedModel, tasks: list[str], *, limit: int | None = None,
     if split not in ("test", "validation"):
         raise WorkbenchError(f"unknown evaluation split {split!r}; use test or validation")
     set_offline()
+    _cache_env_info()
     suite = generate_suite(split_seed)
     tm = TaskManager(include_path=str(suite), include_defaults=False, verbosity="ERROR")
     names = [f"wb_{t}" if split == "test" else f"wb_{t}_val" for t in tasks]

@@ -171,6 +171,9 @@ def train_expert(pool: Pool, name: str, tasks: list[str], cfg: LoraConfigModel |
         out = Path(tmp) / name
         model = model.to("cpu")
         if isinstance(cfg, LoraConfigModel):
+            # name the base by the pool's spec, not by this machine's cache path (the files may ship in git)
+            for c in model.peft_config.values():
+                c.base_model_name_or_path = pool.manifest.base.spec
             model.save_pretrained(out, safe_serialization=True)
         else:
             model.save_pretrained(out, safe_serialization=True)
