@@ -2,6 +2,7 @@
 precision; every recipe and comparison in merges/ parses against the committed pool; the quick demo plans
 every LoRA row and skips only what needs the (unshipped) full fine-tunes, each with one line."""
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -36,6 +37,9 @@ def test_shipped_lora_experts_are_present_intact_and_half_precision():
             dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
         assert dtypes == {"F16"}, (e.name, dtypes)
         assert e.entry.training["config"]["lr"] > 0  # a real training record ships with the weights
+        cfg = json.loads((e.path / "adapter_config.json").read_text())
+        assert cfg["base_model_name_or_path"] == pool.manifest.base.spec  # no machine's cache path in git
+        assert "/root/" not in (e.path / "README.md").read_text() and "/home/" not in (e.path / "README.md").read_text()
     tracked = set(subprocess.run(["git", "ls-files", "adapters/demo/experts", "adapters/demo/parts"], cwd=ROOT,
                                  capture_output=True, text=True, check=True).stdout.split())
     for e in lora:  # in git, not just on this disk

@@ -86,6 +86,9 @@ def test_lora_training_lands_in_pool(trained_pool):
     assert meta["data_sha256"]["word_count"] and meta["wall_s"] > 0 and meta["tokens"] > 0
     assert e.entry.lora.r == 4 and e.entry.lora.modules == 2 * 7
     assert trained_pool.verify() == []
+    # the adapter names its base by the pool's spec, never by this machine's cache path (pools may ship in git)
+    spec = trained_pool.manifest.base.spec
+    assert json.loads((e.path / "adapter_config.json").read_text())["base_model_name_or_path"] == spec
 
 
 def _answer_loss(model, tok, rows):
