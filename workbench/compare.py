@@ -30,14 +30,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel as Schema
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field
 
 from .errors import RecipeError, WorkbenchError
 from .io import sha256_json
 from .methods import METHODS
 from .methods.base import OutputSpec
 from .pool import Pool
-from .recipes import MAX_DEPTH, ResolvedRecipe, _clip, _depth, _first_error, _load_yaml, parse_recipe
+from .recipes import ResolvedRecipe, _clip, _load_yaml, parse_recipe, validate_document
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.@=+-]*\z"
 Ref = Annotated[str, Field(max_length=1024)]
@@ -170,16 +170,7 @@ def parse_comparison(data: dict[str, Any] | str | Path, source: str | None = Non
         data = _load_yaml(path)
     source = source or "<comparison>"
     folder = Path(folder or ".")
-    if not isinstance(data, dict):
-        raise RecipeError(f"comparison {source}: expected a mapping at the top level")
-    if "entries" not in data and "method" in data:
-        raise RecipeError(f"{source} is a merge recipe, not a comparison: run it with `workbench merge {source}`")
-    if _depth(data) > MAX_DEPTH:
-        raise RecipeError(f"comparison {source}: nested more than {MAX_DEPTH} levels deep")
-    try:
-        spec = ComparisonSpec.model_validate(data)
-    except ValidationError as e:
-        raise RecipeError(_first_error(e, f"comparison {source}: ")) from None
+    spec = validate_document(data, ComparisonSpec, "comparison", source)
     from .eval.harness import resolve_tasks
 
     try:

@@ -180,6 +180,23 @@ def check_expert_files(experts: list[Expert]) -> None:
                                   f"`workbench pool verify {e.pool.name}`, then remove and re-add the expert")
 
 
+def validate_document(data: Any, schema, what: str, source: str):
+    """A recipe or comparison mapping through its schema: one RecipeError line for the first problem, and a hint
+    when the file is the other kind of document."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{what} {source}: expected a mapping at the top level")
+    if what == "recipe" and "entries" in data and "method" not in data:
+        raise RecipeError(f"{source} is a comparison, not a merge recipe: run it with `workbench compare {source}`")
+    if what == "comparison" and "entries" not in data and "method" in data:
+        raise RecipeError(f"{source} is a merge recipe, not a comparison: run it with `workbench merge {source}`")
+    if _depth(data) > MAX_DEPTH:
+        raise RecipeError(f"{what} {source}: nested more than {MAX_DEPTH} levels deep")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_first_error(e, f"{what} {source}: ")) from None
+
+
 def parse_recipe(data: dict[str, Any] | str | Path, source: str | None = None, *,
                  require_files: bool = True) -> ResolvedRecipe:
     """A recipe (file or mapping) validated and resolved; `require_files=False` accepts experts whose files are
@@ -188,16 +205,7 @@ def parse_recipe(data: dict[str, Any] | str | Path, source: str | None = None, *
         source = source or str(data)
         data = _load_yaml(Path(data))
     source = source or "<recipe>"
-    if not isinstance(data, dict):
-        raise RecipeError(f"recipe {source}: expected a mapping at the top level")
-    if "entries" in data and "method" not in data:
-        raise RecipeError(f"{source} is a comparison, not a merge recipe: run it with `workbench compare {source}`")
-    if _depth(data) > MAX_DEPTH:
-        raise RecipeError(f"recipe {source}: nested more than {MAX_DEPTH} levels deep")
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as e:
-        raise RecipeError(_first_error(e, f"recipe {source}: ")) from None
+    recipe = validate_document(data, Recipe, "recipe", source)
     method_cls = METHODS.get(recipe.method)
     pool = Pool.open(recipe.pool)
     experts: list[Expert] = []
