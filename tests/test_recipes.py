@@ -102,11 +102,11 @@ def test_key_covers_method_version_and_key_inputs(pool, tiny_dir, tmp_path, monk
 
     first = build(parse_recipe(recipe), log=quiet)
     assert build(parse_recipe(recipe), log=quiet) == first  # same key: reused
-    assert meta(first)["method_version"] == 1 and meta(first)["key_inputs"] == {}
     cls = METHODS.get("task_arithmetic")
-    monkeypatch.setattr(cls, "version", 2)  # a fixed method: its old artifacts are stale
+    assert meta(first)["method_version"] == cls.version and meta(first)["key_inputs"] == {}
+    monkeypatch.setattr(cls, "version", cls.version + 1)  # a fixed method: its old artifacts are stale
     bumped = build(parse_recipe(recipe), log=quiet)
-    assert bumped != first and meta(bumped)["method_version"] == 2
+    assert bumped != first and meta(bumped)["method_version"] == cls.version
     seen = []
     for data in ("v4-aaaa", "v5-bbbb"):  # the data a build reads changed (e.g. a new task suite)
         monkeypatch.setattr(cls, "key_inputs", lambda self, experts, params, d=data: {"addition": d})
