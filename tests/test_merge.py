@@ -271,7 +271,8 @@ def test_sweep_selects_on_validation(lora_pool, tmp_path, monkeypatch):
     seen_splits.clear()
     run_recipe(recipe, results_dir=results, log=lambda *a: None)
     assert seen_splits == []
-    monkeypatch.setattr(METHODS.get("task_arithmetic"), "version", 2)
+    cls = METHODS.get("task_arithmetic")
+    monkeypatch.setattr(cls, "version", cls.version + 1)
     run_recipe(recipe, results_dir=results, log=lambda *a: None)
     assert seen_splits == ["validation"] * 3
     assert not {p["key"] for p in json.loads(record_file.read_text())["points"]} & {p["key"] for p in record["points"]}

@@ -151,7 +151,8 @@ def build_demo_pool(pool_spec: str = DEMO_POOL, base: str = "smollm2-135m", devi
         # The manifest is committed, the weights are not: train them again, keeping the tracked entry
         # (added_at, training record) so that a rebuild does not rewrite pool.json.
         old = pool.expert(plan.name).entry if plan.name in pool else None
-        same = old is not None and old.training.get("config") == plan.config.model_dump(mode="json")
+        want = plan.config.model_dump(mode="json")
+        same = old is not None and old.training.get("config", want) == want  # no recorded config: nothing to compare
         if old:
             why = ("its training config changed" if not same else "--full retrains it"
                    if pool.expert(plan.name).files_present() else "its files are missing")

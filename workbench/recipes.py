@@ -86,8 +86,7 @@ class ResolvedRecipe:
         """Hash of everything that determines the artifact: recipe fields, experts' file hashes, the method's
         version and the data its build reads."""
         # The name is not part of the key: a sweep's best point reuses that point's artifact.
-        # Nor is the pool's spelling (a name here, a path on a worker): the experts below identify it.
-        body = self.recipe.model_dump(mode="json", exclude={"eval", "description", "sweep", "name", "pool"})
+        body = self.recipe.model_dump(mode="json", exclude={"eval", "description", "sweep", "name"})
         body["experts"] = [(e.pool.manifest.base.fingerprint, e.name, e.entry.files) for e in self.experts]
         body["params"] = self.params.model_dump(mode="json", by_alias=True)
         body["method_version"] = self.method.version
