@@ -16,16 +16,12 @@ from pydantic import Field
 from ..modules.routed_lora import RoutedGroup, routed_modules, wrap_experts
 from ..modules.routers import FixedRouter, PrototypeRouter
 from ..progress import progress_bar
-from .base import BuildContext, MethodParams, register_method
-from .routing import DataRoutedMethod, expert_examples
+from .base import BuildContext, register_method
+from .routing import DataRoutedMethod, DataRoutedParams, expert_examples
 
 
-class AvgActParams(MethodParams):
-    k: int = Field(2, gt=0, description="experts per token (top-k)")
+class AvgActParams(DataRoutedParams):
     examples: int = Field(64, gt=0, description="training examples per expert averaged into its prototypes")
-    batch_size: int = Field(16, gt=0)
-    max_length: int = Field(128, gt=8)
-    seed: int = 0
 
 
 @register_method

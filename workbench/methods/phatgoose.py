@@ -23,19 +23,16 @@ from safetensors.torch import load_file, save_file
 from ..modules.routed_lora import RoutedGroup, routed_modules, wrap_experts
 from ..modules.routers import GateRouter, PrototypeRouter
 from ..progress import progress_bar
-from .base import BuildContext, MethodParams, register_method
-from .routing import DataRoutedMethod, expert_examples
+from .base import BuildContext, register_method
+from .routing import DataRoutedMethod, DataRoutedParams, expert_examples
 
 
-class PhatgooseParams(MethodParams):
-    k: int = Field(2, gt=0, description="experts per token (top-k)")
+class PhatgooseParams(DataRoutedParams):
     steps: int = Field(100, gt=0, description="gate training steps per expert")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the gates (mttl's default)")
     batch_size: int = Field(8, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     examples: int = Field(400, gt=0, description="training examples per expert (its own data only)")
-    max_length: int = Field(128, gt=8)
-    seed: int = 0
 
 
 @register_method

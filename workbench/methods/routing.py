@@ -11,12 +11,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from ..artifacts import register_artifact
 from ..errors import RecipeError, WorkbenchError
 from ..modules.routed_lora import RoutedGroup, wrap_experts
 from ..modules.routers import BaseRouter, dense_weights, load_router
 from ..tasks.suite import ADD_SPECIAL_TOKENS
-from .base import Method
+from .base import Method, MethodParams
+
+
+class DataRoutedParams(MethodParams):
+    """What every router learned from the experts' own data takes (defaults overridden per method)."""
+
+    k: int = Field(2, gt=0, description="experts per token (top-k)")
+    examples: int = Field(64, gt=0, description="examples per expert (its own data only)")
+    batch_size: int = Field(16, gt=0)
+    max_length: int = Field(128, gt=8)
+    seed: int = 0
 
 
 class RoutedMethod(Method):
