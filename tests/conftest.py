@@ -84,3 +84,56 @@ def run_cli(monkeypatch, capsys):
         return code, out.out, out.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def app_world(tmp_path_factory, tiny_dir, session_cache):
+    """A results folder the workbench itself made on the tiny model, for the app's tests: a comparison (base, two
+    LoRA experts, task arithmetic, Arrow) with real lm-eval outputs, two more runs of one expert at other
+    settings, a validation sweep, a routing benchmark and a routing trace. Returns the env that points at it."""
+    from workbench.io import atomic_write_json
+
+    root = tmp_path_factory.mktemp("appworld")
+    env = {"WORKBENCH_POOLS": str(root / "adapters"), "WORKBENCH_RESULTS": str(root / "results"),
+           "WORKBENCH_CACHE_ARTIFACTS": str(root / "artifacts")}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        from workbench.compare import parse_comparison
+        from workbench.eval.harness import run_eval
+        from workbench.jobs import run_comparison
+        from workbench.pool import Pool
+        from workbench.recipes import build, parse_recipe, run_recipe
+
+        pool = Pool.create("demo", base=str(tiny_dir / "base"))
+        pool.add(tiny_dir / "lora_a", "addition", tags={"task": "addition"})
+        pool.add(tiny_dir / "lora_b", "sorting", tags={"task": "sorting"})
+        results = root / "results"
+        quiet = lambda *a: None  # noqa: E731
+        comparison = {"name": "small", "pool": "demo", "tasks": ["addition", "sorting"],
+                      "eval": {"limit": 4, "batch_size": 8}, "reference": "base",
+                      "entries": ["base", "addition", "sorting",
+                                  {"name": "ta", "method": "task_arithmetic", "experts": ["addition", "sorting"],
+                                   "parameters": {"lambda": 0.5}},
+                                  {"name": "arrow", "method": "arrow", "experts": ["addition", "sorting"],
+                                   "parameters": {"k": 1}}]}
+        run_comparison(parse_comparison(comparison, "small.yaml"), results_dir=results, log=quiet)
+        for limit in (2, 3):  # one model, runs at two settings: the app must say which one a row shows
+            run_eval("addition", ["addition", "sorting"], pool=pool, limit=limit, batch_size=8,
+                     results_dir=results / "lm-eval")
+        run_recipe({"name": "sw", "pool": "demo", "method": "task_arithmetic", "experts": ["addition", "sorting"],
+                    "sweep": {"parameters": {"lambda": [0.5, 1.0]}, "tasks": ["addition"], "limit": 2,
+                              "batch_size": 8}}, results_dir=results, log=quiet)
+        from workbench.bench import routing
+
+        routing.run(str(tiny_dir / "base"), experts=2, rank=2, k=1, seqs=2, tokens=8, new_tokens=2, reps=1,
+                    out_file=results / "bench" / "routing-tiny.json", log=quiet)
+        from workbench.artifacts import load_artifact
+        from workbench.methods.routing import trace_prompt
+
+        arrow = parse_recipe({"name": "arrow", "pool": "demo", "method": "arrow", "experts": ["addition", "sorting"],
+                              "parameters": {"k": 1}})
+        loaded = load_artifact(build(arrow, log=quiet))
+        atomic_write_json(results / "traces" / "arrow.json",
+                          {"recipe": "arrow", "pool": "demo", **trace_prompt(loaded.model, loaded.tokenizer, "12+30=")})
+    return env | {"root": str(root)}

@@ -164,7 +164,7 @@ def test_leaderboard_stderr_and_paired_test_by_hand():
     assert by["ref"]["paired"] is None
     assert [r["name"] for r in board["rows"]] == ["row", "ref", "other"]  # ranked by held-in mean
     md = leaderboard_markdown(board)
-    assert "| row | m | 80.0 ± 13.3 | – | +40.0 | 0.125 (ns) | 80.0 ± 13.3 |" in md
+    assert "| row | m | 80.0 ± 13.3 | – | – | +40.0 | 0.125 (ns) | 80.0 ± 13.3 |" in md
 
 
 def test_group_stderr_combines_tasks():
@@ -175,6 +175,29 @@ def test_group_stderr_combines_tasks():
     se1, se2 = math.sqrt(0.5 * 0.5 / 3), math.sqrt(0.25 * 0.75 / 3)
     assert s["mean"] == pytest.approx(0.375)
     assert s["stderr"] == pytest.approx(math.sqrt(se1 ** 2 + se2 ** 2) / 2)
+
+
+def test_normalized_score_by_hand():
+    def cell(*v):
+        return {"metric": "exact_match", "doc_ids": list(range(len(v))), "values": [float(x) for x in v]}
+
+    # experts on their own tasks: addition 3/4, sorting 1/2 -> denominator (0.75 + 0.5) / 2 = 0.625
+    cells = {("add", "addition"): cell(1, 1, 1, 0), ("add", "sorting"): cell(0, 0, 0, 0),
+             ("sort", "addition"): cell(0, 0, 0, 0), ("sort", "sorting"): cell(1, 0, 1, 0),
+             ("merge", "addition"): cell(1, 0, 0, 0), ("merge", "sorting"): cell(1, 1, 1, 1),
+             ("half", "addition"): cell(1, 1, 0, 0)}
+    rows = [{"name": "add", "method": "expert-lora", "expert_task": "addition"},
+            {"name": "sort", "method": "expert-lora", "expert_task": "sorting"},
+            {"name": "merge", "method": "ties"}, {"name": "half", "method": "ties"}]
+    by = {r["name"]: r for r in build_leaderboard(rows, cells, ["addition", "sorting"], "merge")["rows"]}
+    assert by["merge"]["summary"]["normalized"]["mean"] == pytest.approx((0.25 + 1.0) / 2 / 0.625)
+    assert by["add"]["summary"]["normalized"]["mean"] == pytest.approx((0.75 + 0.0) / 2 / 0.625)
+    # a row scored on addition only is normalized by the addition expert alone
+    assert by["half"]["summary"]["normalized"]["mean"] == pytest.approx(0.5 / 0.75)
+    # without an expert for every task the row has none
+    rows2 = [r for r in rows if r["name"] != "sort"]
+    by2 = {r["name"]: r for r in build_leaderboard(rows2, cells, ["addition", "sorting"], "merge")["rows"]}
+    assert "normalized" not in by2["merge"]["summary"] and "normalized" in by2["half"]["summary"]
 
 
 def test_pairs_by_doc_id_over_the_examples_both_scored():

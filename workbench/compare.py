@@ -233,7 +233,7 @@ def _entry_rows(entry, spec: ComparisonSpec, pool: Pool, folder: Path, where: st
         for e in experts:
             method = "multitask" if _is_multitask(e) else f"expert-{e.kind}"
             out.append(Row(e.name, "expert", method, expert=e.name, skip=_missing_reason([e], pool),
-                           info={"files": e.entry.files}, base_fp=fp))
+                           info={"files": e.entry.files, "task": (e.entry.tags or {}).get("task")}, base_fp=fp))
         return out
     if (entry.method is None) == (entry.recipe is None):
         raise RecipeError(f"{where}: give exactly one of `method` or `recipe`")

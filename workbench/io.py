@@ -28,6 +28,12 @@ def cache_dir() -> Path:
     return Path(xdg).expanduser() / "workbench"
 
 
+def artifacts_dir() -> Path:
+    """Where built artifacts live: $WORKBENCH_CACHE_ARTIFACTS, else the cache's artifacts/ folder."""
+    root = os.environ.get("WORKBENCH_CACHE_ARTIFACTS")
+    return Path(root) if root else cache_dir() / "artifacts"
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temp file in the same folder, fsync, then rename over `path`."""
     path = Path(path)

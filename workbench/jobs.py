@@ -78,10 +78,9 @@ def build_key(row: Row) -> str:
 
 
 def _artifact_folder(rec: dict[str, Any]) -> Path:
-    from .io import cache_dir
+    from .io import artifacts_dir
 
-    root = os.environ.get("WORKBENCH_CACHE_ARTIFACTS")
-    return (Path(root) if root else cache_dir() / "artifacts") / Path(rec["artifact"]).name
+    return artifacts_dir() / Path(rec["artifact"]).name
 
 
 def build_record(plan: Plan, row: Row) -> dict[str, Any] | None:
@@ -176,13 +175,12 @@ def _load_row(plan: Plan, row: Row, device: str):
     if row.kind != "artifact":
         return load_model_spec(row.expert or "base", plan.comparison.pool, device)
     from .artifacts import load_artifact
-    from .io import cache_dir
+    from .io import artifacts_dir
 
     rec = build_done(plan, row)
     if rec is None:
         raise WorkbenchError(f"row {row.name!r} is not built yet (its build cell runs first)")
-    root = os.environ.get("WORKBENCH_CACHE_ARTIFACTS")
-    loaded = load_artifact((Path(root) if root else cache_dir() / "artifacts") / Path(rec["artifact"]).name,
+    loaded = load_artifact(artifacts_dir() / Path(rec["artifact"]).name,
                            device=device)
     loaded.name = row.name
     loaded.info.update(method=row.method, artifact=rec["artifact"])
@@ -421,14 +419,20 @@ def collect_cells(plan: Plan) -> dict[tuple[str, str], dict[str, Any]]:
     return {(r.name, t): rec for r, t in plan.evals if (rec := cell_done(plan, r, t))}
 
 
+def board_rows(c: Comparison) -> list[dict[str, Any]]:
+    """The leaderboard's rows in plan order: name, method, and a single-task expert's own task (the normalized
+    score's denominator)."""
+    return [{"name": r.name, "method": r.method, "expert_task": r.info.get("task") if r.method == "expert-lora" else None}
+            for r in c.active_rows]
+
+
 def write_leaderboard(plan: Plan) -> dict[str, Any]:
     """leaderboard.json, .csv, .md and .svg under the comparison's folder, from the plan and its cell records."""
     from .eval.leaderboard import build_leaderboard, leaderboard_chart, leaderboard_frame, leaderboard_markdown
 
     c = plan.comparison
     cells = collect_cells(plan)
-    board = build_leaderboard([{"name": r.name, "method": r.method} for r in c.active_rows], cells, c.tasks,
-                              c.reference)
+    board = build_leaderboard(board_rows(c), cells, c.tasks, c.reference)
     board |= {"name": c.spec.name, "pool": c.pool.name, "eval": c.spec.eval.model_dump(mode="json"),
               "complete": len(cells) == len(plan.evals), "cells": f"{len(cells)}/{len(plan.evals)}",
               "skipped": {r.name: r.skip for r in plan.skipped}}
@@ -512,3 +516,98 @@ def eval_matrix(pool_spec: str, tasks: list[str], *, models: list[str] | None = 
 
 __all__ = ["Plan", "Progress", "collect_cells", "describe", "eval_matrix", "make_plan", "run_build",
            "run_comparison", "run_row", "write_leaderboard"]
+
+
+# ----------------------------------------------------------------------------- background runs (the app)
+
+
+@dataclass
+class BackgroundRun:
+    """A comparison running in a thread of this process: its progress, log and outcome, for a UI to poll."""
+
+    name: str
+    source: str
+    status: str = "running"  # running | done | failed
+    progress: Progress | None = None
+    log: list[str] = field(default_factory=list)
+    error: str | None = None
+    board: dict[str, Any] | None = None
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    thread: Any = None
+
+    def as_dict(self) -> dict[str, Any]:
+        p = self.progress
+        return {"name": self.name, "source": self.source, "status": self.status, "error": self.error,
+                "done": p.done if p else 0, "total": p.total if p else 0, "current": p.current if p else "",
+                "log": self.log[-50:], "elapsed_s": round((self.finished or time.time()) - self.started, 1)}
+
+
+_RUNS: dict[str, BackgroundRun] = {}
+
+
+def comparison_document(pool: str, method: str, parameters: dict[str, Any], *, experts: list[str] | None = None,
+                        tasks: list[str] | None = None, limit: int | None = 20, name: str | None = None,
+                        reference: str | None = None) -> dict[str, Any]:
+    """A one-method comparison (base, the experts, the multitask row where the pool has one, and the method) as
+    a document `parse_comparison` validates: what the app's "build one" form launches."""
+    import re
+
+    from .pool import Pool
+
+    p = Pool.open(pool)
+    entries: list[Any] = ["base"]
+    entries += list(experts or [])
+    if "multitask" in p:
+        entries.append("multitask")
+    row = {"name": method.replace("_", "-"), "method": method, "parameters": parameters}
+    if experts:
+        row["experts"] = list(experts)
+    entries.append(row)
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", name or f"{p.name}-{method}")[:100]
+    doc = {"name": stem, "pool": pool, "entries": entries, "tasks": tasks or ["held_in"],
+           "eval": {"limit": limit, "batch_size": 32, "split": "test"}}
+    if reference or "multitask" in p:
+        doc["reference"] = reference or "multitask"
+    return doc
+
+
+def start_background(comparison: dict[str, Any] | str | Path, *, results_dir: Path | None = None,
+                     device: str = "cpu") -> BackgroundRun:
+    """Validate a comparison (a bad one raises its one-line RecipeError here, before any work) and run it in a
+    thread. One run per comparison name at a time: starting a running one returns it."""
+    import threading
+
+    c = parse_comparison(comparison) if not isinstance(comparison, dict) else parse_comparison(comparison, "<app>")
+    name = c.spec.name
+    live = _RUNS.get(name)
+    if live is not None and live.status == "running":
+        return live
+    run = BackgroundRun(name=name, source=str(comparison if not isinstance(comparison, dict) else "<app>"))
+
+    def progress(state: Progress) -> None:
+        run.progress = state
+
+    def log(msg: Any) -> None:
+        run.log.append(str(msg))
+
+    def target() -> None:
+        try:
+            run.board = run_comparison(c, results_dir=results_dir, device=device, log=log, progress=progress)
+            run.status = "done"
+        except Exception as e:  # noqa: BLE001 - a failed run shows its one line; the app goes on
+            run.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}" \
+                if not isinstance(e, WorkbenchError) else str(e).splitlines()[0]
+            run.status = "failed"
+        finally:
+            run.finished = time.time()
+
+    run.progress = Progress(total=0)
+    run.thread = threading.Thread(target=target, name=f"compare-{name}", daemon=True)
+    _RUNS[name] = run
+    run.thread.start()
+    return run
+
+
+def background_runs() -> list[BackgroundRun]:
+    return sorted(_RUNS.values(), key=lambda r: -r.started)

@@ -25,7 +25,7 @@ from yaml.composer import ComposerError
 from .artifacts import ARTIFACT_FILE, artifact_ref, read_artifact_meta
 from .errors import RecipeError, WorkbenchError
 from .faults import fault_point
-from .io import atomic_write_json, cache_dir, file_lock, lock_for, sha256_file_cached, sha256_json, staging_dir
+from .io import artifacts_dir, atomic_write_json, cache_dir, file_lock, lock_for, sha256_file_cached, sha256_json, staging_dir
 from .methods import METHODS, BuildContext, Method, MethodParams, OutputSpec
 from .methods.base import write_artifact_meta
 from .pool import Expert, Pool
@@ -95,8 +95,7 @@ class ResolvedRecipe:
 
     @property
     def artifact_dir(self) -> Path:
-        root = os.environ.get("WORKBENCH_CACHE_ARTIFACTS")
-        return (Path(root) if root else cache_dir() / "artifacts") / f"{self.recipe.method}-{self.key}"
+        return artifacts_dir() / f"{self.recipe.method}-{self.key}"
 
 
 def _clip(text: str, limit: int = 80) -> str:

@@ -34,7 +34,8 @@ def build_leaderboard(rows: list[dict[str, Any]], cells: dict[tuple[str, str], d
             if c is None:
                 continue
             values = c["values"]
-            mean = sum(values) / len(values) if values else float("nan")
+            # a cell may carry only its mean (a run without per-sample outputs): no error bar, no paired test
+            mean = sum(values) / len(values) if values else float(c.get("mean", float("nan")))
             se = stats.stderr(values)
             per_task[t] = {"mean": mean, "stderr": se, "n": len(values), "metric": c["metric"]}
             if c["metric"] == "exact_match" and _group(t) in groups:
@@ -59,8 +60,28 @@ def build_leaderboard(rows: list[dict[str, Any]], cells: dict[tuple[str, str], d
                       "test": c["test"], "row_only": c.get("a_only"), "reference_only": c.get("b_only")}
         out_rows.append({"name": row["name"], "method": row["method"], "tasks": per_task, "summary": summary,
                          "paired": paired})
+    _normalize(rows, out_rows)
     out_rows.sort(key=lambda r: -r["summary"].get("held_in", {}).get("mean", -1.0))
     return {"tasks": tasks, "reference": reference, "rows": out_rows}
+
+
+def _normalize(rows: list[dict[str, Any]], out_rows: list[dict[str, Any]]) -> None:
+    """summary["normalized"]: a row's held-in mean over its tasks / the experts' mean on those same tasks, each
+    single-task expert scored on its own task (1.0: as good as keeping every expert). Only where every held-in
+    task of the row has its expert among the rows."""
+    own = {}
+    by_name = {r["name"]: r for r in out_rows}
+    for r in rows:
+        t = r.get("expert_task")
+        if t and r["name"] in by_name and t in by_name[r["name"]]["tasks"] and _group(t) == "held_in":
+            own[t] = max(own.get(t, 0.0), by_name[r["name"]]["tasks"][t]["mean"])
+    for r in out_rows:
+        ts = [t for t, c in r["tasks"].items() if c["metric"] == "exact_match" and _group(t) == "held_in"]
+        if ts and all(t in own for t in ts):
+            denom = sum(own[t] for t in ts) / len(ts)
+            if denom > 0:
+                r["summary"]["normalized"] = {"mean": sum(r["tasks"][t]["mean"] for t in ts) / len(ts) / denom,
+                                              "tasks": len(ts)}
 
 
 def _pm(mean: float, se: float) -> str:
@@ -86,6 +107,8 @@ def leaderboard_frame(board: dict[str, Any]):
             s = r["summary"].get(g)
             rec[f"{g} %"] = 100 * s["mean"] if s else float("nan")
             rec[f"{g} se"] = 100 * s["stderr"] if s else float("nan")
+        n = r["summary"].get("normalized")
+        rec["normalized %"] = 100 * n["mean"] if n else float("nan")
         p = r["paired"]
         rec["diff vs ref (pp)"] = 100 * p["diff"] if p else float("nan")
         rec["p (paired)"] = p["p_value"] if p else float("nan")
@@ -101,7 +124,7 @@ def leaderboard_frame(board: dict[str, Any]):
 def leaderboard_markdown(board: dict[str, Any], title: str = "") -> str:
     """Markdown: model, held-in and held-out mean ± se, the paired test against the reference, then each task."""
     ref = board["reference"]
-    head = ["model", "method", "held-in %", "held-out %", f"Δ vs {ref} (pp)", "p", *[short(t) for t in board["tasks"]]]
+    head = ["model", "method", "held-in %", "held-out %", "norm %", f"Δ vs {ref} (pp)", "p", *[short(t) for t in board["tasks"]]]
     lines = [f"### {title}" if title else "", "", "| " + " | ".join(head) + " |",
              "|" + "|".join([":--", ":--"] + ["--:"] * (len(head) - 2)) + "|"]
     for r in board["rows"]:
@@ -109,6 +132,7 @@ def leaderboard_markdown(board: dict[str, Any], title: str = "") -> str:
         cells = [r["name"], r["method"],
                  _pm(s["held_in"]["mean"], s["held_in"]["stderr"]) if "held_in" in s else "–",
                  _pm(s["held_out"]["mean"], s["held_out"]["stderr"]) if "held_out" in s else "–",
+                 f"{100 * s['normalized']['mean']:.0f}" if "normalized" in s else "–",
                  f"{100 * p['diff']:+.1f}" if p else ("ref" if r["name"] == ref else "–"),
                  (f"{p['p_value']:.3g}" + ("" if p["p_value"] < 0.05 else " (ns)")) if p else "–"]
         for t in board["tasks"]:
@@ -116,6 +140,7 @@ def leaderboard_markdown(board: dict[str, Any], title: str = "") -> str:
             cells.append(_pm(c["mean"], c["stderr"]) if c else "–")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Exact match % ± standard error over each task's examples; group means ± sqrt(Σ se²)/T. "
+              "norm: held-in mean / the single-task experts' mean on the same tasks (each on its own task). "
               f"Δ and p: paired against `{ref}` on every example both scored (exact McNemar on exact match; "
               "(ns): p ≥ 0.05, a difference the examples cannot tell from noise)."]
     return "\n".join(lines).lstrip() + "\n"

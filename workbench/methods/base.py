@@ -95,3 +95,24 @@ def write_artifact_meta(out_dir: Path, meta: dict[str, Any]) -> None:
 
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
+
+
+def param_fields(method: str) -> list[dict[str, Any]]:
+    """A method's parameters as form fields (name, type, default, choices, description), from its Params schema:
+    what the app renders as inputs. type: number | integer | boolean | choice | json (anything else)."""
+    schema = METHODS.get(method).Params.model_json_schema(by_alias=True)
+    out = []
+    for name, prop in (schema.get("properties") or {}).items():
+        kinds = [p for p in prop.get("anyOf", [prop]) if p.get("type") != "null"]
+        nullable = len(kinds) < len(prop.get("anyOf", [prop]))
+        k = kinds[0] if len(kinds) == 1 else {}
+        if "enum" in k:
+            typ, choices = "choice", list(k["enum"])
+        elif k.get("type") in ("number", "integer", "boolean"):
+            typ, choices = k["type"], None
+        else:
+            typ, choices = "json", None
+        out.append({"name": name, "type": typ, "default": prop.get("default"), "choices": choices,
+                    "nullable": nullable, "description": prop.get("description", ""),
+                    "minimum": k.get("minimum", k.get("exclusiveMinimum")), "maximum": k.get("maximum")})
+    return out

@@ -256,14 +256,7 @@ def create_app(engine: MultiLoraModel, *, max_batch: int = 32, window_s: float =
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        tok = engine.tokenizer
-        msgs = [m.model_dump() for m in req.messages]
-        if tok.chat_template:
-            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-        else:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
-            ids = tok(text, add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"]
-        job = make_job(req, list(ids))
+        job = make_job(req, engine.chat_ids([m.model_dump() for m in req.messages]))
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         sched.submit(job)
         if req.stream:

@@ -249,6 +249,24 @@ class MultiLoraModel:
             self._count_active(-live)
         return out
 
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a chat (the tokenizer's chat template, else `role: content` lines), ready to generate."""
+        tok = self.tokenizer
+        if tok.chat_template:
+            return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"])
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return list(tok(text, add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"])
+
+    def answer(self, prompt: str, models: Sequence[str], *, max_new_tokens: int = 48, chat: bool = True) -> dict[str, str]:
+        """One prompt through several models in one batch (each row its own adapter, mix or router): greedy
+        answers by model. An unknown model raises before any decoding."""
+        assignments = [self.resolve(m) for m in models]
+        ids = (self.chat_ids([{"role": "user", "content": prompt}]) if chat
+               else list(self.tokenizer(prompt, add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"]))
+        out = self.generate([ids] * len(models), assignments, max_new_tokens)
+        return {m: self.tokenizer.decode(o, skip_special_tokens=True) for m, o in zip(models, out)}
+
     def _count_active(self, delta: int) -> int:
         """Add `delta` to `active_sequences` (generate calls may run on several threads); returns delta."""
         with self._active_lock:
@@ -261,9 +279,9 @@ def _pool_artifacts(pool, type_: str, pool_key: str, taken: set[str]) -> Iterato
     a recipe's artifact by its latest recipe name; bare sweep points ("name@point") and taken names stay out."""
     import json
 
-    from ..io import cache_dir
+    from ..io import artifacts_dir
 
-    root = cache_dir() / "artifacts"
+    root = artifacts_dir()
     if not root.is_dir():
         return
     for meta_path in sorted(root.glob("*/artifact.json")):
@@ -276,6 +294,11 @@ def _pool_artifacts(pool, type_: str, pool_key: str, taken: set[str]) -> Iterato
         names = [n for n in (meta.get("names") or [meta.get("name", meta_path.parent.name)]) if "@" not in n]
         if names and names[-1] not in taken:
             yield names[-1], meta_path.parent, meta
+
+
+def routed_artifacts(pool) -> list[tuple[str, Path]]:
+    """(name, folder) of the routed compositions built over this pool (load one with `artifacts.load_artifact`)."""
+    return [(name, folder) for name, folder, _ in _pool_artifacts(pool, "routed_lora", "pool_root", set())]
 
 
 def saved_lora_compositions(pool, taken: set[str], log: Callable[[str], Any] = print) -> list[Adapter]:

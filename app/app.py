@@ -1,0 +1,486 @@
+"""Expert Workbench app: which combination is best, where, and why; run experiments; try prompts.
+
+    streamlit run app/app.py                       # reads results/ (or $WORKBENCH_RESULTS)
+    streamlit run app/app.py -- --results other/   # another results folder
+
+Every number and chart comes from the library (workbench.catalog, workbench.eval.charts, workbench.jobs,
+the serving engine): the app only lays them out, so it and the CLI never disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import streamlit as st
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `streamlit run app/app.py` from a checkout without `pip install -e .`
+    sys.path.insert(0, str(ROOT))
+
+from workbench import catalog  
+from workbench.errors import WorkbenchError  
+from workbench.eval import charts  
+from workbench.eval.leaderboard import leaderboard_frame, short  
+
+VIEWS = ["Leaderboard", "Per-task charts", "Pairwise", "Sweeps", "Routing", "Playground", "Run", "Benchmarks"]
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--results", default=None)
+    a, _ = p.parse_known_args(sys.argv[1:])
+    return a
+
+
+def results_dir() -> Path:
+    default = _args().results or os.environ.get("WORKBENCH_RESULTS") or "results"
+    value = st.sidebar.text_input("results folder", value=default, key="results_dir",
+                                  help="the folder the workbench writes (lm-eval runs, comparisons, sweeps, benchmarks)")
+    return Path(value).expanduser()
+
+
+def _fmt(v) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def pick_source(cat: catalog.Catalog, key: str) -> catalog.Source | None:
+    """A comparison (its leaderboard and cells) or the lm-eval runs of one pool."""
+    pools = sorted({r.get("pool") for r in cat.runs if r.get("pool")})
+    options = [f"comparison: {n}" for n in sorted(cat.comparisons)] + [f"runs: {p}" for p in pools]
+    if not options:
+        st.info(f"No results in `{cat.root}` yet: run `workbench demo` or `workbench compare RECIPE`, "
+                "or start one in the Run view.")
+        return None
+    choice = st.selectbox("source", options, key=f"{key}-source",
+                          help="a comparison run by `workbench compare`, or every lm-eval run of a pool")
+    kind, _, name = choice.partition(": ")
+    if kind == "comparison":
+        src = catalog.comparison_source(cat, name)
+        ev = cat.comparisons[name].get("eval") or {}
+        st.caption(f"comparison `{name}` · pool {cat.comparisons[name].get('pool')} · {ev.get('split', 'test')} split · "
+                   f"{'limit ' + str(ev['limit']) if ev.get('limit') else 'all examples'} per task · cells "
+                   f"{cat.comparisons[name].get('cells', '?')}")
+        skipped = cat.comparisons[name].get("skipped") or {}
+        if skipped:
+            with st.expander(f"{len(skipped)} rows skipped: {', '.join(skipped)}"):
+                for k, v in skipped.items():
+                    st.caption(f"{k}: {v}")
+        return src
+    picks = dict(st.session_state.get(f"picks-{name}", {}))
+    settings = catalog.model_settings(cat, name)
+    multi = {m: s for m, s in settings.items() if len(s) > 1}
+    if multi:
+        with st.expander(f"{len(multi)} models have runs at several settings (commit, split, limit): "
+                         "pick the one each row shows"):
+            for m, by in multi.items():
+                labels = list(by)
+                i = labels.index(catalog.default_setting(by))
+                picks[m] = st.selectbox(m, labels, index=i, key=f"pick-{name}-{m}",
+                                        format_func=lambda lab, by=by: f"{lab} ({len(by[lab])} runs)")
+        st.session_state[f"picks-{name}"] = picks
+    return catalog.runs_source(cat, name, picks)
+
+
+# ----------------------------------------------------------------------------- views
+
+
+def view_leaderboard(cat: catalog.Catalog) -> None:
+    st.header("Leaderboard")
+    src = pick_source(cat, "lb")
+    if src is None:
+        return
+    names = [r["name"] for r in src.rows]
+    c1, c2, c3 = st.columns(3)
+    ref = c1.selectbox("reference row (paired test)", names, index=names.index(src.reference)
+                       if src.reference in names else 0, key="lb-ref")
+    methods = sorted({r["method"] for r in src.rows})
+    chosen = c2.multiselect("methods", methods, default=methods, key="lb-methods")
+    group = c3.selectbox("task group", ["all", "held-in", "held-out", "domain (perplexity)"], key="lb-group")
+    board = src.board(ref)
+    df = leaderboard_frame(board)
+    df = df[df.method.isin(chosen)]
+    from workbench.tasks.suite import DOMAINS, TASKS
+
+    def in_group(t: str) -> bool:
+        k = TASKS[t].kind if t in TASKS else "domain" if t in DOMAINS else "?"
+        return group == "all" or {"held-in": "held_in", "held-out": "held_out"}.get(group, "domain") == k
+
+    drop = [c for t in board["tasks"] if not in_group(t) for c in (f"{t} %", f"{t} se")]
+    if group == "domain (perplexity)":
+        drop += ["held_in %", "held_in se", "held_out %", "held_out se", "normalized %"]
+    df = df.drop(columns=[c for c in drop if c in df.columns]).rename(columns=lambda c: c.replace(
+        c.split(" ")[0], short(c.split(" ")[0]), 1) if c.split(" ")[0] in board["tasks"] else c)
+    df.insert(2, "shows", [src.shown.get(n, "") for n in df.model])
+    df["p (paired)"] = ["–" if math.isnan(p) else f"{p:.3g}" for p in df["p (paired)"]]
+    st.dataframe(df, hide_index=True, width="stretch",
+                 column_config={c: st.column_config.NumberColumn(format="%.1f") for c in df.columns
+                                if df[c].dtype.kind == "f" and c != "p (paired)"})
+    st.caption(f"Exact match % ± standard error (per task over its examples; groups: sqrt(Σ se²)/T); domain columns: "
+               f"word perplexity. normalized: held-in mean / the single-task experts' mean on the same tasks. "
+               f"diff and p: paired against `{ref}` on every example both scored (McNemar); p ≥ 0.05 is noise. "
+               f"Click a column to sort.")
+    st.download_button("download CSV", df.to_csv(index=False).encode(), file_name=f"leaderboard-{src.name}.csv",
+                       mime="text/csv", key="lb-csv")
+
+
+def view_charts(cat: catalog.Catalog) -> None:
+    st.header("Per-task charts")
+    src = pick_source(cat, "ch")
+    if src is None:
+        return
+    names = [r["name"] for r in src.rows]
+    rows = st.multiselect("rows", names, default=names[: min(6, len(names))], key="ch-rows")
+    board = src.board()
+    if rows:
+        st.altair_chart(charts.task_bars(board, rows), width="stretch")
+    ref_default = src.reference if src.reference in names else names[0]
+    ref = st.selectbox("difference against", names, index=names.index(ref_default), key="ch-ref",
+                       help="base, multitask, the best expert or any method")
+    st.altair_chart(charts.diff_heatmap(board, ref), width="stretch")
+
+
+def view_pairwise(cat: catalog.Catalog) -> None:
+    st.header("Pairwise")
+    src = pick_source(cat, "pw")
+    if src is None:
+        return
+    names = [r["name"] for r in src.rows]
+    if len(names) < 2:
+        st.info("Pairwise needs two rows.")
+        return
+    c1, c2 = st.columns(2)
+    a = c1.selectbox("A", names, index=0, key="pw-a")
+    b = c2.selectbox("B", names, index=names.index(src.reference) if src.reference in names and src.reference != a
+                     else (1 if names[0] == a else 0), key="pw-b")
+    rows = src.pairwise(a, b)
+    if not rows:
+        st.info(f"{a} and {b} share no scored examples.")
+        return
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    for c in ("a", "b", "diff"):
+        df[c] = 100 * df[c]
+    df["verdict"] = ["noise (p ≥ 0.05)" if p >= 0.05 else ("A better" if d > 0 else "B better")
+                     for p, d in zip(df.p_value, df["diff"])]
+    st.dataframe(df.rename(columns={"a": f"{a} %", "b": f"{b} %", "diff": "A − B (pp)"}), hide_index=True,
+                 width="stretch")
+    task = st.selectbox("examples where they disagree, task", [r["task"] for r in rows], key="pw-task")
+    try:
+        diffs = src.disagreements(a, b, task)
+    except WorkbenchError as e:
+        st.warning(str(e))
+        return
+    if not diffs:
+        st.info("No per-sample disagreements (or no per-sample outputs were kept for one of the runs).")
+        return
+    st.dataframe(pd.DataFrame(diffs).rename(columns={"response_a": f"{a} answer", "response_b": f"{b} answer",
+                                                     "value_a": f"{a} ok", "value_b": f"{b} ok"}),
+                 hide_index=True, width="stretch")
+
+
+def view_sweeps(cat: catalog.Catalog) -> None:
+    st.header("Sweeps")
+    if not cat.sweeps:
+        st.info("No sweep records yet: a recipe with a `sweep:` grid (e.g. `workbench merge merges/ta-full.yaml --eval`) "
+                "writes one under results/sweeps/.")
+        return
+    for rec in cat.sweeps:
+        st.altair_chart(charts.sweep_chart(rec), width="stretch")
+        best = rec.get("best") or {}
+        st.caption(f"{cat.rel(rec['_path'])}: chosen {best.get('point')} (validation {100 * best.get('score', 0):.1f}%), "
+                   f"tasks {', '.join(rec.get('tasks', []))}, limit {rec.get('limit')}")
+
+
+@st.cache_resource(show_spinner="loading the routed model")
+def _routed_model(folder: str):
+    from workbench.artifacts import load_artifact
+
+    return load_artifact(Path(folder))
+
+
+@st.cache_data(show_spinner="tracing", max_entries=64)
+def _trace(folder: str, prompt: str) -> dict:
+    from workbench.methods.routing import trace_prompt
+
+    loaded = _routed_model(folder)
+    return trace_prompt(loaded.model, loaded.tokenizer, prompt)
+
+
+def _pools() -> list[str]:
+    from workbench.pool import pools_dir
+
+    root = pools_dir()
+    return sorted(p.name for p in root.iterdir() if (p / "pool.json").is_file()) if root.is_dir() else []
+
+
+def view_routing(cat: catalog.Catalog) -> None:
+    st.header("Routing")
+    if cat.traces:
+        labels = [f"{t.get('recipe', '?')}: {t.get('prompt', '')[:60]!r} ({cat.rel(t['_path'])})" for t in cat.traces]
+        i = st.selectbox("saved trace", range(len(labels)), format_func=lambda j: labels[j], key="rt-saved")
+        st.altair_chart(charts.usage_chart(cat.traces[i]), width="stretch")
+        st.altair_chart(charts.token_chart(cat.traces[i]), width="stretch")
+    from workbench.serve.engine import routed_artifacts
+    from workbench.pool import Pool
+
+    found = []
+    for p in _pools():
+        try:
+            found += [(f"{p}: {n}", str(f)) for n, f in routed_artifacts(Pool.open(p))]
+        except WorkbenchError:
+            continue
+    if not found and not cat.traces:
+        st.info("No routed model yet. Build one (`workbench demo` builds PHATGOOSE, Arrow and avg-act over the demo "
+                "pool, or the Run view), then trace prompts here.")
+        return
+    if not found:
+        st.info("No routed model is built in this cache: saved traces only.")
+        return
+    st.subheader("Trace a prompt")
+    j = st.selectbox("routed model", range(len(found)), format_func=lambda k: found[k][0], key="rt-model")
+    prompt = st.text_input("prompt", value="What is 12 + 30?", key="rt-prompt")
+    if st.button("trace", key="rt-go") and prompt:
+        st.session_state["rt-last"] = (found[j][1], prompt)
+    if st.session_state.get("rt-last"):
+        folder, text = st.session_state["rt-last"]
+        try:
+            tr = _trace(folder, text)
+        except WorkbenchError as e:
+            st.error(str(e))
+            return
+        st.altair_chart(charts.usage_chart(tr), width="stretch")
+        st.altair_chart(charts.token_chart(tr), width="stretch")
+
+
+@st.cache_resource(show_spinner="loading the pool into the serving engine", max_entries=2)
+def _engine(pool_root: str, manifest_mtime: int):
+    """The pool's serving engine (its LoRA experts, saved mixes and routed compositions), kept while the pool's
+    manifest is unchanged."""
+    from workbench.pool import Pool
+    from workbench.serve.engine import MultiLoraModel
+
+    return MultiLoraModel.from_pool(Pool.open(pool_root), log=lambda m: None)
+
+
+def view_playground(cat: catalog.Catalog) -> None:
+    st.header("Playground")
+    pools = _pools()
+    if not pools:
+        st.info("No pool under adapters/ (or $WORKBENCH_POOLS).")
+        return
+    pool = st.selectbox("pool", pools, index=pools.index("demo") if "demo" in pools else 0, key="pg-pool")
+    from workbench.pool import Pool
+
+    try:
+        root = Pool.open(pool).root.resolve()
+        engine = _engine(str(root), (root / "pool.json").stat().st_mtime_ns)
+    except WorkbenchError as e:
+        st.error(str(e))
+        return
+    names = engine.model_names()
+    models = st.multiselect("models (one batch, each row its own adapter, mix or router)", names,
+                            default=names[: min(3, len(names))], key="pg-models")
+    mix = st.text_input("and a mix (optional)", placeholder="mix:addition=0.5,sorting=0.5", key="pg-mix")
+    prompt = st.text_area("prompt", value="What is 12 + 30?", key="pg-prompt")
+    c1, c2 = st.columns(2)
+    max_tokens = c1.number_input("max new tokens", 1, 256, 32, key="pg-max")
+    chat = c2.checkbox("chat template", value=True, key="pg-chat")
+    if st.button("run", key="pg-run"):
+        want = [*models, *([mix.strip()] if mix.strip() else [])]
+        if not want or not prompt.strip():
+            st.warning("Pick at least one model and type a prompt.")
+            return
+        t0 = time.perf_counter()
+        try:
+            answers = engine.answer(prompt, want, max_new_tokens=int(max_tokens), chat=chat)
+        except WorkbenchError as e:
+            st.error(str(e))
+            return
+        st.session_state["pg-answers"] = (answers, time.perf_counter() - t0)
+    if st.session_state.get("pg-answers"):
+        answers, dt = st.session_state["pg-answers"]
+        cols = st.columns(min(len(answers), 4))
+        for i, (m, text) in enumerate(answers.items()):
+            with cols[i % len(cols)]:
+                with st.container(border=True):
+                    st.markdown(f"**{m}**")
+                    st.text(text or "(empty answer)")
+        st.caption(f"{len(answers)} models in one batch: {dt:.1f} s")
+
+
+def _recipes() -> list[Path]:
+    return sorted((ROOT / "merges").glob("*.yaml"))
+
+
+def _param_inputs(method: str) -> dict:
+    from workbench.methods.base import param_fields
+
+    values = {}
+    for f in param_fields(method):
+        label, key, d = f["name"], f"run-p-{method}-{f['name']}", f["default"]
+        if f["type"] == "choice":
+            v = st.selectbox(label, f["choices"], index=f["choices"].index(d) if d in f["choices"] else 0, key=key,
+                             help=f["description"])
+        elif f["type"] == "boolean" and not f["nullable"]:
+            v = st.checkbox(label, value=bool(d), key=key, help=f["description"])
+        elif f["type"] in ("number", "integer") and d is not None:
+            v = st.number_input(label, value=d if f["type"] == "number" else int(d),
+                                step=0.05 if f["type"] == "number" else 1, key=key, help=f["description"],
+                                format="%.4g" if f["type"] == "number" else "%d")
+        else:
+            raw = st.text_input(label, value="", placeholder=f"default: {d!r}", key=key, help=f["description"])
+            if not raw.strip():
+                continue
+            import yaml
+
+            try:
+                v = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                v = raw
+        if v != d:
+            values[label] = v
+    return values
+
+
+def view_run(cat: catalog.Catalog) -> None:
+    from workbench import jobs
+
+    st.header("Run")
+    tab1, tab2 = st.tabs(["a recipe", "build one"])
+    doc = None
+    with tab1:
+        files = _recipes()
+        if files:
+            f = st.selectbox("recipe", files, format_func=lambda p: p.name, key="run-recipe")
+            st.code(f.read_text(), language="yaml")
+            if st.button("launch", key="run-go-recipe"):
+                doc = ("file", f)
+        else:
+            st.info("No recipes under merges/.")
+    with tab2:
+        from workbench.methods import METHODS
+        from workbench.pool import Pool
+
+        pools = _pools()
+        if pools:
+            pool = st.selectbox("pool", pools, index=pools.index("demo") if "demo" in pools else 0, key="run-pool")
+            method = st.selectbox("method", METHODS.names(), key="run-method",
+                                  format_func=lambda m: f"{m}: {METHODS.get(m).description}"[:90])
+            try:
+                names = [e.name for e in Pool.open(pool).experts if e.kind in METHODS.get(method).expert_kinds
+                         and e.name != "multitask"]
+            except WorkbenchError as e:
+                st.error(str(e))
+                names = []
+            experts = st.multiselect("experts", names, default=[n for n in names if not n.startswith("full-")][:6],
+                                     key="run-experts")
+            params = _param_inputs(method)
+            limit = st.number_input("examples per task (0: all)", 0, 10_000, 20, key="run-limit")
+            if st.button("launch", key="run-go-build"):
+                try:
+                    doc = ("doc", jobs.comparison_document(pool, method, params, experts=experts,
+                                                           limit=int(limit) or None))
+                except WorkbenchError as e:
+                    st.error(str(e))
+    if doc is not None:
+        try:
+            src = doc[1] if doc[0] == "doc" else _as_comparison(doc[1])
+            run = jobs.start_background(src, results_dir=Path(st.session_state.get("results_dir") or "results"))
+            st.success(f"started {run.name}")
+        except WorkbenchError as e:
+            st.error(str(e).splitlines()[0])
+    _show_runs()
+
+
+def _as_comparison(path: Path):
+    """A comparison file as is; a single recipe as a comparison of base against it."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise WorkbenchError(f"{path.name}: not YAML ({str(e).splitlines()[0]})") from None
+    if isinstance(data, dict) and "entries" in data:
+        return path
+    if not isinstance(data, dict) or "method" not in data:
+        raise WorkbenchError(f"{path.name}: neither a comparison (entries) nor a recipe (method)")
+    return {"name": f"recipe-{path.stem}", "pool": data.get("pool", "demo"),
+            "entries": ["base", {"name": path.stem, "recipe": str(path)}], "tasks": ["held_in"],
+            "eval": {"limit": 20, "batch_size": 32, "split": "test"}, "reference": "base"}
+
+
+@st.fragment(run_every=2)
+def _show_runs() -> None:
+    from workbench import jobs
+
+    runs = jobs.background_runs()
+    if not runs:
+        return
+    st.subheader("runs in this app")
+    for r in runs:
+        d = r.as_dict()
+        if d["status"] == "failed":
+            st.error(f"{d['name']}: {d['error']}")
+        elif d["status"] == "done":
+            st.success(f"{d['name']}: done in {d['elapsed_s']:.0f} s; its leaderboard is in the Leaderboard view "
+                       f"(comparison: {d['name']})")
+        else:
+            frac = d["done"] / d["total"] if d["total"] else 0.0
+            st.progress(frac, text=f"{d['name']}: {d['done']}/{d['total']} cells · {d['current']} · "
+                                   f"{d['elapsed_s']:.0f} s")
+        if d["log"]:
+            with st.expander(f"{d['name']} log"):
+                st.code("\n".join(d["log"][-20:]), language=None)
+
+
+def view_benchmarks(cat: catalog.Catalog) -> None:
+    st.header("Benchmarks")
+    if not cat.benches:
+        st.info("No benchmark records yet: `workbench bench kernels|merge|routing|serve` writes them under results/bench/.")
+        return
+    for rec in sorted(cat.benches, key=lambda r: r.get("benchmark", "")):
+        ratios = catalog.bench_ratios(rec)
+        st.subheader(f"{rec.get('benchmark')} ({cat.rel(rec['_path'])})")
+        st.caption(f"machine: {catalog.machine_line(rec)}" + (f" · target: {rec['target']}" if rec.get("target") else ""))
+        if ratios:
+            st.altair_chart(charts.bench_chart(ratios, f"{rec.get('benchmark')}: ratios against peers"),
+                            width="stretch")
+        else:
+            st.caption("no ratios in this record")
+
+
+PAGES = {"Leaderboard": view_leaderboard, "Per-task charts": view_charts, "Pairwise": view_pairwise,
+         "Sweeps": view_sweeps, "Routing": view_routing, "Playground": view_playground, "Run": view_run,
+         "Benchmarks": view_benchmarks}
+
+
+def main() -> None:
+    st.set_page_config(page_title="Expert Workbench", layout="wide")
+    st.sidebar.title("Expert Workbench")
+    root = results_dir()
+    view = st.sidebar.radio("view", VIEWS, key="view")
+    t0 = time.perf_counter()
+    try:
+        cat = catalog.scan(root)
+    except WorkbenchError as e:
+        st.error(str(e))
+        return
+    st.sidebar.caption(f"{cat.files} JSON files, {len(cat.runs)} runs, {len(cat.comparisons)} comparisons "
+                       f"({1000 * (time.perf_counter() - t0):.0f} ms)")
+    if cat.warnings:
+        with st.sidebar.expander(f"{len(cat.warnings)} files skipped"):
+            for path, problem in cat.warnings:
+                st.warning(f"{path}: {problem}")
+    PAGES[view](cat)
+
+
+main()

@@ -1,0 +1,264 @@
+"""The Streamlit app (app/app.py) under streamlit.testing.v1.AppTest: every view on a results folder the workbench
+made on the tiny model (conftest `app_world`), and on folders with a truncated JSON, a foreign JSON and nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from workbench.eval.leaderboard import short  # noqa: E402
+
+APP = str(Path(__file__).resolve().parent.parent / "app" / "app.py")
+VIEWS = ["Leaderboard", "Per-task charts", "Pairwise", "Sweeps", "Routing", "Playground", "Run", "Benchmarks"]
+
+
+@pytest.fixture()
+def world(app_world, monkeypatch):
+    from workbench import jobs
+
+    for k, v in app_world.items():
+        if k.startswith("WORKBENCH_"):
+            monkeypatch.setenv(k, v)
+    yield Path(app_world["root"])
+    for r in jobs.background_runs():  # runs started by a test end with it
+        if r.thread is not None:
+            r.thread.join(120)
+    jobs._RUNS.clear()
+
+
+@pytest.fixture()
+def own_results(world, tmp_path, monkeypatch):
+    """A copy of the fixture's results for a test that writes (the app's runs land here)."""
+    res = tmp_path / "results"
+    shutil.copytree(world / "results", res)
+    monkeypatch.setenv("WORKBENCH_RESULTS", str(res))
+    return res
+
+
+def open_view(view: str, results: Path | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    if results is not None:
+        at.sidebar.text_input(key="results_dir").set_value(str(results)).run()
+    at.sidebar.radio(key="view").set_value(view).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def charts(at: AppTest) -> list:
+    return at.get("vega_lite_chart")
+
+
+def test_leaderboard_matches_the_library(world):
+    from workbench.catalog import comparison_source, scan
+    from workbench.eval.leaderboard import leaderboard_frame
+
+    at = open_view("Leaderboard")
+    assert at.selectbox(key="lb-source").value == "comparison: small"
+    df = at.dataframe[0].value
+    assert set(df.model) == {"base", "addition", "sorting", "ta", "arrow"}
+    lib = leaderboard_frame(comparison_source(scan(world / "results"), "small").board("base")).set_index("model")
+    shown = df.set_index("model")
+    for m in lib.index:  # the same numbers the CLI writes, not a second computation
+        assert shown.loc[m, "held_in %"] == pytest.approx(lib.loc[m, "held_in %"], nan_ok=True)
+        assert shown.loc[m, "held_in se"] == pytest.approx(lib.loc[m, "held_in se"], nan_ok=True)
+    board = json.loads((world / "results" / "compare" / "small" / "leaderboard.json").read_text())
+    ta = next(r for r in board["rows"] if r["name"] == "ta")
+    assert shown.loc["ta", "held_in %"] == pytest.approx(100 * ta["summary"]["held_in"]["mean"])
+    assert shown.loc["base", "diff vs ref (pp)"] != shown.loc["base", "diff vs ref (pp)"]  # the reference: NaN
+    # another reference re-pairs every row against it
+    at.selectbox(key="lb-ref").set_value("ta").run()
+    df2 = at.dataframe[0].value.set_index("model")
+    assert df2.loc["ta", "diff vs ref (pp)"] != df2.loc["ta", "diff vs ref (pp)"]
+    assert df2.loc["base", "diff vs ref (pp)"] == pytest.approx(-shown.loc["ta", "diff vs ref (pp)"])
+    # filters: by method and by task group
+    at.multiselect(key="lb-methods").set_value(["expert-lora"]).run()
+    assert set(at.dataframe[0].value.model) == {"addition", "sorting"}
+    at.selectbox(key="lb-group").set_value("held-out").run()
+    assert not any(c.startswith(("add ", "sort ")) for c in at.dataframe[0].value.columns)
+    assert at.get("download_button")
+
+
+def test_runs_source_says_which_run_a_row_shows_and_lets_the_user_pick(world):
+    at = open_view("Leaderboard")
+    at.selectbox(key="lb-source").set_value("runs: demo").run()
+    df = at.dataframe[0].value.set_index("model")
+    # `addition` has runs at limits 4 (the comparison's: one run per task), 3 and 2 (each on both tasks); no
+    # whole-split setting exists, so the newest setting is shown, and the row says so
+    assert "limit 3" in df.loc["addition", "shows"] and "(1 of 3 settings)" in df.loc["addition", "shows"]
+    assert {"add %", "sort %"} <= set(df.columns)
+    pick = at.selectbox(key="pick-demo-demo__addition")
+    label = next(o for o in pick.options if "limit 4" in o).rsplit(" (", 1)[0]
+    pick.set_value(label).run()
+    df2 = at.dataframe[0].value.set_index("model")
+    assert "limit 4" in df2.loc["addition", "shows"]
+    # the comparison's two one-task runs together make the row, with the numbers of the comparison's cells
+    from workbench.catalog import comparison_source, scan
+
+    cells = comparison_source(scan(world / "results"), "small").cells
+    for t in ("addition", "sorting"):
+        v = cells[("addition", t)]["values"]
+        assert df2.loc["addition", f"{short(t)} %"] == pytest.approx(100 * sum(v) / len(v))
+    assert not at.exception
+
+
+def test_charts_pairwise_sweeps_routing_benchmarks_views(world):
+    at = open_view("Per-task charts")
+    assert len(charts(at)) == 2  # grouped bars with error bars + the difference heatmap
+    spec = json.loads(charts(at)[0].proto.spec)
+    assert "xOffset" in json.dumps(spec) and "rule" in json.dumps(spec)  # grouped, with error bars
+
+    at = open_view("Pairwise")
+    at.selectbox(key="pw-a").set_value("ta").run()
+    at.selectbox(key="pw-b").set_value("base").run()
+    pw = at.dataframe[0].value
+    assert set(pw.task) == {"addition", "sorting"} and {"p_value", "verdict"} <= set(pw.columns)
+    from workbench.catalog import comparison_source, scan
+
+    src = comparison_source(scan(world / "results"), "small")
+    lib = {r["task"]: r for r in src.pairwise("ta", "base")}
+    for r in pw.itertuples():
+        assert r.p_value == pytest.approx(lib[r.task]["p_value"])
+    n_diff = len(src.disagreements("ta", "base", at.selectbox(key="pw-task").value))
+    assert (len(at.dataframe) == 2 and len(at.dataframe[1].value) == n_diff) or (n_diff == 0 and at.info)
+
+    at = open_view("Sweeps")
+    assert len(charts(at)) == 1
+    assert any("chosen {'lambda'" in c.value for c in at.caption)
+
+    at = open_view("Routing")
+    assert len(charts(at)) == 2  # the saved trace: usage per layer, weight per token
+    assert at.selectbox(key="rt-model").options  # the built Arrow composition can be traced live
+    at.text_input(key="rt-prompt").set_value("7+8=").run()
+    at.button(key="rt-go").click().run()
+    assert not at.exception and len(charts(at)) == 4
+
+    at = open_view("Benchmarks")
+    assert len(charts(at)) == 1
+    assert any("machine: cpu" in c.value for c in at.caption)
+
+
+def test_playground_answers_match_the_engine(world):
+    from workbench.pool import Pool
+    from workbench.serve.engine import MultiLoraModel
+
+    at = open_view("Playground")
+    at.multiselect(key="pg-models").set_value(["base", "addition"]).run()
+    at.text_input(key="pg-mix").set_value("mix:addition=0.5,sorting=0.5").run()
+    at.text_area(key="pg-prompt").set_value("12+30=").run()
+    at.number_input(key="pg-max").set_value(6).run()
+    at.checkbox(key="pg-chat").uncheck().run()
+    at.button(key="pg-run").click().run()
+    assert not at.exception and not at.error
+    texts = [t.value for t in at.text]
+    engine = MultiLoraModel.from_pool(Pool.open("demo"), log=lambda m: None)
+    want = engine.answer("12+30=", ["base", "addition", "mix:addition=0.5,sorting=0.5"], max_new_tokens=6, chat=False)
+    assert texts == [w or "(empty answer)" for w in want.values()]
+    # an unknown model in the mix: one line, no exception
+    at.text_input(key="pg-mix").set_value("mix:ghost=1").run()
+    at.button(key="pg-run").click().run()
+    assert not at.exception and "unknown model 'ghost'" in at.error[0].value
+
+
+def test_run_view_launches_in_the_background_and_the_result_reaches_the_leaderboard(own_results):
+    at = open_view("Run")
+    at.selectbox(key="run-method").set_value("task_arithmetic").run()
+    at.multiselect(key="run-experts").set_value(["addition", "sorting"]).run()
+    at.number_input(key="run-p-task_arithmetic-lambda").set_value(0.7).run()
+    at.number_input(key="run-limit").set_value(2).run()
+    at.button(key="run-go-build").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    from workbench import jobs
+
+    run = next(r for r in jobs.background_runs() if r.name == "demo-task_arithmetic")
+    run.thread.join(180)
+    assert run.status == "done", run.error
+    at = open_view("Leaderboard")
+    assert "comparison: demo-task_arithmetic" in at.selectbox(key="lb-source").options
+    doc = json.loads((own_results / "compare" / "demo-task_arithmetic" / "builds" / "task-arithmetic.json").read_text())
+    assert doc["params"]["lambda"] == pytest.approx(0.7)
+
+
+def test_run_view_shows_a_failed_run_as_one_line(own_results, monkeypatch):
+    from workbench import jobs
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full\nmore detail")
+
+    monkeypatch.setattr(jobs, "run_comparison", boom)
+    run = jobs.start_background(jobs.comparison_document("demo", "ties", {}, experts=["addition", "sorting"], limit=2,
+                                                         name="will-fail"))
+    run.thread.join(30)
+    at = open_view("Run")
+    assert any(e.value == "will-fail: RuntimeError: disk full" for e in at.error)
+    # a bad parameter is refused before any work, with the parameter named
+    at.selectbox(key="run-method").set_value("ties").run()
+    at.text_input(key="run-p-ties-per_expert").set_value("{ghost: {weight: 1}}").run()
+    at.button(key="run-go-build").click().run()
+    assert not at.exception and any("ghost" in e.value for e in at.error), [e.value for e in at.error]
+
+
+@pytest.fixture()
+def broken(world, tmp_path):
+    """The fixture's results plus a truncated run manifest, a foreign JSON and a run manifest missing its scores."""
+    res = tmp_path / "results"
+    shutil.copytree(world / "results", res)
+    run = next(res.rglob("run_*.json"))
+    (run.parent / "run_truncated.json").write_text(run.read_text()[:40])
+    (res / "foreign.json").write_text(json.dumps({"hello": "world"}))
+    partial = json.loads(run.read_text())
+    del partial["scores"]
+    (run.parent / "run_partial.json").write_text(json.dumps(partial))
+    (res / "empty.json").write_text("")
+    return res
+
+
+@pytest.mark.parametrize("view", VIEWS)
+def test_malformed_partial_and_foreign_files_are_warnings(broken, view):
+    at = open_view(view, broken)
+    warned = {w.value.split(":")[0] for w in at.sidebar.expander[0].warning} if at.sidebar.expander else set()
+    assert {"foreign.json", "empty.json"} <= warned and any("run_truncated" in w for w in warned)
+    assert any("run_partial" in w for w in warned)
+    texts = [w.value for w in at.sidebar.expander[0].warning]
+    assert any("partial run manifest: missing scores" in t for t in texts)
+    assert any("not valid JSON" in t for t in texts) and any("foreign JSON" in t for t in texts)
+    if view == "Leaderboard":  # the good records still show
+        assert set(at.dataframe[0].value.model) == {"base", "addition", "sorting", "ta", "arrow"}
+
+
+@pytest.mark.parametrize("view", VIEWS)
+def test_an_empty_or_missing_results_folder_shows_empty_states(world, tmp_path, view):
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "missing"):
+        at = open_view(view, folder)
+        assert not at.error
+        if view in ("Leaderboard", "Per-task charts", "Pairwise", "Sweeps", "Benchmarks"):
+            assert at.info, view
+
+
+def test_parsed_files_are_cached_by_mtime(world, tmp_path):
+    from workbench import catalog
+
+    res = tmp_path / "results"
+    shutil.copytree(world / "results", res)
+    catalog.scan(res)
+    calls = []
+    real = catalog.json.loads
+    catalog.json.loads = lambda b: calls.append(1) or real(b)
+    try:
+        catalog.scan(res)
+        assert calls == []  # nothing changed: nothing parsed again
+        run = next(res.rglob("run_*.json"))
+        time.sleep(0.01)
+        run.write_text(run.read_text() + " ")
+        catalog.scan(res)
+        assert len(calls) == 1
+    finally:
+        catalog.json.loads = real

@@ -1,0 +1,411 @@
+"""What a results folder holds, read once: the app's and the CLI's one view of `results/`.
+
+Every `*.json` under the folder is parsed once per (path, mtime, size) and classified by its content, not by
+its name: lm-eval run manifests, comparisons (leaderboard + cells), sweep records, benchmark records, routing
+traces, merge-count curves, checks. A file that does not parse, a record with keys missing and a JSON file the
+workbench did not write are listed as warnings (path: problem) and skipped: a results folder never breaks a
+reader. Runs are identified by their manifests (pool, model, method, parameters, commit, settings), never by
+splitting folder names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import WorkbenchError
+
+# (path, mtime_ns, size) -> parsed JSON or the error: re-reading a folder parses only what changed
+_PARSED: dict[str, tuple[int, int, Any]] = {}
+_CACHE_LIMIT = 50_000
+
+RUN_KEYS = ("run_id", "model_name", "scores")
+
+
+@dataclass
+class Catalog:
+    root: Path
+    runs: list[dict[str, Any]] = field(default_factory=list)  # lm-eval run manifests (+ "_path")
+    comparisons: dict[str, dict[str, Any]] = field(default_factory=dict)  # folder name -> leaderboard (+ "_dir")
+    sweeps: list[dict[str, Any]] = field(default_factory=list)
+    benches: list[dict[str, Any]] = field(default_factory=list)
+    traces: list[dict[str, Any]] = field(default_factory=list)
+    curves: list[dict[str, Any]] = field(default_factory=list)
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (path relative to root, problem)
+    files: int = 0
+
+    def rel(self, p: str | Path) -> str:
+        try:
+            return Path(p).relative_to(self.root).as_posix()
+        except ValueError:
+            return Path(p).as_posix()
+
+
+def _parse(path: Path) -> Any:
+    """The file's JSON (cached by mtime and size), or a ValueError saying why not."""
+    st = path.stat()
+    key = str(path)
+    hit = _PARSED.get(key)
+    if hit and hit[0] == st.st_mtime_ns and hit[1] == st.st_size:
+        return hit[2]
+    try:
+        with open(path, "rb") as f:
+            value: Any = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        value = ValueError(f"not valid JSON ({'empty file' if st.st_size == 0 else str(e).splitlines()[0]})")
+    if len(_PARSED) > _CACHE_LIMIT:
+        _PARSED.clear()
+    _PARSED[key] = (st.st_mtime_ns, st.st_size, value)
+    return value
+
+
+def _kind(d: Any, path: Path) -> str | None:
+    """What a parsed record is, from its keys (None: not the workbench's)."""
+    if not isinstance(d, dict):
+        return None
+    if all(k in d for k in RUN_KEYS):
+        return "run"
+    if "results" in d and ("configs" in d or "config" in d):
+        return "lm-eval-results"  # lm-eval's own output, read through its run manifest
+    if {"rows", "tasks", "reference"} <= d.keys():
+        return "leaderboard"
+    if {"key", "row", "task", "values"} <= d.keys():
+        return "cell"
+    if {"key", "row", "method"} <= d.keys():
+        return "build"
+    if {"rows", "skipped", "source"} <= d.keys():
+        return "plan"
+    if {"recipe", "points", "best"} <= d.keys():
+        return "sweep"
+    if "benchmark" in d:
+        return "bench"
+    if {"tokens", "experts", "usage", "choices"} <= d.keys():
+        return "trace"
+    if {"points", "name", "pool"} <= d.keys():
+        return "curve"
+    if "checks" in path.parts:
+        return "check"  # free-form records of one-off checks (timings, pool checks)
+    return None
+
+
+def _partial(d: Any, path: Path) -> str | None:
+    """A record that is named like one of ours but lacks what readers need."""
+    if isinstance(d, dict) and path.name.startswith("run_"):
+        missing = [k for k in RUN_KEYS if k not in d]
+        return f"partial run manifest: missing {', '.join(missing)}"
+    if isinstance(d, dict) and path.name == "leaderboard.json":
+        return "partial leaderboard: missing rows/tasks/reference"
+    return None
+
+
+def scan(root: str | Path) -> Catalog:
+    """Read every JSON record under `root` (parsed files are cached by mtime: a re-scan reads only changes)."""
+    root = Path(root)
+    cat = Catalog(root=root)
+    if not root.exists():
+        return cat
+    if not root.is_dir():
+        raise WorkbenchError(f"results folder {root} is not a folder")
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # staging folders of live writers
+        paths += [Path(dirpath) / f for f in sorted(filenames) if f.endswith(".json") and not f.startswith(".")]
+    cat.files = len(paths)
+    for p in paths:
+        try:
+            d = _parse(p)
+        except OSError as e:  # removed between the walk and the read
+            cat.warnings.append((cat.rel(p), f"unreadable: {e.strerror or e}"))
+            continue
+        if isinstance(d, ValueError):
+            cat.warnings.append((cat.rel(p), str(d)))
+            continue
+        kind = _kind(d, p)
+        if kind is None:
+            cat.warnings.append((cat.rel(p), _partial(d, p) or "not a workbench record (foreign JSON)"))
+        elif kind == "run":
+            if not isinstance(d["scores"], dict):
+                cat.warnings.append((cat.rel(p), "run manifest: scores is not a table"))
+                continue
+            cat.runs.append(d | {"_path": str(p)})
+        elif kind == "leaderboard":
+            name = p.parent.name
+            cat.comparisons[name] = d | {"_dir": str(p.parent)}
+        elif kind == "sweep":
+            cat.sweeps.append(d | {"_path": str(p)})
+        elif kind == "bench":
+            cat.benches.append(d | {"_path": str(p)})
+        elif kind == "trace":
+            cat.traces.append(d | {"_path": str(p)})
+        elif kind == "curve":
+            cat.curves.append(d | {"_path": str(p)})
+        elif kind == "check":
+            cat.checks.append(d | {"_path": str(p)})
+    cat.runs.sort(key=lambda r: r.get("run_id", ""))
+    return cat
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def run_identity(run: dict[str, Any]) -> dict[str, Any]:
+    """What a run measured, from its manifest: pool, model, method, parameters, commit and eval settings."""
+    git = run.get("git") or {}
+    commit = (git.get("commit") or "")[:7] + ("+dirty" if git.get("dirty") else "")
+    return {"pool": run.get("pool"), "model": run.get("model_name"), "method": run.get("method"),
+            "params": run.get("params") or {}, "commit": commit or "?", "split": run.get("split", "test"),
+            "limit": run.get("limit"), "batch_size": run.get("batch_size"), "run_id": run.get("run_id"),
+            "device": (run.get("machine") or {}).get("device")}
+
+
+def setting_label(run: dict[str, Any]) -> str:
+    """The settings a run was made with, to tell runs of one model apart: commit, split and example limit."""
+    i = run_identity(run)
+    return f"{i['commit']} · {i['split']} · {'limit ' + str(i['limit']) if i['limit'] else 'all examples'}"
+
+
+def model_settings(cat: Catalog, pool: str | None = None) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """model_name -> setting label -> its runs, newest first. A model's runs at one setting together cover its
+    tasks (a comparison evaluates one task per run); settings are listed newest first."""
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in cat.runs:
+        if pool is None or r.get("pool") == pool:
+            out.setdefault(r["model_name"], {}).setdefault(setting_label(r), []).append(r)
+    res = {}
+    for m in sorted(out):
+        by = {k: sorted(v, key=lambda r: r.get("run_id", ""), reverse=True) for k, v in out[m].items()}
+        res[m] = dict(sorted(by.items(), key=lambda kv: kv[1][0].get("run_id", ""), reverse=True))
+    return res
+
+
+def default_setting(settings: dict[str, list[dict[str, Any]]]) -> str:
+    """The setting a row shows unless the user picks another: the newest on whole test splits, else the newest."""
+    full = [k for k, rs in settings.items() if not rs[0].get("limit") and rs[0].get("split", "test") == "test"]
+    return (full or list(settings))[0]
+
+
+def display_name(run: dict[str, Any]) -> str:
+    """A run's row name: its model (a folder-path model shows as the run's name after the pool prefix)."""
+    m = str(run.get("model", ""))
+    pool = run.get("pool")
+    name = run["model_name"]
+    if "/" not in m and m:
+        return m
+    return name[len(pool) + 2:] if pool and name.startswith(f"{pool}__") else name
+
+
+def comparison_cells(cat: Catalog, name: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """(row, task) -> cell record of a comparison, read from its cells/ folder."""
+    folder = Path(cat.comparisons[name]["_dir"]) / "cells"
+    out = {}
+    for p in sorted(folder.glob("*/*.json")) if folder.is_dir() else []:
+        try:
+            d = _parse(p)
+        except OSError:
+            continue
+        if isinstance(d, dict) and _kind(d, p) == "cell":
+            out[(d["row"], d["task"])] = d
+    return out
+
+
+def cell_run(cat: Catalog, name: str, row: str, task: str) -> dict[str, Any] | None:
+    """The lm-eval run manifest behind one comparison cell (for its per-sample outputs)."""
+    cell = comparison_cells(cat, name).get((row, task))
+    if not cell or not cell.get("run"):
+        return None
+    p = Path(cat.comparisons[name]["_dir"]) / cell["run"]
+    try:
+        d = _parse(p)
+    except OSError:
+        return None
+    return d | {"_path": str(p)} if isinstance(d, dict) and _kind(d, p) == "run" else None
+
+
+# ----------------------------------------------------------------------------- one source of rows x tasks
+
+
+@dataclass
+class Source:
+    """The rows x tasks a leaderboard, chart or pairwise view reads: a comparison, or a set of lm-eval runs.
+
+    `cells[(row, task)]` holds per-example `values` with their `doc_ids` (and `run`, the manifest behind it);
+    `runs[(row, task)]` is that manifest, for per-sample answers."""
+
+    kind: str  # comparison | runs
+    name: str
+    rows: list[dict[str, Any]]
+    cells: dict[tuple[str, str], dict[str, Any]]
+    tasks: list[str]
+    reference: str
+    runs: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    shown: dict[str, str] = field(default_factory=dict)  # row -> which run/settings it shows
+
+    def board(self, reference: str | None = None) -> dict[str, Any]:
+        from .eval.leaderboard import build_leaderboard
+
+        ref = reference if reference in {r["name"] for r in self.rows} else self.reference
+        return build_leaderboard(self.rows, self.cells, self.tasks, ref) | {"source": self.kind, "name": self.name}
+
+    def pairwise(self, a: str, b: str) -> list[dict[str, Any]]:
+        """Per task both rows scored: their means on the shared examples, the difference and the paired test."""
+        from .eval import stats
+
+        out = []
+        for t in self.tasks:
+            ca, cb = self.cells.get((a, t)), self.cells.get((b, t))
+            if not ca or not cb or not ca["values"] or not cb["values"]:
+                continue
+            vb = dict(zip(cb["doc_ids"], cb["values"]))
+            pa = [(v, vb[d]) for d, v in zip(ca["doc_ids"], ca["values"]) if d in vb]
+            if not pa:
+                continue
+            c = stats.compare([x for x, _ in pa], [y for _, y in pa])
+            out.append({"task": t, "n": c["n"], "a": c["mean_a"], "b": c["mean_b"], "diff": c["diff"],
+                        "p_value": c["p_value"], "test": c["test"], "metric": ca["metric"]})
+        return out
+
+    def disagreements(self, a: str, b: str, task: str) -> list[dict[str, Any]]:
+        """The examples of `task` where rows a and b score differently: prompt, target and both answers."""
+        from .eval.results import paired_samples
+
+        ra, rb = self.runs.get((a, task)), self.runs.get((b, task))
+        if ra is None or rb is None:
+            return []
+        try:
+            df = paired_samples(ra, rb, task)
+        except (OSError, ValueError, KeyError) as e:
+            raise WorkbenchError(f"per-sample outputs of {a!r} or {b!r} on {task} unreadable: {e}") from None
+        return df[df.value_a != df.value_b].to_dict("records")
+
+
+def comparison_source(cat: Catalog, name: str) -> Source:
+    board = cat.comparisons[name]
+    folder = Path(board["_dir"])
+    cells = comparison_cells(cat, name)
+    rows = [{"name": r["name"], "method": r["method"], "expert_task": r.get("expert_task")} for r in board["rows"]]
+    runs = {}
+    for key, cell in cells.items():
+        if cell.get("run"):
+            p = folder / cell["run"]
+            try:
+                d = _parse(p)
+            except OSError:
+                continue
+            if isinstance(d, dict) and _kind(d, p) == "run":
+                runs[key] = d | {"_path": str(p)}
+    ev = board.get("eval") or {}
+    setting = f"{ev.get('split', 'test')} · {'limit ' + str(ev['limit']) if ev.get('limit') else 'all examples'}"
+    return Source("comparison", name, rows, cells, list(board["tasks"]), board["reference"], runs,
+                  {r["name"]: setting for r in rows})
+
+
+def runs_source(cat: Catalog, pool: str | None = None, picks: dict[str, str] | None = None,
+                reference: str | None = None) -> Source:
+    """One row per model of `pool` at one setting (`default_setting`, or the label `picks[model_name]` chose):
+    per task, the newest run at that setting that scored it."""
+    from .eval.record import read_samples
+    from .tasks.suite import DOMAINS, TASKS
+
+    rows, cells, runs, shown = [], {}, {}, {}
+    for model_name, settings in model_settings(cat, pool).items():
+        label = (picks or {}).get(model_name)
+        label = label if label in settings else default_setting(settings)
+        chosen = settings[label]
+        name = display_name(chosen[0]) if pool else model_name
+        info = chosen[0].get("model_info") or {}
+        rows.append({"name": name, "method": chosen[0].get("method") or "?",
+                     "expert_task": (info.get("tags") or {}).get("task") if chosen[0].get("method") == "expert-lora"
+                     else None})
+        shown[name] = label + (f" (1 of {len(settings)} settings)" if len(settings) > 1 else "")
+        for run in chosen:  # newest first: a task's newest run wins
+            fresh = [t for t, m in run["scores"].items() if isinstance(m, dict) and (name, t) not in cells]
+            if not fresh:
+                continue
+            try:
+                samples = read_samples(run)
+            except (OSError, ValueError, KeyError):
+                samples = []
+            by_task: dict[str, list[tuple[int, float]]] = {}
+            for smp in samples:
+                m = smp.get("metrics") or {}
+                if "exact_match" in m and smp.get("task") in fresh:
+                    v = m["exact_match"]
+                    by_task.setdefault(smp["task"], []).append((smp["doc_id"], float(v[0] if isinstance(v, list) else v)))
+            for task in fresh:
+                metrics = run["scores"][task]
+                if task in by_task:
+                    pairs = sorted(by_task[task])
+                    cells[(name, task)] = {"metric": "exact_match", "doc_ids": [d for d, _ in pairs],
+                                           "values": [v for _, v in pairs]}
+                elif "exact_match" in metrics or "word_perplexity" in metrics:
+                    # no samples: the mean alone (no error bar, no paired test)
+                    metric = "exact_match" if "exact_match" in metrics else "word_perplexity"
+                    cells[(name, task)] = {"metric": metric, "doc_ids": [], "values": [],
+                                           "mean": float(metrics[metric])}
+                else:
+                    continue
+                runs[(name, task)] = run
+    tasks = [t for t in [*TASKS, *DOMAINS] if any(k[1] == t for k in cells)]
+    names = [r["name"] for r in rows]
+    ref = reference if reference in names else ("multitask" if "multitask" in names else names[0] if names else "")
+    return Source("runs", pool or "all pools", rows, cells, tasks, ref, runs, shown)
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+RATIO_HINTS = ("_x_", "_vs_", "_over_", "speedup")
+NOT_RATIOS = ("max_abs_diff", "abs_diff")
+
+
+def _label(row: Any, i: int) -> str:
+    """A list row's name: its short identifying fields (`projection=q_proj`, `rank=8 U=32`), else its index."""
+    if isinstance(row, dict):
+        ids = [f"{k}={v}" for k, v in row.items() if isinstance(v, (str, int)) and not isinstance(v, bool)
+               and len(str(v)) < 24][:3]
+        if ids:
+            return " ".join(ids)
+    return str(i)
+
+
+def bench_ratios(rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every ratio a benchmark record reports against a peer measured in the same run: (name, value, target).
+
+    Ratios are the numbers under a `ratios` or `x_base` table, or keys naming one (`a_x_b`, `a_vs_b`, `speedup`).
+    Medians are kept beside the means they qualify; raw timings are not ratios."""
+    out: list[dict[str, Any]] = []
+    targets = rec.get("targets") if isinstance(rec.get("targets"), dict) else {}
+
+    def walk(x: Any, path: list[str], table: bool) -> None:
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, [*path, str(k)], table or k in ("ratios", "x_base"))
+        elif isinstance(x, list):
+            for i, v in enumerate(x):
+                walk(v, [*path, _label(v, i)], table)
+        elif isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x):
+            leaf = path[-1] if path else ""
+            if ((table or any(h in leaf for h in RATIO_HINTS)) and not leaf.endswith("_s")
+                    and not leaf.startswith(NOT_RATIOS)):
+                name = ".".join(p for p in path if p not in ("rows", "ratios"))
+                out.append({"name": name, "value": float(x), "target": targets.get(leaf)})
+
+    walk({k: v for k, v in rec.items() if k not in ("targets", "machine", "git", "_path")}, [], False)
+    return out
+
+
+def machine_line(rec: dict[str, Any]) -> str:
+    m = rec.get("machine") or {}
+    git = rec.get("git") or {}
+    bits = [m.get("device"), f"{m.get('cpus')} CPUs" if m.get("cpus") else None, m.get("gpu"), m.get("torch"),
+            f"commit {(git.get('commit') or '')[:7]}" if git.get("commit") else None, rec.get("date")]
+    return ", ".join(str(b) for b in bits if b)
+
+
+__all__ = ["Catalog", "Source", "bench_ratios", "cell_run", "comparison_cells", "comparison_source", "default_setting",
+           "display_name", "machine_line", "model_settings", "run_identity", "runs_source", "scan", "setting_label"]
