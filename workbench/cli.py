@@ -211,10 +211,16 @@ def pool_build_demo(
     base: Annotated[str, typer.Option(help="base model")] = "smollm2-135m",
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     only: Annotated[Optional[list[str]], typer.Option(help="build only these experts (repeatable)")] = None,
+    old: Annotated[bool, typer.Option("--old", help="the first demo pool's LoRA experts instead (lr 2e-3, 120 steps: "
+                                                    "large task vectors), into pool demo-old by default")] = False,
 ):
     """Train the demo pool (one LoRA per held-in task, multitask LoRA, full fine-tunes); skips what exists."""
-    from .demo import build_demo_pool
+    from .demo import build_demo_pool, old_plan
 
+    if old:
+        build_demo_pool("demo-old" if pool == "demo" else pool, base=base, device=device, only=only,
+                        log=console.print, plans=old_plan())
+        return
     build_demo_pool(pool, base=base, device=device, only=only, log=console.print)
 
 

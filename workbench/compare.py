@@ -151,7 +151,9 @@ def _missing_reason(experts, pool: Pool) -> str | None:
     missing = [e.name for e in experts if not e.files_present()]
     if not missing:
         return None
-    how = (f"`workbench demo --full` trains {'them' if len(missing) > 1 else 'it'}" if pool.name == "demo"
+    them = "them" if len(missing) > 1 else "it"
+    how = (f"`workbench demo --full` trains {them}" if pool.name == "demo"
+           else f"`workbench pool build-demo --old` trains {them}" if pool.name == "demo-old"
            else f"`workbench pool verify {pool.name}` lists what is missing")
     kinds = sorted({e.kind for e in experts if e.name in missing})
     return (f"the {'/'.join(kinds)} expert{'s' if len(missing) > 1 else ''} {', '.join(missing[:4])}"

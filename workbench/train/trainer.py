@@ -174,7 +174,11 @@ def train_expert(pool: Pool, name: str, tasks: list[str], cfg: LoraConfigModel |
             # name the base by the pool's spec, not by this machine's cache path (the files may ship in git)
             for c in model.peft_config.values():
                 c.base_model_name_or_path = pool.manifest.base.spec
+            local = str(getattr(model.get_base_model().config, "_name_or_path", "") or "")
             model.save_pretrained(out, safe_serialization=True)
+            card = Path(out) / "README.md"  # PEFT's model card names the base by the folder it was loaded from
+            if card.is_file() and local:
+                card.write_text(card.read_text().replace(local, pool.manifest.base.spec))
         else:
             model.save_pretrained(out, safe_serialization=True)
             tok.save_pretrained(out)
