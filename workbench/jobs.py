@@ -411,7 +411,7 @@ def plan_record(plan: Plan) -> dict[str, Any]:
     c = plan.comparison
     return {"name": c.spec.name, "source": Path(c.source).as_posix() if not Path(c.source).is_absolute()
             else Path(c.source).name, "pool": c.pool.name, "tasks": c.tasks, "reference": c.reference,
-            "eval": c.spec.eval.model_dump(mode="json"), "rows": [{"name": r.name, "method": r.method} for r in c.active_rows],
+            "eval": c.spec.eval.model_dump(mode="json"), "rows": board_rows(c),
             "skipped": {r.name: r.skip for r in plan.skipped}}
 
 

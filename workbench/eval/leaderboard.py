@@ -37,6 +37,10 @@ def build_leaderboard(rows: list[dict[str, Any]], cells: dict[tuple[str, str], d
             # a cell may carry only its mean (a run without per-sample outputs): no error bar, no paired test
             mean = sum(values) / len(values) if values else float(c.get("mean", float("nan")))
             se = stats.stderr(values)
+            if c["metric"] != "exact_match":
+                # a perplexity is the corpus aggregate (lm-eval's score), not the mean of per-document values
+                agg = c.get("score", c.get("mean"))
+                mean, se = (float(agg) if agg is not None else float("nan")), float("nan")
             per_task[t] = {"mean": mean, "stderr": se, "n": len(values), "metric": c["metric"]}
             if c["metric"] == "exact_match" and _group(t) in groups:
                 groups[_group(t)].append((mean, se))
@@ -58,8 +62,8 @@ def build_leaderboard(rows: list[dict[str, Any]], cells: dict[tuple[str, str], d
             c = stats.compare(paired_a, paired_b)
             paired = {"reference": reference, "n": c["n"], "diff": c["diff"], "p_value": c["p_value"],
                       "test": c["test"], "row_only": c.get("a_only"), "reference_only": c.get("b_only")}
-        out_rows.append({"name": row["name"], "method": row["method"], "tasks": per_task, "summary": summary,
-                         "paired": paired})
+        out_rows.append({"name": row["name"], "method": row["method"], "expert_task": row.get("expert_task"),
+                         "tasks": per_task, "summary": summary, "paired": paired})
     _normalize(rows, out_rows)
     out_rows.sort(key=lambda r: -r["summary"].get("held_in", {}).get("mean", -1.0))
     return {"tasks": tasks, "reference": reference, "rows": out_rows}
@@ -115,8 +119,9 @@ def leaderboard_frame(board: dict[str, Any]):
         rec["paired n"] = p["n"] if p else 0
         for t in board["tasks"]:
             c = r["tasks"].get(t)
-            rec[f"{t} %"] = 100 * c["mean"] if c else float("nan")
-            rec[f"{t} se"] = 100 * c["stderr"] if c else float("nan")
+            scale = 100 if c is None or c["metric"] == "exact_match" else 1  # perplexities are not percentages
+            rec[f"{t} %"] = scale * c["mean"] if c else float("nan")
+            rec[f"{t} se"] = scale * c["stderr"] if c else float("nan")
         recs.append(rec)
     return pd.DataFrame(recs)
 
