@@ -82,11 +82,17 @@ def pick_source(cat: catalog.Catalog, key: str) -> catalog.Source | None:
                          "pick the one each row shows"):
             for m, by in multi.items():
                 labels = list(by)
-                i = labels.index(catalog.default_setting(by))
+                i = labels.index(picks[m] if picks.get(m) in by else catalog.default_setting(by))
                 picks[m] = st.selectbox(m, labels, index=i, key=f"pick-{name}-{m}",
                                         format_func=lambda lab, by=by: f"{lab} ({len(by[lab])} runs)")
         st.session_state[f"picks-{name}"] = picks
     return catalog.runs_source(cat, name, picks)
+
+
+def pairwise_verdict(p: float, diff: float, metric: str) -> str:
+    from workbench.eval.stats import verdict
+
+    return verdict(p, diff)  # per-example values: exact match or log-likelihood, higher is better for both
 
 
 # ----------------------------------------------------------------------------- views
@@ -99,10 +105,13 @@ def view_leaderboard(cat: catalog.Catalog) -> None:
         return
     names = [r["name"] for r in src.rows]
     c1, c2, c3 = st.columns(3)
+    if not names:
+        st.info("This source has no rows yet (every entry skipped or nothing finished).")
+        return
     ref = c1.selectbox("reference row (paired test)", names, index=names.index(src.reference)
-                       if src.reference in names else 0, key="lb-ref")
+                       if src.reference in names else 0, key=f"lb-ref-{src.kind}-{src.name}")
     methods = sorted({r["method"] for r in src.rows})
-    chosen = c2.multiselect("methods", methods, default=methods, key="lb-methods")
+    chosen = c2.multiselect("methods", methods, default=methods, key=f"lb-methods-{src.kind}-{src.name}")
     group = c3.selectbox("task group", ["all", "held-in", "held-out", "domain (perplexity)"], key="lb-group")
     board = src.board(ref)
     df = leaderboard_frame(board)
@@ -137,12 +146,15 @@ def view_charts(cat: catalog.Catalog) -> None:
     if src is None:
         return
     names = [r["name"] for r in src.rows]
-    rows = st.multiselect("rows", names, default=names[: min(6, len(names))], key="ch-rows")
+    if not names:
+        st.info("This source has no rows yet.")
+        return
+    rows = st.multiselect("rows", names, default=names[: min(6, len(names))], key=f"ch-rows-{src.kind}-{src.name}")
     board = src.board()
     if rows:
         st.altair_chart(charts.task_bars(board, rows), width="stretch")
     ref_default = src.reference if src.reference in names else names[0]
-    ref = st.selectbox("difference against", names, index=names.index(ref_default), key="ch-ref",
+    ref = st.selectbox("difference against", names, index=names.index(ref_default), key=f"ch-ref-{src.kind}-{src.name}",
                        help="base, multitask, the best expert or any method")
     st.altair_chart(charts.diff_heatmap(board, ref), width="stretch")
 
@@ -157,9 +169,10 @@ def view_pairwise(cat: catalog.Catalog) -> None:
         st.info("Pairwise needs two rows.")
         return
     c1, c2 = st.columns(2)
-    a = c1.selectbox("A", names, index=0, key="pw-a")
+    a = c1.selectbox("A", names, index=0, key=f"pw-a-{src.kind}-{src.name}")
     b = c2.selectbox("B", names, index=names.index(src.reference) if src.reference in names and src.reference != a
-                     else (1 if names[0] == a else 0), key="pw-b")
+                     else (1 if names[0] == a else 0), key=f"pw-b-{src.kind}-{src.name}")
+    st.caption(f"A shows {src.shown.get(a, '?')}; B shows {src.shown.get(b, '?')}")
     rows = src.pairwise(a, b)
     if not rows:
         st.info(f"{a} and {b} share no scored examples.")
@@ -169,11 +182,10 @@ def view_pairwise(cat: catalog.Catalog) -> None:
     df = pd.DataFrame(rows)
     for c in ("a", "b", "diff"):
         df[c] = 100 * df[c]
-    df["verdict"] = ["noise (p ≥ 0.05)" if p >= 0.05 else ("A better" if d > 0 else "B better")
-                     for p, d in zip(df.p_value, df["diff"])]
+    df["verdict"] = [pairwise_verdict(p, d, m) for p, d, m in zip(df.p_value, df["diff"], df.metric)]
     st.dataframe(df.rename(columns={"a": f"{a} %", "b": f"{b} %", "diff": "A − B (pp)"}), hide_index=True,
                  width="stretch")
-    task = st.selectbox("examples where they disagree, task", [r["task"] for r in rows], key="pw-task")
+    task = st.selectbox("examples where they disagree, task", [r["task"] for r in rows], key=f"pw-task-{src.name}")
     try:
         diffs = src.disagreements(a, b, task)
     except WorkbenchError as e:
@@ -196,8 +208,11 @@ def view_sweeps(cat: catalog.Catalog) -> None:
     for rec in cat.sweeps:
         st.altair_chart(charts.sweep_chart(rec), width="stretch")
         best = rec.get("best") or {}
-        st.caption(f"{cat.rel(rec['_path'])}: chosen {best.get('point')} (validation {100 * best.get('score', 0):.1f}%), "
-                   f"tasks {', '.join(rec.get('tasks', []))}, limit {rec.get('limit')}")
+        score = best.get("score")
+        chosen = (f"chosen {best.get('point')} (validation {100 * score:.1f}%)" if isinstance(score, (int, float))
+                  else "no point chosen yet (the sweep is running or was interrupted)")
+        st.caption(f"{cat.rel(rec['_path'])}: {chosen}, tasks {', '.join(map(str, rec.get('tasks') or []))}, "
+                   f"limit {rec.get('limit')}")
 
 
 @st.cache_resource(show_spinner="loading the routed model")
@@ -249,13 +264,14 @@ def view_routing(cat: catalog.Catalog) -> None:
     j = st.selectbox("routed model", range(len(found)), format_func=lambda k: found[k][0], key="rt-model")
     prompt = st.text_input("prompt", value="What is 12 + 30?", key="rt-prompt")
     if st.button("trace", key="rt-go") and prompt:
-        st.session_state["rt-last"] = (found[j][1], prompt)
+        st.session_state["rt-last"] = (found[j][0], found[j][1], prompt)
     if st.session_state.get("rt-last"):
-        folder, text = st.session_state["rt-last"]
+        label, folder, text = st.session_state["rt-last"]
+        st.caption(f"trace of {label} on {text!r} (traces are cached per model and prompt)")
         try:
             tr = _trace(folder, text)
-        except WorkbenchError as e:
-            st.error(str(e))
+        except Exception as e:  # noqa: BLE001 - a model that fails to load or run is one line, not a crash
+            st.error(f"trace failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             return
         st.altair_chart(charts.usage_chart(tr), width="stretch")
         st.altair_chart(charts.token_chart(tr), width="stretch")
@@ -305,9 +321,9 @@ def view_playground(cat: catalog.Catalog) -> None:
         except WorkbenchError as e:
             st.error(str(e))
             return
-        st.session_state["pg-answers"] = (answers, time.perf_counter() - t0)
-    if st.session_state.get("pg-answers"):
-        answers, dt = st.session_state["pg-answers"]
+        st.session_state["pg-answers"] = (pool, answers, time.perf_counter() - t0)
+    if st.session_state.get("pg-answers") and st.session_state["pg-answers"][0] == pool:
+        _, answers, dt = st.session_state["pg-answers"]
         cols = st.columns(min(len(answers), 4))
         for i, (m, text) in enumerate(answers.items()):
             with cols[i % len(cols)]:
@@ -394,7 +410,7 @@ def view_run(cat: catalog.Catalog) -> None:
     if doc is not None:
         try:
             src = doc[1] if doc[0] == "doc" else _as_comparison(doc[1])
-            run = jobs.start_background(src, results_dir=Path(st.session_state.get("results_dir") or "results"))
+            run = jobs.start_background(src, results_dir=Path(st.session_state.get("results_dir") or "results").expanduser())
             st.success(f"started {run.name}")
         except WorkbenchError as e:
             st.error(str(e).splitlines()[0])
@@ -447,7 +463,7 @@ def view_benchmarks(cat: catalog.Catalog) -> None:
     if not cat.benches:
         st.info("No benchmark records yet: `workbench bench kernels|merge|routing|serve` writes them under results/bench/.")
         return
-    for rec in sorted(cat.benches, key=lambda r: r.get("benchmark", "")):
+    for rec in sorted(cat.benches, key=lambda r: str(r.get("benchmark", ""))):
         ratios = catalog.bench_ratios(rec)
         st.subheader(f"{rec.get('benchmark')} ({cat.rel(rec['_path'])})")
         st.caption(f"machine: {catalog.machine_line(rec)}" + (f" · target: {rec['target']}" if rec.get("target") else ""))

@@ -4,8 +4,8 @@ made on the tiny model (conftest `app_world`), and on folders with a truncated J
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -74,16 +74,31 @@ def test_leaderboard_matches_the_library(world):
     assert shown.loc["ta", "held_in %"] == pytest.approx(100 * ta["summary"]["held_in"]["mean"])
     assert shown.loc["base", "diff vs ref (pp)"] != shown.loc["base", "diff vs ref (pp)"]  # the reference: NaN
     # another reference re-pairs every row against it
-    at.selectbox(key="lb-ref").set_value("ta").run()
+    at.selectbox(key="lb-ref-comparison-small").set_value("ta").run()
     df2 = at.dataframe[0].value.set_index("model")
     assert df2.loc["ta", "diff vs ref (pp)"] != df2.loc["ta", "diff vs ref (pp)"]
     assert df2.loc["base", "diff vs ref (pp)"] == pytest.approx(-shown.loc["ta", "diff vs ref (pp)"])
     # filters: by method and by task group
-    at.multiselect(key="lb-methods").set_value(["expert-lora"]).run()
+    at.multiselect(key="lb-methods-comparison-small").set_value(["expert-lora"]).run()
     assert set(at.dataframe[0].value.model) == {"addition", "sorting"}
     at.selectbox(key="lb-group").set_value("held-out").run()
     assert not any(c.startswith(("add ", "sort ")) for c in at.dataframe[0].value.columns)
     assert at.get("download_button")
+
+
+def test_leaderboard_shows_normalized_scores_and_the_comparison_record(world):
+    at = open_view("Leaderboard")
+    df = at.dataframe[0].value.set_index("model")
+    board = json.loads((world / "results" / "compare" / "small" / "leaderboard.json").read_text())
+    by = {r["name"]: r for r in board["rows"]}
+    # normalized: the row's held-in mean over the experts' own-task mean (addition on addition, sorting on sorting)
+    own = (by["addition"]["tasks"]["addition"]["mean"] + by["sorting"]["tasks"]["sorting"]["mean"]) / 2
+    if own > 0:
+        assert df.loc["ta", "normalized %"] == pytest.approx(100 * by["ta"]["summary"]["held_in"]["mean"] / own)
+    else:
+        assert df.loc["ta", "normalized %"] != df.loc["ta", "normalized %"]
+    # the caption is the leaderboard's own record (not plan.json's): its cell count
+    assert any(f"cells {board['cells']}" in c.value for c in at.caption)
 
 
 def test_runs_source_says_which_run_a_row_shows_and_lets_the_user_pick(world):
@@ -114,10 +129,20 @@ def test_charts_pairwise_sweeps_routing_benchmarks_views(world):
     assert len(charts(at)) == 2  # grouped bars with error bars + the difference heatmap
     spec = json.loads(charts(at)[0].proto.spec)
     assert "xOffset" in json.dumps(spec) and "rule" in json.dumps(spec)  # grouped, with error bars
+    at.selectbox(key="ch-ref-comparison-small").set_value("ta").run()
+    heat = charts(at)[1].proto
+    board = json.loads((world / "results" / "compare" / "small" / "leaderboard.json").read_text())
+    means = {(r["name"], t): c["mean"] for r in board["rows"] for t, c in r["tasks"].items()}
+    import pyarrow as pa  # the chart's data travel as an Arrow table
+
+    cells = pa.ipc.open_stream(heat.datasets[0].data.data).read_all().to_pandas()
+    assert len(cells) == len(means)
+    for r in cells.itertuples():  # every cell: the row's task mean minus the chosen reference's, in points
+        assert r.diff == pytest.approx(100 * (means[(r.model, r.task)] - means[("ta", r.task)]))
 
     at = open_view("Pairwise")
-    at.selectbox(key="pw-a").set_value("ta").run()
-    at.selectbox(key="pw-b").set_value("base").run()
+    at.selectbox(key="pw-a-comparison-small").set_value("ta").run()
+    at.selectbox(key="pw-b-comparison-small").set_value("base").run()
     pw = at.dataframe[0].value
     assert set(pw.task) == {"addition", "sorting"} and {"p_value", "verdict"} <= set(pw.columns)
     from workbench.catalog import comparison_source, scan
@@ -126,12 +151,13 @@ def test_charts_pairwise_sweeps_routing_benchmarks_views(world):
     lib = {r["task"]: r for r in src.pairwise("ta", "base")}
     for r in pw.itertuples():
         assert r.p_value == pytest.approx(lib[r.task]["p_value"])
-    n_diff = len(src.disagreements("ta", "base", at.selectbox(key="pw-task").value))
+    n_diff = len(src.disagreements("ta", "base", at.selectbox(key="pw-task-small").value))
     assert (len(at.dataframe) == 2 and len(at.dataframe[1].value) == n_diff) or (n_diff == 0 and at.info)
 
     at = open_view("Sweeps")
     assert len(charts(at)) == 1
     assert any("chosen {'lambda'" in c.value for c in at.caption)
+    assert "datum.chosen" in charts(at)[0].proto.spec  # the chosen point drawn apart
 
     at = open_view("Routing")
     assert len(charts(at)) == 2  # the saved trace: usage per layer, weight per token
@@ -217,6 +243,12 @@ def broken(world, tmp_path):
     del partial["scores"]
     (run.parent / "run_partial.json").write_text(json.dumps(partial))
     (res / "empty.json").write_text("")
+    for f in (res / "lm-eval").rglob("samples_*.jsonl.gz"):  # runs without per-sample outputs keep their means
+        f.unlink()
+    (res / "traces" / "odd.json").write_text(json.dumps({"tokens": ["a"], "experts": ["x"], "usage": [], "choices": []}))
+    sweep = json.loads(next((res / "sweeps").glob("*.json")).read_text())
+    del sweep["best"]
+    (res / "sweeps" / "running.json").write_text(json.dumps(sweep))
     return res
 
 
@@ -229,8 +261,20 @@ def test_malformed_partial_and_foreign_files_are_warnings(broken, view):
     texts = [w.value for w in at.sidebar.expander[0].warning]
     assert any("partial run manifest: missing scores" in t for t in texts)
     assert any("not valid JSON" in t for t in texts) and any("foreign JSON" in t for t in texts)
+    assert any(t.startswith("traces/odd.json: trace:") for t in texts)
     if view == "Leaderboard":  # the good records still show
         assert set(at.dataframe[0].value.model) == {"base", "addition", "sorting", "ta", "arrow"}
+        at.selectbox(key="lb-source").set_value("runs: demo").run()  # runs whose samples are gone: means only
+        assert not at.exception and "addition" in set(at.dataframe[0].value.model)
+    if view == "Sweeps":  # a sweep still running is drawn, with no chosen point
+        assert len(charts(at)) == 2 and any("no point chosen yet" in c.value for c in at.caption)
+
+
+def test_routing_without_any_routed_model_is_an_empty_state(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_CACHE_ARTIFACTS", str(tmp_path / "no-artifacts"))
+    (tmp_path / "empty").mkdir()
+    at = open_view("Routing", tmp_path / "empty")
+    assert not at.error and any("No routed model yet" in i.value for i in at.info)
 
 
 @pytest.mark.parametrize("view", VIEWS)
@@ -256,8 +300,10 @@ def test_parsed_files_are_cached_by_mtime(world, tmp_path):
         catalog.scan(res)
         assert calls == []  # nothing changed: nothing parsed again
         run = next(res.rglob("run_*.json"))
-        time.sleep(0.01)
-        run.write_text(run.read_text() + " ")
+        text = run.read_text()
+        run.write_text(text)  # same bytes, same size: only the mtime changes
+        st = run.stat()
+        os.utime(run, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
         catalog.scan(res)
         assert len(calls) == 1
     finally:

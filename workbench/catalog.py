@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,32 +65,49 @@ def _parse(path: Path) -> Any:
     return value
 
 
-def _kind(d: Any, path: Path) -> str | None:
-    """What a parsed record is, from its keys (None: not the workbench's)."""
+def _kind(d: Any, path: Path, rel: Path | None = None) -> str | None:
+    """What a parsed record is, from its keys (None: not the workbench's). `rel`: its path under the results root."""
     if not isinstance(d, dict):
         return None
     if all(k in d for k in RUN_KEYS):
         return "run"
     if "results" in d and ("configs" in d or "config" in d):
         return "lm-eval-results"  # lm-eval's own output, read through its run manifest
-    if {"rows", "tasks", "reference"} <= d.keys():
+    if {"rows", "skipped", "source"} <= d.keys():
+        return "plan"  # before the leaderboard test: a plan also has rows, tasks and a reference
+    if {"rows", "tasks", "reference"} <= d.keys() and isinstance(d["rows"], list):
         return "leaderboard"
     if {"key", "row", "task", "values"} <= d.keys():
         return "cell"
     if {"key", "row", "method"} <= d.keys():
         return "build"
-    if {"rows", "skipped", "source"} <= d.keys():
-        return "plan"
-    if {"recipe", "points", "best"} <= d.keys():
-        return "sweep"
+    if {"recipe", "points"} <= d.keys() and isinstance(d["points"], list):
+        return "sweep"  # a sweep still running has no `best` yet
     if "benchmark" in d:
         return "bench"
     if {"tokens", "experts", "usage", "choices"} <= d.keys():
         return "trace"
     if {"points", "name", "pool"} <= d.keys():
         return "curve"
-    if "checks" in path.parts:
+    if rel is not None and rel.parts[:1] == ("checks",):
         return "check"  # free-form records of one-off checks (timings, pool checks)
+    return None
+
+
+def trace_problem(d: dict[str, Any]) -> str | None:
+    """Why a trace record cannot be drawn (None: it can): layers x experts usage, tokens x layers x experts choices."""
+    try:
+        n_e, n_l, n_t = len(d["experts"]), len(d["layers"]), len(d["tokens"])
+        if not n_e or not n_l or not n_t:
+            return "trace: empty experts, layers or tokens"
+        if len(d["usage"]) != n_l or any(len(u) != n_e for u in d["usage"]):
+            return "trace: usage is not layers x experts"
+        if len(d["choices"]) != n_t or any(len(c) != n_l or any(len(x) != n_e for x in c) for c in d["choices"]):
+            return "trace: choices is not tokens x layers x experts"
+        if not all(isinstance(v, (int, float)) for u in d["usage"] for v in u):
+            return "trace: usage holds non-numbers"
+    except (KeyError, TypeError):
+        return "trace: missing or malformed layers/usage/choices"
     return None
 
 
@@ -125,7 +143,8 @@ def scan(root: str | Path) -> Catalog:
         if isinstance(d, ValueError):
             cat.warnings.append((cat.rel(p), str(d)))
             continue
-        kind = _kind(d, p)
+        rel = p.relative_to(root)
+        kind = _kind(d, p, rel)
         if kind is None:
             cat.warnings.append((cat.rel(p), _partial(d, p) or "not a workbench record (foreign JSON)"))
         elif kind == "run":
@@ -134,13 +153,20 @@ def scan(root: str | Path) -> Catalog:
                 continue
             cat.runs.append(d | {"_path": str(p)})
         elif kind == "leaderboard":
-            name = p.parent.name
+            # a comparison is named by its folder under the root (compare/demo -> demo; elsewhere its full path)
+            name = rel.parent.name if rel.parent.parent == Path("compare") else rel.parent.as_posix()
+            if name in cat.comparisons:
+                cat.warnings.append((cat.rel(p), f"a second leaderboard named {name!r}: skipped"))
+                continue
             cat.comparisons[name] = d | {"_dir": str(p.parent)}
         elif kind == "sweep":
             cat.sweeps.append(d | {"_path": str(p)})
         elif kind == "bench":
             cat.benches.append(d | {"_path": str(p)})
         elif kind == "trace":
+            if problem := trace_problem(d):
+                cat.warnings.append((cat.rel(p), problem))
+                continue
             cat.traces.append(d | {"_path": str(p)})
         elif kind == "curve":
             cat.curves.append(d | {"_path": str(p)})
@@ -164,9 +190,16 @@ def run_identity(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def setting_label(run: dict[str, Any]) -> str:
-    """The settings a run was made with, to tell runs of one model apart: commit, split and example limit."""
+    """What a run measured, to tell runs of one model apart: commit, split, example limit, and for a built model
+    its method and a hash of its parameters (two comparisons' rows of one name may be different models)."""
+    from .io import sha256_json
+
     i = run_identity(run)
-    return f"{i['commit']} · {i['split']} · {'limit ' + str(i['limit']) if i['limit'] else 'all examples'}"
+    label = f"{i['commit']} · {i['split']} · {'limit ' + str(i['limit']) if i['limit'] else 'all examples'}"
+    key = run.get("artifact_key") or ((run.get("model_info") or {}).get("key"))
+    if i["params"] or key:
+        label += f" · {i['method']} {key or sha256_json(i['params'])[:8]}"
+    return label
 
 
 def model_settings(cat: Catalog, pool: str | None = None) -> dict[str, dict[str, list[dict[str, Any]]]]:
@@ -278,7 +311,7 @@ class Source:
             return []
         try:
             df = paired_samples(ra, rb, task)
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, EOFError, zlib.error, WorkbenchError) as e:
             raise WorkbenchError(f"per-sample outputs of {a!r} or {b!r} on {task} unreadable: {e}") from None
         return df[df.value_a != df.value_b].to_dict("records")
 
@@ -328,8 +361,8 @@ def runs_source(cat: Catalog, pool: str | None = None, picks: dict[str, str] | N
                 continue
             try:
                 samples = read_samples(run)
-            except (OSError, ValueError, KeyError):
-                samples = []
+            except (OSError, ValueError, KeyError, EOFError, zlib.error, WorkbenchError):
+                samples = []  # the means stay; no error bars or paired tests for this run
             by_task: dict[str, list[tuple[int, float]]] = {}
             for smp in samples:
                 m = smp.get("metrics") or {}
@@ -342,7 +375,7 @@ def runs_source(cat: Catalog, pool: str | None = None, picks: dict[str, str] | N
                     pairs = sorted(by_task[task])
                     cells[(name, task)] = {"metric": "exact_match", "doc_ids": [d for d, _ in pairs],
                                            "values": [v for _, v in pairs]}
-                elif "exact_match" in metrics or "word_perplexity" in metrics:
+                elif isinstance(metrics.get("exact_match", metrics.get("word_perplexity")), (int, float)):
                     # no samples: the mean alone (no error bar, no paired test)
                     metric = "exact_match" if "exact_match" in metrics else "word_perplexity"
                     cells[(name, task)] = {"metric": metric, "doc_ids": [], "values": [],

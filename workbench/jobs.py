@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -544,6 +545,7 @@ class BackgroundRun:
 
 
 _RUNS: dict[str, BackgroundRun] = {}
+_RUNS_LOCK = threading.Lock()
 
 
 def comparison_document(pool: str, method: str, parameters: dict[str, Any], *, experts: list[str] | None = None,
@@ -575,15 +577,18 @@ def comparison_document(pool: str, method: str, parameters: dict[str, Any], *, e
 def start_background(comparison: dict[str, Any] | str | Path, *, results_dir: Path | None = None,
                      device: str = "cpu") -> BackgroundRun:
     """Validate a comparison (a bad one raises its one-line RecipeError here, before any work) and run it in a
-    thread. One run per comparison name at a time: starting a running one returns it."""
-    import threading
+    thread. One run per comparison name at a time in this process: starting a running one is refused (another
+    process running it waits on the comparison's lock)."""
 
     c = parse_comparison(comparison) if not isinstance(comparison, dict) else parse_comparison(comparison, "<app>")
     name = c.spec.name
-    live = _RUNS.get(name)
-    if live is not None and live.status == "running":
-        return live
     run = BackgroundRun(name=name, source=str(comparison if not isinstance(comparison, dict) else "<app>"))
+    with _RUNS_LOCK:
+        live = _RUNS.get(name)
+        if live is not None and live.status == "running":
+            raise WorkbenchError(f"comparison {name!r} is already running here ({live.as_dict()['done']}/"
+                                 f"{live.as_dict()['total']} cells): wait for it, or give the new one another name")
+        _RUNS[name] = run
 
     def progress(state: Progress) -> None:
         run.progress = state
@@ -604,7 +609,6 @@ def start_background(comparison: dict[str, Any] | str | Path, *, results_dir: Pa
 
     run.progress = Progress(total=0)
     run.thread = threading.Thread(target=target, name=f"compare-{name}", daemon=True)
-    _RUNS[name] = run
     run.thread.start()
     return run
 

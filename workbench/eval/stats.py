@@ -65,4 +65,13 @@ def compare(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["compare", "mcnemar", "paired_bootstrap", "stderr"]
+def verdict(p_value: float, diff: float, *, higher_is_better: bool = True, alpha: float = 0.05) -> str:
+    """One word on a paired difference A - B: noise unless p < alpha, else which side is better."""
+    if p_value != p_value or diff != diff:  # NaN: nothing to say
+        return "unknown"
+    if p_value >= alpha:
+        return f"noise (p ≥ {alpha:g})"
+    return "A better" if (diff > 0) == higher_is_better else "B better"
+
+
+__all__ = ["compare", "mcnemar", "paired_bootstrap", "stderr", "verdict"]
