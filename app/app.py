@@ -201,6 +201,16 @@ def view_pairwise(cat: catalog.Catalog) -> None:
 
 def view_sweeps(cat: catalog.Catalog) -> None:
     st.header("Sweeps")
+    if cat.curves:
+        from workbench.eval.leaderboard import curve_chart
+
+        st.subheader("Merge-count curves")
+        cols = st.columns(min(len(cat.curves), 2))
+        for i, curve in enumerate(sorted(cat.curves, key=lambda c: str(c.get("name")))):
+            with cols[i % len(cols)]:
+                st.altair_chart(curve_chart(curve), width="stretch")
+                st.caption(f"{cat.rel(curve['_path'])}: mean exact match over the merged experts' own tasks")
+        st.subheader("Validation sweeps")
     if not cat.sweeps:
         st.info("No sweep records yet: a recipe with a `sweep:` grid (e.g. `workbench merge merges/ta-full.yaml --eval`) "
                 "writes one under results/sweeps/.")

@@ -118,6 +118,9 @@ def app_world(tmp_path_factory, tiny_dir, session_cache):
                                   {"name": "arrow", "method": "arrow", "experts": ["addition", "sorting"],
                                    "parameters": {"k": 1}}]}
         run_comparison(parse_comparison(comparison, "small.yaml"), results_dir=results, log=quiet)
+        from workbench.jobs import make_plan, merge_count_curve
+
+        merge_count_curve(make_plan(parse_comparison(comparison, "small.yaml"), results))
         for limit in (2, 3):  # one model, runs at two settings: the app must say which one a row shows
             run_eval("addition", ["addition", "sorting"], pool=pool, limit=limit, batch_size=8,
                      results_dir=results / "lm-eval")

@@ -155,9 +155,11 @@ def test_charts_pairwise_sweeps_routing_benchmarks_views(world):
     assert (len(at.dataframe) == 2 and len(at.dataframe[1].value) == n_diff) or (n_diff == 0 and at.info)
 
     at = open_view("Sweeps")
-    assert len(charts(at)) == 1
+    assert len(charts(at)) == 2  # the merge-count curve of the comparison, and the sweep
+    curve = json.loads((world / "results" / "compare" / "small" / "curve.json").read_text())
+    assert {p["row"] for p in curve["points"]} == {"ta", "arrow"} or {p["row"] for p in curve["points"]} == {"ta"}
     assert any("chosen {'lambda'" in c.value for c in at.caption)
-    assert "datum.chosen" in charts(at)[0].proto.spec  # the chosen point drawn apart
+    assert "datum.chosen" in charts(at)[1].proto.spec  # the chosen point drawn apart
 
     at = open_view("Routing")
     assert len(charts(at)) == 2  # the saved trace: usage per layer, weight per token
@@ -267,7 +269,7 @@ def test_malformed_partial_and_foreign_files_are_warnings(broken, view):
         at.selectbox(key="lb-source").set_value("runs: demo").run()  # runs whose samples are gone: means only
         assert not at.exception and "addition" in set(at.dataframe[0].value.model)
     if view == "Sweeps":  # a sweep still running is drawn, with no chosen point
-        assert len(charts(at)) == 2 and any("no point chosen yet" in c.value for c in at.caption)
+        assert len(charts(at)) == 3 and any("no point chosen yet" in c.value for c in at.caption)
 
 
 def test_routing_without_any_routed_model_is_an_empty_state(world, tmp_path, monkeypatch):
