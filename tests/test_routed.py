@@ -402,3 +402,28 @@ def test_avg_act_prototypes_are_mean_module_inputs_under_peft(pool, tiny_dir):
     want = (seen[0].reshape(-1, seen[0].shape[-1]) * m[:, None]).sum(0) / m.sum()
     torch.testing.assert_close(protos[module][0], want, atol=1e-5, rtol=1e-5)
     assert load_artifact(art).info["kind"] == "routed_lora"
+
+
+def test_route_traces_cli_counts_layers_where_each_task_expert_tops(pool, tiny_dir, tmp_path, run_cli):
+    import yaml
+
+    from workbench.catalog import scan
+    from workbench.tasks.suite import load_split
+
+    _tagged_pool(pool, tiny_dir)
+    recipe = tmp_path / "arrow.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe("arrow", k=1)))
+    out = tmp_path / "results" / "traces"
+    code, _out, err = run_cli("route", "traces", str(recipe), "--out", str(out))
+    assert code == 0, err
+    summary = json.loads((tmp_path / "results" / "checks" / "routing-traces-arrow-test.json").read_text())
+    tags = {e.name: e.entry.tags["task"] for e in pool.experts if e.kind == "lora"}
+    assert set(summary["tasks"]) == set(tags.values())
+    for task, r in summary["tasks"].items():
+        tr = json.loads((out / f"arrow-test-{task}.json").read_text())
+        assert tr["prompt"] == load_split(task, "test")[0]["question"]
+        top = [tr["experts"][max(range(len(u)), key=u.__getitem__)] for u in tr["usage"]]
+        assert r["top_per_layer"] == top and r["top_layers"] == sum(t == r["expert"] for t in top)
+        assert tags[r["expert"]] == task
+    cat = scan(tmp_path / "results")  # the app reads them: traces and one check, no warnings
+    assert len(cat.traces) == len(tags) and not cat.warnings and len(cat.checks) == 1

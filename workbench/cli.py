@@ -502,6 +502,42 @@ def route_trace(
         console.print(f"trace: {out}")
 
 
+@route_app.command("traces")
+def route_traces(
+    recipe: Annotated[Path, typer.Argument(help="a routed recipe, e.g. merges/phatgoose-lora.yaml (built if needed)")],
+    out: Annotated[Optional[Path], typer.Option(help="folder for the traces (default results/traces)")] = None,
+    split: Annotated[str, typer.Option(help="split the prompts come from")] = "test",
+    device: _Dev = "cpu",
+):
+    """One prompt per routed expert's task: in how many layers does that task's expert get the most weight?"""
+    from .artifacts import load_artifact
+    from .eval.harness import results_root
+    from .io import atomic_write_json
+    from .methods.routing import task_traces
+    from .recipes import build, parse_recipe
+
+    resolved = parse_recipe(recipe)
+    loaded = load_artifact(build(resolved, device=device, log=console.print), device=device)
+    tasks = {e.name: (e.entry.tags or {}).get("task") for e in resolved.experts}
+    tasks = {e: t for e, t in tasks.items() if t and t != "multitask"}
+    if not tasks:
+        raise WorkbenchError(f"{recipe}: no routed expert names its task (tag task=...)")
+    rec = task_traces(loaded.model, loaded.tokenizer, tasks, split=split)
+    folder = out or results_root() / "traces"
+    for task, r in rec["tasks"].items():
+        atomic_write_json(folder / f"{resolved.recipe.name}-{task}.json",
+                          {"recipe": resolved.recipe.name, "pool": resolved.pool.name, "task": task, **r["trace"]})
+    summary = {"recipe": resolved.recipe.name, "pool": resolved.pool.name, "split": split,
+               "tasks": {t: {k: v for k, v in r.items() if k != "trace"} for t, r in rec["tasks"].items()},
+               "summary": rec["summary"]}
+    atomic_write_json(folder.parent / "checks" / f"routing-traces-{resolved.recipe.name}.json", summary)
+    table = Table("task", "expert", "layers where it tops", "mean weight", title=f"{resolved.recipe.name}: one prompt per task")
+    for t, r in rec["tasks"].items():
+        table.add_row(t, r["expert"], f"{r['top_layers']}/{r['layers']}", f"{r['mean_weight']:.2f}")
+    console.print(table)
+    console.print(f"traces: {folder}; summary: {folder.parent / 'checks'}")
+
+
 @app.command("methods")
 def methods_list():
     """List the registered combination methods."""

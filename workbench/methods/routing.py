@@ -159,4 +159,29 @@ def trace_prompt(model, tokenizer, prompt: str, experts: list[str] | None = None
             "choices": weights.round(decimals=4).tolist(), "modules": len(trace.modules)}
 
 
-__all__ = ["DataRoutedMethod", "RoutedMethod", "load_routed", "open_routed", "routed_problem", "trace_prompt"]
+def task_traces(model, tokenizer, expert_tasks: dict[str, str], *, split: str = "test", index: int = 0) -> dict[str, Any]:
+    """One prompt per task (example `index` of its `split`), traced: for each, in how many layers the expert trained
+    on that task gets the largest mean weight. `expert_tasks`: routed expert -> its task. Returns {tasks: {task:
+    {expert, prompt, top_layers, layers, share, top_per_layer, trace}}, summary}."""
+    from ..tasks.suite import load_split
+
+    out = {}
+    for expert, task in expert_tasks.items():
+        prompt = load_split(task, split)[index]["question"]
+        tr = trace_prompt(model, tokenizer, prompt)
+        if expert not in tr["experts"]:
+            raise WorkbenchError(f"expert {expert!r} is not routed by this model ({', '.join(tr['experts'])})")
+        e = tr["experts"].index(expert)
+        top = [tr["experts"][max(range(len(u)), key=u.__getitem__)] for u in tr["usage"]]
+        hits = sum(1 for t in top if t == expert)
+        out[task] = {"expert": expert, "prompt": prompt, "top_layers": hits, "layers": len(top),
+                     "share": hits / len(top), "mean_weight": sum(u[e] for u in tr["usage"]) / len(top),
+                     "top_per_layer": top, "trace": tr}
+    held = [v["share"] for v in out.values()]
+    return {"split": split, "index": index, "tasks": out,
+            "summary": {"tasks_where_matching_expert_tops_most_layers": sum(1 for v in held if v > 0.5),
+                        "tasks": len(held), "mean_share": sum(held) / len(held) if held else float("nan")}}
+
+
+__all__ = ["DataRoutedMethod", "RoutedMethod", "load_routed", "open_routed", "routed_problem", "task_traces",
+           "trace_prompt"]
