@@ -22,10 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `streamlit run app/app.py` from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
-from workbench import catalog  
-from workbench.errors import WorkbenchError  
-from workbench.eval import charts  
-from workbench.eval.leaderboard import leaderboard_frame, short  
+from workbench import catalog
+from workbench.errors import WorkbenchError
+from workbench.eval import charts
+from workbench.eval.leaderboard import leaderboard_frame, short
 
 VIEWS = ["Leaderboard", "Per-task charts", "Pairwise", "Sweeps", "Routing", "Playground", "Run", "Benchmarks"]
 
@@ -116,11 +116,10 @@ def view_leaderboard(cat: catalog.Catalog) -> None:
     board = src.board(ref)
     df = leaderboard_frame(board)
     df = df[df.method.isin(chosen)]
-    from workbench.tasks.suite import DOMAINS, TASKS
+    from workbench.tasks.suite import task_group
 
     def in_group(t: str) -> bool:
-        k = TASKS[t].kind if t in TASKS else "domain" if t in DOMAINS else "?"
-        return group == "all" or {"held-in": "held_in", "held-out": "held_out"}.get(group, "domain") == k
+        return group == "all" or {"held-in": "held_in", "held-out": "held_out"}.get(group, "domain") == task_group(t)
 
     drop = [c for t in board["tasks"] if not in_group(t) for c in (f"{t} %", f"{t} se")]
     if group == "domain (perplexity)":
@@ -241,10 +240,9 @@ def _trace(folder: str, prompt: str) -> dict:
 
 
 def _pools() -> list[str]:
-    from workbench.pool import pools_dir
+    from workbench.pool import pool_names
 
-    root = pools_dir()
-    return sorted(p.name for p in root.iterdir() if (p / "pool.json").is_file()) if root.is_dir() else []
+    return pool_names()
 
 
 def view_routing(cat: catalog.Catalog) -> None:
@@ -254,8 +252,8 @@ def view_routing(cat: catalog.Catalog) -> None:
         i = st.selectbox("saved trace", range(len(labels)), format_func=lambda j: labels[j], key="rt-saved")
         st.altair_chart(charts.usage_chart(cat.traces[i]), width="stretch")
         st.altair_chart(charts.token_chart(cat.traces[i]), width="stretch")
-    from workbench.serve.engine import routed_artifacts
     from workbench.pool import Pool
+    from workbench.serve.engine import routed_artifacts
 
     found = []
     for p in _pools():
@@ -336,10 +334,9 @@ def view_playground(cat: catalog.Catalog) -> None:
         _, answers, dt = st.session_state["pg-answers"]
         cols = st.columns(min(len(answers), 4))
         for i, (m, text) in enumerate(answers.items()):
-            with cols[i % len(cols)]:
-                with st.container(border=True):
-                    st.markdown(f"**{m}**")
-                    st.text(text or "(empty answer)")
+            with cols[i % len(cols)], st.container(border=True):
+                st.markdown(f"**{m}**")
+                st.text(text or "(empty answer)")
         st.caption(f"{len(answers)} models in one batch: {dt:.1f} s")
 
 
@@ -388,6 +385,8 @@ def view_run(cat: catalog.Catalog) -> None:
         if files:
             f = st.selectbox("recipe", files, format_func=lambda p: p.name, key="run-recipe")
             st.code(f.read_text(), language="yaml")
+            rlimit = st.number_input("examples per task for a single recipe (0: all; comparisons keep theirs)",
+                                     0, 10_000, 20, key="run-recipe-limit")
             if st.button("launch", key="run-go-recipe"):
                 doc = ("file", f)
         else:
@@ -419,29 +418,12 @@ def view_run(cat: catalog.Catalog) -> None:
                     st.error(str(e))
     if doc is not None:
         try:
-            src = doc[1] if doc[0] == "doc" else _as_comparison(doc[1])
+            src = doc[1] if doc[0] == "doc" else jobs.recipe_comparison(doc[1], limit=int(rlimit) or None)
             run = jobs.start_background(src, results_dir=Path(st.session_state.get("results_dir") or "results").expanduser())
             st.success(f"started {run.name}")
         except WorkbenchError as e:
             st.error(str(e).splitlines()[0])
     _show_runs()
-
-
-def _as_comparison(path: Path):
-    """A comparison file as is; a single recipe as a comparison of base against it."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise WorkbenchError(f"{path.name}: not YAML ({str(e).splitlines()[0]})") from None
-    if isinstance(data, dict) and "entries" in data:
-        return path
-    if not isinstance(data, dict) or "method" not in data:
-        raise WorkbenchError(f"{path.name}: neither a comparison (entries) nor a recipe (method)")
-    return {"name": f"recipe-{path.stem}", "pool": data.get("pool", "demo"),
-            "entries": ["base", {"name": path.stem, "recipe": str(path)}], "tasks": ["held_in"],
-            "eval": {"limit": 20, "batch_size": 32, "split": "test"}, "reference": "base"}
 
 
 @st.fragment(run_every=2)

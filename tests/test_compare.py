@@ -14,7 +14,7 @@ import yaml
 from conftest import snapshot
 
 from workbench.compare import parse_comparison
-from workbench.errors import RecipeError
+from workbench.errors import RecipeError, WorkbenchError
 from workbench.eval.leaderboard import build_leaderboard, leaderboard_markdown
 from workbench.eval.record import read_samples
 from workbench.io import file_lock, staging_dir
@@ -366,3 +366,20 @@ def test_ray_executor_gives_the_local_numbers(cmp_pool, tmp_path, monkeypatch):
         ra = [s["response"] for s in read_samples(local / "compare" / "small" / cells_a[k]["run"])]
         rb = [s["response"] for s in read_samples(ray_dir / "compare" / "small" / cells_b[k]["run"])]
         assert ra == rb and cells_a[k]["values"] == cells_b[k]["values"]
+
+
+def test_a_single_recipe_runs_as_a_comparison_against_the_base(cmp_pool, tmp_path):
+    from workbench.jobs import recipe_comparison
+
+    r = write(tmp_path, {"name": "t", "method": "ties", "pool": "demo", "experts": ["addition", "sorting"],
+                         "eval": {"tasks": ["addition"]}}, "one.yaml")
+    doc = recipe_comparison(r, limit=3)
+    c = parse_comparison(doc, "<app>")
+    assert [row.name for row in c.active_rows] == ["base", "one"] and c.tasks == ["addition"]
+    assert c.spec.eval.limit == 3 and c.reference == "base"
+    comp = write(tmp_path, SMALL, "cmp.yaml")
+    assert recipe_comparison(comp) == comp  # a comparison stays itself
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("just: words\n")
+    with pytest.raises(WorkbenchError, match=r"^bad\.yaml: neither a comparison \(entries\) nor a recipe"):
+        recipe_comparison(bad)

@@ -574,6 +574,24 @@ def comparison_document(pool: str, method: str, parameters: dict[str, Any], *, e
     return doc
 
 
+def recipe_comparison(path: str | Path, *, limit: int | None = 20, tasks: list[str] | None = None) -> Path | dict[str, Any]:
+    """A comparison file as it is; a single recipe (merge, routing, ...) as a comparison of the base against it
+    (`recipe-<stem>`, on `tasks` (default: the recipe's eval tasks, else held-in) with `limit` examples each)."""
+    path = Path(path)
+    from .recipes import _load_yaml
+
+    data = _load_yaml(path)
+    if isinstance(data, dict) and "entries" in data:
+        return path
+    if not isinstance(data, dict) or "method" not in data:
+        raise WorkbenchError(f"{path.name}: neither a comparison (entries) nor a recipe (method)")
+    want = tasks or ((data.get("eval") or {}).get("tasks") if isinstance(data.get("eval"), dict) else None) \
+        or ["held_in"]
+    return {"name": f"recipe-{path.stem}", "pool": data.get("pool", "demo"),
+            "entries": ["base", {"name": path.stem, "recipe": str(path.resolve())}], "tasks": list(want),
+            "eval": {"limit": limit, "batch_size": 32, "split": "test"}, "reference": "base"}
+
+
 def start_background(comparison: dict[str, Any] | str | Path, *, results_dir: Path | None = None,
                      device: str = "cpu") -> BackgroundRun:
     """Validate a comparison (a bad one raises its one-line RecipeError here, before any work) and run it in a

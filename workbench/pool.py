@@ -58,6 +58,12 @@ def pools_dir() -> Path:
     return Path(os.environ.get("WORKBENCH_POOLS", "adapters"))
 
 
+def pool_names() -> list[str]:
+    """The pools under adapters/ ($WORKBENCH_POOLS): folders holding a manifest."""
+    root = pools_dir()
+    return sorted(p.parent.name for p in root.glob(f"*/{MANIFEST}")) if root.is_dir() else []
+
+
 def resolve_pool_path(spec: str | os.PathLike) -> Path:
     """A pool given by path, or by name under `adapters/` ($WORKBENCH_POOLS)."""
     path = Path(spec).expanduser()

@@ -401,3 +401,8 @@ def load_split(name: str, split: str, seed: int = DEFAULT_SEED) -> list[Example]
 
 def data_hash(name: str, seed: int = DEFAULT_SEED) -> str:
     return json.loads((generate_suite(seed) / "suite.json").read_text())["data_sha256"][name]
+
+
+def task_group(name: str) -> str:
+    """held_in, held_out, domain (a perplexity corpus) or unknown."""
+    return TASKS[name].kind if name in TASKS else "domain" if name in DOMAINS else "unknown"
