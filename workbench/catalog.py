@@ -425,11 +425,13 @@ def bench_ratios(rec: dict[str, Any]) -> list[dict[str, Any]]:
             leaf = path[-1] if path else ""
             if ((table or any(h in leaf for h in RATIO_HINTS)) and not leaf.endswith("_s")
                     and not leaf.startswith(NOT_RATIOS)):
-                name = ".".join(p for p in path if p not in ("rows", "ratios"))
-                out.append({"name": name, "value": float(x), "target": targets.get(leaf)})
+                parts = [p for p in path if p not in ("rows", "ratios")]
+                out.append({"name": ".".join(parts), "group": " ".join(parts[:-1]) or rec.get("benchmark", ""),
+                            "ratio": parts[-1], "value": float(x), "target": targets.get(leaf)})
 
     walk({k: v for k, v in rec.items() if k not in ("targets", "machine", "git", "_path")}, [], False)
-    return out
+    names = {r["name"] for r in out}  # a median beside its mean adds a bar, not information
+    return [r for r in out if not (r["name"].endswith("_median") and r["name"][: -len("_median")] in names)]
 
 
 def machine_line(rec: dict[str, Any]) -> str:

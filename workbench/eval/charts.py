@@ -138,15 +138,19 @@ def token_chart(trace: dict[str, Any]):
 
 
 def bench_chart(ratios: list[dict[str, Any]], title: str):
-    """Ratios against the peer measured in the same run; the rule marks 1.0 (as fast as the peer)."""
+    """Ratios against the peer measured in the same run, grouped by the benchmark's rows (e.g. rank and adapters);
+    the dashed rule marks 1.0 (the peer)."""
     import altair as alt
 
     df = pd.DataFrame(ratios)
-    bars = alt.Chart(df).mark_bar().encode(
-        x=alt.X("value:Q", title="ratio"), y=alt.Y("name:N", sort=list(df.name), title=None),
-        tooltip=["name", alt.Tooltip("value:Q", format=".3f"), "target"])
+    groups = list(dict.fromkeys(df.group))
+    base = alt.Chart(df).encode(
+        y=alt.Y("group:N", sort=groups, title=None, axis=alt.Axis(labelLimit=320)),
+        yOffset=alt.YOffset("ratio:N"), color=alt.Color("ratio:N", title=None, legend=alt.Legend(labelLimit=360)))
+    bars = base.mark_bar().encode(x=alt.X("value:Q", title="ratio (1 = the peer)"),
+                                  tooltip=["group", "ratio", alt.Tooltip("value:Q", format=".3f"), "target"])
     rule = alt.Chart(pd.DataFrame({"x": [1.0]})).mark_rule(color="red", strokeDash=[4, 3]).encode(x="x:Q")
-    return (bars + rule).properties(title=title, height=alt.Step(16))
+    return (bars + rule).properties(title=title, height=alt.Step(10))
 
 
 __all__ = ["bench_chart", "diff_frame", "diff_heatmap", "sweep_chart", "sweep_frame", "task_bars", "task_frame",
