@@ -96,11 +96,12 @@ def sweep_chart(rec: dict[str, Any]):
 
     df = sweep_frame(rec)
     order = list(df.point)
-    base = alt.Chart(df).encode(x=alt.X("point:N", sort=order, title=None), y=alt.Y("score:Q", title="validation %"))
+    base = alt.Chart(df).encode(x=alt.X("point:N", sort=order, title=None, axis=alt.Axis(labelAngle=0, labelLimit=160)),
+                                y=alt.Y("score:Q", title="validation %"))
     line = base.mark_line(point=True)
     chosen = base.transform_filter("datum.chosen").mark_point(size=220, shape="diamond", filled=True, color="red")
     return (line + chosen).properties(title=f"{rec.get('recipe')}: {rec.get('split', 'validation')} "
-                                            f"({len(df)} points, chosen in red)", height=220)
+                                            f"({len(df)} points, chosen in red)", height=320)
 
 
 def usage_chart(trace: dict[str, Any]):

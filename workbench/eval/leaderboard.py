@@ -184,9 +184,9 @@ def curve_chart(curve: dict[str, Any]):
                         "hi": 100 * min(1.0, p["mean"] + 1.96 * p["stderr"])} for p in curve["points"]])
     base = alt.Chart(df).encode(x=alt.X("experts:O", title="experts merged"), color=alt.Color("method:N", title=None))
     line = base.mark_line(point=True).encode(y=alt.Y("score:Q", scale=alt.Scale(domain=[0, 100]),
-                                                     title="mean exact match % on their tasks"))
+                                                     title="exact match % (their tasks)"))
     band = base.mark_errorband(opacity=0.15).encode(y="lo:Q", y2="hi:Q")
-    return (band + line).properties(title=f"{curve['name']}: pool {curve['pool']}", width=320, height=220)
+    return (band + line).properties(title=f"{curve['name']}: pool {curve['pool']}", width=320, height=320)
 
 
 __all__ = ["curve_chart", "build_leaderboard", "leaderboard_chart", "leaderboard_frame", "leaderboard_markdown"]
