@@ -185,7 +185,7 @@ def curve_chart(curve: dict[str, Any]):
     base = alt.Chart(df).encode(x=alt.X("experts:O", title="experts merged"), color=alt.Color("method:N", title=None))
     line = base.mark_line(point=True).encode(y=alt.Y("score:Q", scale=alt.Scale(domain=[0, 100]),
                                                      title="exact match % (their tasks)"))
-    band = base.mark_errorband(opacity=0.15).encode(y="lo:Q", y2="hi:Q")
+    band = base.mark_errorband(opacity=0.15).encode(y=alt.Y("lo:Q", title="exact match % (their tasks)"), y2="hi:Q")
     return (band + line).properties(title=f"{curve['name']}: pool {curve['pool']}", width=320, height=320)
 
 
