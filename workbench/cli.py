@@ -745,6 +745,8 @@ def compare(
 def demo(
     full: Annotated[bool, typer.Option("--full", help="rebuild everything: train the pool (LoRA and full experts), "
                                                      "full test splits, every recipe with its sweep")] = False,
+    retrain: Annotated[bool, typer.Option("--retrain", help="with --full: train every expert again, the shipped "
+                                                            "ones included (default: only missing or changed ones)")] = False,
     executor: Annotated[str, typer.Option(help="local | ray")] = "local",
     device: _Dev = "cpu",
 ):
@@ -756,8 +758,9 @@ def demo(
     with console.status("fetching the base model ..."):
         bm = BaseModel("smollm2-135m")
     console.print(f"base: {bm.info()['title']}")
-    if full:  # everything from scratch: the pool (shipped experts retrained), half-precision check, gates
-        pool = build_demo_pool(device=device, force=True, log=console.print)
+    if full:  # the pool (missing experts and any whose training config changed), half-precision check, gates;
+        # --retrain trains every expert again, the shipped ones included. A rerun resumes where it stopped.
+        pool = build_demo_pool(device=device, force=retrain, changed=True, log=console.print)
         atomic_write_json(results_root() / "checks" / "demo-pool-half.json", ship_half(pool, log=console.print))
     elif missing := missing_shipped():
         raise WorkbenchError(f"the shipped demo experts are missing ({', '.join(missing)}): restore adapters/demo from "

@@ -79,18 +79,26 @@ def ship_half(pool: Pool, names: list[str] | None = None, dtype: str = "float16"
             continue
         f = e.path / "adapter_model.safetensors"
         tensors = load_file(str(f))
-        if all(t.dtype == getattr(torch, dtype) for t in tensors.values()):
+        if all(t.dtype == getattr(torch, dtype) for t in tensors.values() if t.is_floating_point()):
+            if sha256_file(f) != e.entry.files.get(f.name):  # a run stopped between the swap and the manifest
+                pool._put(e.entry.model_copy(update={"files": {**e.entry.files, f.name: sha256_file(f)}}))
             log(f"{e.name}: already {dtype}")
             continue
         tasks = e.tasks()
-        with tempfile.TemporaryDirectory(prefix="wb-half-") as tmp:
+        staging = pool.root / ".staging"  # beside the pool: the swap below is a rename on one filesystem
+        staging.mkdir(exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="wb-half-", dir=staging) as tmp:
             half = Path(tmp) / e.name
             half.mkdir()
-            for g in e.path.iterdir():
-                if g.is_file() and g.name != f.name:
-                    (half / g.name).write_bytes(g.read_bytes())
-            save_file({k: v.to(getattr(torch, dtype)).contiguous() for k, v in tensors.items()},
-                      str(half / f.name), metadata={"format": "pt"})
+            for g in e.entry.files:
+                if g != f.name:
+                    (half / g).write_bytes((e.path / g).read_bytes())
+            cast = {k: (v.to(getattr(torch, dtype)) if v.dtype == torch.float32 else v).contiguous()
+                    for k, v in tensors.items()}
+            if not all(bool(torch.isfinite(v).all()) for v in cast.values() if v.is_floating_point()):
+                log(f"{e.name}: {dtype} overflows: kept as it is")
+                continue
+            save_file(cast, str(half / f.name), metadata={"format": "pt"})
             scores = {}
             for label, folder in (("float32", e.path), (dtype, half)):
                 from peft import PeftModel
@@ -99,8 +107,8 @@ def ship_half(pool: Pool, names: list[str] | None = None, dtype: str = "float16"
                 loaded = LoadedModel(model, pool.base.tokenizer(), e.name, {"kind": "lora"})
                 res = scores_of(evaluate(loaded, tasks, limit=limit, batch_size=32, log_samples=False))
                 scores[label] = {t: float(res[t]["exact_match"]) for t in tasks}
-            worst = max(abs(scores["float32"][t] - scores[dtype][t]) for t in tasks)
-            ok = worst <= tolerance
+            worst = max((abs(scores["float32"][t] - scores[dtype][t]) for t in tasks), default=0.0)
+            ok = round(100 * worst, 6) <= round(100 * tolerance, 6)  # exactly `tolerance` passes
             report["experts"][e.name] = {"tasks": tasks, "scores": scores, "max_abs_diff_points": round(100 * worst, 2),
                                          "shipped": dtype if ok else "float32",
                                          "bytes_float32": f.stat().st_size, f"bytes_{dtype}": (half / f.name).stat().st_size}
@@ -123,7 +131,8 @@ def ship_parts(comparison: Path = DEMO_COMPARISON, log=print) -> list[str]:
     from .methods.base import BuildContext
 
     c = parse_comparison(comparison)
-    copied = []
+    copied, wanted = [], set()
+    parts = c.pool.root / "parts" / "phatgoose-gates"
     for row in c.active_rows:
         if row.kind != "artifact" or row.method != "phatgoose":
             continue
@@ -132,14 +141,23 @@ def ship_parts(comparison: Path = DEMO_COMPARISON, log=print) -> list[str]:
                            out_dir=r.artifact_dir)
         for e in r.experts:
             src = r.method._gate_dir(ctx, e)
-            dst = c.pool.root / "parts" / "phatgoose-gates" / src.name
-            if dst.is_dir() or not src.is_dir():
+            dst = parts / src.name
+            wanted.add(src.name)
+            if dst.is_dir():
+                continue
+            if not src.is_dir():
+                log(f"not shipped: no trained gate for {e.name} at {src.name} (build the {row.name!r} row first)")
                 continue
             with staging_dir(dst) as tmp:
                 for f in ("gates.safetensors", "curve.json"):
                     shutil.copy2(src / f, tmp / f)
             copied.append(dst.name)
             log(f"shipped {dst}")
+    if wanted and parts.is_dir():  # gates of experts since retrained: no build will look for them again
+        for old in sorted(p for p in parts.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if old.name not in wanted:
+                shutil.rmtree(old)
+                log(f"removed stale gate {old}")
     return copied
 
 
@@ -151,7 +169,7 @@ def missing_shipped(pool_spec: str = DEMO_POOL) -> list[str]:
 
 def build_demo_pool(pool_spec: str = DEMO_POOL, base: str = "smollm2-135m", device: str = "cpu",
                     only: list[str] | None = None, force: bool = False, log=print,
-                    plans: list[ExpertPlan] | None = None) -> Pool:
+                    plans: list[ExpertPlan] | None = None, changed: bool = False) -> Pool:
     """Train the experts of `plans` (default `demo_plan()`) that are missing (`force`: every one, the shipped ones
     included)."""
     pool = Pool.open_or_create(pool_spec, base=base)
@@ -160,8 +178,13 @@ def build_demo_pool(pool_spec: str = DEMO_POOL, base: str = "smollm2-135m", devi
         if only and plan.name not in only:
             continue
         if plan.name in pool and pool.expert(plan.name).files_present() and not force:
-            log(f"skip {plan.name}: already in pool {pool.name}")
-            continue
+            recorded = pool.expert(plan.name).entry.training.get("config")
+            differs = recorded is not None and recorded != plan.config.model_dump(mode="json")
+            if not (differs and changed):
+                log(f"skip {plan.name}: already in pool {pool.name}" + (
+                    " (trained with another config than the plan's: `workbench demo --full` retrains it)"
+                    if differs else ""))
+                continue
         # The manifest is committed, the weights are not: train them again, keeping the tracked entry
         # (added_at, training record) so that a rebuild does not rewrite pool.json.
         old = pool.expert(plan.name).entry if plan.name in pool else None

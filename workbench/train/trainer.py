@@ -136,6 +136,25 @@ def train_loop(model, tokenizer, rows: list[dict[str, Any]], cfg: _Common, param
     return TrainResult(curve, time.perf_counter() - t0, tokens, len(rows))
 
 
+def _stable_peft_files(folder: Path, base_spec: str) -> None:
+    """Make PEFT's files the same for the same training: target_modules sorted (PEFT writes a set, in any order)
+    and the model card's base named by the pool's spec, not by the folder it was loaded from on this machine.
+    (File hashes key artifacts and shipped gates: equal weights must give equal hashes.)"""
+    import json
+    import re
+
+    cfg = folder / "adapter_config.json"
+    if cfg.is_file():
+        d = json.loads(cfg.read_text())
+        if isinstance(d.get("target_modules"), list):
+            d["target_modules"] = sorted(d["target_modules"])
+        cfg.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+    card = folder / "README.md"
+    if card.is_file():
+        text = re.sub(r"(?m)^base_model: .*$", f"base_model: {base_spec}", card.read_text())
+        card.write_text(re.sub(r"(?m)^- base_model:adapter:.*$", f"- base_model:adapter:{base_spec}", text))
+
+
 def train_expert(pool: Pool, name: str, tasks: list[str], cfg: LoraConfigModel | FullConfig, *,
                  device: str = "cpu", tags: dict[str, str] | None = None, replace: bool = False) -> Expert:
     """Train a LoRA or full expert on `tasks`' train splits and add it to `pool`."""
@@ -174,11 +193,8 @@ def train_expert(pool: Pool, name: str, tasks: list[str], cfg: LoraConfigModel |
             # name the base by the pool's spec, not by this machine's cache path (the files may ship in git)
             for c in model.peft_config.values():
                 c.base_model_name_or_path = pool.manifest.base.spec
-            local = str(getattr(model.get_base_model().config, "_name_or_path", "") or "")
             model.save_pretrained(out, safe_serialization=True)
-            card = Path(out) / "README.md"  # PEFT's model card names the base by the folder it was loaded from
-            if card.is_file() and local:
-                card.write_text(card.read_text().replace(local, pool.manifest.base.spec))
+            _stable_peft_files(Path(out), pool.manifest.base.spec)
         else:
             model.save_pretrained(out, safe_serialization=True)
             tok.save_pretrained(out)
