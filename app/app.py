@@ -98,16 +98,25 @@ def pairwise_verdict(p: float, diff: float, metric: str) -> str:
 # ----------------------------------------------------------------------------- views
 
 
-def view_leaderboard(cat: catalog.Catalog) -> None:
-    st.header("Leaderboard")
-    src = pick_source(cat, "lb")
+def source_view(cat: catalog.Catalog, title: str, key: str, least: int = 1):
+    """A view's header and source picker: (source, row names), or None with an empty state."""
+    st.header(title)
+    src = pick_source(cat, key)
     if src is None:
-        return
+        return None
     names = [r["name"] for r in src.rows]
-    c1, c2, c3 = st.columns(3)
-    if not names:
-        st.info("This source has no rows yet (every entry skipped or nothing finished).")
+    if len(names) < least:
+        st.info(f"This source has {len(names)} rows: {title} needs {least} (every entry skipped or nothing finished).")
+        return None
+    return src, names
+
+
+def view_leaderboard(cat: catalog.Catalog) -> None:
+    got = source_view(cat, "Leaderboard", "lb")
+    if got is None:
         return
+    src, names = got
+    c1, c2, c3 = st.columns(3)
     ref = c1.selectbox("reference row (paired test)", names, index=names.index(src.reference)
                        if src.reference in names else 0, key=f"lb-ref-{src.kind}-{src.name}")
     methods = sorted({r["method"] for r in src.rows})
@@ -140,14 +149,10 @@ def view_leaderboard(cat: catalog.Catalog) -> None:
 
 
 def view_charts(cat: catalog.Catalog) -> None:
-    st.header("Per-task charts")
-    src = pick_source(cat, "ch")
-    if src is None:
+    got = source_view(cat, "Per-task charts", "ch")
+    if got is None:
         return
-    names = [r["name"] for r in src.rows]
-    if not names:
-        st.info("This source has no rows yet.")
-        return
+    src, names = got
     rows = st.multiselect("rows", names, default=names[: min(6, len(names))], key=f"ch-rows-{src.kind}-{src.name}")
     board = src.board()
     if rows:
@@ -159,14 +164,10 @@ def view_charts(cat: catalog.Catalog) -> None:
 
 
 def view_pairwise(cat: catalog.Catalog) -> None:
-    st.header("Pairwise")
-    src = pick_source(cat, "pw")
-    if src is None:
+    got = source_view(cat, "Pairwise", "pw", least=2)
+    if got is None:
         return
-    names = [r["name"] for r in src.rows]
-    if len(names) < 2:
-        st.info("Pairwise needs two rows.")
-        return
+    src, names = got
     c1, c2 = st.columns(2)
     a = c1.selectbox("A", names, index=0, key=f"pw-a-{src.kind}-{src.name}")
     b = c2.selectbox("B", names, index=names.index(src.reference) if src.reference in names and src.reference != a
