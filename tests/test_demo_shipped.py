@@ -12,6 +12,7 @@ import yaml
 from safetensors import safe_open
 
 from workbench.compare import parse_comparison
+from workbench.errors import RecipeError
 from workbench.pool import Pool
 from workbench.recipes import parse_recipe
 
@@ -56,7 +57,12 @@ def test_every_recipe_and_comparison_in_merges_parses():
     for f in sorted((ROOT / "merges").glob("*.yaml")):
         data = yaml.safe_load(f.read_text())
         if "entries" in data:
-            c = parse_comparison(f)
+            try:
+                c = parse_comparison(f)
+            except RecipeError as e:
+                # a pool whose weights are not shipped (demo-old): one line saying how to get them
+                assert "every row is skipped" in str(e) and "trains them" in str(e), (f, e)
+                continue
             assert len(c.rows) >= len(data["entries"]), f
         else:
             parse_recipe(data, source=str(f), require_files=False)
