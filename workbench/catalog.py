@@ -246,19 +246,6 @@ def comparison_cells(cat: Catalog, name: str) -> dict[tuple[str, str], dict[str,
     return out
 
 
-def cell_run(cat: Catalog, name: str, row: str, task: str) -> dict[str, Any] | None:
-    """The lm-eval run manifest behind one comparison cell (for its per-sample outputs)."""
-    cell = comparison_cells(cat, name).get((row, task))
-    if not cell or not cell.get("run"):
-        return None
-    p = Path(cat.comparisons[name]["_dir"]) / cell["run"]
-    try:
-        d = _parse(p)
-    except OSError:
-        return None
-    return d | {"_path": str(p)} if isinstance(d, dict) and _kind(d, p) == "run" else None
-
-
 # ----------------------------------------------------------------------------- one source of rows x tasks
 
 
@@ -442,5 +429,5 @@ def machine_line(rec: dict[str, Any]) -> str:
     return ", ".join(str(b) for b in bits if b)
 
 
-__all__ = ["Catalog", "Source", "bench_ratios", "cell_run", "comparison_cells", "comparison_source", "default_setting",
+__all__ = ["Catalog", "Source", "bench_ratios", "comparison_cells", "comparison_source", "default_setting",
            "display_name", "machine_line", "model_settings", "run_identity", "runs_source", "scan", "setting_label"]
