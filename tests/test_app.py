@@ -99,6 +99,7 @@ def test_leaderboard_shows_normalized_scores_and_the_comparison_record(world):
         assert df.loc["ta", "normalized %"] != df.loc["ta", "normalized %"]
     # the caption is the leaderboard's own record (not plan.json's): its cell count
     assert any(f"cells {board['cells']}" in c.value for c in at.caption)
+    assert not at.sidebar.expander  # every file of the fixture is read as what it is: nothing skipped
 
 
 def test_runs_source_says_which_run_a_row_shows_and_lets_the_user_pick(world):
