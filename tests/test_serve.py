@@ -10,6 +10,7 @@ import httpx
 import pytest
 import torch
 
+from workbench.errors import WorkbenchError
 from workbench.serve.api import create_app, start_in_thread
 from workbench.serve.engine import MultiLoraModel, peft_alone, top_k_router
 
@@ -263,12 +264,15 @@ def test_saved_composition_served_by_recipe_name(pool, tiny_dir):
 
 # arrow routes over (b, a): its router's expert i is not the engine's adapter i
 ROUTED = {"arrow-k1": ("arrow", ["b", "a"], {"k": 1}),
-          "goose": ("phatgoose", ["a", "b"], {"k": 2, "steps": 3, "examples": 16})}
+          "goose": ("phatgoose", ["a", "b"], {"k": 2, "steps": 3, "examples": 16}),
+          # Twin: the shared part (rank 16) + exclusive parts at full rank, routed from the prefix by its MLP
+          "twin-t": ("twin", ["a", "b"], {"rank": 24, "router_examples": 64, "router_epochs": 5,
+                                           "temperature": 4.0})}
 
 
 @pytest.fixture(scope="module")
 def routed_pool(tmp_path_factory, tiny_dir):
-    """A pool of two tagged LoRA experts with an Arrow and a PHATGOOSE artifact built over it (once per module)."""
+    """A pool of two tagged LoRA experts with Arrow, PHATGOOSE and Twin artifacts built over it (once per module)."""
     from workbench.pool import Pool
     from workbench.recipes import build, parse_recipe
 
@@ -313,9 +317,14 @@ def test_routed_compositions_listed_in_models(served_routed):
     url, _, _, engine, _, logs = served_routed
     data = httpx.get(f"{url}/v1/models").json()["data"]
     assert [(m["id"], m["kind"]) for m in data] == [("base", "base"), ("a", "lora"), ("b", "lora"),
-                                                    ("arrow-k1", "routed_lora"), ("goose", "routed_lora")]
-    assert {m["id"]: m.get("router") for m in data}["goose"] == "phatgoose" and not logs
-    assert engine.model_names() == ["base", "a", "b", "arrow-k1", "goose"]
+                                                    ("arrow-k1", "routed_lora"), ("goose", "routed_lora"),
+                                                    ("twin-t", "routed_lora")]
+    routers = {m["id"]: m.get("router") for m in data}
+    assert routers["goose"] == "phatgoose" and routers["twin-t"] == "twin" and not logs
+    assert engine.model_names() == ["base", "a", "b", "arrow-k1", "goose", "twin-t"]
+    for internal in ("twin-t#shared", "twin-t#a"):  # Twin's parts are adapters of the engine, not models
+        r = httpx.post(f"{url}/v1/completions", json={"model": internal, "prompt": "x", "max_tokens": 1})
+        assert r.status_code == 404, internal
     assert engine.routed["arrow-k1"].router.experts == ["b", "a"]  # mapped onto adapter ids [1, 0]
     r = httpx.post(f"{url}/v1/completions", json={"model": "mix:goose=0.5,a=0.5", "prompt": "x", "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["message"] == ("routed composition 'goose' cannot be part of "
@@ -330,7 +339,7 @@ def test_routed_compositions_in_one_forward_equal_each_alone(served_routed):
     from workbench.artifacts import load_artifact
 
     _, _, arts, engine, _, _ = served_routed
-    specs = ["goose", "a", "arrow-k1", "mix:a=0.3,b=0.7", "goose", "base"]
+    specs = ["goose", "twin-t", "a", "arrow-k1", "mix:a=0.3,b=0.7", "twin-t", "goose", "base"]
     x = torch.randint(5, 90, (len(specs), 7), generator=torch.Generator().manual_seed(3))
     got = engine.forward(x, assignments=[engine.resolve(s) for s in specs]).logits
     for i, s in enumerate(specs):
@@ -346,23 +355,24 @@ def test_routed_compositions_in_one_forward_equal_each_alone(served_routed):
 
 
 def test_64_concurrent_requests_mixing_routed_compositions(served_routed):
-    """Plain adapters, a weighted mix and two routed compositions, 64 concurrent requests in mixed batches:
+    """Plain adapters, a weighted mix and three routed compositions (Arrow, PHATGOOSE, Twin), 64 concurrent
+    requests in mixed batches:
     every output equals that request served alone; plain ones equal PEFT alone, routed ones their artifact's
     HF generate alone (greedy, KV cache: prefill rows [B*S] and decode rows [B] routed per step)."""
     from workbench.artifacts import load_artifact
     from workbench.tasks.suite import ADD_SPECIAL_TOKENS
 
     url, pool, arts, engine, _, _ = served_routed
-    names = ["a", "goose", "mix:a=0.3,b=0.7", "arrow-k1", "base", "b"]
-    prompts = [f"Add: {i}+{2 * i}\nAnswer:" if i // 6 % 2 else f"Sort: {i % 7} {i % 5} 9\nAnswer:" for i in range(64)]
+    names = ["a", "goose", "mix:a=0.3,b=0.7", "arrow-k1", "base", "b", "twin-t"]
+    prompts = [f"Add: {i}+{2 * i}\nAnswer:" if i // 7 % 2 else f"Sort: {i % 7} {i % 5} 9\nAnswer:" for i in range(64)]
     batches: list[set] = []
     generate = engine.generate
     engine.generate = lambda prompts, assignments, *a, **k: (batches.append(set(assignments)),
                                                              generate(prompts, assignments, *a, **k))[1]
 
-    responses = _post_concurrently(url, [names[i % 6] for i in range(64)], prompts, 6)
+    responses = _post_concurrently(url, [names[i % 7] for i in range(64)], prompts, 6)
     assert all(r.status_code == 200 for r in responses)
-    # one batch held plain adapters, the mix and both routed compositions
+    # one batch held plain adapters, the mix and every routed composition
     assert any({engine.resolve(n) for n in names if n != "base"} <= b for b in batches)
     texts = [r.json()["choices"][0]["text"] for r in responses]
     tok = engine.tokenizer
@@ -372,24 +382,62 @@ def test_64_concurrent_requests_mixing_routed_compositions(served_routed):
         return tok.decode(generate([ids], [engine.resolve(model)], 6)[0], skip_special_tokens=True)
 
     for i, p in enumerate(prompts):
-        assert texts[i] == served_alone(names[i % 6], p), (names[i % 6], p)
-    plain = [i for i in range(64) if names[i % 6] in ("a", "b", "base")]
+        assert texts[i] == served_alone(names[i % 7], p), (names[i % 7], p)
+    plain = [i for i in range(64) if names[i % 7] in ("a", "b", "base")]
     folders = {a.name: a.source for a in engine.adapters}
-    expected = peft_alone(pool.base, folders, [(names[i % 6], prompts[i]) for i in plain], 6)
+    expected = peft_alone(pool.base, folders, [(names[i % 7], prompts[i]) for i in plain], 6)
     assert [texts[i] for i in plain] == expected
     for name, art in arts.items():
         loaded = load_artifact(art)
-        mine = [i for i in range(64) if names[i % 6] == name]
+        mine = [i for i in range(64) if names[i % 7] == name]
         want = {prompts[i]: _hf_alone(loaded.model, loaded.tokenizer, prompts[i], 6) for i in mine}
         assert [texts[i] for i in mine] == [want[prompts[i]] for i in mine], name
         assert any(want[p] != served_alone("base", p) for p in want), name  # the experts change the outputs
 
 
 def test_routed_composition_over_experts_not_loaded_is_skipped(routed_pool):
-    """An engine over expert a only: both routed artifacts (over a and b) are left out, each with its reason."""
+    """An engine over expert a only: every routed artifact (over a and b) is left out, each with its reason."""
     pool, arts = routed_pool
     logs: list[str] = []
     engine = MultiLoraModel.from_pool(pool, experts=["a"], log=logs.append)
     assert engine.model_names() == ["base", "a"]
-    assert len(logs) == 2 and all(f"routed composition {n!r} ({arts[n]}) not served: its experts ['b'] are not "
+    kinds = {n: "twin" if n.startswith("twin") else "routed" for n in arts}
+    assert len(logs) == 3 and all(f"{kinds[n]} composition {n!r} ({arts[n]}) not served: its experts ['b'] are not "
                                   "LoRA experts loaded here" in logs for n in arts)
+
+
+def test_stale_or_dense_twin_is_not_served(routed_pool, tmp_path, monkeypatch):
+    """A Twin artifact whose expert changed since the build, one from before artifacts recorded their experts'
+    files, and one built from full fine-tunes (dense shared part): each skipped with its reason, the rest served."""
+    import json
+    import shutil
+
+    from workbench.artifacts import read_artifact_meta
+    from workbench.methods.twin import twin_factors
+
+    pool, arts = routed_pool
+    folder = arts["twin-t"]
+    meta = read_artifact_meta(folder)
+    cases = {"changed": ({**meta, "expert_files": {**meta["expert_files"], "a": {"x": "0"}}},
+                         "its experts ['a'] changed since it was built; rebuild it"),
+             "old": ({k: v for k, v in meta.items() if k != "expert_files"},
+                     "built before artifacts recorded their experts' files")}
+    original = (folder / "artifact.json").read_text()
+    try:
+        for case, (m, reason) in cases.items():
+            (folder / "artifact.json").write_text(json.dumps(m))
+            logs: list[str] = []
+            engine = MultiLoraModel.from_pool(pool, log=logs.append)
+            assert "twin-t" not in engine.model_names() and "goose" in engine.model_names(), case
+            assert len(logs) == 1 and reason in logs[0], (case, logs)
+    finally:
+        (folder / "artifact.json").write_text(original)
+    dense = tmp_path / "dense"
+    shutil.copytree(folder, dense)
+    from safetensors.torch import load_file, save_file
+
+    shared = load_file(str(dense / "shared.safetensors"))
+    name = next(k for k in shared if k.endswith(".A"))[: -len(".A")]
+    save_file({f"{name}.delta": shared[f"{name}.B"] @ shared[f"{name}.A"]}, str(dense / "shared.safetensors"))
+    with pytest.raises(WorkbenchError, match="built from full fine-tunes"):
+        twin_factors(dense)

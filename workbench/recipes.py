@@ -295,6 +295,9 @@ def build(resolved: ResolvedRecipe, *, force: bool = False, device: str = "cpu",
                 "params": resolved.params.model_dump(mode="json", by_alias=True),
                 "pool": str(resolved.pool.root.resolve()), "base": resolved.pool.manifest.base.spec,
                 "experts": [e.name for e in resolved.experts], "build_s": round(time.perf_counter() - t0, 2),
+                # what the artifact was built from, so a server can refuse it once an expert changed
+                "expert_files": {e.name: e.entry.files for e in resolved.experts},
+                "pool_fingerprint": resolved.pool.manifest.base.fingerprint,
             })
             fault_point("build")
     return out

@@ -148,6 +148,21 @@ class _Prefix:
     count: torch.Tensor | None = None  # [B, 1] number of real tokens so far
 
 
+def prefix_means(h: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 state: _Prefix | None = None) -> torch.Tensor:
+    """[B, S, d] per token the mean of `h` (the shared model's last hidden states of this step) over the real
+    tokens of its prefix, continuing `state`'s sums (earlier steps) and updating them in place."""
+    s = input_ids.shape[1]
+    real = (attention_mask[:, -s:] if attention_mask is not None else torch.ones_like(input_ids)).bool()[..., None]
+    total = torch.where(real, h, 0.0).cumsum(1)  # where, not *: padding rows may hold anything
+    count = real.float().cumsum(1)
+    if state is not None:
+        if state.total is not None:
+            total, count = total + state.total[:, None], count + state.count[:, None]
+        state.total, state.count = total[:, -1], count[:, -1]
+    return total / count.clamp(min=1)
+
+
 class TwinRouting:
     """Routes every forward of `model` (a plain call, `generate` with or without the KV cache, lm-eval):
     a hook runs the shared model (no pairs) as a pre-pass, turns its last hidden states into per-token
@@ -173,15 +188,7 @@ class TwinRouting:
         with self.ctx.use():  # no pairs: the shared model
             h = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=cache is not None, **{self._cache_kw: cache}).last_hidden_state.float()
-        s = input_ids.shape[1]
-        real = (attention_mask[:, -s:] if attention_mask is not None else torch.ones_like(input_ids)).bool()[..., None]
-        total = torch.where(real, h, 0.0).cumsum(1)  # where, not *: padding rows may hold anything
-        count = real.float().cumsum(1)
-        if state is not None:
-            if state.total is not None:
-                total, count = total + state.total[:, None], count + state.count[:, None]
-            state.total, state.count = total[:, -1], count[:, -1]
-        return total / count.clamp(min=1)
+        return prefix_means(h, input_ids, attention_mask, state)
 
     def weights(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -354,6 +361,21 @@ def _trim(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     used = ((a != 0).any(1) | (b != 0).any(0)).nonzero()
     r = int(used.max()) + 1 if used.numel() else 0
     return a[:r], b[:, :r]
+
+
+def twin_factors(folder: Path) -> tuple[dict[str, tuple], list[dict[str, tuple]]]:
+    """A LoRA-built Twin artifact's parts as LoRA factors (tensor -> (A, B, 1.0)): the shared part (rank sum r)
+    and each expert's exclusive part (its own rank): what the serving engine loads as adapters."""
+    shared = load_file(str(Path(folder) / "shared.safetensors"))
+    excl = load_file(str(Path(folder) / "exclusive.safetensors"))
+    if any(k.endswith(".delta") for k in shared):
+        raise WorkbenchError(f"twin artifact {folder} was built from full fine-tunes (its shared part is dense): "
+                             "it runs as a full model (`workbench eval`), not over the serving engine's base")
+    names = sorted(k[: -len(".A")] for k in shared if k.endswith(".A"))
+    targets = sorted(k[: -len(".A")] for k in excl if k.endswith(".A"))
+    n = excl[f"{targets[0]}.A"].shape[0] if targets else 0
+    exclusive = [{t: (*_trim(excl[f"{t}.A"][i], excl[f"{t}.B"][i]), 1.0) for t in targets} for i in range(n)]
+    return {t: (shared[f"{t}.A"], shared[f"{t}.B"], 1.0) for t in names}, exclusive
 
 
 def load_twin_model(folder: Path, base, router: TwinRouter | None, device: str | None = None) -> nn.Module:

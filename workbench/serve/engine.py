@@ -7,6 +7,14 @@ batch shape and reused by every layer and every decode step, plus one `RoutedGro
 composition in the batch (its sequences' token rows, routed per token and per layer by its saved
 router). A router callback `router(module_name, x) -> (idx [T, k], w [T, k])` instead routes
 every token of the batch (PHATGOOSE/Arrow-style compositions built by hand).
+
+Twin-Merging artifacts over LoRA experts are served the same way: their shared part (task
+arithmetic of the experts: a LoRA of rank sum r) and their SVD-compressed exclusive parts are
+internal adapters of the engine, and every token of a Twin sequence gets the pairs
+(shared, 1) + (exclusive_t, w_t) with w from Twin's router on the prefix mean of the shared
+model's last hidden states: a pre-pass over that sequence's rows with the shared pair only,
+keeping its own KV cache across decode steps (the artifact's `load_artifact` model computes
+the same with the shared delta folded into the base weights).
 """
 
 from __future__ import annotations
@@ -42,6 +50,18 @@ class Routed:
 Assignment = tuple[tuple[int, float], ...] | Routed  # ((adapter id, weight), ...) for one sequence; () = base
 
 
+class _PairsRouter:
+    """Pairs computed before the forward (Twin: per token, the same at every module)."""
+
+    def __init__(self, idx: torch.Tensor, w: torch.Tensor):
+        self.idx, self.w = idx, w
+
+    def route(self, module: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[0] != self.idx.shape[0]:
+            raise WorkbenchError(f"twin pairs for {self.idx.shape[0]} tokens, the module sees {x.shape[0]}")
+        return self.idx, self.w
+
+
 class _CallbackRouter:
     """A router callback as the routed layer's router (pairs over the engine's adapter ids)."""
 
@@ -70,17 +90,39 @@ class RoutedComposition:
     source: str | None = None  # the artifact folder
 
 
+@dataclass
+class TwinComposition:
+    """A Twin-Merging artifact over LoRA experts of the engine: its router and its parts as LoRA factors."""
+
+    name: str
+    router: Any = field(repr=False)  # workbench.methods.twin.TwinRouter
+    shared: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(repr=False)  # tensor -> (A, B, 1)
+    exclusive: list[dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = field(repr=False)  # per expert
+    source: str | None = None  # the artifact folder
+
+
 class MultiLoraModel:
     """A base model with every adapter of a pool (and saved LoRA and routed compositions) loaded once."""
 
     def __init__(self, base_model, tokenizer, adapters: list[Adapter], *, routed: Sequence[RoutedComposition] = (),
-                 backend: str | None = None, device: str = "cpu", dtype=torch.float32):
+                 twins: Sequence[TwinComposition] = (), backend: str | None = None, device: str = "cpu",
+                 dtype=torch.float32):
         self.model = base_model.to(device=device, dtype=dtype).eval()
         self.tokenizer = tokenizer
-        self.adapters = adapters
-        self.ids = {a.name: i for i, a in enumerate(adapters)}
+        self.adapters = list(adapters)
+        self.ids = {a.name: i for i, a in enumerate(self.adapters)}  # what requests may name
         self.routed = {c.name: c for c in routed}
         self.device, self.dtype = torch.device(device), dtype
+        self.twins = {c.name: c for c in twins}
+        self._twin_ids: dict[str, torch.Tensor] = {}  # twin -> adapter ids [shared, exclusive_1..E]
+        for c in twins:
+            if c.name in self.ids or c.name in self.routed:
+                raise WorkbenchError(f"twin composition {c.name!r}: the name is taken")
+            first = len(self.adapters)
+            self.adapters.append(Adapter(f"{c.name}#shared", "twin_part", c.shared, c.source))
+            self.adapters += [Adapter(f"{c.name}#{e}", "twin_part", f, c.source)
+                              for e, f in zip(c.router.experts, c.exclusive)]
+            self._twin_ids[c.name] = torch.arange(first, len(self.adapters), device=self.device)
         self._experts = {}  # routed composition -> [E_router] adapter ids of its router's experts
         for c in routed:
             missing = [e for e in c.router.experts if e not in self.ids]
@@ -90,8 +132,9 @@ class MultiLoraModel:
         self.lock = threading.Lock()  # one forward at a time (the context is per model)
         self.active_sequences = 0  # sequences still decoding in running `generate` calls
         self._active_lock = threading.Lock()
-        targets = sorted({t for a in adapters for t in a.factors})
-        self.ctx = wrap_model(self.model, targets, lambda t: [a.factors.get(t) for a in adapters], len(adapters),
+        targets = sorted({t for a in self.adapters for t in a.factors})
+        self.ctx = wrap_model(self.model, targets, lambda t: [a.factors.get(t) for a in self.adapters],
+                              len(self.adapters),
                               backend=check_backend(backend) if backend else default_backend(device))
         self._layout_cache: dict[tuple, tuple[LoraMeta | None, list[RoutedGroup]]] = {}
 
@@ -107,21 +150,24 @@ class MultiLoraModel:
             e = pool.expert(n)
             adapters.append(Adapter(n, "lora", {t: e.lora_factors(t) for t in e.delta_names()}, str(e.path)))
         routed: list[RoutedComposition] = []
+        twins: list[TwinComposition] = []
         if include_artifacts:
             taken = {a.name for a in adapters}
             adapters += saved_lora_compositions(pool, taken=taken, log=log)
             routed = saved_routed_compositions(pool, set(names), taken=taken, device=device, log=log)
-        return cls(pool.base.load(), pool.base.tokenizer(), adapters, routed=routed, backend=backend, device=device,
-                   dtype=dtype)
+            twins = saved_twin_compositions(pool, set(names), taken=taken, log=log)
+        return cls(pool.base.load(), pool.base.tokenizer(), adapters, routed=routed, twins=twins, backend=backend,
+                   device=device, dtype=dtype)
 
     # -- specs
     def model_names(self) -> list[str]:
-        return ["base", *self.ids, *self.routed]
+        return ["base", *self.ids, *self.routed, *self.twins]
 
     def models(self) -> list[dict[str, str]]:
         """What /v1/models lists: id and kind (and a routed composition's router kind) of every servable model."""
-        return ([{"id": "base", "kind": "base"}] + [{"id": a.name, "kind": a.kind} for a in self.adapters]
-                + [{"id": c.name, "kind": "routed_lora", "router": c.kind} for c in self.routed.values()])
+        return ([{"id": "base", "kind": "base"}] + [{"id": n, "kind": self.adapters[i].kind} for n, i in self.ids.items()]
+                + [{"id": c.name, "kind": "routed_lora", "router": c.kind} for c in self.routed.values()]
+                + [{"id": c.name, "kind": "routed_lora", "router": "twin"} for c in self.twins.values()])
 
     def resolve(self, spec: str | dict[str, float]) -> Assignment:
         """'base', an adapter name, a routed composition's name, 'mix:a=0.5,b=0.5', or {name: weight}."""
@@ -129,7 +175,7 @@ class MultiLoraModel:
             items = list(spec.items())
         elif spec == "base":
             return ()
-        elif spec in self.routed:
+        elif spec in self.routed or spec in self.twins:
             return Routed(spec)
         elif spec.startswith("mix:"):
             items = []
@@ -143,7 +189,7 @@ class MultiLoraModel:
             items = [(spec, 1.0)]
         out = []
         for name, w in items:
-            if name in self.routed:
+            if name in self.routed or name in self.twins:
                 raise WorkbenchError(f"routed composition {name!r} cannot be part of a mix: request it alone")
             if name not in self.ids:
                 raise UnknownModel(f"unknown model {name!r}{did_you_mean(name, self.model_names())}")
@@ -171,7 +217,7 @@ class MultiLoraModel:
                 w = w.repeat_interleave(seq_len, dim=0).to(self.device)
                 meta = make_meta(idx, w, len(self.adapters), block=seq_len)
             groups = []
-            for name in dict.fromkeys(a.name for a in assignments if isinstance(a, Routed)):
+            for name in dict.fromkeys(a.name for a in assignments if isinstance(a, Routed) and a.name in self.routed):
                 seqs = torch.tensor([b for b, a in enumerate(assignments) if a == Routed(name)])
                 rows = (seqs[:, None] * seq_len + torch.arange(seq_len)).reshape(-1).to(self.device)  # [n * S]
                 groups.append(RoutedGroup(self.routed[name].router, rows, self._experts[name]))
@@ -181,14 +227,54 @@ class MultiLoraModel:
     # -- forward and generation
     @torch.no_grad()
     def forward(self, input_ids, attention_mask=None, assignments: Sequence[Assignment] | None = None,
-                router: Router | None = None, **kw):
+                router: Router | None = None, twin_states: dict[str, Any] | None = None, **kw):
+        """One forward of a batch, each sequence with its assignment. `twin_states` carries the Twin pre-passes'
+        KV caches and prefix sums across the decode steps of one `generate` (a fresh dict per batch)."""
         with self.lock:
             if router is not None:
                 meta, groups = None, [RoutedGroup(_CallbackRouter(router), None)]
             else:
-                meta, groups = self._layout(assignments or [()] * input_ids.shape[0], input_ids.shape[1])
+                assignments = assignments or [()] * input_ids.shape[0]
+                meta, groups = self._layout(assignments, input_ids.shape[1])
+                if any(isinstance(a, Routed) and a.name in self.twins for a in assignments):
+                    groups = groups + self._twin_groups(input_ids, attention_mask, kw.get("position_ids"),
+                                                        kw.get("past_key_values"), assignments, twin_states)
             with self.ctx.use(meta=meta, groups=groups):
                 return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+    def _twin_groups(self, input_ids, attention_mask, position_ids, cache, assignments, states) -> list[RoutedGroup]:
+        """Per Twin composition in the batch: the pre-pass of its sequences through the shared model (its own KV
+        cache in `states`), their tokens' routing weights, and the group giving each token its pairs."""
+        from ..methods.twin import _Prefix, prefix_means
+
+        if states is None:
+            if cache is not None and cache.get_seq_length() > 0:
+                raise WorkbenchError("twin compositions decode with a KV cache inside `generate` only")
+            states = {}
+        s = input_ids.shape[1]
+        groups = []
+        for name in dict.fromkeys(a.name for a in assignments if isinstance(a, Routed) and a.name in self.twins):
+            seqs = torch.tensor([i for i, a in enumerate(assignments) if a == Routed(name)], device=self.device)
+            if name not in states:
+                from transformers import DynamicCache
+
+                states[name] = _Prefix(DynamicCache() if cache is not None else None)
+            state = states[name]
+            ids = self._twin_ids[name]
+            n = len(seqs)
+            sub_ids = input_ids.index_select(0, seqs)
+            sub_mask = attention_mask.index_select(0, seqs) if attention_mask is not None else None
+            sub_pos = position_ids.index_select(0, seqs) if position_ids is not None else None
+            shared = make_meta(ids[:1].expand(n * s), None, len(self.adapters), block=s)
+            with self.ctx.use(meta=shared):  # the shared model: base + the shared part
+                h = self.model.base_model(input_ids=sub_ids, attention_mask=sub_mask, position_ids=sub_pos,
+                                          past_key_values=state.cache,
+                                          use_cache=state.cache is not None).last_hidden_state.float()
+            w = self.twins[name].router.token_weights(prefix_means(h, sub_ids, sub_mask, state)).reshape(n * s, -1)
+            pair_w = torch.cat([torch.ones(n * s, 1, device=w.device), w], 1)
+            rows = (seqs[:, None] * s + torch.arange(s, device=self.device)).reshape(-1)
+            groups.append(RoutedGroup(_PairsRouter(ids.expand(n * s, -1), pair_w), rows, None))
+        return groups
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], assignments: Sequence[Assignment], max_new_tokens: Sequence[int] | int,
@@ -221,10 +307,12 @@ class MultiLoraModel:
         done = [m <= 0 for m in max_new]
         live = self._count_active(done.count(False))
         step_ids = ids
+        twin_states: dict[str, Any] = {}  # Twin pre-passes' own caches and prefix sums, for this batch only
         try:
             while not all(done):
                 logits = self.forward(step_ids, attention_mask=mask, assignments=assignments, router=router,
-                                      position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1].float()
+                                      twin_states=twin_states, position_ids=pos, past_key_values=cache,
+                                      use_cache=True).logits[:, -1].float()
                 nxt = logits.argmax(-1)
                 for i, t in enumerate(temps):
                     if t > 0 and not done[i]:
@@ -350,6 +438,43 @@ def saved_routed_compositions(pool, loaded: set[str], taken: set[str], device: s
     return out
 
 
+def saved_twin_compositions(pool, loaded: set[str], taken: set[str],
+                            log: Callable[[str], Any] = print) -> list[TwinComposition]:
+    """Twin artifacts built over this pool from LoRA experts that are all among the `loaded` ones, unchanged
+    since the build; any other is skipped with its reason logged."""
+    from ..methods.twin import twin_factors
+    from ..modules.routers import load_router
+
+    out = []
+    for name, folder, meta in _pool_artifacts(pool, "twin", "pool", taken):
+        experts = list(meta.get("experts") or [])
+        missing = [e for e in experts if e not in loaded]
+        reason = None
+        if not experts or missing:
+            reason = f"its experts {missing or experts} are not LoRA experts loaded here"
+        elif meta.get("expert_files") is None:
+            reason = "built before artifacts recorded their experts' files; rebuild it (`workbench merge --force`)"
+        elif changed := [e for e in experts if pool.expert(e).entry.files != meta["expert_files"].get(e)]:
+            reason = f"its experts {changed} changed since it was built; rebuild it"
+        elif meta.get("pool_fingerprint") != pool.manifest.base.fingerprint:
+            reason = f"pool {pool.name!r} now has another base than it was built for"
+        else:
+            try:
+                router = load_router(folder)
+                shared, exclusive = twin_factors(folder)
+            except (WorkbenchError, OSError) as e:
+                reason = str(e)
+            else:
+                if router.experts != experts or len(exclusive) != len(experts):
+                    reason = f"its router routes over {router.experts}, not {experts}"
+        if reason:
+            log(f"twin composition {name!r} ({folder}) not served: {reason}")
+            continue
+        out.append(TwinComposition(name, router, shared, exclusive, str(folder)))
+        taken.add(name)
+    return out
+
+
 def top_k_router(weights_fn: Callable[[str, torch.Tensor], torch.Tensor], k: int) -> Router:
     """A router callback from per-token scores [T, E]: top-k, softmax-renormalised over the k."""
 
@@ -394,4 +519,5 @@ def peft_alone(base, adapters: dict[str, str], requests: Sequence[tuple[str, str
 
 
 __all__ = ["Adapter", "Assignment", "MultiLoraModel", "Routed", "RoutedComposition", "RoutedLoraLinear", "Router",
-           "UnknownModel", "peft_alone", "saved_lora_compositions", "saved_routed_compositions", "top_k_router"]
+           "TwinComposition", "UnknownModel", "peft_alone", "saved_lora_compositions", "saved_routed_compositions",
+           "saved_twin_compositions", "top_k_router"]
