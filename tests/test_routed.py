@@ -427,3 +427,70 @@ def test_route_traces_cli_counts_layers_where_each_task_expert_tops(pool, tiny_d
         assert tags[r["expert"]] == task
     cat = scan(tmp_path / "results")  # the app reads them: traces and one check, no warnings
     assert len(cat.traces) == len(tags) and not cat.warnings and len(cat.checks) == 1
+
+
+class _ParityRouter:
+    """Token t of a sequence goes to expert t % 2 (weight 1): a router whose accuracy is known by counting."""
+
+    experts = ["a", "b"]
+
+    def route(self, module, x):
+        t = torch.arange(x.shape[0])
+        return (t % 2)[:, None], torch.ones(x.shape[0], 1)
+
+
+def test_router_accuracy_counts_tokens_per_layer(two):
+    """Per layer, the share of a task's tokens whose top-1 is its own expert, averaged over examples: with the
+    parity router, an example of T tokens gives ceil(T/2)/T to expert a and floor(T/2)/T to b, in every layer;
+    with a fixed router to b, task of b is 1.0 everywhere and a's 0, and a is in the top-2 of every token."""
+    import math
+
+    from workbench.methods.routing import router_accuracy
+    from workbench.tasks.suite import ADD_SPECIAL_TOKENS, load_split
+
+    model, ctx = _routed(two, ["a", "b"])
+    model.routing = ctx
+    tok = two.base.tokenizer()
+    tasks = {"a": "addition", "b": "sorting"}
+    ctx.groups = [RoutedGroup(_ParityRouter(), None)]
+    rec = router_accuracy(model, tok, tasks, n=3)
+    assert rec["layers"] == sorted({int(m.split(".layers.")[1].split(".")[0]) for m in routed_modules(model)})
+    for expert, task in tasks.items():
+        lengths = [len(tok(r["question"] + r["answer"], add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"])
+                   for r in load_split(task, "validation")[:3]]
+        share = [(math.ceil(t / 2) if expert == "a" else t // 2) / t for t in lengths]
+        want = round(sum(share) / 3, 4)
+        assert rec["tasks"][task]["top1"] == [want] * len(rec["layers"]), (task, want)
+        assert rec["tasks"][task]["mean_in_topk"] == want  # k = 1: in the top-k = top-1
+    ctx.groups = [RoutedGroup(FixedRouter(["a", "b"], [0.3, 0.7], k=2), None)]
+    rec = router_accuracy(model, tok, tasks, n=2)
+    assert set(rec["tasks"]["sorting"]["top1"]) == {1.0} and set(rec["tasks"]["addition"]["top1"]) == {0.0}
+    assert rec["tasks"]["addition"]["mean_in_topk"] == 1.0 and rec["tasks"]["addition"]["confusion"] == {"a": 0.0, "b": 1.0}
+    with pytest.raises(Exception, match=r"experts \['c'\] are not routed"):
+        router_accuracy(model, tok, {"c": "addition"})
+
+
+def test_route_accuracy_cli_writes_json_and_plots(pool, tiny_dir, tmp_path, run_cli):
+    """`workbench route accuracy` on a PHATGOOSE recipe: per-task, per-layer figures in [0, 1] for every tagged
+    expert's task, the gates' loss curves (one per expert, `steps` long), both plotted; the app reads the JSON."""
+    import yaml
+
+    from workbench.catalog import scan
+
+    _tagged_pool(pool, tiny_dir)
+    recipe = tmp_path / "goose.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe("phatgoose", k=1, steps=4, examples=16)))
+    out = tmp_path / "results" / "checks"
+    code, _out, err = run_cli("route", "accuracy", str(recipe), "--n", "2", "--out", str(out))
+    assert code == 0, err
+    rec = json.loads((out / "router-accuracy-phatgoose-test.json").read_text())
+    tags = {e.name: e.entry.tags["task"] for e in pool.experts if e.kind == "lora"}
+    assert {t: v["expert"] for t, v in rec["tasks"].items()} == {t: e for e, t in tags.items()}
+    for v in rec["tasks"].values():
+        assert len(v["top1"]) == len(rec["layers"]) and all(0 <= x <= 1 for x in v["top1"] + v["in_topk"])
+        assert v["in_topk"] == v["top1"]  # k = 1
+    curves = json.loads((out / "gate-loss-phatgoose-test.json").read_text())["curves"]
+    assert set(curves) == set(tags) and all(len(c) == 4 for c in curves.values())
+    assert (out / "router-accuracy-phatgoose-test.svg").stat().st_size > 0
+    assert (out / "gate-loss-phatgoose-test.svg").stat().st_size > 0
+    assert not scan(tmp_path / "results").warnings

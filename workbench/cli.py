@@ -538,6 +538,51 @@ def route_traces(
     console.print(f"traces: {folder}; summary: {folder.parent / 'checks'}")
 
 
+@route_app.command("accuracy")
+def route_accuracy(
+    recipe: Annotated[Path, typer.Argument(help="a routed recipe, e.g. merges/phatgoose-lora.yaml (built if needed)")],
+    n: Annotated[int, typer.Option(min=1, help="examples per task")] = 20,
+    split: Annotated[str, typer.Option(help="split the examples come from")] = "validation",
+    out: Annotated[Optional[Path], typer.Option(help="folder for the JSON and plots (default results/checks)")] = None,
+    device: _Dev = "cpu",
+):
+    """Router accuracy per layer: how often each task's tokens go to its own expert (top-1 and within top-k);
+    with PHATGOOSE also the gates' training-loss curves. JSON + SVG under results/checks/."""
+    from .artifacts import load_artifact, read_artifact_meta
+    from .eval.charts import loss_curves_chart, router_accuracy_chart
+    from .eval.harness import results_root
+    from .io import atomic_write_json
+    from .methods.routing import router_accuracy
+    from .recipes import build, parse_recipe
+
+    resolved = parse_recipe(recipe)
+    art = build(resolved, device=device, log=console.print)
+    loaded = load_artifact(art, device=device)
+    tasks = {e.name: (e.entry.tags or {}).get("task") for e in resolved.experts}
+    tasks = {e: t for e, t in tasks.items() if t and t != "multitask"}
+    if not tasks:
+        raise WorkbenchError(f"{recipe}: no routed expert names its task (tag task=...)")
+    rec = router_accuracy(loaded.model, loaded.tokenizer, tasks, split=split, n=n)
+    name = resolved.recipe.name
+    folder = out or results_root() / "checks"
+    atomic_write_json(folder / f"router-accuracy-{name}.json", {"recipe": name, "pool": resolved.pool.name,
+                                                                "params": resolved.params.model_dump(mode="json"), **rec})
+    router_accuracy_chart(rec, f"{name}: share of each task's tokens routed (top-1) to its own expert, "
+                               f"{split}, {n} examples").save(str(folder / f"router-accuracy-{name}.svg"))
+    table = Table("task", "expert", "top-1 = own (mean over layers)", "own in top-k", "layers > 50 %",
+                  title=f"{name}: router accuracy, {split}, {n} examples per task")
+    for t, r in rec["tasks"].items():
+        table.add_row(t, r["expert"], f"{r['mean_top1']:.2f}", f"{r['mean_in_topk']:.2f}",
+                      f"{sum(1 for x in r['top1'] if x > 0.5)}/{len(r['top1'])}")
+    console.print(table)
+    curves = read_artifact_meta(art).get("gate_loss_curves")
+    if curves:
+        atomic_write_json(folder / f"gate-loss-{name}.json", {"recipe": name, "curves": curves})
+        loss_curves_chart(curves, f"{name}: gate training loss per expert (base and LoRA frozen)").save(
+            str(folder / f"gate-loss-{name}.svg"))
+    console.print(f"written: {folder}/router-accuracy-{name}.json (+ .svg)" + (", gate-loss plot" if curves else ""))
+
+
 @app.command("methods")
 def methods_list():
     """List the registered combination methods."""

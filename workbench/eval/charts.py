@@ -156,3 +156,27 @@ def bench_chart(ratios: list[dict[str, Any]], title: str):
 
 __all__ = ["bench_chart", "diff_frame", "diff_heatmap", "sweep_chart", "sweep_frame", "task_bars", "task_frame",
            "token_chart", "usage_chart"]
+
+
+def router_accuracy_chart(rec: dict[str, Any], title: str):
+    """Per task and layer, the share of tokens routed (top-1) to the task's own expert (heatmap, layer x task)."""
+    import altair as alt
+
+    df = pd.DataFrame([{"task": t, "layer": layer, "top1": a} for t, v in rec["tasks"].items()
+                       for layer, a in zip(rec["layers"], v["top1"])])
+    base = alt.Chart(df).encode(x=alt.X("layer:O", title="layer"), y=alt.Y("task:N", sort=list(rec["tasks"]), title=None))
+    return base.mark_rect().encode(
+        color=alt.Color("top1:Q", scale=alt.Scale(scheme="blues", domain=[0, 1]), title="top-1 = own expert"),
+        tooltip=["task", "layer", alt.Tooltip("top1:Q", format=".2f")],
+    ).properties(title=title, width=alt.Step(16), height=alt.Step(22))
+
+
+def loss_curves_chart(curves: dict[str, list[float]], title: str):
+    """Training loss per step, one line per expert (PHATGOOSE gates)."""
+    import altair as alt
+
+    df = pd.DataFrame([{"expert": e, "step": i + 1, "loss": x} for e, c in curves.items() for i, x in enumerate(c)])
+    return alt.Chart(df).mark_line().encode(
+        x=alt.X("step:Q"), y=alt.Y("loss:Q", title="LM loss (gate only trains)"), color=alt.Color("expert:N"),
+        tooltip=["expert", "step", alt.Tooltip("loss:Q", format=".3f")],
+    ).properties(title=title, width=420, height=260)

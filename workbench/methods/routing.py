@@ -183,5 +183,63 @@ def task_traces(model, tokenizer, expert_tasks: dict[str, str], *, split: str = 
                         "tasks": len(held), "mean_share": sum(held) / len(held) if held else float("nan")}}
 
 
-__all__ = ["DataRoutedMethod", "RoutedMethod", "load_routed", "open_routed", "routed_problem", "task_traces",
-           "trace_prompt"]
+def router_accuracy(model, tokenizer, expert_tasks: dict[str, str], *, split: str = "validation",
+                    n: int = 20) -> dict[str, Any]:
+    """How often each layer routes a task's tokens to the expert trained on that task.
+
+    For `n` examples of each task's `split` (question + answer, teacher-forced: the tokens generation routes),
+    per routed module: the share of tokens whose top-1 expert is the task's expert (`top1`) and whose top-k
+    includes it (`in_topk`); a layer's figure is the mean over its modules. `expert_tasks`: expert -> task.
+    Returns {split, n, experts, layers, tasks: {task: {expert, top1 [L], in_topk [L], mean_top1, mean_in_topk,
+    confusion {expert: share of top-1 choices}}}, summary}."""
+    import re
+
+    import torch
+
+    from ..modules.routed_lora import Trace
+    from ..tasks.suite import load_split
+
+    ctx = getattr(model, "routing", None)
+    if ctx is None or not ctx.groups:
+        raise WorkbenchError("this model has no router: router accuracy exists for routed compositions only")
+    experts = list(ctx.groups[0].router.experts)
+    missing = [e for e in expert_tasks if e not in experts]
+    if missing:
+        raise WorkbenchError(f"experts {missing} are not routed by this model ({', '.join(experts)})")
+    device = next(model.parameters()).device
+    out = {}
+    layers: list[int] = []
+    for expert, task in expert_tasks.items():
+        e = experts.index(expert)
+        top1: dict[int, list[float]] = {}
+        in_topk: dict[int, list[float]] = {}
+        confusion = torch.zeros(len(experts))
+        for row in load_split(task, split)[:n]:
+            ids = tokenizer(row["question"] + row["answer"], return_tensors="pt",
+                            add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"].to(device)
+            trace = Trace()
+            with torch.no_grad(), ctx.use(groups=ctx.groups, trace=trace):
+                model(input_ids=ids)
+            for module, calls in trace.modules.items():
+                idx, w = calls[-1]
+                dense = dense_weights(idx, w.float(), len(experts))
+                chosen = torch.where(dense.sum(-1) > 0, dense.argmax(-1), -1)  # -1: no expert (the base)
+                m = re.search(r"\.layers\.(\d+)\.", module)
+                layer = int(m.group(1)) if m else -1
+                top1.setdefault(layer, []).append(float((chosen == e).float().mean()))
+                in_topk.setdefault(layer, []).append(float((idx == e).any(-1).float().mean()))
+                confusion += torch.bincount(chosen[chosen >= 0], minlength=len(experts)).float()
+        layers = sorted(top1)
+        t1 = [sum(top1[i]) / len(top1[i]) for i in layers]
+        tk = [sum(in_topk[i]) / len(in_topk[i]) for i in layers]
+        out[task] = {"expert": expert, "top1": [round(x, 4) for x in t1], "in_topk": [round(x, 4) for x in tk],
+                     "mean_top1": round(sum(t1) / len(t1), 4), "mean_in_topk": round(sum(tk) / len(tk), 4),
+                     "confusion": {x: round(float(c), 4) for x, c in zip(experts, confusion / confusion.sum().clamp(min=1))}}
+    means = [v["mean_top1"] for v in out.values()]
+    return {"split": split, "n": n, "experts": experts, "layers": layers, "tasks": out,
+            "summary": {"mean_top1": round(sum(means) / len(means), 4) if means else None,
+                        "mean_in_topk": round(sum(v["mean_in_topk"] for v in out.values()) / len(out), 4) if out else None}}
+
+
+__all__ = ["DataRoutedMethod", "RoutedMethod", "load_routed", "open_routed", "routed_problem", "router_accuracy",
+           "task_traces", "trace_prompt"]
