@@ -494,3 +494,26 @@ def test_route_accuracy_cli_writes_json_and_plots(pool, tiny_dir, tmp_path, run_
     assert (out / "router-accuracy-phatgoose-test.svg").stat().st_size > 0
     assert (out / "gate-loss-phatgoose-test.svg").stat().st_size > 0
     assert not scan(tmp_path / "results").warnings
+
+
+def test_routed_artifact_built_in_another_checkout_loads_here(pool, tiny_dir, tmp_path, monkeypatch):
+    """The artifact cache is shared by checkouts: an Arrow artifact built over pool `demo` in one checkout is
+    reused over the same pool in another (the first one deleted) and then loads over the new one."""
+    import shutil
+
+    from workbench.artifacts import load_artifact, read_artifact_meta
+    from workbench.recipes import build, parse_recipe
+
+    _tagged_pool(pool, tiny_dir)
+    first = build(parse_recipe(_recipe("arrow", k=1)), log=lambda *a: None)
+    ids = _ids(1, 6, seed=5)
+    with torch.no_grad():
+        want = load_artifact(first).model(input_ids=ids).logits
+    moved = tmp_path / "other-checkout" / "adapters"
+    shutil.copytree(pool.root.parent, moved)
+    shutil.rmtree(pool.root)
+    monkeypatch.setenv("WORKBENCH_POOLS", str(moved))
+    again = build(parse_recipe(_recipe("arrow", k=1)), log=lambda *a: None)
+    assert again == first and read_artifact_meta(again)["pool_root"] == str((moved / "demo").resolve())
+    with torch.no_grad():
+        torch.testing.assert_close(load_artifact(again).model(input_ids=ids).logits, want, atol=0, rtol=0)
