@@ -267,7 +267,10 @@ ROUTED = {"arrow-k1": ("arrow", ["b", "a"], {"k": 1}),
           "goose": ("phatgoose", ["a", "b"], {"k": 2, "steps": 3, "examples": 16}),
           # Twin: the shared part (rank 16) + exclusive parts at full rank, routed from the prefix by its MLP
           "twin-t": ("twin", ["a", "b"], {"rank": 24, "router_examples": 64, "router_epochs": 5,
-                                           "temperature": 4.0})}
+                                           "temperature": 4.0}),
+          # a second Twin (low rank, sharp weights): two Twin compositions in one batch keep separate states
+          "twin-s": ("twin", ["a", "b"], {"rank": 2, "router_examples": 64, "router_epochs": 5,
+                                           "temperature": 0.25})}
 
 
 @pytest.fixture(scope="module")
@@ -318,10 +321,10 @@ def test_routed_compositions_listed_in_models(served_routed):
     data = httpx.get(f"{url}/v1/models").json()["data"]
     assert [(m["id"], m["kind"]) for m in data] == [("base", "base"), ("a", "lora"), ("b", "lora"),
                                                     ("arrow-k1", "routed_lora"), ("goose", "routed_lora"),
-                                                    ("twin-t", "routed_lora")]
+                                                    ("twin-s", "routed_lora"), ("twin-t", "routed_lora")]
     routers = {m["id"]: m.get("router") for m in data}
     assert routers["goose"] == "phatgoose" and routers["twin-t"] == "twin" and not logs
-    assert engine.model_names() == ["base", "a", "b", "arrow-k1", "goose", "twin-t"]
+    assert engine.model_names() == ["base", "a", "b", "arrow-k1", "goose", "twin-s", "twin-t"]
     for internal in ("twin-t#shared", "twin-t#a"):  # Twin's parts are adapters of the engine, not models
         r = httpx.post(f"{url}/v1/completions", json={"model": internal, "prompt": "x", "max_tokens": 1})
         assert r.status_code == 404, internal
@@ -388,6 +391,8 @@ def test_64_concurrent_requests_mixing_routed_compositions(served_routed):
     expected = peft_alone(pool.base, folders, [(names[i % 7], prompts[i]) for i in plain], 6)
     assert [texts[i] for i in plain] == expected
     for name, art in arts.items():
+        if name not in names:  # twin-s: test_twin_in_a_left_padded_batch_decodes_like_its_own_model
+            continue
         loaded = load_artifact(art)
         mine = [i for i in range(64) if names[i % 7] == name]
         want = {prompts[i]: _hf_alone(loaded.model, loaded.tokenizer, prompts[i], 6) for i in mine}
@@ -402,13 +407,14 @@ def test_routed_composition_over_experts_not_loaded_is_skipped(routed_pool):
     engine = MultiLoraModel.from_pool(pool, experts=["a"], log=logs.append)
     assert engine.model_names() == ["base", "a"]
     kinds = {n: "twin" if n.startswith("twin") else "routed" for n in arts}
-    assert len(logs) == 3 and all(f"{kinds[n]} composition {n!r} ({arts[n]}) not served: its experts ['b'] are not "
+    assert len(logs) == 4 and all(f"{kinds[n]} composition {n!r} ({arts[n]}) not served: its experts ['b'] are not "
                                   "LoRA experts loaded here" in logs for n in arts)
 
 
 def test_stale_or_dense_twin_is_not_served(routed_pool, tmp_path, monkeypatch):
     """A Twin artifact whose expert changed since the build, one from before artifacts recorded their experts'
-    files, and one built from full fine-tunes (dense shared part): each skipped with its reason, the rest served."""
+    files, one built from full fine-tunes (dense shared part), one with a corrupt file: each skipped with its
+    reason in one line, the rest served."""
     import json
     import shutil
 
@@ -432,12 +438,55 @@ def test_stale_or_dense_twin_is_not_served(routed_pool, tmp_path, monkeypatch):
             assert len(logs) == 1 and reason in logs[0], (case, logs)
     finally:
         (folder / "artifact.json").write_text(original)
-    dense = tmp_path / "dense"
-    shutil.copytree(folder, dense)
     from safetensors.torch import load_file, save_file
 
-    shared = load_file(str(dense / "shared.safetensors"))
-    name = next(k for k in shared if k.endswith(".A"))[: -len(".A")]
-    save_file({f"{name}.delta": shared[f"{name}.B"] @ shared[f"{name}.A"]}, str(dense / "shared.safetensors"))
-    with pytest.raises(WorkbenchError, match="built from full fine-tunes"):
-        twin_factors(dense)
+    from workbench.io import artifacts_dir
+
+    dense = artifacts_dir() / "twin-dense"
+    shutil.copytree(folder, dense)
+    try:
+        shared = load_file(str(dense / "shared.safetensors"))
+        name = next(k for k in shared if k.endswith(".A"))[: -len(".A")]
+        save_file({f"{name}.delta": shared[f"{name}.B"] @ shared[f"{name}.A"]}, str(dense / "shared.safetensors"))
+        (dense / "artifact.json").write_text(json.dumps({**meta, "names": ["twin-dense"], "name": "twin-dense"}))
+        logs = []
+        engine = MultiLoraModel.from_pool(pool, log=logs.append)
+        assert "twin-dense" not in engine.model_names() and "twin-t" in engine.model_names()
+        assert len(logs) == 1 and "built from full fine-tunes" in logs[0], logs
+        (dense / "exclusive.safetensors").write_bytes(b"not a safetensors file")  # corrupt: one line, server lives
+        save_file(shared, str(dense / "shared.safetensors"))
+        logs = []
+        assert "twin-t" in MultiLoraModel.from_pool(pool, log=logs.append).model_names()
+        assert len(logs) == 1 and "cannot read its parts" in logs[0], logs
+    finally:
+        shutil.rmtree(dense)
+    with pytest.raises(WorkbenchError, match="cannot read its parts"):
+        twin_factors(tmp_path)
+
+
+def test_twin_in_a_left_padded_batch_decodes_like_its_own_model(served_routed):
+    """Two Twin compositions, an adapter and Arrow in one left-padded batch of prompts of different lengths,
+    12 greedy tokens through the KV cache: each Twin sequence's tokens equal the artifact's own HF model
+    (shared delta folded into the base, TwinRouting) generating it alone; its routing weights are far from
+    uniform on these prompts, and differ between the two Twins."""
+    from workbench.artifacts import load_artifact
+    from workbench.tasks.suite import ADD_SPECIAL_TOKENS
+
+    _, _, arts, engine, _, _ = served_routed
+    tok = engine.tokenizer
+    prompts = ["Sort: 3 1 2\nAnswer:", "Add: 12+30 and then some more words\nAnswer:", "x", "Add: 1+1\nAnswer:",
+               "Sort: 9 8 7 6 5 4\nAnswer:"]
+    models = ["twin-s", "twin-t", "twin-s", "a", "twin-t"]
+    ids = [tok(p, add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"] for p in prompts]
+    assert len({len(i) for i in ids}) > 2
+    got = engine.generate(ids, [engine.resolve(m) for m in models], 12)
+    own = {n: load_artifact(arts[n]) for n in ("twin-s", "twin-t")}
+    for p, m, g in zip(prompts, models, got):
+        if m in own:
+            want = _hf_alone(own[m].model, own[m].tokenizer, p, 12)
+            assert tok.decode(g, skip_special_tokens=True) == want, (m, p)
+    with torch.no_grad():
+        x = torch.tensor([ids[1]])
+        w = {n: own[n].model.twin.weights(x)[0, -1] for n in own}
+    assert float(w["twin-s"].max() - w["twin-s"].min()) > 0.5  # sharp routing: not a uniform mix
+    assert not torch.allclose(w["twin-s"], w["twin-t"], atol=1e-3)

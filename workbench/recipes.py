@@ -278,18 +278,8 @@ def build(resolved: ResolvedRecipe, *, force: bool = False, device: str = "cpu",
             log(f"artifact {out} exists (same recipe and experts): reused")
             meta = read_artifact_meta(out)
             names = meta.get("names") or [meta.get("name")]
-            update = {}
             if resolved.recipe.name not in names:  # e.g. a sweep's best point, now also the recipe's own artifact
-                update["names"] = [*names, resolved.recipe.name]
-            # The cache is shared by every checkout: an artifact built over a pool at another path (another clone,
-            # a worktree since removed) is the same artifact here (the key covers the experts' files and the
-            # base), so it now points at this pool, which loaders (routed models) open.
-            root = str(resolved.pool.root.resolve())
-            for k in ("pool", "pool_root"):
-                if k in meta and meta[k] != root:
-                    update[k] = root
-            if update:
-                atomic_write_json(out / ARTIFACT_FILE, {**meta, **update})
+                atomic_write_json(out / ARTIFACT_FILE, {**meta, "names": [*names, resolved.recipe.name]})
             return out
         for stale in out.parent.glob(f".staging-{out.name}-*"):  # a killed build's (we hold the key's lock)
             shutil.rmtree(stale, ignore_errors=True)

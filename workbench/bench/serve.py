@@ -40,7 +40,7 @@ def run(pool_name: str = "demo", n_requests: int = 64, n_adapters: int = 8, max_
         max_batch: int = 64, check: bool = True, out_file=None, log=print) -> dict[str, Any]:
     pool = Pool.open(pool_name)
     engine = MultiLoraModel.from_pool(pool)
-    adapters = [a.name for a in engine.adapters][:n_adapters]
+    adapters = list(engine.ids)[:n_adapters]  # requestable adapters (not a Twin's internal parts)
     tasks = task_names("held_in")
     prompts = [load_split(tasks[i % len(tasks)], "test")[i // len(tasks)]["question"] for i in range(n_requests)]
     app = create_app(engine, max_batch=max_batch, window_s=0.05)

@@ -366,16 +366,22 @@ def _trim(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 def twin_factors(folder: Path) -> tuple[dict[str, tuple], list[dict[str, tuple]]]:
     """A LoRA-built Twin artifact's parts as LoRA factors (tensor -> (A, B, 1.0)): the shared part (rank sum r)
     and each expert's exclusive part (its own rank): what the serving engine loads as adapters."""
-    shared = load_file(str(Path(folder) / "shared.safetensors"))
-    excl = load_file(str(Path(folder) / "exclusive.safetensors"))
+    try:
+        shared = load_file(str(Path(folder) / "shared.safetensors"))
+        excl = load_file(str(Path(folder) / "exclusive.safetensors"))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a corrupt file
+        raise WorkbenchError(f"twin artifact {folder}: cannot read its parts: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if any(k.endswith(".delta") for k in shared):
         raise WorkbenchError(f"twin artifact {folder} was built from full fine-tunes (its shared part is dense): "
                              "it runs as a full model (`workbench eval`), not over the serving engine's base")
     names = sorted(k[: -len(".A")] for k in shared if k.endswith(".A"))
     targets = sorted(k[: -len(".A")] for k in excl if k.endswith(".A"))
     n = excl[f"{targets[0]}.A"].shape[0] if targets else 0
-    exclusive = [{t: (*_trim(excl[f"{t}.A"][i], excl[f"{t}.B"][i]), 1.0) for t in targets} for i in range(n)]
-    return {t: (shared[f"{t}.A"], shared[f"{t}.B"], 1.0) for t in names}, exclusive
+    try:
+        exclusive = [{t: (*_trim(excl[f"{t}.A"][i], excl[f"{t}.B"][i]), 1.0) for t in targets} for i in range(n)]
+        return {t: (shared[f"{t}.A"], shared[f"{t}.B"], 1.0) for t in names}, exclusive
+    except (KeyError, IndexError) as e:
+        raise WorkbenchError(f"twin artifact {folder}: incomplete parts (missing {e})") from None
 
 
 def load_twin_model(folder: Path, base, router: TwinRouter | None, device: str | None = None) -> nn.Module:

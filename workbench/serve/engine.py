@@ -19,6 +19,7 @@ the same with the shared delta folded into the base weights).
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -116,6 +117,7 @@ class MultiLoraModel:
         self.twins = {c.name: c for c in twins}
         self._twin_ids: dict[str, torch.Tensor] = {}  # twin -> adapter ids [shared, exclusive_1..E]
         for c in twins:
+            c.router.to(self.device)
             if c.name in self.ids or c.name in self.routed:
                 raise WorkbenchError(f"twin composition {c.name!r}: the name is taken")
             first = len(self.adapters)
@@ -236,6 +238,10 @@ class MultiLoraModel:
             else:
                 assignments = assignments or [()] * input_ids.shape[0]
                 meta, groups = self._layout(assignments, input_ids.shape[1])
+                unknown = [a.name for a in assignments if isinstance(a, Routed) and a.name not in self.routed
+                           and a.name not in self.twins]
+                if unknown:
+                    raise UnknownModel(f"unknown routed composition {unknown[0]!r}")
                 if any(isinstance(a, Routed) and a.name in self.twins for a in assignments):
                     groups = groups + self._twin_groups(input_ids, attention_mask, kw.get("position_ids"),
                                                         kw.get("past_key_values"), assignments, twin_states)
@@ -258,7 +264,7 @@ class MultiLoraModel:
             if name not in states:
                 from transformers import DynamicCache
 
-                states[name] = _Prefix(DynamicCache() if cache is not None else None)
+                states[name] = _Prefix(DynamicCache(config=self.model.config) if cache is not None else None)
             state = states[name]
             ids = self._twin_ids[name]
             n = len(seqs)
@@ -266,10 +272,11 @@ class MultiLoraModel:
             sub_mask = attention_mask.index_select(0, seqs) if attention_mask is not None else None
             sub_pos = position_ids.index_select(0, seqs) if position_ids is not None else None
             shared = make_meta(ids[:1].expand(n * s), None, len(self.adapters), block=s)
+            decoder = self.model.base_model
+            cache_kw = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
             with self.ctx.use(meta=shared):  # the shared model: base + the shared part
-                h = self.model.base_model(input_ids=sub_ids, attention_mask=sub_mask, position_ids=sub_pos,
-                                          past_key_values=state.cache,
-                                          use_cache=state.cache is not None).last_hidden_state.float()
+                h = decoder(input_ids=sub_ids, attention_mask=sub_mask, position_ids=sub_pos,
+                            use_cache=state.cache is not None, **{cache_kw: state.cache}).last_hidden_state.float()
             w = self.twins[name].router.token_weights(prefix_means(h, sub_ids, sub_mask, state)).reshape(n * s, -1)
             pair_w = torch.cat([torch.ones(n * s, 1, device=w.device), w], 1)
             rows = (seqs[:, None] * s + torch.arange(s, device=self.device)).reshape(-1)
@@ -362,6 +369,17 @@ class MultiLoraModel:
         return delta
 
 
+def _built_over(meta: dict[str, Any], pool, pool_key: str) -> bool:
+    """Whether an artifact was built over this pool: at this path, or (the cache is shared by checkouts) over a
+    pool with the same base and, for every expert it was built from, the same files as this pool's."""
+    if meta.get(pool_key) == str(pool.root.resolve()):
+        return True
+    files = meta.get("expert_files")
+    if not files or meta.get("pool_fingerprint") != pool.manifest.base.fingerprint:
+        return False
+    return all(e in pool and pool.expert(e).entry.files == f for e, f in files.items())
+
+
 def _pool_artifacts(pool, type_: str, pool_key: str, taken: set[str]) -> Iterator[tuple[str, Path, dict[str, Any]]]:
     """(served name, folder, meta) of each `type_` artifact built over this pool (`meta[pool_key]` is its root):
     a recipe's artifact by its latest recipe name; bare sweep points ("name@point") and taken names stay out."""
@@ -377,7 +395,7 @@ def _pool_artifacts(pool, type_: str, pool_key: str, taken: set[str]) -> Iterato
             meta = json.loads(meta_path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if meta.get("type") != type_ or meta.get(pool_key) != str(pool.root.resolve()):
+        if meta.get("type") != type_ or not _built_over(meta, pool, pool_key):
             continue
         names = [n for n in (meta.get("names") or [meta.get("name", meta_path.parent.name)]) if "@" not in n]
         if names and names[-1] not in taken:
