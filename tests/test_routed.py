@@ -430,19 +430,27 @@ def test_route_traces_cli_counts_layers_where_each_task_expert_tops(pool, tiny_d
 
 
 class _ParityRouter:
-    """Token t of a sequence goes to expert t % 2 (weight 1): a router whose accuracy is known by counting."""
+    """Token t goes to expert t % 2 (weight 1), or with `by_layer` every token of an even layer to a and of an
+    odd layer to b: routers whose accuracy is known by counting."""
 
     experts = ["a", "b"]
 
+    def __init__(self, by_layer: bool = False):
+        self.by_layer = by_layer
+
     def route(self, module, x):
+        if self.by_layer:
+            layer = int(module.split(".layers.")[1].split(".")[0])
+            return torch.full((x.shape[0], 1), layer % 2), torch.ones(x.shape[0], 1)
         t = torch.arange(x.shape[0])
         return (t % 2)[:, None], torch.ones(x.shape[0], 1)
 
 
 def test_router_accuracy_counts_tokens_per_layer(two):
-    """Per layer, the share of a task's tokens whose top-1 is its own expert, averaged over examples: with the
-    parity router, an example of T tokens gives ceil(T/2)/T to expert a and floor(T/2)/T to b, in every layer;
-    with a fixed router to b, task of b is 1.0 everywhere and a's 0, and a is in the top-2 of every token."""
+    """Per layer, the share of a task's tokens (pooled over its examples) whose top-1 is its own expert: with the
+    parity router, sum(ceil(T/2)) / sum(T) for a and sum(floor(T/2)) / sum(T) for b in every layer; routed by
+    layer parity, 1 in a's layers and 0 in b's; with a fixed router to b, task of b is 1.0 everywhere, a's 0,
+    and a is in the top-2 of every token."""
     import math
 
     from workbench.methods.routing import router_accuracy
@@ -451,23 +459,29 @@ def test_router_accuracy_counts_tokens_per_layer(two):
     model, ctx = _routed(two, ["a", "b"])
     model.routing = ctx
     tok = two.base.tokenizer()
-    tasks = {"a": "addition", "b": "sorting"}
+    tasks = {"a": "word_count", "b": "reverse_words"}  # texts of varying length
+    layers = sorted({int(m.split(".layers.")[1].split(".")[0]) for m in routed_modules(model)})
+    assert len(layers) > 1
     ctx.groups = [RoutedGroup(_ParityRouter(), None)]
     rec = router_accuracy(model, tok, tasks, n=3)
-    assert rec["layers"] == sorted({int(m.split(".layers.")[1].split(".")[0]) for m in routed_modules(model)})
+    assert rec["layers"] == layers
     for expert, task in tasks.items():
         lengths = [len(tok(r["question"] + r["answer"], add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"])
                    for r in load_split(task, "validation")[:3]]
-        share = [(math.ceil(t / 2) if expert == "a" else t // 2) / t for t in lengths]
-        want = round(sum(share) / 3, 4)
-        assert rec["tasks"][task]["top1"] == [want] * len(rec["layers"]), (task, want)
+        assert len(set(lengths)) > 1  # pooled over tokens differs from a mean over examples
+        want = round(sum(math.ceil(t / 2) if expert == "a" else t // 2 for t in lengths) / sum(lengths), 4)
+        assert rec["tasks"][task]["top1"] == [want] * len(layers), (task, want)
         assert rec["tasks"][task]["mean_in_topk"] == want  # k = 1: in the top-k = top-1
+    ctx.groups = [RoutedGroup(_ParityRouter(by_layer=True), None)]
+    rec = router_accuracy(model, tok, tasks, n=2)
+    assert rec["tasks"]["word_count"]["top1"] == [1.0 if i % 2 == 0 else 0.0 for i in layers]
+    assert rec["tasks"]["reverse_words"]["top1"] == [0.0 if i % 2 == 0 else 1.0 for i in layers]
     ctx.groups = [RoutedGroup(FixedRouter(["a", "b"], [0.3, 0.7], k=2), None)]
     rec = router_accuracy(model, tok, tasks, n=2)
-    assert set(rec["tasks"]["sorting"]["top1"]) == {1.0} and set(rec["tasks"]["addition"]["top1"]) == {0.0}
-    assert rec["tasks"]["addition"]["mean_in_topk"] == 1.0 and rec["tasks"]["addition"]["confusion"] == {"a": 0.0, "b": 1.0}
+    assert set(rec["tasks"]["reverse_words"]["top1"]) == {1.0} and set(rec["tasks"]["word_count"]["top1"]) == {0.0}
+    assert rec["tasks"]["word_count"]["mean_in_topk"] == 1.0 and rec["tasks"]["word_count"]["confusion"] == {"a": 0.0, "b": 1.0}
     with pytest.raises(Exception, match=r"experts \['c'\] are not routed"):
-        router_accuracy(model, tok, {"c": "addition"})
+        router_accuracy(model, tok, {"c": "word_count"})
 
 
 def test_route_accuracy_cli_writes_json_and_plots(pool, tiny_dir, tmp_path, run_cli):
@@ -489,6 +503,13 @@ def test_route_accuracy_cli_writes_json_and_plots(pool, tiny_dir, tmp_path, run_
     for v in rec["tasks"].values():
         assert len(v["top1"]) == len(rec["layers"]) and all(0 <= x <= 1 for x in v["top1"] + v["in_topk"])
         assert v["in_topk"] == v["top1"]  # k = 1
+    from workbench.artifacts import load_artifact
+    from workbench.methods.routing import router_accuracy
+    from workbench.recipes import build, parse_recipe
+
+    loaded = load_artifact(build(parse_recipe(_recipe("phatgoose", k=1, steps=4, examples=16)), log=lambda *a: None))
+    direct = router_accuracy(loaded.model, loaded.tokenizer, {e: t for e, t in tags.items()}, n=2)
+    assert rec["tasks"] == direct["tasks"] and rec["layers"] == direct["layers"]
     curves = json.loads((out / "gate-loss-phatgoose-test.json").read_text())["curves"]
     assert set(curves) == set(tags) and all(len(c) == 4 for c in curves.values())
     assert (out / "router-accuracy-phatgoose-test.svg").stat().st_size > 0
@@ -514,6 +535,12 @@ def test_routed_artifact_built_in_another_checkout_loads_here(pool, tiny_dir, tm
     shutil.rmtree(pool.root)
     monkeypatch.setenv("WORKBENCH_POOLS", str(moved))
     again = build(parse_recipe(_recipe("arrow", k=1)), log=lambda *a: None)
-    assert again == first and read_artifact_meta(again)["pool_root"] == str((moved / "demo").resolve())
+    assert again == first and read_artifact_meta(again)["pool_root"] != str((moved / "demo").resolve())
     with torch.no_grad():
         torch.testing.assert_close(load_artifact(again).model(input_ids=ids).logits, want, atol=0, rtol=0)
+    from workbench.pool import Pool
+    from workbench.serve.engine import MultiLoraModel
+
+    logs = []
+    engine = MultiLoraModel.from_pool(Pool.open("demo"), log=logs.append)  # the server here finds it too
+    assert "arrow-test" in engine.model_names() and not logs

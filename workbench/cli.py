@@ -562,11 +562,16 @@ def route_accuracy(
     tasks = {e: t for e, t in tasks.items() if t and t != "multitask"}
     if not tasks:
         raise WorkbenchError(f"{recipe}: no routed expert names its task (tag task=...)")
+    shared = [t for t in set(tasks.values()) if list(tasks.values()).count(t) > 1]
+    if shared:
+        raise WorkbenchError(f"{recipe}: experts {[e for e, t in tasks.items() if t == shared[0]]} share task "
+                             f"{shared[0]!r}: the figure is per task, one expert each")
     rec = router_accuracy(loaded.model, loaded.tokenizer, tasks, split=split, n=n)
     name = resolved.recipe.name
     folder = out or results_root() / "checks"
     atomic_write_json(folder / f"router-accuracy-{name}.json", {"recipe": name, "pool": resolved.pool.name,
-                                                                "params": resolved.params.model_dump(mode="json"), **rec})
+                                                                "params": resolved.params.model_dump(mode="json", by_alias=True),
+                                                                **rec})
     router_accuracy_chart(rec, f"{name}: share of each task's tokens routed (top-1) to its own expert, "
                                f"{split}, {n} examples").save(str(folder / f"router-accuracy-{name}.svg"))
     table = Table("task", "expert", "top-1 = own (mean over layers)", "own in top-k", "layers > 50 %",

@@ -163,7 +163,7 @@ def router_accuracy_chart(rec: dict[str, Any], title: str):
     import altair as alt
 
     df = pd.DataFrame([{"task": t, "layer": layer, "top1": a} for t, v in rec["tasks"].items()
-                       for layer, a in zip(rec["layers"], v["top1"])])
+                       for layer, a in zip(v.get("layers", rec["layers"]), v["top1"])])
     base = alt.Chart(df).encode(x=alt.X("layer:O", title="layer"), y=alt.Y("task:N", sort=list(rec["tasks"]), title=None))
     return base.mark_rect().encode(
         color=alt.Color("top1:Q", scale=alt.Scale(scheme="blues", domain=[0, 1]), title="top-1 = own expert"),

@@ -98,14 +98,32 @@ def routed_problem(pool, meta: dict[str, Any], router: BaseRouter | None = None)
     return None
 
 
-def open_routed(path: Path, meta: dict[str, Any], device: str | None = None, router: BaseRouter | None = None):
-    """(model with the router installed, tokenizer, router, routing context) of a routed_lora artifact."""
+def artifact_pool(path: Path, meta: dict[str, Any], router: BaseRouter | None = None):
+    """The pool a routed artifact runs over here. The artifact cache is shared by every checkout: the pool it
+    was built over (`pool_root`) may be another clone's or a removed worktree's, so the recipe's pool as found
+    from here is the second candidate; the first that holds the same base and unchanged experts wins."""
     from ..pool import Pool
 
-    pool = Pool.open(meta["pool_root"])
+    problems = []
+    for spec in dict.fromkeys([meta.get("pool_root"), (meta.get("recipe") or {}).get("pool")]):
+        if not spec:
+            continue
+        try:
+            pool = Pool.open(spec)
+        except WorkbenchError as e:
+            problems.append(str(e))
+            continue
+        problem = routed_problem(pool, meta, router)
+        if problem is None:
+            return pool
+        problems.append(problem)
+    raise WorkbenchError(f"artifact {path}: {problems[0] if problems else 'it names no pool'}")
+
+
+def open_routed(path: Path, meta: dict[str, Any], device: str | None = None, router: BaseRouter | None = None):
+    """(model with the router installed, tokenizer, router, routing context) of a routed_lora artifact."""
     router = router or load_router(path, device)
-    if problem := routed_problem(pool, meta, router):
-        raise WorkbenchError(f"artifact {path}: {problem}")
+    pool = artifact_pool(path, meta, router)
     experts = [pool.expert(n) for n in meta["experts"]]
     model = pool.base.load(device=device).eval()
     ctx = wrap_experts(model, experts)
@@ -188,16 +206,16 @@ def router_accuracy(model, tokenizer, expert_tasks: dict[str, str], *, split: st
     """How often each layer routes a task's tokens to the expert trained on that task.
 
     For `n` examples of each task's `split` (question + answer, teacher-forced: the tokens generation routes),
-    per routed module: the share of tokens whose top-1 expert is the task's expert (`top1`) and whose top-k
-    includes it (`in_topk`); a layer's figure is the mean over its modules. `expert_tasks`: expert -> task.
-    Returns {split, n, experts, layers, tasks: {task: {expert, top1 [L], in_topk [L], mean_top1, mean_in_topk,
-    confusion {expert: share of top-1 choices}}}, summary}."""
+    per layer: the share of the task's tokens (pooled over its examples and the layer's routed modules) whose
+    top-1 expert is the task's expert (`top1`) and whose top-k includes it (`in_topk`). `expert_tasks`:
+    expert -> task (one expert per task). Returns {split, n, experts, layers, tasks: {task: {expert, top1 [L],
+    in_topk [L], mean_top1, mean_in_topk, confusion {expert: share of top-1 choices}}}, summary}."""
     import re
 
     import torch
 
     from ..modules.routed_lora import Trace
-    from ..tasks.suite import load_split
+    from ..tasks.suite import TASKS, load_split
 
     ctx = getattr(model, "routing", None)
     if ctx is None or not ctx.groups:
@@ -206,13 +224,15 @@ def router_accuracy(model, tokenizer, expert_tasks: dict[str, str], *, split: st
     missing = [e for e in expert_tasks if e not in experts]
     if missing:
         raise WorkbenchError(f"experts {missing} are not routed by this model ({', '.join(experts)})")
+    not_tasks = [t for t in expert_tasks.values() if t not in TASKS]
+    if not_tasks:
+        raise WorkbenchError(f"{not_tasks[0]!r} is not a suite task with questions and answers")
     device = next(model.parameters()).device
     out = {}
-    layers: list[int] = []
+    all_layers: set[int] = set()
     for expert, task in expert_tasks.items():
         e = experts.index(expert)
-        top1: dict[int, list[float]] = {}
-        in_topk: dict[int, list[float]] = {}
+        hits: dict[int, list[float]] = {}  # layer -> [top-1 hits, in-top-k hits, tokens]
         confusion = torch.zeros(len(experts))
         for row in load_split(task, split)[:n]:
             ids = tokenizer(row["question"] + row["answer"], return_tensors="pt",
@@ -225,21 +245,26 @@ def router_accuracy(model, tokenizer, expert_tasks: dict[str, str], *, split: st
                 dense = dense_weights(idx, w.float(), len(experts))
                 chosen = torch.where(dense.sum(-1) > 0, dense.argmax(-1), -1)  # -1: no expert (the base)
                 m = re.search(r"\.layers\.(\d+)\.", module)
-                layer = int(m.group(1)) if m else -1
-                top1.setdefault(layer, []).append(float((chosen == e).float().mean()))
-                in_topk.setdefault(layer, []).append(float((idx == e).any(-1).float().mean()))
+                h = hits.setdefault(int(m.group(1)) if m else -1, [0.0, 0.0, 0.0])
+                h[0] += float((chosen == e).sum())
+                h[1] += float((idx == e).any(-1).sum())
+                h[2] += chosen.numel()
                 confusion += torch.bincount(chosen[chosen >= 0], minlength=len(experts)).float()
-        layers = sorted(top1)
-        t1 = [sum(top1[i]) / len(top1[i]) for i in layers]
-        tk = [sum(in_topk[i]) / len(in_topk[i]) for i in layers]
-        out[task] = {"expert": expert, "top1": [round(x, 4) for x in t1], "in_topk": [round(x, 4) for x in tk],
-                     "mean_top1": round(sum(t1) / len(t1), 4), "mean_in_topk": round(sum(tk) / len(tk), 4),
+        if not hits:
+            raise WorkbenchError(f"task {task!r}: no routed token in {split} (an empty split?)")
+        layers = sorted(hits)
+        all_layers.update(layers)
+        t1 = [hits[i][0] / hits[i][2] for i in layers]
+        tk = [hits[i][1] / hits[i][2] for i in layers]
+        out[task] = {"expert": expert, "layers": layers, "top1": [round(x, 4) for x in t1],
+                     "in_topk": [round(x, 4) for x in tk], "mean_top1": round(sum(t1) / len(t1), 4),
+                     "mean_in_topk": round(sum(tk) / len(tk), 4),
                      "confusion": {x: round(float(c), 4) for x, c in zip(experts, confusion / confusion.sum().clamp(min=1))}}
     means = [v["mean_top1"] for v in out.values()]
-    return {"split": split, "n": n, "experts": experts, "layers": layers, "tasks": out,
+    return {"split": split, "n": n, "experts": experts, "layers": sorted(all_layers), "tasks": out,
             "summary": {"mean_top1": round(sum(means) / len(means), 4) if means else None,
                         "mean_in_topk": round(sum(v["mean_in_topk"] for v in out.values()) / len(out), 4) if out else None}}
 
 
-__all__ = ["DataRoutedMethod", "RoutedMethod", "load_routed", "open_routed", "routed_problem", "router_accuracy",
+__all__ = ["DataRoutedMethod", "RoutedMethod", "artifact_pool", "load_routed", "open_routed", "routed_problem", "router_accuracy",
            "task_traces", "trace_prompt"]
