@@ -51,7 +51,7 @@ def test_one_hot_full_rank_reproduces_each_expert(twin_pool):
     art = _twin(twin_pool, rank=64, shared_lambda=0.4)
     twin = load_artifact(art).model
     router = twin.twin.router
-    x = torch.randint(5, 90, (2, 11))
+    x = torch.randint(5, 90, (2, 11), generator=torch.Generator().manual_seed(0))  # not the suite's RNG state
     for t, name in enumerate(["a", "b"]):
         _force(router, t)
         pm = twin_pool.peft_model([name])
@@ -61,7 +61,8 @@ def test_one_hot_full_rank_reproduces_each_expert(twin_pool):
                                 return_dict_in_generate=True)
             want = pm.generate(input_ids=x, max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
                                return_dict_in_generate=True)
-        torch.testing.assert_close(got, _expert_logits(twin_pool, name, x), rtol=0, atol=1e-5)
+        # the full-rank SVD parts refold the expert's delta with fp32 rounding: 1e-5 abs + 1e-5 rel (logits ~ 1)
+        torch.testing.assert_close(got, _expert_logits(twin_pool, name, x), rtol=1e-5, atol=1e-5)
         assert torch.equal(gen.sequences, want.sequences)
         # decode steps stack the fp32 error of folding W0 + delta_s + e_t (1.2e-5 seen): 1e-4 as before
         torch.testing.assert_close(torch.stack(gen.scores), torch.stack(want.scores), rtol=0, atol=1e-4)
