@@ -119,7 +119,9 @@ def main() -> None:
     ap.add_argument("--results", default="results")
     ap.add_argument("--out", default="results/screens")
     a = ap.parse_args()
-    with serve_app(Path(a.results).resolve()) as url:
+    results = Path(a.results).resolve()
+    # inside the checkout, pass it relative to it (streamlit runs there): screenshots show no machine path
+    with serve_app(results.relative_to(ROOT) if results.is_relative_to(ROOT) else results) as url:
         found = visit_all(url, Path(a.out))
     bad = {v: e for v, e in found.items() if e}
     if bad:
