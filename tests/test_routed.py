@@ -544,3 +544,36 @@ def test_routed_artifact_built_in_another_checkout_loads_here(pool, tiny_dir, tm
     logs = []
     engine = MultiLoraModel.from_pool(Pool.open("demo"), log=logs.append)  # the server here finds it too
     assert "arrow-test" in engine.model_names() and not logs
+
+
+def test_gates_for_another_pool_or_expert_set_are_refused_and_nothing_is_written(pool, tiny_dir, tmp_path):
+    """PHATGOOSE gates built for experts that changed since, for another expert set, or for a pool over another
+    base: one line naming the problem, and neither the artifact nor the pool changes."""
+    from conftest import snapshot
+
+    from workbench.artifacts import load_artifact, read_artifact_meta
+    from workbench.errors import WorkbenchError
+    from workbench.methods.routing import open_routed, routed_problem
+    from workbench.pool import Pool
+    from workbench.recipes import build, parse_recipe
+    from workbench.testing import make_tiny_base
+
+    _tagged_pool(pool, tiny_dir)
+    art = build(parse_recipe(_recipe("phatgoose", k=1, steps=2, examples=8)), log=lambda *a: None)
+    meta = read_artifact_meta(art)
+    assert routed_problem(pool, meta) is None
+    # another expert set: the router routes over (a, b), the artifact claims (b, a)
+    with pytest.raises(WorkbenchError, match=r"routes over \['a', 'b'\], not \['b', 'a'\]"):
+        open_routed(art, {**meta, "experts": ["b", "a"]})
+    # a pool over another base (a wider MLP: weights of another shape)
+    make_tiny_base(tmp_path / "base2", seed=7, intermediate_size=72)
+    other = Pool.create("other", base=str(tmp_path / "base2"))
+    assert "another base than the router was built for" in routed_problem(other, meta)
+    # an expert replaced since the gates were trained (same name, other weights)
+    pool.remove("a")
+    pool.add(tiny_dir / "lora_b", "a", tags={"task": "addition"})
+    before = snapshot(art), snapshot(pool.root)
+    with pytest.raises(WorkbenchError, match=r"its experts \['a'\] changed since the router was built; rebuild it") as e:
+        load_artifact(art)
+    assert "\n" not in str(e.value)
+    assert (snapshot(art), snapshot(pool.root)) == before
