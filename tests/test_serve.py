@@ -15,6 +15,16 @@ from workbench.serve.api import create_app, start_in_thread
 from workbench.serve.engine import MultiLoraModel, peft_alone, top_k_router
 
 
+@pytest.fixture(scope="module", autouse=True)
+def own_artifacts(tmp_path_factory):
+    """This module's artifacts only: the engine lists every artifact in the cache built over its pool (also one
+    built in another checkout over the same experts), so the listings asserted here must not see other modules'."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WORKBENCH_CACHE_ARTIFACTS", str(tmp_path_factory.mktemp("serve-artifacts")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture()
 def served(pool, tiny_dir):
     pool.add(tiny_dir / "lora_a", "a")
@@ -203,10 +213,10 @@ def test_saved_composition_scales_like_peft(pool, tiny_dir, extra):
     give PEFT's exact scale."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from workbench.io import cache_dir
+    from workbench.io import artifacts_dir
 
     pool.add(tiny_dir / "lora_a", "a")
-    folder = cache_dir() / "artifacts" / f"task_arithmetic-{uuid.uuid4().hex[:12]}"
+    folder = artifacts_dir() / f"task_arithmetic-{uuid.uuid4().hex[:12]}"
     torch.manual_seed(7)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False,
                      **extra)
@@ -224,10 +234,10 @@ def test_saved_composition_scales_like_peft(pool, tiny_dir, extra):
 
 def test_corrupt_saved_composition_is_skipped_not_fatal(pool, tiny_dir):
     """One merged_lora folder that does not parse is skipped with its reason; the server still starts."""
-    from workbench.io import cache_dir
+    from workbench.io import artifacts_dir
 
     pool.add(tiny_dir / "lora_a", "a")
-    folder = cache_dir() / "artifacts" / f"task_arithmetic-{uuid.uuid4().hex[:12]}"
+    folder = artifacts_dir() / f"task_arithmetic-{uuid.uuid4().hex[:12]}"
     folder.mkdir(parents=True)
     (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')  # no weights file
     (folder / "artifact.json").write_text(json.dumps({"type": "merged_lora", "name": "broken", "names": ["broken"],
@@ -400,6 +410,15 @@ def test_64_concurrent_requests_mixing_routed_compositions(served_routed):
         assert any(want[p] != served_alone("base", p) for p in want), name  # the experts change the outputs
 
 
+def test_unknown_routed_composition_is_unknown_not_the_base(served_routed):
+    """A Routed assignment naming nothing this engine serves is refused, never served as the base model."""
+    from workbench.serve.engine import Routed, UnknownModel
+
+    engine = served_routed[3]
+    with pytest.raises(UnknownModel, match="unknown routed composition 'nope'"):
+        engine.generate([[5, 6, 7]], [Routed("nope")], 2)
+
+
 def test_routed_composition_over_experts_not_loaded_is_skipped(routed_pool):
     """An engine over expert a only: every routed artifact (over a and b) is left out, each with its reason."""
     pool, arts = routed_pool
@@ -458,6 +477,19 @@ def test_stale_or_dense_twin_is_not_served(routed_pool, tmp_path, monkeypatch):
         logs = []
         assert "twin-t" in MultiLoraModel.from_pool(pool, log=logs.append).model_names()
         assert len(logs) == 1 and "cannot read its parts" in logs[0], logs
+        # factors that do not fit the base (a shared A one column short): one line, the server lives
+        save_file({**shared, f"{name}.A": shared[f"{name}.A"][:, :-1].contiguous()}, str(dense / "shared.safetensors"))
+        shutil.copy(folder / "exclusive.safetensors", dense / "exclusive.safetensors")
+        logs = []
+        assert "twin-t" in MultiLoraModel.from_pool(pool, log=logs.append).model_names()
+        assert len(logs) == 1 and f"its factors for {name!r} are" in logs[0], logs
+        # exclusive A and B whose ranks do not pair up: one line, the server lives
+        excl = load_file(str(folder / "exclusive.safetensors"))
+        save_file(shared, str(dense / "shared.safetensors"))
+        save_file({**excl, f"{name}.B": excl[f"{name}.B"][..., :-1].contiguous()}, str(dense / "exclusive.safetensors"))
+        logs = []
+        assert "twin-t" in MultiLoraModel.from_pool(pool, log=logs.append).model_names()
+        assert len(logs) == 1 and "twin-dense" in logs[0] and "malformed parts" in logs[0] and "\n" not in logs[0], logs
     finally:
         shutil.rmtree(dense)
     with pytest.raises(WorkbenchError, match="cannot read its parts"):
@@ -472,21 +504,24 @@ def test_twin_in_a_left_padded_batch_decodes_like_its_own_model(served_routed):
     from workbench.artifacts import load_artifact
     from workbench.tasks.suite import ADD_SPECIAL_TOKENS
 
-    _, _, arts, engine, _, _ = served_routed
+    _, pool, arts, engine, _, _ = served_routed
     tok = engine.tokenizer
     prompts = ["Sort: 3 1 2\nAnswer:", "Add: 12+30 and then some more words\nAnswer:", "x", "Add: 1+1\nAnswer:",
-               "Sort: 9 8 7 6 5 4\nAnswer:"]
-    models = ["twin-s", "twin-t", "twin-s", "a", "twin-t"]
+               "Sort: 9 8 7 6 5 4\nAnswer:", "Add: 40+2\nAnswer:"]
+    models = ["twin-s", "twin-t", "twin-s", "a", "twin-t", "arrow-k1"]
     ids = [tok(p, add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"] for p in prompts]
     assert len({len(i) for i in ids}) > 2
     got = engine.generate(ids, [engine.resolve(m) for m in models], 12)
-    own = {n: load_artifact(arts[n]) for n in ("twin-s", "twin-t")}
-    for p, m, g in zip(prompts, models, got):
+    own = {n: load_artifact(arts[n]) for n in ("twin-s", "twin-t", "arrow-k1")}
+    for p, m, g in zip(prompts, models, got):  # the Twins and Arrow: each its artifact's own HF model alone
         if m in own:
             want = _hf_alone(own[m].model, own[m].tokenizer, p, 12)
             assert tok.decode(g, skip_special_tokens=True) == want, (m, p)
+    # the plain adapter's row is untouched by the Twins' routing: PEFT alone
+    folders = {a.name: a.source for a in engine.adapters}
+    assert [tok.decode(got[3], skip_special_tokens=True)] == peft_alone(pool.base, folders, [("a", prompts[3])], 12)
     with torch.no_grad():
         x = torch.tensor([ids[1]])
-        w = {n: own[n].model.twin.weights(x)[0, -1] for n in own}
+        w = {n: own[n].model.twin.weights(x)[0, -1] for n in ("twin-s", "twin-t")}
     assert float(w["twin-s"].max() - w["twin-s"].min()) > 0.5  # sharp routing: not a uniform mix
     assert not torch.allclose(w["twin-s"], w["twin-t"], atol=1e-3)

@@ -376,12 +376,14 @@ def twin_factors(folder: Path) -> tuple[dict[str, tuple], list[dict[str, tuple]]
                              "it runs as a full model (`workbench eval`), not over the serving engine's base")
     names = sorted(k[: -len(".A")] for k in shared if k.endswith(".A"))
     targets = sorted(k[: -len(".A")] for k in excl if k.endswith(".A"))
-    n = excl[f"{targets[0]}.A"].shape[0] if targets else 0
     try:
+        n = excl[f"{targets[0]}.A"].shape[0] if targets else 0
         exclusive = [{t: (*_trim(excl[f"{t}.A"][i], excl[f"{t}.B"][i]), 1.0) for t in targets} for i in range(n)]
         return {t: (shared[f"{t}.A"], shared[f"{t}.B"], 1.0) for t in names}, exclusive
     except (KeyError, IndexError) as e:
         raise WorkbenchError(f"twin artifact {folder}: incomplete parts (missing {e})") from None
+    except (RuntimeError, ValueError) as e:  # factors whose shapes do not pair up
+        raise WorkbenchError(f"twin artifact {folder}: malformed parts: {str(e).splitlines()[0]}") from None
 
 
 def load_twin_model(folder: Path, base, router: TwinRouter | None, device: str | None = None) -> nn.Module:

@@ -308,7 +308,7 @@ class MultiLoraModel:
             mask[i, s - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = DynamicCache(config=self.model.config)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         out: list[list[int]] = [[] for _ in range(b)]
         done = [m <= 0 for m in max_new]
@@ -370,19 +370,23 @@ class MultiLoraModel:
 
 
 def _built_over(meta: dict[str, Any], pool, pool_key: str) -> bool:
-    """Whether an artifact was built over this pool: at this path, or (the cache is shared by checkouts) over a
-    pool with the same base and, for every expert it was built from, the same files as this pool's."""
+    """Whether an artifact was built over this pool: at this path, or (the cache is shared by checkouts) over
+    this pool in another checkout: a pool of the same name and base whose experts it was built from have the
+    same files as this pool's. Another pool that happens to hold the same experts does not list it."""
     if meta.get(pool_key) == str(pool.root.resolve()):
         return True
     files = meta.get("expert_files")
-    if not files or meta.get("pool_fingerprint") != pool.manifest.base.fingerprint:
+    if not files or Path(str(meta.get(pool_key) or "")).name != pool.root.resolve().name \
+            or meta.get("pool_fingerprint") != pool.manifest.base.fingerprint:
         return False
     return all(e in pool and pool.expert(e).entry.files == f for e, f in files.items())
 
 
 def _pool_artifacts(pool, type_: str, pool_key: str, taken: set[str]) -> Iterator[tuple[str, Path, dict[str, Any]]]:
-    """(served name, folder, meta) of each `type_` artifact built over this pool (`meta[pool_key]` is its root):
-    a recipe's artifact by its latest recipe name; bare sweep points ("name@point") and taken names stay out."""
+    """(served name, folder, meta) of each `type_` artifact built over this pool (here or in another checkout:
+    `_built_over`), in name order: a recipe's artifact by its latest recipe name; where several carry one name
+    (a recipe rebuilt with other parameters, here or in another checkout) the one built here, then the newest;
+    bare sweep points ("name@point") and taken names stay out."""
     import json
 
     from ..io import artifacts_dir
@@ -390,16 +394,22 @@ def _pool_artifacts(pool, type_: str, pool_key: str, taken: set[str]) -> Iterato
     root = artifacts_dir()
     if not root.is_dir():
         return
+    here = str(pool.root.resolve())
+    found: dict[str, tuple[tuple[bool, float], Path, dict[str, Any]]] = {}
     for meta_path in sorted(root.glob("*/artifact.json")):
         try:
             meta = json.loads(meta_path.read_text())
+            mtime = meta_path.stat().st_mtime
         except (OSError, json.JSONDecodeError):
             continue
-        if meta.get("type") != type_ or not _built_over(meta, pool, pool_key):
+        if not isinstance(meta, dict) or meta.get("type") != type_ or not _built_over(meta, pool, pool_key):
             continue
+        built = (meta.get(pool_key) == here, mtime)
         names = [n for n in (meta.get("names") or [meta.get("name", meta_path.parent.name)]) if "@" not in n]
-        if names and names[-1] not in taken:
-            yield names[-1], meta_path.parent, meta
+        if names and names[-1] not in taken and (names[-1] not in found or built > found[names[-1]][0]):
+            found[names[-1]] = (built, meta_path.parent, meta)
+    for name in sorted(found):
+        yield name, found[name][1], found[name][2]
 
 
 def routed_artifacts(pool) -> list[tuple[str, Path]]:
@@ -456,6 +466,20 @@ def saved_routed_compositions(pool, loaded: set[str], taken: set[str], device: s
     return out
 
 
+def _factor_shape_problem(pool, parts: list[dict[str, tuple]]) -> str | None:
+    """Why LoRA factors (module -> (A [r, in], B [out, r], scale)) do not fit the pool's base, or None."""
+    shapes = pool.base.tensors.shapes
+    for part in parts:
+        for module, (a, b, _) in part.items():
+            want = shapes.get(module) or shapes.get(f"{module}.weight")  # keys are tensor names ("....weight")
+            if want is None:
+                return f"its module {module!r} is not in the base"
+            if (b.shape[0], a.shape[1]) != tuple(want) or a.shape[0] != b.shape[1]:
+                return (f"its factors for {module!r} are {tuple(b.shape)} x {tuple(a.shape)}, "
+                        f"not [{want[0]}, r] x [r, {want[1]}]")
+    return None
+
+
 def saved_twin_compositions(pool, loaded: set[str], taken: set[str],
                             log: Callable[[str], Any] = print) -> list[TwinComposition]:
     """Twin artifacts built over this pool from LoRA experts that are all among the `loaded` ones, unchanged
@@ -485,6 +509,8 @@ def saved_twin_compositions(pool, loaded: set[str], taken: set[str],
             else:
                 if router.experts != experts or len(exclusive) != len(experts):
                     reason = f"its router routes over {router.experts}, not {experts}"
+                else:
+                    reason = _factor_shape_problem(pool, [shared, *exclusive])
         if reason:
             log(f"twin composition {name!r} ({folder}) not served: {reason}")
             continue
