@@ -435,10 +435,12 @@ class _ParityRouter:
 
     experts = ["a", "b"]
 
-    def __init__(self, by_layer: bool = False):
-        self.by_layer = by_layer
+    def __init__(self, by_layer: bool = False, prefix: int = 0):
+        self.by_layer, self.prefix = by_layer, prefix
 
     def route(self, module, x):
+        if self.prefix:  # a sequence's first `prefix` tokens to a, the rest to b
+            return (torch.arange(x.shape[0]) >= self.prefix).long()[:, None], torch.ones(x.shape[0], 1)
         if self.by_layer:
             layer = int(module.split(".layers.")[1].split(".")[0])
             return torch.full((x.shape[0], 1), layer % 2), torch.ones(x.shape[0], 1)
@@ -472,6 +474,16 @@ def test_router_accuracy_counts_tokens_per_layer(two):
         want = round(sum(math.ceil(t / 2) if expert == "a" else t // 2 for t in lengths) / sum(lengths), 4)
         assert rec["tasks"][task]["top1"] == [want] * len(layers), (task, want)
         assert rec["tasks"][task]["mean_in_topk"] == want  # k = 1: in the top-k = top-1
+    # the first 8 tokens to a: pooled over tokens 8n / sum(T), not the mean over examples of 8 / T
+    ctx.groups = [RoutedGroup(_ParityRouter(prefix=8), None)]
+    rec = router_accuracy(model, tok, tasks, n=3)
+    for expert, task in tasks.items():
+        lengths = [len(tok(r["question"] + r["answer"], add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"])
+                   for r in load_split(task, "validation")[:3]]
+        own = [8 if expert == "a" else t - 8 for t in lengths]
+        want, per_example = sum(own) / sum(lengths), sum(o / t for o, t in zip(own, lengths)) / len(lengths)
+        assert abs(want - per_example) > 2e-3, (task, lengths)  # the two aggregations are told apart
+        assert rec["tasks"][task]["top1"] == [round(want, 4)] * len(layers), (task, want, per_example)
     ctx.groups = [RoutedGroup(_ParityRouter(by_layer=True), None)]
     rec = router_accuracy(model, tok, tasks, n=2)
     assert rec["tasks"]["word_count"]["top1"] == [1.0 if i % 2 == 0 else 0.0 for i in layers]
@@ -482,6 +494,8 @@ def test_router_accuracy_counts_tokens_per_layer(two):
     assert rec["tasks"]["word_count"]["mean_in_topk"] == 1.0 and rec["tasks"]["word_count"]["confusion"] == {"a": 0.0, "b": 1.0}
     with pytest.raises(Exception, match=r"experts \['c'\] are not routed"):
         router_accuracy(model, tok, {"c": "word_count"})
+    with pytest.raises(Exception, match=r"experts \['a', 'b'\] share task 'word_count'"):
+        router_accuracy(model, tok, {"a": "word_count", "b": "word_count"})
 
 
 def test_route_accuracy_cli_writes_json_and_plots(pool, tiny_dir, tmp_path, run_cli):
@@ -544,6 +558,11 @@ def test_routed_artifact_built_in_another_checkout_loads_here(pool, tiny_dir, tm
     logs = []
     engine = MultiLoraModel.from_pool(Pool.open("demo"), log=logs.append)  # the server here finds it too
     assert "arrow-test" in engine.model_names() and not logs
+    # another pool that holds the same experts is not this pool: it does not list the artifact
+    elsewhere = Pool.create("elsewhere", base=str(tiny_dir / "base"))
+    elsewhere.add(tiny_dir / "lora_a", "a", tags={"task": "addition"})
+    elsewhere.add(tiny_dir / "lora_b", "b", tags={"task": "sorting"})
+    assert MultiLoraModel.from_pool(elsewhere).model_names() == ["base", "a", "b"]
 
 
 def test_gates_for_another_pool_or_expert_set_are_refused_and_nothing_is_written(pool, tiny_dir, tmp_path):

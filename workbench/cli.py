@@ -538,6 +538,13 @@ def route_traces(
     console.print(f"traces: {folder}; summary: {folder.parent / 'checks'}")
 
 
+def _save_chart(chart, path: Path) -> None:
+    """An altair chart to `path` (format from its suffix), atomically: a temp sibling renamed over it."""
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    chart.save(str(tmp))
+    tmp.replace(path)
+
+
 @route_app.command("accuracy")
 def route_accuracy(
     recipe: Annotated[Path, typer.Argument(help="a routed recipe, e.g. merges/phatgoose-lora.yaml (built if needed)")],
@@ -556,24 +563,24 @@ def route_accuracy(
     from .recipes import build, parse_recipe
 
     resolved = parse_recipe(recipe)
-    art = build(resolved, device=device, log=console.print)
-    loaded = load_artifact(art, device=device)
     tasks = {e.name: (e.entry.tags or {}).get("task") for e in resolved.experts}
     tasks = {e: t for e, t in tasks.items() if t and t != "multitask"}
     if not tasks:
         raise WorkbenchError(f"{recipe}: no routed expert names its task (tag task=...)")
-    shared = [t for t in set(tasks.values()) if list(tasks.values()).count(t) > 1]
-    if shared:
-        raise WorkbenchError(f"{recipe}: experts {[e for e, t in tasks.items() if t == shared[0]]} share task "
+    shared = sorted({t for t in tasks.values() if list(tasks.values()).count(t) > 1})
+    if shared:  # checked before any build (PHATGOOSE trains gates)
+        raise WorkbenchError(f"{recipe}: experts {sorted(e for e, t in tasks.items() if t == shared[0])} share task "
                              f"{shared[0]!r}: the figure is per task, one expert each")
+    art = build(resolved, device=device, log=console.print)
+    loaded = load_artifact(art, device=device)
     rec = router_accuracy(loaded.model, loaded.tokenizer, tasks, split=split, n=n)
     name = resolved.recipe.name
     folder = out or results_root() / "checks"
     atomic_write_json(folder / f"router-accuracy-{name}.json", {"recipe": name, "pool": resolved.pool.name,
                                                                 "params": resolved.params.model_dump(mode="json", by_alias=True),
                                                                 **rec})
-    router_accuracy_chart(rec, f"{name}: share of each task's tokens routed (top-1) to its own expert, "
-                               f"{split}, {n} examples").save(str(folder / f"router-accuracy-{name}.svg"))
+    _save_chart(router_accuracy_chart(rec, f"{name}: share of each task's tokens routed (top-1) to its own expert, "
+                                           f"{split}, {n} examples"), folder / f"router-accuracy-{name}.svg")
     table = Table("task", "expert", "top-1 = own (mean over layers)", "own in top-k", "layers > 50 %",
                   title=f"{name}: router accuracy, {split}, {n} examples per task")
     for t, r in rec["tasks"].items():
@@ -583,8 +590,8 @@ def route_accuracy(
     curves = read_artifact_meta(art).get("gate_loss_curves")
     if curves:
         atomic_write_json(folder / f"gate-loss-{name}.json", {"recipe": name, "curves": curves})
-        loss_curves_chart(curves, f"{name}: gate training loss per expert (base and LoRA frozen)").save(
-            str(folder / f"gate-loss-{name}.svg"))
+        _save_chart(loss_curves_chart(curves, f"{name}: gate training loss per expert (base and LoRA frozen)"),
+                    folder / f"gate-loss-{name}.svg")
     console.print(f"written: {folder}/router-accuracy-{name}.json (+ .svg)" + (", gate-loss plot" if curves else ""))
 
 

@@ -110,14 +110,15 @@ def artifact_pool(path: Path, meta: dict[str, Any], router: BaseRouter | None = 
             continue
         try:
             pool = Pool.open(spec)
-        except WorkbenchError as e:
+        except (WorkbenchError, OSError) as e:
             problems.append(str(e))
             continue
         problem = routed_problem(pool, meta, router)
         if problem is None:
             return pool
         problems.append(problem)
-    raise WorkbenchError(f"artifact {path}: {problems[0] if problems else 'it names no pool'}")
+    # the last candidate is the recipe's pool as found from here: its problem is the one to act on
+    raise WorkbenchError(f"artifact {path}: {problems[-1] if problems else 'it names no pool'}")
 
 
 def open_routed(path: Path, meta: dict[str, Any], device: str | None = None, router: BaseRouter | None = None):
@@ -224,6 +225,11 @@ def router_accuracy(model, tokenizer, expert_tasks: dict[str, str], *, split: st
     missing = [e for e in expert_tasks if e not in experts]
     if missing:
         raise WorkbenchError(f"experts {missing} are not routed by this model ({', '.join(experts)})")
+    tasks = list(expert_tasks.values())
+    shared = sorted({t for t in tasks if tasks.count(t) > 1})
+    if shared:
+        raise WorkbenchError(f"experts {sorted(e for e, t in expert_tasks.items() if t == shared[0])} share task "
+                             f"{shared[0]!r}: the figure is per task, one expert each")
     not_tasks = [t for t in expert_tasks.values() if t not in TASKS]
     if not_tasks:
         raise WorkbenchError(f"{not_tasks[0]!r} is not a suite task with questions and answers")
