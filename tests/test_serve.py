@@ -444,7 +444,7 @@ def test_stale_or_dense_twin_is_not_served(routed_pool, tmp_path, monkeypatch):
     folder = arts["twin-t"]
     meta = read_artifact_meta(folder)
     cases = {"changed": ({**meta, "expert_files": {**meta["expert_files"], "a": {"x": "0"}}},
-                         "its experts ['a'] changed since it was built; rebuild it"),
+                         "its experts ['a'] changed since the router was built; rebuild it"),
              "old": ({k: v for k, v in meta.items() if k != "expert_files"},
                      "built before artifacts recorded their experts' files")}
     original = (folder / "artifact.json").read_text()

@@ -484,6 +484,7 @@ def saved_twin_compositions(pool, loaded: set[str], taken: set[str],
                             log: Callable[[str], Any] = print) -> list[TwinComposition]:
     """Twin artifacts built over this pool from LoRA experts that are all among the `loaded` ones, unchanged
     since the build; any other is skipped with its reason logged."""
+    from ..methods.routing import routed_problem
     from ..methods.twin import twin_factors
     from ..modules.routers import load_router
 
@@ -491,26 +492,21 @@ def saved_twin_compositions(pool, loaded: set[str], taken: set[str],
     for name, folder, meta in _pool_artifacts(pool, "twin", "pool", taken):
         experts = list(meta.get("experts") or [])
         missing = [e for e in experts if e not in loaded]
-        reason = None
         if not experts or missing:
             reason = f"its experts {missing or experts} are not LoRA experts loaded here"
         elif meta.get("expert_files") is None:
             reason = "built before artifacts recorded their experts' files; rebuild it (`workbench merge --force`)"
-        elif changed := [e for e in experts if pool.expert(e).entry.files != meta["expert_files"].get(e)]:
-            reason = f"its experts {changed} changed since it was built; rebuild it"
-        elif meta.get("pool_fingerprint") != pool.manifest.base.fingerprint:
-            reason = f"pool {pool.name!r} now has another base than it was built for"
-        else:
+        elif not (reason := routed_problem(pool, meta)):  # another base, or experts changed since the build
             try:
                 router = load_router(folder)
                 shared, exclusive = twin_factors(folder)
             except (WorkbenchError, OSError) as e:
                 reason = str(e)
             else:
-                if router.experts != experts or len(exclusive) != len(experts):
-                    reason = f"its router routes over {router.experts}, not {experts}"
-                else:
-                    reason = _factor_shape_problem(pool, [shared, *exclusive])
+                reason = (routed_problem(pool, meta, router)
+                          or (f"its exclusive parts are {len(exclusive)}, not one per expert {experts}"
+                              if len(exclusive) != len(experts) else None)
+                          or _factor_shape_problem(pool, [shared, *exclusive]))
         if reason:
             log(f"twin composition {name!r} ({folder}) not served: {reason}")
             continue
