@@ -9,7 +9,6 @@ of the input. Builds check the experts' file hashes against the manifest first.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from yaml.composer import ComposerError
 from .artifacts import ARTIFACT_FILE, artifact_ref, read_artifact_meta
 from .errors import RecipeError, WorkbenchError
 from .faults import fault_point
-from .io import artifacts_dir, atomic_write_json, cache_dir, file_lock, lock_for, sha256_file_cached, sha256_json, staging_dir
+from .io import artifacts_dir, atomic_write_json, file_lock, lock_for, sha256_file_cached, sha256_json, staging_dir
 from .methods import METHODS, BuildContext, Method, MethodParams, OutputSpec
 from .methods.base import write_artifact_meta
 from .pool import Expert, Pool
