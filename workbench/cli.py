@@ -559,7 +559,7 @@ def route_accuracy(
     from .eval.charts import loss_curves_chart, router_accuracy_chart
     from .eval.harness import results_root
     from .io import atomic_write_json
-    from .methods.routing import router_accuracy
+    from .methods.routing import check_one_expert_per_task, router_accuracy
     from .recipes import build, parse_recipe
 
     resolved = parse_recipe(recipe)
@@ -567,10 +567,7 @@ def route_accuracy(
     tasks = {e: t for e, t in tasks.items() if t and t != "multitask"}
     if not tasks:
         raise WorkbenchError(f"{recipe}: no routed expert names its task (tag task=...)")
-    shared = sorted({t for t in tasks.values() if list(tasks.values()).count(t) > 1})
-    if shared:  # checked before any build (PHATGOOSE trains gates)
-        raise WorkbenchError(f"{recipe}: experts {sorted(e for e, t in tasks.items() if t == shared[0])} share task "
-                             f"{shared[0]!r}: the figure is per task, one expert each")
+    check_one_expert_per_task(tasks)  # before any build (PHATGOOSE trains gates)
     art = build(resolved, device=device, log=console.print)
     loaded = load_artifact(art, device=device)
     rec = router_accuracy(loaded.model, loaded.tokenizer, tasks, split=split, n=n)

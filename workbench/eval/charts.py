@@ -154,8 +154,6 @@ def bench_chart(ratios: list[dict[str, Any]], title: str):
     return (bars + rule).properties(title=title, height=alt.Step(10))
 
 
-__all__ = ["bench_chart", "diff_frame", "diff_heatmap", "sweep_chart", "sweep_frame", "task_bars", "task_frame",
-           "token_chart", "usage_chart"]
 
 
 def router_accuracy_chart(rec: dict[str, Any], title: str):
@@ -180,3 +178,7 @@ def loss_curves_chart(curves: dict[str, list[float]], title: str):
         x=alt.X("step:Q"), y=alt.Y("loss:Q", title="LM loss (gate only trains)"), color=alt.Color("expert:N"),
         tooltip=["expert", "step", alt.Tooltip("loss:Q", format=".3f")],
     ).properties(title=title, width=420, height=260)
+
+
+__all__ = ["bench_chart", "diff_frame", "diff_heatmap", "loss_curves_chart", "router_accuracy_chart", "sweep_chart",
+           "sweep_frame", "task_bars", "task_frame", "token_chart", "usage_chart"]

@@ -48,8 +48,7 @@ class RoutedMethod(Method):
     def save(self, ctx, router: BaseRouter, extra: dict[str, Any]) -> dict[str, Any]:
         router.save(ctx.out_dir)
         return {"type": "routed_lora", "router": router.name, "router_kind": getattr(router, "kind", router.name),
-                "pool_root": str(ctx.pool.root.resolve()), "pool_fingerprint": ctx.pool.manifest.base.fingerprint,
-                "expert_files": {e.name: e.entry.files for e in ctx.experts}, **extra}
+                "pool_root": str(ctx.pool.root.resolve()), **extra}  # build() adds expert_files, pool_fingerprint
 
 
 class DataRoutedMethod(RoutedMethod):
@@ -202,6 +201,15 @@ def task_traces(model, tokenizer, expert_tasks: dict[str, str], *, split: str = 
                         "tasks": len(held), "mean_share": sum(held) / len(held) if held else float("nan")}}
 
 
+def check_one_expert_per_task(expert_tasks: dict[str, str]) -> None:
+    """Router accuracy is per task: two experts of one task would overwrite each other's figures."""
+    tasks = list(expert_tasks.values())
+    shared = sorted({t for t in tasks if tasks.count(t) > 1})
+    if shared:
+        raise WorkbenchError(f"experts {sorted(e for e, t in expert_tasks.items() if t == shared[0])} share task "
+                             f"{shared[0]!r}: the figure is per task, one expert each")
+
+
 def router_accuracy(model, tokenizer, expert_tasks: dict[str, str], *, split: str = "validation",
                     n: int = 20) -> dict[str, Any]:
     """How often each layer routes a task's tokens to the expert trained on that task.
@@ -225,11 +233,7 @@ def router_accuracy(model, tokenizer, expert_tasks: dict[str, str], *, split: st
     missing = [e for e in expert_tasks if e not in experts]
     if missing:
         raise WorkbenchError(f"experts {missing} are not routed by this model ({', '.join(experts)})")
-    tasks = list(expert_tasks.values())
-    shared = sorted({t for t in tasks if tasks.count(t) > 1})
-    if shared:
-        raise WorkbenchError(f"experts {sorted(e for e, t in expert_tasks.items() if t == shared[0])} share task "
-                             f"{shared[0]!r}: the figure is per task, one expert each")
+    check_one_expert_per_task(expert_tasks)
     not_tasks = [t for t in expert_tasks.values() if t not in TASKS]
     if not_tasks:
         raise WorkbenchError(f"{not_tasks[0]!r} is not a suite task with questions and answers")
@@ -272,5 +276,5 @@ def router_accuracy(model, tokenizer, expert_tasks: dict[str, str], *, split: st
                         "mean_in_topk": round(sum(v["mean_in_topk"] for v in out.values()) / len(out), 4) if out else None}}
 
 
-__all__ = ["DataRoutedMethod", "RoutedMethod", "artifact_pool", "load_routed", "open_routed", "routed_problem", "router_accuracy",
+__all__ = ["DataRoutedMethod", "RoutedMethod", "artifact_pool", "check_one_expert_per_task", "load_routed", "open_routed", "routed_problem", "router_accuracy",
            "task_traces", "trace_prompt"]

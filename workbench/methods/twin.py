@@ -163,6 +163,11 @@ def prefix_means(h: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch
     return total / count.clamp(min=1)
 
 
+def cache_kwarg(decoder: nn.Module) -> str:
+    """The keyword a decoder's forward takes its KV cache by: `cache` in newer transformers, else `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
 class TwinRouting:
     """Routes every forward of `model` (a plain call, `generate` with or without the KV cache, lm-eval):
     a hook runs the shared model (no pairs) as a pre-pass, turns its last hidden states into per-token
@@ -171,7 +176,7 @@ class TwinRouting:
     def __init__(self, model: nn.Module, ctx: RoutingContext, router: TwinRouter):
         self.model, self.ctx, self.router = model, ctx, router
         self.decoder = model.base_model
-        self._cache_kw = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
+        self._cache_kw = cache_kwarg(self.decoder)
         self._positional = list(inspect.signature(model.forward).parameters)
         self._states: weakref.WeakKeyDictionary[Any, _Prefix] = weakref.WeakKeyDictionary()  # main cache -> state
         self._pending: _Prefix | None = None

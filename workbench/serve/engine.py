@@ -19,7 +19,6 @@ the same with the shared delta folded into the base weights).
 
 from __future__ import annotations
 
-import inspect
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -115,6 +114,9 @@ class MultiLoraModel:
         self.routed = {c.name: c for c in routed}
         self.device, self.dtype = torch.device(device), dtype
         self.twins = {c.name: c for c in twins}
+        from ..methods.twin import cache_kwarg
+
+        self._cache_kw = cache_kwarg(self.model.base_model)  # the Twin pre-pass's decoder call
         self._twin_ids: dict[str, torch.Tensor] = {}  # twin -> adapter ids [shared, exclusive_1..E]
         for c in twins:
             c.router.to(self.device)
@@ -272,11 +274,10 @@ class MultiLoraModel:
             sub_mask = attention_mask.index_select(0, seqs) if attention_mask is not None else None
             sub_pos = position_ids.index_select(0, seqs) if position_ids is not None else None
             shared = make_meta(ids[:1].expand(n * s), None, len(self.adapters), block=s)
-            decoder = self.model.base_model
-            cache_kw = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
             with self.ctx.use(meta=shared):  # the shared model: base + the shared part
-                h = decoder(input_ids=sub_ids, attention_mask=sub_mask, position_ids=sub_pos,
-                            use_cache=state.cache is not None, **{cache_kw: state.cache}).last_hidden_state.float()
+                h = self.model.base_model(input_ids=sub_ids, attention_mask=sub_mask, position_ids=sub_pos,
+                                          use_cache=state.cache is not None,
+                                          **{self._cache_kw: state.cache}).last_hidden_state.float()
             w = self.twins[name].router.token_weights(prefix_means(h, sub_ids, sub_mask, state)).reshape(n * s, -1)
             pair_w = torch.cat([torch.ones(n * s, 1, device=w.device), w], 1)
             rows = (seqs[:, None] * s + torch.arange(s, device=self.device)).reshape(-1)
