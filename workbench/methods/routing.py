@@ -68,16 +68,82 @@ class DataRoutedMethod(RoutedMethod):
         return {"data": {t: data_hash(t) for e in experts for t in e.tasks()}}
 
 
-def expert_examples(expert, tokenizer, n: int, seed: int, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """Up to n of the expert's own training examples (all its tasks, shuffled by `seed`), encoded as training does."""
+def expert_rows(expert, n: int, seed: int) -> list[dict[str, Any]]:
+    """Up to n of the expert's own training rows (all its tasks, shuffled by `seed`)."""
     import random
 
     from ..tasks.suite import load_split
-    from ..train.trainer import encode
 
     rows = [r for t in expert.tasks() for r in load_split(t, "train")]
     random.Random(seed).shuffle(rows)
-    return [encode(tokenizer, r["question"], r["answer"], max_length) for r in rows[:n]]
+    return rows[:n]
+
+
+def expert_examples(expert, tokenizer, n: int, seed: int, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """Up to n of the expert's own training examples (all its tasks, shuffled by `seed`), encoded as training does."""
+    from ..train.trainer import encode
+
+    return [encode(tokenizer, r["question"], r["answer"], max_length) for r in expert_rows(expert, n, seed)]
+
+
+def checkpoint_path(folder: Path) -> Path:
+    """Where a trained router's checkpoint lives while `folder` (its cache entry) is not written yet."""
+    return folder.parent / f"{folder.name}.checkpoint.safetensors"
+
+
+def usage_stats(model, tokenizer, tasks: list[str] | dict[str, str], *, split: str = "validation",
+                n: int = 10) -> dict[str, Any]:
+    """How a routed model spreads its tokens over its experts (or ranks), on `n` teacher-forced examples of each
+    task's `split`: per expert the share of the total weight and of the selections (pairs with w > 0), the
+    entropy of each share normalised by log E (1 = uniform), the largest share, the mean over modules of each
+    module's largest selection share, and per task the weight shares. `tasks`: task names, or expert -> task."""
+    import math
+
+    import torch
+
+    from ..modules.routed_lora import Trace
+    from ..tasks.suite import load_split
+
+    ctx = getattr(model, "routing", None)
+    if ctx is None or not ctx.groups:
+        raise WorkbenchError("this model has no router: usage exists for routed compositions only")
+    experts = list(ctx.groups[0].router.experts)
+    n_exp = len(experts)
+    device = next(model.parameters()).device
+    task_list = list(tasks.values()) if isinstance(tasks, dict) else list(tasks)
+    weight, chosen = torch.zeros(n_exp), torch.zeros(n_exp)
+    per_module: dict[str, torch.Tensor] = {}
+    per_task = {}
+    for task in dict.fromkeys(task_list):
+        tw = torch.zeros(n_exp)
+        for row in load_split(task, split)[:n]:
+            ids = tokenizer(row["question"] + row["answer"], return_tensors="pt",
+                            add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"].to(device)
+            trace = Trace()
+            with torch.no_grad(), ctx.use(groups=ctx.groups, trace=trace):
+                model(input_ids=ids)
+            for module, calls in trace.modules.items():
+                idx, w = calls[-1]
+                dense = dense_weights(idx, w.float(), n_exp)
+                sel = dense_weights(idx, (w > 0).float(), n_exp).sum(0)
+                tw += dense.sum(0)
+                chosen += sel
+                per_module[module] = per_module.get(module, torch.zeros(n_exp)) + sel
+        weight += tw
+        per_task[task] = [round(float(x), 4) for x in tw / tw.sum().clamp(min=1e-12)]
+
+    def entropy(share: torch.Tensor) -> float:
+        nz = share[share > 0]
+        return round(float(-(nz * nz.log()).sum()) / math.log(n_exp), 4) if n_exp > 1 else 1.0
+
+    ws, cs = weight / weight.sum().clamp(min=1e-12), chosen / chosen.sum().clamp(min=1e-12)
+    mod_max = [float((c / c.sum().clamp(min=1e-12)).max()) for c in per_module.values()]
+    return {"split": split, "n": n, "experts": experts, "weight_share": [round(float(x), 4) for x in ws],
+            "select_share": [round(float(x), 4) for x in cs], "weight_entropy": entropy(ws),
+            "select_entropy": entropy(cs), "max_weight_share": round(float(ws.max()), 4),
+            "max_select_share": round(float(cs.max()), 4),
+            "module_max_select_share_mean": round(sum(mod_max) / len(mod_max), 4) if mod_max else None,
+            "per_task_weight_share": per_task}
 
 
 def routed_problem(pool, meta: dict[str, Any], router: BaseRouter | None = None) -> str | None:
@@ -276,5 +342,6 @@ def router_accuracy(model, tokenizer, expert_tasks: dict[str, str], *, split: st
                         "mean_in_topk": round(sum(v["mean_in_topk"] for v in out.values()) / len(out), 4) if out else None}}
 
 
-__all__ = ["DataRoutedMethod", "RoutedMethod", "artifact_pool", "check_one_expert_per_task", "load_routed", "open_routed", "routed_problem", "router_accuracy",
-           "task_traces", "trace_prompt"]
+__all__ = ["DataRoutedMethod", "RoutedMethod", "artifact_pool", "check_one_expert_per_task", "checkpoint_path",
+           "expert_examples", "expert_rows", "load_routed", "open_routed", "routed_problem", "router_accuracy",
+           "task_traces", "trace_prompt", "usage_stats"]

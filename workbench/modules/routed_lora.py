@@ -10,7 +10,14 @@ router (each router sees its own sequences' tokens only).
 
 Routers (`workbench.modules.routers`) turn one module's input into pairs. For training a
 router (PHATGOOSE gates, MoLE, SMoRA) the context's `dense` mode asks the router for dense
-differentiable weights [T, E] and computes the mixture with plain tensor ops instead.
+differentiable weights [T, E] and computes the mixture with plain tensor ops instead; a router
+that trains its own factors (SMoRA's rank experts) hands them to the dense path (`own_factors`).
+
+A router whose gate reads the experts' outputs (MoLE: softmax over Norm(E_1(x) + ... + E_N(x))
+projections) sets `reads_outputs`: the layer computes every expert's output for that router's
+tokens, asks it for the weights (`mix(module, x, outs)`) and adds the weighted sum. That gate
+needs every expert's full output, so there is nothing sparse to dispatch: it is one dense
+contraction, in serving batches beside the sparse pairs of the other sequences.
 """
 
 from __future__ import annotations
@@ -36,6 +43,11 @@ class TokenRouter(Protocol):
 
     def weights(self, module: str, x: torch.Tensor) -> torch.Tensor:  # x [T, d_in] -> dense w [T, E], differentiable
         ...
+
+
+def reads_outputs(router: Any) -> bool:
+    """A router whose gate reads the experts' outputs: it has `mix(module, x, outs)` and `handles(module)`."""
+    return bool(getattr(router, "reads_outputs", False))
 
 
 @dataclass
@@ -82,11 +94,12 @@ class RoutingContext:
 
     def pairs_meta(self, module: str, x2: torch.Tensor) -> LoraMeta | None:
         """The LoraMeta of this module's call: fixed pairs, with routed groups' pairs written in."""
-        if not self.groups:
+        groups = [g for g in self.groups if not reads_outputs(g.router)]  # those add their own dense part
+        if not groups:
             return self.meta
         t = x2.shape[0]
         parts: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
-        for g in self.groups:
+        for g in groups:
             xs = x2 if g.rows is None else x2.index_select(0, g.rows)
             with torch.no_grad():
                 idx, w = g.router.route(module, xs)
@@ -133,23 +146,56 @@ class RoutedLoraLinear(nn.Module):
         if ctx.dense:
             return y + self._dense(x2).view(y.shape)
         meta = ctx.pairs_meta(self.name, x2)
-        if meta is None or not meta.active:
-            return y
-        apply_lora(y.view(-1, y.shape[-1]), x2, self.weights, meta, ctx.backend or default_backend(x.device))
+        y2 = y.view(-1, y.shape[-1])
+        if meta is not None and meta.active:
+            apply_lora(y2, x2, self.weights, meta, ctx.backend or default_backend(x.device))
+        for g in ctx.groups:
+            if reads_outputs(g.router) and g.router.handles(self.name):
+                xs = x2 if g.rows is None else x2.index_select(0, g.rows)
+                with torch.no_grad():
+                    part = self._mix_outputs(g, xs)
+                if g.rows is None:
+                    y2 += part.to(y2.dtype)
+                else:
+                    y2.index_add_(0, g.rows, part.to(y2.dtype))
         return y
 
+    def _factors(self, group: RoutedGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A [E, R, d_in], B [E, d_out, R], scale [E]) of the group's experts: the router's own trainable
+        factors when it has them (SMoRA), else the layer's adapters (zero-padded ranks add nothing)."""
+        own = getattr(group.router, "own_factors", None)
+        if own is not None:
+            return own(self.name)
+        a, b, _ = self.weights.padded
+        if group.experts is not None:
+            return a[group.experts], b[group.experts], self.weights.scale[group.experts]
+        return a, b, self.weights.scale
+
+    def _mix_outputs(self, group: RoutedGroup, x2: torch.Tensor) -> torch.Tensor:
+        """sum_e w_e E_e(x) with w = router.mix(module, x, outs) read from every expert's output E_e(x) [T, E, d_out]."""
+        a, b, scale = self._factors(group)
+        h = torch.einsum("ti,eri->ter", x2, a.to(x2.dtype))
+        outs = torch.einsum("ter,eor->teo", h, b.to(h.dtype)) * scale.to(h.dtype)[None, :, None]
+        w = group.router.mix(self.name, x2, outs)  # [T, E]
+        if self.ctx.trace is not None:
+            idx = torch.arange(w.shape[1], device=w.device).expand(w.shape[0], -1)
+            if group.experts is not None:
+                idx = group.experts[idx]
+            self.ctx.trace.record(self.name, idx, w)
+        return torch.einsum("te,teo->to", w.to(outs.dtype), outs)
+
     def _dense(self, x2: torch.Tensor) -> torch.Tensor:
-        """sum_e w[:, e] * s_e * (x A_e^T) B_e^T with w from the router, differentiable in w (and x)."""
+        """sum_e w[:, e] * s_e * (x A_e^T) B_e^T with w from the router, differentiable in w (and x, and the
+        router's own factors)."""
         if len(self.ctx.groups) != 1 or self.ctx.groups[0].rows is not None or self.ctx.meta is not None:
             raise ValueError("the dense (training) path takes exactly one routed group over every token, no fixed pairs")
         group = self.ctx.groups[0]
+        if reads_outputs(group.router):
+            if not group.router.handles(self.name):  # a module none of its experts adapts
+                return x2.new_zeros(x2.shape[0], self.base.out_features)
+            return self._mix_outputs(group, x2)
         w = group.router.weights(self.name, x2)  # [T, E]
-        a, b, _ = self.weights.padded  # [E, R, d_in], [E, d_out, R] (zero-padded ranks add nothing)
-        if group.experts is not None:
-            a, b = a[group.experts], b[group.experts]
-            scale = self.weights.scale[group.experts]
-        else:
-            scale = self.weights.scale
+        a, b, scale = self._factors(group)
         h = torch.einsum("ti,eri->ter", x2, a.to(x2.dtype))  # [T, E, R]
         h = h * (w * scale.to(w.dtype))[:, :, None].to(h.dtype)
         return torch.einsum("ter,eor->to", h, b.to(h.dtype))
@@ -207,6 +253,7 @@ __all__ = [
     "RoutingContext",
     "Trace",
     "get_module",
+    "reads_outputs",
     "routed_modules",
     "set_module",
     "wrap_experts",

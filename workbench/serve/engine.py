@@ -88,6 +88,8 @@ class RoutedComposition:
     router: Any = field(repr=False)  # workbench.modules.routers.BaseRouter; router.experts name engine adapters
     kind: str  # the router's kind: arrow, phatgoose, ...
     source: str | None = None  # the artifact folder
+    adapters: list[Adapter] = field(default_factory=list, repr=False)  # its own experts (SMoRA's ranks), else
+    # the router's experts are engine adapters by name
 
 
 @dataclass
@@ -129,6 +131,14 @@ class MultiLoraModel:
             self._twin_ids[c.name] = torch.arange(first, len(self.adapters), device=self.device)
         self._experts = {}  # routed composition -> [E_router] adapter ids of its router's experts
         for c in routed:
+            if c.adapters:  # its own experts (SMoRA's rank-1 adapters), appended like Twin's parts
+                if len(c.adapters) != len(c.router.experts):
+                    raise WorkbenchError(f"routed composition {c.name!r}: {len(c.adapters)} adapters for "
+                                         f"{len(c.router.experts)} router experts")
+                first = len(self.adapters)
+                self.adapters += c.adapters
+                self._experts[c.name] = torch.arange(first, len(self.adapters), device=self.device)
+                continue
             missing = [e for e in c.router.experts if e not in self.ids]
             if missing:
                 raise WorkbenchError(f"routed composition {c.name!r} routes over {missing}, which are not loaded")
@@ -160,6 +170,7 @@ class MultiLoraModel:
             adapters += saved_lora_compositions(pool, taken=taken, log=log)
             routed = saved_routed_compositions(pool, set(names), taken=taken, device=device, log=log)
             twins = saved_twin_compositions(pool, set(names), taken=taken, log=log)
+            routed += saved_smora_compositions(pool, taken=taken, device=device, log=log)
         return cls(pool.base.load(), pool.base.tokenizer(), adapters, routed=routed, twins=twins, backend=backend,
                    device=device, dtype=dtype)
 
@@ -467,6 +478,34 @@ def saved_routed_compositions(pool, loaded: set[str], taken: set[str], device: s
     return out
 
 
+def saved_smora_compositions(pool, taken: set[str], device: str = "cpu",
+                             log: Callable[[str], Any] = print) -> list[RoutedComposition]:
+    """SMoRA artifacts trained over this pool's base: each a routed composition over its own R rank-1 adapters
+    (the multi-LoRA op dispatches each token's k ranks); one that does not fit is skipped with its reason logged."""
+    from ..methods.smora import smora_problem
+    from ..modules.routers import load_router
+
+    out = []
+    for name, folder, meta in _pool_artifacts(pool, "smora", "pool_root", taken):
+        reason, router = smora_problem(pool, meta), None
+        if not reason:
+            try:
+                router = load_router(folder, device)
+            except (WorkbenchError, OSError) as e:
+                reason = f"cannot load its router: {e}"
+        if router is not None and not reason:
+            per_module = {f"{m}.weight": router.lora_factors(m) for m in router.dims}
+            parts = [{t: f[j] for t, f in per_module.items()} for j in range(router.rank)]
+            reason = _factor_shape_problem(pool, parts[:1])
+        if reason:
+            log(f"SMoRA composition {name!r} ({folder}) not served: {reason}")
+            continue
+        adapters = [Adapter(f"{name}#rank{j}", "smora_rank", part, str(folder)) for j, part in enumerate(parts)]
+        out.append(RoutedComposition(name, router, "smora", str(folder), adapters))
+        taken.add(name)
+    return out
+
+
 def _factor_shape_problem(pool, parts: list[dict[str, tuple]]) -> str | None:
     """Why LoRA factors (module -> (A [r, in], B [out, r], scale)) do not fit the pool's base, or None."""
     shapes = pool.base.tensors.shapes
@@ -561,4 +600,4 @@ def peft_alone(base, adapters: dict[str, str], requests: Sequence[tuple[str, str
 
 __all__ = ["Adapter", "Assignment", "MultiLoraModel", "Routed", "RoutedComposition", "RoutedLoraLinear", "Router",
            "TwinComposition", "UnknownModel", "peft_alone", "saved_lora_compositions", "saved_routed_compositions",
-           "saved_twin_compositions", "top_k_router"]
+           "saved_smora_compositions", "saved_twin_compositions", "top_k_router"]

@@ -12,6 +12,7 @@ import math
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -96,11 +97,19 @@ def task_examples(tasks: list[str], data_seed: int) -> list[dict[str, Any]]:
 
 
 def train_loop(model, tokenizer, rows: list[dict[str, Any]], cfg: _Common, params, desc: str,
-               device: str = "cpu") -> TrainResult:
-    """AdamW with warm-up and linear decay; loss on answer tokens; progress bar with the loss."""
+               device: str = "cpu", *, loss_fn: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor] | None = None,
+               after_step: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+               checkpoint: Checkpoint | None = None) -> TrainResult:
+    """AdamW with warm-up and linear decay; loss on answer tokens; progress bar with the loss.
+
+    `loss_fn(model, batch)` replaces `model(**batch).loss` (an auxiliary loss added: MoLE's balance);
+    `after_step(step, batch)` runs after each optimizer step (SMoRA's bias update); `checkpoint` saves the
+    trained state every `checkpoint.every` steps and a rerun resumes from the last one (same batches, same
+    result as an uninterrupted run)."""
     encoded = [encode(tokenizer, r["question"], r["answer"], cfg.max_length) for r in rows]
     rng = random.Random(cfg.seed)
     order: list[int] = []
+    params = list(params)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=getattr(cfg, "weight_decay", 0.0))
 
     def lr_at(step: int) -> float:
@@ -110,9 +119,18 @@ def train_loop(model, tokenizer, rows: list[dict[str, Any]], cfg: _Common, param
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     model.train()
-    curve, tokens, t0 = [], 0, time.perf_counter()
+    curve, tokens, t0, start = [], 0, time.perf_counter(), 0
+    if checkpoint is not None:
+        state = checkpoint.load(opt, params)
+        if state is not None:
+            start, curve, tokens, order = state["step"], state["curve"], state["tokens"], state["order"]
+            rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
+            for g in opt.param_groups:  # the schedule at the resumed step
+                g["lr"] = cfg.lr * lr_at(start)
+            sched.last_epoch = start
     with progress_bar(desc, total=cfg.steps) as bar:
-        for step in range(cfg.steps):
+        bar.update(start)
+        for step in range(start, cfg.steps):
             batch_idx = []
             for _ in range(cfg.batch_size):  # epochs of shuffled examples, in a seeded order
                 if not order:
@@ -121,7 +139,7 @@ def train_loop(model, tokenizer, rows: list[dict[str, Any]], cfg: _Common, param
                 batch_idx.append(order.pop())
             batch = collate([encoded[i] for i in batch_idx], tokenizer.pad_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch).loss
+            loss = model(**batch).loss if loss_fn is None else loss_fn(model, batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -129,11 +147,68 @@ def train_loop(model, tokenizer, rows: list[dict[str, Any]], cfg: _Common, param
             opt.zero_grad(set_to_none=True)
             curve.append(round(loss.item(), 5))
             tokens += int(batch["attention_mask"].sum())
+            if after_step is not None:
+                after_step(step, batch)
             bar.update(1, loss=curve[-1])
             if not math.isfinite(curve[-1]):
                 raise WorkbenchError(f"{desc}: loss became {curve[-1]} at step {step} (lower the learning rate)")
+            if checkpoint is not None and (step + 1) % checkpoint.every == 0 and step + 1 < cfg.steps:
+                rs = rng.getstate()
+                checkpoint.save(opt, params, {"step": step + 1, "curve": curve, "tokens": tokens, "order": order,
+                                              "rng": [rs[0], list(rs[1]), rs[2]]})
     model.eval()
-    return TrainResult(curve, time.perf_counter() - t0, tokens, len(rows))
+    return TrainResult(curve, time.perf_counter() - t0, tokens, len(rows), {"resumed_at": start})
+
+
+class Checkpoint:
+    """Training state in one safetensors file (atomic rename): a module's state dict (what trains, with its
+    buffers), AdamW's moments, and the loop's position (step, loss curve, batch order, data RNG) as metadata.
+    `module`'s trainable parameters must be the loop's `params`, in the same order."""
+
+    def __init__(self, path: Path, module: torch.nn.Module, every: int = 50):
+        self.path, self.module, self.every = Path(path), module, max(1, int(every))
+
+    def save(self, opt: torch.optim.Optimizer, params: list[torch.Tensor], state: dict[str, Any]) -> None:
+        import json
+        import os
+
+        from safetensors.torch import save_file
+
+        tensors = {f"module.{k}": v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+        for i, p in enumerate(params):
+            st = opt.state.get(p, {})
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in st:
+                    tensors[f"opt.{i}.{k}"] = st[k].detach().cpu().contiguous()
+            if "step" in st:
+                tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).cpu()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"state": json.dumps(state)})
+        os.replace(tmp, self.path)
+
+    def load(self, opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> dict[str, Any] | None:
+        import json
+
+        from safetensors import safe_open
+
+        if not self.path.is_file():
+            return None
+        try:
+            with safe_open(str(self.path), "pt") as f:
+                state = json.loads(f.metadata()["state"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001 - a torn or foreign file: start over, say so
+            print(f"checkpoint {self.path} unreadable ({type(e).__name__}): training from the start")
+            return None
+        device = params[0].device if params else torch.device("cpu")
+        self.module.load_state_dict({k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")})
+        for i, p in enumerate(params):
+            if f"opt.{i}.exp_avg" in tensors:
+                opt.state[p] = {"step": tensors[f"opt.{i}.step"].reshape(()).to(device),
+                                "exp_avg": tensors[f"opt.{i}.exp_avg"].to(device),
+                                "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"].to(device)}
+        return state
 
 
 def _stable_peft_files(folder: Path, base_spec: str) -> None:

@@ -1,0 +1,261 @@
+"""MoLE (Wu et al., ICLR 2024): a learned gate over the pool's frozen LoRA experts.
+
+Per adapted module, a gate reads the experts' own outputs on the token (the paper's
+E_Omega(x) = Norm(E_1(x) + ... + E_N(x)), + = concatenation) and projects them to one logit
+per expert: logits = LN(concat_i E_i(x)) . e + b, weights = softmax(logits / tau) with a learnable
+temperature tau (per module); output = W0 x + sum_i w_i E_i(x). Only e, b and tau train (the base
+and every LoRA stay frozen), on a small mixed set of the experts' training data (50 examples per
+expert), with the gate-balancing loss L_bal = -sum_i log q_i (q_i: mean weight of expert i over
+the gated modules and the batch's tokens) weighted 0.5. `gate_input: none` drops the output
+projection (a per-module parameter gate, softmax(b / tau)). Inference uses every expert or a
+masked subset (`use`: the other experts' logits set to -inf, so the kept weights renormalise),
+without retraining: trained gates are cached by expert set and training settings.
+
+Runs on the routed-LoRA layer (`reads_outputs` routers): training on its dense path, inference and
+serving through the same layer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import RecipeError, WorkbenchError
+from ..modules.routed_lora import RoutedGroup, routed_modules, wrap_experts
+from ..modules.routers import ROUTERS, BaseRouter, load_router, standardise
+from .base import BuildContext, register_method
+from .routing import DataRoutedMethod, DataRoutedParams, checkpoint_path, expert_rows, usage_stats
+
+
+@ROUTERS.register("mole")
+class MoleRouter(BaseRouter):
+    """Per module: e [E * d_out, E] (output projection), b [E], log tau; softmax(logits / tau) over the active experts."""
+
+    name = "mole"
+    kind = "mole"
+    reads_outputs = True
+
+    def __init__(self, experts: list[str], dims: dict[str, int], *, gate_input: str = "outputs",
+                 temperature: float = 1.0, active: list[str] | None = None):
+        super().__init__(experts)
+        if gate_input not in ("outputs", "none"):
+            raise WorkbenchError(f"MoLE gate_input must be 'outputs' or 'none' (got {gate_input!r})")
+        if temperature <= 0:
+            raise WorkbenchError(f"MoLE temperature must be > 0 (got {temperature})")
+        n = len(experts)
+        self.dims, self.gate_input = dict(dims), gate_input
+        self.keys = {m: m.replace(".", "__") for m in dims}
+        if gate_input == "outputs":
+            self.e = nn.ParameterDict({self.keys[m]: nn.Parameter(torch.zeros(n * d, n)) for m, d in dims.items()})
+        self.b = nn.ParameterDict({self.keys[m]: nn.Parameter(torch.zeros(n)) for m in dims})
+        self.log_tau = nn.ParameterDict({self.keys[m]: nn.Parameter(torch.tensor(math.log(temperature)))
+                                         for m in dims})
+        self.set_active(active)
+        self.record: list[torch.Tensor] | None = None  # training: each call's weights (for the balance loss)
+
+    def set_active(self, active: list[str] | None) -> None:
+        if active is not None:
+            unknown = [a for a in active if a not in self.experts]
+            if unknown:
+                raise WorkbenchError(f"MoLE gates were trained on {self.experts}, not on {unknown}")
+            if not active:
+                raise WorkbenchError("MoLE needs at least one active expert")
+        self.active = list(active) if active is not None else None
+        self.mask = (None if active is None
+                     else torch.tensor([e in active for e in self.experts], dtype=torch.bool))
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "dims": self.dims, "gate_input": self.gate_input, "active": self.active}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.state_dict().items()}
+
+    @classmethod
+    def from_saved(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> MoleRouter:
+        router = cls(config["experts"], config["dims"], gate_input=config.get("gate_input", "outputs"),
+                     active=config.get("active"))
+        router.load_state_dict(tensors)
+        return router.eval()
+
+    def handles(self, module: str) -> bool:
+        return module in self.keys
+
+    def logits(self, module: str, outs: torch.Tensor) -> torch.Tensor:
+        """[T, E] gate logits of one module from the experts' outputs outs [T, E, d_out]."""
+        key = self.keys.get(module)
+        if key is None:
+            raise WorkbenchError(f"MoLE router has no gate for module {module!r}")
+        logits = self.b[key].to(outs.dtype).expand(outs.shape[0], -1)
+        if self.gate_input == "outputs":
+            z = standardise(outs.reshape(outs.shape[0], -1).float()).to(outs.dtype)  # Norm(E_1(x) + ... + E_N(x))
+            logits = logits + z @ self.e[key].to(outs.dtype)
+        return logits / self.log_tau[key].exp().to(outs.dtype)
+
+    def mix(self, module: str, x: torch.Tensor, outs: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(module, outs)
+        if self.mask is not None:
+            logits = logits.masked_fill(~self.mask.to(logits.device), float("-inf"))
+        w = torch.softmax(logits, dim=-1)
+        if self.record is not None:
+            self.record.append(w)
+        return w
+
+    def weights(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        raise WorkbenchError("MoLE's gate reads the experts' outputs: run it on the routed layer, not from inputs alone")
+
+    route = weights
+
+
+def balance_loss(weights: list[torch.Tensor], mask: torch.Tensor | None = None) -> torch.Tensor:
+    """-sum_i log q_i, q_i the mean weight of expert i over every gated call and (real) token."""
+    if not weights:
+        raise WorkbenchError("no gate ran: nothing to balance")
+    if mask is not None:
+        m = mask.reshape(-1).to(weights[0].dtype)
+        q = torch.stack([(w * m[:, None]).sum(0) / m.sum().clamp(min=1) for w in weights]).mean(0)
+    else:
+        q = torch.cat(weights).mean(0)
+    return -torch.log(q.clamp(min=1e-12)).sum()
+
+
+class MoleParams(DataRoutedParams):
+    examples: int = Field(50, gt=0, description="training examples per expert in the mixed gate-training set")
+    steps: int = Field(80, gt=0, description="gate training steps")
+    batch_size: int = Field(8, gt=0)
+    lr: float = Field(5e-4, gt=0, description="AdamW learning rate of the gates")
+    warmup: int = Field(8, ge=0)
+    balance: float = Field(0.5, ge=0, description="weight of the gate-balancing loss L_bal")
+    temperature: float = Field(1.0, gt=0, description="initial softmax temperature (learned)")
+    gate_input: Literal["outputs", "none"] = Field("outputs", description="gate reads the experts' outputs, or none")
+    use: list[str] | None = Field(None, description="experts active at inference (a masked subset), default all")
+    gates_from: str | None = Field(None, description="an earlier MoLE artifact folder whose trained gates to reuse")
+    checkpoint_every: int = Field(20, gt=0, description="steps between training checkpoints (resume after a kill)")
+    k: int = Field(1, gt=0, description="unused by MoLE (every expert is active): kept at 1")
+
+
+@register_method
+class Mole(DataRoutedMethod):
+    name = "mole"
+    Params = MoleParams
+    version = 1
+    description = "MoLE: a learned per-module gate over the frozen LoRA experts' outputs (softmax with learned tau)"
+
+    def validate(self, experts, params, output) -> None:
+        if experts and not experts[0].pool.names("lora"):
+            pool = experts[0].pool
+            raise RecipeError(f"pool {pool.name!r} has no LoRA experts: MoLE gates LoRA experts "
+                              f"(add some with `workbench pool add {pool.name} <adapter folder> <name>`)")
+        super().validate(experts, params, output)
+        names = [e.name for e in experts]
+        if params.use is not None:
+            unknown = [u for u in params.use if u not in names]
+            if unknown or not params.use:
+                raise RecipeError(f"MoLE 'use' names {unknown or 'no expert'}: the gates are trained on {names}")
+        if params.gates_from is not None:
+            folder = Path(params.gates_from)
+            try:
+                meta = json.loads((folder / "artifact.json").read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise RecipeError(f"gates_from {folder}: not a built artifact ({type(e).__name__})") from None
+            if meta.get("method") != "mole":
+                raise RecipeError(f"gates_from {folder}: a {meta.get('method')!r} artifact, not a MoLE one")
+            if list(meta.get("experts") or []) != names:
+                raise RecipeError(f"gates_from {folder} was trained on experts {meta.get('experts')}, "
+                                  f"not on {names}: train new gates (drop gates_from) or use the same experts")
+            if meta.get("pool_fingerprint") != experts[0].pool.manifest.base.fingerprint:
+                raise RecipeError(f"gates_from {folder} was trained over another base")
+
+    def key_inputs(self, experts, params) -> dict[str, Any]:
+        out = super().key_inputs(experts, params)
+        if params.gates_from is not None:
+            out["gates_from"] = (Path(params.gates_from) / "router.safetensors").stat().st_mtime_ns
+        return out
+
+    def build(self, ctx: BuildContext) -> dict[str, Any]:
+        p: MoleParams = ctx.params
+        experts = ctx.experts
+        names = [e.name for e in experts]
+        model = ctx.pool.base.load(device=ctx.device)
+        for prm in model.parameters():
+            prm.requires_grad_(False)
+        routing = wrap_experts(model, experts)
+        mods = routed_modules(model)
+        router = MoleRouter(names, {m: lin.base.out_features for m, lin in mods.items()}, gate_input=p.gate_input,
+                            temperature=p.temperature).to(ctx.device)
+        tok = ctx.pool.base.tokenizer()
+        folder = self._gate_dir(ctx)
+        if p.gates_from is not None:
+            trained = load_router(Path(p.gates_from), ctx.device)
+            router.load_state_dict(trained.state_dict())
+            curve, source = (json.loads((Path(p.gates_from) / "artifact.json").read_text()).get("loss_curve") or []), \
+                str(p.gates_from)
+        elif (folder / "gates.safetensors").is_file():
+            router.load_state_dict(load_file(str(folder / "gates.safetensors"), device=ctx.device))
+            curve, source = json.loads((folder / "curve.json").read_text()), "cache"
+            ctx.log("mole gates: cached")
+        else:
+            curve = self._train(ctx, model, routing, router, tok, folder)
+            source = "trained"
+        router.set_active(p.use)
+        router.eval()
+        routing.groups = [RoutedGroup(router, None)]
+        model.routing = routing
+        usage = usage_stats(model, tok, {e.name: e.tasks()[0] for e in experts}, n=10)
+        router.cpu()
+        taus = {m: round(float(router.log_tau[k].detach().exp()), 4) for m, k in router.keys.items()}
+        return self.save(ctx, router, {"k": len(p.use or names), "gates": source, "loss_curve": curve,
+                                       "loss_first_last": [curve[0], round(sum(curve[-10:]) / len(curve[-10:]), 5)]
+                                       if curve else None, "usage": usage,
+                                       "temperature": {"mean": round(sum(taus.values()) / len(taus), 4),
+                                                       "min": min(taus.values()), "max": max(taus.values())}})
+
+    def _train(self, ctx, model, routing, router: MoleRouter, tok, folder: Path) -> list[float]:
+        import random
+
+        from ..train.trainer import Checkpoint, train_loop
+
+        p: MoleParams = ctx.params
+        rows = [r for i, e in enumerate(ctx.experts) for r in expert_rows(e, p.examples, p.seed + i)]
+        random.Random(p.seed).shuffle(rows)
+        group = [RoutedGroup(router, None)]
+        params = [q for q in router.parameters() if q.requires_grad]
+
+        def loss_fn(m, batch):
+            router.record = []
+            try:
+                task = m(**batch).loss
+                bal = balance_loss(router.record, batch["attention_mask"])
+            finally:
+                router.record = None
+            return task + p.balance * bal
+
+        with routing.use(groups=group, dense=True):
+            res = train_loop(model, tok, rows, p, params, f"mole gates ({len(ctx.experts)} experts)", ctx.device,
+                             loss_fn=loss_fn, checkpoint=Checkpoint(checkpoint_path(folder), router, p.checkpoint_every))
+        from ..io import staging_dir
+
+        with staging_dir(folder) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()},
+                      str(tmp / "gates.safetensors"))
+            (tmp / "curve.json").write_text(json.dumps(res.loss_curve))
+        checkpoint_path(folder).unlink(missing_ok=True)
+        return res.loss_curve
+
+    def _gate_dir(self, ctx: BuildContext) -> Path:
+        """Trained gates depend on the experts, their data and the training settings, not on `use`: cached beside
+        the artifacts, so a masked subset reuses them."""
+        from ..io import sha256_json
+        from ..tasks.suite import data_hash
+
+        p = ctx.params.model_dump(mode="json", exclude={"use", "gates_from", "k", "checkpoint_every"})
+        key = sha256_json({"version": self.version, "params": p, "files": {e.name: e.entry.files for e in ctx.experts},
+                           "base": ctx.pool.manifest.base.fingerprint,
+                           "data": {t: data_hash(t) for e in ctx.experts for t in e.tasks()}})[:16]
+        return ctx.out_dir.parent / "mole-gates" / key
