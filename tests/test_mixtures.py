@@ -259,7 +259,13 @@ def test_smora_routes_top_k_by_score_plus_bias_and_sparse_equals_dense(two):
             sparse = model(input_ids=ids).logits
         with ctx.use(groups=[RoutedGroup(router, None)], dense=True):
             dense = model(input_ids=ids).logits
+        router.dispatch = "gather"  # the dedicated gather path (benchmarked against the op)
+        with ctx.use(groups=[RoutedGroup(router, None)]):
+            gathered = model(input_ids=ids).logits
+        router.dispatch = "op"
     torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=0)
+    torch.testing.assert_close(gathered, sparse, atol=1e-5, rtol=0)
+    assert (sparse - two.base.load()(input_ids=ids).logits).abs().max() > 1e-3
     lin = routed_modules(model)[module]
     y_hand = torch.zeros(4, router.dims[module][1])
     for t in range(4):

@@ -661,11 +661,15 @@ def bench_kernels(
 def bench_routing(
     base: str = "smollm2-135m", experts: int = 6, rank: int = 8, k: int = 2, reps: int = 3,
     new_tokens: Annotated[int, typer.Option(help="greedy tokens per sequence in the decode timing")] = 16,
+    smora_rank: Annotated[int, typer.Option(help="SMoRA's total rank R (rank experts)")] = 64,
+    smora_k: Annotated[int, typer.Option(help="SMoRA's ranks per token")] = 8,
 ):
-    """Per-token routing (PHATGOOSE's router, top-k of E experts) vs base, one LoRA, PEFT mixed, dense mixture."""
+    """Per-token routing (PHATGOOSE's router, top-k of E experts), MoLE and SMoRA vs base, one LoRA, PEFT mixed,
+    dense mixture."""
     from .bench.routing import run
 
-    rec = run(base, experts=experts, rank=rank, k=k, reps=reps, new_tokens=new_tokens, log=console.print)
+    rec = run(base, experts=experts, rank=rank, k=k, reps=reps, new_tokens=new_tokens, log=console.print,
+              smora_rank=smora_rank, smora_k=smora_k)
     table = Table("phase", *rec["forward"]["x_base"], title=f"time / base ({experts} experts, r {rank}, top-{k}; CPU)")
     for phase in ("forward", "decode"):
         table.add_row(phase, *[f"{v:.3f}" for v in rec[phase]["x_base"].values()])

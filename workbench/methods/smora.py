@@ -42,7 +42,7 @@ class SmoraRouter(BaseRouter):
     kind = "smora"
 
     def __init__(self, rank: int, dims: dict[str, list[int]], *, k: int = 8, alpha: float = 16.0,
-                 balance_rate: float = 1e-3):
+                 balance_rate: float = 1e-3, dispatch: str = "op"):
         super().__init__([f"rank{i}" for i in range(rank)])
         if not 1 <= k <= rank:
             raise WorkbenchError(f"SMoRA top-k {k} must be between 1 and the rank R = {rank}")
@@ -55,6 +55,9 @@ class SmoraRouter(BaseRouter):
         self.W = nn.ParameterDict({self.keys[m]: p(torch.zeros(rank, di)) for m, (di, do) in self.dims.items()})
         self.c = nn.ParameterDict({self.keys[m]: p(torch.zeros(rank)) for m in self.dims})
         self.bias = nn.ParameterDict({self.keys[m]: p(torch.zeros(rank), requires_grad=False) for m in self.dims})
+        if dispatch not in ("op", "gather"):
+            raise WorkbenchError(f"SMoRA dispatch must be 'op' or 'gather' (got {dispatch!r})")
+        self.dispatch = dispatch  # op: the multi-LoRA op over R rank-1 adapters; gather: `delta` (benchmarked)
         self.counts: dict[str, torch.Tensor] | None = None  # training: selections per rank in this step
         self.token_mask: torch.Tensor | None = None  # training: [B*S] real tokens (counts skip padding)
 
@@ -88,6 +91,9 @@ class SmoraRouter(BaseRouter):
         router.load_state_dict(tensors)
         return router.eval()
 
+    def handles(self, module: str) -> bool:
+        return module in self.keys
+
     def _key(self, module: str) -> str:
         key = self.keys.get(module)
         if key is None:
@@ -115,6 +121,14 @@ class SmoraRouter(BaseRouter):
     def weights(self, module: str, x: torch.Tensor) -> torch.Tensor:
         sel, g = self.route(module, x)
         return torch.zeros(x.shape[0], self.rank, dtype=g.dtype, device=g.device).scatter(1, sel, g)
+
+    def delta(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        """The gather path: per token only its k ranks, (alpha/k) sum_j g_j B[:, j] (A[j] . x), from gathered rows."""
+        sel, g = self.route(module, x)
+        key = self._key(module)
+        a, bt = self.A[key], self.B[key].T  # [R, d_in], [R, d_out]
+        h = torch.einsum("tki,ti->tk", a[sel].to(x.dtype), x) * g.to(x.dtype) * self.scale  # [T, k]
+        return torch.einsum("tk,tko->to", h, bt[sel].to(x.dtype))
 
     def own_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The R ranks as R rank-1 experts (A [R, 1, d_in], B [R, d_out, 1], scale alpha/k), trainable."""

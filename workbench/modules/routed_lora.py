@@ -45,6 +45,12 @@ class TokenRouter(Protocol):
         ...
 
 
+def own_dispatch(router: Any) -> bool:
+    """A router that computes its tokens' low-rank delta itself (`delta(module, x)` and `handles(module)`:
+    SMoRA's gather path)."""
+    return getattr(router, "dispatch", None) == "gather"
+
+
 def reads_outputs(router: Any) -> bool:
     """A router whose gate reads the experts' outputs: it has `mix(module, x, outs)` and `handles(module)`."""
     return bool(getattr(router, "reads_outputs", False))
@@ -94,7 +100,8 @@ class RoutingContext:
 
     def pairs_meta(self, module: str, x2: torch.Tensor) -> LoraMeta | None:
         """The LoraMeta of this module's call: fixed pairs, with routed groups' pairs written in."""
-        groups = [g for g in self.groups if not reads_outputs(g.router)]  # those add their own dense part
+        groups = [g for g in self.groups if not (reads_outputs(g.router) or own_dispatch(g.router))]  # those add
+        # their own part (the layer's forward)
         if not groups:
             return self.meta
         t = x2.shape[0]
@@ -150,10 +157,10 @@ class RoutedLoraLinear(nn.Module):
         if meta is not None and meta.active:
             apply_lora(y2, x2, self.weights, meta, ctx.backend or default_backend(x.device))
         for g in ctx.groups:
-            if reads_outputs(g.router) and g.router.handles(self.name):
+            if (reads_outputs(g.router) or own_dispatch(g.router)) and g.router.handles(self.name):
                 xs = x2 if g.rows is None else x2.index_select(0, g.rows)
                 with torch.no_grad():
-                    part = self._mix_outputs(g, xs)
+                    part = self._mix_outputs(g, xs) if reads_outputs(g.router) else g.router.delta(self.name, xs)
                 if g.rows is None:
                     y2 += part.to(y2.dtype)
                 else:
@@ -174,8 +181,9 @@ class RoutedLoraLinear(nn.Module):
     def _mix_outputs(self, group: RoutedGroup, x2: torch.Tensor) -> torch.Tensor:
         """sum_e w_e E_e(x) with w = router.mix(module, x, outs) read from every expert's output E_e(x) [T, E, d_out]."""
         a, b, scale = self._factors(group)
-        h = torch.einsum("ti,eri->ter", x2, a.to(x2.dtype))
-        outs = torch.einsum("ter,eor->teo", h, b.to(h.dtype)) * scale.to(h.dtype)[None, :, None]
+        e, r = a.shape[0], a.shape[1]
+        h = (x2 @ a.reshape(e * r, -1).T.to(x2.dtype)).view(-1, e, r).transpose(0, 1)  # [E, T, R]
+        outs = torch.bmm(h, b.permute(0, 2, 1).to(h.dtype)).transpose(0, 1) * scale.to(h.dtype)[None, :, None]
         w = group.router.mix(self.name, x2, outs)  # [T, E]
         if self.ctx.trace is not None:
             idx = torch.arange(w.shape[1], device=w.device).expand(w.shape[0], -1)
@@ -196,9 +204,11 @@ class RoutedLoraLinear(nn.Module):
             return self._mix_outputs(group, x2)
         w = group.router.weights(self.name, x2)  # [T, E]
         a, b, scale = self._factors(group)
-        h = torch.einsum("ti,eri->ter", x2, a.to(x2.dtype))  # [T, E, R]
+        e, r = a.shape[0], a.shape[1]
+        # two plain matmuls over the stacked ranks (an einsum here would broadcast x to [E, T, d_in] first)
+        h = (x2 @ a.reshape(e * r, -1).T.to(x2.dtype)).view(-1, e, r)  # [T, E, R]
         h = h * (w * scale.to(w.dtype))[:, :, None].to(h.dtype)
-        return torch.einsum("ter,eor->to", h, b.to(h.dtype))
+        return h.reshape(-1, e * r) @ b.permute(0, 2, 1).reshape(e * r, -1).to(h.dtype)
 
 
 def get_module(model: nn.Module, dotted: str) -> nn.Module:
@@ -253,6 +263,7 @@ __all__ = [
     "RoutingContext",
     "Trace",
     "get_module",
+    "own_dispatch",
     "reads_outputs",
     "routed_modules",
     "set_module",
