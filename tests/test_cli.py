@@ -80,7 +80,7 @@ def test_every_method_module_registers():
     from workbench import methods
     from workbench.methods.base import METHODS
 
-    helpers = {"base", "merge_io", "streaming", "routing"}  # shared code of the merges and the routed methods
+    helpers = {"base", "merge_io", "streaming", "routing", "upcycle"}  # shared code of the merges, routed, upcycling
     for mod in pkgutil.iter_modules(methods.__path__):
         if mod.name in helpers:
             continue

@@ -3,7 +3,7 @@
 
 Sites: `build` (an artifact fully staged, not yet renamed into place), `eval` (a cell's lm-eval outputs
 written, its cell record not yet), `write` (any atomic write: temp file synced, not yet renamed),
-`leaderboard` (between the leaderboard's files).
+`leaderboard` (between the leaderboard's files), `upcycle_checkpoint` (an MoE training checkpoint written).
 """
 
 from __future__ import annotations
