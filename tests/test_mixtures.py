@@ -156,6 +156,33 @@ def test_mole_build_masked_subset_reuses_gates_and_loads(two, monkeypatch):
     assert torch.equal(a, b)
 
 
+def test_mole_training_loss_is_task_plus_half_the_balance_loss(two):
+    """At step 0 the gates are uniform (e = 0, b = 0), so L_bal = E log E: the first recorded loss with balance
+    0.5 exceeds the one with balance 0 (same batch, same init) by 0.5 * 2 log 2."""
+    from workbench.artifacts import read_artifact_meta
+    from workbench.recipes import build, parse_recipe
+
+    curves = {}
+    for w in (0.5, 0.0):
+        art = build(parse_recipe(_recipe("mole", steps=1, examples=4, batch_size=2, balance=w)), log=lambda *a: None)
+        curves[w] = read_artifact_meta(art)["loss_curve"]
+    assert curves[0.5][0] - curves[0.0][0] == pytest.approx(0.5 * 2 * math.log(2), abs=2e-5)
+
+
+def test_mole_gates_follow_the_expert_order(two):
+    """Gates trained for [a, b] are not reused for [b, a] (row i of the gate is expert i): new gates train."""
+    from workbench.artifacts import read_artifact_meta
+    from workbench.recipes import build, parse_recipe
+
+    kw = dict(steps=2, examples=4, batch_size=2)
+    first = build(parse_recipe({**_recipe("mole", **kw), "experts": ["a", "b"]}), log=lambda *a: None)
+    again = build(parse_recipe({**_recipe("mole", **kw), "name": "mole-again", "experts": ["a", "b"], "parameters":
+                                {**kw, "use": ["a", "b"]}}), log=lambda *a: None)
+    swapped = build(parse_recipe({**_recipe("mole", **kw), "experts": ["b", "a"]}), log=lambda *a: None)
+    assert read_artifact_meta(first)["gates"] == "trained" and read_artifact_meta(again)["gates"] == "cache"
+    assert read_artifact_meta(swapped)["gates"] == "trained"
+
+
 def test_mole_bad_input_one_line_nothing_written(two, tiny_dir, pools):
     from conftest import snapshot
 
@@ -174,6 +201,9 @@ def test_mole_bad_input_one_line_nothing_written(two, tiny_dir, pools):
         with pytest.raises(RecipeError, match=msg) as err:
             parse_recipe({**_recipe("mole", **params), "experts": ["a", "b", "c"]})
         assert "\n" not in str(err.value)
+    with pytest.raises(RecipeError, match="has gates reading 'outputs', not 'none'") as err:
+        parse_recipe({**_recipe("mole", gates_from=str(art), gate_input="none"), "experts": ["a", "b"]})
+    assert "\n" not in str(err.value)
     full_only = Pool.create("fullpool", base=str(tiny_dir / "base"))
     full_only.add(tiny_dir / "full_c", "c", tags={"task": "addition"})
     full_only.add(tiny_dir / "full_c", "d", tags={"task": "sorting"})
@@ -270,9 +300,24 @@ def test_smora_routes_top_k_by_score_plus_bias_and_sparse_equals_dense(two):
     y_hand = torch.zeros(4, router.dims[module][1])
     for t in range(4):
         for j, gj in zip(idx[t].tolist(), g[t].tolist()):
-            y_hand[t] += gj * router.scale * router.B[key][:, j] * float(router.A[key][j] @ x[t])
+            y_hand[t] += gj * (router.alpha / 2) * router.B[key][:, j] * float(router.A[key][j] @ x[t])  # alpha/k
     with torch.no_grad():
         torch.testing.assert_close(_layer(lin, ctx, router, x), lin.base(x) + y_hand, atol=1e-5, rtol=1e-5)
+
+
+def test_smora_counts_only_real_tokens():
+    """The balancing counts (what the bias update reads) are the k selections of the real tokens only."""
+    from workbench.methods.smora import SmoraRouter
+
+    r = SmoraRouter(8, {"m": [16, 4]}, k=3)
+    r.init_weights(0)
+    x = torch.randn(10, 16, generator=torch.Generator().manual_seed(3))
+    mask = torch.tensor([[0, 0, 0, 1, 1], [0, 1, 1, 1, 1]])  # 6 real tokens of 10
+    r.counts, r.token_mask = {}, mask
+    sel, _ = r.route("m", x)
+    real = sel[mask.reshape(-1).bool()]
+    assert r.counts["m"].sum() == 6 * 3
+    assert torch.equal(r.counts["m"], torch.bincount(real.reshape(-1), minlength=8).float())
 
 
 def _layer(lin, ctx, router, x):
@@ -338,6 +383,9 @@ def test_smora_build_resumes_after_a_kill_and_equals_an_uninterrupted_run(two, m
     ref = build(parse_recipe(_recipe("smora", **params)), log=lambda *a: None)
     assert read_artifact_meta(ref)["resumed_at"] == 0
     assert meta["loss_curve"] == read_artifact_meta(ref)["loss_curve"]
+    # usage recorded before the kill (step 0) survives the resume
+    assert [u["step"] for u in meta["usage_during_training"]] == [0, 4]
+    assert meta["usage_during_training"] == read_artifact_meta(ref)["usage_during_training"]
     got, want = load_router(art).tensors(), load_router(ref).tensors()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
     assert any(v.abs().sum() > 0 for k, v in got.items() if k.startswith("bias."))  # the balancing bias moved
@@ -403,3 +451,52 @@ def test_mole_trace_records_every_expert_weight(two):
     for layer in tr["usage"]:
         assert sum(layer) == pytest.approx(1.0, abs=1e-4) and min(layer) > 0  # dense softmax over both experts
     json.dumps(tr)
+
+
+def test_comparison_records_the_mixtures_training_and_draws_it(two, tmp_path, monkeypatch):
+    """A comparison's build records (results/) carry what each method reports (MoLE's and SMoRA's loss curves
+    and usage, as in artifact.json) and the loss curves are drawn in training.svg beside the leaderboard."""
+    import yaml
+
+    from workbench.artifacts import read_artifact_meta
+    from workbench.compare import parse_comparison
+    from workbench.io import artifacts_dir
+    from workbench.jobs import run_comparison
+
+    monkeypatch.setenv("WORKBENCH_CACHE_ARTIFACTS", str(tmp_path / "artifacts"))
+    f = tmp_path / "cmp.yaml"
+    f.write_text(yaml.safe_dump({
+        "name": "mix", "pool": "demo", "tasks": ["addition"], "eval": {"limit": 2, "batch_size": 4},
+        "reference": "base", "entries": ["base",
+                                         {"method": "mole", "parameters": {"steps": 3, "examples": 4, "batch_size": 2}},
+                                         {"method": "smora", "parameters": {"rank": 4, "k": 2, "steps": 2,
+                                                                            "batch_size": 2}}]}))
+    run_comparison(parse_comparison(f), results_dir=tmp_path / "results", log=lambda *a: None)
+    out = tmp_path / "results" / "compare" / "mix"
+    for row, steps in (("mole", 3), ("smora", 2)):
+        rec = json.loads((out / "builds" / f"{row}.json").read_text())
+        meta = read_artifact_meta(artifacts_dir() / rec["artifact"].split("/")[-1])
+        assert rec["report"]["loss_curve"] == meta["loss_curve"] and len(meta["loss_curve"]) == steps
+        assert rec["report"]["usage"] == meta["usage"]
+    assert json.loads((out / "builds" / "smora.json").read_text())["report"]["parameter_counts"]["router"] > 0
+    svg = (out / "training.svg").read_text()
+    assert "mole" in svg and "smora" in svg
+
+
+@pytest.mark.parametrize("dispatch", ["op", "gather"])
+def test_smora_trace_records_each_tokens_k_ranks(two, dispatch):
+    """`route trace` over a SMoRA artifact: per token and layer, k of the R ranks carry weight and the weights
+    sum to k (gates normalised to sum to k), through either dispatch."""
+    from workbench.artifacts import load_artifact
+    from workbench.methods.routing import trace_prompt
+    from workbench.recipes import build, parse_recipe
+
+    art = build(parse_recipe(_recipe("smora", rank=8, k=3, steps=1, batch_size=2, targets=["q_proj", "down_proj"])),
+                log=lambda *a: None)
+    loaded = load_artifact(art)
+    loaded.model.routing.groups[0].router.dispatch = dispatch
+    tr = trace_prompt(loaded.model, loaded.tokenizer, "Add: 1+2\nAnswer:")
+    assert tr["experts"] == [f"rank{j}" for j in range(8)] and tr["modules"] == 2 * len(tr["layers"])
+    w = torch.tensor(tr["choices"])  # [T, L, R], mean over a layer's 2 modules
+    torch.testing.assert_close(w.sum(-1), torch.full(w.shape[:2], 3.0), atol=1e-3, rtol=0)
+    assert ((w > 0).sum(-1) >= 3).all() and ((w > 0).sum(-1) <= 6).all()

@@ -630,3 +630,58 @@ def test_stats_count_parameters_and_measure_the_kv_cache(moe_pool, method, param
     held = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * 4 / ids.numel()
     assert stats["kv_cache_bytes_per_token"]["float32"] == held
     assert held == kv_sets * dense["kv_cache_bytes_per_token"]["float32"]
+
+
+def test_moe_artifacts_are_served_beside_the_pool(moe_pool, tmp_path):
+    """`workbench serve`'s app: an upcycled MoE built over the pool is listed and answered by its own engine
+    (loaded on its first request) through the real HTTP server (uvicorn, httpx), equal to HF greedy
+    generation of the artifact, while the pool's own models keep answering; a broken MoE answers 503 for its
+    own requests only."""
+    import httpx
+
+    from workbench.pool import Pool
+    from workbench.serve.api import create_app, start_in_thread
+    from workbench.serve.engine import MultiLoraModel, saved_full_models
+
+    _, _, btx = _build("btx", ["a", "b", "c"], steps=0, router_std=0.5)
+    bam_art, _, bam = _build("bam", ["a", "b"], steps=0, router_std=0.5, top_k=1, shared_kv=True)
+    pool = Pool.open("demo")
+    engine = MultiLoraModel.from_pool(pool, log=quiet)
+    full = saved_full_models(pool, set(engine.model_names()))
+    assert [(f.name, f.kind, f.loaded) for f in full] == [("bam-test", "moe", False), ("btx-test", "moe", False)]
+    url, server, thread = start_in_thread(create_app(engine, full_models=full))
+    prompt = "Add: 12+34\nAnswer:"
+    try:
+        def complete(base, model, max_tokens=6):
+            return httpx.post(f"{base}/v1/completions", timeout=120, json={
+                "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+
+        listed = {m["id"]: m["kind"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
+        assert listed["btx-test"] == listed["bam-test"] == "moe" and listed["base"] == "base"
+        ids = btx.tokenizer(prompt, return_tensors="pt")
+        texts = {}
+        for name, loaded in (("btx-test", btx), ("bam-test", bam)):
+            ref = loaded.model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+            texts[name] = loaded.tokenizer.decode(ref[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+            assert complete(url, name).json()["choices"][0]["text"] == texts[name]
+        assert texts["btx-test"] != texts["bam-test"]  # two networks, each answered by its own engine
+        base_ref = engine.generate([ids["input_ids"][0].tolist()], [()], 6)[0]
+        assert complete(url, "base").json()["choices"][0]["text"] == engine.tokenizer.decode(base_ref,
+                                                                                              skip_special_tokens=True)
+        # an MoE whose weights went missing: its own requests fail in one line, the others go on
+        (bam_art / "model.safetensors").rename(tmp_path / "gone.safetensors")
+        fresh = saved_full_models(pool, set(engine.model_names()))
+        url2, server2, thread2 = start_in_thread(create_app(engine, full_models=fresh))
+        try:
+            bad = complete(url2, "bam-test", 2)
+            assert bad.status_code == 503, bad.text
+            msg = bad.json()["error"]["message"]
+            assert "bam-test" in msg and "\n" not in msg
+            assert complete(url2, "btx-test").json()["choices"][0]["text"] == texts["btx-test"]
+            assert httpx.get(f"{url2}/health").json()["full_models_loaded"] == ["btx-test"]
+        finally:
+            server2.should_exit = True
+            thread2.join()
+    finally:
+        server.should_exit = True
+        thread.join()

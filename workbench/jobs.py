@@ -152,7 +152,7 @@ def _sweep_points(row: Row) -> list[dict[str, Any]]:
 
 def run_build(plan: Plan, row: Row, *, device: str = "cpu", log: Log = print) -> dict[str, Any]:
     """Build the row's artifact (after its validation sweep) unless a current build record says it is done."""
-    from .artifacts import artifact_ref
+    from .artifacts import artifact_ref, read_artifact_meta
     from .recipes import build, check_expert_files, run_sweep
 
     if not needs_build(plan, row):
@@ -163,9 +163,11 @@ def run_build(plan: Plan, row: Row, *, device: str = "cpu", log: Log = print) ->
         resolved, selection = run_sweep(resolved, device=device, results_dir=plan.out, log=log)
     t0 = time.perf_counter()
     artifact = build(resolved, device=device, log=log)
+    meta = read_artifact_meta(artifact)
     rec = {"key": build_key(row), "row": row.name, "method": row.method, "artifact": artifact_ref(artifact),
            "model_key": resolved.key, "params": resolved.params.model_dump(mode="json", by_alias=True),
-           "selection": selection, "build_s": round(time.perf_counter() - t0, 2)}
+           "selection": selection, "build_s": round(time.perf_counter() - t0, 2),
+           "report": {k: meta[k] for k in resolved.method.report if meta.get(k) is not None}}
     atomic_write_json(plan.build_path(row), rec)
     return rec
 
@@ -450,7 +452,33 @@ def write_leaderboard(plan: Plan) -> dict[str, Any]:
         tmp.replace(svg)
     except Exception as e:  # noqa: BLE001 - the plot is a view of the table: a missing renderer loses only it
         board["plot_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    curves = training_curves(plan)
+    if curves:
+        try:
+            write_training_chart(curves, f"{c.spec.name}: training loss per step of the rows that train",
+                                 plan.out / "training.svg")
+        except Exception as e:  # noqa: BLE001 - as above: the curves stay in builds/*.json
+            board["plot_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return board
+
+
+def training_curves(plan: Plan) -> dict[str, list[float]]:
+    """Row -> the loss curve its method reported while building (build records' `report.loss_curve`)."""
+    out = {}
+    for row in plan.comparison.active_rows:
+        rec = build_record(plan, row) if row.kind == "artifact" else None
+        curve = ((rec or {}).get("report") or {}).get("loss_curve")
+        if curve:
+            out[row.name] = curve
+    return out
+
+
+def write_training_chart(curves: dict[str, list[float]], title: str, path: Path) -> None:
+    from .eval.charts import loss_curves_chart
+
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    loss_curves_chart(curves, title, series="row", y_title="training loss").save(str(tmp))
+    tmp.replace(path)
 
 
 def merge_count_curve(plan: Plan) -> dict[str, Any]:

@@ -169,14 +169,15 @@ def router_accuracy_chart(rec: dict[str, Any], title: str):
     ).properties(title=title, width=alt.Step(16), height=alt.Step(22))
 
 
-def loss_curves_chart(curves: dict[str, list[float]], title: str):
-    """Training loss per step, one line per expert (PHATGOOSE gates)."""
+def loss_curves_chart(curves: dict[str, list[float]], title: str, series: str = "expert",
+                      y_title: str = "LM loss (gate only trains)"):
+    """Training loss per step, one line per series (PHATGOOSE's gates per expert; a comparison's rows)."""
     import altair as alt
 
-    df = pd.DataFrame([{"expert": e, "step": i + 1, "loss": x} for e, c in curves.items() for i, x in enumerate(c)])
+    df = pd.DataFrame([{series: e, "step": i + 1, "loss": x} for e, c in curves.items() for i, x in enumerate(c)])
     return alt.Chart(df).mark_line().encode(
-        x=alt.X("step:Q"), y=alt.Y("loss:Q", title="LM loss (gate only trains)"), color=alt.Color("expert:N"),
-        tooltip=["expert", "step", alt.Tooltip("loss:Q", format=".3f")],
+        x=alt.X("step:Q"), y=alt.Y("loss:Q", title=y_title), color=alt.Color(f"{series}:N"),
+        tooltip=[series, "step", alt.Tooltip("loss:Q", format=".3f")],
     ).properties(title=title, width=420, height=260)
 
 

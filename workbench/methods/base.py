@@ -55,6 +55,9 @@ class Method:
     lora_from_full: ClassVar[bool] = False  # can output a LoRA from full experts (none can yet: 1-D norms, no rank)
     description: ClassVar[str] = ""
     version: ClassVar[int] = 1  # part of the artifact key: bump when the method's output changes
+    # artifact.json fields a comparison copies into its build records under results/ (training curves, usage,
+    # model statistics); a `loss_curve` among them is drawn in the comparison's training.svg
+    report: ClassVar[tuple[str, ...]] = ()
 
     def key_inputs(self, experts: list[Expert], params: MethodParams) -> dict[str, Any]:
         """Hashes of the data `build` reads beyond the experts' files (e.g. task data); part of the artifact key."""

@@ -145,6 +145,7 @@ class Mole(DataRoutedMethod):
     name = "mole"
     Params = MoleParams
     version = 1
+    report = ("loss_curve", "loss_first_last", "usage", "temperature", "gates", "k")
     description = "MoLE: a learned per-module gate over the frozen LoRA experts' outputs (softmax with learned tau)"
 
     def validate(self, experts, params, output) -> None:
@@ -171,6 +172,10 @@ class Mole(DataRoutedMethod):
                                   f"not on {names}: train new gates (drop gates_from) or use the same experts")
             if meta.get("pool_fingerprint") != experts[0].pool.manifest.base.fingerprint:
                 raise RecipeError(f"gates_from {folder} was trained over another base")
+            trained_input = (meta.get("params") or {}).get("gate_input", "outputs")
+            if trained_input != params.gate_input:
+                raise RecipeError(f"gates_from {folder} has gates reading {trained_input!r}, not "
+                                  f"{params.gate_input!r}: set gate_input: {trained_input} or train new gates")
 
     def key_inputs(self, experts, params) -> dict[str, Any]:
         out = super().key_inputs(experts, params)
@@ -255,7 +260,9 @@ class Mole(DataRoutedMethod):
         from ..tasks.suite import data_hash
 
         p = ctx.params.model_dump(mode="json", exclude={"use", "gates_from", "k", "checkpoint_every"})
-        key = sha256_json({"version": self.version, "params": p, "files": {e.name: e.entry.files for e in ctx.experts},
+        # the experts in order (the gates' rows and the gate input's blocks follow it), each with its files
+        key = sha256_json({"version": self.version, "params": p,
+                           "experts": [(e.name, e.entry.files) for e in ctx.experts],
                            "base": ctx.pool.manifest.base.fingerprint,
                            "data": {t: data_hash(t) for e in ctx.experts for t in e.tasks()}})[:16]
         return ctx.out_dir.parent / "mole-gates" / key

@@ -33,6 +33,12 @@ from ..train.trainer import LLAMA_TARGETS
 from .base import BuildContext, Method, MethodParams, register_method
 
 
+# How inference dispatches each token's k ranks: "op" (the R ranks as rank-1 adapters of the multi-LoRA op) or
+# "gather" (`SmoraRouter.delta`: the k rows of A and B gathered per token). A serving choice, not saved with an
+# artifact: the faster on this project's CPU in `workbench bench routing` (results/bench/routing-cpu.json).
+DISPATCH = "op"
+
+
 @ROUTERS.register("smora")
 class SmoraRouter(BaseRouter):
     """Per module: the rank-R adapter (A [R, d_in], B [d_out, R]), the router (W [R, d_in], c [R]) and the
@@ -42,7 +48,7 @@ class SmoraRouter(BaseRouter):
     kind = "smora"
 
     def __init__(self, rank: int, dims: dict[str, list[int]], *, k: int = 8, alpha: float = 16.0,
-                 balance_rate: float = 1e-3, dispatch: str = "op"):
+                 balance_rate: float = 1e-3, dispatch: str | None = None):
         super().__init__([f"rank{i}" for i in range(rank)])
         if not 1 <= k <= rank:
             raise WorkbenchError(f"SMoRA top-k {k} must be between 1 and the rank R = {rank}")
@@ -55,6 +61,7 @@ class SmoraRouter(BaseRouter):
         self.W = nn.ParameterDict({self.keys[m]: p(torch.zeros(rank, di)) for m, (di, do) in self.dims.items()})
         self.c = nn.ParameterDict({self.keys[m]: p(torch.zeros(rank)) for m in self.dims})
         self.bias = nn.ParameterDict({self.keys[m]: p(torch.zeros(rank), requires_grad=False) for m in self.dims})
+        dispatch = dispatch or DISPATCH
         if dispatch not in ("op", "gather"):
             raise WorkbenchError(f"SMoRA dispatch must be 'op' or 'gather' (got {dispatch!r})")
         self.dispatch = dispatch  # op: the multi-LoRA op over R rank-1 adapters; gather: `delta` (benchmarked)
@@ -87,7 +94,7 @@ class SmoraRouter(BaseRouter):
     @classmethod
     def from_saved(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> SmoraRouter:
         router = cls(config["rank"], config["dims"], k=config["k"], alpha=config["alpha"],
-                     balance_rate=config.get("balance_rate", 1e-3))
+                     balance_rate=config.get("balance_rate", 1e-3))  # dispatch: DISPATCH, a serving choice
         router.load_state_dict(tensors)
         return router.eval()
 
@@ -122,9 +129,11 @@ class SmoraRouter(BaseRouter):
         sel, g = self.route(module, x)
         return torch.zeros(x.shape[0], self.rank, dtype=g.dtype, device=g.device).scatter(1, sel, g)
 
-    def delta(self, module: str, x: torch.Tensor) -> torch.Tensor:
-        """The gather path: per token only its k ranks, (alpha/k) sum_j g_j B[:, j] (A[j] . x), from gathered rows."""
-        sel, g = self.route(module, x)
+    def delta(self, module: str, x: torch.Tensor,
+              routed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The gather path: per token only its k ranks, (alpha/k) sum_j g_j B[:, j] (A[j] . x), from gathered rows
+        (`routed`: this call's (ranks, gates) when the caller already routed x)."""
+        sel, g = routed if routed is not None else self.route(module, x)
         key = self._key(module)
         a, bt = self.A[key], self.B[key].T  # [R, d_in], [R, d_out]
         h = torch.einsum("tki,ti->tk", a[sel].to(x.dtype), x) * g.to(x.dtype) * self.scale  # [T, k]
@@ -174,6 +183,8 @@ class Smora(Method):
     expert_kinds = frozenset({"lora", "full"})  # the experts give their tasks' data, not weights
     outputs = frozenset({"model"})
     version = 1
+    report = ("loss_curve", "final_loss", "train_wall_s", "resumed_at", "parameter_counts", "usage",
+              "usage_during_training")
     description = "SMoRA: one rank-R multi-task LoRA whose ranks are experts, top-k ranks per token (sparse)"
 
     def validate(self, experts, params, output) -> None:
@@ -216,7 +227,7 @@ class Smora(Method):
         routing = wrap_model(model, targets, lambda t: router.lora_factors(t[: -len(".weight")]), p.rank)
         tok = base.tokenizer()
         params = [q for q in router.parameters() if q.requires_grad]
-        usage_steps: list[dict[str, float]] = []
+        kept: dict[str, Any] = {"usage_steps": []}  # saved with the checkpoints (a resumed run keeps the early steps)
 
         def loss_fn(m, batch):
             router.counts, router.token_mask = {}, batch["attention_mask"]
@@ -225,7 +236,7 @@ class Smora(Method):
         def after_step(step, batch):
             counts = router.counts or {}
             if counts and (step % 10 == 0 or step == p.steps - 1):
-                usage_steps.append({"step": step, **_count_stats(counts, p.rank)})
+                kept["usage_steps"].append({"step": step, **_count_stats(counts, p.rank)})
             router.update_bias()
             router.counts, router.token_mask = None, None
 
@@ -239,7 +250,7 @@ class Smora(Method):
             res = train_loop(model, tok, task_examples(tasks, p.data_seed), p, params,
                              f"smora R={p.rank} k={p.k} on {len(tasks)} tasks", ctx.device, loss_fn=loss_fn,
                              after_step=after_step,
-                             checkpoint=Checkpoint(checkpoint_path(folder), router, p.checkpoint_every))
+                             checkpoint=Checkpoint(checkpoint_path(folder), router, p.checkpoint_every, extra=kept))
         router.eval()
         loaded, lctx = smora_model(base, router, ctx.device)
         usage = usage_stats(loaded, tok, tasks, n=10)
@@ -252,9 +263,9 @@ class Smora(Method):
                 "pool_fingerprint": ctx.pool.manifest.base.fingerprint,
                 "loss_curve": res.loss_curve, "train_wall_s": round(res.wall_s, 1), "resumed_at": res.extra["resumed_at"],
                 "final_loss": round(sum(res.loss_curve[-10:]) / len(res.loss_curve[-10:]), 5),
-                "params": {"adapter": p.rank * d_in_out, "router": sum(p.rank * (di + 1) for di, _ in dims.values()),
+                "parameter_counts": {"adapter": p.rank * d_in_out, "router": sum(p.rank * (di + 1) for di, _ in dims.values()),
                            "activated_adapter_per_token": p.k * d_in_out},
-                "usage": usage, "usage_during_training": usage_steps}
+                "usage": usage, "usage_during_training": kept["usage_steps"]}
 
 
 def _count_stats(counts: dict[str, torch.Tensor], rank: int) -> dict[str, float]:

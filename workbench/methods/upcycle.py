@@ -427,6 +427,7 @@ class UpcycleMethod(Method):
     expert_kinds = frozenset({"lora", "full"})
     outputs = frozenset({"model"})
     Params: ClassVar[type[MethodParams]] = UpcycleParams
+    report = ("loss_curve", "training", "stats", "dense_reference", "construction")
 
     def validate(self, experts, params, output) -> None:
         super().validate(experts, params, output)
@@ -514,7 +515,8 @@ class UpcycleMethod(Method):
         return {"type": "moe", "architecture": type(model).__name__, "num_experts": len(ctx.experts),
                 "top_k": p.top_k, "materialized": p.materialize, "construction": info,
                 "experts_tasks": [e.tasks() for e in ctx.experts], "stats": self.stats(model),
-                "dense_reference": dense_stats(base), "training": training}
+                "dense_reference": dense_stats(base), "training": training,
+                "loss_curve": training["task_loss_curve"] if training else None}
 
 
 @register_artifact("moe")

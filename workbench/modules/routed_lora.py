@@ -160,7 +160,13 @@ class RoutedLoraLinear(nn.Module):
             if (reads_outputs(g.router) or own_dispatch(g.router)) and g.router.handles(self.name):
                 xs = x2 if g.rows is None else x2.index_select(0, g.rows)
                 with torch.no_grad():
-                    part = self._mix_outputs(g, xs) if reads_outputs(g.router) else g.router.delta(self.name, xs)
+                    if reads_outputs(g.router):
+                        part = self._mix_outputs(g, xs)
+                    else:  # the router's own dispatch (SMoRA's gather), routed here once so a trace sees it
+                        routed = g.router.route(self.name, xs)
+                        if ctx.trace is not None:
+                            ctx.trace.record(self.name, *routed)
+                        part = g.router.delta(self.name, xs, routed)
                 if g.rows is None:
                     y2 += part.to(y2.dtype)
                 else:

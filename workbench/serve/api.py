@@ -2,7 +2,8 @@
 
 GET /v1/models, POST /v1/completions and /v1/chat/completions (non-streaming and SSE
 streaming). `model` picks "base", an expert, a saved LoRA composition, a routed composition
-(its tokens routed over the pool's experts by its router) or "mix:a=0.5,b=0.5".
+(its tokens routed over the pool's experts by its router), "mix:a=0.5,b=0.5", or a full-model artifact
+built over the pool (a merged model, an upcycled MoE: its own engine and scheduler, loaded on first request).
 Concurrent requests are batched: a scheduler thread collects what arrives within a short
 window (up to max_batch) and decodes it as one batch, each sequence with its own adapter, mix or router.
 A client that disconnects is dropped from its batch at the next token; others go on.
@@ -18,6 +19,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Literal
 
 from fastapi import FastAPI, Request
@@ -28,7 +30,7 @@ from pydantic import ConfigDict, Field
 
 from ..errors import WorkbenchError
 from ..tasks.suite import ADD_SPECIAL_TOKENS
-from .engine import MultiLoraModel, UnknownModel
+from .engine import FullModel, MultiLoraModel, UnknownModel, saved_full_models
 
 
 class APIError(Exception):
@@ -151,12 +153,19 @@ class Scheduler:
             job.loop.call_soon_threadsafe(job.out.put_nowait, piece)
 
 
-def create_app(engine: MultiLoraModel, *, max_batch: int = 32, window_s: float = 0.01,
-               context_length: int | None = None) -> FastAPI:
+def create_app(engine: MultiLoraModel, *, full_models: Sequence[FullModel] = (), max_batch: int = 32,
+               window_s: float = 0.01, context_length: int | None = None) -> FastAPI:
     app = FastAPI(title="Expert Workbench", version="0.1")
     sched = Scheduler(engine, max_batch=max_batch, window_s=window_s)
-    ctx_len = context_length or int(getattr(engine.model.config, "max_position_embeddings", 2048))
-    app.state.scheduler = sched
+    full = {f.name: f for f in full_models}
+    taken = set(engine.model_names()) & set(full)
+    if taken:
+        raise WorkbenchError(f"full-model artifacts {sorted(taken)} have the names of the engine's models")
+    full_scheds: dict[str, Scheduler] = {}  # one per full model, made when it is first requested
+    app.state.scheduler, app.state.full_schedulers = sched, full_scheds
+
+    def ctx_len_of(e: MultiLoraModel) -> int:
+        return context_length or int(getattr(e.model.config, "max_position_embeddings", 2048))
 
     def err(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
         return JSONResponse(status_code=status, content={"error": {"message": message, "type": type_,
@@ -176,20 +185,42 @@ def create_app(engine: MultiLoraModel, *, max_batch: int = 32, window_s: float =
 
     @app.get("/v1/models")
     async def models():
-        data = [{**m, "object": "model", "owned_by": "workbench"} for m in engine.models()]
+        listed = engine.models() + [{"id": f.name, "kind": f.kind} for f in full.values()]
+        data = [{**m, "object": "model", "owned_by": "workbench"} for m in listed]
         return {"object": "list", "data": data}
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", **sched.stats, "active_sequences": engine.active_sequences}
+        stats = dict(sched.stats)
+        for s in full_scheds.values():
+            for k, v in s.stats.items():
+                stats[k] = max(stats[k], v) if k == "max_batch_seen" else stats[k] + v
+        active = engine.active_sequences + sum(s.engine.active_sequences for s in full_scheds.values())
+        return {"status": "ok", **stats, "active_sequences": active, "full_models_loaded": sorted(full_scheds)}
 
-    def make_job(req: _Common, prompt_ids: list[int]) -> Job:
+    async def target(model: str) -> tuple[MultiLoraModel, Scheduler]:
+        """The engine and scheduler that serve `model`: a full model's own (loaded off the event loop on its
+        first request; a load failure answers that request only), else the pool's engine."""
+        f = full.get(model) if isinstance(model, str) else None
+        if f is None:
+            return engine, sched
+        if model not in full_scheds:
+            try:
+                e = await asyncio.to_thread(f.engine)
+            except WorkbenchError as err_:
+                raise APIError(503, str(err_), type_="server_error", param="model", code="model_unavailable") from None
+            full_scheds.setdefault(model, Scheduler(e, max_batch=max_batch, window_s=window_s))
+        s = full_scheds[model]
+        return s.engine, s
+
+    def make_job(req: _Common, prompt_ids: list[int], eng: MultiLoraModel) -> Job:
         try:
-            assignment = engine.resolve(req.model)
+            assignment = () if req.model in full else eng.resolve(req.model)
         except UnknownModel as e:
             raise APIError(404, f"{e}; see GET /v1/models", param="model", code="model_not_found") from None
         except WorkbenchError as e:
             raise APIError(400, str(e), param="model", code="invalid_model") from None
+        ctx_len = ctx_len_of(eng)
         if len(prompt_ids) + req.max_tokens > ctx_len:
             raise APIError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the "
                                 f"context length {ctx_len}", param="max_tokens", code="context_length_exceeded")
@@ -235,12 +266,14 @@ def create_app(engine: MultiLoraModel, *, max_batch: int = 32, window_s: float =
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts:
             raise APIError(400, "prompt: at least one prompt is required", param="prompt")
-        jobs = [make_job(req, engine.tokenizer(p, add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"]) for p in prompts]
+        eng, sch = await target(req.model)
+        jobs = [make_job(req, eng.tokenizer(p, add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"], eng)
+                for p in prompts]
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
             if len(jobs) != 1:
                 raise APIError(400, "stream: streaming takes one prompt", param="stream")
-            sched.submit(jobs[0])
+            sch.submit(jobs[0])
 
             def chunk(text, finish):
                 return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
@@ -248,7 +281,7 @@ def create_app(engine: MultiLoraModel, *, max_batch: int = 32, window_s: float =
 
             return StreamingResponse(stream(request, jobs[0], chunk), media_type="text/event-stream")
         for j in jobs:
-            sched.submit(j)
+            sch.submit(j)
         texts = [await collect(j) for j in jobs]
         return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
                 "choices": [{"index": i, "text": t, "finish_reason": j.finish_reason, "logprobs": None}
@@ -256,9 +289,10 @@ def create_app(engine: MultiLoraModel, *, max_batch: int = 32, window_s: float =
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        job = make_job(req, engine.chat_ids([m.model_dump() for m in req.messages]))
+        eng, sch = await target(req.model)
+        job = make_job(req, eng.chat_ids([m.model_dump() for m in req.messages]), eng)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        sched.submit(job)
+        sch.submit(job)
         if req.stream:
             def chunk(text, finish):
                 delta = {"content": text} if text else {}
@@ -299,8 +333,12 @@ def serve(pool_spec: str, host: str = "127.0.0.1", port: int = 8000, backend: st
 
     from ..pool import Pool
 
-    engine = MultiLoraModel.from_pool(Pool.open(pool_spec), backend=backend, device=device)
-    uvicorn.run(create_app(engine, max_batch=max_batch), host=host, port=port, log_level="info")
+    pool = Pool.open(pool_spec)
+    engine = MultiLoraModel.from_pool(pool, backend=backend, device=device)
+    full = saved_full_models(pool, set(engine.model_names()), backend=backend, device=device)
+    if full:
+        print(f"full-model artifacts (loaded on first request): {', '.join(f.name for f in full)}")
+    uvicorn.run(create_app(engine, full_models=full, max_batch=max_batch), host=host, port=port, log_level="info")
 
 
 __all__ = ["APIError", "create_app", "serve", "start_in_thread"]

@@ -506,6 +506,50 @@ def saved_smora_compositions(pool, taken: set[str], device: str = "cpu",
     return out
 
 
+class FullModel:
+    """A full-model artifact built over the pool (a merged model, an upcycled MoE): another network than the
+    base, so it gets its own engine (no adapters), loaded on its first request and kept."""
+
+    FULL_TYPES = ("merged_model", "moe")
+
+    def __init__(self, name: str, kind: str, folder: Path, meta: dict[str, Any], *, backend: str | None = None,
+                 device: str = "cpu", dtype=torch.float32):
+        self.name, self.kind, self.folder, self.meta = name, kind, folder, meta
+        self.backend, self.device, self.dtype = backend, device, dtype
+        self._engine: MultiLoraModel | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._engine is not None
+
+    def engine(self) -> MultiLoraModel:
+        """Its engine, loading the artifact the first time (one load even under concurrent first requests)."""
+        with self._lock:
+            if self._engine is None:
+                from ..artifacts import load_artifact
+
+                try:
+                    lm = load_artifact(self.folder, device=self.device)
+                except (WorkbenchError, OSError, ValueError) as e:
+                    raise WorkbenchError(f"model {self.name!r} ({self.kind}) could not be loaded: {e}") from None
+                self._engine = MultiLoraModel(lm.model, lm.tokenizer, [], backend=self.backend, device=self.device,
+                                              dtype=self.dtype)
+            return self._engine
+
+
+def saved_full_models(pool, taken: set[str], *, backend: str | None = None, device: str = "cpu",
+                      dtype=torch.float32) -> list[FullModel]:
+    """The full-model artifacts (merged models, upcycled MoEs) built over this pool, by recipe name; names
+    already taken (experts, compositions) stay out. Nothing is loaded until a request names one."""
+    out = []
+    for kind in FullModel.FULL_TYPES:
+        for name, folder, meta in _pool_artifacts(pool, kind, "pool", taken):
+            out.append(FullModel(name, kind, folder, meta, backend=backend, device=device, dtype=dtype))
+            taken.add(name)
+    return sorted(out, key=lambda f: f.name)
+
+
 def _factor_shape_problem(pool, parts: list[dict[str, tuple]]) -> str | None:
     """Why LoRA factors (module -> (A [r, in], B [out, r], scale)) do not fit the pool's base, or None."""
     shapes = pool.base.tensors.shapes
@@ -598,6 +642,6 @@ def peft_alone(base, adapters: dict[str, str], requests: Sequence[tuple[str, str
     return [memo[r] for r in requests]
 
 
-__all__ = ["Adapter", "Assignment", "MultiLoraModel", "Routed", "RoutedComposition", "RoutedLoraLinear", "Router",
-           "TwinComposition", "UnknownModel", "peft_alone", "saved_lora_compositions", "saved_routed_compositions",
+__all__ = ["Adapter", "Assignment", "FullModel", "MultiLoraModel", "Routed", "RoutedComposition", "RoutedLoraLinear", "Router",
+           "TwinComposition", "UnknownModel", "peft_alone", "saved_full_models", "saved_lora_compositions", "saved_routed_compositions",
            "saved_smora_compositions", "saved_twin_compositions", "top_k_router"]

@@ -119,11 +119,12 @@ def train_loop(model, tokenizer, rows: list[dict[str, Any]], cfg: _Common, param
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     model.train()
-    curve, tokens, t0, start = [], 0, time.perf_counter(), 0
+    curve, tokens, t0, start, wall0 = [], 0, time.perf_counter(), 0, 0.0
     if checkpoint is not None:
         state = checkpoint.load(opt, params)
         if state is not None:
             start, curve, tokens, order = state["step"], state["curve"], state["tokens"], state["order"]
+            wall0 = float(state.get("wall_s", 0.0))  # training time before the kill
             rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
             for g in opt.param_groups:  # the schedule at the resumed step
                 g["lr"] = cfg.lr * lr_at(start)
@@ -155,18 +156,21 @@ def train_loop(model, tokenizer, rows: list[dict[str, Any]], cfg: _Common, param
             if checkpoint is not None and (step + 1) % checkpoint.every == 0 and step + 1 < cfg.steps:
                 rs = rng.getstate()
                 checkpoint.save(opt, params, {"step": step + 1, "curve": curve, "tokens": tokens, "order": order,
-                                              "rng": [rs[0], list(rs[1]), rs[2]]})
+                                              "rng": [rs[0], list(rs[1]), rs[2]],
+                                              "wall_s": wall0 + time.perf_counter() - t0})
     model.eval()
-    return TrainResult(curve, time.perf_counter() - t0, tokens, len(rows), {"resumed_at": start})
+    return TrainResult(curve, wall0 + time.perf_counter() - t0, tokens, len(rows), {"resumed_at": start})
 
 
 class Checkpoint:
     """Training state in one safetensors file (atomic rename): a module's state dict (what trains, with its
     buffers), AdamW's moments, and the loop's position (step, loss curve, batch order, data RNG) as metadata.
-    `module`'s trainable parameters must be the loop's `params`, in the same order."""
+    `module`'s trainable parameters must be the loop's `params`, in the same order. `extra`: a JSON-able dict
+    the caller fills while training (e.g. usage records per step), saved with the state and refilled on resume."""
 
-    def __init__(self, path: Path, module: torch.nn.Module, every: int = 50):
+    def __init__(self, path: Path, module: torch.nn.Module, every: int = 50, extra: dict[str, Any] | None = None):
         self.path, self.module, self.every = Path(path), module, max(1, int(every))
+        self.extra = extra if extra is not None else {}
 
     def save(self, opt: torch.optim.Optimizer, params: list[torch.Tensor], state: dict[str, Any]) -> None:
         import json
@@ -184,7 +188,7 @@ class Checkpoint:
                 tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).cpu()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"state": json.dumps(state)})
+        save_file(tensors, str(tmp), metadata={"state": json.dumps({**state, "extra": self.extra})})
         os.replace(tmp, self.path)
 
     def load(self, opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> dict[str, Any] | None:
@@ -203,6 +207,8 @@ class Checkpoint:
             return None
         device = params[0].device if params else torch.device("cpu")
         self.module.load_state_dict({k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")})
+        self.extra.clear()
+        self.extra.update(state.get("extra") or {})
         for i, p in enumerate(params):
             if f"opt.{i}.exp_avg" in tensors:
                 opt.state[p] = {"step": tensors[f"opt.{i}.step"].reshape(()).to(device),
