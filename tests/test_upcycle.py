@@ -434,6 +434,58 @@ def test_training_lowers_the_loss_records_curves_and_evaluates(moe_pool, tmp_pat
         assert g == want[0, len(p):].tolist()
 
 
+@pytest.mark.parametrize("method,params", [("btx", {}), ("bam", {}), ("bam", {"shared_kv": True})],
+                         ids=["btx", "bam", "bam-shared_kv"])
+def test_shared_tensors_are_the_experts_average(moe_pool, method, params):
+    """Three different experts: embeddings, norms and lm_head (and BTX's attention, shared-K/V BAM's K/V) of the
+    untrained MoE are the mean of the experts' own tensors (read from their files)."""
+    art, _, _ = _build(method, ["a", "b", "c"], steps=0, **params)
+    moe = load_file(str(art / "model.safetensors"))
+    experts = [_weights(moe_pool.folders[n]) for n in ("a", "b", "c")]
+    names = ["model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight",
+             "model.layers.1.post_attention_layernorm.weight"]
+    if method == "btx":
+        names += [f"model.layers.1.self_attn.{p}_proj.weight" for p in "qkvo"]
+    elif params.get("shared_kv"):
+        names += ["model.layers.1.self_attn.k_proj.weight", "model.layers.1.self_attn.v_proj.weight"]
+    for n in names:
+        assert not torch.equal(experts[0][n], experts[1][n]), n  # the experts differ here
+        torch.testing.assert_close(moe[n], torch.stack([e[n] for e in experts]).mean(0), atol=1e-6, rtol=0)
+    if "lm_head.weight" in moe:
+        torch.testing.assert_close(moe["lm_head.weight"], moe["model.embed_tokens.weight"])
+
+
+def test_training_optimises_every_parameter_at_its_rate(moe_pool, monkeypatch):
+    """The MoE trainer's AdamW holds every parameter once: the routers (FFN and attention) at router_lr, all the
+    rest at lr, under linear warm-up then linear decay; the aux loss sees the padding mask."""
+    from workbench.methods import upcycle
+
+    seen = {}
+    real_opt, real_lb = torch.optim.AdamW, upcycle.load_balancing_loss
+
+    class Spy(real_opt):
+        def step(self, *a, **k):
+            seen.setdefault("lrs", []).append([g["lr"] for g in self.param_groups])
+            seen["groups"] = [list(g["params"]) for g in self.param_groups]
+            return super().step(*a, **k)
+
+    def lb(logits, n, k, mask=None):
+        seen["mask"] = mask
+        return real_lb(logits, n, k, mask)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Spy)
+    monkeypatch.setattr(upcycle, "load_balancing_loss", lb)
+    _, _, loaded = _build("bam", ["a", "b", "c"], steps=4, warmup=2, lr=1e-4, router_lr=1e-2, examples=4,
+                          batch_size=2, max_length=48)
+    others, routers = seen["groups"]
+    assert len(others) + len(routers) == len(list(loaded.model.parameters()))
+    n_layers = loaded.model.config.num_hidden_layers
+    assert len(routers) == 2 * n_layers  # mlp.gate and self_attn.router of every layer
+    assert [round(a / 1e-4, 6) for a, _ in seen["lrs"]] == [0.5, 1.0, 1.0, 0.5]  # (s+1)/2, then (4-s)/2
+    assert [round(b / 1e-2, 6) for _, b in seen["lrs"]] == [0.5, 1.0, 1.0, 0.5]
+    assert seen["mask"] is not None and seen["mask"].shape[0] == 2
+
+
 @pytest.mark.parametrize("method,params", [("btx", {}), ("bam", {"shared_kv": True})], ids=["btx", "bam-shared_kv"])
 def test_training_resumes_after_a_kill_with_the_same_weights(moe_pool, tmp_path, session_cache, monkeypatch, method,
                                                              params):
@@ -637,6 +689,9 @@ def test_moe_artifacts_are_served_beside_the_pool(moe_pool, tmp_path):
     (loaded on its first request) through the real HTTP server (uvicorn, httpx), equal to HF greedy
     generation of the artifact, while the pool's own models keep answering; a broken MoE answers 503 for its
     own requests only."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     import httpx
 
     from workbench.pool import Pool
@@ -668,16 +723,25 @@ def test_moe_artifacts_are_served_beside_the_pool(moe_pool, tmp_path):
         base_ref = engine.generate([ids["input_ids"][0].tolist()], [()], 6)[0]
         assert complete(url, "base").json()["choices"][0]["text"] == engine.tokenizer.decode(base_ref,
                                                                                               skip_special_tokens=True)
-        # an MoE whose weights went missing: its own requests fail in one line, the others go on
-        (bam_art / "model.safetensors").rename(tmp_path / "gone.safetensors")
+        # an MoE whose weights file is torn: its own requests fail in one line (each time), the others go on;
+        # two first requests for another MoE at once load it once and make one batcher
+        w = bam_art / "model.safetensors"
+        w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
         fresh = saved_full_models(pool, set(engine.model_names()))
-        url2, server2, thread2 = start_in_thread(create_app(engine, full_models=fresh))
+        app2 = create_app(engine, full_models=fresh)
+        url2, server2, thread2 = start_in_thread(app2)
         try:
-            bad = complete(url2, "bam-test", 2)
-            assert bad.status_code == 503, bad.text
-            msg = bad.json()["error"]["message"]
-            assert "bam-test" in msg and "\n" not in msg
-            assert complete(url2, "btx-test").json()["choices"][0]["text"] == texts["btx-test"]
+            for _ in range(2):
+                bad = complete(url2, "bam-test", 2)
+                assert bad.status_code == 503, bad.text
+                msg = bad.json()["error"]["message"]
+                assert "bam-test" in msg and "could not be loaded" in msg and "\n" not in msg
+            schedulers = lambda: sum(t.name == "workbench-scheduler" for t in threading.enumerate())  # noqa: E731
+            before = schedulers()
+            with ThreadPoolExecutor(2) as ex:
+                both = list(ex.map(lambda _: complete(url2, "btx-test").json()["choices"][0]["text"], range(2)))
+            assert both == [texts["btx-test"]] * 2
+            assert schedulers() == before + 1 and list(app2.state.full_schedulers) == ["btx-test"]
             assert httpx.get(f"{url2}/health").json()["full_models_loaded"] == ["btx-test"]
         finally:
             server2.should_exit = True

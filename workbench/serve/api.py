@@ -209,7 +209,8 @@ def create_app(engine: MultiLoraModel, *, full_models: Sequence[FullModel] = (),
                 e = await asyncio.to_thread(f.engine)
             except WorkbenchError as err_:
                 raise APIError(503, str(err_), type_="server_error", param="model", code="model_unavailable") from None
-            full_scheds.setdefault(model, Scheduler(e, max_batch=max_batch, window_s=window_s))
+            if model not in full_scheds:  # checked again after the await: concurrent first requests make one
+                full_scheds[model] = Scheduler(e, max_batch=max_batch, window_s=window_s)
         s = full_scheds[model]
         return s.engine, s
 

@@ -517,6 +517,7 @@ class FullModel:
         self.name, self.kind, self.folder, self.meta = name, kind, folder, meta
         self.backend, self.device, self.dtype = backend, device, dtype
         self._engine: MultiLoraModel | None = None
+        self._failed: str | None = None  # why it could not be loaded (not retried: the folder is broken)
         self._lock = threading.Lock()
 
     @property
@@ -526,15 +527,18 @@ class FullModel:
     def engine(self) -> MultiLoraModel:
         """Its engine, loading the artifact the first time (one load even under concurrent first requests)."""
         with self._lock:
-            if self._engine is None:
+            if self._engine is None and self._failed is None:
                 from ..artifacts import load_artifact
 
                 try:
                     lm = load_artifact(self.folder, device=self.device)
-                except (WorkbenchError, OSError, ValueError) as e:
-                    raise WorkbenchError(f"model {self.name!r} ({self.kind}) could not be loaded: {e}") from None
-                self._engine = MultiLoraModel(lm.model, lm.tokenizer, [], backend=self.backend, device=self.device,
-                                              dtype=self.dtype)
+                    self._engine = MultiLoraModel(lm.model, lm.tokenizer, [], backend=self.backend,
+                                                  device=self.device, dtype=self.dtype)
+                except Exception as e:  # noqa: BLE001 - a broken folder (any library's error) fails this model only
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    self._failed = f"model {self.name!r} ({self.kind}) could not be loaded: {type(e).__name__}: {first}"
+            if self._engine is None:
+                raise WorkbenchError(self._failed)
             return self._engine
 
 
