@@ -305,6 +305,26 @@ def test_smora_routes_top_k_by_score_plus_bias_and_sparse_equals_dense(two):
         torch.testing.assert_close(_layer(lin, ctx, router, x), lin.base(x) + y_hand, atol=1e-5, rtol=1e-5)
 
 
+def test_smora_op_dispatch_hands_the_op_only_each_tokens_k_ranks(two, monkeypatch):
+    """Sparse dispatch: the multi-LoRA op receives k (rank, gate) pairs per token, k of R = 6 (not all R masked)."""
+    from workbench.modules import routed_lora
+
+    router = _smora(two.base.load(), rank=6, k=2, seed=4)
+    model, ctx = _smora_model(two.base, router)
+    seen = []
+    real = routed_lora.apply_lora
+
+    def spy(y, x, weights, meta, backend):
+        seen.append((x.shape[0], meta.idx.shape, sum(meta.counts)))
+        return real(y, x, weights, meta, backend)
+
+    monkeypatch.setattr(routed_lora, "apply_lora", spy)
+    with torch.no_grad(), ctx.use(groups=[RoutedGroup(router, None)]):
+        model(input_ids=_ids(2, 5, seed=5))
+    assert len(seen) == len(router.dims)  # one op call per adapted module
+    assert all(shape == (t, 2) and pairs == t * 2 for t, shape, pairs in seen)
+
+
 def test_smora_counts_only_real_tokens():
     """The balancing counts (what the bias update reads) are the k selections of the real tokens only."""
     from workbench.methods.smora import SmoraRouter

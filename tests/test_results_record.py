@@ -44,3 +44,28 @@ def test_committed_results_have_no_machine_paths():
     assert RESULTS.is_dir()
     hits = find_absolute_paths(RESULTS)
     assert not hits, f"{len(hits)} files name absolute machine paths, e.g. {hits[:5]}"
+
+
+def test_git_state_dirty_ignores_the_results_folder(tmp_path, monkeypatch):
+    """A job's own outputs under results/ (tracked files it rewrites) do not make the tree dirty; a changed
+    tracked file elsewhere does, from any working folder inside the repository."""
+    import subprocess
+
+    from workbench.eval.harness import git_state
+
+    def git(*a):
+        subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "plan.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "sub").mkdir()
+    git("add", ".")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init")
+    monkeypatch.chdir(tmp_path / "sub")
+    assert git_state()["dirty"] is False
+    (tmp_path / "results" / "plan.json").write_text('{"rows": []}')
+    assert git_state()["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_state()["dirty"] is True

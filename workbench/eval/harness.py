@@ -202,7 +202,10 @@ def git_state() -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    # dirty: tracked files changed outside results/ (a job's own outputs there, e.g. a comparison's plan.json
+    # rewritten at its start, say nothing about the code that made them)
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)results"))}
 
 
 def machine_info(device: str | None) -> dict[str, Any]:
