@@ -36,7 +36,7 @@ from .base import BuildContext, Method, MethodParams, register_method
 # How inference dispatches each token's k ranks: "op" (the R ranks as rank-1 adapters of the multi-LoRA op) or
 # "gather" (`SmoraRouter.delta`: the k rows of A and B gathered per token). A serving choice, not saved with an
 # artifact: the faster on this project's CPU in `workbench bench routing` (results/bench/routing-cpu.json:
-# the op 1.20x base forward and 1.89x decode, the gather path 2.21x and 2.20x, R = 64, k = 8).
+# the op 1.30x base forward and 1.72x decode, the gather path 3.11x and 2.28x, R = 64, k = 8).
 DISPATCH = "op"
 
 
