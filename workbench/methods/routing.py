@@ -91,6 +91,23 @@ def checkpoint_path(folder: Path) -> Path:
     return folder.parent / f"{folder.name}.checkpoint.safetensors"
 
 
+def traced_examples(model, tokenizer, ctx, task: str, split: str, n: int):
+    """One routing trace per example (question + answer, teacher-forced) of the first `n` of a task's split."""
+    import torch
+
+    from ..modules.routed_lora import Trace
+    from ..tasks.suite import load_split
+
+    device = next(model.parameters()).device
+    for row in load_split(task, split)[:n]:
+        ids = tokenizer(row["question"] + row["answer"], return_tensors="pt",
+                        add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"].to(device)
+        trace = Trace()
+        with torch.no_grad(), ctx.use(groups=ctx.groups, trace=trace):
+            model(input_ids=ids)
+        yield trace
+
+
 def usage_stats(model, tokenizer, tasks: list[str] | dict[str, str], *, split: str = "validation",
                 n: int = 10) -> dict[str, Any]:
     """How a routed model spreads its tokens over its experts (or ranks), on `n` teacher-forced examples of each
@@ -101,27 +118,18 @@ def usage_stats(model, tokenizer, tasks: list[str] | dict[str, str], *, split: s
 
     import torch
 
-    from ..modules.routed_lora import Trace
-    from ..tasks.suite import load_split
-
     ctx = getattr(model, "routing", None)
     if ctx is None or not ctx.groups:
         raise WorkbenchError("this model has no router: usage exists for routed compositions only")
     experts = list(ctx.groups[0].router.experts)
     n_exp = len(experts)
-    device = next(model.parameters()).device
     task_list = list(tasks.values()) if isinstance(tasks, dict) else list(tasks)
     weight, chosen = torch.zeros(n_exp), torch.zeros(n_exp)
     per_module: dict[str, torch.Tensor] = {}
     per_task = {}
     for task in dict.fromkeys(task_list):
         tw = torch.zeros(n_exp)
-        for row in load_split(task, split)[:n]:
-            ids = tokenizer(row["question"] + row["answer"], return_tensors="pt",
-                            add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"].to(device)
-            trace = Trace()
-            with torch.no_grad(), ctx.use(groups=ctx.groups, trace=trace):
-                model(input_ids=ids)
+        for trace in traced_examples(model, tokenizer, ctx, task, split, n):
             for module, calls in trace.modules.items():
                 idx, w = calls[-1]
                 dense = dense_weights(idx, w.float(), n_exp)
@@ -163,11 +171,16 @@ def routed_problem(pool, meta: dict[str, Any], router: BaseRouter | None = None)
     return None
 
 
-def artifact_pool(path: Path, meta: dict[str, Any], router: BaseRouter | None = None):
+def artifact_pool(path: Path, meta: dict[str, Any], router: BaseRouter | None = None, problem_of=None):
     """The pool a routed artifact runs over here. The artifact cache is shared by every checkout: the pool it
     was built over (`pool_root`) may be another clone's or a removed worktree's, so the recipe's pool as found
-    from here is the second candidate; the first that holds the same base and unchanged experts wins."""
+    from here is the second candidate; the first that holds the same base and unchanged experts wins
+    (`problem_of(pool)`: why the artifact cannot run over a pool, or None; default `routed_problem`)."""
     from ..pool import Pool
+
+    if problem_of is None:
+        def problem_of(pool):
+            return routed_problem(pool, meta, router)
 
     problems = []
     for spec in dict.fromkeys([meta.get("pool_root"), (meta.get("recipe") or {}).get("pool")]):
@@ -178,7 +191,7 @@ def artifact_pool(path: Path, meta: dict[str, Any], router: BaseRouter | None = 
         except (WorkbenchError, OSError) as e:
             problems.append(str(e))
             continue
-        problem = routed_problem(pool, meta, router)
+        problem = problem_of(pool)
         if problem is None:
             return pool
         problems.append(problem)
@@ -289,8 +302,7 @@ def router_accuracy(model, tokenizer, expert_tasks: dict[str, str], *, split: st
 
     import torch
 
-    from ..modules.routed_lora import Trace
-    from ..tasks.suite import TASKS, load_split
+    from ..tasks.suite import TASKS
 
     ctx = getattr(model, "routing", None)
     if ctx is None or not ctx.groups:
@@ -303,19 +315,13 @@ def router_accuracy(model, tokenizer, expert_tasks: dict[str, str], *, split: st
     not_tasks = [t for t in expert_tasks.values() if t not in TASKS]
     if not_tasks:
         raise WorkbenchError(f"{not_tasks[0]!r} is not a suite task with questions and answers")
-    device = next(model.parameters()).device
     out = {}
     all_layers: set[int] = set()
     for expert, task in expert_tasks.items():
         e = experts.index(expert)
         hits: dict[int, list[float]] = {}  # layer -> [top-1 hits, in-top-k hits, tokens]
         confusion = torch.zeros(len(experts))
-        for row in load_split(task, split)[:n]:
-            ids = tokenizer(row["question"] + row["answer"], return_tensors="pt",
-                            add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"].to(device)
-            trace = Trace()
-            with torch.no_grad(), ctx.use(groups=ctx.groups, trace=trace):
-                model(input_ids=ids)
+        for trace in traced_examples(model, tokenizer, ctx, task, split, n):
             for module, calls in trace.modules.items():
                 idx, w = calls[-1]
                 dense = dense_weights(idx, w.float(), len(experts))

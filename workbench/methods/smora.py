@@ -312,22 +312,10 @@ def smora_problem(pool, meta: dict[str, Any]) -> str | None:
 @register_artifact("smora")
 def load_smora(path: Path, meta: dict[str, Any], device: str | None = None):
     from ..eval.harness import LoadedModel
-    from ..pool import Pool
+    from .routing import artifact_pool
 
     router = load_router(Path(path), device)
-    problems = []
-    for spec in dict.fromkeys([meta.get("pool_root"), (meta.get("recipe") or {}).get("pool")]):
-        if not spec:
-            continue
-        try:
-            pool = Pool.open(spec)
-        except (WorkbenchError, OSError) as e:
-            problems.append(str(e))
-            continue
-        problem = smora_problem(pool, meta)
-        if problem is None:
-            model, _ = smora_model(pool.base, router, device)
-            return LoadedModel(model, pool.base.tokenizer(), meta.get("name", Path(path).name),
-                               {"kind": "smora", "method": "smora", "router": router.config() | {"dims": None}})
-        problems.append(problem)
-    raise WorkbenchError(f"artifact {path}: {problems[-1] if problems else 'it names no pool'}")
+    pool = artifact_pool(Path(path), meta, problem_of=lambda p: smora_problem(p, meta))
+    model, _ = smora_model(pool.base, router, device)
+    return LoadedModel(model, pool.base.tokenizer(), meta.get("name", Path(path).name),
+                       {"kind": "smora", "method": "smora", "router": router.config() | {"dims": None}})
