@@ -11,7 +11,6 @@ Saved as `BamForCausalLM` (`workbench.modules.bam_model`; `from_pretrained` work
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -24,14 +23,10 @@ from .upcycle import (
     UpcycleParams,
     count_parameters,
     ffn_source,
-    fill_parameters,
+    fill_moe,
     moe_config_kwargs,
     moe_stats,
-    router_init_tensor,
-    router_rows,
 )
-
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 class BamParams(UpcycleParams):
@@ -68,25 +63,14 @@ class BAM(UpcycleMethod):
                         shared_kv=p.shared_kv, parallel_attention=p.parallel_attention)
         cfg.architectures = ["BamForCausalLM"]
         model = BamForCausalLM(cfg).float()
-        rows = router_rows(ctx, src, tok)
-        gen = torch.Generator().manual_seed(p.seed)
 
-        def source(name: str) -> torch.Tensor:
-            m = _LAYER.match(name)
-            if m:
-                layer = int(m.group(1))
-                for suffix, kind in (("mlp.gate.weight", "ffn"), ("self_attn.router.weight", "attn")):
-                    if name.endswith(suffix):
-                        return router_init_tensor(p.router_init, e, cfg.hidden_size, p.router_std, gen,
-                                                  rows[kind][layer] if rows else None)
-                t = ffn_source(src, name, layer)
-                if t is None:
-                    t = attention_source(src, name, layer, p.shared_kv)
-                if t is not None:
-                    return t
-            return src.mean(name)  # embeddings, norms, lm_head: the experts' average
+        def experts(name: str, layer: int) -> torch.Tensor | None:
+            t = ffn_source(src, name, layer)
+            return t if t is not None else attention_source(src, name, layer, p.shared_kv)
 
-        fill_parameters(model, source, "bam: upcycle")
+        # embeddings, norms, lm_head: the experts' average
+        fill_moe(ctx, src, tok, model, {"mlp.gate.weight": "ffn", "self_attn.router.weight": "attn"}, experts,
+                 "bam: upcycle")
         return model.eval(), {"router_init": p.router_init, "shared_kv": p.shared_kv,
                               "parallel_attention": p.parallel_attention, "averaged": "embeddings, norms"
                               + (", K/V projections" if p.shared_kv else "")}

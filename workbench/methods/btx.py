@@ -10,7 +10,6 @@ parameters, task loss + load-balancing loss). Saved as a standard MixtralForCaus
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -21,13 +20,9 @@ from .upcycle import (
     UpcycleMethod,
     UpcycleParams,
     ffn_source,
-    fill_parameters,
+    fill_moe,
     moe_config_kwargs,
-    router_init_tensor,
-    router_rows,
 )
-
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 @register_method
@@ -44,20 +39,7 @@ class BTX(UpcycleMethod):
         cfg = MixtralConfig(**moe_config_kwargs(src.base.config, len(ctx.experts), p.top_k, p.aux_loss_coef))
         cfg.architectures = ["MixtralForCausalLM"]
         model = MixtralForCausalLM(cfg).float()
-        rows = router_rows(ctx, src, tok)
-        gen = torch.Generator().manual_seed(p.seed)
-
-        def source(name: str) -> torch.Tensor:
-            m = _LAYER.match(name)
-            if m:
-                layer = int(m.group(1))
-                if name.endswith("mlp.gate.weight"):
-                    return router_init_tensor(p.router_init, len(ctx.experts), cfg.hidden_size, p.router_std, gen,
-                                              rows["ffn"][layer] if rows else None)
-                t = ffn_source(src, name, layer)
-                if t is not None:
-                    return t
-            return src.mean(name)  # attention, norms, embeddings, lm_head: the experts' average
-
-        fill_parameters(model, source, "btx: upcycle")
+        # attention, norms, embeddings, lm_head: the experts' average
+        fill_moe(ctx, src, tok, model, {"mlp.gate.weight": "ffn"},
+                 lambda name, layer: ffn_source(src, name, layer), "btx: upcycle")
         return model.eval(), {"router_init": p.router_init, "averaged": "attention, embeddings, norms"}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -222,6 +223,34 @@ def router_rows(ctx: BuildContext, src: Sources, tok) -> dict[str, torch.Tensor]
         return None
     return data_router_rows(src.base, src.experts, tok, p.router_init_examples, p.seed, p.max_length,
                             p.batch_size, ctx.device, parallel=getattr(p, "parallel_attention", False))
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def fill_moe(ctx: BuildContext, src: Sources, tok, model: torch.nn.Module, routers: dict[str, str],
+             expert_source: Callable[[str, int], torch.Tensor | None], desc: str) -> None:
+    """Every parameter of an untrained MoE from the dense experts: a router (name ending in a key of `routers`,
+    whose value names the rows of `data_router_rows` it reads) by `router_init`, a layer's expert tensors by
+    `expert_source(name, layer)` (None: not an expert tensor), the rest the experts' average."""
+    p = ctx.params
+    rows = router_rows(ctx, src, tok)
+    gen = torch.Generator().manual_seed(p.seed)
+    n, d = len(ctx.experts), model.config.hidden_size
+
+    def source(name: str) -> torch.Tensor:
+        m = _LAYER.match(name)
+        if m:
+            layer = int(m.group(1))
+            for suffix, kind in routers.items():
+                if name.endswith(suffix):
+                    return router_init_tensor(p.router_init, n, d, p.router_std, gen, rows[kind][layer] if rows else None)
+            t = expert_source(name, layer)
+            if t is not None:
+                return t
+        return src.mean(name)
+
+    fill_parameters(model, source, desc)
 
 
 # ----------------------------------------------------------------------------- stats
