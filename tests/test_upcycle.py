@@ -239,30 +239,47 @@ def test_btx_layer_by_hand(moe_pool):
 
 def test_btx_export_loads_with_plain_transformers(moe_pool, tmp_path):
     """A plain Mixtral folder: no custom code; another process that never imports workbench loads it with
-    AutoModelForCausalLM and gets the artifact loader's logits."""
-    art, meta, loaded = _build("btx", ["a", "b", "c"], steps=0, router_std=0.5)
-    cfg = json.loads((art / "config.json").read_text())
-    assert cfg["architectures"] == ["MixtralForCausalLM"] and cfg["model_type"] == "mixtral"
-    assert "auto_map" not in cfg and not list(art.glob("*.py"))
+    AutoModelForCausalLM. Built from three copies of one dense expert with uniform routers, its logits are that
+    dense model's (1e-4); built from different experts, they are the ones of the model built in memory before it
+    was saved (whose layers `test_btx_layer_by_hand` checks)."""
+    from workbench.methods.base import BuildContext
+    from workbench.methods.btx import BTX as Btx
+    from workbench.methods.upcycle import Sources
+    from workbench.recipes import parse_recipe
+
+    same, _, _ = _build("btx", ["same1", "same2", "same3"], steps=0, router_init="uniform")
+    art, meta, _ = _build("btx", ["a", "b", "c"], steps=0, router_std=0.5)
+    for folder in (same, art):
+        cfg = json.loads((folder / "config.json").read_text())
+        assert cfg["architectures"] == ["MixtralForCausalLM"] and cfg["model_type"] == "mixtral"
+        assert "auto_map" not in cfg and not list(folder.glob("*.py"))
     assert meta["architecture"] == "MixtralForCausalLM"
     ids, mask = _batch()
     script = ("import sys, torch\n"
               "from transformers import AutoModelForCausalLM\n"
-              "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()\n"
-              "d = torch.load(sys.argv[2])\n"
-              "with torch.no_grad():\n"
-              "    torch.save(m(input_ids=d['ids'], attention_mask=d['mask']).logits, sys.argv[3])\n"
-              "print(type(m).__name__, sorted(k for k in sys.modules if k.split('.')[0] == 'workbench'))\n")
+              "d = torch.load(sys.argv[1])\n"
+              "for i, folder in enumerate(sys.argv[2:]):\n"
+              "    m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()\n"
+              "    with torch.no_grad():\n"
+              "        torch.save(m(input_ids=d['ids'], attention_mask=d['mask']).logits, f'out{i}.pt')\n"
+              "    print(type(m).__name__)\n"
+              "print(sorted(k for k in sys.modules if k.split('.')[0] == 'workbench'))\n")
     torch.save({"ids": ids, "mask": mask}, tmp_path / "in.pt")
-    r = subprocess.run([sys.executable, "-c", script, str(art), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "in.pt"), str(same), str(art)],
                        check=False, capture_output=True, text=True, cwd=tmp_path, timeout=300,
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""})
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split() == ["MixtralForCausalLM", "[]"]
-    with torch.no_grad():
-        want = loaded.model(input_ids=ids, attention_mask=mask).logits
+    assert r.stdout.split() == ["MixtralForCausalLM", "MixtralForCausalLM", "[]"]
     real = mask.bool()
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt")[real], want[real], atol=1e-6, rtol=0)
+    with torch.no_grad():
+        dense = _dense(moe_pool.folders["same1"])(input_ids=ids, attention_mask=mask).logits
+        r = parse_recipe(_recipe("btx", ["a", "b", "c"], steps=0, router_std=0.5))
+        ctx = BuildContext(r.pool, r.experts, r.params, r.recipe.output, tmp_path / "unused", log=quiet)
+        in_memory, _ = Btx().make_model(ctx, Sources(r.pool.base, r.experts), r.pool.base.tokenizer())
+        built = in_memory.eval()(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(torch.load(tmp_path / "out0.pt")[real], dense[real], atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.load(tmp_path / "out1.pt")[real], built[real], atol=1e-6, rtol=0)
+    assert (built - dense)[real].abs().max() > 1e-2  # different experts: a different model
 
 
 @pytest.mark.parametrize("params", [{}, {"shared_kv": True}, {"parallel_attention": True}],

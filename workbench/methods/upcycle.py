@@ -74,14 +74,6 @@ class UpcycleParams(MoeTrainParams):
 # ----------------------------------------------------------------------------- dense experts
 
 
-def expert_signature(expert) -> tuple[str, str]:
-    """(architecture, fingerprint of config + tensor shapes) of the dense model an expert is (or materialises to):
-    its pool's base's, from the manifest (a full expert was checked against the base when added). No file of the
-    expert is opened: a comparison validates recipes whose experts' files are absent."""
-    b = expert.pool.manifest.base
-    return b.architecture, b.fingerprint
-
-
 class Sources:
     """The tensors of the upcycled model's inputs, one at a time: dense expert e's weight W_e(name) (its own
     tensor, or W0 + delta for a LoRA expert; W0 where an expert does not change the tensor) and their mean."""
@@ -136,6 +128,17 @@ def check_base_config(cfg: dict[str, Any], method: str) -> None:
             raise RecipeError(f"{method}: the experts' {flag} is set; Mixtral-style layers have no biases")
     if cfg.get("sliding_window"):
         raise RecipeError(f"{method}: sliding-window attention is not supported")
+
+
+def cached_base_config(spec: str) -> dict[str, Any] | None:
+    """The config.json of a base that is already on disk (None when it would have to be fetched first)."""
+    from ..base import BaseModel
+    from ..errors import BaseModelError
+
+    try:
+        return BaseModel(spec, fetch=False).config
+    except BaseModelError:
+        return None
 
 
 def router_init_tensor(kind: str, n: int, d: int, std: float, gen: torch.Generator,
@@ -469,14 +472,19 @@ class UpcycleMethod(Method):
         if lora and not params.materialize:
             raise RecipeError(f"{self.name} needs full (dense) experts; {lora} are LoRA adapters: set "
                               "`materialize: true` to fold each into the base as a dense expert")
-        sigs = [expert_signature(e) for e in experts]
-        for e, s in zip(experts, sigs):
-            if s != sigs[0]:
-                raise RecipeError(f"{self.name}: experts {experts[0].name!r} ({sigs[0][0]}) and {e.name!r} ({s[0]}) "
-                                  "differ in architecture or tensor shapes; upcycle experts of one base")
-        if sigs[0][0] not in UPCYCLABLE:
-            raise RecipeError(f"{self.name}: experts of architecture {sigs[0][0]} cannot be upcycled "
+        # one pool's experts share its base (experts of another base are refused as "mixed bases"; a full expert's
+        # architecture and tensor shapes were checked against the base when it was added): the base decides
+        base = experts[0].pool.manifest.base
+        if base.architecture not in UPCYCLABLE:
+            raise RecipeError(f"{self.name}: experts of architecture {base.architecture} cannot be upcycled "
                               f"(supported: {', '.join(UPCYCLABLE)})")
+        config = cached_base_config(base.spec)
+        if config is not None:  # else checked when building (validation never downloads or converts a base)
+            check_base_config(config, self.name)
+        if params.steps > 0 and getattr(params, "router_init", None) == "uniform":
+            raise RecipeError(f"{self.name}: router_init uniform gives every expert the same score, so top-k always "
+                              "picks the first experts and training cannot break the tie; use it with steps: 0, or "
+                              "router_init random or data")
         for e in experts:
             if not e.tasks():
                 raise RecipeError(f"{self.name}: expert {e.name!r} names no training task (tag task=<suite task>): "

@@ -104,8 +104,10 @@ class BamAttention(nn.Module):
         out, attn_weights = attention_interface(self, q, k, v, attention_mask,
                                                 dropout=0.0 if not self.training else self.attention_dropout,
                                                 scaling=self.scaling, **kwargs)  # out: [B, S, E*H, D]
-        if self.shared_kv:
-            out = out.reshape(b, s, kv, e, h // kv, dh).transpose(2, 3)  # back to expert-major
+        if self.shared_kv:  # back to expert-major (the output and the recorded attention weights)
+            out = out.reshape(b, s, kv, e, h // kv, dh).transpose(2, 3)
+            if attn_weights is not None:
+                attn_weights = attn_weights.unflatten(1, (kv, e, h // kv)).transpose(1, 2).flatten(1, 3)
         out = out.reshape(b, s, e, h * dh) * w[..., None]  # expert e's heads weighted by w_e
         return self.o_proj(out.reshape(b, s, e * h * dh)), attn_weights
 
