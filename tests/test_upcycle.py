@@ -4,6 +4,7 @@ transformers in another process, hand-computed losses and hidden-state means."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -167,73 +168,89 @@ def test_identical_experts_with_uniform_routers_are_the_dense_model(moe_pool, me
         assert not layer.mlp.gate.weight.any()  # uniform: zero logits
 
 
+def _moe_ffn_by_hand(x, router, experts, layer, k):
+    """The MoE FFN of `layer`: sum over the top-k of softmax(router x), renormalised, of dense expert e's MLP on x."""
+    probs = torch.softmax(x @ router.T, -1)
+    top, idx = probs.topk(k, -1)
+    top = top / top.sum(-1, keepdim=True)
+    ffn = torch.stack([hand_ffn(x, _ffn_weights(e, layer)) for e in experts], -2)  # [B, S, E, d]
+    picked = torch.gather(ffn, -2, idx[..., None].expand(-1, -1, -1, ffn.shape[-1]))
+    return (picked * top[..., None]).sum(-2), idx
+
+
+def _layer_io(model, ids) -> list[dict]:
+    """Every layer's attention and FFN (input, output) in one forward."""
+    seen = [{} for _ in model.model.layers]
+    hooks = [h for i, layer in enumerate(model.model.layers)
+             for h in (_capture(layer.self_attn, seen[i], "attn"), _capture(layer.mlp, seen[i], "ffn"))]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
 @pytest.mark.parametrize("shared_kv", [False, True])
-def test_bam_attention_experts_by_hand(moe_pool, shared_kv):
-    """Different experts, random routers, layer 0: the Mixture of Attention is sum_e softmax(router x)_e *
-    attention_e(x), attention_e written out by hand with expert e's Q and O and its own K/V (or the experts'
-    mean K/V with shared_kv). The hand attention is first checked against the dense model's own layer."""
+def test_bam_layers_by_hand(moe_pool, shared_kv):
+    """Different experts, random routers, every layer: the Mixture of Attention is sum_e softmax(router x)_e *
+    attention_e(x), attention_e written out by hand with expert e's Q and O and its own K/V (or the experts' mean
+    K/V with shared_kv); the FFN is BTX's top-k mixture of the dense experts' MLPs. The hand attention is first
+    checked against a dense model's own layers."""
     names = ["a", "b", "c"]
-    _, _, loaded = _build("bam", names, steps=0, router_init="random", router_std=0.2, shared_kv=shared_kv)
+    _, _, loaded = _build("bam", names, steps=0, router_init="random", router_std=0.2, shared_kv=shared_kv, top_k=2)
     model = loaded.model
     cfg = model.config
     h, kv, theta = cfg.num_attention_heads, cfg.num_key_value_heads, _theta(cfg)
     ids = torch.randint(4, 99, (2, 8), generator=torch.Generator().manual_seed(3))
-    w = [_attn_weights(_weights(moe_pool.folders[n])) for n in names]
+    w = [_weights(moe_pool.folders[n]) for n in names]
 
-    dense, seen = _dense(moe_pool.folders["b"]), {}
-    hook = _capture(dense.model.layers[0].self_attn, seen, "attn")
-    with torch.no_grad():
-        dense(input_ids=ids)
-    hook.remove()
-    x, y = seen["attn"]
-    torch.testing.assert_close(hand_attention(x, *w[1].values(), h, kv, theta), y, atol=1e-5, rtol=1e-4)
+    for i, seen in enumerate(_layer_io(_dense(moe_pool.folders["b"]), ids)):
+        x, y = seen["attn"]
+        torch.testing.assert_close(hand_attention(x, *_attn_weights(w[1], i).values(), h, kv, theta), y,
+                                   atol=1e-5, rtol=1e-4)
+    picked = set()
+    for i, (layer, seen) in enumerate(zip(model.model.layers, _layer_io(model, ids))):
+        x, y = seen["attn"]
+        gate = torch.softmax(x @ layer.self_attn.router.weight.T, -1)  # [B, S, E]
+        assert gate.min() > 1e-4  # soft: every expert counts for every token (no top-k)
+        aw = [_attn_weights(e, i) for e in w]
+        k_mean, v_mean = (torch.stack([e[p] for e in aw]).mean(0) for p in "kv")
 
-    hook = _capture(model.model.layers[0].self_attn, seen, "bam")
-    with torch.no_grad():
-        model(input_ids=ids)
-    hook.remove()
-    x, y = seen["bam"]
-    gate = torch.softmax(x @ model.model.layers[0].self_attn.router.weight.T, -1)  # [B, S, E]
-    assert gate.max() < 0.99 and gate.min() > 0.01  # soft: every expert counts
-    k_mean, v_mean = (torch.stack([e[p] for e in w]).mean(0) for p in "kv")
+        def mix(kv_of_head=None):
+            outs = [hand_attention(x, e["q"], k_mean if shared_kv else e["k"], v_mean if shared_kv else e["v"],
+                                   e["o"], h, kv, theta, kv_of_head) for e in aw]
+            return sum(gate[..., j, None] * o for j, o in enumerate(outs))
 
-    def mix(kv_of_head=None):
-        outs = [hand_attention(x, e["q"], k_mean if shared_kv else e["k"], v_mean if shared_kv else e["v"], e["o"],
-                               h, kv, theta, kv_of_head) for e in w]
-        return sum(gate[..., i, None] * o for i, o in enumerate(outs))
-
-    want = mix()
-    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-4)
-    # the check sees head order: query head h reading KV head h % KV instead of h // (H/KV) is far off
-    assert (mix(lambda heads: heads % kv) - want).abs().max() > 1e-3
+        want = mix()
+        torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-4)
+        # the check sees head order: query head h reading KV head h % KV instead of h // (H/KV) is far off
+        assert (mix(lambda heads: heads % kv) - want).abs().max() > 1e-3
+        x, y = seen["ffn"]
+        want, idx = _moe_ffn_by_hand(x, layer.mlp.gate.weight, w, i, 2)
+        torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-4)
+        picked |= set(idx.reshape(-1).tolist())
+    assert picked == {0, 1, 2}  # every expert is picked somewhere
 
 
-def test_btx_layer_by_hand(moe_pool):
-    """BTX layer 0 with different experts: attention with the experts' mean weights; FFN = sum over the top-k of
-    softmax(router x), renormalised, of dense expert e's MLP on x."""
+def test_btx_layers_by_hand(moe_pool):
+    """BTX with different experts, every layer: attention with the experts' mean weights; FFN = sum over the top-k
+    of softmax(router x), renormalised, of dense expert e's MLP on x."""
     names = ["a", "b", "c"]
     _, meta, loaded = _build("btx", names, steps=0, router_init="random", router_std=0.5, top_k=2)
     model, cfg = loaded.model, loaded.model.config
     w = [_weights(moe_pool.folders[n]) for n in names]
     ids = torch.randint(4, 99, (2, 8), generator=torch.Generator().manual_seed(4))
-    seen = {}
-    hooks = [_capture(model.model.layers[0].self_attn, seen, "attn"), _capture(model.model.layers[0].mlp, seen, "ffn")]
-    with torch.no_grad():
-        model(input_ids=ids)
-    for hk in hooks:
-        hk.remove()
-    mean = {k: torch.stack([_attn_weights(e)[k] for e in w]).mean(0) for k in "qkvo"}
-    x, y = seen["attn"]
-    torch.testing.assert_close(y, hand_attention(x, *mean.values(), cfg.num_attention_heads, cfg.num_key_value_heads,
-                                                 _theta(cfg)), atol=1e-5, rtol=1e-4)
-    x, y = seen["ffn"]
-    probs = torch.softmax(x @ model.model.layers[0].mlp.gate.weight.T, -1)
-    top, idx = probs.topk(2, -1)
-    top = top / top.sum(-1, keepdim=True)
-    ffn = torch.stack([hand_ffn(x, _ffn_weights(e)) for e in w], -2)  # [B, S, E, d]
-    want = (torch.gather(ffn, -2, idx[..., None].expand(-1, -1, -1, ffn.shape[-1])) * top[..., None]).sum(-2)
-    assert len(set(idx.reshape(-1).tolist())) == 3  # every expert is picked somewhere
-    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-4)
+    picked = set()
+    for i, (layer, seen) in enumerate(zip(model.model.layers, _layer_io(model, ids))):
+        mean = {k: torch.stack([_attn_weights(e, i)[k] for e in w]).mean(0) for k in "qkvo"}
+        x, y = seen["attn"]
+        torch.testing.assert_close(y, hand_attention(x, *mean.values(), cfg.num_attention_heads,
+                                                     cfg.num_key_value_heads, _theta(cfg)), atol=1e-5, rtol=1e-4)
+        x, y = seen["ffn"]
+        want, idx = _moe_ffn_by_hand(x, layer.mlp.gate.weight, w, i, 2)
+        torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-4)
+        picked |= set(idx.reshape(-1).tolist())
+    assert picked == {0, 1, 2}  # every expert is picked somewhere
     assert meta["construction"]["averaged"].startswith("attention")
 
 
@@ -241,7 +258,7 @@ def test_btx_export_loads_with_plain_transformers(moe_pool, tmp_path):
     """A plain Mixtral folder: no custom code; another process that never imports workbench loads it with
     AutoModelForCausalLM. Built from three copies of one dense expert with uniform routers, its logits are that
     dense model's (1e-4); built from different experts, they are the ones of the model built in memory before it
-    was saved (whose layers `test_btx_layer_by_hand` checks)."""
+    was saved (whose layers `test_btx_layers_by_hand` checks)."""
     from workbench.methods.base import BuildContext
     from workbench.methods.btx import BTX as Btx
     from workbench.methods.upcycle import Sources
@@ -451,6 +468,25 @@ def test_training_lowers_the_loss_records_curves_and_evaluates(moe_pool, tmp_pat
         assert g == want[0, len(p):].tolist()
 
 
+@pytest.mark.parametrize("shared_kv", [False, True], ids=["full_kv", "shared_kv"])
+def test_bam_evaluates_with_lm_eval(moe_pool, tmp_path, shared_kv):
+    """A BAM artifact (custom architecture, registered with transformers' Auto classes) runs through lm-eval:
+    generation (exact match, every answer logged) and perplexity."""
+    import gzip
+
+    from workbench.eval.harness import run_eval
+
+    art, _, _ = _build("bam", ["a", "b", "c"], steps=0, router_std=0.5, shared_kv=shared_kv)
+    m = run_eval(str(art), ["addition", "python_code"], pool=moe_pool, limit=2, batch_size=2,
+                 results_dir=tmp_path / "lm")
+    assert m["model_info"]["architecture"] == "BamForCausalLM" and m["method"] == "bam"
+    assert 0 <= m["scores"]["addition"]["exact_match"] <= 1 and m["scores"]["python_code"]["word_perplexity"] > 1
+    samples = (tmp_path / m["results_file"]).parent / f"samples_{m['run_id']}.jsonl.gz"
+    rows = [json.loads(line) for line in gzip.open(samples, "rt")]
+    assert [r["task"] for r in rows] == ["addition", "addition", "python_code", "python_code"]
+    assert all(r["response"] for r in rows if r["task"] == "addition")
+
+
 @pytest.mark.parametrize("method,params", [("btx", {}), ("bam", {}), ("bam", {"shared_kv": True})],
                          ids=["btx", "bam", "bam-shared_kv"])
 def test_shared_tensors_are_the_experts_average(moe_pool, method, params):
@@ -472,9 +508,10 @@ def test_shared_tensors_are_the_experts_average(moe_pool, method, params):
         torch.testing.assert_close(moe["lm_head.weight"], moe["model.embed_tokens.weight"])
 
 
-def test_training_optimises_every_parameter_at_its_rate(moe_pool, monkeypatch):
+def test_training_optimises_every_parameter_at_its_rate(moe_pool, monkeypatch, capsys):
     """The MoE trainer's AdamW holds every parameter once: the routers (FFN and attention) at router_lr, all the
-    rest at lr, under linear warm-up then linear decay; the aux loss sees the padding mask."""
+    rest at lr, under linear warm-up then linear decay; the aux loss sees the padding mask and every layer's FFN
+    router; the steps show on a progress bar with the losses."""
     from workbench.methods import upcycle
 
     seen = {}
@@ -487,7 +524,7 @@ def test_training_optimises_every_parameter_at_its_rate(moe_pool, monkeypatch):
             return super().step(*a, **k)
 
     def lb(logits, n, k, mask=None):
-        seen["mask"] = mask
+        seen["mask"], seen["lb"] = mask, (len(logits), n, k)
         return real_lb(logits, n, k, mask)
 
     monkeypatch.setattr(torch.optim, "AdamW", Spy)
@@ -501,6 +538,9 @@ def test_training_optimises_every_parameter_at_its_rate(moe_pool, monkeypatch):
     assert [round(a / 1e-4, 6) for a, _ in seen["lrs"]] == [0.5, 1.0, 1.0, 0.5]  # (s+1)/2, then (4-s)/2
     assert [round(b / 1e-2, 6) for _, b in seen["lrs"]] == [0.5, 1.0, 1.0, 0.5]
     assert seen["mask"] is not None and seen["mask"].shape[0] == 2
+    assert seen["lb"] == (n_layers, 3, 2)  # every layer's FFN router logits, E experts, top_k (the default)
+    bar = [line for line in capsys.readouterr().err.splitlines() if "bam: MoE training" in line]
+    assert bar and "4/4" in bar[-1] and "loss=" in bar[-1] and "aux=" in bar[-1], bar
 
 
 @pytest.mark.parametrize("method,params", [("btx", {}), ("bam", {"shared_kv": True})], ids=["btx", "bam-shared_kv"])
@@ -625,20 +665,23 @@ def test_bad_input_one_line_nothing_written(moe_pool, tiny_dir, tmp_path, pools,
         ("btx", ["a", "untagged"], {}, "demo", r"btx: expert 'untagged' names no training task"),
         ("mergekit_moe", ["a", "same1"], {}, "demo", r"mergekit_moe: experts 'a' and 'same1' have the same tasks"),
         ("bam", ["a", "b"], {"router_init": "learned"}, "demo", r"parameters\.router_init: Input should be"),
+        ("btx", ["a", "b"], {"router_init": "uniform", "steps": 5}, "demo",
+         r"btx: router_init uniform gives every expert the same score"),
     ]
+    f = tmp_path / "bad.yaml"
     for method, experts, params, pool_name, msg in cases:
         with pytest.raises(RecipeError, match=msg) as err:
             parse_recipe(_recipe(method, experts, pool=pool_name, **params))
         one_line(err)
-    f = tmp_path / "few.yaml"
-    f.write_text(yaml.safe_dump(_recipe("btx", ["la", "lb"])))
-    capsys.readouterr()  # the tiny models' save progress bars
-    code, out, err = run_cli("merge", str(f))
-    assert code == 2 and out == "" and err.count("\n") == 1 and "materialize: true" in err
+        f.write_text(yaml.safe_dump(_recipe(method, experts, pool=pool_name, **params)))
+        capsys.readouterr()  # the tiny models' save progress bars
+        code, out, err = run_cli("merge", str(f))  # `workbench merge`: exit 2, the same one line, nothing built
+        assert code == 2 and out == "" and err.count("\n") == 1 and re.search(msg, err), (msg, err)
     assert {"pools": snapshot(pools), "artifacts": snapshot(arts)} == before
 
 
-def test_biased_attention_is_refused_in_one_line(pools, tmp_path, arts):
+def test_biased_attention_is_refused_in_one_line(pools, tmp_path, arts, monkeypatch):
+    from workbench.methods import upcycle
     from workbench.pool import Pool
     from workbench.recipes import build, parse_recipe
     from workbench.testing import make_tiny_base
@@ -647,11 +690,18 @@ def test_biased_attention_is_refused_in_one_line(pools, tmp_path, arts):
     p = Pool.create("biased", base=str(base))
     for i, task in enumerate(TASKS[:2]):
         p.add(make_tiny_full(base, tmp_path / f"biased-{i}", seed=i), f"x{i}", tags={"task": task})
+    before = snapshot(arts)
     with pytest.raises(RecipeError, match=r"bam: the experts' attention_bias is set; Mixtral-style layers have no "
                                           r"biases") as err:
-        build(parse_recipe(_recipe("bam", ["x0", "x1"], pool="biased")), log=quiet)
+        parse_recipe(_recipe("bam", ["x0", "x1"], pool="biased"))  # refused when validated: the base is on disk
     one_line(err)
-    assert not list(arts.glob("bam-*/artifact.json"))
+    # a base not yet on disk is checked when the build has it
+    monkeypatch.setattr(upcycle, "cached_base_config", lambda spec: None)
+    recipe = parse_recipe(_recipe("bam", ["x0", "x1"], pool="biased"))
+    with pytest.raises(RecipeError, match=r"bam: the experts' attention_bias is set") as err:
+        build(recipe, log=quiet)
+    one_line(err)
+    assert {k: v for k, v in snapshot(arts).items() if not k.endswith(".lock")} == before  # the build's lock only
 
 
 # ----------------------------------------------------------------------------- mergekit-moe
@@ -674,6 +724,36 @@ def test_mergekit_moe_builds_on_tiny_full_experts(moe_pool):
     torch.testing.assert_close(sd[q], torch.stack([we[q] for we in w]).mean(0), atol=1e-6, rtol=0)
     gate = sd["model.layers.1.mlp.gate.weight"]
     assert gate.shape == (3, loaded.model.config.hidden_size) and torch.linalg.matrix_rank(gate) == 3
+
+    # the gates, recomputed as mergekit's gate_mode hidden defines them, in fp32 (mergekit runs bf16): with the
+    # experts' average model, bos + each positive prompt (questions of the expert's train split, never its test
+    # split), left-padded with bos; row e of layer l = the normalised mean over the prompts of the last token's
+    # hidden state entering layer l
+    from workbench.methods.mergekit_moe import positive_prompts
+    from workbench.tasks.suite import load_split
+
+    avg = _dense(moe_pool.folders["a"])
+    missing, _ = avg.load_state_dict({k: torch.stack([we[k] for we in w]).mean(0) for k in w[0]}, strict=False)
+    assert set(missing) <= {"lm_head.weight"}
+    tok = moe_pool.base.tokenizer()
+    tok.padding_side, tok.pad_token_id = "left", tok.bos_token_id
+    want = []
+    for name in names:
+        expert = moe_pool.expert(name)
+        prompts = positive_prompts(expert, 3, 0)
+        (task,) = expert.tasks()
+        assert len(prompts) == 3 and set(prompts) <= {r["question"] for r in load_split(task, "train")}
+        assert not set(prompts) & {r["question"] for r in load_split(task, "test")}
+        batch = tok([tok.bos_token + p for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            hidden = torch.stack(avg(**batch, output_hidden_states=True).hidden_states[:-1])[:, :, -1].mean(1)
+        want.append(hidden / hidden.norm(dim=-1, keepdim=True))
+    want = torch.stack(want, 1)  # [L, E, d]
+    for layer in range(len(want)):
+        got = sd[f"model.layers.{layer}.mlp.gate.weight"]
+        torch.testing.assert_close(got, want[layer], atol=3e-2, rtol=0)  # bf16 hidden states
+    last = want[-1] @ sd[f"model.layers.{len(want) - 1}.mlp.gate.weight"].T  # cosines, [E want, E got]
+    assert (last.diagonal() > 0.99).all() and (last.diagonal()[:, None] - last).sum() > 0.05  # each row its own
 
 
 # ----------------------------------------------------------------------------- stats
@@ -699,6 +779,45 @@ def test_stats_count_parameters_and_measure_the_kv_cache(moe_pool, method, param
     held = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * 4 / ids.numel()
     assert stats["kv_cache_bytes_per_token"]["float32"] == held
     assert held == kv_sets * dense["kv_cache_bytes_per_token"]["float32"]
+
+
+@pytest.mark.parametrize("method,params", [("btx", {}), ("bam", {}), ("bam", {"shared_kv": True})],
+                         ids=["btx", "bam", "bam-shared_kv"])
+def test_stats_flops_and_active_parameters_are_measured(moe_pool, method, params):
+    """FLOPs per token as torch's FlopCounterMode counts them for one token decoded after T cached tokens (eager
+    attention and experts), at two T: 2 * matmul_params + attention_flops_per_context_token * (T + 1 keys).
+    Active parameters = those one token's backward reaches: the expert slices with a nonzero gradient, every other
+    tensor whole (the embedding too, as the stats define it)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _, meta, loaded = _build(method, ["a", "b", "c"], steps=0, top_k=2, router_std=0.5, **params)
+    model, flops = loaded.model, meta["stats"]["flops_per_token"]
+    model.set_attn_implementation("eager")
+    model.set_experts_implementation("eager")  # a loop of matmuls FlopCounterMode sees (not torch._grouped_mm)
+    counted = []
+    for t in (5, 17):
+        ids = torch.randint(4, 99, (1, t + 1), generator=torch.Generator().manual_seed(t))
+        with torch.no_grad():
+            cache = model(input_ids=ids[:, :t], use_cache=True).cache
+            counter = FlopCounterMode(display=False)
+            with counter:
+                model(input_ids=ids[:, t:], cache=cache, use_cache=True)
+        counted.append(counter.get_total_flops())
+        assert counted[-1] == 2 * flops["matmul_params"] + flops["attention_flops_per_context_token"] * (t + 1), t
+    assert counted[1] > counted[0]  # the attention term grows with the context
+
+    model.train()
+    model.zero_grad()
+    out = model(input_ids=torch.tensor([[7]]))
+    out.logits.square().sum().backward()
+    active = 0
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        if ".experts." in name:  # [E, ...]: the experts this token was routed to
+            active += sum(p[e].numel() for e in range(p.shape[0]) if p.grad[e].any())
+        else:
+            active += p.numel()
+    assert active == meta["stats"]["active_parameters_per_token"]
 
 
 def test_moe_artifacts_are_served_beside_the_pool(moe_pool, tmp_path):
