@@ -29,6 +29,28 @@ def test_hub_id_offline_fails_clearly(monkeypatch):
         resolve_base_path("HuggingFaceTB/SmolLM2-135M")
 
 
+def test_hub_id_without_fetch_never_downloads(monkeypatch, tmp_path):
+    """fetch=False (validation: a recipe over a hub-id base): only the local hub cache is read; a base not in it
+    is 'not cached yet', and one in it resolves to its snapshot."""
+    import huggingface_hub
+
+    calls = []
+
+    def snapshot_download(repo_id, **kw):
+        calls.append(kw.get("local_files_only"))
+        if kw.get("local_files_only") and repo_id == "org/cached":
+            return str(tmp_path)
+        raise OSError("no network here")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(BaseModelError, match=r"base model 'org/absent' is not cached yet; run: workbench base fetch"):
+        resolve_base_path("org/absent", fetch=False)
+    assert resolve_base_path("org/cached", fetch=False) == tmp_path
+    with pytest.raises(BaseModelError, match=r"cannot fetch 'org/absent' from the Hugging Face hub"):
+        resolve_base_path("org/absent")
+    assert calls == [True, True, False]
+
+
 def test_local_folder_without_config(tmp_path):
     with pytest.raises(BaseModelError, match=r"not a Hugging Face model folder \(no config.json\)"):
         resolve_base_path(tmp_path)

@@ -109,9 +109,9 @@ def _rope(x: torch.Tensor, theta: float) -> torch.Tensor:
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
-def hand_attention(x, wq, wk, wv, wo, n_heads: int, n_kv: int, theta: float, kv_of_head=None):
-    """Causal grouped-query attention with RoPE, written out: x [B, S, d] -> [B, S, d]. Query head h reads
-    KV head h // (H / KV) (or `kv_of_head(h)`)."""
+def hand_attention(x, wq, wk, wv, wo, n_heads: int, n_kv: int, theta: float, kv_of_head=None, probs=False):
+    """Causal grouped-query attention with RoPE, written out: x [B, S, d] -> [B, S, d] (`probs`: the attention
+    probabilities [B, H, S, S] instead). Query head h reads KV head h // (H / KV) (or `kv_of_head(h)`)."""
     b, s, _ = x.shape
     dh = wq.shape[0] // n_heads
     q = _rope((x @ wq.T).view(b, s, n_heads, dh).transpose(1, 2), theta)
@@ -122,6 +122,8 @@ def hand_attention(x, wq, wk, wv, wo, n_heads: int, n_kv: int, theta: float, kv_
     k, v = k[:, which], v[:, which]
     scores = (q @ k.transpose(-1, -2)) / dh ** 0.5
     scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+    if probs:
+        return scores.softmax(-1)
     return (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, -1) @ wo.T
 
 
@@ -194,8 +196,8 @@ def _layer_io(model, ids) -> list[dict]:
 def test_bam_layers_by_hand(moe_pool, shared_kv):
     """Different experts, random routers, every layer: the Mixture of Attention is sum_e softmax(router x)_e *
     attention_e(x), attention_e written out by hand with expert e's Q and O and its own K/V (or the experts' mean
-    K/V with shared_kv); the FFN is BTX's top-k mixture of the dense experts' MLPs. The hand attention is first
-    checked against a dense model's own layers."""
+    K/V with shared_kv), and so are the attention probabilities it records (eager); the FFN is BTX's top-k
+    mixture of the dense experts' MLPs. The hand attention is first checked against a dense model's layers."""
     names = ["a", "b", "c"]
     _, _, loaded = _build("bam", names, steps=0, router_init="random", router_std=0.2, shared_kv=shared_kv, top_k=2)
     model = loaded.model
@@ -208,23 +210,30 @@ def test_bam_layers_by_hand(moe_pool, shared_kv):
         x, y = seen["attn"]
         torch.testing.assert_close(hand_attention(x, *_attn_weights(w[1], i).values(), h, kv, theta), y,
                                    atol=1e-5, rtol=1e-4)
-    picked = set()
-    for i, (layer, seen) in enumerate(zip(model.model.layers, _layer_io(model, ids))):
+    picked, io = set(), _layer_io(model, ids)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        recorded = model(input_ids=ids, output_attentions=True).attentions  # [B, E*H, S, S] per layer
+    for i, (layer, seen) in enumerate(zip(model.model.layers, io)):
         x, y = seen["attn"]
         gate = torch.softmax(x @ layer.self_attn.router.weight.T, -1)  # [B, S, E]
         assert gate.min() > 1e-4  # soft: every expert counts for every token (no top-k)
         aw = [_attn_weights(e, i) for e in w]
         k_mean, v_mean = (torch.stack([e[p] for e in aw]).mean(0) for p in "kv")
 
-        def mix(kv_of_head=None):
+        def mix(x, gate, aw, k_mean, v_mean, kv_of_head=None):
             outs = [hand_attention(x, e["q"], k_mean if shared_kv else e["k"], v_mean if shared_kv else e["v"],
                                    e["o"], h, kv, theta, kv_of_head) for e in aw]
             return sum(gate[..., j, None] * o for j, o in enumerate(outs))
 
-        want = mix()
+        want = mix(x, gate, aw, k_mean, v_mean)
         torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-4)
         # the check sees head order: query head h reading KV head h % KV instead of h // (H/KV) is far off
-        assert (mix(lambda heads: heads % kv) - want).abs().max() > 1e-3
+        assert (mix(x, gate, aw, k_mean, v_mean, lambda heads: heads % kv) - want).abs().max() > 1e-3
+        for j, e in enumerate(aw):  # the recorded attention probabilities: expert-major, expert j's heads j*H..
+            p = hand_attention(x, e["q"], k_mean if shared_kv else e["k"], v_mean if shared_kv else e["v"], e["o"],
+                               h, kv, theta, probs=True)
+            torch.testing.assert_close(recorded[i][:, j * h:(j + 1) * h], p, atol=1e-5, rtol=1e-4)
         x, y = seen["ffn"]
         want, idx = _moe_ffn_by_hand(x, layer.mlp.gate.weight, w, i, 2)
         torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-4)
@@ -476,15 +485,21 @@ def test_bam_evaluates_with_lm_eval(moe_pool, tmp_path, shared_kv):
 
     from workbench.eval.harness import run_eval
 
-    art, _, _ = _build("bam", ["a", "b", "c"], steps=0, router_std=0.5, shared_kv=shared_kv)
+    art, _, loaded = _build("bam", ["a", "b", "c"], steps=0, router_std=0.5, shared_kv=shared_kv)
     m = run_eval(str(art), ["addition", "python_code"], pool=moe_pool, limit=2, batch_size=2,
                  results_dir=tmp_path / "lm")
     assert m["model_info"]["architecture"] == "BamForCausalLM" and m["method"] == "bam"
     assert 0 <= m["scores"]["addition"]["exact_match"] <= 1 and m["scores"]["python_code"]["word_perplexity"] > 1
     samples = (tmp_path / m["results_file"]).parent / f"samples_{m['run_id']}.jsonl.gz"
-    rows = [json.loads(line) for line in gzip.open(samples, "rt")]
+    with gzip.open(samples, "rt") as fh:
+        rows = [json.loads(line) for line in fh]
     assert [r["task"] for r in rows] == ["addition", "addition", "python_code", "python_code"]
-    assert all(r["response"] for r in rows if r["task"] == "addition")
+    for r in (r for r in rows if r["task"] == "addition"):  # the answers lm-eval scored: the model's greedy ones
+        ids = loaded.tokenizer(r["question"], return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            out = loaded.model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)
+        text = loaded.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        assert r["response"] == text.split("\n")[0].strip() != ""
 
 
 @pytest.mark.parametrize("method,params", [("btx", {}), ("bam", {}), ("bam", {"shared_kv": True})],
@@ -665,8 +680,6 @@ def test_bad_input_one_line_nothing_written(moe_pool, tiny_dir, tmp_path, pools,
         ("btx", ["a", "untagged"], {}, "demo", r"btx: expert 'untagged' names no training task"),
         ("mergekit_moe", ["a", "same1"], {}, "demo", r"mergekit_moe: experts 'a' and 'same1' have the same tasks"),
         ("bam", ["a", "b"], {"router_init": "learned"}, "demo", r"parameters\.router_init: Input should be"),
-        ("btx", ["a", "b"], {"router_init": "uniform", "steps": 5}, "demo",
-         r"btx: router_init uniform gives every expert the same score"),
     ]
     f = tmp_path / "bad.yaml"
     for method, experts, params, pool_name, msg in cases:
@@ -725,10 +738,10 @@ def test_mergekit_moe_builds_on_tiny_full_experts(moe_pool):
     gate = sd["model.layers.1.mlp.gate.weight"]
     assert gate.shape == (3, loaded.model.config.hidden_size) and torch.linalg.matrix_rank(gate) == 3
 
-    # the gates, recomputed as mergekit's gate_mode hidden defines them, in fp32 (mergekit runs bf16): with the
-    # experts' average model, bos + each positive prompt (questions of the expert's train split, never its test
+    # the gates, recomputed as mergekit's gate_mode hidden defines them (bf16, as mergekit loads the model): with
+    # the experts' average model, bos + each positive prompt (questions of the expert's train split, never its test
     # split), left-padded with bos; row e of layer l = the normalised mean over the prompts of the last token's
-    # hidden state entering layer l
+    # hidden state entering layer l. The same recipe with the pool's base instead of the average is far off.
     from workbench.methods.mergekit_moe import positive_prompts
     from workbench.tasks.suite import load_split
 
@@ -737,23 +750,26 @@ def test_mergekit_moe_builds_on_tiny_full_experts(moe_pool):
     assert set(missing) <= {"lm_head.weight"}
     tok = moe_pool.base.tokenizer()
     tok.padding_side, tok.pad_token_id = "left", tok.bos_token_id
-    want = []
-    for name in names:
-        expert = moe_pool.expert(name)
-        prompts = positive_prompts(expert, 3, 0)
-        (task,) = expert.tasks()
-        assert len(prompts) == 3 and set(prompts) <= {r["question"] for r in load_split(task, "train")}
-        assert not set(prompts) & {r["question"] for r in load_split(task, "test")}
-        batch = tok([tok.bos_token + p for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            hidden = torch.stack(avg(**batch, output_hidden_states=True).hidden_states[:-1])[:, :, -1].mean(1)
-        want.append(hidden / hidden.norm(dim=-1, keepdim=True))
-    want = torch.stack(want, 1)  # [L, E, d]
-    for layer in range(len(want)):
-        got = sd[f"model.layers.{layer}.mlp.gate.weight"]
-        torch.testing.assert_close(got, want[layer], atol=3e-2, rtol=0)  # bf16 hidden states
-    last = want[-1] @ sd[f"model.layers.{len(want) - 1}.mlp.gate.weight"].T  # cosines, [E want, E got]
-    assert (last.diagonal() > 0.99).all() and (last.diagonal()[:, None] - last).sum() > 0.05  # each row its own
+
+    def gates(model):
+        rows = []
+        for name in names:
+            expert = moe_pool.expert(name)
+            prompts = positive_prompts(expert, 3, 0)
+            (task,) = expert.tasks()
+            assert len(prompts) == 3 and set(prompts) <= {r["question"] for r in load_split(task, "train")}
+            assert not set(prompts) & {r["question"] for r in load_split(task, "test")}
+            batch = tok([tok.bos_token + p for p in prompts], return_tensors="pt", padding=True,
+                        add_special_tokens=False)
+            with torch.no_grad():
+                hidden = torch.stack(model(**batch, output_hidden_states=True).hidden_states[:-1])[:, :, -1].mean(1)
+            rows.append(hidden.float() / hidden.float().norm(dim=-1, keepdim=True))
+        return torch.stack(rows, 1)  # [L, E, d]
+
+    want, other = gates(avg.to(torch.bfloat16)), gates(moe_pool.base.load().to(torch.bfloat16))
+    got = torch.stack([sd[f"model.layers.{i}.mlp.gate.weight"] for i in range(len(want))])
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=0)  # 3.6e-3 seen: bf16 of two fp32 averages
+    assert (got - other).abs().max() > 0.1  # 0.25 seen
 
 
 # ----------------------------------------------------------------------------- stats
@@ -872,7 +888,7 @@ def test_moe_artifacts_are_served_beside_the_pool(moe_pool, tmp_path):
                 assert bad.status_code == 503, bad.text
                 msg = bad.json()["error"]["message"]
                 assert "bam-test" in msg and "could not be loaded" in msg and "\n" not in msg
-            schedulers = lambda: sum(t.name == "workbench-scheduler" for t in threading.enumerate())  # noqa: E731
+            schedulers = lambda: sum(t.name == "workbench-scheduler" for t in threading.enumerate())
             before = schedulers()
             with ThreadPoolExecutor(2) as ex:
                 both = list(ex.map(lambda _: complete(url2, "btx-test").json()["choices"][0]["text"], range(2)))

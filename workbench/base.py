@@ -102,21 +102,24 @@ def resolve_base_path(spec: str | os.PathLike, *, fetch: bool = True) -> Path:
             raise BaseModelError(f"{path} is not a Hugging Face model folder (no config.json)")
         return path.resolve()
     if _looks_like_hub_id(spec_s):
-        return _download_hub(spec_s)
+        return _download_hub(spec_s, local_only=not fetch)
     raise BaseModelError(
         f"unknown base model {spec_s!r}: not an alias ({', '.join(ALIASES)}), a local model folder "
         f"or a hub id 'org/name'{did_you_mean(spec_s, ALIASES)}"
     )
 
 
-def _download_hub(repo_id: str) -> Path:
+def _download_hub(repo_id: str, *, local_only: bool = False) -> Path:
+    """The hub snapshot's folder, downloaded if needed (`local_only`: from the local hub cache or an error)."""
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(
-            repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
-        ))
+            repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
+            local_files_only=local_only))
     except Exception as e:  # offline, unknown repo, gated repo: one clear line
+        if local_only:
+            raise BaseModelError(f"base model {repo_id!r} is not cached yet; run: workbench base fetch {repo_id}") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BaseModelError(f"cannot fetch {repo_id!r} from the Hugging Face hub (offline or unknown id?): {first}") from None
 

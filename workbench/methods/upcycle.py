@@ -481,10 +481,6 @@ class UpcycleMethod(Method):
         config = cached_base_config(base.spec)
         if config is not None:  # else checked when building (validation never downloads or converts a base)
             check_base_config(config, self.name)
-        if params.steps > 0 and getattr(params, "router_init", None) == "uniform":
-            raise RecipeError(f"{self.name}: router_init uniform gives every expert the same score, so top-k always "
-                              "picks the first experts and training cannot break the tie; use it with steps: 0, or "
-                              "router_init random or data")
         for e in experts:
             if not e.tasks():
                 raise RecipeError(f"{self.name}: expert {e.name!r} names no training task (tag task=<suite task>): "
