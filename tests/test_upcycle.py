@@ -291,11 +291,11 @@ def test_btx_export_loads_with_plain_transformers(moe_pool, tmp_path):
               "    print(type(m).__name__)\n"
               "print(sorted(k for k in sys.modules if k.split('.')[0] == 'workbench'))\n")
     torch.save({"ids": ids, "mask": mask}, tmp_path / "in.pt")
-    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "in.pt"), str(same), str(art)],
-                       check=False, capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""})
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split() == ["MixtralForCausalLM", "MixtralForCausalLM", "[]"]
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "in.pt"), str(same), str(art)],
+                          check=False, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["MixtralForCausalLM", "MixtralForCausalLM", "[]"]
     real = mask.bool()
     with torch.no_grad():
         dense = _dense(moe_pool.folders["same1"])(input_ids=ids, attention_mask=mask).logits
@@ -751,16 +751,19 @@ def test_mergekit_moe_builds_on_tiny_full_experts(moe_pool):
     tok = moe_pool.base.tokenizer()
     tok.padding_side, tok.pad_token_id = "left", tok.bos_token_id
 
+    batches = []
+    for name in names:
+        expert = moe_pool.expert(name)
+        prompts = positive_prompts(expert, 3, 0)
+        (task,) = expert.tasks()
+        assert len(prompts) == 3 and set(prompts) <= {r["question"] for r in load_split(task, "train")}
+        assert not set(prompts) & {r["question"] for r in load_split(task, "test")}
+        batches.append(tok([tok.bos_token + p for p in prompts], return_tensors="pt", padding=True,
+                           add_special_tokens=False))
+
     def gates(model):
         rows = []
-        for name in names:
-            expert = moe_pool.expert(name)
-            prompts = positive_prompts(expert, 3, 0)
-            (task,) = expert.tasks()
-            assert len(prompts) == 3 and set(prompts) <= {r["question"] for r in load_split(task, "train")}
-            assert not set(prompts) & {r["question"] for r in load_split(task, "test")}
-            batch = tok([tok.bos_token + p for p in prompts], return_tensors="pt", padding=True,
-                        add_special_tokens=False)
+        for batch in batches:
             with torch.no_grad():
                 hidden = torch.stack(model(**batch, output_hidden_states=True).hidden_states[:-1])[:, :, -1].mean(1)
             rows.append(hidden.float() / hidden.float().norm(dim=-1, keepdim=True))
