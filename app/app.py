@@ -254,7 +254,7 @@ def view_routing(cat: catalog.Catalog) -> None:
         st.altair_chart(charts.usage_chart(cat.traces[i]), width="stretch")
         st.altair_chart(charts.token_chart(cat.traces[i]), width="stretch")
     from workbench.pool import Pool
-    from workbench.serve.engine import routed_artifacts
+    from workbench.serving.engine import routed_artifacts
 
     found = []
     for p in _pools():
@@ -291,7 +291,7 @@ def _engine(pool_root: str, manifest_mtime: int):
     """The pool's serving engine (its LoRA experts, saved mixes and routed compositions), kept while the pool's
     manifest is unchanged."""
     from workbench.pool import Pool
-    from workbench.serve.engine import MultiLoraModel
+    from workbench.serving.engine import MultiLoraModel
 
     return MultiLoraModel.from_pool(Pool.open(pool_root), log=lambda m: None)
 

@@ -99,7 +99,7 @@ def app_world(tmp_path_factory, tiny_dir, session_cache):
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
-        from workbench.compare import parse_comparison
+        from workbench.comparison import parse_comparison
         from workbench.eval.harness import run_eval
         from workbench.jobs import run_comparison
         from workbench.pool import Pool

@@ -176,7 +176,7 @@ def test_charts_pairwise_sweeps_routing_benchmarks_views(world):
 
 def test_playground_answers_match_the_engine(world):
     from workbench.pool import Pool
-    from workbench.serve.engine import MultiLoraModel
+    from workbench.serving.engine import MultiLoraModel
 
     at = open_view("Playground")
     at.multiselect(key="pg-models").set_value(["base", "addition"]).run()

@@ -13,7 +13,7 @@ import torch
 import yaml
 from conftest import snapshot
 
-from workbench.compare import parse_comparison
+from workbench.comparison import parse_comparison
 from workbench.errors import RecipeError, WorkbenchError
 from workbench.eval.leaderboard import build_leaderboard, leaderboard_markdown
 from workbench.eval.record import read_samples
@@ -289,7 +289,7 @@ def test_rerun_skips_finished_cells_and_dry_run_shows_them(cmp_pool, tmp_path, r
     again = run_comparison(parse_comparison(f), results_dir=results, log=quiet,
                            progress=lambda st: seen.append((st.done, st.total)))
     assert cell.stat().st_mtime_ns == t0 and again["rows"] == board["rows"]
-    assert seen == [(1, 1)]  # the finished cell counted once, nothing run
+    assert seen == [(0, 1), (1, 1)]  # the start, then the finished cell counted once, nothing run
     # another limit is another experiment: the cell is redone
     f2 = write(tmp_path, {**SMALL, "entries": ["base"], "tasks": ["addition"], "eval": {"limit": 3}})
     third = run_comparison(parse_comparison(f2), results_dir=results, log=quiet)

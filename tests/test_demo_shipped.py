@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from workbench.compare import parse_comparison
+from workbench.comparison import parse_comparison
 from workbench.errors import RecipeError
 from workbench.pool import Pool
 from workbench.recipes import parse_recipe

@@ -142,7 +142,7 @@ def test_meta_is_shared_and_contiguous_blocks(pool, tiny_dir, monkeypatch):
 
     # shared: one make_meta per batch shape, the same object handed to every adapted layer
     import workbench.modules.routed_lora as routed_mod
-    import workbench.serve.engine as engine_mod
+    import workbench.serving.engine as engine_mod
 
     pool.add(tiny_dir / "lora_a", "a")
     pool.add(tiny_dir / "lora_b", "b")

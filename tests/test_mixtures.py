@@ -437,7 +437,7 @@ def test_served_batch_mixes_mole_smora_and_plain_adapters(two, monkeypatch):
     the base decodes each sequence as it decodes alone, and as its artifact's own model generates."""
     from workbench.artifacts import load_artifact
     from workbench.recipes import build, parse_recipe
-    from workbench.serve.engine import MultiLoraModel, Routed
+    from workbench.serving.engine import MultiLoraModel, Routed
 
     m_art = build(parse_recipe({**_recipe("mole", steps=2, examples=4, batch_size=2), "name": "mix-mole"}),
                   log=lambda *a: None)
@@ -479,7 +479,7 @@ def test_comparison_records_the_mixtures_training_and_draws_it(two, tmp_path, mo
     import yaml
 
     from workbench.artifacts import read_artifact_meta
-    from workbench.compare import parse_comparison
+    from workbench.comparison import parse_comparison
     from workbench.io import artifacts_dir
     from workbench.jobs import run_comparison
 

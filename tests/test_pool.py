@@ -393,7 +393,7 @@ def test_missing_files_shown_by_list_and_show(run_cli, pool, tiny_dir):
     assert "missing files" in rows["full_c"] and "ok" in rows["lora_a"] and "missing" not in rows["lora_a"]
     code, out, _ = run_cli("pool", "show", "demo", "full_c")
     assert json.loads(out)["status"].startswith("missing files: ") and "model.safetensors" in json.loads(out)["status"]
-    code, out, _ = run_cli("pool", "show", "demo")
+    code, out, _ = run_cli("pool", "show", "demo", "--json")
     assert [e["status"][:13] for e in json.loads(out)["experts"]] == ["ok", "missing files"]
     code, out, _ = run_cli("pool", "list")
     assert [line.split()[-2] for line in out.splitlines() if " demo " in line] == ["1"]

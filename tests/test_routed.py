@@ -217,13 +217,13 @@ def test_trace_prompt_reports_forced_expert(two):
 
 def test_phatgoose_gates_train_once_per_expert(pool, tiny_dir, monkeypatch):
     """A sweep over k reuses each expert's gate; the gate's loss falls on its own data."""
-    from workbench.methods import phatgoose
+    from workbench.modules import routers  # phatgoose imports GateRouter from here when it builds
     from workbench.recipes import build, parse_recipe
 
     _tagged_pool(pool, tiny_dir)
     calls = []
-    real = phatgoose.GateRouter
-    monkeypatch.setattr(phatgoose, "GateRouter", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    real = routers.GateRouter
+    monkeypatch.setattr(routers, "GateRouter", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     params = {"steps": 30, "examples": 32, "lr": 0.05}
     a = build(parse_recipe(_recipe("phatgoose", k=1, **params)), log=lambda *x: None)
     b = build(parse_recipe(_recipe("phatgoose", k=2, **params)), log=lambda *x: None)
@@ -553,7 +553,7 @@ def test_routed_artifact_built_in_another_checkout_loads_here(pool, tiny_dir, tm
     with torch.no_grad():
         torch.testing.assert_close(load_artifact(again).model(input_ids=ids).logits, want, atol=0, rtol=0)
     from workbench.pool import Pool
-    from workbench.serve.engine import MultiLoraModel
+    from workbench.serving.engine import MultiLoraModel
 
     logs = []
     engine = MultiLoraModel.from_pool(Pool.open("demo"), log=logs.append)  # the server here finds it too

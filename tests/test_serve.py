@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.serve.api import create_app, start_in_thread
-from workbench.serve.engine import MultiLoraModel, peft_alone, top_k_router
+from workbench.serving.api import create_app, start_in_thread
+from workbench.serving.engine import MultiLoraModel, peft_alone, top_k_router
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -412,7 +412,7 @@ def test_64_concurrent_requests_mixing_routed_compositions(served_routed):
 
 def test_unknown_routed_composition_is_unknown_not_the_base(served_routed):
     """A Routed assignment naming nothing this engine serves is refused, never served as the base model."""
-    from workbench.serve.engine import Routed, UnknownModel
+    from workbench.serving.engine import Routed, UnknownModel
 
     engine = served_routed[3]
     with pytest.raises(UnknownModel, match="unknown routed composition 'nope'"):

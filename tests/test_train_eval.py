@@ -210,7 +210,7 @@ def test_results_table(trained_pool, tiny_dir, tmp_path, run_cli):
     text = svg.read_text()
     assert text.startswith("<svg") and ">count<" in text and ">subtraction<" in text
     md, png = tmp_path / "t.md", tmp_path / "t.png"
-    code, _, _ = run_cli("results", "table", "--results-dir", str(out), "--markdown", str(md), "--plot", str(png))
+    code, _, _ = run_cli("results", "runs", "--results-dir", str(out), "--markdown", str(md), "--plot", str(png))
     assert code == 0 and png.read_bytes()[:4] == b"\x89PNG"
     lines = md.read_text().splitlines()
     assert lines[0].startswith("| model") and lines[2].startswith("| base") and "nan" not in md.read_text()

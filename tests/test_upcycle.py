@@ -339,7 +339,7 @@ def test_bam_round_trip_and_cached_generation(moe_pool, tmp_path, params):
     torch.testing.assert_close(steps, full.logits[:, 8:-1], atol=1e-5, rtol=0)
     kv = model.config.num_key_value_heads * (1 if params.get("shared_kv") else 3)
     assert cache.layers[0].keys.shape[1] == kv
-    from workbench.serve.engine import MultiLoraModel  # the server's batched decoder, the MoE as its model
+    from workbench.serving.engine import MultiLoraModel  # the server's batched decoder, the MoE as its model
 
     engine = MultiLoraModel(model, loaded.tokenizer, [])
     got = engine.generate([ids[0].tolist(), ids[1, 3:].tolist()], [(), ()], 5, stop_ids=set())
@@ -467,7 +467,7 @@ def test_training_lowers_the_loss_records_curves_and_evaluates(moe_pool, tmp_pat
     assert set(m["scores"]) == {"addition", "python_code"}
     assert "exact_match" in m["scores"]["addition"] and m["scores"]["python_code"]["word_perplexity"] > 0
 
-    from workbench.serve.engine import MultiLoraModel
+    from workbench.serving.engine import MultiLoraModel
 
     engine = MultiLoraModel(trained.model, trained.tokenizer, [])
     prompts = [tok(text, add_special_tokens=False)["input_ids"] for text in ("12+30=", "Sort: 3 1")]
@@ -850,8 +850,8 @@ def test_moe_artifacts_are_served_beside_the_pool(moe_pool, tmp_path):
     import httpx
 
     from workbench.pool import Pool
-    from workbench.serve.api import create_app, start_in_thread
-    from workbench.serve.engine import MultiLoraModel, saved_full_models
+    from workbench.serving.api import create_app, start_in_thread
+    from workbench.serving.engine import MultiLoraModel, saved_full_models
 
     _, _, btx = _build("btx", ["a", "b", "c"], steps=0, router_std=0.5)
     bam_art, _, bam = _build("bam", ["a", "b"], steps=0, router_std=0.5, top_k=1, shared_kv=True)

@@ -43,10 +43,9 @@ def load_artifact(path: Path, device: str | None = None):
     meta = read_artifact_meta(path)
     kind = meta.get("type", "?")
     if kind not in LOADERS:
-        import importlib
+        from .methods.base import import_methods
 
-        for mod in ("workbench.methods",):  # registering modules
-            importlib.import_module(mod)
+        import_methods()  # the method modules register the artifact types they write
     if kind not in LOADERS:
         raise WorkbenchError(f"artifact {path} has unknown type {kind!r}{did_you_mean(kind, LOADERS)}")
     return LOADERS[kind](Path(path), meta, device=device)

@@ -159,6 +159,7 @@ class BaseModel:
         return fingerprint(self.config, self.tensors.shapes)
 
     def num_parameters(self) -> int:
+        """Parameters of the model, counted from its safetensors shapes (nothing loaded)."""
         total = 0
         for shape in self.tensors.shapes.values():
             n = 1
@@ -167,7 +168,7 @@ class BaseModel:
             total += n
         return total
 
-    def load(self, dtype=None, device: str | None = None):
+    def load(self, dtype: Any = None, device: str | None = None) -> Any:
         """The HF causal LM, fp32 on CPU by default (CPU bf16 is ~500x slower here)."""
         import torch
         from transformers import AutoModelForCausalLM
@@ -177,7 +178,8 @@ class BaseModel:
         model.eval()
         return model.to(device) if device else model
 
-    def tokenizer(self):
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (transformers' AutoTokenizer over the cached folder)."""
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(self.path)
@@ -210,6 +212,7 @@ class BaseModel:
         return not known or name.casefold() in known or name.casefold() in {n.casefold() for n in names if n}
 
     def info(self) -> dict[str, Any]:
+        """Architecture, size, fingerprint and provenance of the base, as JSON-able data."""
         c = self.config
         meta_path = self.path / "workbench-base.json"
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}

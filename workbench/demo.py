@@ -126,7 +126,7 @@ def ship_parts(comparison: Path = DEMO_COMPARISON, log=print) -> list[str]:
     cache into `<pool>/parts/`, where builds find them: the shipped demo then trains none of them."""
     import shutil
 
-    from .compare import parse_comparison
+    from .comparison import parse_comparison
     from .io import staging_dir
     from .methods.base import BuildContext
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .compare import Comparison, Row, cell_key, comparison_dir, default_results_dir, parse_comparison
+from .comparison import Comparison, Row, cell_key, comparison_dir, default_results_dir, parse_comparison
 from .errors import WorkbenchError
 from .faults import fault_point
 from .io import atomic_write_json, atomic_write_text, file_lock, lock_for, sha256_json
@@ -249,26 +249,72 @@ def run_row(plan: Plan, row: Row, *, device: str = "cpu", log: Log = print,
 
 @dataclass
 class Progress:
-    """Counts for the whole job; the CLI draws them with rich, the app with its own widgets."""
+    """Counts for the whole job; the CLI draws them with rich, the app with its own widgets.
+
+    `total`/`done` count cells (builds and evaluations); `reused` of them were already recorded when the run
+    started. `cost_total`/`cost_done` weigh the work still to do by its expected seconds (`expected_costs`), so a
+    bar drawn from them moves with time, not with cell counts (a build can cost a hundred evaluations)."""
 
     total: int
     done: int = 0
     current: str = ""
     events: list[str] = field(default_factory=list)
+    reused: int = 0
+    cost_total: float = 0.0
+    cost_done: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds left: the expected cost of what remains, scaled by how long the finished work took against its
+        expectation (None before anything finished)."""
+        if self.cost_done <= 0:
+            return None
+        rate = (time.monotonic() - self.started) / self.cost_done
+        return max(0.0, (self.cost_total - self.cost_done) * rate)
 
 
-def _local(plan: Plan, device: str, log: Log, tick: Callable[[str], None]) -> None:
+# Expected seconds on this project's 2-core CPU when no earlier run of a row recorded its time.
+_BUILD_S = {"trains": 300.0, "merges": 30.0}
+_EVAL_LOAD_S, _EVAL_PER_EXAMPLE_S = 5.0, 0.3
+
+
+def expected_costs(plan: Plan) -> dict[str, float]:
+    """Expected seconds of every build ('build:<row>') and evaluation cell ('eval:<row>:<task>'): the time an
+    earlier run of the same row recorded (a build record's `build_s`, a cell's `eval_s`, whatever its key), else a
+    default by kind (methods that train vs merges; examples x a per-example time)."""
+    costs: dict[str, float] = {}
+    for row in plan.builds:
+        rec = _read(plan.build_path(row)) or {}
+        if isinstance(rec.get("build_s"), (int, float)):
+            costs[f"build:{row.name}"] = float(rec["build_s"])
+            continue
+        trains = hasattr(row.recipe.params, "steps") if row.recipe is not None else False
+        points = len(_sweep_points(row)) if row.sweep else 0
+        costs[f"build:{row.name}"] = _BUILD_S["trains" if trains else "merges"] * (1 + points)
+    limit = plan.comparison.spec.eval.limit or 100
+    for row, task in plan.evals:
+        rec = _read(plan.cell_path(row, task)) or {}
+        costs[f"eval:{row.name}:{task}"] = float(rec["eval_s"]) if isinstance(rec.get("eval_s"), (int, float)) \
+            else _EVAL_LOAD_S + _EVAL_PER_EXAMPLE_S * limit
+    return costs
+
+
+def _local(plan: Plan, device: str, log: Log, tick: Callable[..., None]) -> None:
     for row in plan.builds:
         if needs_build(plan, row):
             tick(f"build {row.name}")
             run_build(plan, row, device=device, log=log)
-        tick(None)
+            tick(None, item=f"build:{row.name}")
+        else:
+            tick(None)
     for row in plan.comparison.active_rows:
         for task in row.tasks:
             if cell_done(plan, row, task):
                 tick(None)
         run_row(plan, row, device=device, log=log,
-                on_cell=lambda r, t, rec: tick(f"{r.name} x {t}") if rec is None else tick(None, f"{r.name} x {t}", rec))
+                on_cell=lambda r, t, rec: tick(f"{r.name} x {t}") if rec is None
+                else tick(None, f"{r.name} x {t}", rec, item=f"eval:{r.name}:{t}"))
 
 
 def _worker_env() -> dict[str, str]:
@@ -315,7 +361,7 @@ def _ray(plan: Plan, device: str, log: Log, tick, address: str | None, cpus: flo
                 tick(None)
             else:
                 pending[build_fn.remote(payload, row.name, cwd, env, device)] = row
-        _drain(ray, pending, lambda row, rec: tick(None, f"build {row.name}"))
+        _drain(ray, pending, lambda row, rec: tick(None, f"build {row.name}", item=f"build:{row.name}"))
         pending = {}
         for row in plan.comparison.active_rows:
             for task in row.tasks:
@@ -323,7 +369,8 @@ def _ray(plan: Plan, device: str, log: Log, tick, address: str | None, cpus: flo
                     tick(None)
             if any(not cell_done(plan, row, t) for t in row.tasks):
                 pending[row_fn.remote(payload, row.name, cwd, env, device)] = row
-        _drain(ray, pending, lambda row, recs: [tick(None, f"{row.name} x {r['task']}", r) for r in recs])
+        _drain(ray, pending, lambda row, recs: [tick(None, f"{row.name} x {r['task']}", r, item=f"eval:{row.name}:{r['task']}")
+                                                for r in recs])
     finally:
         if started:
             ray.shutdown()
@@ -362,18 +409,28 @@ def run_comparison(comparison: Comparison, *, results_dir: Path | None = None, e
         for p in clean_leftovers(plan.out):
             log(f"removed {p.relative_to(plan.out)}: left by an interrupted run")
         atomic_write_json(plan.out / "plan.json", plan_record(plan))
+        costs = expected_costs(plan)
+        todo = {f"build:{r.name}" for r in plan.builds if needs_build(plan, r)}
+        todo |= {f"eval:{r.name}:{t}" for r, t in plan.evals if not cell_done(plan, r, t)}
+        state.reused = state.total - len(todo)
+        state.cost_total = sum(costs[k] for k in todo)
+        state.started = time.monotonic()
 
-        def tick(current: str | None, event: str | None = None, rec: dict | None = None) -> None:
+        def tick(current: str | None, event: str | None = None, rec: dict | None = None, item: str | None = None):
             if current is not None:  # a cell started
                 state.current = current
             else:
                 state.done += 1
+                if item in todo:
+                    state.cost_done += costs[item]
             if event:
                 score = f": {100 * rec['score']:.1f}" if rec and rec.get("score") is not None else ""
                 state.events.append(event + score)
             if progress:
                 progress(state)
 
+        if progress:
+            progress(state)
         if executor == "local":
             _local(plan, device, log, tick)
         else:
@@ -543,7 +600,7 @@ def eval_matrix(pool_spec: str, tasks: list[str], *, models: list[str] | None = 
     return out
 
 
-__all__ = ["Plan", "Progress", "collect_cells", "describe", "eval_matrix", "make_plan", "run_build",
+__all__ = ["Plan", "Progress", "collect_cells", "describe", "eval_matrix", "expected_costs", "make_plan", "run_build",
            "run_comparison", "run_row", "write_leaderboard"]
 
 

@@ -19,9 +19,8 @@ import time
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel as Schema
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_serializer
 
@@ -29,6 +28,9 @@ from .base import BaseModel, fingerprint
 from .errors import ExpertValidationError, ManifestError, PoolError, did_you_mean
 from .io import atomic_write_json, sha256_file
 from .tensors import SafetensorsDir, model_weight_files, refuse_pickles, relative_distance
+
+if TYPE_CHECKING:  # torch is imported by the first tensor read: `pool list` and `pool show` never need it
+    import torch
 
 MANIFEST = "pool.json"
 EXPERTS_DIR = "experts"
@@ -54,22 +56,51 @@ def check_name(name: str, what: str = "expert name") -> str:
     return name
 
 
+POOLS_ENV = "WORKBENCH_POOLS"
+POOLS_DIR = "adapters"
+# The project's own pools folder, for a source (editable) install: <repository>/adapters next to <repository>/workbench.
+PROJECT_POOLS = Path(__file__).resolve().parent.parent / POOLS_DIR
+
+
 def pools_dir() -> Path:
-    return Path(os.environ.get("WORKBENCH_POOLS", "adapters"))
+    """Where pools are found by name, and `pool create NAME` creates them:
+
+    1. `$WORKBENCH_POOLS`, when set;
+    2. `./adapters`, when the current folder has one;
+    3. the project's `adapters/` folder (a source install: the repository holding the `workbench` package), so
+       `Pool.open("demo")` works from any folder;
+    4. else `./adapters` (created by the first `pool create`).
+    """
+    env = os.environ.get(POOLS_ENV)
+    if env:
+        return Path(env).expanduser()
+    local = Path(POOLS_DIR)
+    if local.is_dir() or not PROJECT_POOLS.is_dir():
+        return local
+    return PROJECT_POOLS
 
 
 def pool_names() -> list[str]:
-    """The pools under adapters/ ($WORKBENCH_POOLS): folders holding a manifest."""
+    """The pools under the pools folder (`pools_dir()`): folders holding a manifest."""
     root = pools_dir()
     return sorted(p.parent.name for p in root.glob(f"*/{MANIFEST}")) if root.is_dir() else []
 
 
 def resolve_pool_path(spec: str | os.PathLike) -> Path:
-    """A pool given by path, or by name under `adapters/` ($WORKBENCH_POOLS)."""
+    """A pool given by path, or by name in the pools folder (`pools_dir()`: $WORKBENCH_POOLS, ./adapters or the
+    project's adapters/)."""
     path = Path(spec).expanduser()
     if path.exists() or os.sep in str(spec) or str(spec).startswith("."):
         return path
     return pools_dir() / str(spec)
+
+
+def _where_pools_are() -> str:
+    """How the pools folder was chosen, for errors: the folder searched and how to choose another."""
+    root = pools_dir()
+    if os.environ.get(POOLS_ENV):
+        return f"pools folder {root} (from ${POOLS_ENV})"
+    return f"pools folder {root.resolve()} (set ${POOLS_ENV} to use another)"
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -355,6 +386,7 @@ class Expert:
         return self._full.get(tensor).float() - self.pool.base.tensors.get(tensor).float()
 
     def iter_deltas(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(tensor name, task vector) for every tensor the expert changes, one at a time."""
         for name in self.delta_names():
             yield name, self.delta(name)
 
@@ -396,8 +428,9 @@ class Pool:
         root = resolve_pool_path(spec)
         path = root / MANIFEST
         if not path.is_file():
-            known = [p.parent.name for p in pools_dir().glob(f"*/{MANIFEST}")]
-            raise PoolError(f"no pool at {root} (missing {MANIFEST}){did_you_mean(root.name, known)}")
+            known = pool_names()
+            where = f"; {_where_pools_are()} has {', '.join(known) or 'no pools'}" if root.parent == pools_dir() else ""
+            raise PoolError(f"no pool at {root} (missing {MANIFEST}){did_you_mean(root.name, known)}{where}")
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
@@ -438,9 +471,11 @@ class Pool:
         return [Expert(self, e) for e in self.manifest.experts]
 
     def names(self, kind: str | None = None) -> list[str]:
+        """Expert names in manifest order, of one kind (`lora` or `full`) when given."""
         return [e.name for e in self.manifest.experts if kind is None or e.kind == kind]
 
     def expert(self, name: str) -> Expert:
+        """One expert by name (a one-line PoolError with 'did you mean' otherwise)."""
         for e in self.manifest.experts:
             if e.name == name:
                 return Expert(self, e)
@@ -550,7 +585,17 @@ class Pool:
         self._put(old)
         return Expert(self, old)
 
+    def train(self, name: str, tasks: str | list[str], *, kind: str = "lora", device: str = "cpu",
+              replace: bool = False, tags: dict[str, str] | None = None, **config: Any) -> Expert:
+        """Train a LoRA (`kind="lora"`) or full (`kind="full"`) expert on `tasks` (task names or groups) and add it
+        to this pool. `config`: training options (`r`, `alpha`, `targets`, `steps`, `lr`, `batch_size`, `seed`,
+        ...), validated before any model loads."""
+        from .api import train_expert
+
+        return train_expert(self, name, tasks, kind=kind, device=device, replace=replace, tags=tags, **config)
+
     def remove(self, name: str) -> None:
+        """Remove an expert from the manifest and delete its copied files (linked folders are left alone)."""
         expert = self.expert(name)
         self.manifest.experts = [e for e in self.manifest.experts if e.name != name]
         self._save()  # the manifest first: a crash below leaves an orphan folder, not a dangling entry
@@ -588,7 +633,7 @@ class Pool:
         return problems
 
     # -- loading
-    def peft_model(self, names: list[str] | None = None, model=None, dtype=None):
+    def peft_model(self, names: list[str] | None = None, model: Any = None, dtype: Any = None) -> Any:
         """The base with the pool's LoRA experts loaded as named PEFT adapters (first one active)."""
         from peft import PeftModel
 

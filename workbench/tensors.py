@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError, safe_open  # torch is imported by the first tensor read, not here
 
 from .errors import ExpertValidationError
 from .io import PICKLE_SUFFIXES
+
+if TYPE_CHECKING:
+    import torch
 
 
 def pickle_files(folder: Path) -> list[str]:
@@ -89,6 +92,8 @@ class SafetensorsDir:
         return sl[rows] if len(sl.get_shape()) else sl[:]
 
     def check_finite(self, what: str) -> None:
+        import torch
+
         for name in self.index:
             t = self.get(name)
             if t.is_floating_point() and not torch.isfinite(t).all():
@@ -118,6 +123,8 @@ def model_weight_files(folder: Path) -> list[str]:
 
 def relative_distance(tensors: SafetensorsDir, reference: SafetensorsDir) -> float:
     """`||T − R|| / ||R||` over every floating tensor both hold (one Frobenius norm), read one tensor at a time."""
+    import torch
+
     num = den = 0.0
     for name in sorted(set(tensors.index) & set(reference.index)):
         t, r = tensors.get(name), reference.get(name)

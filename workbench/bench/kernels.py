@@ -19,7 +19,7 @@ import torch
 from ..base import BaseModel
 from ..eval.harness import git_state, machine_info, results_root
 from ..io import atomic_write_json
-from ..serve.engine import Adapter, MultiLoraModel
+from ..serving.engine import Adapter, MultiLoraModel
 
 PROJECTIONS = {"q_proj": ("hidden", "hidden"), "k_proj": ("hidden", "kv"), "v_proj": ("hidden", "kv"),
                "o_proj": ("hidden", "hidden"), "gate_proj": ("hidden", "inter"), "up_proj": ("hidden", "inter"),

@@ -18,8 +18,8 @@ import httpx
 from ..eval.harness import git_state, machine_info, results_root
 from ..io import atomic_write_json
 from ..pool import Pool
-from ..serve.api import create_app, start_in_thread
-from ..serve.engine import MultiLoraModel, peft_alone
+from ..serving.api import create_app, start_in_thread
+from ..serving.engine import MultiLoraModel, peft_alone
 from ..tasks.suite import load_split, task_names
 
 

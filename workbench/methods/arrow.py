@@ -11,15 +11,16 @@ and no GenKnowSub (PEFT's `use_gks`, off by default there too).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import Field
 
-from ..modules.routers import PrototypeRouter
 from ..progress import progress_bar
 from .base import BuildContext, MethodParams, register_method
 from .routing import RoutedMethod
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ArrowParams(MethodParams):
@@ -29,6 +30,8 @@ class ArrowParams(MethodParams):
 
 def top_right_singular_vector(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """v_1 of B A (A [r, d_in], B [d_out, r]) from an r x r problem: A^T = Q R, B A = (B R^T) Q^T."""
+    import torch
+
     q, r = torch.linalg.qr(a.double().T)  # q [d_in, r]
     _, _, vh = torch.linalg.svd(b.double() @ r.T, full_matrices=False)
     return (q @ vh[0]).float()
@@ -42,6 +45,10 @@ class Arrow(RoutedMethod):
     description = "Arrow: per-token routing by |h . top singular vector of each expert's B A| (training-free)"
 
     def build(self, ctx: BuildContext) -> dict[str, Any]:
+        import torch
+
+        from ..modules.routers import PrototypeRouter
+
         p: ArrowParams = ctx.params
         experts = ctx.experts
         names = [set(e.delta_names()) for e in experts]

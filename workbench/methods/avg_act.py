@@ -8,16 +8,16 @@ mttl L2-normalises them and skips the layer norm: equivalent up to the LN's cent
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import Field
 
-from ..modules.routed_lora import RoutedGroup, routed_modules, wrap_experts
-from ..modules.routers import FixedRouter, PrototypeRouter
 from ..progress import progress_bar
-from .base import BuildContext, register_method
+from .base import BuildContext, no_grad, register_method
 from .routing import DataRoutedMethod, DataRoutedParams, expert_examples
+
+if TYPE_CHECKING:
+    import torch
 
 
 class AvgActParams(DataRoutedParams):
@@ -31,8 +31,12 @@ class AvgAct(DataRoutedMethod):
     version = 1
     description = "average-activation prototypes (mean module input on each expert's data), PHATGOOSE's router"
 
-    @torch.no_grad()
+    @no_grad
     def build(self, ctx: BuildContext) -> dict[str, Any]:
+        import torch
+
+        from ..modules.routed_lora import RoutedGroup, routed_modules, wrap_experts
+        from ..modules.routers import FixedRouter, PrototypeRouter
         from ..train.trainer import collate
 
         p: AvgActParams = ctx.params

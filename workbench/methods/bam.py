@@ -11,9 +11,8 @@ Saved as `BamForCausalLM` (`workbench.modules.bam_model`; `from_pretrained` work
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import Field
 
 from .base import BuildContext, register_method
@@ -28,6 +27,9 @@ from .upcycle import (
     moe_stats,
 )
 
+if TYPE_CHECKING:
+    import torch
+
 
 class BamParams(UpcycleParams):
     shared_kv: bool = Field(False, description="one K/V (averaged) for all attention experts: per-expert Q and O, "
@@ -37,6 +39,8 @@ class BamParams(UpcycleParams):
 
 def attention_source(src: Sources, name: str, layer: int, shared_kv: bool) -> torch.Tensor | None:
     """BAM's stacked attention experts of `layer` from the dense experts' attention, or None for another tensor."""
+    import torch
+
     pre = f"model.layers.{layer}.self_attn."
     if name in (pre + "q_proj.weight",):  # [E*H*D, d]: expert-major rows
         return torch.cat(list(src.stack(name)), dim=0)

@@ -1,6 +1,7 @@
 """The one interface every combination method implements.
 
-A method is a class with a pydantic `Params` model, registered by name in `METHODS`.
+A method is a class with a pydantic `Params` model, registered by name in `METHODS` by the module that defines it
+(any module of `workbench.methods`: METHODS imports them all on its first lookup).
 `build(ctx)` writes an artifact folder (with `artifact.json`) that `workbench.artifacts`
 loads back as a model for evaluation and serving. The CLI, recipes and app only use
 `METHODS.get(name)`: no method is special-cased outside its own module.
@@ -8,6 +9,7 @@ loads back as a model for evaluation and serving. The CLI, recipes and app only 
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -84,12 +86,40 @@ class Method:
         raise NotImplementedError
 
 
-METHODS: Registry[type[Method]] = Registry("method", RecipeError)
+def import_methods() -> None:
+    """Import every module of `workbench.methods`: each registers its methods (and artifact types) on import.
+
+    METHODS runs this on its first lookup, so a new method is one new module and nothing else. Method modules import
+    torch and the model libraries inside the functions that use them: listing the methods (`workbench methods`)
+    imports every module and must stay fast (tests/test_startup.py checks it).
+    """
+    import importlib
+    import pkgutil
+
+    package = __name__.rpartition(".")[0]
+    for mod in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        importlib.import_module(f"{package}.{mod.name}")
+
+
+METHODS: Registry[type[Method]] = Registry("method", RecipeError, load=import_methods)
 
 
 def register_method(cls: type[Method]) -> type[Method]:
     METHODS.add(cls.name, cls)
     return cls
+
+
+def no_grad(fn):
+    """`@torch.no_grad()` that imports torch when the function runs, not when its module is imported."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def write_artifact_meta(out_dir: Path, meta: dict[str, Any]) -> None:

@@ -10,9 +10,7 @@ parameters, task loss + load-balancing loss). Saved as a standard MixtralForCaus
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .base import BuildContext, register_method
 from .upcycle import (
@@ -23,6 +21,9 @@ from .upcycle import (
     fill_moe,
     moe_config_kwargs,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register_method

@@ -6,13 +6,14 @@ import json
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Any
 
 from ..artifacts import register_artifact
 from ..base import BaseModel
+
+if TYPE_CHECKING:
+    import torch
+
 
 _COPY_FROM_BASE = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
@@ -48,6 +49,8 @@ def write_merged_model(base: BaseModel, deltas: Iterable[tuple[str, torch.Tensor
 
 def svd_factor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """delta [out, in] ~= B @ A with B [out, k], A [k, in]; returns (A, B, relative Frobenius error)."""
+    import torch
+
     u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
     k = min(rank, s.numel())
     root = s[:k].sqrt()
@@ -61,6 +64,8 @@ def svd_factor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tens
 def write_refactored_lora(deltas: Iterable[tuple[str, torch.Tensor]], rank: int, out_dir: Path,
                           base_spec: str) -> dict[str, Any]:
     """A PEFT LoRA folder (r = lora_alpha = rank, so scale 1) approximating each delta; reports the error."""
+    from safetensors.torch import save_file
+
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors, errors, sq_err, sq_tot, targets = {}, {}, 0.0, 0.0, set()
     for name, delta in deltas:

@@ -12,9 +12,8 @@ gamma (breadcrumbs), epsilon (della), and per-expert overrides like mergekit's p
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel as Schema
 from pydantic import ConfigDict, Field
 
@@ -23,6 +22,9 @@ from ..progress import progress_bar
 from .base import BuildContext, Method, MethodParams, register_method
 from .merge_io import write_merged_model, write_refactored_lora
 from .streaming import tensor_seed
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ExpertParams(Schema):
@@ -85,6 +87,7 @@ class TaskArithmeticFamily(Method):
 
     def merge_tensor(self, deltas: list[torch.Tensor], experts, params: TAParams) -> torch.Tensor:
         """mergekit's own arithmetic on one tensor's task vectors (base = 0)."""
+        import torch
         from mergekit.merge_methods.base import TensorGroup
 
         m = _mk_method(self.name)
@@ -97,6 +100,8 @@ class TaskArithmeticFamily(Method):
         return m.merge_group(group, **kw)
 
     def iter_merged_deltas(self, ctx: BuildContext):
+        import torch
+
         experts, params = ctx.experts, ctx.params
         name_sets = [set(e.delta_names()) for e in experts]
         names = sorted(set().union(*name_sets))
@@ -171,6 +176,7 @@ class TaskArithmeticFamily(Method):
                 "parameters": self._shared(params), "models": models}
 
     def _build_mergekit(self, ctx: BuildContext) -> dict[str, Any]:
+        import torch
         from mergekit.config import MergeConfiguration
         from mergekit.merge import MergeOptions, run_merge
 

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field
 
 from ..errors import RecipeError, WorkbenchError
 from .base import BuildContext, register_method
 from .merge_io import write_merged_model
 from .upcycle import MoeTrainParams, Sources, UpcycleMethod
+
+if TYPE_CHECKING:
+    import torch
 
 
 class MergekitMoeParams(MoeTrainParams):
@@ -59,6 +61,7 @@ class MergekitMoe(UpcycleMethod):
             seen[key] = e.name
 
     def make_model(self, ctx: BuildContext, src: Sources, tok) -> tuple[torch.nn.Module, dict[str, Any]]:
+        import torch
         from mergekit.merge import MergeOptions
         from mergekit.moe.config import MoEMergeConfig
         from mergekit.scripts.moe import build as mergekit_moe_build

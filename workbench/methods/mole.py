@@ -18,103 +18,25 @@ serving through the same layer.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field
-from safetensors.torch import load_file, save_file
-from torch import nn
 
 from ..errors import RecipeError, WorkbenchError
-from ..modules.routed_lora import RoutedGroup, routed_modules, wrap_experts
-from ..modules.routers import ROUTERS, BaseRouter, load_router, standardise
 from .base import BuildContext, register_method
 from .routing import DataRoutedMethod, DataRoutedParams, checkpoint_path, expert_rows, usage_stats
 
+if TYPE_CHECKING:
+    import torch
 
-@ROUTERS.register("mole")
-class MoleRouter(BaseRouter):
-    """Per module: e [E * d_out, E] (output projection), b [E], log tau; softmax(logits / tau) over the active experts."""
-
-    name = "mole"
-    kind = "mole"
-    reads_outputs = True
-
-    def __init__(self, experts: list[str], dims: dict[str, int], *, gate_input: str = "outputs",
-                 temperature: float = 1.0, active: list[str] | None = None):
-        super().__init__(experts)
-        if gate_input not in ("outputs", "none"):
-            raise WorkbenchError(f"MoLE gate_input must be 'outputs' or 'none' (got {gate_input!r})")
-        if temperature <= 0:
-            raise WorkbenchError(f"MoLE temperature must be > 0 (got {temperature})")
-        n = len(experts)
-        self.dims, self.gate_input = dict(dims), gate_input
-        self.keys = {m: m.replace(".", "__") for m in dims}
-        if gate_input == "outputs":
-            self.e = nn.ParameterDict({self.keys[m]: nn.Parameter(torch.zeros(n * d, n)) for m, d in dims.items()})
-        self.b = nn.ParameterDict({self.keys[m]: nn.Parameter(torch.zeros(n)) for m in dims})
-        self.log_tau = nn.ParameterDict({self.keys[m]: nn.Parameter(torch.tensor(math.log(temperature)))
-                                         for m in dims})
-        self.set_active(active)
-        self.record: list[torch.Tensor] | None = None  # training: each call's weights (for the balance loss)
-
-    def set_active(self, active: list[str] | None) -> None:
-        if active is not None:
-            unknown = [a for a in active if a not in self.experts]
-            if unknown:
-                raise WorkbenchError(f"MoLE gates were trained on {self.experts}, not on {unknown}")
-            if not active:
-                raise WorkbenchError("MoLE needs at least one active expert")
-        self.active = list(active) if active is not None else None
-        self.mask = (None if active is None
-                     else torch.tensor([e in active for e in self.experts], dtype=torch.bool))
-
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "dims": self.dims, "gate_input": self.gate_input, "active": self.active}
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.state_dict().items()}
-
-    @classmethod
-    def from_saved(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> MoleRouter:
-        router = cls(config["experts"], config["dims"], gate_input=config.get("gate_input", "outputs"),
-                     active=config.get("active"))
-        router.load_state_dict(tensors)
-        return router.eval()
-
-    def handles(self, module: str) -> bool:
-        return module in self.keys
-
-    def logits(self, module: str, outs: torch.Tensor) -> torch.Tensor:
-        """[T, E] gate logits of one module from the experts' outputs outs [T, E, d_out]."""
-        key = self.keys.get(module)
-        if key is None:
-            raise WorkbenchError(f"MoLE router has no gate for module {module!r}")
-        logits = self.b[key].to(outs.dtype).expand(outs.shape[0], -1)
-        if self.gate_input == "outputs":
-            z = standardise(outs.reshape(outs.shape[0], -1).float()).to(outs.dtype)  # Norm(E_1(x) + ... + E_N(x))
-            logits = logits + z @ self.e[key].to(outs.dtype)
-        return logits / self.log_tau[key].exp().to(outs.dtype)
-
-    def mix(self, module: str, x: torch.Tensor, outs: torch.Tensor) -> torch.Tensor:
-        logits = self.logits(module, outs)
-        if self.mask is not None:
-            logits = logits.masked_fill(~self.mask.to(logits.device), float("-inf"))
-        w = torch.softmax(logits, dim=-1)
-        if self.record is not None:
-            self.record.append(w)
-        return w
-
-    def weights(self, module: str, x: torch.Tensor) -> torch.Tensor:
-        raise WorkbenchError("MoLE's gate reads the experts' outputs: run it on the routed layer, not from inputs alone")
-
-    route = weights
+    from ..modules.routers import MoleRouter
 
 
 def balance_loss(weights: list[torch.Tensor], mask: torch.Tensor | None = None) -> torch.Tensor:
     """-sum_i log q_i, q_i the mean weight of expert i over every gated call and (real) token."""
+    import torch
+
     if not weights:
         raise WorkbenchError("no gate ran: nothing to balance")
     if mask is not None:
@@ -184,6 +106,11 @@ class Mole(DataRoutedMethod):
         return out
 
     def build(self, ctx: BuildContext) -> dict[str, Any]:
+        from safetensors.torch import load_file
+
+        from ..modules.routed_lora import RoutedGroup, routed_modules, wrap_experts
+        from ..modules.routers import MoleRouter, load_router
+
         p: MoleParams = ctx.params
         experts = ctx.experts
         names = [e.name for e in experts]
@@ -224,6 +151,9 @@ class Mole(DataRoutedMethod):
     def _train(self, ctx, model, routing, router: MoleRouter, tok, folder: Path) -> list[float]:
         import random
 
+        from safetensors.torch import save_file
+
+        from ..modules.routed_lora import RoutedGroup
         from ..train.trainer import Checkpoint, train_loop
 
         p: MoleParams = ctx.params
@@ -266,3 +196,13 @@ class Mole(DataRoutedMethod):
                            "base": ctx.pool.manifest.base.fingerprint,
                            "data": {t: data_hash(t) for e in ctx.experts for t in e.tasks()}})[:16]
         return ctx.out_dir.parent / "mole-gates" / key
+
+
+def __getattr__(name: str):
+    """MoleRouter: defined in `workbench.modules.routers` (an nn.Module needs torch at import, this module
+    must not), still importable from here."""
+    if name == "MoleRouter":
+        from ..modules import routers
+
+        return getattr(routers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,14 +23,16 @@ result differs from the reference (documented; use it when n x P does not fit in
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field
 
 from ..progress import progress_bar
 from .base import BuildContext, Method, MethodParams, register_method
 from .merge_io import write_merged_model, write_refactored_lora
+
+if TYPE_CHECKING:
+    import torch
 
 
 class PCBParams(MethodParams):
@@ -60,6 +62,8 @@ def pcb_merge_rows(row: Callable[[int], torch.Tensor], n: int, ratio: float = 0.
     the scores chunk by chunk. Peak memory is five vectors of length P (column sum, numerator,
     denominator, one row and its scores), whatever n is; each row is read three times.
     """
+    import torch
+
     colsum: torch.Tensor | None = None
     bounds = []
     for i in range(n):
@@ -115,6 +119,8 @@ class PCB(Method):
         return names, shapes, name_sets
 
     def iter_merged(self, ctx: BuildContext):
+        import torch
+
         params: PCBParams = ctx.params
         names, shapes, name_sets = self._deltas(ctx)
         experts = ctx.experts

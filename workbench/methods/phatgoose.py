@@ -14,17 +14,16 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import Field
-from safetensors.torch import load_file, save_file
 
-from ..modules.routed_lora import RoutedGroup, routed_modules, wrap_experts
-from ..modules.routers import GateRouter, PrototypeRouter
 from ..progress import progress_bar
 from .base import BuildContext, register_method
 from .routing import DataRoutedMethod, DataRoutedParams, expert_examples
+
+if TYPE_CHECKING:
+    import torch
 
 
 class PhatgooseParams(DataRoutedParams):
@@ -43,6 +42,10 @@ class Phatgoose(DataRoutedMethod):
     description = "PHATGOOSE: sigmoid gates trained post hoc per expert, then per-token top-k routing"
 
     def build(self, ctx: BuildContext) -> dict[str, Any]:
+        import torch
+
+        from ..modules.routed_lora import RoutedGroup, routed_modules, wrap_experts
+        from ..modules.routers import GateRouter, PrototypeRouter
         from ..train.trainer import collate
 
         p: PhatgooseParams = ctx.params
@@ -111,6 +114,8 @@ class Phatgoose(DataRoutedMethod):
     def _cached_gates(self, ctx: BuildContext, expert):
         """Gates trained before: in the cache, else shipped with the pool (`<pool>/parts/phatgoose-gates/`,
         e.g. the demo pool's, so that the quick demo trains none); the key names the same folder in both."""
+        from safetensors.torch import load_file
+
         folder = self._gate_dir(ctx, expert)
         for f in (folder, ctx.pool.root / "parts" / "phatgoose-gates" / folder.name):
             if (f / "curve.json").is_file() and (f / "gates.safetensors").is_file():
@@ -118,6 +123,8 @@ class Phatgoose(DataRoutedMethod):
         return None
 
     def _save_gates(self, ctx: BuildContext, expert, gates: dict[str, torch.Tensor], curve: list[float]) -> None:
+        from safetensors.torch import save_file
+
         from ..io import staging_dir
 
         with staging_dir(self._gate_dir(ctx, expert)) as tmp:

@@ -9,16 +9,17 @@ step with the KV cache, lm-eval) through the router: the loaded model is a plain
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from ..artifacts import register_artifact
 from ..errors import RecipeError, WorkbenchError
-from ..modules.routed_lora import RoutedGroup, wrap_experts
-from ..modules.routers import BaseRouter, dense_weights, load_router
 from ..tasks.suite import ADD_SPECIAL_TOKENS
 from .base import Method, MethodParams
+
+if TYPE_CHECKING:
+    from ..modules.routers import BaseRouter
 
 
 class DataRoutedParams(MethodParams):
@@ -118,6 +119,8 @@ def usage_stats(model, tokenizer, tasks: list[str] | dict[str, str], *, split: s
 
     import torch
 
+    from ..modules.routers import dense_weights
+
     ctx = getattr(model, "routing", None)
     if ctx is None or not ctx.groups:
         raise WorkbenchError("this model has no router: usage exists for routed compositions only")
@@ -201,6 +204,9 @@ def artifact_pool(path: Path, meta: dict[str, Any], router: BaseRouter | None = 
 
 def open_routed(path: Path, meta: dict[str, Any], device: str | None = None, router: BaseRouter | None = None):
     """(model with the router installed, tokenizer, router, routing context) of a routed_lora artifact."""
+    from ..modules.routed_lora import RoutedGroup, wrap_experts
+    from ..modules.routers import load_router
+
     router = router or load_router(path, device)
     pool = artifact_pool(path, meta, router)
     experts = [pool.expert(n) for n in meta["experts"]]
@@ -232,6 +238,7 @@ def trace_prompt(model, tokenizer, prompt: str, experts: list[str] | None = None
     import torch
 
     from ..modules.routed_lora import Trace
+    from ..modules.routers import dense_weights
 
     ctx = getattr(model, "routing", None)
     if ctx is None or not ctx.groups:
@@ -302,6 +309,7 @@ def router_accuracy(model, tokenizer, expert_tasks: dict[str, str], *, split: st
 
     import torch
 
+    from ..modules.routers import dense_weights
     from ..tasks.suite import TASKS
 
     ctx = getattr(model, "routing", None)

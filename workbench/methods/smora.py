@@ -18,147 +18,20 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import Field
-from torch import nn
 
 from ..artifacts import register_artifact
 from ..errors import RecipeError, WorkbenchError
-from ..modules.routed_lora import RoutedGroup, get_module, wrap_model
-from ..modules.routers import ROUTERS, BaseRouter, load_router
 from ..tasks.suite import DEFAULT_SEED
 from ..train.trainer import LLAMA_TARGETS
 from .base import BuildContext, Method, MethodParams, register_method
 
+if TYPE_CHECKING:
+    import torch
 
-# How inference dispatches each token's k ranks: "op" (the R ranks as rank-1 adapters of the multi-LoRA op) or
-# "gather" (`SmoraRouter.delta`: the k rows of A and B gathered per token). A serving choice, not saved with an
-# artifact: the faster on this project's CPU in `workbench bench routing` (results/bench/routing-cpu.json:
-# the op 1.30x base forward and 1.72x decode, the gather path 3.11x and 2.28x, R = 64, k = 8).
-DISPATCH = "op"
-
-
-@ROUTERS.register("smora")
-class SmoraRouter(BaseRouter):
-    """Per module: the rank-R adapter (A [R, d_in], B [d_out, R]), the router (W [R, d_in], c [R]) and the
-    balancing bias [R] (not trained by gradient)."""
-
-    name = "smora"
-    kind = "smora"
-
-    def __init__(self, rank: int, dims: dict[str, list[int]], *, k: int = 8, alpha: float = 16.0,
-                 balance_rate: float = 1e-3, dispatch: str | None = None):
-        super().__init__([f"rank{i}" for i in range(rank)])
-        if not 1 <= k <= rank:
-            raise WorkbenchError(f"SMoRA top-k {k} must be between 1 and the rank R = {rank}")
-        self.rank, self.k, self.alpha, self.balance_rate = rank, k, float(alpha), float(balance_rate)
-        self.dims = {m: [int(d[0]), int(d[1])] for m, d in dims.items()}
-        self.keys = {m: m.replace(".", "__") for m in dims}
-        p = nn.Parameter
-        self.A = nn.ParameterDict({self.keys[m]: p(torch.zeros(rank, di)) for m, (di, do) in self.dims.items()})
-        self.B = nn.ParameterDict({self.keys[m]: p(torch.zeros(do, rank)) for m, (di, do) in self.dims.items()})
-        self.W = nn.ParameterDict({self.keys[m]: p(torch.zeros(rank, di)) for m, (di, do) in self.dims.items()})
-        self.c = nn.ParameterDict({self.keys[m]: p(torch.zeros(rank)) for m in self.dims})
-        self.bias = nn.ParameterDict({self.keys[m]: p(torch.zeros(rank), requires_grad=False) for m in self.dims})
-        dispatch = dispatch or DISPATCH
-        if dispatch not in ("op", "gather"):
-            raise WorkbenchError(f"SMoRA dispatch must be 'op' or 'gather' (got {dispatch!r})")
-        self.dispatch = dispatch  # op: the multi-LoRA op over R rank-1 adapters; gather: `delta` (benchmarked)
-        self.counts: dict[str, torch.Tensor] | None = None  # training: selections per rank in this step
-        self.token_mask: torch.Tensor | None = None  # training: [B*S] real tokens (counts skip padding)
-
-    def init_weights(self, seed: int) -> None:
-        """PEFT's LoRA init (A Kaiming-uniform with a = sqrt(5), B = 0) and nn.Linear's for the router."""
-        g = torch.Generator().manual_seed(seed)
-        for key in self.keys.values():
-            for t in (self.A[key], self.W[key]):
-                bound = 1 / math.sqrt(t.shape[1])  # kaiming_uniform_(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-                with torch.no_grad():
-                    t.copy_(torch.rand(t.shape, generator=g) * 2 * bound - bound)
-            with torch.no_grad():
-                bound = 1 / math.sqrt(self.W[key].shape[1])
-                self.c[key].copy_(torch.rand(self.rank, generator=g) * 2 * bound - bound)
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.k
-
-    def config(self) -> dict[str, Any]:
-        return {"rank": self.rank, "dims": self.dims, "k": self.k, "alpha": self.alpha,
-                "balance_rate": self.balance_rate}
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.state_dict().items()}
-
-    @classmethod
-    def from_saved(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> SmoraRouter:
-        router = cls(config["rank"], config["dims"], k=config["k"], alpha=config["alpha"],
-                     balance_rate=config.get("balance_rate", 1e-3))  # dispatch: DISPATCH, a serving choice
-        router.load_state_dict(tensors)
-        return router.eval()
-
-    def handles(self, module: str) -> bool:
-        return module in self.keys
-
-    def _key(self, module: str) -> str:
-        key = self.keys.get(module)
-        if key is None:
-            raise WorkbenchError(f"SMoRA adapter has no module {module!r}")
-        return key
-
-    def scores(self, module: str, x: torch.Tensor) -> torch.Tensor:
-        key = self._key(module)
-        return torch.sigmoid(nn.functional.linear(x, self.W[key].to(x.dtype), self.c[key].to(x.dtype)))
-
-    def route(self, module: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if module not in self.keys:  # a module the adapter does not target (in a server holding other adapters)
-            return (torch.full((x.shape[0], 1), -1, dtype=torch.long, device=x.device),
-                    torch.zeros(x.shape[0], 1, device=x.device))
-        s = self.scores(module, x)
-        sel = (s + self.bias[self._key(module)].to(s.dtype)).topk(self.k, dim=-1).indices  # the bias only selects
-        g = s.gather(1, sel)
-        g = g / g.sum(-1, keepdim=True) * self.k
-        if self.counts is not None:
-            rows = sel if self.token_mask is None else sel[self.token_mask.reshape(-1).bool()]
-            c = torch.bincount(rows.reshape(-1), minlength=self.rank).float()
-            self.counts[module] = self.counts.get(module, torch.zeros_like(c)) + c.cpu()
-        return sel, g
-
-    def weights(self, module: str, x: torch.Tensor) -> torch.Tensor:
-        sel, g = self.route(module, x)
-        return torch.zeros(x.shape[0], self.rank, dtype=g.dtype, device=g.device).scatter(1, sel, g)
-
-    def delta(self, module: str, x: torch.Tensor,
-              routed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """The gather path: per token only its k ranks, (alpha/k) sum_j g_j B[:, j] (A[j] . x), from gathered rows
-        (`routed`: this call's (ranks, gates) when the caller already routed x)."""
-        sel, g = routed if routed is not None else self.route(module, x)
-        key = self._key(module)
-        a, bt = self.A[key], self.B[key].T  # [R, d_in], [R, d_out]
-        h = torch.einsum("tki,ti->tk", a[sel].to(x.dtype), x) * g.to(x.dtype) * self.scale  # [T, k]
-        return torch.einsum("tk,tko->to", h, bt[sel].to(x.dtype))
-
-    def own_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The R ranks as R rank-1 experts (A [R, 1, d_in], B [R, d_out, 1], scale alpha/k), trainable."""
-        key = self._key(module)
-        a, b = self.A[key], self.B[key]
-        return a[:, None, :], b.T[:, :, None], torch.full((self.rank,), self.scale, device=a.device)
-
-    def update_bias(self) -> None:
-        """bias_j += u * sign(mean count - count_j) per module, from the counts recorded since the last call."""
-        for module, c in (self.counts or {}).items():
-            b = self.bias[self._key(module)]
-            b.data += self.balance_rate * torch.sign(c.mean() - c).to(b.device)
-        if self.counts is not None:
-            self.counts = {}
-
-    def lora_factors(self, module: str) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
-        """Rank j as a rank-1 adapter (A[j:j+1], B[:, j:j+1], alpha/k): what the multi-LoRA op dispatches."""
-        key = self._key(module)
-        a, b = self.A[key].detach(), self.B[key].detach()
-        return [(a[j: j + 1], b[:, j: j + 1], self.scale) for j in range(self.rank)]
+    from ..modules.routers import SmoraRouter
 
 
 class SmoraParams(MethodParams):
@@ -209,6 +82,8 @@ class Smora(Method):
         return {"data": {t: data_hash(t, params.data_seed) for t in smora_tasks(experts)}}
 
     def build(self, ctx: BuildContext) -> dict[str, Any]:
+        from ..modules.routed_lora import RoutedGroup, wrap_model
+        from ..modules.routers import SmoraRouter
         from ..train.trainer import Checkpoint, task_examples, train_loop
         from .routing import checkpoint_path, usage_stats
 
@@ -284,6 +159,8 @@ def smora_tasks(experts) -> list[str]:
 
 def smora_model(base, router: SmoraRouter, device: str | None = None):
     """The base with the SMoRA adapter on the routed-LoRA layer (R rank-1 adapters, routed per token)."""
+    from ..modules.routed_lora import RoutedGroup, wrap_model
+
     model = base.load(device=device).eval()
     missing = [m for m in router.dims if not _has_module(model, m)]
     if missing:
@@ -296,6 +173,8 @@ def smora_model(base, router: SmoraRouter, device: str | None = None):
 
 
 def _has_module(model, dotted: str) -> bool:
+    from ..modules.routed_lora import get_module
+
     try:
         get_module(model, dotted)
         return True
@@ -312,6 +191,7 @@ def smora_problem(pool, meta: dict[str, Any]) -> str | None:
 @register_artifact("smora")
 def load_smora(path: Path, meta: dict[str, Any], device: str | None = None):
     from ..eval.harness import LoadedModel
+    from ..modules.routers import load_router
     from .routing import artifact_pool
 
     router = load_router(Path(path), device)
@@ -319,3 +199,13 @@ def load_smora(path: Path, meta: dict[str, Any], device: str | None = None):
     model, _ = smora_model(pool.base, router, device)
     return LoadedModel(model, pool.base.tokenizer(), meta.get("name", Path(path).name),
                        {"kind": "smora", "method": "smora", "router": router.config() | {"dims": None}})
+
+
+def __getattr__(name: str):
+    """SmoraRouter, DISPATCH: defined in `workbench.modules.routers` (an nn.Module needs torch at import, this module
+    must not), still importable from here."""
+    if name in ("SmoraRouter", "DISPATCH"):
+        from ..modules import routers
+
+        return getattr(routers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,17 +13,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
 
 CHUNK_ELEMS = 1 << 22  # 4M fp32 entries (16 MB) per expert per chunk
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-_CODES = {v: k for k, v in _DTYPES.items()}
+@cache
+def _dtypes() -> dict[str, torch.dtype]:
+    """safetensors dtype code -> torch dtype (a function: this module imports no torch until it writes)."""
+    import torch
+
+    return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+            "BOOL": torch.bool}
+
+
+@cache
+def _codes() -> dict[torch.dtype, str]:
+    return {v: k for k, v in _dtypes().items()}
 
 
 class ShardWriter:
@@ -37,12 +50,14 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir: Path, layout: list[tuple[str, str, tuple[int, ...]]], shard_bytes: int = 1 << 30):
+        import torch
+
         self.out_dir = Path(out_dir)
         self.slots: dict[str, tuple[int, int, int, str, tuple[int, ...]]] = {}  # name -> shard, offset, nbytes, ...
         shards: list[list[tuple[str, str, tuple[int, ...], int]]] = [[]]
         size = 0
         for name, dtype, shape in layout:
-            nbytes = torch.Size(shape).numel() * _DTYPES[dtype].itemsize
+            nbytes = torch.Size(shape).numel() * _dtypes()[dtype].itemsize
             if shards[-1] and size + nbytes > shard_bytes:
                 shards.append([])
                 size = 0
@@ -70,10 +85,12 @@ class ShardWriter:
         self.total = sum(v[2] for v in self.slots.values())
 
     def add(self, name: str, t: torch.Tensor) -> None:
+        import torch
+
         if name not in self.slots:
             raise ValueError(f"tensor {name!r} is not in the output layout")
         i, offset, _, dtype, shape = self.slots[name]
-        if tuple(t.shape) != shape or _CODES.get(t.dtype) != dtype:
+        if tuple(t.shape) != shape or _codes().get(t.dtype) != dtype:
             raise ValueError(f"tensor {name!r}: got {tuple(t.shape)} {t.dtype}, layout says {shape} {dtype}")
         f = self.files[i]
         f.seek(offset)
@@ -99,6 +116,8 @@ class ShardWriter:
 
 
 def _row_chunks(shape: tuple[int, ...]):
+    import torch
+
     rows = shape[0] if shape else 1
     per_row = max(1, (torch.Size(shape).numel() // rows) if shape else 1)
     step = max(1, CHUNK_ELEMS // per_row)
@@ -114,6 +133,8 @@ def tensor_seed(seed: int, name: str, i: int) -> int:
 def merge_full_tensor(name: str, base, experts, *, consensus: bool, sparsify: str | None, densities, weights,
                       normalize: bool, rescale: bool, lam: float, seed: int) -> torch.Tensor:
     """One tensor of a task-arithmetic-family merge of full experts, streamed over row chunks."""
+    import torch
+
     w0 = base.tensors.get(name)
     shape = tuple(w0.shape)
     readers = [e._full for e in experts]

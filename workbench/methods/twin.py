@@ -34,20 +34,22 @@ import weakref
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import Field
-from safetensors.torch import load_file, save_file
-from torch import nn
 
 from ..artifacts import register_artifact
 from ..errors import RecipeError, WorkbenchError
-from ..modules.routed_lora import RoutedGroup, RoutingContext, get_module, wrap_model
-from ..modules.routers import ROUTERS, BaseRouter
 from ..progress import progress_bar
 from ..tasks.suite import ADD_SPECIAL_TOKENS, data_hash, load_split
-from .base import BuildContext, Method, MethodParams, register_method
+from .base import BuildContext, Method, MethodParams, no_grad, register_method
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ..modules.routed_lora import RoutingContext
+    from ..modules.routers import TwinRouter
 
 
 class TwinParams(MethodParams):
@@ -68,6 +70,8 @@ class TwinParams(MethodParams):
 
 def lowrank_svd(p: torch.Tensor, q: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncated SVD of p @ q (p [out, m], q [m, in]) without forming it; returns (A [k, in], B [out, k])."""
+    import torch
+
     qp, rp = torch.linalg.qr(p)
     qq, rq = torch.linalg.qr(q.T)
     u, s, vh = torch.linalg.svd(rp @ rq.T)
@@ -77,6 +81,8 @@ def lowrank_svd(p: torch.Tensor, q: torch.Tensor, rank: int) -> tuple[torch.Tens
 
 
 def dense_svd(d: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     u, s, vh = torch.linalg.svd(d, full_matrices=False)
     k = min(rank, s.numel())
     root = s[:k].sqrt()
@@ -89,54 +95,6 @@ def _interleaved(splits: list[list[dict]], n: int) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- router
-
-
-@ROUTERS.register("twin")
-class TwinRouter(BaseRouter):
-    """Twin's MLP (2 hidden layers, dropout) from routing features to expert logits. Every token gets all E
-    experts with w = softmax(logits / temperature). The weights come from the token's prefix, not from a
-    module's input: `TwinRouting` sets them (`current`, [T, E]) before each forward of the model."""
-
-    name = "twin"
-
-    def __init__(self, experts: list[str], d_in: int, hidden: int, dropout: float = 0.5, temperature: float = 1.0):
-        super().__init__(experts)
-        if temperature <= 0:
-            raise WorkbenchError(f"router temperature must be > 0 (got {temperature})")
-        self.d_in, self.hidden, self.dropout, self.temperature = d_in, hidden, dropout, float(temperature)
-        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Dropout(dropout),
-                                 nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout),
-                                 nn.Linear(hidden, len(experts)))
-        self.current: torch.Tensor | None = None  # [T, E]: the weights of the forward in progress
-
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "d_in": self.d_in, "hidden": self.hidden, "dropout": self.dropout,
-                "temperature": self.temperature}
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self.state_dict())  # net.* (the artifact's router.safetensors)
-
-    @classmethod
-    def from_saved(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> TwinRouter:
-        cfg = dict(config)
-        router = cls(cfg.pop("experts"), **cfg)
-        router.load_state_dict(tensors)
-        return router.eval()
-
-    def token_weights(self, features: torch.Tensor) -> torch.Tensor:
-        """[..., d_in] routing features -> [..., E] expert weights."""
-        return torch.softmax(self.net(features.float()) / self.temperature, dim=-1)
-
-    def weights(self, module: str, x: torch.Tensor) -> torch.Tensor:
-        w = self.current
-        if w is None or w.shape[0] != x.shape[0]:
-            raise WorkbenchError("the twin router routes its model's own forwards only (the model's hook sets "
-                                 "each forward's weights)")
-        return w
-
-    def route(self, module: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.weights(module, x)
-        return torch.arange(w.shape[1], device=w.device).expand_as(w), w
 
 
 @dataclass
@@ -152,6 +110,8 @@ def prefix_means(h: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch
                  state: _Prefix | None = None) -> torch.Tensor:
     """[B, S, d] per token the mean of `h` (the shared model's last hidden states of this step) over the real
     tokens of its prefix, continuing `state`'s sums (earlier steps) and updating them in place."""
+    import torch
+
     s = input_ids.shape[1]
     real = (attention_mask[:, -s:] if attention_mask is not None else torch.ones_like(input_ids)).bool()[..., None]
     total = torch.where(real, h, 0.0).cumsum(1)  # where, not *: padding rows may hold anything
@@ -174,6 +134,8 @@ class TwinRouting:
     prefix means and sets the router's weights for the forward."""
 
     def __init__(self, model: nn.Module, ctx: RoutingContext, router: TwinRouter):
+        from ..modules.routed_lora import RoutedGroup
+
         self.model, self.ctx, self.router = model, ctx, router
         self.decoder = model.base_model
         self._cache_kw = cache_kwarg(self.decoder)
@@ -184,7 +146,7 @@ class TwinRouting:
         model.register_forward_pre_hook(self._before, with_kwargs=True)
         model.register_forward_hook(self._after, always_call=True)
 
-    @torch.no_grad()
+    @no_grad
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  position_ids: torch.Tensor | None = None, state: _Prefix | None = None) -> torch.Tensor:
         """[B, S, d] routing features: per token the mean of the shared model's last hidden states over the real
@@ -229,9 +191,11 @@ class TwinRouting:
             self._states[cache] = state  # lives as long as the main cache: decode steps continue it
 
 
-@torch.no_grad()
+@no_grad
 def pooled_features(model, tokenizer, texts: list[str], batch_size: int = 32, desc: str = "router features") -> torch.Tensor:
     """[N, d] routing features of whole texts: the shared model's last hidden states averaged over the tokens."""
+    import torch
+
     out = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "right"
@@ -281,6 +245,12 @@ class Twin(Method):
         return {"task_data": {t: data_hash(t) for t in sorted({t for e in experts for t in e.tasks()})}}
 
     def build(self, ctx: BuildContext) -> dict[str, Any]:
+        import torch
+        from safetensors.torch import save_file
+        from torch import nn
+
+        from ..modules.routers import TwinRouter
+
         p: TwinParams = ctx.params
         experts = ctx.experts
         base = ctx.pool.base
@@ -371,6 +341,8 @@ def _trim(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 def twin_factors(folder: Path) -> tuple[dict[str, tuple], list[dict[str, tuple]]]:
     """A LoRA-built Twin artifact's parts as LoRA factors (tensor -> (A, B, 1.0)): the shared part (rank sum r)
     and each expert's exclusive part (its own rank): what the serving engine loads as adapters."""
+    from safetensors.torch import load_file
+
     try:
         shared = load_file(str(Path(folder) / "shared.safetensors"))
         excl = load_file(str(Path(folder) / "exclusive.safetensors"))
@@ -395,6 +367,12 @@ def load_twin_model(folder: Path, base, router: TwinRouter | None, device: str |
     """The base with the shared delta folded in, the exclusive parts on the routed-LoRA layer and `router`
     routing every forward (`model.twin`, `model.routing`): a plain HF causal LM. Without a router (building
     one) only the shared model's features are of use."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ..modules.routed_lora import get_module, wrap_model
+    from ..modules.routers import TwinRouter
+
     model = base.load(device=device)
     shared = load_file(str(folder / "shared.safetensors"))
     excl = load_file(str(folder / "exclusive.safetensors"))
@@ -416,8 +394,11 @@ def load_twin_model(folder: Path, base, router: TwinRouter | None, device: str |
 
 @register_artifact("twin")
 def load_twin(path: Path, meta: dict[str, Any], device: str | None = None):
+    from safetensors.torch import load_file
+
     from ..base import BaseModel
     from ..eval.harness import LoadedModel
+    from ..modules.routers import TwinRouter
 
     base = BaseModel(meta["base"])
     r = meta["router"]
@@ -426,3 +407,13 @@ def load_twin(path: Path, meta: dict[str, Any], device: str | None = None):
     model = load_twin_model(Path(path), base, router, device)
     return LoadedModel(model, base.tokenizer(), meta.get("name", Path(path).name),
                        {"kind": "twin", "method": "twin", "artifact": str(path), "router": r})
+
+
+def __getattr__(name: str):
+    """TwinRouter: defined in `workbench.modules.routers` (an nn.Module needs torch at import, this module
+    must not), still importable from here."""
+    if name == "TwinRouter":
+        from ..modules import routers
+
+        return getattr(routers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,9 +30,8 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
 from pydantic import Field
 
 from ..artifacts import register_artifact
@@ -40,7 +39,10 @@ from ..errors import RecipeError, WorkbenchError
 from ..faults import fault_point
 from ..io import atomic_write_json, sha256_json, staging_dir
 from ..progress import progress_bar
-from .base import BuildContext, Method, MethodParams
+from .base import BuildContext, Method, MethodParams, no_grad
+
+if TYPE_CHECKING:
+    import torch
 
 UPCYCLABLE = ("LlamaForCausalLM",)  # dense architectures whose layers map onto Mixtral's (and BAM's)
 ROUTER_SUFFIXES = ("mlp.gate.weight", "self_attn.router.weight")  # FFN (top-k) and attention (soft) routers
@@ -87,6 +89,8 @@ class Sources:
         return w0 + self.experts[i].delta(name) if name in self._names[i] else w0
 
     def stack(self, name: str) -> torch.Tensor:
+        import torch
+
         return torch.stack([self.weight(i, name) for i in range(len(self.experts))])
 
     def mean(self, name: str) -> torch.Tensor:
@@ -95,6 +99,8 @@ class Sources:
 
 def fill_parameters(model: torch.nn.Module, source: Callable[[str], torch.Tensor], desc: str) -> None:
     """Every parameter of `model` set from `source(name)` (shapes checked)."""
+    import torch
+
     params = list(model.named_parameters())
     with torch.no_grad(), progress_bar(desc, total=len(params)) as bar:
         for name, p in params:
@@ -143,6 +149,8 @@ def cached_base_config(spec: str) -> dict[str, Any] | None:
 
 def router_init_tensor(kind: str, n: int, d: int, std: float, gen: torch.Generator,
                        rows: torch.Tensor | None = None) -> torch.Tensor:
+    import torch
+
     if kind == "uniform":
         return torch.zeros(n, d)
     if kind == "data":
@@ -150,13 +158,15 @@ def router_init_tensor(kind: str, n: int, d: int, std: float, gen: torch.Generat
     return torch.randn(n, d, generator=gen) * std
 
 
-@torch.no_grad()
+@no_grad
 def data_router_rows(base, experts, tokenizer, n_examples: int, seed: int, max_length: int, batch_size: int,
                      device: str = "cpu", parallel: bool = False) -> dict[str, torch.Tensor]:
     """Per layer and expert, the mean over that expert's training tokens (padding excluded) of the input of its
     attention block (input_layernorm(h)) and of its FFN (post_attention_layernorm(h + attn); with `parallel`
     attention the FFN reads the layer input, post_attention_layernorm(h)), computed with the dense expert itself:
     {"attn": [L, E, d], "ffn": [L, E, d]}."""
+    import torch
+
     from ..train.trainer import collate
     from .routing import expert_examples
 
@@ -212,6 +222,8 @@ def data_router_rows(base, experts, tokenizer, n_examples: int, seed: int, max_l
 
 def ffn_source(src: Sources, name: str, layer: int) -> torch.Tensor | None:
     """Mixtral's fused FFN experts of `layer` from the dense experts' MLPs, or None for another tensor."""
+    import torch
+
     pre = f"model.layers.{layer}.mlp."
     if name == pre + "experts.gate_up_proj":  # [E, 2F, d]: gate (w1) then up (w3)
         return torch.cat([src.stack(pre + "gate_proj.weight"), src.stack(pre + "up_proj.weight")], dim=1)
@@ -236,6 +248,8 @@ def fill_moe(ctx: BuildContext, src: Sources, tok, model: torch.nn.Module, route
     """Every parameter of an untrained MoE from the dense experts: a router (name ending in a key of `routers`,
     whose value names the rows of `data_router_rows` it reads) by `router_init`, a layer's expert tensors by
     `expert_source(name, layer)` (None: not an expert tensor), the rest the experts' average."""
+    import torch
+
     p = ctx.params
     rows = router_rows(ctx, src, tok)
     gen = torch.Generator().manual_seed(p.seed)
@@ -335,6 +349,7 @@ def _named_trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
 
 def save_checkpoint(folder: Path, model, opt, step: int, record: dict[str, Any]) -> None:
     """Weights and AdamW state (safetensors) and the record (JSON) of `step`, written atomically; older ones go."""
+    import torch
     from safetensors.torch import save_file
 
     final = folder / f"step-{step:06d}"
@@ -354,6 +369,7 @@ def save_checkpoint(folder: Path, model, opt, step: int, record: dict[str, Any])
 
 def load_checkpoint(folder: Path, model, opt) -> tuple[int, dict[str, Any]] | None:
     """(step, record) of the last checkpoint in `folder`, loaded into model and optimizer; None when there is none."""
+    import torch
     from safetensors.torch import load_file
 
     latest = folder / "latest.json"
@@ -381,6 +397,8 @@ def train_moe(model, data: list[tuple[list[int], list[int]]], pad_id: int, p: Mo
               desc: str, device: str = "cpu", log=print) -> dict[str, Any]:
     """Train every parameter of `model` (routers, experts, shared layers) for p.steps on `data`; resumable from
     the checkpoints in `ckpt_dir`. Returns the training record (curves, timing)."""
+    import torch
+
     from ..train.trainer import collate
 
     model.to(device)
@@ -506,6 +524,7 @@ class UpcycleMethod(Method):
 
     def skeleton(self, config_dict: dict[str, Any]) -> torch.nn.Module:
         """An empty model of a checkpoint's config (its weights all come from the checkpoint)."""
+        import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from ..modules import bam_model  # noqa: F401  (registers the BAM classes)
@@ -567,6 +586,3 @@ def load_moe(path: Path, meta: dict[str, Any], device: str | None = None):
 
 __all__ = ["MoeTrainParams", "Sources", "UpcycleMethod", "UpcycleParams", "data_router_rows", "load_balancing_loss",
            "moe_stats", "train_moe"]
-
-# The methods built on this module register on import (one entry in `workbench.methods`'s import line).
-from . import bam, btx, mergekit_moe  # noqa: F401

@@ -10,12 +10,15 @@
   (score -inf), so experts with different target modules and ranks mix.
 - `gate`: PHATGOOSE's training-time gate, sigmoid(x . v) per expert and module (dense, differentiable).
 - `fixed`: the same weights for every token (a mix); top-k of them.
+- `mole`, `smora`, `twin`: the trained routers of those methods (`workbench.methods.mole`, `.smora`, `.twin`),
+  defined here so that the method modules import no torch (listing the methods stays fast).
 Saved as `router.json` (name + config) + `router.safetensors` (tensors), loaded through ROUTERS.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -225,5 +228,264 @@ class FixedRouter(BaseRouter):
         return self._idx.to(x.device).expand(t, -1), self._w.to(x.device).expand(t, -1)
 
 
-__all__ = ["ROUTERS", "BaseRouter", "FixedRouter", "GateRouter", "PrototypeRouter", "dense_weights", "load_router",
-           "standardise"]
+# ----------------------------------------------------------------------------- trained routers of the methods
+# (here, not in their method modules: an nn.Module needs torch at import, and listing the methods must not)
+
+
+@ROUTERS.register("mole")
+class MoleRouter(BaseRouter):
+    """Per module: e [E * d_out, E] (output projection), b [E], log tau; softmax(logits / tau) over the active experts."""
+
+    name = "mole"
+    kind = "mole"
+    reads_outputs = True
+
+    def __init__(self, experts: list[str], dims: dict[str, int], *, gate_input: str = "outputs",
+                 temperature: float = 1.0, active: list[str] | None = None):
+        super().__init__(experts)
+        if gate_input not in ("outputs", "none"):
+            raise WorkbenchError(f"MoLE gate_input must be 'outputs' or 'none' (got {gate_input!r})")
+        if temperature <= 0:
+            raise WorkbenchError(f"MoLE temperature must be > 0 (got {temperature})")
+        n = len(experts)
+        self.dims, self.gate_input = dict(dims), gate_input
+        self.keys = {m: m.replace(".", "__") for m in dims}
+        if gate_input == "outputs":
+            self.e = nn.ParameterDict({self.keys[m]: nn.Parameter(torch.zeros(n * d, n)) for m, d in dims.items()})
+        self.b = nn.ParameterDict({self.keys[m]: nn.Parameter(torch.zeros(n)) for m in dims})
+        self.log_tau = nn.ParameterDict({self.keys[m]: nn.Parameter(torch.tensor(math.log(temperature)))
+                                         for m in dims})
+        self.set_active(active)
+        self.record: list[torch.Tensor] | None = None  # training: each call's weights (for the balance loss)
+
+    def set_active(self, active: list[str] | None) -> None:
+        if active is not None:
+            unknown = [a for a in active if a not in self.experts]
+            if unknown:
+                raise WorkbenchError(f"MoLE gates were trained on {self.experts}, not on {unknown}")
+            if not active:
+                raise WorkbenchError("MoLE needs at least one active expert")
+        self.active = list(active) if active is not None else None
+        self.mask = (None if active is None
+                     else torch.tensor([e in active for e in self.experts], dtype=torch.bool))
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "dims": self.dims, "gate_input": self.gate_input, "active": self.active}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.state_dict().items()}
+
+    @classmethod
+    def from_saved(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> MoleRouter:
+        router = cls(config["experts"], config["dims"], gate_input=config.get("gate_input", "outputs"),
+                     active=config.get("active"))
+        router.load_state_dict(tensors)
+        return router.eval()
+
+    def handles(self, module: str) -> bool:
+        return module in self.keys
+
+    def logits(self, module: str, outs: torch.Tensor) -> torch.Tensor:
+        """[T, E] gate logits of one module from the experts' outputs outs [T, E, d_out]."""
+        key = self.keys.get(module)
+        if key is None:
+            raise WorkbenchError(f"MoLE router has no gate for module {module!r}")
+        logits = self.b[key].to(outs.dtype).expand(outs.shape[0], -1)
+        if self.gate_input == "outputs":
+            z = standardise(outs.reshape(outs.shape[0], -1).float()).to(outs.dtype)  # Norm(E_1(x) + ... + E_N(x))
+            logits = logits + z @ self.e[key].to(outs.dtype)
+        return logits / self.log_tau[key].exp().to(outs.dtype)
+
+    def mix(self, module: str, x: torch.Tensor, outs: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(module, outs)
+        if self.mask is not None:
+            logits = logits.masked_fill(~self.mask.to(logits.device), float("-inf"))
+        w = torch.softmax(logits, dim=-1)
+        if self.record is not None:
+            self.record.append(w)
+        return w
+
+    def weights(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        raise WorkbenchError("MoLE's gate reads the experts' outputs: run it on the routed layer, not from inputs alone")
+
+    route = weights
+
+
+# How inference dispatches each token's k ranks: "op" (the R ranks as rank-1 adapters of the multi-LoRA op) or
+# "gather" (`SmoraRouter.delta`: the k rows of A and B gathered per token). A serving choice, not saved with an
+# artifact: the faster on this project's CPU in `workbench bench routing` (results/bench/routing-cpu.json:
+# the op 1.30x base forward and 1.72x decode, the gather path 3.11x and 2.28x, R = 64, k = 8).
+DISPATCH = "op"
+
+
+@ROUTERS.register("smora")
+class SmoraRouter(BaseRouter):
+    """Per module: the rank-R adapter (A [R, d_in], B [d_out, R]), the router (W [R, d_in], c [R]) and the
+    balancing bias [R] (not trained by gradient)."""
+
+    name = "smora"
+    kind = "smora"
+
+    def __init__(self, rank: int, dims: dict[str, list[int]], *, k: int = 8, alpha: float = 16.0,
+                 balance_rate: float = 1e-3, dispatch: str | None = None):
+        super().__init__([f"rank{i}" for i in range(rank)])
+        if not 1 <= k <= rank:
+            raise WorkbenchError(f"SMoRA top-k {k} must be between 1 and the rank R = {rank}")
+        self.rank, self.k, self.alpha, self.balance_rate = rank, k, float(alpha), float(balance_rate)
+        self.dims = {m: [int(d[0]), int(d[1])] for m, d in dims.items()}
+        self.keys = {m: m.replace(".", "__") for m in dims}
+        p = nn.Parameter
+        self.A = nn.ParameterDict({self.keys[m]: p(torch.zeros(rank, di)) for m, (di, do) in self.dims.items()})
+        self.B = nn.ParameterDict({self.keys[m]: p(torch.zeros(do, rank)) for m, (di, do) in self.dims.items()})
+        self.W = nn.ParameterDict({self.keys[m]: p(torch.zeros(rank, di)) for m, (di, do) in self.dims.items()})
+        self.c = nn.ParameterDict({self.keys[m]: p(torch.zeros(rank)) for m in self.dims})
+        self.bias = nn.ParameterDict({self.keys[m]: p(torch.zeros(rank), requires_grad=False) for m in self.dims})
+        dispatch = dispatch or DISPATCH
+        if dispatch not in ("op", "gather"):
+            raise WorkbenchError(f"SMoRA dispatch must be 'op' or 'gather' (got {dispatch!r})")
+        self.dispatch = dispatch  # op: the multi-LoRA op over R rank-1 adapters; gather: `delta` (benchmarked)
+        self.counts: dict[str, torch.Tensor] | None = None  # training: selections per rank in this step
+        self.token_mask: torch.Tensor | None = None  # training: [B*S] real tokens (counts skip padding)
+
+    def init_weights(self, seed: int) -> None:
+        """PEFT's LoRA init (A Kaiming-uniform with a = sqrt(5), B = 0) and nn.Linear's for the router."""
+        g = torch.Generator().manual_seed(seed)
+        for key in self.keys.values():
+            for t in (self.A[key], self.W[key]):
+                bound = 1 / math.sqrt(t.shape[1])  # kaiming_uniform_(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+                with torch.no_grad():
+                    t.copy_(torch.rand(t.shape, generator=g) * 2 * bound - bound)
+            with torch.no_grad():
+                bound = 1 / math.sqrt(self.W[key].shape[1])
+                self.c[key].copy_(torch.rand(self.rank, generator=g) * 2 * bound - bound)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.k
+
+    def config(self) -> dict[str, Any]:
+        return {"rank": self.rank, "dims": self.dims, "k": self.k, "alpha": self.alpha,
+                "balance_rate": self.balance_rate}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.state_dict().items()}
+
+    @classmethod
+    def from_saved(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> SmoraRouter:
+        router = cls(config["rank"], config["dims"], k=config["k"], alpha=config["alpha"],
+                     balance_rate=config.get("balance_rate", 1e-3))  # dispatch: DISPATCH, a serving choice
+        router.load_state_dict(tensors)
+        return router.eval()
+
+    def handles(self, module: str) -> bool:
+        return module in self.keys
+
+    def _key(self, module: str) -> str:
+        key = self.keys.get(module)
+        if key is None:
+            raise WorkbenchError(f"SMoRA adapter has no module {module!r}")
+        return key
+
+    def scores(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        key = self._key(module)
+        return torch.sigmoid(nn.functional.linear(x, self.W[key].to(x.dtype), self.c[key].to(x.dtype)))
+
+    def route(self, module: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if module not in self.keys:  # a module the adapter does not target (in a server holding other adapters)
+            return (torch.full((x.shape[0], 1), -1, dtype=torch.long, device=x.device),
+                    torch.zeros(x.shape[0], 1, device=x.device))
+        s = self.scores(module, x)
+        sel = (s + self.bias[self._key(module)].to(s.dtype)).topk(self.k, dim=-1).indices  # the bias only selects
+        g = s.gather(1, sel)
+        g = g / g.sum(-1, keepdim=True) * self.k
+        if self.counts is not None:
+            rows = sel if self.token_mask is None else sel[self.token_mask.reshape(-1).bool()]
+            c = torch.bincount(rows.reshape(-1), minlength=self.rank).float()
+            self.counts[module] = self.counts.get(module, torch.zeros_like(c)) + c.cpu()
+        return sel, g
+
+    def weights(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        sel, g = self.route(module, x)
+        return torch.zeros(x.shape[0], self.rank, dtype=g.dtype, device=g.device).scatter(1, sel, g)
+
+    def delta(self, module: str, x: torch.Tensor,
+              routed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The gather path: per token only its k ranks, (alpha/k) sum_j g_j B[:, j] (A[j] . x), from gathered rows
+        (`routed`: this call's (ranks, gates) when the caller already routed x)."""
+        sel, g = routed if routed is not None else self.route(module, x)
+        key = self._key(module)
+        a, bt = self.A[key], self.B[key].T  # [R, d_in], [R, d_out]
+        h = torch.einsum("tki,ti->tk", a[sel].to(x.dtype), x) * g.to(x.dtype) * self.scale  # [T, k]
+        return torch.einsum("tk,tko->to", h, bt[sel].to(x.dtype))
+
+    def own_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The R ranks as R rank-1 experts (A [R, 1, d_in], B [R, d_out, 1], scale alpha/k), trainable."""
+        key = self._key(module)
+        a, b = self.A[key], self.B[key]
+        return a[:, None, :], b.T[:, :, None], torch.full((self.rank,), self.scale, device=a.device)
+
+    def update_bias(self) -> None:
+        """bias_j += u * sign(mean count - count_j) per module, from the counts recorded since the last call."""
+        for module, c in (self.counts or {}).items():
+            b = self.bias[self._key(module)]
+            b.data += self.balance_rate * torch.sign(c.mean() - c).to(b.device)
+        if self.counts is not None:
+            self.counts = {}
+
+    def lora_factors(self, module: str) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+        """Rank j as a rank-1 adapter (A[j:j+1], B[:, j:j+1], alpha/k): what the multi-LoRA op dispatches."""
+        key = self._key(module)
+        a, b = self.A[key].detach(), self.B[key].detach()
+        return [(a[j: j + 1], b[:, j: j + 1], self.scale) for j in range(self.rank)]
+
+
+@ROUTERS.register("twin")
+class TwinRouter(BaseRouter):
+    """Twin's MLP (2 hidden layers, dropout) from routing features to expert logits. Every token gets all E
+    experts with w = softmax(logits / temperature). The weights come from the token's prefix, not from a
+    module's input: `TwinRouting` sets them (`current`, [T, E]) before each forward of the model."""
+
+    name = "twin"
+
+    def __init__(self, experts: list[str], d_in: int, hidden: int, dropout: float = 0.5, temperature: float = 1.0):
+        super().__init__(experts)
+        if temperature <= 0:
+            raise WorkbenchError(f"router temperature must be > 0 (got {temperature})")
+        self.d_in, self.hidden, self.dropout, self.temperature = d_in, hidden, dropout, float(temperature)
+        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, len(experts)))
+        self.current: torch.Tensor | None = None  # [T, E]: the weights of the forward in progress
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "d_in": self.d_in, "hidden": self.hidden, "dropout": self.dropout,
+                "temperature": self.temperature}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.state_dict())  # net.* (the artifact's router.safetensors)
+
+    @classmethod
+    def from_saved(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> TwinRouter:
+        cfg = dict(config)
+        router = cls(cfg.pop("experts"), **cfg)
+        router.load_state_dict(tensors)
+        return router.eval()
+
+    def token_weights(self, features: torch.Tensor) -> torch.Tensor:
+        """[..., d_in] routing features -> [..., E] expert weights."""
+        return torch.softmax(self.net(features.float()) / self.temperature, dim=-1)
+
+    def weights(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        w = self.current
+        if w is None or w.shape[0] != x.shape[0]:
+            raise WorkbenchError("the twin router routes its model's own forwards only (the model's hook sets "
+                                 "each forward's weights)")
+        return w
+
+    def route(self, module: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.weights(module, x)
+        return torch.arange(w.shape[1], device=w.device).expand_as(w), w
+
+
+__all__ = ["DISPATCH", "ROUTERS", "BaseRouter", "FixedRouter", "GateRouter", "MoleRouter", "PrototypeRouter",
+           "SmoraRouter", "TwinRouter", "dense_weights", "load_router", "standardise"]

@@ -15,9 +15,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel as Schema
 from pydantic import ConfigDict, Field
 
@@ -25,6 +24,9 @@ from ..errors import WorkbenchError
 from ..pool import Expert, Pool
 from ..progress import progress_bar
 from ..tasks.suite import DEFAULT_SEED, data_hash, encode_pair, get_task, load_split
+
+if TYPE_CHECKING:
+    import torch
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -77,6 +79,8 @@ def encode(tokenizer, question: str, answer: str, max_length: int) -> tuple[list
 
 
 def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    import torch
+
     n = max(len(ids) for ids, _ in batch)
     input_ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), n), -100, dtype=torch.long)
@@ -106,6 +110,8 @@ def train_loop(model, tokenizer, rows: list[dict[str, Any]], cfg: _Common, param
     `after_step(step, batch)` runs after each optimizer step (SMoRA's bias update); `checkpoint` saves the
     trained state every `checkpoint.every` steps and a rerun resumes from the last one (same batches, same
     result as an uninterrupted run)."""
+    import torch
+
     encoded = [encode(tokenizer, r["question"], r["answer"], cfg.max_length) for r in rows]
     rng = random.Random(cfg.seed)
     order: list[int] = []
@@ -176,6 +182,7 @@ class Checkpoint:
         import json
         import os
 
+        import torch
         from safetensors.torch import save_file
 
         tensors = {f"module.{k}": v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
@@ -194,6 +201,7 @@ class Checkpoint:
     def load(self, opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> dict[str, Any] | None:
         import json
 
+        import torch
         from safetensors import safe_open
 
         if not self.path.is_file():
@@ -239,6 +247,8 @@ def _stable_peft_files(folder: Path, base_spec: str) -> None:
 def train_expert(pool: Pool, name: str, tasks: list[str], cfg: LoraConfigModel | FullConfig, *,
                  device: str = "cpu", tags: dict[str, str] | None = None, replace: bool = False) -> Expert:
     """Train a LoRA or full expert on `tasks`' train splits and add it to `pool`."""
+    import torch
+
     if name in pool and not replace:
         raise WorkbenchError(f"pool {pool.name!r} already has an expert named {name!r} (use --replace)")
     # LoRA's initialisation (and dropout) draw from torch's global generator: seeded inside a fork that
