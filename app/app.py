@@ -439,6 +439,9 @@ def _show_runs() -> None:
         d = r.as_dict()
         if d["status"] == "failed":
             st.error(f"{d['name']}: {d['error']}")
+            if d.get("traceback"):
+                with st.expander(f"{d['name']} traceback"):
+                    st.code(d["traceback"], language=None)
         elif d["status"] == "done":
             st.success(f"{d['name']}: done in {d['elapsed_s']:.0f} s; its leaderboard is in the Leaderboard view "
                        f"(comparison: {d['name']})")

@@ -27,8 +27,15 @@ def test_every_public_name_is_documented_and_typed():
         if isinstance(obj, (str, tuple)):  # DEFAULT_BASE, BENCHMARKS
             continue
         assert inspect.getdoc(obj), f"{name} has no docstring"
-        fns = [obj] if inspect.isfunction(obj) else [
-            f for n, f in vars(obj).items() if inspect.isfunction(f) and not n.startswith("_")]
+        if inspect.isclass(obj):  # methods, class/static methods and properties of the class itself
+            members = {n: m for n, m in vars(obj).items() if not n.startswith("_")}
+            for n, m in members.items():
+                if isinstance(m, property):
+                    assert m.__doc__, f"{name}.{n} (property) has no docstring"
+            fns = [m.__func__ if isinstance(m, (classmethod, staticmethod)) else m for m in members.values()]
+            fns = [f for f in fns if inspect.isfunction(f)]
+        else:
+            fns = [obj]
         for fn in fns:
             sig = inspect.signature(fn)
             untyped = [p for p in sig.parameters.values() if p.name not in ("self", "cls")
@@ -317,3 +324,98 @@ def test_demo_says_when_the_leaderboard_is_rederived(run_cli, monkeypatch, tmp_p
     board.progress.reused = 0
     code, out, _ = run_cli("demo")
     assert "re-derived" not in out
+
+
+def test_review_fixes_pools_artifacts_and_boards(pool, pools, tiny_dir, tmp_path, monkeypatch, run_cli):
+    """A pool opened by path stays that pool with a recipe file; an artifact evaluates over the pool it was built
+    over here (its record names the first build's pool, which may be gone); Leaderboard.read writes nothing; a board
+    read from leaderboard.json answers its own paired tests only; a bare pool name never means a same-named
+    subfolder of the current folder."""
+    import shutil
+
+    import yaml
+
+    import workbench as wb
+    from conftest import snapshot
+
+    quiet = lambda *a: None  # noqa: E731
+    _tiny_pool(pool, tiny_dir)
+    other = wb.Pool.create(tmp_path / "elsewhere" / "demo", base=str(tiny_dir / "base"))
+    other.add(tiny_dir / "lora_a", "x")
+    other.add(tiny_dir / "lora_b", "y")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "r", "method": "task_arithmetic", "pool": "demo"}))
+    assert wb.plan(other, recipe).resolved.pool.root == other.root
+    assert wb.plan(recipe).resolved.pool.root == pool.root
+    assert wb.plan(pool, "task_arithmetic", experts="addition").describe()["experts"] == ["addition"]
+    with pytest.raises(wb.WorkbenchError, match="takes the plan as it is"):
+        wb.build(wb.plan(recipe), density=0.5)
+
+    # the same pool in another checkout: built there first, then that checkout is gone
+    monkeypatch.setenv("WORKBENCH_POOLS", str(tmp_path / "elsewhere"))
+    first = wb.build("demo", "task_arithmetic", output={"kind": "lora", "rank": 2}, log=quiet)
+    shutil.copytree(other.root, tmp_path / "moved" / "demo")
+    shutil.rmtree(other.root)
+    monkeypatch.setenv("WORKBENCH_POOLS", str(tmp_path / "moved"))
+    again = wb.build("demo", "task_arithmetic", output={"kind": "lora", "rank": 2}, log=quiet)
+    assert again.key == first.key and "elsewhere" in again.meta["pool"]  # reused: its record names the gone pool
+    res = wb.evaluate(again, ["addition"], limit=1, batch_size=1, results_dir=tmp_path / "res")
+    assert set(res.scores) == {"addition"}
+
+    monkeypatch.setenv("WORKBENCH_POOLS", str(pools))
+    doc = {"name": "rv", "pool": "demo", "tasks": ["addition"], "eval": {"limit": 2, "batch_size": 2},
+           "reference": "base", "entries": ["base", "addition", "sorting"]}
+    wb.compare(doc, results_dir=tmp_path / "res", progress=False, log=quiet)
+    before = snapshot(tmp_path / "res")
+    read = wb.Leaderboard.read(doc, results_dir=tmp_path / "res")
+    assert snapshot(tmp_path / "res") == before  # a read writes nothing
+    assert read.paired("addition", "sorting")["n"] == 2
+    board = wb.leaderboards("demo", tmp_path / "res")[0]
+    own = next(r for r in board.board["rows"] if r["name"] == "addition")["paired"]
+    assert board.paired("addition", "base")["p_value"] == own["p_value"]
+    with pytest.raises(wb.WorkbenchError, match="Leaderboard.read"):
+        board.paired("addition", "sorting")
+
+    (tmp_path / "cwd" / "demo").mkdir(parents=True)  # a folder named like the pool, without a manifest
+    monkeypatch.chdir(tmp_path / "cwd")
+    code, out, err = run_cli("pool", "list")
+    assert code == 0 and "demo" in out, err
+    assert wb.Pool.open("demo").root == pool.root
+
+
+def test_cli_review_fixes(run_cli, pools, tiny_dir, pool, tmp_path):
+    import yaml
+
+    _tiny_pool(pool, tiny_dir)
+    code, _out, err = run_cli("train", "lora", "--pool", "demo", "--task", "held_in")
+    assert code == 2 and "one task" in err
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "r", "method": "task_arithmetic", "pool": "demo",
+                                      "sweep": {"parameters": {"lambda": [0.5, 1.0]}}}))
+    code, out, err = run_cli("merge", str(recipe), "--dry-run", "--limit", "3")
+    assert code == 0 and json.loads(out)["recipe"] == "r@limit3"  # its sweep record never overwrites r's own
+    code, out, err = run_cli("merge", str(recipe), "--dry-run")
+    assert json.loads(out)["recipe"] == "r"
+
+
+def test_norm_column_and_no_empty_group_in_the_demo_table(run_cli):
+    code, out, err = run_cli("results", "table", "--results-dir", str(ROOT / "results"), "--comparison", "demo")
+    assert code == 0, err
+    header = " ".join(out.split())
+    assert "norm %" in header and "held-in %" in header and "held-out" not in header  # demo.yaml: held-in tasks
+
+
+@pytest.mark.integration
+def test_demo_as_shipped_says_it_rederived_the_leaderboard(run_cli, tmp_path, monkeypatch):
+    """`workbench demo` on the committed cells (copied): nothing to compute, and it says so and how to recompute."""
+    import shutil
+
+    shutil.copytree(ROOT / "results" / "compare" / "demo", tmp_path / "compare" / "demo")
+    monkeypatch.setenv("WORKBENCH_RESULTS", str(tmp_path))
+    monkeypatch.delenv("WORKBENCH_POOLS", raising=False)
+    code, out, err = run_cli("demo")
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert re.search(r"All \d+ cells \(builds and evaluations\) were already recorded", text), text
+    assert "re-derived" in text and "To recompute it, delete" in text
+    assert "twin" in text and "norm %" in text

@@ -43,6 +43,18 @@ def _pool(pool: Pool | str | Path) -> Pool:
     return pool if isinstance(pool, Pool) else Pool.open(pool)
 
 
+def _pool_ref(p: Pool) -> str:
+    """How a recipe names the pool: by name when the pools folder resolves that name to it (artifact keys then do not
+    depend on where this machine keeps it), else by its path."""
+    from .pool import resolve_pool_path
+
+    return p.name if resolve_pool_path(p.name).resolve() == p.root.resolve() else str(p.root)
+
+
+def _expert_list(experts: str | Iterable[str] | None) -> list[str] | None:
+    return None if experts is None else [experts] if isinstance(experts, str) else list(experts)
+
+
 def _results(results_dir: PathLike | None) -> Path:
     from .eval.harness import results_root
 
@@ -124,15 +136,23 @@ class BuildPlan:
 
     @property
     def name(self) -> str:
+        """The recipe's name (names its artifact's records and results)."""
         return self.resolved.recipe.name
 
     @property
     def method(self) -> str:
+        """The registered method it builds with."""
         return self.resolved.recipe.method
 
     @property
     def artifact_dir(self) -> Path:
+        """Where the artifact is (or will be) in the cache: `<method>-<key>`."""
         return self.resolved.artifact_dir
+
+    @property
+    def eval(self) -> dict[str, Any]:
+        """The recipe's evaluation settings: tasks, batch_size, limit."""
+        return self.resolved.recipe.eval.model_dump(mode="json")
 
     def describe(self) -> dict[str, Any]:
         """The plan as JSON-able data: recipe, method, pool, experts, output, parameters, artifact folder, sweep."""
@@ -155,6 +175,7 @@ class Artifact:
     method: str
     key: str
     pool: str
+    pool_root: Path | None = None  # the pool it was built over here (the cache is shared: meta names the first)
     selection: dict[str, Any] | None = None  # the sweep's chosen point and its validation score
     recipe: dict[str, Any] | None = None  # the recipe it was built from, as results record it (pools by name)
 
@@ -197,7 +218,7 @@ def plan(pool_or_recipe: Pool | PathLike | dict | None = None, method: str | Non
             if not isinstance(doc, dict):
                 raise RecipeError(f"recipe {source}: expected a mapping at the top level")
         if override_pool is not None:
-            doc["pool"] = override_pool.name if isinstance(override_pool, Pool) else str(override_pool)
+            doc["pool"] = _pool_ref(override_pool) if isinstance(override_pool, Pool) else str(override_pool)
         if params or experts is not None or output is not None or name is not None:
             raise RecipeError("with a recipe, change its parameters in the recipe (only sweep= and limit= apply)")
     else:
@@ -205,21 +226,21 @@ def plan(pool_or_recipe: Pool | PathLike | dict | None = None, method: str | Non
             raise RecipeError(f"method {method!r} needs a pool: build(pool, {method!r}, ...)")
         p = pool_or_recipe if isinstance(pool_or_recipe, Pool) else Pool.open(pool_or_recipe)
         out = {"kind": output} if isinstance(output, str) else dict(output or {})
-        from .pool import resolve_pool_path
-
-        # a pool found by its name is recorded by name (artifact keys do not depend on where this machine keeps it)
-        ref = p.name if resolve_pool_path(p.name).resolve() == p.root.resolve() else str(p.root)
-        doc = {"name": name or f"{p.name}-{method.replace('_', '-')}", "method": method, "pool": ref,
+        doc = {"name": name or f"{p.name}-{method.replace('_', '-')}", "method": method, "pool": _pool_ref(p),
                "parameters": params, "output": out or {"kind": "model"}}
         if experts is not None:
-            doc["experts"] = list(experts)
+            doc["experts"] = _expert_list(experts)
         source = f"<{method}>"
     if limit is not None:
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 1_000_000:
             raise RecipeError(f"limit = {limit!r}: examples per task must be an integer in 1..1000000")
         doc["eval"] = {**(doc.get("eval") or {}), "limit": limit}
-        if isinstance(doc.get("sweep"), dict):
+        if isinstance(doc.get("sweep"), dict) and sweep:
             doc["sweep"] = {**doc["sweep"], "limit": limit}
+            # another limit is another experiment: its sweep record goes beside the recipe's own, never over it
+            # (the name is not part of the artifact key: builds are still shared)
+            if isinstance(doc.get("name"), str):
+                doc["name"] = f"{doc['name']}@limit{limit}"
     if not sweep:
         doc.pop("sweep", None)
     return BuildPlan(parse_recipe(doc, source), run_sweep=sweep)
@@ -238,6 +259,11 @@ def build(pool_or_recipe: Pool | PathLike | dict | BuildPlan | None = None, meth
     from .recipes import build as _build
 
     log = _log(log)
+    if isinstance(pool_or_recipe, BuildPlan) and (method is not None or params or experts is not None
+                                                  or output is not None or name is not None or limit is not None
+                                                  or not sweep):
+        raise RecipeError("build(plan) takes the plan as it is: give method, experts, parameters, sweep and limit "
+                          "to plan(...)")
     bp = pool_or_recipe if isinstance(pool_or_recipe, BuildPlan) else plan(
         pool_or_recipe, method, experts=experts, output=output, name=name, sweep=sweep, limit=limit, **params)
     resolved, selection = bp.resolved, None
@@ -246,7 +272,7 @@ def build(pool_or_recipe: Pool | PathLike | dict | BuildPlan | None = None, meth
                                         log=log)
     path = _build(resolved, force=force, device=device, log=log)
     return Artifact(path=path, name=resolved.recipe.name, method=resolved.recipe.method, key=resolved.key,
-                    pool=resolved.pool.name, selection=selection, recipe=_recorded_recipe(resolved))
+                    pool=resolved.pool.name, pool_root=resolved.pool.root, selection=selection, recipe=_recorded_recipe(resolved))
 
 
 def load(model: Artifact | PathLike, *, pool: Pool | str | None = None, device: str | None = None) -> tuple[Any, Any]:
@@ -259,6 +285,8 @@ def load(model: Artifact | PathLike, *, pool: Pool | str | None = None, device: 
 
         loaded = load_artifact(model.path, device=device)
     else:
+        if pool is None and str(model) == "base":
+            raise WorkbenchError("load('base') needs pool=... (the pool's base), or give a base model folder")
         loaded = load_model_spec(str(model), _pool(pool) if pool is not None else None, device)
     return loaded.model, loaded.tokenizer
 
@@ -274,10 +302,12 @@ class Results:
 
     @property
     def scores(self) -> dict[str, dict[str, float]]:
+        """task -> metric -> value (lm-eval's aggregate)."""
         return self.manifest["scores"]
 
     @property
     def model(self) -> str:
+        """The model's name in the results (`<pool>__<model>`)."""
         return self.manifest["model_name"]
 
     def to_pandas(self) -> pd.DataFrame:
@@ -293,10 +323,11 @@ class Results:
 
 def evaluate(model: Artifact | PathLike, tasks: str | Iterable[str] = ("held_in",), *, pool: Pool | str | None = None,
              limit: int | None = None, batch_size: int = 16, split: str = "test", device: str = "cpu",
-             results_dir: PathLike | None = None) -> Results:
+             results_dir: PathLike | None = None, lm_eval_dir: PathLike | None = None) -> Results:
     """Evaluate a model with lm-eval on `tasks` (task names or groups: held_in, held_out, domains, all); results,
     per-example samples and a run manifest land in `results_dir`/lm-eval/. `model`: an `Artifact`, `"base"` or an
-    expert's name (with `pool`), or a model, adapter or artifact folder."""
+    expert's name (with `pool`), or a model, adapter or artifact folder. `lm_eval_dir` puts lm-eval's outputs in
+    another folder than `results_dir`/lm-eval."""
     from .eval import run_eval
 
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 1_000_000):
@@ -304,15 +335,16 @@ def evaluate(model: Artifact | PathLike, tasks: str | Iterable[str] = ("held_in"
     if not isinstance(batch_size, int) or not 1 <= batch_size <= 4096:
         raise WorkbenchError(f"batch_size = {batch_size!r}: an integer in 1..4096")
     task_list = [tasks] if isinstance(tasks, str) else list(tasks)
-    out = _results(results_dir) / "lm-eval"
+    out = Path(lm_eval_dir) if lm_eval_dir is not None else _results(results_dir) / "lm-eval"
     if isinstance(model, Artifact):
         from .artifacts import artifact_ref, load_artifact
-        from .pool import Pool
 
+        # the pool it was built over here (the artifact's record names the pool of its first build, which may be in
+        # another checkout, or gone), opened before any model loads
+        p = _pool(pool if pool is not None else model.pool_root or model.meta["pool"])
         loaded = load_artifact(model.path, device=device)
         loaded.name = model.name
         loaded.info.update(method=model.method, artifact=artifact_ref(model.path))
-        p = _pool(pool) if pool is not None else Pool.open(model.meta["pool"])
         m = run_eval(artifact_ref(model.path), task_list, pool=p, limit=limit, batch_size=batch_size, split=split,
                      device=device, results_dir=out, loaded=loaded,
                      extra={"params": model.meta.get("params", {}), "artifact_key": model.key,
@@ -388,11 +420,11 @@ class Leaderboard:
         self.folder = folder
         self.progress = progress
 
-    name = property(lambda self: self.board["name"])
-    reference = property(lambda self: self.board["reference"])
-    tasks = property(lambda self: list(self.board["tasks"]))
-    rows = property(lambda self: [r["name"] for r in self.board["rows"]])
-    complete = property(lambda self: bool(self.board.get("complete", True)))
+    name = property(lambda self: self.board["name"], doc="The comparison's name.")
+    reference = property(lambda self: self.board["reference"], doc="The row every other row is paired against.")
+    tasks = property(lambda self: list(self.board["tasks"]), doc="The comparison's tasks, in order.")
+    rows = property(lambda self: [r["name"] for r in self.board["rows"]], doc="Row names, best held-in first.")
+    complete = property(lambda self: bool(self.board.get("complete", True)), doc="Every planned cell is recorded.")
 
     @property
     def reused(self) -> int:
@@ -401,13 +433,14 @@ class Leaderboard:
 
     @classmethod
     def read(cls, recipe: PathLike | dict, results_dir: PathLike | None = None) -> Leaderboard:
-        """The leaderboard of a comparison recipe from its recorded cells (nothing is run); rows without cells are
-        absent."""
+        """The leaderboard of a comparison recipe from its recorded cells whose keys match the plan: nothing is run or
+        written. Rows without cells are listed without scores."""
         from .comparison import parse_comparison
-        from .jobs import collect_cells, make_plan, write_leaderboard
+        from .jobs import collect_cells, leaderboard_of, make_plan
 
-        p = make_plan(parse_comparison(recipe), _results(results_dir))
-        return cls(write_leaderboard(p), collect_cells(p), p.out)
+        p = make_plan(parse_comparison(recipe, log=lambda *a: None), _results(results_dir))
+        cells = collect_cells(p)
+        return cls(leaderboard_of(p, cells), cells, p.out)
 
     def to_pandas(self) -> pd.DataFrame:
         """One row per model: held-in/held-out means and se (%), normalized %, the paired test against the
@@ -465,6 +498,14 @@ class Leaderboard:
                 raise WorkbenchError(f"no row {r!r} in {self.name}{did_you_mean(r, self.rows)}")
         if a == b:
             raise WorkbenchError(f"paired test of {a!r} against itself: pick two rows")
+        if not self.cells:  # a board read from leaderboard.json alone: its own tests against the reference only
+            row = next(r for r in self.board["rows"] if r["name"] == a)
+            if b == self.reference and row.get("paired") and tasks is None:
+                p = row["paired"]
+                return {"a": a, "b": b, "n": p["n"], "diff": p["diff"], "p_value": p["p_value"], "test": p["test"],
+                        "a_only": p.get("row_only"), "b_only": p.get("reference_only")}
+            raise WorkbenchError(f"{self.name}: this leaderboard was read without its cells; "
+                                 "Leaderboard.read(recipe) has them for any pair")
         xs, ys = [], []
         for t in tasks or self.tasks:
             ca, cb = self.cells.get((a, t)), self.cells.get((b, t))
@@ -506,13 +547,14 @@ def leaderboards(pool: str | None = None, results_dir: PathLike | None = None) -
     return out
 
 
-def describe_comparison(recipe: PathLike | dict, *, results_dir: PathLike | None = None,
-                        device: str = "cpu") -> list[str]:
-    """The plan of a comparison as lines (what `compare --dry-run` prints): each build and cell, done or to run."""
+def describe_comparison(recipe: PathLike | dict, *, results_dir: PathLike | None = None, device: str = "cpu",
+                        log: Log | None = None) -> list[str]:
+    """The plan of a comparison as lines (what `compare --dry-run` prints): each build and cell, done or to run.
+    Warnings found while validating (a skipped reference row, ...) go to `log`."""
     from .comparison import parse_comparison
     from .jobs import describe, make_plan
 
-    return describe(make_plan(parse_comparison(recipe, log=lambda *a: None), _results(results_dir), device))
+    return describe(make_plan(parse_comparison(recipe, log=_log(log)), _results(results_dir), device))
 
 
 def compare(recipe: PathLike | dict, *, results_dir: PathLike | None = None, executor: str = "local",

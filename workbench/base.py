@@ -136,6 +136,7 @@ class BaseModel:
 
     @cached_property
     def config(self) -> dict[str, Any]:
+        """The model's config.json as a dict."""
         try:
             return json.loads((self.path / "config.json").read_text())
         except json.JSONDecodeError as e:
@@ -143,19 +144,23 @@ class BaseModel:
 
     @property
     def architecture(self) -> str:
+        """The model's architecture class name (e.g. LlamaForCausalLM)."""
         return (self.config.get("architectures") or [self.config.get("model_type", "?")])[0]
 
     @cached_property
     def tensors(self) -> SafetensorsDir:
+        """The model's safetensors weights, read lazily."""
         refuse_pickles(self.path, "base model folder")
         return SafetensorsDir(self.path, model_weight_files(self.path))
 
     @property
     def tied_embeddings(self) -> bool:
+        """Whether the output head shares the input embedding."""
         return bool(self.config.get("tie_word_embeddings", False))
 
     @cached_property
     def fingerprint(self) -> str:
+        """A hash of the config and the tensor shapes: pools and artifacts check experts against it."""
         return fingerprint(self.config, self.tensors.shapes)
 
     def num_parameters(self) -> int:

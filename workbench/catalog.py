@@ -2,15 +2,16 @@
 
 Every `*.json` under the folder is parsed once per (path, mtime, size) and classified by its content, not by
 its name: lm-eval run manifests, comparisons (leaderboard + cells), sweep records, benchmark records, routing
-traces, merge-count curves, checks. A file that does not parse, a record with keys missing and a JSON file the
-workbench did not write are listed as warnings (path: problem) and skipped: a results folder never breaks a
-reader. Runs are identified by their manifests (pool, model, method, parameters, commit, settings), never by
-splitting folder names.
+traces, merge-count curves, checks. A file that does not parse, is too large or nested too deeply
+(`cells.load_json`), a record with keys missing and a JSON file the workbench did not write are listed as warnings
+(path: problem) and skipped: a results folder never breaks a reader. A comparison's cells are read by
+`cells.comparison_cells`, as the jobs read them: only cells its plan.json expects, with the expected key, count;
+the others are warnings too. Runs are identified by their manifests (pool, model, method, parameters, commit,
+settings), never by splitting folder names.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import zlib
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import cells as cell_records
 from .errors import WorkbenchError
 
 # (path, mtime_ns, size) -> parsed JSON or the error: re-reading a folder parses only what changed
@@ -37,6 +39,7 @@ class Catalog:
     traces: list[dict[str, Any]] = field(default_factory=list)
     curves: list[dict[str, Any]] = field(default_factory=list)
     checks: list[dict[str, Any]] = field(default_factory=list)
+    cells: dict[str, cell_records.ComparisonCells] = field(default_factory=dict)  # comparison name -> its cells
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (path relative to root, problem)
     files: int = 0
 
@@ -48,17 +51,17 @@ class Catalog:
 
 
 def _parse(path: Path) -> Any:
-    """The file's JSON (cached by mtime and size), or a ValueError saying why not."""
+    """The file's JSON (cached by mtime and size), or a ValueError saying why not (not JSON, over
+    `cells.MAX_JSON_BYTES`: not read, nested deeper than `cells.MAX_JSON_DEPTH`)."""
     st = path.stat()
     key = str(path)
     hit = _PARSED.get(key)
     if hit and hit[0] == st.st_mtime_ns and hit[1] == st.st_size:
         return hit[2]
     try:
-        with open(path, "rb") as f:
-            value: Any = json.loads(f.read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        value = ValueError(f"not valid JSON ({'empty file' if st.st_size == 0 else str(e).splitlines()[0]})")
+        value: Any = cell_records.load_json(path)
+    except ValueError as e:
+        value = e
     if len(_PARSED) > _CACHE_LIMIT:
         _PARSED.clear()
     _PARSED[key] = (st.st_mtime_ns, st.st_size, value)
@@ -173,7 +176,23 @@ def scan(root: str | Path) -> Catalog:
         elif kind == "check":
             cat.checks.append(d | {"_path": str(p)})
     cat.runs.sort(key=lambda r: r.get("run_id", ""))
+    warned = {w for w, _ in cat.warnings}
+    for name, board in cat.comparisons.items():
+        got = cat.cells[name] = cell_records.comparison_cells(Path(board["_dir"]), board, _load)
+        if got.note:
+            cat.warnings.append((cat.rel(board["_dir"]), got.note))
+        for p, why in got.skipped:
+            if cat.rel(p) not in warned:  # a file the walk could not read is listed once
+                cat.warnings.append((cat.rel(p), f"cell not counted: {why}"))
     return cat
+
+
+def _load(path: Path) -> Any:
+    """`_parse` for `cells.comparison_cells`: the JSON, or raises ValueError/OSError."""
+    d = _parse(path)
+    if isinstance(d, ValueError):
+        raise ValueError(str(d))
+    return d
 
 
 # ----------------------------------------------------------------------------- runs
@@ -233,17 +252,12 @@ def display_name(run: dict[str, Any]) -> str:
 
 
 def comparison_cells(cat: Catalog, name: str) -> dict[tuple[str, str], dict[str, Any]]:
-    """(row, task) -> cell record of a comparison, read from its cells/ folder."""
-    folder = Path(cat.comparisons[name]["_dir"]) / "cells"
-    out = {}
-    for p in sorted(folder.glob("*/*.json")) if folder.is_dir() else []:
-        try:
-            d = _parse(p)
-        except OSError:
-            continue
-        if isinstance(d, dict) and _kind(d, p) == "cell":
-            out[(d["row"], d["task"])] = d
-    return out
+    """(row, task) -> cell record of a comparison: the cells its plan.json expects, with the expected keys
+    (`cells.comparison_cells`, read by `scan`); the files under cells/ that do not count are in `cat.warnings`."""
+    if name not in cat.cells:
+        board = cat.comparisons[name]
+        cat.cells[name] = cell_records.comparison_cells(Path(board["_dir"]), board, _load)
+    return cat.cells[name].cells
 
 
 # ----------------------------------------------------------------------------- one source of rows x tasks
@@ -298,7 +312,7 @@ class Source:
             return []
         try:
             df = paired_samples(ra, rb, task)
-        except (OSError, ValueError, KeyError, EOFError, zlib.error, WorkbenchError) as e:
+        except (OSError, ValueError, KeyError, EOFError, zlib.error, RecursionError, MemoryError, WorkbenchError) as e:
             raise WorkbenchError(f"per-sample outputs of {a!r} or {b!r} on {task} unreadable: {e}") from None
         return df[df.value_a != df.value_b].to_dict("records")
 
@@ -310,7 +324,7 @@ def comparison_source(cat: Catalog, name: str) -> Source:
     rows = [{"name": r["name"], "method": r["method"], "expert_task": r.get("expert_task")} for r in board["rows"]]
     runs = {}
     for key, cell in cells.items():
-        if cell.get("run"):
+        if cell.get("run"):  # inside the comparison's folder: `cells.cell_problem` refused any other
             p = folder / cell["run"]
             try:
                 d = _parse(p)
@@ -348,7 +362,7 @@ def runs_source(cat: Catalog, pool: str | None = None, picks: dict[str, str] | N
                 continue
             try:
                 samples = read_samples(run)
-            except (OSError, ValueError, KeyError, EOFError, zlib.error, WorkbenchError):
+            except (OSError, ValueError, KeyError, EOFError, zlib.error, RecursionError, MemoryError, WorkbenchError):
                 samples = []  # the means stay; no error bars or paired tests for this run
             by_task: dict[str, list[tuple[int, float]]] = {}
             for smp in samples:

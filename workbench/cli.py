@@ -299,6 +299,11 @@ def _train(kind: str, pool: str, tasks: list[str], name: Optional[str], device: 
                   f"{m['wall_s']:.0f}s, {m['tokens_per_s']:.0f} tokens/s")
 
 
+def _one_task(task: str) -> None:
+    if "," in task or task in ("held_in", "held_out", "skills", "domains", "all"):
+        raise WorkbenchError(f"--task {task!r}: one task; for several, `workbench train multitask --tasks ...`")
+
+
 _Pool = Annotated[str, typer.Option(help="pool name or path")]
 _Dev = Annotated[str, typer.Option(help="cpu or cuda")]
 
@@ -314,6 +319,7 @@ def train_lora(
     replace: Annotated[bool, typer.Option(help="replace an expert of that name")] = False,
 ):
     """Train a PEFT LoRA expert on one task (loss on answer tokens only) into the pool."""
+    _one_task(task)
     _train("lora", pool, [task], name, device, replace, r=r, alpha=alpha, targets=targets, steps=steps, lr=lr,
            batch_size=batch_size, seed=seed)
 
@@ -326,6 +332,7 @@ def train_full(
     seed: Optional[int] = None, device: _Dev = "cpu", replace: bool = False,
 ):
     """Full fine-tune expert (every weight) on one task, saved into the pool as a model folder."""
+    _one_task(task)
     _train("full", pool, [task], name or f"full-{task}", device, replace, steps=steps, lr=lr,
            batch_size=batch_size, seed=seed)
 
@@ -363,7 +370,7 @@ def eval_model(
     pool: Annotated[Optional[str], typer.Option(help="pool name or path")] = None,
     tasks: _Tasks = "all", limit: Annotated[Optional[int], typer.Option(help="examples per task")] = None,
     batch_size: int = 16, device: _Dev = "cpu",
-    out: Annotated[Optional[Path], typer.Option(help="results folder (lm-eval outputs go to OUT/lm-eval)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="lm-eval output folder (default results/lm-eval)")] = None,
 ):
     """Evaluate one model: `workbench eval --model SPEC --pool P --tasks ...`."""
     if ctx.invoked_subcommand is not None:
@@ -373,7 +380,7 @@ def eval_model(
     from . import evaluate
 
     res = evaluate(model, _split_list([tasks]), pool=pool, limit=limit, batch_size=batch_size, device=device,
-                   results_dir=out)
+                   lm_eval_dir=out)
     _print_manifest(res.manifest)
 
 
@@ -504,8 +511,8 @@ def merge(
             console.print(f"selected on validation: {art.selection['best']} "
                           f"(score {art.selection['validation_score']:.4f})")
         if eval_:
-            spec = bp.resolved.recipe.eval
-            _print_manifest(evaluate(art, spec.tasks, limit=spec.limit, batch_size=spec.batch_size,
+            spec = bp.eval
+            _print_manifest(evaluate(art, spec["tasks"], limit=spec["limit"], batch_size=spec["batch_size"],
                                      device=device).manifest)
 
 
@@ -580,7 +587,8 @@ def route_accuracy(
     table = Table("task", "expert", "top-1 = own (mean over layers)", "own in top-k", "layers > 50 %",
                   title=f"{rec['recipe']}: router accuracy, {split}, {n} examples per task")
     for t, r in rec["tasks"].items():
-        table.add_row(t, r["expert"], f"{r['mean_top1']:.2f}", f"{r['mean_in_topk']:.2f}",
+        table.add_row(t, r["expert"], f"{r['mean_top1']:.2f}",
+                      "–" if r["mean_in_topk"] is None else f"{r['mean_in_topk']:.2f}",
                       f"{sum(1 for x in r['top1'] if x > 0.5)}/{len(r['top1'])}")
     console.print(table)
     console.print("written: " + ", ".join(rec["files"]), highlight=False)
@@ -751,7 +759,7 @@ def compare(
     if dry_run:
         from . import describe_comparison
 
-        for line in describe_comparison(recipe, results_dir=results, device=device):
+        for line in describe_comparison(recipe, results_dir=results, device=device, log=console.print):
             console.print(line, highlight=False)
         return
     _run_compare(recipe, executor=executor, address=address, cpus=cpus, gpus=gpus, device=device, results=results)
@@ -782,7 +790,8 @@ def demo(
     elif board.reused:
         console.print(f"{board.reused} of {total} cells were already recorded in {board.folder}/ and were reused; "
                       f"delete that folder to recompute them all.", highlight=False)
-    console.print("open the app: .venv/bin/streamlit run app/app.py", highlight=False)
+    if Path("app/app.py").is_file():
+        console.print("open the app: .venv/bin/streamlit run app/app.py", highlight=False)
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -17,7 +17,6 @@ whose workers must see the same results folder, pools and cache, e.g. a shared f
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -68,10 +67,10 @@ def make_plan(comparison: Comparison, results_dir: Path | None = None, device: s
 
 
 def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    """A build or cell record (a JSON object, read with the size and depth bounds of `cells.load_json`), or None."""
+    from .cells import read_record
+
+    return read_record(path)
 
 
 def build_key(row: Row) -> str:
@@ -114,12 +113,22 @@ def model_key(plan: Plan, row: Row) -> dict[str, Any] | None:
     return {"artifact": rec["model_key"]} if rec else None
 
 
-def cell_done(plan: Plan, row: Row, task: str) -> dict[str, Any] | None:
+def expected_key(plan: Plan, row: Row, task: str) -> str | None:
+    """The key the plan expects of the (row, task) cell (None while the row's model is not known: not built)."""
     mk = model_key(plan, row)
-    if mk is None:
+    return None if mk is None else cell_key(plan.comparison, mk, task, plan.device)
+
+
+def cell_done(plan: Plan, row: Row, task: str) -> dict[str, Any] | None:
+    """The (row, task) cell record when it counts (`cells.read_cell`: the plan's key, its place, its shape, a run
+    path inside the comparison's folder), else None."""
+    from .cells import read_cell
+
+    key = expected_key(plan, row, task)
+    if key is None:
         return None
-    rec = _read(plan.cell_path(row, task))
-    return rec if rec and rec.get("key") == cell_key(plan.comparison, mk, task, plan.device) else None
+    rec, _ = read_cell(plan.out, row.name, task, key)
+    return rec
 
 
 def describe(plan: Plan) -> list[str]:
@@ -468,14 +477,19 @@ def clean_leftovers(out: Path) -> list[Path]:
 
 
 def plan_record(plan: Plan) -> dict[str, Any]:
+    """plan.json: the comparison's rows, tasks and settings, and `cells`: row -> task -> the key its cell must have
+    (null for an artifact row not built yet), so a reader of the folder alone (the app's catalog) counts exactly
+    the cells the leaderboard counts (`cells.comparison_cells`)."""
     c = plan.comparison
     return {"name": c.spec.name, "source": Path(c.source).as_posix() if not Path(c.source).is_absolute()
             else Path(c.source).name, "pool": c.pool.name, "tasks": c.tasks, "reference": c.reference,
             "eval": c.spec.eval.model_dump(mode="json"), "rows": board_rows(c),
-            "skipped": {r.name: r.skip for r in plan.skipped}}
+            "skipped": {r.name: r.skip for r in plan.skipped}, "device": plan.device.split(":")[0],
+            "cells": {r.name: {t: expected_key(plan, r, t) for t in r.tasks} for r in c.active_rows}}
 
 
 def collect_cells(plan: Plan) -> dict[tuple[str, str], dict[str, Any]]:
+    """(row, task) -> record of every planned cell that counts (`cell_done`)."""
     return {(r.name, t): rec for r, t in plan.evals if (rec := cell_done(plan, r, t))}
 
 
@@ -486,18 +500,28 @@ def board_rows(c: Comparison) -> list[dict[str, Any]]:
             for r in c.active_rows]
 
 
-def write_leaderboard(plan: Plan) -> dict[str, Any]:
-    """leaderboard.json, .csv, .md and .svg under the comparison's folder, from the plan and its cell records."""
-    from .eval.leaderboard import build_leaderboard, leaderboard_chart, leaderboard_frame, leaderboard_markdown
+def leaderboard_of(plan: Plan, cells: dict[tuple[str, str], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The leaderboard of the plan from its current cell records, computed and returned: nothing is written."""
+    from .eval.leaderboard import build_leaderboard
 
     c = plan.comparison
-    cells = collect_cells(plan)
+    cells = collect_cells(plan) if cells is None else cells
     board = build_leaderboard(board_rows(c), cells, c.tasks, c.reference)
-    board |= {"name": c.spec.name, "pool": c.pool.name, "eval": c.spec.eval.model_dump(mode="json"),
-              "complete": len(cells) == len(plan.evals), "cells": f"{len(cells)}/{len(plan.evals)}",
-              "skipped": {r.name: r.skip for r in plan.skipped}}
+    return board | {"name": c.spec.name, "pool": c.pool.name, "eval": c.spec.eval.model_dump(mode="json"),
+                    "complete": len(cells) == len(plan.evals), "cells": f"{len(cells)}/{len(plan.evals)}",
+                    "skipped": {r.name: r.skip for r in plan.skipped}}
+
+
+def write_leaderboard(plan: Plan) -> dict[str, Any]:
+    """leaderboard.json, .csv, .md and .svg under the comparison's folder, from the plan and its cell records."""
+    from .eval.leaderboard import leaderboard_chart, leaderboard_frame, leaderboard_markdown
+
+    c = plan.comparison
+    board = leaderboard_of(plan)
     title = (f"{c.spec.name}: pool {c.pool.name}, {c.spec.eval.split} split, "
              f"{'limit ' + str(c.spec.eval.limit) if c.spec.eval.limit else 'all examples'} per task")
+    # plan.json again: the keys of rows built since the run began are known now (the app checks cells against it)
+    atomic_write_json(plan.out / "plan.json", plan_record(plan))
     atomic_write_json(plan.out / "leaderboard.json", board)
     fault_point("leaderboard")
     atomic_write_text(plan.out / "leaderboard.csv", leaderboard_frame(board).to_csv(index=False, float_format="%.4f"))
@@ -516,6 +540,8 @@ def write_leaderboard(plan: Plan) -> dict[str, Any]:
                                  plan.out / "training.svg")
         except Exception as e:  # noqa: BLE001 - as above: the curves stay in builds/*.json
             board["plot_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if "plot_error" in board:  # found after leaderboard.json was written: the record keeps it too
+        atomic_write_json(plan.out / "leaderboard.json", board)
     return board
 
 
@@ -600,7 +626,7 @@ def eval_matrix(pool_spec: str, tasks: list[str], *, models: list[str] | None = 
     return out
 
 
-__all__ = ["Plan", "Progress", "collect_cells", "describe", "eval_matrix", "expected_costs", "make_plan", "run_build",
+__all__ = ["Plan", "Progress", "collect_cells", "describe", "eval_matrix", "expected_costs", "leaderboard_of", "make_plan", "run_build",
            "run_comparison", "run_row", "write_leaderboard"]
 
 
@@ -616,7 +642,8 @@ class BackgroundRun:
     status: str = "running"  # running | done | failed
     progress: Progress | None = None
     log: list[str] = field(default_factory=list)
-    error: str | None = None
+    error: str | None = None  # a failed run's one line
+    traceback: str | None = None  # and its whole traceback, for whoever has to fix it
     board: dict[str, Any] | None = None
     started: float = field(default_factory=time.time)
     finished: float | None = None
@@ -625,6 +652,7 @@ class BackgroundRun:
     def as_dict(self) -> dict[str, Any]:
         p = self.progress
         return {"name": self.name, "source": self.source, "status": self.status, "error": self.error,
+                "traceback": self.traceback,
                 "done": p.done if p else 0, "total": p.total if p else 0, "current": p.current if p else "",
                 "log": self.log[-50:], "elapsed_s": round((self.finished or time.time()) - self.started, 1)}
 
@@ -703,7 +731,10 @@ def start_background(comparison: dict[str, Any] | str | Path, *, results_dir: Pa
         try:
             run.board = run_comparison(c, results_dir=results_dir, device=device, log=log, progress=progress)
             run.status = "done"
-        except Exception as e:  # noqa: BLE001 - a failed run shows its one line; the app goes on
+        except Exception as e:  # noqa: BLE001 - a failed run shows its one line (and keeps its traceback); the app goes on
+            import traceback
+
+            run.traceback = traceback.format_exc()
             run.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}" \
                 if not isinstance(e, WorkbenchError) else str(e).splitlines()[0]
             run.status = "failed"

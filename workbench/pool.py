@@ -17,6 +17,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -26,7 +27,8 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 
 from .base import BaseModel, fingerprint
 from .errors import ExpertValidationError, ManifestError, PoolError, did_you_mean
-from .io import atomic_write_json, sha256_file
+from .faults import fault_point
+from .io import atomic_write_json, file_lock, lock_for, sha256_file
 from .tensors import SafetensorsDir, model_weight_files, refuse_pickles, relative_distance
 
 if TYPE_CHECKING:  # torch is imported by the first tensor read: `pool list` and `pool show` never need it
@@ -46,6 +48,19 @@ _KEEP_SUFFIXES = {".json", ".safetensors", ".txt", ".md", ".model", ".jinja"}
 MAX_BASE_DISTANCE = 0.5
 # PEFT saves LoRA weights as `base_model.model.<module>.lora_A.weight` (adapter name stripped).
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+
+
+def _read_manifest(path: Path) -> PoolManifest:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix it by hand") from None
+    try:
+        return PoolManifest.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        raise ManifestError(f"{path} is not a valid pool manifest: {loc}: {err['msg']}") from None
 
 
 def check_name(name: str, what: str = "expert name") -> str:
@@ -90,8 +105,9 @@ def resolve_pool_path(spec: str | os.PathLike) -> Path:
     """A pool given by path, or by name in the pools folder (`pools_dir()`: $WORKBENCH_POOLS, ./adapters or the
     project's adapters/)."""
     path = Path(spec).expanduser()
-    if path.exists() or os.sep in str(spec) or str(spec).startswith("."):
+    if os.sep in str(spec) or str(spec).startswith((".", "~")) or (path / MANIFEST).is_file():
         return path
+    # a bare name is a pool of the pools folder, even where the current folder has a subfolder of that name
     return pools_dir() / str(spec)
 
 
@@ -332,14 +348,15 @@ class Expert:
         self.pool = pool
         self.entry = entry
 
-    name = property(lambda self: self.entry.name)
-    kind = property(lambda self: self.entry.kind)
+    name = property(lambda self: self.entry.name, doc="The expert's name in its pool.")
+    kind = property(lambda self: self.entry.kind, doc="'lora' (a PEFT adapter) or 'full' (a model folder).")
 
     def __repr__(self) -> str:
         return f"Expert({self.name!r}, kind={self.kind!r})"
 
     @property
     def path(self) -> Path:
+        """The expert's folder (copied into the pool, or linked in place)."""
         p = Path(self.entry.path)
         return p if p.is_absolute() else self.pool.root / p
 
@@ -408,6 +425,8 @@ class Pool:
     # -- opening and creating
     @classmethod
     def create(cls, spec: str | os.PathLike, base: str = "smollm2-135m") -> Pool:
+        """A new, empty pool over `base` (an alias, a local HF folder or a hub id): by name in the pools folder
+        (`pools_dir()`), or at a path. Refused when a pool is already there."""
         root = resolve_pool_path(spec)
         check_name(root.name, "pool name")
         if (root / MANIFEST).exists():
@@ -425,26 +444,48 @@ class Pool:
 
     @classmethod
     def open(cls, spec: str | os.PathLike) -> Pool:
+        """An existing pool, by name in the pools folder (`$WORKBENCH_POOLS`, else `./adapters`, else the project's
+        `adapters/`) or by path; its manifest is validated."""
         root = resolve_pool_path(spec)
         path = root / MANIFEST
         if not path.is_file():
             known = pool_names()
             where = f"; {_where_pools_are()} has {', '.join(known) or 'no pools'}" if root.parent == pools_dir() else ""
             raise PoolError(f"no pool at {root} (missing {MANIFEST}){did_you_mean(root.name, known)}{where}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ManifestError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix it by hand") from None
-        try:
-            manifest = PoolManifest.model_validate(data)
-        except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"])
-            raise ManifestError(f"{path} is not a valid pool manifest: {loc}: {err['msg']}") from None
-        return cls(root, manifest)
+        pool = cls(root, _read_manifest(path))
+        if (root / STAGING_DIR).is_dir() and any((root / STAGING_DIR).glob(".old-*")):
+            with pool._locked():  # a replace killed between its two renames: finish or undo it
+                pass
+        return pool
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The pool's lock for a read-modify-write of its manifest and expert folders (one process at a time; the
+        lock file lives in the cache, not in the pool). Inside, `self.manifest` is the manifest on disk: another
+        process or Pool object may have changed it since this one was opened."""
+        with file_lock(lock_for(self.root / MANIFEST)):
+            self._recover_replaced()
+            self.manifest = _read_manifest(self.root / MANIFEST)
+            yield
+
+    def _recover_replaced(self) -> None:
+        """Leftovers of a replace killed between 'old folder aside' and 'new folder in' (lock held): the old folder
+        goes back where it was when nothing took its place, else it is deleted."""
+        staging = self.root / STAGING_DIR
+        for old in sorted(staging.glob(".old-*")) if staging.is_dir() else []:
+            name = old.name[len(".old-"):].rsplit("-", 2)[0]
+            final = self.root / EXPERTS_DIR / name
+            if not final.exists():
+                os.replace(old, final)
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+        for tmp in sorted(staging.iterdir()) if staging.is_dir() else []:  # copies of killed adds (none is live:
+            if tmp.is_dir() and not tmp.name.startswith(".old-"):           # every add holds this lock)
+                shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
     def open_or_create(cls, spec: str | os.PathLike, base: str = "smollm2-135m") -> Pool:
+        """`open` the pool when it exists, else `create` it over `base`."""
         root = resolve_pool_path(spec)
         return cls.open(root) if (root / MANIFEST).exists() else cls.create(root, base)
 
@@ -453,6 +494,7 @@ class Pool:
 
     @cached_property
     def base(self) -> BaseModel:
+        """The pool's base model (resolved into the cache on first use)."""
         bm = BaseModel(self.manifest.base.spec)
         if bm.fingerprint != self.manifest.base.fingerprint:
             raise PoolError(
@@ -463,11 +505,13 @@ class Pool:
 
     @property
     def name(self) -> str:
+        """The pool's name (its folder's)."""
         return self.manifest.name
 
     # -- experts
     @property
     def experts(self) -> list[Expert]:
+        """Every expert, in manifest order."""
         return [Expert(self, e) for e in self.manifest.experts]
 
     def names(self, kind: str | None = None) -> list[str]:
@@ -534,10 +578,20 @@ class Pool:
         check_name(name)
         if name in self and not replace:
             raise PoolError(f"pool {self.name!r} already has an expert named {name!r}")
+        with self._locked():
+            return self._add_locked(source, name, kind=kind, link=link, tags=tags, training=training, notes=notes,
+                                    replace=replace, allow_distant=allow_distant)
+
+    def _add_locked(self, source: str | os.PathLike, name: str, *, kind: str | None, link: bool,
+                    tags: dict[str, str] | None, training: dict[str, Any] | None, notes: str, replace: bool,
+                    allow_distant: bool) -> Expert:
+        if name in self and not replace:  # checked again on the manifest as it is now
+            raise PoolError(f"pool {self.name!r} already has an expert named {name!r}")
         source = Path(source).expanduser().resolve()
         kind, lora = self.validate_source(source, kind)
         distance = self._check_base_identity(source, kind, f"expert source {source}", allow_distant)
         files = sorted(p.name for p in source.iterdir() if p.is_file() and p.suffix in _KEEP_SUFFIXES)
+        old = None
         if link:
             rel, hashes = str(source), {f: sha256_file(source / f) for f in files}
         else:
@@ -550,9 +604,14 @@ class Pool:
                 for f in files:
                     shutil.copy2(source / f, tmp / f)
                 hashes = {f: sha256_file(tmp / f) for f in files}
-                if final.exists():  # an orphan of a crashed add, or the expert being replaced
-                    shutil.rmtree(final)
                 final.parent.mkdir(parents=True, exist_ok=True)
+                # the expert being replaced (or an orphan of a crashed add): renamed aside, the new folder renamed in,
+                # then the old one deleted once the manifest is written; a kill between the two renames leaves the
+                # old folder in .staging/, put back by the next open
+                old = staging / f".old-{name}-{os.getpid()}-{time.monotonic_ns()}" if final.exists() else None
+                if old is not None:
+                    os.replace(final, old)
+                    fault_point("pool_replace")
                 os.replace(tmp, final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -560,10 +619,13 @@ class Pool:
         entry = ExpertEntry(name=name, kind=kind, path=rel, linked=link, tags=tags or {}, training=training or {},
                             notes=notes, lora=lora, files=hashes, added_at=_now(), base_distance=distance)
         self._put(entry)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         return Expert(self, entry)
 
     def _put(self, entry: ExpertEntry) -> None:
-        """Write `entry` into the manifest: in its place when the name exists (a replace), else last."""
+        """Write `entry` into the manifest: in its place when the name exists (a replace), else last. Called with
+        the pool's lock held."""
         names = self.names()
         experts = list(self.manifest.experts)
         if entry.name in names:
@@ -579,10 +641,11 @@ class Pool:
         Only what was measured on the files (hashes, LoRA info, base distance) is updated, and only when
         the bytes differ: a rebuild to identical files leaves `pool.json` byte for byte as it was.
         """
-        new = self.expert(old.name).entry
-        if new.files != old.files:
-            old = old.model_copy(update={"files": new.files, "lora": new.lora, "base_distance": new.base_distance})
-        self._put(old)
+        with self._locked():
+            new = self.expert(old.name).entry
+            if new.files != old.files:
+                old = old.model_copy(update={"files": new.files, "lora": new.lora, "base_distance": new.base_distance})
+            self._put(old)
         return Expert(self, old)
 
     def train(self, name: str, tasks: str | list[str], *, kind: str = "lora", device: str = "cpu",
@@ -596,9 +659,11 @@ class Pool:
 
     def remove(self, name: str) -> None:
         """Remove an expert from the manifest and delete its copied files (linked folders are left alone)."""
-        expert = self.expert(name)
-        self.manifest.experts = [e for e in self.manifest.experts if e.name != name]
-        self._save()  # the manifest first: a crash below leaves an orphan folder, not a dangling entry
+        self.expert(name)  # unknown: one line, before the lock
+        with self._locked():
+            expert = self.expert(name)
+            self.manifest.experts = [e for e in self.manifest.experts if e.name != name]
+            self._save()  # the manifest first: a crash below leaves an orphan folder, not a dangling entry
         if not expert.entry.linked and expert.path.exists():
             shutil.rmtree(expert.path)
 

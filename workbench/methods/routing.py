@@ -302,7 +302,9 @@ def router_accuracy(model, tokenizer, expert_tasks: dict[str, str], *, split: st
 
     For `n` examples of each task's `split` (question + answer, teacher-forced: the tokens generation routes),
     per layer: the share of the task's tokens (pooled over its examples and the layer's routed modules) whose
-    top-1 expert is the task's expert (`top1`) and whose top-k includes it (`in_topk`). `expert_tasks`:
+    top-1 expert is the task's expert (`top1`) and whose top-k includes it (`in_topk`: among the router's k largest
+    weights, and weighted; None for a router without a top-k, such as MoLE's dense gates, which weigh every expert
+    for every token). `expert_tasks`:
     expert -> task (one expert per task). Returns {split, n, experts, layers, tasks: {task: {expert, top1 [L],
     in_topk [L], mean_top1, mean_in_topk, confusion {expert: share of top-1 choices}}}, summary}."""
     import re
@@ -316,6 +318,7 @@ def router_accuracy(model, tokenizer, expert_tasks: dict[str, str], *, split: st
     if ctx is None or not ctx.groups:
         raise WorkbenchError("this model has no router: router accuracy exists for routed compositions only")
     experts = list(ctx.groups[0].router.experts)
+    k = getattr(ctx.groups[0].router, "k", None)  # None: a dense mixture (every expert weighted): no top-k
     missing = [e for e in expert_tasks if e not in experts]
     if missing:
         raise WorkbenchError(f"experts {missing} are not routed by this model ({', '.join(experts)})")
@@ -337,7 +340,9 @@ def router_accuracy(model, tokenizer, expert_tasks: dict[str, str], *, split: st
                 m = re.search(r"\.layers\.(\d+)\.", module)
                 h = hits.setdefault(int(m.group(1)) if m else -1, [0.0, 0.0, 0.0])
                 h[0] += float((chosen == e).sum())
-                h[1] += float((idx == e).any(-1).sum())
+                if k is not None:
+                    top = dense.topk(min(int(k), len(experts)), dim=-1)
+                    h[1] += float(((top.indices == e) & (top.values > 0)).any(-1).sum())
                 h[2] += chosen.numel()
                 confusion += torch.bincount(chosen[chosen >= 0], minlength=len(experts)).float()
         if not hits:
@@ -345,15 +350,17 @@ def router_accuracy(model, tokenizer, expert_tasks: dict[str, str], *, split: st
         layers = sorted(hits)
         all_layers.update(layers)
         t1 = [hits[i][0] / hits[i][2] for i in layers]
-        tk = [hits[i][1] / hits[i][2] for i in layers]
+        tk = [hits[i][1] / hits[i][2] for i in layers] if k is not None else None
         out[task] = {"expert": expert, "layers": layers, "top1": [round(x, 4) for x in t1],
-                     "in_topk": [round(x, 4) for x in tk], "mean_top1": round(sum(t1) / len(t1), 4),
-                     "mean_in_topk": round(sum(tk) / len(tk), 4),
+                     "in_topk": [round(x, 4) for x in tk] if tk is not None else None,
+                     "mean_top1": round(sum(t1) / len(t1), 4),
+                     "mean_in_topk": round(sum(tk) / len(tk), 4) if tk is not None else None,
                      "confusion": {x: round(float(c), 4) for x, c in zip(experts, confusion / confusion.sum().clamp(min=1))}}
     means = [v["mean_top1"] for v in out.values()]
-    return {"split": split, "n": n, "experts": experts, "layers": sorted(all_layers), "tasks": out,
+    return {"split": split, "n": n, "experts": experts, "k": k, "layers": sorted(all_layers), "tasks": out,
             "summary": {"mean_top1": round(sum(means) / len(means), 4) if means else None,
-                        "mean_in_topk": round(sum(v["mean_in_topk"] for v in out.values()) / len(out), 4) if out else None}}
+                        "mean_in_topk": round(sum(v["mean_in_topk"] for v in out.values()) / len(out), 4)
+                        if out and k is not None else None}}
 
 
 __all__ = ["DataRoutedMethod", "RoutedMethod", "artifact_pool", "check_one_expert_per_task", "checkpoint_path",

@@ -97,7 +97,7 @@ class TwinComposition:
     """A Twin-Merging artifact over LoRA experts of the engine: its router and its parts as LoRA factors."""
 
     name: str
-    router: Any = field(repr=False)  # workbench.methods.twin.TwinRouter
+    router: Any = field(repr=False)  # workbench.modules.routers.TwinRouter
     shared: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(repr=False)  # tensor -> (A, B, 1)
     exclusive: list[dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = field(repr=False)  # per expert
     source: str | None = None  # the artifact folder
