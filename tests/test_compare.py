@@ -374,7 +374,7 @@ def test_a_single_recipe_runs_as_a_comparison_against_the_base(cmp_pool, tmp_pat
     r = write(tmp_path, {"name": "t", "method": "ties", "pool": "demo", "experts": ["addition", "sorting"],
                          "eval": {"tasks": ["addition"]}}, "one.yaml")
     doc = recipe_comparison(r, limit=3)
-    c = parse_comparison(doc, "<app>")
+    c = parse_comparison(doc, "<app>", folder=tmp_path)  # recipes are read from the comparison's folder or merges/
     assert [row.name for row in c.active_rows] == ["base", "one"] and c.tasks == ["addition"]
     assert c.spec.eval.limit == 3 and c.reference == "base"
     comp = write(tmp_path, SMALL, "cmp.yaml")

@@ -75,7 +75,7 @@ def test_mole_weights_by_hand_and_masked_subset_renormalises(two):
     wrap_experts(model, [two.expert(n) for n in names])
     router = _mole_router(model, names, seed=4)
     module = "model.layers.0.self_attn.q_proj"  # both tiny experts adapt q_proj
-    x = torch.randn(5, routed_modules(model)[module].base.in_features)
+    x = torch.randn(5, routed_modules(model)[module].base.in_features, generator=torch.Generator().manual_seed(0))
     outs = []
     for n in names:
         a, b, s = two.expert(n).lora_factors(f"{module}.weight")

@@ -434,6 +434,7 @@ class _ParityRouter:
     odd layer to b: routers whose accuracy is known by counting."""
 
     experts = ["a", "b"]
+    k = 1  # one expert per token (router accuracy's in-top-k needs the router's k)
 
     def __init__(self, by_layer: bool = False, prefix: int = 0):
         self.by_layer, self.prefix = by_layer, prefix

@@ -122,3 +122,16 @@ def test_replace_killed_between_its_renames_is_undone(pools, tiny_dir, pool):
     p.add(tiny_dir / "lora_b", "a", replace=True)  # a replace that completes leaves nothing aside
     assert Pool.open("demo").expert("a").entry.files != before and p.verify() == []
     assert not list((pools / "demo" / ".staging").glob(".old-*"))
+
+
+def test_the_apps_build_one_form_with_nothing_selected_is_refused(pools, tiny_dir, pool):
+    """An empty expert selection is a one-line error, never TIES over the whole pool."""
+    from workbench.comparison import parse_comparison
+    from workbench.errors import WorkbenchError
+    from workbench.jobs import comparison_document
+
+    _two_experts(pool, tiny_dir)
+    doc = comparison_document("demo", "ties", {"density": 0.5}, experts=[])
+    with pytest.raises(WorkbenchError, match=r"lists no expert") as info:
+        parse_comparison(doc, "<app>")
+    assert "\n" not in str(info.value)

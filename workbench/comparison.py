@@ -17,6 +17,9 @@ A comparison file (e.g. `merges/demo.yaml`):
       - {name: ta, method: task_arithmetic, parameters: {lambda: 0.3}}   # experts: the top-level list
       - {recipe: ties-lora.yaml}   # an existing recipe (its validation sweep runs unless sweep: false)
 
+A `recipe:` entry names a file in the comparison's folder or in the project's `merges/` folder (symlinks
+resolved; a path that leads anywhere else is refused).
+
 Every check runs in `parse_comparison`: schema, unknown method, expert, task or parameter, experts of a kind
 the method does not take, duplicate row names, an unknown reference. Rows whose experts are in the manifest
 but not on disk (full fine-tunes are not shipped with the repository) are planned as skipped, with one line
@@ -30,27 +33,31 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel as Schema
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Discriminator, Field, Tag
 
 from .errors import RecipeError, WorkbenchError
 from .io import sha256_json
 from .methods import METHODS
-from .methods.base import OutputSpec
+from .methods.base import MAX_BATCH, MAX_LIMIT, MAX_SEED, OutputSpec
 from .pool import Pool
-from .recipes import ResolvedRecipe, _clip, _load_yaml, parse_recipe, validate_document
+from .recipes import Experts, ResolvedRecipe, _clip, _load_yaml, parse_recipe, validate_document
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.@=+-]*\z"
 Ref = Annotated[str, Field(max_length=1024)]
+MERGES_DIR = Path(__file__).resolve().parent.parent / "merges"  # the project's recipes
+MAX_SEEDS = 100  # seeds of a comparison: each one more row per seeded method
 
 
 class MethodEntry(Schema):
     """A row built by a method (`method`) or by an existing recipe file (`recipe`)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     name: str | None = Field(None, max_length=120, pattern=NAME, description="row name (default: method or recipe name)")
     method: str | None = Field(None, max_length=64, description="a registered method")
-    recipe: Ref | None = Field(None, description="a recipe file, relative to the comparison's folder")
-    experts: list[Ref] | None = Field(None, description="expert names (default: the recipe's, else the pool's)")
+    recipe: Ref | None = Field(None, description="a recipe file, relative to the comparison's folder (in that folder "
+                                                 "or the project's merges/)")
+    experts: Experts | None = Field(None, description="expert names (left out: the recipe's, else the pool's; "
+                                                      "[] is refused)")
     parameters: dict[str, Any] = Field(default_factory=dict)
     output: OutputSpec | None = None
     sweep: bool = Field(True, description="run the recipe's validation sweep (recipe entries)")
@@ -59,23 +66,35 @@ class MethodEntry(Schema):
 
 
 class CompareEval(Schema):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    limit: int | None = Field(None, gt=0, description="examples per task (None: the whole split)")
-    batch_size: int = Field(32, gt=0)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    limit: int | None = Field(None, gt=0, le=MAX_LIMIT,
+                              description=f"examples per task (None: the whole split; at most {MAX_LIMIT:,})")
+    batch_size: int = Field(32, gt=0, le=MAX_BATCH, description=f"examples per forward (1..{MAX_BATCH})")
     split: Literal["test", "validation"] = "test"
 
 
+def _entry_kind(value: Any) -> str:
+    return "MethodEntry" if isinstance(value, (dict, MethodEntry)) else "str"
+
+
+# a mapping is a MethodEntry (its errors are MethodEntry's, not "should be a valid string"), anything else a name
+Entry = Annotated[Annotated[Annotated[str, Field(max_length=120)], Tag("str")]
+                  | Annotated[MethodEntry, Tag("MethodEntry")], Discriminator(_entry_kind)]
+
+
 class ComparisonSpec(Schema):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     name: str = Field(max_length=120, pattern=NAME, description="names the results folder")
     pool: Ref = "demo"
     description: str = ""
-    entries: list[Annotated[str, Field(max_length=120)] | MethodEntry] = Field(min_length=1)
-    experts: list[Ref] | None = Field(None, description="experts of `method` entries that name none "
-                                                        "(default: every expert of the pool)")
+    entries: list[Entry] = Field(min_length=1)
+    experts: Experts | None = Field(None, description="experts of `method` entries that name none "
+                                                      "(left out: every expert of the pool; [] is refused)")
     tasks: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=lambda: ["held_in", "held_out"])
     eval: CompareEval = Field(default_factory=CompareEval)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="seeds of seeded methods")
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(
+        default_factory=lambda: [0], min_length=1, max_length=MAX_SEEDS,
+        description=f"seeds of seeded methods (each 0..2**32-1; at most {MAX_SEEDS})")
     reference: str | None = Field(None, description="row for the paired tests (default: multitask, else the first)")
 
 
@@ -217,6 +236,19 @@ def parse_comparison(data: dict[str, Any] | str | Path, source: str | None = Non
     return Comparison(spec, source, folder, pool, rows, tasks, reference, recipe_bodies=bodies)
 
 
+def _recipe_path(ref: str, folder: Path, where: str) -> Path:
+    """A `recipe:` entry's file, confined to the comparison's folder and the project's merges/ folder: symlinks are
+    resolved first, so neither `..` nor a link nor an absolute path reads a file elsewhere on the machine."""
+    path = Path(ref)
+    path = path if path.is_absolute() else Path(folder) / path
+    real = path.resolve()
+    roots = [Path(folder).resolve(), MERGES_DIR]
+    if not any(real == r or r in real.parents for r in roots):
+        raise RecipeError(f"{where}: recipe {_clip(ref)} is outside the comparison's folder and the project's "
+                          "merges/ folder (recipes are read from there only)")
+    return path
+
+
 def _entry_rows(entry, spec: ComparisonSpec, pool: Pool, folder: Path, where: str, bodies: dict[str, Any]) -> list[Row]:
     fp = _fingerprint_base(pool)
     if isinstance(entry, str):
@@ -256,9 +288,9 @@ def _entry_rows(entry, spec: ComparisonSpec, pool: Pool, folder: Path, where: st
     else:
         if entry.experts is not None or entry.parameters or entry.output is not None:
             raise RecipeError(f"{where}: a `recipe` entry takes its experts, parameters and output from the recipe")
+        path = _recipe_path(entry.recipe, folder, where)
         if entry.recipe not in bodies:
-            path = Path(entry.recipe)
-            bodies[entry.recipe] = _load_yaml(path if path.is_absolute() else folder / path)
+            bodies[entry.recipe] = _load_yaml(path)
         body = bodies[entry.recipe]
         if not isinstance(body, dict):
             raise RecipeError(f"{where}: recipe {_clip(entry.recipe)} is not a mapping")

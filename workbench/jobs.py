@@ -676,7 +676,7 @@ def comparison_document(pool: str, method: str, parameters: dict[str, Any], *, e
     if "multitask" in p:
         entries.append("multitask")
     row = {"name": method.replace("_", "-"), "method": method, "parameters": parameters}
-    if experts:
+    if experts is not None:  # an empty selection is refused in one line, never "the whole pool"
         row["experts"] = list(experts)
     entries.append(row)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", name or f"{p.name}-{method}")[:100]

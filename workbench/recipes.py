@@ -3,8 +3,10 @@
 Every check that can fail runs before any tensor is touched: the file's size and encoding,
 YAML syntax (no aliases, bounded nesting), the schema, the method name, expert names and
 files, one base across pools, the method's parameter types and ranges, and the method's own
-cross-field checks. Each failure is one RecipeError line that echoes at most ~80 characters
-of the input. Builds check the experts' file hashes against the manifest first.
+cross-field checks. Each failure is one RecipeError line that echoes at most ~40 characters
+of each input value. Duplicate keys are refused (YAML's "last one wins" would hide a typo), numbers must be
+finite and within their field's bounds, and `experts: []` is refused (leave it out for the whole pool).
+Builds check the experts' file hashes against the manifest first.
 """
 
 from __future__ import annotations
@@ -17,39 +19,55 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError
 from pydantic import BaseModel as Schema
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
 from yaml.composer import ComposerError
+from yaml.constructor import ConstructorError
 
 from .artifacts import ARTIFACT_FILE, artifact_ref, read_artifact_meta
 from .errors import RecipeError, WorkbenchError
 from .faults import fault_point
 from .io import artifacts_dir, atomic_write_json, file_lock, lock_for, sha256_file_cached, sha256_json, staging_dir
 from .methods import METHODS, BuildContext, Method, MethodParams, OutputSpec
-from .methods.base import write_artifact_meta
+from .methods.base import MAX_BATCH, MAX_LIMIT, write_artifact_meta
 from .pool import Expert, Pool
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; more is a mistake (or an attack)
 MAX_DEPTH = 32  # nesting levels of a recipe (one needs about 5)
+MAX_SWEEP_POINTS = 1024  # grid points of a sweep (each is a build and an evaluation)
 Ref = Annotated[str, Field(max_length=1024)]  # a name or path: bounded, so errors that echo it stay short
+ECHO = 40  # characters of an input value an error echoes at most
+
+
+def _some_experts(names: list[str]) -> list[str]:
+    if not names:  # `experts: []` read as "no restriction" would silently build over the whole pool
+        raise PydanticCustomError("wb_no_experts", "[] lists no expert (leave it out to use the whole pool)")
+    return names
+
+
+# expert names, or pool:expert; None (left out) means the whole pool, [] is refused
+Experts = Annotated[list[Ref], AfterValidator(_some_experts)]
 
 
 class EvalSpec(Schema):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     tasks: list[str] = Field(default_factory=lambda: ["held_in", "held_out"])
-    batch_size: int = Field(32, gt=0)
-    limit: int | None = Field(None, gt=0)
+    batch_size: int = Field(32, gt=0, le=MAX_BATCH, description=f"examples per forward (1..{MAX_BATCH})")
+    limit: int | None = Field(None, gt=0, le=MAX_LIMIT,
+                              description=f"examples per task (None: the whole split; at most {MAX_LIMIT:,})")
 
 
 class SweepSpec(Schema):
     """A grid over method parameters, each point scored on the validation split (never test)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     parameters: dict[Annotated[str, Field(max_length=64)], list[Any]] = Field(
-        description="parameter name -> values; the grid is their product")
+        description=f"parameter name -> values; the grid is their product (at most {MAX_SWEEP_POINTS} points)")
     tasks: list[str] = Field(default_factory=lambda: ["held_in"], description="tasks scored (validation split)")
-    limit: int | None = Field(50, gt=0, description="validation examples per task")
-    batch_size: int = Field(32, gt=0)
+    limit: int | None = Field(50, gt=0, le=MAX_LIMIT,
+                              description=f"validation examples per task (at most {MAX_LIMIT:,})")
+    batch_size: int = Field(32, gt=0, le=MAX_BATCH, description=f"examples per forward (1..{MAX_BATCH})")
 
 
 class Recipe(Schema):
@@ -58,7 +76,8 @@ class Recipe(Schema):
                       description="artifact and results name (letters, digits, _ . - @ = +; it names files)")
     method: str = Field(max_length=64)
     pool: Ref = "demo"
-    experts: list[Ref] | None = Field(None, description="expert names, or pool:expert; default all of the pool")
+    experts: Experts | None = Field(None, description="expert names, or pool:expert; left out: all of the pool "
+                                                      "([] is refused)")
     parameters: dict[str, Any] = Field(default_factory=dict, description="the method's parameters")
     output: OutputSpec = Field(default_factory=OutputSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
@@ -97,16 +116,19 @@ class ResolvedRecipe:
         return artifacts_dir() / f"{self.recipe.method}-{self.key}"
 
 
-def _clip(text: str, limit: int = 80) -> str:
+def _clip(text: str, limit: int = ECHO) -> str:
     """`text` cut to `limit` characters: errors never echo unbounded input."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _first_error(e: ValidationError, prefix: str) -> str:
     err = e.errors()[0]
-    loc = ".".join(_clip(str(x), 64) for x in err["loc"])
-    got = f" (got {_clip(repr(err['input']))})" if "input" in err and not isinstance(err["input"], dict) else ""
-    return f"{prefix}{loc}: {_clip(err['msg'], 200)}{got}"
+    loc = ".".join(_clip(str(x)) for x in err["loc"])
+    # the workbench's own errors (wb_*) say what they need; pydantic's get the offending value, clipped
+    got = f" (got {_clip(repr(err['input']))})" if ("input" in err and not isinstance(err["input"], dict)
+                                                    and not err["type"].startswith("wb_")) else ""
+    head = f"{prefix}{loc}: " if loc else f"{prefix.rstrip('.').rstrip()}: "
+    return f"{head}{_clip(err['msg'], 200)}{got}"
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -127,6 +149,24 @@ class _RecipeLoader(yaml.SafeLoader):
         finally:
             self.depth -= 1
 
+    def construct_mapping(self, node, deep=False):
+        """A mapping whose keys are unique: YAML's "the last one wins" would silently drop the first value."""
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # unhashable: the constructor below says so
+                    continue
+                if duplicate:
+                    raise ConstructorError(None, None, f"duplicate key {_clip(repr(key))} (each key once)",
+                                           key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
 
 def _load_yaml(path: Path) -> Any:
     """A recipe file's YAML, refusing what a recipe never is: over 1 MiB, not UTF-8, aliases, deep nesting."""
@@ -145,7 +185,8 @@ def _load_yaml(path: Path) -> Any:
     except yaml.YAMLError as e:
         mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark and problem else ""
-        raise RecipeError(f"recipe {path} is not valid YAML: {_clip(problem or str(e).splitlines()[0])}{where}") from None
+        raise RecipeError(f"recipe {path} is not valid YAML: {_clip(problem or str(e).splitlines()[0], 80)}{where}") \
+            from None
 
 
 def _depth(obj: Any, limit: int = MAX_DEPTH) -> int:
@@ -241,11 +282,15 @@ def parse_recipe(data: dict[str, Any] | str | Path, source: str | None = None, *
 
 def sweep_points(sweep: SweepSpec) -> list[dict[str, Any]]:
     import itertools
+    import math
 
     keys = list(sweep.parameters)
     for k in keys:
         if not sweep.parameters[k]:
-            raise RecipeError(f"sweep.parameters.{k} is empty")
+            raise RecipeError(f"sweep.parameters.{_clip(k)} is empty")
+    n = math.prod(len(sweep.parameters[k]) for k in keys)  # counted before any point is made
+    if n > MAX_SWEEP_POINTS:
+        raise RecipeError(f"sweep: the grid has {n:,} points (at most {MAX_SWEEP_POINTS}): sweep fewer values")
     return [dict(zip(keys, values)) for values in itertools.product(*(sweep.parameters[k] for k in keys))]
 
 

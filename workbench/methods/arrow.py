@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from ..progress import progress_bar
-from .base import BuildContext, MethodParams, register_method
+from .base import MAX_K, MAX_TEMPERATURE, BuildContext, MethodParams, register_method
 from .routing import RoutedMethod
 
 if TYPE_CHECKING:
@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 
 
 class ArrowParams(MethodParams):
-    k: int = Field(2, gt=0, description="experts per token (top-k)")
-    temperature: float = Field(1.0, gt=0, description="softmax temperature over the top-k scores")
+    k: int = Field(2, gt=0, le=MAX_K, description="experts per token (top-k; at most the number of experts)")
+    temperature: float = Field(1.0, gt=0, le=MAX_TEMPERATURE,
+                               description="softmax temperature over the top-k scores, (0, 1e4]")
 
 
 def top_right_singular_vector(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from ..progress import progress_bar
-from .base import BuildContext, no_grad, register_method
+from .base import MAX_BATCH, MAX_EXAMPLES, MAX_K, MAX_LENGTH, MAX_SEED, BuildContext, no_grad, register_method
 from .routing import DataRoutedMethod, DataRoutedParams, expert_examples
 
 if TYPE_CHECKING:
@@ -21,7 +21,13 @@ if TYPE_CHECKING:
 
 
 class AvgActParams(DataRoutedParams):
-    examples: int = Field(64, gt=0, description="training examples per expert averaged into its prototypes")
+    examples: int = Field(64, gt=0, le=MAX_EXAMPLES, description="training examples per expert averaged into its "
+                                                                  f"prototypes (at most {MAX_EXAMPLES:,})")
+    k: int = Field(2, gt=0, le=MAX_K, description="experts per token (top-k; at most the number of experts)")
+    batch_size: int = Field(16, gt=0, le=MAX_BATCH, description=f"examples per forward (1..{MAX_BATCH})")
+    max_length: int = Field(128, gt=8, le=MAX_LENGTH, description=f"examples longer than this are truncated "
+                                                                  f"(9..{MAX_LENGTH})")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the data sample (0..2**32-1)")
 
 
 @register_method

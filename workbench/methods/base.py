@@ -18,23 +18,52 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel as Schema
 from pydantic import ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from ..errors import RecipeError
 from ..io import atomic_write_json
 from ..pool import Expert, Pool
 from ..registry import Registry
 
+# Bounds of the numeric parameters (schemas of methods, training, recipes, comparisons): every number is finite
+# (no .inf, no .nan) and bounded above where a huge value is a hang (steps, examples: index lists, loops) or a
+# no-op in disguise (warm-up longer than training, a limit larger than any split).
+MAX_STEPS = 100_000  # optimizer steps (and warm-up, checkpoint intervals)
+MAX_BATCH = 4096  # examples per step / per forward
+MAX_EXAMPLES = 1_000_000  # examples per expert
+MAX_LIMIT = 100_000  # examples per task evaluated
+MAX_RANK = 4096  # LoRA / SVD ranks
+MAX_K = 1024  # experts per token (also <= the number of experts, checked by the methods)
+MAX_LENGTH = 32_768  # tokens per example
+MAX_SEED = 2**32 - 1  # seeds: 0..2**32-1
+MAX_TEMPERATURE = 1e4  # softmax temperatures: (0, 1e4]
+MAX_SCALE = 1e3  # |lambda|, weights, loss coefficients
+MAX_LR = 1.0  # learning rates: (0, 1]
+
+
+def check_warmup(params: Schema, *, steps_field: str = "steps", zero_steps_ok: bool = False) -> None:
+    """Cross-field check: a warm-up as long as the training never reaches the learning rate (at 10**12 it trains
+    nothing). An explicitly given `warmup` must be below `steps` (a default warm-up is left as it is)."""
+    steps, warmup = getattr(params, steps_field), params.warmup
+    if "warmup" not in params.model_fields_set or (zero_steps_ok and steps == 0):
+        return
+    if warmup >= steps:
+        raise PydanticCustomError("wb_warmup", "warmup {warmup} is not below steps {steps} (the learning rate would "
+                                               "never reach its peak): give a shorter warm-up",
+                                  {"warmup": warmup, "steps": steps})
+
 
 class MethodParams(Schema):
-    """Base of every method's parameters: strict (typos fail), immutable once validated."""
+    """Base of every method's parameters: strict (typos fail), immutable once validated, finite numbers only."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
 class OutputSpec(Schema):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     kind: Literal["model", "lora"] = Field("model", description="a merged full model folder, or a re-factored LoRA")
-    rank: int | None = Field(None, gt=0, description="LoRA rank of the truncated SVD (output kind lora)")
+    rank: int | None = Field(None, gt=0, le=MAX_RANK,
+                             description=f"LoRA rank of the truncated SVD (output kind lora; 1..{MAX_RANK})")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pydantic import ConfigDict, Field
 
 from ..errors import RecipeError
 from ..progress import progress_bar
-from .base import BuildContext, Method, MethodParams, register_method
+from .base import MAX_SCALE, MAX_SEED, BuildContext, Method, MethodParams, register_method
 from .merge_io import write_merged_model, write_refactored_lora
 from .streaming import tensor_seed
 
@@ -28,23 +28,27 @@ if TYPE_CHECKING:
 
 
 class ExpertParams(Schema):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    weight: float | None = Field(None, description="this expert's weight")
-    density: float | None = Field(None, gt=0, le=1, description="fraction of entries kept")
-    gamma: float | None = Field(None, ge=0, lt=1)
-    epsilon: float | None = Field(None, ge=0, lt=1)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    weight: float | None = Field(None, ge=-MAX_SCALE, le=MAX_SCALE,
+                                 description=f"this expert's weight, |w| <= {MAX_SCALE:g}")
+    density: float | None = Field(None, gt=0, le=1, description="fraction of entries kept, (0, 1]")
+    gamma: float | None = Field(None, ge=0, lt=1,
+                                description="breadcrumbs: fraction of largest entries removed, [0, 1)")
+    epsilon: float | None = Field(None, ge=0, lt=1, description="della: spread of keep probabilities, [0, 1)")
 
 
 class TAParams(MethodParams):
-    weight: float = Field(1.0, description="weight of every expert (mergekit `weight`)")
-    density: float = Field(1.0, gt=0, le=1, description="fraction of each task vector kept (TIES/DARE/...)")
+    weight: float = Field(1.0, ge=-MAX_SCALE, le=MAX_SCALE,
+                          description=f"weight of every expert (mergekit `weight`), |w| <= {MAX_SCALE:g}")
+    density: float = Field(1.0, gt=0, le=1, description="fraction of each task vector kept (TIES/DARE/...), (0, 1]")
     normalize: bool | None = Field(None, description="divide by the sum of weights (default: the method's)")
     rescale: bool | None = Field(None, description="rescale kept entries to the original L1 norm (default: method's)")
-    lambda_: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
+    lambda_: float = Field(1.0, alias="lambda", ge=-MAX_SCALE, le=MAX_SCALE,
+                           description=f"scale of the merged task vector, |lambda| <= {MAX_SCALE:g}")
     int8_mask: bool = Field(False, description="mergekit's int8 consensus mask")
-    gamma: float = Field(0.01, ge=0, lt=1, description="breadcrumbs: fraction of largest entries removed")
-    epsilon: float = Field(0.15, ge=0, lt=1, description="della: spread of keep probabilities")
-    seed: int = Field(0, description="seed of the random drops (DARE, DELLA)")
+    gamma: float = Field(0.01, ge=0, lt=1, description="breadcrumbs: fraction of largest entries removed, [0, 1)")
+    epsilon: float = Field(0.15, ge=0, lt=1, description="della: spread of keep probabilities, [0, 1)")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the random drops (DARE, DELLA; 0..2**32-1)")
     engine: Literal["auto", "mergekit", "workbench"] = Field(
         "auto", description="auto: mergekit for full-model experts, workbench's streaming merge for LoRA")
     per_expert: dict[str, ExpertParams] = Field(default_factory=dict, description="per-expert overrides")

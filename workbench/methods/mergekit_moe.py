@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 
 class MergekitMoeParams(MoeTrainParams):
-    prompts: int = Field(16, gt=0, description="positive prompts per expert (questions of its training data)")
+    prompts: int = Field(16, gt=0, le=10_000,
+                         description="positive prompts per expert (questions of its training data; at most 10,000)")
     base_model: Literal["average", "pool_base"] = Field(
         "average", description="mergekit's base_model (attention, norms, embeddings, gate hidden states): the "
                                "experts' average, or the pool's base")

@@ -21,10 +21,23 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..errors import RecipeError, WorkbenchError
-from .base import BuildContext, register_method
+from .base import (
+    MAX_BATCH,
+    MAX_EXAMPLES,
+    MAX_K,
+    MAX_LENGTH,
+    MAX_LR,
+    MAX_SCALE,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_TEMPERATURE,
+    BuildContext,
+    check_warmup,
+    register_method,
+)
 from .routing import DataRoutedMethod, DataRoutedParams, checkpoint_path, expert_rows, usage_stats
 
 if TYPE_CHECKING:
@@ -48,18 +61,30 @@ def balance_loss(weights: list[torch.Tensor], mask: torch.Tensor | None = None) 
 
 
 class MoleParams(DataRoutedParams):
-    examples: int = Field(50, gt=0, description="training examples per expert in the mixed gate-training set")
-    steps: int = Field(80, gt=0, description="gate training steps")
-    batch_size: int = Field(8, gt=0)
-    lr: float = Field(5e-4, gt=0, description="AdamW learning rate of the gates")
-    warmup: int = Field(8, ge=0)
-    balance: float = Field(0.5, ge=0, description="weight of the gate-balancing loss L_bal")
-    temperature: float = Field(1.0, gt=0, description="initial softmax temperature (learned)")
+    examples: int = Field(50, gt=0, le=MAX_EXAMPLES, description="training examples per expert in the mixed "
+                                                                  f"gate-training set (at most {MAX_EXAMPLES:,})")
+    steps: int = Field(80, gt=0, le=MAX_STEPS, description=f"gate training steps (1..{MAX_STEPS:,})")
+    batch_size: int = Field(8, gt=0, le=MAX_BATCH, description=f"examples per step (1..{MAX_BATCH})")
+    lr: float = Field(5e-4, gt=0, le=MAX_LR, description="AdamW learning rate of the gates, (0, 1]")
+    warmup: int = Field(8, ge=0, le=MAX_STEPS, description="linear warm-up steps (an explicit one: below steps)")
+    balance: float = Field(0.5, ge=0, le=MAX_SCALE,
+                           description=f"weight of the gate-balancing loss L_bal, [0, {MAX_SCALE:g}]")
+    temperature: float = Field(1.0, gt=0, le=MAX_TEMPERATURE,
+                               description="initial softmax temperature (learned), (0, 1e4]")
+    max_length: int = Field(128, gt=8, le=MAX_LENGTH, description=f"examples longer than this are truncated "
+                                                                  f"(9..{MAX_LENGTH})")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the data sample and batch order (0..2**32-1)")
     gate_input: Literal["outputs", "none"] = Field("outputs", description="gate reads the experts' outputs, or none")
     use: list[str] | None = Field(None, description="experts active at inference (a masked subset), default all")
     gates_from: str | None = Field(None, description="an earlier MoLE artifact folder whose trained gates to reuse")
-    checkpoint_every: int = Field(20, gt=0, description="steps between training checkpoints (resume after a kill)")
-    k: int = Field(1, gt=0, description="unused by MoLE (every expert is active): kept at 1")
+    checkpoint_every: int = Field(20, gt=0, le=MAX_STEPS,
+                                  description="steps between training checkpoints (resume after a kill)")
+    k: int = Field(1, gt=0, le=MAX_K, description="unused by MoLE (every expert is active): kept at 1")
+
+    @model_validator(mode="after")
+    def _warmup_below_steps(self):
+        check_warmup(self)
+        return self
 
 
 @register_method

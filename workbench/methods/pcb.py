@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from ..progress import progress_bar
-from .base import BuildContext, Method, MethodParams, register_method
+from .base import MAX_SCALE, BuildContext, Method, MethodParams, register_method
 from .merge_io import write_merged_model, write_refactored_lora
 
 if TYPE_CHECKING:
@@ -36,9 +36,11 @@ if TYPE_CHECKING:
 
 
 class PCBParams(MethodParams):
-    ratio: float = Field(0.1, gt=0, le=1, description="fraction of entries each expert keeps (drop ratio 1 - r)")
-    clamp_q: float = Field(1e-4, ge=0, lt=0.5, description="outlier quantile clamped on both sides")
-    lambda_: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
+    ratio: float = Field(0.1, gt=0, le=1, description="fraction of entries each expert keeps (drop ratio 1 - r), "
+                                                      "(0, 1]")
+    clamp_q: float = Field(1e-4, ge=0, lt=0.5, description="outlier quantile clamped on both sides, [0, 0.5)")
+    lambda_: float = Field(1.0, alias="lambda", ge=-MAX_SCALE, le=MAX_SCALE,
+                           description=f"scale of the merged task vector, |lambda| <= {MAX_SCALE:g}")
     scope: Literal["model", "tensor"] = Field("model", description="model: reference semantics; tensor: streaming")
 
 

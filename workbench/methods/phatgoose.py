@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from ..progress import progress_bar
-from .base import BuildContext, register_method
+from .base import MAX_BATCH, MAX_EXAMPLES, MAX_K, MAX_LENGTH, MAX_LR, MAX_SEED, MAX_STEPS, BuildContext, register_method
 from .routing import DataRoutedMethod, DataRoutedParams, expert_examples
 
 if TYPE_CHECKING:
@@ -27,11 +27,16 @@ if TYPE_CHECKING:
 
 
 class PhatgooseParams(DataRoutedParams):
-    steps: int = Field(100, gt=0, description="gate training steps per expert")
-    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the gates (mttl's default)")
-    batch_size: int = Field(8, gt=0)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    examples: int = Field(400, gt=0, description="training examples per expert (its own data only)")
+    steps: int = Field(100, gt=0, le=MAX_STEPS, description=f"gate training steps per expert (1..{MAX_STEPS:,})")
+    lr: float = Field(1e-3, gt=0, le=MAX_LR, description="AdamW learning rate of the gates (mttl's default), (0, 1]")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="warm-up as a fraction of the steps, [0, 1)")
+    examples: int = Field(400, gt=0, le=MAX_EXAMPLES,
+                          description=f"training examples per expert (its own data only; at most {MAX_EXAMPLES:,})")
+    k: int = Field(2, gt=0, le=MAX_K, description="experts per token (top-k; at most the number of experts)")
+    batch_size: int = Field(8, gt=0, le=MAX_BATCH, description=f"examples per forward (1..{MAX_BATCH})")
+    max_length: int = Field(128, gt=8, le=MAX_LENGTH, description=f"examples longer than this are truncated "
+                                                                  f"(9..{MAX_LENGTH})")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the data sample (0..2**32-1)")
 
 
 @register_method
@@ -46,7 +51,7 @@ class Phatgoose(DataRoutedMethod):
 
         from ..modules.routed_lora import RoutedGroup, routed_modules, wrap_experts
         from ..modules.routers import GateRouter, PrototypeRouter
-        from ..train.trainer import collate
+        from ..train.trainer import check_finite, collate
 
         p: PhatgooseParams = ctx.params
         experts = ctx.experts
@@ -87,6 +92,9 @@ class Phatgoose(DataRoutedMethod):
                     curve.append(round(float(loss.detach()), 5))
                     bar.update(1, loss=curve[-1])
             model.eval()
+            # the loss is that of the gates before each update: the last update is checked here, before caching
+            check_finite(list(gate.named_parameters()), f"phatgoose gate {e.name}",
+                         f"after the last step ({p.steps - 1})")
             gates[e.name] = {m: gate.gate(m).detach().cpu() for m in own}
             curves[e.name] = curve
             self._save_gates(ctx, e, gates[e.name], curve)

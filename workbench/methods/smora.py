@@ -20,13 +20,26 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..artifacts import register_artifact
 from ..errors import RecipeError, WorkbenchError
 from ..tasks.suite import DEFAULT_SEED
 from ..train.trainer import LLAMA_TARGETS
-from .base import BuildContext, Method, MethodParams, register_method
+from .base import (
+    MAX_BATCH,
+    MAX_LENGTH,
+    MAX_LR,
+    MAX_RANK,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_TEMPERATURE,
+    BuildContext,
+    Method,
+    MethodParams,
+    check_warmup,
+    register_method,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -35,19 +48,28 @@ if TYPE_CHECKING:
 
 
 class SmoraParams(MethodParams):
-    rank: int = Field(64, gt=0, description="total rank R: each rank is an expert")
-    k: int = Field(8, gt=0, description="ranks per token (top-k): the activated rank")
-    alpha: float = Field(16.0, gt=0, description="scale alpha / k on the k active ranks")
-    balance_rate: float = Field(1e-3, ge=0, description="loss-free balancing step u of the selection bias")
+    rank: int = Field(64, gt=0, le=MAX_RANK, description=f"total rank R: each rank is an expert (1..{MAX_RANK})")
+    k: int = Field(8, gt=0, le=MAX_RANK, description="ranks per token (top-k): the activated rank (at most R)")
+    alpha: float = Field(16.0, gt=0, le=MAX_TEMPERATURE, description="scale alpha / k on the k active ranks, (0, 1e4]")
+    balance_rate: float = Field(1e-3, ge=0, le=1.0,
+                                description="loss-free balancing step u of the selection bias, [0, 1]")
     targets: list[str] = Field(default_factory=lambda: list(LLAMA_TARGETS), description="target module names")
-    steps: int = Field(240, gt=0, description="optimizer steps (the demo pool's multitask LoRA: 240)")
-    batch_size: int = Field(32, gt=0)
-    lr: float = Field(2e-3, gt=0)
-    warmup: int = Field(10, ge=0)
-    seed: int = 0
-    max_length: int = Field(128, gt=8)
-    data_seed: int = DEFAULT_SEED
-    checkpoint_every: int = Field(40, gt=0, description="steps between training checkpoints (resume after a kill)")
+    steps: int = Field(240, gt=0, le=MAX_STEPS,
+                       description=f"optimizer steps (the demo pool's multitask LoRA: 240; at most {MAX_STEPS:,})")
+    batch_size: int = Field(32, gt=0, le=MAX_BATCH, description=f"examples per step (1..{MAX_BATCH})")
+    lr: float = Field(2e-3, gt=0, le=MAX_LR, description="AdamW learning rate, (0, 1]")
+    warmup: int = Field(10, ge=0, le=MAX_STEPS, description="linear warm-up steps (an explicit one: below steps)")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the init and batch order (0..2**32-1)")
+    max_length: int = Field(128, gt=8, le=MAX_LENGTH, description=f"examples longer than this are truncated "
+                                                                  f"(9..{MAX_LENGTH})")
+    data_seed: int = Field(DEFAULT_SEED, ge=0, le=MAX_SEED, description="task suite seed (0..2**32-1)")
+    checkpoint_every: int = Field(40, gt=0, le=MAX_STEPS,
+                                  description="steps between training checkpoints (resume after a kill)")
+
+    @model_validator(mode="after")
+    def _warmup_below_steps(self):
+        check_warmup(self)
+        return self
 
 
 @register_method

@@ -42,7 +42,20 @@ from ..artifacts import register_artifact
 from ..errors import RecipeError, WorkbenchError
 from ..progress import progress_bar
 from ..tasks.suite import ADD_SPECIAL_TOKENS, data_hash, load_split
-from .base import BuildContext, Method, MethodParams, no_grad, register_method
+from .base import (
+    MAX_BATCH,
+    MAX_EXAMPLES,
+    MAX_LR,
+    MAX_RANK,
+    MAX_SCALE,
+    MAX_SEED,
+    MAX_TEMPERATURE,
+    BuildContext,
+    Method,
+    MethodParams,
+    no_grad,
+    register_method,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -53,16 +66,19 @@ if TYPE_CHECKING:
 
 
 class TwinParams(MethodParams):
-    shared_lambda: float = Field(0.3, description="task-arithmetic scale of the shared expert (reference: 0.3)")
-    rank: int = Field(8, gt=0, description="SVD rank kept of each exclusive part")
-    router_hidden: int = Field(256, gt=0, description="width of the router's 2 hidden layers")
-    router_dropout: float = Field(0.5, ge=0, lt=1)
-    router_epochs: int = Field(40, gt=0)
-    router_lr: float = Field(1e-3, gt=0)
-    router_examples: int = Field(400, gt=0, description="training examples per expert for the router")
-    temperature: float = Field(1.0, gt=0, description="softmax temperature of the routing weights")
-    seed: int = 0
-    batch_size: int = Field(32, gt=0, description="batch size for router features")
+    shared_lambda: float = Field(0.3, ge=-MAX_SCALE, le=MAX_SCALE, description="task-arithmetic scale of the shared "
+                                 f"expert (reference: 0.3), |x| <= {MAX_SCALE:g}")
+    rank: int = Field(8, gt=0, le=MAX_RANK, description=f"SVD rank kept of each exclusive part (1..{MAX_RANK})")
+    router_hidden: int = Field(256, gt=0, le=16_384, description="width of the router's 2 hidden layers (1..16384)")
+    router_dropout: float = Field(0.5, ge=0, lt=1, description="dropout of the router, [0, 1)")
+    router_epochs: int = Field(40, gt=0, le=10_000, description="router training epochs (1..10000)")
+    router_lr: float = Field(1e-3, gt=0, le=MAX_LR, description="Adam learning rate of the router, (0, 1]")
+    router_examples: int = Field(400, gt=0, le=MAX_EXAMPLES, description="training examples per expert for the "
+                                                                         f"router (at most {MAX_EXAMPLES:,})")
+    temperature: float = Field(1.0, gt=0, le=MAX_TEMPERATURE,
+                               description="softmax temperature of the routing weights, (0, 1e4]")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the router init and batch order (0..2**32-1)")
+    batch_size: int = Field(32, gt=0, le=MAX_BATCH, description=f"batch size for router features (1..{MAX_BATCH})")
 
 
 # ----------------------------------------------------------------------------- factors
@@ -250,6 +266,7 @@ class Twin(Method):
         from torch import nn
 
         from ..modules.routers import TwinRouter
+        from ..train.trainer import check_finite
 
         p: TwinParams = ctx.params
         experts = ctx.experts
@@ -320,6 +337,7 @@ class Twin(Method):
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
+            check_finite(list(router.named_parameters()), "twin router", f"after {p.router_epochs} epochs")
             router.eval()
             with torch.no_grad():
                 acc_train = (router.net(x).argmax(-1) == y).float().mean().item()

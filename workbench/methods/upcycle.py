@@ -22,24 +22,39 @@ or BamForCausalLM (`workbench.modules.bam_model`, registered with the Auto class
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..artifacts import register_artifact
 from ..errors import RecipeError, WorkbenchError
 from ..faults import fault_point
 from ..io import atomic_write_json, sha256_json, staging_dir
 from ..progress import progress_bar
-from .base import BuildContext, Method, MethodParams, no_grad
+from .base import (
+    MAX_BATCH,
+    MAX_EXAMPLES,
+    MAX_K,
+    MAX_LENGTH,
+    MAX_LR,
+    MAX_SCALE,
+    MAX_SEED,
+    MAX_STEPS,
+    BuildContext,
+    Method,
+    MethodParams,
+    check_warmup,
+    no_grad,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -53,24 +68,39 @@ class MoeTrainParams(MethodParams):
 
     materialize: bool = Field(False, description="fold each LoRA expert into the base (W0 + s*B*A) as a dense expert; "
                                                  "without it LoRA experts are refused")
-    top_k: int = Field(2, gt=0, description="FFN experts per token (top-k of the router)")
-    steps: int = Field(60, ge=0, description="MoE training steps (0: the upcycled model untrained)")
-    batch_size: int = Field(8, gt=0, description="examples per training step")
-    lr: float = Field(2e-5, gt=0, description="AdamW learning rate of the experts and shared layers")
-    router_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the routers (new, so faster)")
-    warmup: int = Field(5, ge=0, description="linear warm-up steps, then linear decay to 0")
-    aux_loss_coef: float = Field(0.01, ge=0, description="weight of the load-balancing loss (Switch: 0.01)")
-    examples: int = Field(400, gt=0, description="training examples per expert (its own tasks' train split)")
-    max_length: int = Field(128, gt=8, description="examples longer than this are truncated")
-    checkpoint_every: int = Field(20, gt=0, description="steps between resumable checkpoints")
-    seed: int = Field(0, description="seed of the router init, batch order and data sample")
+    top_k: int = Field(2, gt=0, le=MAX_K, description="FFN experts per token (top-k of the router; at most the "
+                                                       "number of experts)")
+    steps: int = Field(60, ge=0, le=MAX_STEPS, description=f"MoE training steps (0: the upcycled model untrained; "
+                                                            f"at most {MAX_STEPS:,})")
+    batch_size: int = Field(8, gt=0, le=MAX_BATCH, description=f"examples per training step (1..{MAX_BATCH})")
+    lr: float = Field(2e-5, gt=0, le=MAX_LR, description="AdamW learning rate of the experts and shared layers, (0, 1]")
+    router_lr: float = Field(1e-3, gt=0, le=MAX_LR,
+                             description="AdamW learning rate of the routers (new, so faster), (0, 1]")
+    warmup: int = Field(5, ge=0, le=MAX_STEPS,
+                        description="linear warm-up steps, then linear decay to 0 (an explicit one: below steps)")
+    aux_loss_coef: float = Field(0.01, ge=0, le=MAX_SCALE,
+                                 description=f"weight of the load-balancing loss (Switch: 0.01), [0, {MAX_SCALE:g}]")
+    examples: int = Field(400, gt=0, le=MAX_EXAMPLES,
+                          description=f"training examples per expert (its own tasks' train split; at most "
+                                      f"{MAX_EXAMPLES:,})")
+    max_length: int = Field(128, gt=8, le=MAX_LENGTH,
+                            description=f"examples longer than this are truncated (9..{MAX_LENGTH})")
+    checkpoint_every: int = Field(20, gt=0, le=MAX_STEPS, description="steps between resumable checkpoints")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the router init, batch order and data sample "
+                                                        "(0..2**32-1)")
+
+    @model_validator(mode="after")
+    def _warmup_below_steps(self):
+        check_warmup(self, zero_steps_ok=True)
+        return self
 
 
 class UpcycleParams(MoeTrainParams):
     router_init: Literal["random", "data", "uniform"] = Field(
         "random", description="routers: random normal, per-expert mean hidden states (data), or zero (uniform)")
-    router_std: float = Field(0.02, gt=0, description="std of the random router init")
-    router_init_examples: int = Field(32, gt=0, description="examples per expert for the data init of the routers")
+    router_std: float = Field(0.02, gt=0, le=10.0, description="std of the random router init, (0, 10]")
+    router_init_examples: int = Field(32, gt=0, le=MAX_EXAMPLES,
+                                      description="examples per expert for the data init of the routers")
 
 
 # ----------------------------------------------------------------------------- dense experts
@@ -328,10 +358,10 @@ def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], n_experts: int,
     return load_balancing_loss_func(tuple(router_logits), n_experts, top_k, attention_mask)
 
 
-def batch_order(n: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
-    """The examples of every step: seeded shuffled epochs, a function of (n, seed) only (so a resumed run sees the
-    same batches)."""
-    rng, order, out = random.Random(seed), [], []
+def batch_order(n: int, steps: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """The examples of every step, one step at a time (never steps * batch_size indices at once): seeded shuffled
+    epochs, a function of (n, seed) only (so a resumed run sees the same batches)."""
+    rng, order = random.Random(seed), []
     for _ in range(steps):
         batch = []
         for _ in range(batch_size):
@@ -339,8 +369,7 @@ def batch_order(n: int, steps: int, batch_size: int, seed: int) -> list[list[int
                 order = list(range(n))
                 rng.shuffle(order)
             batch.append(order.pop())
-        out.append(batch)
-    return out
+        yield batch
 
 
 def _named_trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
@@ -399,7 +428,7 @@ def train_moe(model, data: list[tuple[list[int], list[int]]], pad_id: int, p: Mo
     the checkpoints in `ckpt_dir`. Returns the training record (curves, timing)."""
     import torch
 
-    from ..train.trainer import collate
+    from ..train.trainer import check_finite, collate
 
     model.to(device)
     model.config.router_aux_loss_coef = p.aux_loss_coef
@@ -423,7 +452,7 @@ def train_moe(model, data: list[tuple[list[int], list[int]]], pad_id: int, p: Mo
         record = {k: st[k] for k in record}
         resumed = start
         log(f"{desc}: resumed from the checkpoint at step {start} ({ckpt_dir})")
-    order = batch_order(len(data), p.steps, p.batch_size, p.seed)
+    order = itertools.islice(batch_order(len(data), p.steps, p.batch_size, p.seed), start, None)
     n_experts, top_k = model.config.num_local_experts, model.config.num_experts_per_tok
     model.train()
     t0 = time.perf_counter()
@@ -434,7 +463,7 @@ def train_moe(model, data: list[tuple[list[int], list[int]]], pad_id: int, p: Mo
             for step in range(start, p.steps):
                 for g, lr in zip(opt.param_groups, base_lrs):
                     g["lr"] = lr * factor(step)
-                batch = {k: v.to(device) for k, v in collate([data[i] for i in order[step]], pad_id).items()}
+                batch = {k: v.to(device) for k, v in collate([data[i] for i in next(order)], pad_id).items()}
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             output_router_logits=True)
                 task = model.loss_function(out.logits, batch["labels"], model.config.vocab_size)
@@ -452,9 +481,12 @@ def train_moe(model, data: list[tuple[list[int], list[int]]], pad_id: int, p: Mo
                     raise WorkbenchError(f"{desc}: loss became {record['loss'][-1]} at step {step} (lower lr)")
                 done = step + 1
                 if done % p.checkpoint_every == 0 and done < p.steps:
+                    check_finite(named, desc, f"after step {step}")  # a checkpoint is never a broken model
                     record["wall_s"] = round(wall0 + time.perf_counter() - t0, 3)
                     save_checkpoint(ckpt_dir, model, opt, done, record)
                     fault_point("upcycle_checkpoint")
+        # the loss above is that of the weights before each update: the last update is checked here
+        check_finite(named, desc, f"after the last step ({p.steps - 1})")
     finally:
         model.eval()
     ran = p.steps - start

@@ -18,9 +18,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel as Schema
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 
 from ..errors import WorkbenchError
+from ..methods.base import (
+    MAX_BATCH,
+    MAX_LENGTH,
+    MAX_LR,
+    MAX_RANK,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_TEMPERATURE,
+    check_warmup,
+)
 from ..pool import Expert, Pool
 from ..progress import progress_bar
 from ..tasks.suite import DEFAULT_SEED, data_hash, encode_pair, get_task, load_split
@@ -32,29 +42,36 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 
 class _Common(Schema):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    steps: int = Field(120, gt=0, description="optimizer steps")
-    batch_size: int = Field(16, gt=0, description="examples per step")
-    seed: int = Field(0, description="seed for initialisation and batch order")
-    warmup: int = Field(10, ge=0, description="linear warm-up steps, then linear decay to 0")
-    max_length: int = Field(128, gt=8, description="examples longer than this are truncated")
-    data_seed: int = Field(DEFAULT_SEED, description="task suite seed")
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    steps: int = Field(120, gt=0, le=MAX_STEPS, description=f"optimizer steps (1..{MAX_STEPS:,})")
+    batch_size: int = Field(16, gt=0, le=MAX_BATCH, description=f"examples per step (1..{MAX_BATCH})")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed for initialisation and batch order (0..2**32-1)")
+    warmup: int = Field(10, ge=0, le=MAX_STEPS,
+                        description="linear warm-up steps, then linear decay to 0 (an explicit one: below steps)")
+    max_length: int = Field(128, gt=8, le=MAX_LENGTH, description=f"examples longer than this are truncated "
+                                                                  f"(9..{MAX_LENGTH})")
+    data_seed: int = Field(DEFAULT_SEED, ge=0, le=MAX_SEED, description="task suite seed (0..2**32-1)")
+
+    @model_validator(mode="after")
+    def _warmup_below_steps(self):
+        check_warmup(self)
+        return self
 
 
 class LoraConfigModel(_Common):
     kind: Literal["lora"] = "lora"
-    r: int = Field(8, gt=0, description="LoRA rank")
-    alpha: float = Field(16, gt=0, description="LoRA alpha (scale = alpha / r)")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    r: int = Field(8, gt=0, le=MAX_RANK, description=f"LoRA rank (1..{MAX_RANK})")
+    alpha: float = Field(16, gt=0, le=MAX_TEMPERATURE, description="LoRA alpha (scale = alpha / r), (0, 1e4]")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout, [0, 1)")
     targets: list[str] = Field(default_factory=lambda: list(LLAMA_TARGETS), description="target module names")
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(2e-3, gt=0, le=MAX_LR, description="AdamW learning rate, (0, 1]")
 
 
 class FullConfig(_Common):
     kind: Literal["full"] = "full"
-    lr: float = Field(5e-5, gt=0)
-    steps: int = Field(60, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(5e-5, gt=0, le=MAX_LR, description="AdamW learning rate, (0, 1]")
+    steps: int = Field(60, gt=0, le=MAX_STEPS, description=f"optimizer steps (1..{MAX_STEPS:,})")
+    weight_decay: float = Field(0.0, ge=0, le=1.0, description="AdamW weight decay, [0, 1]")
 
 
 @dataclass
@@ -100,6 +117,22 @@ def task_examples(tasks: list[str], data_seed: int) -> list[dict[str, Any]]:
     return rows
 
 
+def check_finite(named, desc: str, when: str) -> None:
+    """Refuse trained weights that are not finite (inf or NaN: an update that diverged), in one line, before they
+    are saved or cached. `named`: (name, tensor) pairs, or tensors."""
+    import torch
+
+    bad, total = [], 0
+    for i, item in enumerate(named):
+        name, t = item if isinstance(item, tuple) else (f"parameter {i}", item)
+        total += 1
+        if not bool(torch.isfinite(t.detach()).all()):
+            bad.append(name)
+    if bad:
+        raise WorkbenchError(f"{desc}: {len(bad)} of {total} trained parameters are not finite (inf or NaN) {when}, "
+                             f"e.g. {bad[0]}: lower the learning rate; nothing was saved")
+
+
 def train_loop(model, tokenizer, rows: list[dict[str, Any]], cfg: _Common, params, desc: str,
                device: str = "cpu", *, loss_fn: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor] | None = None,
                after_step: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
@@ -116,6 +149,8 @@ def train_loop(model, tokenizer, rows: list[dict[str, Any]], cfg: _Common, param
     rng = random.Random(cfg.seed)
     order: list[int] = []
     params = list(params)
+    names = {id(q): n for n, q in model.named_parameters()}
+    named = [(names.get(id(q), f"parameter {i}"), q) for i, q in enumerate(params)]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=getattr(cfg, "weight_decay", 0.0))
 
     def lr_at(step: int) -> float:
@@ -160,10 +195,13 @@ def train_loop(model, tokenizer, rows: list[dict[str, Any]], cfg: _Common, param
             if not math.isfinite(curve[-1]):
                 raise WorkbenchError(f"{desc}: loss became {curve[-1]} at step {step} (lower the learning rate)")
             if checkpoint is not None and (step + 1) % checkpoint.every == 0 and step + 1 < cfg.steps:
+                check_finite(named, desc, f"after step {step}")  # a checkpoint is never a broken model
                 rs = rng.getstate()
                 checkpoint.save(opt, params, {"step": step + 1, "curve": curve, "tokens": tokens, "order": order,
                                               "rng": [rs[0], list(rs[1]), rs[2]],
                                               "wall_s": wall0 + time.perf_counter() - t0})
+    # the loss above is that of the weights before each update: the last update is checked here
+    check_finite(named, desc, f"after the last step ({cfg.steps - 1})")
     model.eval()
     return TrainResult(curve, wall0 + time.perf_counter() - t0, tokens, len(rows), {"resumed_at": start})
 
