@@ -420,7 +420,8 @@ def view_run(cat: catalog.Catalog) -> None:
     if doc is not None:
         try:
             src = doc[1] if doc[0] == "doc" else jobs.recipe_comparison(doc[1], limit=int(rlimit) or None)
-            run = jobs.start_background(src, results_dir=Path(st.session_state.get("results_dir") or "results").expanduser())
+            run = jobs.start_background(src, results_dir=Path(st.session_state.get("results_dir") or "results").expanduser(),
+                                        folder=Path(doc[1]).resolve().parent if doc[0] != "doc" else None)
             st.success(f"started {run.name}")
         except WorkbenchError as e:
             st.error(str(e).splitlines()[0])

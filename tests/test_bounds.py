@@ -169,6 +169,12 @@ def _schemas():
     out += [("Recipe (output, eval, sweep)", Recipe, {"name": "x", "method": "ties"}),
             ("ComparisonSpec (entries, eval, seeds)", ComparisonSpec, {"name": "x", "entries": ["base"]}),
             ("LoraConfigModel", LoraConfigModel, {}), ("FullConfig", FullConfig, {})]
+    from workbench.methods.routing import DataRoutedParams
+    from workbench.serving.api import ChatRequest, CompletionRequest
+
+    out += [("DataRoutedParams (routed methods' base)", DataRoutedParams, {}),
+            ("serving CompletionRequest", CompletionRequest, {"model": "base", "prompt": "x"}),
+            ("serving ChatRequest", ChatRequest, {"model": "base", "messages": [{"role": "user", "content": "x"}]})]
     return out
 
 

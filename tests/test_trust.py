@@ -135,3 +135,26 @@ def test_the_apps_build_one_form_with_nothing_selected_is_refused(pools, tiny_di
     with pytest.raises(WorkbenchError, match=r"lists no expert") as info:
         parse_comparison(doc, "<app>")
     assert "\n" not in str(info.value)
+
+
+def test_concurrent_pool_adds_in_processes_all_land(pools, tiny_dir, pool):
+    """Three processes adding two experts each at the same moment: six entries, every folder where its entry says."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from workbench.pool import Pool
+
+    start = time.time() + 3  # every process opens the pool first, then all add at once
+    code = ("import sys, time; from workbench.pool import Pool; p = Pool.open('demo'); t = float(sys.argv[1])\n"
+            "time.sleep(max(0.0, t - time.time()))\n"
+            "for i in range(2): p.add(sys.argv[2], f'p{sys.argv[3]}-{i}')")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(start), str(tiny_dir / ("lora_a", "lora_b")[j % 2]),
+                               str(j)], env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
+             for j in range(3)]
+    for proc in procs:
+        assert proc.wait(timeout=180) == 0, proc.stderr.read()
+    p = Pool.open("demo")
+    assert sorted(p.names()) == sorted(f"p{j}-{i}" for j in range(3) for i in range(2))
+    assert p.verify() == []

@@ -232,8 +232,10 @@ def plan(pool_or_recipe: Pool | PathLike | dict | None = None, method: str | Non
             doc["experts"] = _expert_list(experts)
         source = f"<{method}>"
     if limit is not None:
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 1_000_000:
-            raise RecipeError(f"limit = {limit!r}: examples per task must be an integer in 1..1000000")
+        from .methods.base import MAX_LIMIT
+
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIMIT:
+            raise RecipeError(f"limit = {limit!r}: examples per task must be an integer in 1..{MAX_LIMIT}")
         doc["eval"] = {**(doc.get("eval") or {}), "limit": limit}
         if isinstance(doc.get("sweep"), dict) and sweep:
             doc["sweep"] = {**doc["sweep"], "limit": limit}
@@ -330,8 +332,10 @@ def evaluate(model: Artifact | PathLike, tasks: str | Iterable[str] = ("held_in"
     another folder than `results_dir`/lm-eval."""
     from .eval import run_eval
 
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 1_000_000):
-        raise WorkbenchError(f"limit = {limit!r}: examples per task must be an integer in 1..1000000")
+    from .methods.base import MAX_LIMIT
+
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIMIT):
+        raise WorkbenchError(f"limit = {limit!r}: examples per task must be an integer in 1..{MAX_LIMIT}")
     if not isinstance(batch_size, int) or not 1 <= batch_size <= 4096:
         raise WorkbenchError(f"batch_size = {batch_size!r}: an integer in 1..4096")
     task_list = [tasks] if isinstance(tasks, str) else list(tasks)

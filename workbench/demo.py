@@ -81,7 +81,8 @@ def ship_half(pool: Pool, names: list[str] | None = None, dtype: str = "float16"
         tensors = load_file(str(f))
         if all(t.dtype == getattr(torch, dtype) for t in tensors.values() if t.is_floating_point()):
             if sha256_file(f) != e.entry.files.get(f.name):  # a run stopped between the swap and the manifest
-                pool._put(e.entry.model_copy(update={"files": {**e.entry.files, f.name: sha256_file(f)}}))
+                with pool._locked():
+                    pool._put(e.entry.model_copy(update={"files": {**e.entry.files, f.name: sha256_file(f)}}))
             log(f"{e.name}: already {dtype}")
             continue
         tasks = e.tasks()
@@ -117,7 +118,8 @@ def ship_half(pool: Pool, names: list[str] | None = None, dtype: str = "float16"
                 tmpf = f.with_name(f".{f.name}.tmp")
                 (half / f.name).replace(tmpf)
                 tmpf.replace(f)
-                pool._put(e.entry.model_copy(update={"files": {**e.entry.files, f.name: sha256_file(f)}}))
+                with pool._locked():
+                    pool._put(e.entry.model_copy(update={"files": {**e.entry.files, f.name: sha256_file(f)}}))
     return report
 
 

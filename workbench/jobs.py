@@ -706,12 +706,14 @@ def recipe_comparison(path: str | Path, *, limit: int | None = 20, tasks: list[s
 
 
 def start_background(comparison: dict[str, Any] | str | Path, *, results_dir: Path | None = None,
-                     device: str = "cpu") -> BackgroundRun:
+                     device: str = "cpu", folder: Path | None = None) -> BackgroundRun:
     """Validate a comparison (a bad one raises its one-line RecipeError here, before any work) and run it in a
     thread. One run per comparison name at a time in this process: starting a running one is refused (another
-    process running it waits on the comparison's lock)."""
+    process running it waits on the comparison's lock). `folder`: where a mapping's `recipe:` entries may live
+    (besides merges/), e.g. the recipe file's folder for `recipe_comparison`'s documents."""
 
-    c = parse_comparison(comparison) if not isinstance(comparison, dict) else parse_comparison(comparison, "<app>")
+    c = parse_comparison(comparison) if not isinstance(comparison, dict) else \
+        parse_comparison(comparison, "<app>", folder=folder)
     name = c.spec.name
     run = BackgroundRun(name=name, source=str(comparison if not isinstance(comparison, dict) else "<app>"))
     with _RUNS_LOCK:

@@ -479,9 +479,8 @@ class Pool:
                 os.replace(old, final)
             else:
                 shutil.rmtree(old, ignore_errors=True)
-        for tmp in sorted(staging.iterdir()) if staging.is_dir() else []:  # copies of killed adds (none is live:
-            if tmp.is_dir() and not tmp.name.startswith(".old-"):           # every add holds this lock)
-                shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in sorted(staging.glob(".add-*")) if staging.is_dir() else []:  # copies of killed adds (none is
+            shutil.rmtree(tmp, ignore_errors=True)                                # live: every add holds this lock)
 
     @classmethod
     def open_or_create(cls, spec: str | os.PathLike, base: str = "smollm2-135m") -> Pool:
@@ -523,7 +522,8 @@ class Pool:
         for e in self.manifest.experts:
             if e.name == name:
                 return Expert(self, e)
-        raise PoolError(f"pool {self.name!r} has no expert {name!r}{did_you_mean(name, self.names())}")
+        shown = name if len(name) <= 40 else name[:37] + "..."  # errors never echo unbounded input
+        raise PoolError(f"pool {self.name!r} has no expert {shown!r}{did_you_mean(name, self.names())}")
 
     def __contains__(self, name: str) -> bool:
         return name in self.names()
@@ -598,7 +598,7 @@ class Pool:
             final = self.root / EXPERTS_DIR / name
             staging = self.root / STAGING_DIR
             staging.mkdir(parents=True, exist_ok=True)
-            tmp = staging / f"{name}-{os.getpid()}-{time.monotonic_ns()}"
+            tmp = staging / f".add-{name}-{os.getpid()}-{time.monotonic_ns()}"
             try:
                 tmp.mkdir()
                 for f in files:
@@ -664,8 +664,8 @@ class Pool:
             expert = self.expert(name)
             self.manifest.experts = [e for e in self.manifest.experts if e.name != name]
             self._save()  # the manifest first: a crash below leaves an orphan folder, not a dangling entry
-        if not expert.entry.linked and expert.path.exists():
-            shutil.rmtree(expert.path)
+            if not expert.entry.linked and expert.path.exists():
+                shutil.rmtree(expert.path)
 
     def verify(self, *, hashes: bool = True) -> list[str]:
         """Problems found (empty when the pool is sound): files, hashes, shapes, finite values."""

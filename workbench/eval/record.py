@@ -123,8 +123,22 @@ def read_samples(source: dict[str, Any] | str | Path) -> list[dict[str, Any]]:
     rows = []
     for f in files:
         run_id = f.name.removeprefix("samples_").removesuffix(".jsonl.gz")
-        rows += [json.loads(line) | {"run_id": run_id} for line in gzip.decompress(f.read_bytes()).splitlines()]
+        rows += [json.loads(line) | {"run_id": run_id} for line in _gunzip_bounded(f).splitlines()]
     return rows
+
+
+MAX_SAMPLES_BYTES = 256 * 2**20  # a run's per-sample file decompresses to a few MB; more is a bomb or a mistake
+
+
+def _gunzip_bounded(path: Path, limit: int = MAX_SAMPLES_BYTES) -> bytes:
+    """A .gz file's content, refused in one line past `limit` decompressed bytes (read in chunks: never more)."""
+    out = bytearray()
+    with gzip.open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            out += chunk
+            if len(out) > limit:
+                raise WorkbenchError(f"{Path(path).name}: decompresses to more than {limit >> 20} MiB: not read")
+    return bytes(out)
 
 
 def run_settings(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -16,11 +16,12 @@ PRIMARY = {"exact_match": "exact_match", "word_perplexity": "word_perplexity"}
 
 def iter_runs(results_dir: Path) -> list[dict[str, Any]]:
     runs = []
+    from ..cells import read_record
+
     for p in sorted(Path(results_dir).rglob("run_*.json")):
-        try:
-            runs.append(json.loads(p.read_text()) | {"_path": str(p)})
-        except json.JSONDecodeError:
-            continue  # a foreign or broken file never stops the table
+        run = read_record(p)  # bounded in size and depth; a foreign or broken file never stops the table
+        if run is not None:
+            runs.append(run | {"_path": str(p)})
     return sorted(runs, key=lambda r: r.get("run_id", ""))
 
 

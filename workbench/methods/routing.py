@@ -16,7 +16,7 @@ from pydantic import Field
 from ..artifacts import register_artifact
 from ..errors import RecipeError, WorkbenchError
 from ..tasks.suite import ADD_SPECIAL_TOKENS
-from .base import Method, MethodParams
+from .base import MAX_BATCH, MAX_EXAMPLES, MAX_K, MAX_LENGTH, MAX_SEED, Method, MethodParams
 
 if TYPE_CHECKING:
     from ..modules.routers import BaseRouter
@@ -25,11 +25,12 @@ if TYPE_CHECKING:
 class DataRoutedParams(MethodParams):
     """What every router learned from the experts' own data takes (defaults overridden per method)."""
 
-    k: int = Field(2, gt=0, description="experts per token (top-k)")
-    examples: int = Field(64, gt=0, description="examples per expert (its own data only)")
-    batch_size: int = Field(16, gt=0)
-    max_length: int = Field(128, gt=8)
-    seed: int = 0
+    k: int = Field(2, gt=0, le=MAX_K, description=f"experts per token (top-k), at most {MAX_K}")
+    examples: int = Field(64, gt=0, le=MAX_EXAMPLES, description=f"examples per expert (its own data only), "
+                                                                   f"at most {MAX_EXAMPLES}")
+    batch_size: int = Field(16, gt=0, le=MAX_BATCH, description=f"examples per step, at most {MAX_BATCH}")
+    max_length: int = Field(128, gt=8, le=MAX_LENGTH, description=f"tokens per example, at most {MAX_LENGTH}")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description=f"seed, 0..{MAX_SEED}")
 
 
 class RoutedMethod(Method):

@@ -43,11 +43,11 @@ class APIError(Exception):
 class _Common(Schema):
     model_config = ConfigDict(extra="ignore")
     model: str
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(16, ge=1, le=2**31 - 1, description="tokens to generate; the prompt plus these must fit the model's context (checked per request: context_length_exceeded)")
     temperature: float = Field(0.0, ge=0, le=2)
     stream: bool = False
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="sampling seed, 0..2**63-1")
     n: int = Field(1, ge=1, le=1, description="one choice per prompt")
 
 
