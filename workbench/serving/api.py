@@ -43,7 +43,8 @@ class APIError(Exception):
 class _Common(Schema):
     model_config = ConfigDict(extra="ignore")
     model: str
-    max_tokens: int = Field(16, ge=1, le=2**31 - 1, description="tokens to generate; the prompt plus these must fit the model's context (checked per request: context_length_exceeded)")
+    max_tokens: int = Field(16, ge=1, le=2**31 - 1, description="tokens to generate; with the prompt they must fit "
+                                                                "the model's context (checked per request)")
     temperature: float = Field(0.0, ge=0, le=2)
     stream: bool = False
     stop: str | list[str] | None = None
