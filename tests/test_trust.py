@@ -158,3 +158,19 @@ def test_concurrent_pool_adds_in_processes_all_land(pools, tiny_dir, pool):
     p = Pool.open("demo")
     assert sorted(p.names()) == sorted(f"p{j}-{i}" for j in range(3) for i in range(2))
     assert p.verify() == []
+
+
+def test_upcycle_checkpoints_are_keyed_by_the_output_too(pools, tiny_dir, pool, tmp_path):
+    """Two artifacts that differ only in their output spec never train into one checkpoint folder (the first to
+    finish deleted the other's checkpoints)."""
+    from workbench.methods import METHODS
+    from workbench.methods.base import BuildContext, OutputSpec
+
+    pool.add(tiny_dir / "full_c", "a", tags={"task": "addition"}, link=True)
+    pool.add(tiny_dir / "full_c", "b", tags={"task": "sorting"}, link=True)
+    btx = METHODS.get("btx")()
+    params = btx.Params.model_validate({})
+    dirs = {btx.checkpoint_dir(BuildContext(pool=pool, experts=pool.experts, params=params, output=out,
+                                            out_dir=tmp_path / "artifacts" / ".staging-x"))
+            for out in (OutputSpec(kind="model"), OutputSpec(kind="lora", rank=4))}
+    assert len(dirs) == 2

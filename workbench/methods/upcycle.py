@@ -542,9 +542,10 @@ class UpcycleMethod(Method):
         return {"data": {t: data_hash(t) for e in experts for t in e.tasks()}}
 
     def checkpoint_dir(self, ctx: BuildContext) -> Path:
-        """Beside the artifacts, keyed by what decides the training: method, version, params, experts, base, data."""
+        """Beside the artifacts, keyed by what decides the artifact: method, version, params, output, experts, base,
+        data (two artifacts never share a checkpoint folder; builds that would are serialised by `build`'s lock)."""
         key = sha256_json({"method": self.name, "version": self.version,
-                           "params": ctx.params.model_dump(mode="json"),
+                           "params": ctx.params.model_dump(mode="json"), "output": ctx.output.model_dump(mode="json"),
                            "experts": [(e.name, e.entry.files) for e in ctx.experts],
                            "base": ctx.pool.manifest.base.fingerprint,
                            "inputs": self.key_inputs(ctx.experts, ctx.params)})[:16]
@@ -573,6 +574,14 @@ class UpcycleMethod(Method):
         check_base_config(base.config, self.name)
         tok = base.tokenizer()
         ckpt = self.checkpoint_dir(ctx)
+        # one build at a time trains into a checkpoint folder (two spellings of one recipe have two artifact keys and
+        # one folder): the second waits, then resumes or starts anew; nobody deletes checkpoints another is using
+        from ..io import file_lock
+
+        with file_lock(ckpt.parent / f".{ckpt.name}.lock"):
+            return self._build_locked(ctx, p, base, tok, ckpt)
+
+    def _build_locked(self, ctx: BuildContext, p, base, tok, ckpt: Path) -> dict[str, Any]:
         info: dict[str, Any] = {}
         if p.steps > 0 and (ckpt / "latest.json").is_file() and (ckpt / "config.json").is_file():
             model = self.skeleton(json.loads((ckpt / "config.json").read_text()))  # weights: from the checkpoint
