@@ -86,3 +86,22 @@ def test_quick_demo_skips_only_full_finetune_rows(monkeypatch):
     active = {r.name for r in c.active_rows}
     assert {"base", "multitask", "ta", "ties", "pcb", "twin", "phatgoose", "arrow", "avg-act"} <= active
     assert c.reference == "multitask"
+
+
+def test_every_shipped_gate_is_the_one_head_computes():
+    """The PHATGOOSE gates shipped in adapters/demo/parts/ are exactly those the quick demo's phatgoose rows look for
+    (key: gate settings, the expert's file hashes, base, data): a stale one (trained before its expert's files
+    changed) would be ignored and its gate silently retrained by `workbench demo`."""
+    from workbench.methods.base import BuildContext
+
+    c = parse_comparison(ROOT / "merges" / "demo.yaml")
+    wanted = set()
+    for row in c.active_rows:
+        if row.method == "phatgoose":
+            r = row.recipe
+            ctx = BuildContext(pool=c.pool, experts=r.experts, params=r.params, output=r.recipe.output,
+                               out_dir=r.artifact_dir)
+            wanted |= {r.method._gate_dir(ctx, e).name for e in r.experts}
+    parts = c.pool.root / "parts" / "phatgoose-gates"
+    shipped = {p.name for p in parts.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    assert len(wanted) == 6 and shipped == wanted, (sorted(shipped - wanted), sorted(wanted - shipped))

@@ -70,6 +70,8 @@ class Phatgoose(DataRoutedMethod):
                 gates[e.name], curves[e.name] = cached
                 ctx.log(f"phatgoose gate {e.name}: cached")
                 continue
+            ctx.log(f"phatgoose gate {e.name}: training ({p.steps} steps; no cached or shipped gate "
+                    f"{self._gate_dir(ctx, e).name})")
             own = {t[: -len(".weight")] for t in e.delta_names()}
             gate = GateRouter([e.name], {m: mods[m].base.in_features for m in sorted(own)}).to(ctx.device)
             data = expert_examples(e, tok, p.examples, p.seed, p.max_length)
