@@ -174,3 +174,40 @@ def test_upcycle_checkpoints_are_keyed_by_the_output_too(pools, tiny_dir, pool, 
                                             out_dir=tmp_path / "artifacts" / ".staging-x"))
             for out in (OutputSpec(kind="model"), OutputSpec(kind="lora", rank=4))}
     assert len(dirs) == 2
+
+
+def test_mole_gates_from_is_keyed_by_content_and_a_missing_router_is_one_line(pools, tiny_dir, pool, tmp_path):
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from workbench.errors import RecipeError
+    from workbench.recipes import build, parse_recipe
+
+    _two_experts(pool, tiny_dir)
+    params = {"steps": 1, "examples": 4, "batch_size": 2}
+    first = build(parse_recipe({"name": "mole-g", "method": "mole", "pool": "demo", "parameters": params}),
+                  log=lambda *a: None)
+    same, other, broken = tmp_path / "same", tmp_path / "other", tmp_path / "broken"
+    for d in (same, other, broken):
+        shutil.copytree(first, d)
+    os.utime(same / "router.safetensors", ns=(1, 1))  # same gates, another mtime
+    t = load_file(str(other / "router.safetensors"))
+    save_file({k: v + 1 for k, v in t.items()}, str(other / "router.safetensors"))  # other gates, the same mtime
+    st = os.stat(first / "router.safetensors")
+    os.utime(other / "router.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns))
+    (broken / "router.safetensors").unlink()
+
+    def key(folder):
+        return parse_recipe({"name": "mole-u", "method": "mole", "pool": "demo",
+                             "parameters": {**params, "gates_from": str(folder)}}).key
+
+    assert key(same) != key(other)  # other gates in a folder whose mtime is not new
+    before = key(other)
+    save_file({k: v + 2 for k, v in t.items()}, str(other / "router.safetensors"))  # rewritten in place, same size
+    os.utime(other / "router.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same mtime
+    assert key(other) != before  # the mtime-keyed input kept the key, and a stale build would have been reused
+    with pytest.raises(RecipeError, match="no router.safetensors") as info:
+        key(broken)
+    assert "\n" not in str(info.value)

@@ -126,9 +126,10 @@ _DIGESTS: dict[tuple[str, int, int, int], str] = {}
 
 
 def sha256_file_cached(path: Path) -> str:
-    """sha256_file remembered in-process by (path, size, mtime_ns, inode): repeated builds (sweeps) hash once."""
+    """sha256_file remembered in-process by (path, size, mtime_ns, inode, ctime_ns): repeated builds (sweeps) hash
+    once. ctime is in the key because a rewrite can keep the size and put the mtime back (utime), never the ctime."""
     st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
     if key not in _DIGESTS:
         _DIGESTS[key] = sha256_file(path)
     return _DIGESTS[key]

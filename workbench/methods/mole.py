@@ -114,6 +114,8 @@ class Mole(DataRoutedMethod):
                 raise RecipeError(f"gates_from {folder}: not a built artifact ({type(e).__name__})") from None
             if meta.get("method") != "mole":
                 raise RecipeError(f"gates_from {folder}: a {meta.get('method')!r} artifact, not a MoLE one")
+            if not (folder / "router.safetensors").is_file():
+                raise RecipeError(f"gates_from {folder}: no router.safetensors (its gates): build that artifact again")
             if list(meta.get("experts") or []) != names:
                 raise RecipeError(f"gates_from {folder} was trained on experts {meta.get('experts')}, "
                                   f"not on {names}: train new gates (drop gates_from) or use the same experts")
@@ -127,7 +129,11 @@ class Mole(DataRoutedMethod):
     def key_inputs(self, experts, params) -> dict[str, Any]:
         out = super().key_inputs(experts, params)
         if params.gates_from is not None:
-            out["gates_from"] = (Path(params.gates_from) / "router.safetensors").stat().st_mtime_ns
+            from ..io import sha256_file_cached
+
+            # the gates' content, not their file's mtime: the same gates copied elsewhere keep the key, other gates
+            # with the same mtime do not
+            out["gates_from"] = sha256_file_cached(Path(params.gates_from) / "router.safetensors")
         return out
 
     def build(self, ctx: BuildContext) -> dict[str, Any]:
