@@ -211,3 +211,22 @@ def test_mole_gates_from_is_keyed_by_content_and_a_missing_router_is_one_line(po
     with pytest.raises(RecipeError, match="no router.safetensors") as info:
         key(broken)
     assert "\n" not in str(info.value)
+
+
+def test_sweep_scores_are_reused_only_under_the_same_eval_settings(pools, tiny_dir, pool, tmp_path):
+    """A validation sweep's recorded scores are keyed like cells: another batch size (or task configuration,
+    lm-eval version, device) scores the points again instead of reusing them."""
+    from workbench.recipes import parse_recipe, run_sweep
+
+    _two_experts(pool, tiny_dir)
+
+    def sweep(batch_size):
+        lines = []
+        doc = {"name": "sw", "method": "task_arithmetic", "pool": "demo", "sweep": {
+            "parameters": {"lambda": [0.5, 1.0]}, "tasks": ["addition"], "limit": 2, "batch_size": batch_size}}
+        run_sweep(parse_recipe(doc), results_dir=tmp_path, log=lines.append)
+        return [x for x in lines if x.startswith("sweep ")]
+
+    assert not any("(cached)" in x for x in sweep(8))
+    assert all("(cached)" in x for x in sweep(8))  # the same settings: reused
+    assert not any("(cached)" in x for x in sweep(4))  # another batch size: scored again

@@ -373,25 +373,33 @@ def run_sweep(resolved: ResolvedRecipe, *, device: str = "cpu", force: bool = Fa
     tasks = resolve_tasks(sweep.tasks)
     data = {t: data_hash(t) for t in tasks}
     record_path = Path(results_dir or harness.results_root()) / "sweeps" / f"{resolved.pool.name}__{resolved.recipe.name}.json"
+    from importlib.metadata import version
+
+    from .comparison import task_config_hash
+
+    # keyed like a comparison's cells: the points' scores depend on the tasks' data and configuration (prompt,
+    # generation settings, metric), lm-eval's version, the batch size and the device, besides the limit
     head = {"recipe": resolved.recipe.name, "pool": resolved.pool.name, "split": "validation", "tasks": tasks,
-            "limit": sweep.limit, "data_sha256": data}
+            "limit": sweep.limit, "data_sha256": data, "config": {t: task_config_hash(t) for t in tasks},
+            "lm_eval": version("lm-eval"), "batch_size": sweep.batch_size, "device": device.split(":")[0]}
     with file_lock(lock_for(record_path)):  # one process at a time reads, extends and rewrites the record
         return _sweep_locked(resolved, record_path, head, tasks, device=device, force=force, log=log)
 
 
 def _sweep_locked(resolved: ResolvedRecipe, record_path: Path, head: dict, tasks: list[str], *, device: str,
                   force: bool, log) -> tuple[ResolvedRecipe, dict]:
-    import json
     import statistics
 
     from .artifacts import load_artifact
+    from .cells import read_record
     from .eval.harness import evaluate, scores_of
 
     sweep = resolved.recipe.sweep
     cached = {}
     if record_path.is_file() and not force:
-        prior = json.loads(record_path.read_text())
-        if all(prior.get(k) == head[k] for k in ("tasks", "limit", "data_sha256")):
+        prior = read_record(record_path) or {}
+        if all(prior.get(k) == head[k] for k in ("tasks", "limit", "data_sha256", "config", "lm_eval", "batch_size",
+                                                  "device")):
             cached = {p["key"]: p for p in prior.get("points", [])}
     points = []
     for i, point in enumerate(sweep_points(sweep), 1):
