@@ -57,21 +57,26 @@ def charts(at: AppTest) -> list:
 
 
 def test_leaderboard_matches_the_library(world):
-    from workbench.catalog import comparison_source, scan
-    from workbench.eval.leaderboard import leaderboard_frame
+    from workbench.eval.leaderboard import short
 
     at = open_view("Leaderboard")
     assert at.selectbox(key="lb-source").value == "comparison: small"
     df = at.dataframe[0].value
     assert set(df.model) == {"base", "addition", "sorting", "ta", "arrow"}
-    lib = leaderboard_frame(comparison_source(scan(world / "results"), "small").board("base")).set_index("model")
     shown = df.set_index("model")
-    for m in lib.index:  # the same numbers the CLI writes, not a second computation
-        assert shown.loc[m, "held_in %"] == pytest.approx(lib.loc[m, "held_in %"], nan_ok=True)
-        assert shown.loc[m, "held_in se"] == pytest.approx(lib.loc[m, "held_in se"], nan_ok=True)
+    # every row and number equals leaderboard.json, which `workbench compare` wrote (not the catalog against itself)
     board = json.loads((world / "results" / "compare" / "small" / "leaderboard.json").read_text())
-    ta = next(r for r in board["rows"] if r["name"] == "ta")
-    assert shown.loc["ta", "held_in %"] == pytest.approx(100 * ta["summary"]["held_in"]["mean"])
+    assert set(shown.index) == {r["name"] for r in board["rows"]}
+    for r in board["rows"]:
+        hi = r["summary"]["held_in"]
+        assert shown.loc[r["name"], "held_in %"] == pytest.approx(100 * hi["mean"]), r["name"]
+        assert shown.loc[r["name"], "held_in se"] == pytest.approx(100 * hi["stderr"], nan_ok=True), r["name"]
+        for t, c in r["tasks"].items():  # task columns show the task's short name
+            assert shown.loc[r["name"], f"{short(t)} %"] == pytest.approx(100 * c["mean"]), (r["name"], t)
+        if r["paired"]:
+            assert shown.loc[r["name"], "diff vs ref (pp)"] == pytest.approx(100 * r["paired"]["diff"])
+            # p is shown with two significant digits
+            assert float(shown.loc[r["name"], "p (paired)"]) == pytest.approx(r["paired"]["p_value"], rel=0.05)
     assert shown.loc["base", "diff vs ref (pp)"] != shown.loc["base", "diff vs ref (pp)"]  # the reference: NaN
     # another reference re-pairs every row against it
     at.selectbox(key="lb-ref-comparison-small").set_value("ta").run()
