@@ -501,6 +501,17 @@ def test_comparison_records_the_mixtures_training_and_draws_it(two, tmp_path, mo
     assert json.loads((out / "builds" / "smora.json").read_text())["report"]["parameter_counts"]["router"] > 0
     svg = (out / "training.svg").read_text()
     assert "mole" in svg and "smora" in svg
+    # what is drawn, by value: the curves the chart is made of are the build records' loss curves, step by step
+    from workbench.eval.charts import loss_curves_chart
+    from workbench.jobs import make_plan, training_curves
+
+    curves = training_curves(make_plan(parse_comparison(f), tmp_path / "results"))
+    assert curves == {row: json.loads((out / "builds" / f"{row}.json").read_text())["report"]["loss_curve"]
+                      for row in ("mole", "smora")}
+    data = loss_curves_chart(curves, "t", series="row").data
+    for row, curve in curves.items():
+        drawn = data[data.row == row].sort_values("step")
+        assert drawn.loss.tolist() == curve and drawn.step.tolist() == list(range(1, len(curve) + 1))
 
 
 @pytest.mark.parametrize("dispatch", ["op", "gather"])
