@@ -576,9 +576,9 @@ class UpcycleMethod(Method):
         ckpt = self.checkpoint_dir(ctx)
         # one build at a time trains into a checkpoint folder (two spellings of one recipe have two artifact keys and
         # one folder): the second waits, then resumes or starts anew; nobody deletes checkpoints another is using
-        from ..io import file_lock
+        from ..io import file_lock, lock_for
 
-        with file_lock(ckpt.parent / f".{ckpt.name}.lock"):
+        with file_lock(lock_for(ckpt)):  # the lock file lives in the cache's locks/, not beside the checkpoints
             return self._build_locked(ctx, p, base, tok, ckpt)
 
     def _build_locked(self, ctx: BuildContext, p, base, tok, ckpt: Path) -> dict[str, Any]:
