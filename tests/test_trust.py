@@ -230,3 +230,20 @@ def test_sweep_scores_are_reused_only_under_the_same_eval_settings(pools, tiny_d
     assert not any("(cached)" in x for x in sweep(8))
     assert all("(cached)" in x for x in sweep(8))  # the same settings: reused
     assert not any("(cached)" in x for x in sweep(4))  # another batch size: scored again
+
+
+def test_leaderboard_markdown_prints_perplexities_as_perplexities():
+    """The upcycle leaderboard's Markdown printed word perplexities times 100 (base english_docs 14691, not 146.9)."""
+    from pathlib import Path
+
+    from workbench.eval.leaderboard import leaderboard_markdown
+
+    board = json.loads((Path(__file__).resolve().parents[1] / "results" / "compare" / "upcycle" / "leaderboard.json")
+                       .read_text())
+    base = next(r for r in board["rows"] if r["name"] == "base")
+    ppl = base["tasks"]["english_docs"]
+    assert ppl["metric"] != "exact_match" and 100 < ppl["mean"] < 200
+    md = leaderboard_markdown(board, "upcycle")
+    row = next(line for line in md.splitlines() if line.startswith("| base |"))
+    assert f"{ppl['mean']:.4g}" in row and f"{100 * ppl['mean']:.1f}" not in row
+    assert "lower is better for perplexities" in md

@@ -142,9 +142,17 @@ def leaderboard_markdown(board: dict[str, Any], title: str = "") -> str:
                  (f"{p['p_value']:.3g}" + ("" if p["p_value"] < 0.05 else " (ns)")) if p else "–"]
         for t in board["tasks"]:
             c = r["tasks"].get(t)
-            cells.append(_pm(c["mean"], c["stderr"]) if c else "–")
+            if c is None:
+                cells.append("–")
+            elif c["metric"] == "exact_match":
+                cells.append(_pm(c["mean"], c["stderr"]))
+            else:  # a perplexity (or another continuous metric) as it is, never as a percentage
+                cells.append("–" if math.isnan(c["mean"]) else f"{c['mean']:.4g}")
         lines.append("| " + " | ".join(cells) + " |")
+    metrics = sorted({c["metric"] for r in board["rows"] for c in r["tasks"].values() if c["metric"] != "exact_match"})
     lines += ["", f"Exact match % ± standard error over each task's examples; group means ± sqrt(Σ se²)/T. "
+              + (f"Other metrics as they are ({', '.join(metrics)}: lower is better for perplexities). " if metrics
+                 else "") +
               "norm: held-in mean / the single-task experts' mean on the same tasks (each on its own task). "
               f"Δ and p: paired against `{ref}` on every example both scored (exact McNemar on exact match; "
               "(ns): p ≥ 0.05, a difference the examples cannot tell from noise)."]
