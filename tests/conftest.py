@@ -61,6 +61,32 @@ def pool(pools, tiny_dir):
     return Pool.create("demo", base=str(tiny_dir / "base"))
 
 
+def quiet(*a):
+    """A `log` that prints nothing."""
+    return None
+
+
+def one_line(excinfo, longest: int = 300) -> str:
+    """The message of a raised error, checked to be one short line."""
+    msg = str(excinfo.value)
+    assert "\n" not in msg and len(msg) < longest, f"{len(msg)} chars: {msg[:300]}"
+    return msg
+
+
+@pytest.fixture()
+def arts(tmp_path, monkeypatch):
+    """An isolated artifacts folder for one test."""
+    monkeypatch.setenv("WORKBENCH_CACHE_ARTIFACTS", str(tmp_path / "artifacts"))
+    return tmp_path / "artifacts"
+
+
+def add_two_experts(pool, tiny_dir):
+    """The tiny LoRA experts as `addition` and `sorting` (tagged with their tasks)."""
+    pool.add(tiny_dir / "lora_a", "addition", tags={"task": "addition"})
+    pool.add(tiny_dir / "lora_b", "sorting", tags={"task": "sorting"})
+    return pool
+
+
 def snapshot(root: Path) -> dict[str, bytes]:
     """Every file under `root` with its bytes: 'nothing on disk changed' means equal snapshots."""
     if not root.exists():

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import add_two_experts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,18 +119,12 @@ def test_docs_python_script_runs_as_a_user_would(tmp_path, session_cache):
 # ----------------------------------------------------------------------------- on the tiny model
 
 
-def _tiny_pool(pool, tiny_dir):
-    pool.add(tiny_dir / "lora_a", "addition", tags={"task": "addition"})
-    pool.add(tiny_dir / "lora_b", "sorting", tags={"task": "sorting"})
-    return pool
-
-
 def test_build_evaluate_load_and_compare(pool, tiny_dir, tmp_path, monkeypatch):
     import torch
 
     import workbench as wb
 
-    _tiny_pool(pool, tiny_dir)
+    add_two_experts(pool, tiny_dir)
     quiet = lambda *a: None  # noqa: E731
     art = wb.build(pool, "task_arithmetic", experts=["addition", "sorting"], output={"kind": "lora", "rank": 4},
                    log=quiet, **{"lambda": 0.5})
@@ -180,7 +175,7 @@ def test_build_evaluate_load_and_compare(pool, tiny_dir, tmp_path, monkeypatch):
 def test_api_errors_are_one_line_workbench_errors(pool, tiny_dir):
     import workbench as wb
 
-    _tiny_pool(pool, tiny_dir)
+    add_two_experts(pool, tiny_dir)
     cases = [
         (lambda: wb.build(pool, "tiez"), "did you mean 'ties'"),
         (lambda: wb.build(pool, "ties", experts=["addition", "nobody"]), "no expert 'nobody'"),
@@ -203,7 +198,7 @@ def test_progress_weights_builds_by_expected_cost_and_gives_an_eta(pool, tiny_di
     from workbench.comparison import parse_comparison
     from workbench.jobs import Progress, expected_costs, make_plan
 
-    _tiny_pool(pool, tiny_dir)
+    add_two_experts(pool, tiny_dir)
     doc = {"name": "w", "pool": "demo", "tasks": ["addition"], "eval": {"limit": 10}, "reference": "base",
            "entries": ["base", {"name": "ta", "method": "task_arithmetic"},
                        {"name": "goose", "method": "phatgoose", "parameters": {"steps": 4}}]}
@@ -253,7 +248,7 @@ def test_pool_show_summarises_and_json_has_everything(run_cli, pools, tiny_dir, 
 def test_merge_limit_and_no_sweep(run_cli, pools, tiny_dir, pool, tmp_path):
     import yaml
 
-    _tiny_pool(pool, tiny_dir)
+    add_two_experts(pool, tiny_dir)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"name": "r", "method": "task_arithmetic", "pool": "demo",
                                       "eval": {"tasks": ["addition"], "limit": 50},
@@ -273,7 +268,7 @@ def test_route_trace_prompt_file_and_bad_prompts(run_cli, pools, tiny_dir, pool,
 
     import yaml
 
-    _tiny_pool(pool, tiny_dir)
+    add_two_experts(pool, tiny_dir)
     recipe = tmp_path / "arrow.yaml"
     recipe.write_text(yaml.safe_dump({"name": "arrow-t", "method": "arrow", "pool": "demo", "parameters": {"k": 1}}))
     (tmp_path / "p.txt").write_text("12+30=\n7+1=")
@@ -296,7 +291,7 @@ def test_route_trace_prompt_file_and_bad_prompts(run_cli, pools, tiny_dir, pool,
 def test_results_table_reads_the_comparisons(run_cli, pools, tiny_dir, pool, tmp_path):
     import workbench as wb
 
-    _tiny_pool(pool, tiny_dir)
+    add_two_experts(pool, tiny_dir)
     code, out, _ = run_cli("results", "table", "--results-dir", str(tmp_path / "r"))
     assert code == 0 and "no comparisons yet" in out
     wb.compare({"name": "tbl", "pool": "demo", "tasks": ["addition"], "eval": {"limit": 2, "batch_size": 2},
@@ -339,7 +334,7 @@ def test_review_fixes_pools_artifacts_and_boards(pool, pools, tiny_dir, tmp_path
     from conftest import snapshot
 
     quiet = lambda *a: None  # noqa: E731
-    _tiny_pool(pool, tiny_dir)
+    add_two_experts(pool, tiny_dir)
     other = wb.Pool.create(tmp_path / "elsewhere" / "demo", base=str(tiny_dir / "base"))
     other.add(tiny_dir / "lora_a", "x")
     other.add(tiny_dir / "lora_b", "y")
@@ -386,7 +381,7 @@ def test_review_fixes_pools_artifacts_and_boards(pool, pools, tiny_dir, tmp_path
 def test_cli_review_fixes(run_cli, pools, tiny_dir, pool, tmp_path):
     import yaml
 
-    _tiny_pool(pool, tiny_dir)
+    add_two_experts(pool, tiny_dir)
     code, _out, err = run_cli("train", "lora", "--pool", "demo", "--task", "held_in")
     assert code == 2 and "one task" in err
     recipe = tmp_path / "r.yaml"

@@ -8,28 +8,12 @@ import tracemalloc
 import pytest
 import torch
 import yaml
-from conftest import snapshot
+from conftest import one_line, quiet, snapshot
 from pydantic import BaseModel, ValidationError
 
 from workbench.errors import RecipeError, WorkbenchError
 
 INF, NAN = float("inf"), float("nan")
-
-
-def quiet(*a):
-    return None
-
-
-def one_line(excinfo, longest: int = 300) -> str:
-    msg = str(excinfo.value)
-    assert "\n" not in msg and len(msg) < longest, f"{len(msg)} chars: {msg[:300]}"
-    return msg
-
-
-@pytest.fixture()
-def arts(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORKBENCH_CACHE_ARTIFACTS", str(tmp_path / "artifacts"))
-    return tmp_path / "artifacts"
 
 
 @pytest.fixture()

@@ -6,20 +6,10 @@ import shutil
 
 import pytest
 import yaml
-from conftest import snapshot
+from conftest import one_line, quiet, snapshot
 
 from workbench.errors import RecipeError
 from workbench.recipes import MAX_RECIPE_BYTES, build, parse_recipe
-
-
-def quiet(*a):
-    return None
-
-
-def one_line(excinfo, longest: int = 300) -> str:
-    msg = str(excinfo.value)
-    assert "\n" not in msg and len(msg) < longest, f"{len(msg)} chars: {msg[:300]}"
-    return msg
 
 
 # ----------------------------------------------------------------------------- hostile recipe files

@@ -4,12 +4,7 @@ import json
 
 import pytest
 import torch
-
-
-def _two_experts(pool, tiny_dir):
-    pool.add(tiny_dir / "lora_a", "addition", tags={"task": "addition"})
-    pool.add(tiny_dir / "lora_b", "sorting", tags={"task": "sorting"})
-    return pool
+from conftest import add_two_experts
 
 
 @pytest.mark.parametrize("temperature", [0.25, 4.0])
@@ -23,7 +18,7 @@ def test_routed_module_output_by_hand_with_temperature_and_top2(pool, tiny_dir, 
     from workbench.modules.routed_lora import RoutedLoraLinear
     from workbench.recipes import build, parse_recipe
 
-    _two_experts(pool, tiny_dir)
+    add_two_experts(pool, tiny_dir)
     resolved = parse_recipe({"name": f"arrow-t{temperature}", "method": "arrow", "pool": "demo",
                              "parameters": {"k": 2, "temperature": temperature}})
     art = build(resolved, log=lambda *a: None)
@@ -63,7 +58,7 @@ def test_router_accuracy_in_topk_is_not_trivially_one(pool, tiny_dir):
     from workbench.methods.routing import router_accuracy
     from workbench.recipes import build, parse_recipe
 
-    _two_experts(pool, tiny_dir)
+    add_two_experts(pool, tiny_dir)
     tasks = {"addition": "addition", "sorting": "sorting"}
     quiet = lambda *a: None  # noqa: E731
     mole = load_artifact(build(parse_recipe({"name": "mole-acc", "method": "mole", "pool": "demo", "parameters": {
@@ -130,7 +125,7 @@ def test_the_apps_build_one_form_with_nothing_selected_is_refused(pools, tiny_di
     from workbench.errors import WorkbenchError
     from workbench.jobs import comparison_document
 
-    _two_experts(pool, tiny_dir)
+    add_two_experts(pool, tiny_dir)
     doc = comparison_document("demo", "ties", {"density": 0.5}, experts=[])
     with pytest.raises(WorkbenchError, match=r"lists no expert") as info:
         parse_comparison(doc, "<app>")
@@ -185,7 +180,7 @@ def test_mole_gates_from_is_keyed_by_content_and_a_missing_router_is_one_line(po
     from workbench.errors import RecipeError
     from workbench.recipes import build, parse_recipe
 
-    _two_experts(pool, tiny_dir)
+    add_two_experts(pool, tiny_dir)
     params = {"steps": 1, "examples": 4, "batch_size": 2}
     first = build(parse_recipe({"name": "mole-g", "method": "mole", "pool": "demo", "parameters": params}),
                   log=lambda *a: None)
@@ -218,7 +213,7 @@ def test_sweep_scores_are_reused_only_under_the_same_eval_settings(pools, tiny_d
     lm-eval version, device) scores the points again instead of reusing them."""
     from workbench.recipes import parse_recipe, run_sweep
 
-    _two_experts(pool, tiny_dir)
+    add_two_experts(pool, tiny_dir)
 
     def sweep(batch_size):
         lines = []

@@ -39,12 +39,6 @@ def dense_dir(tiny_dir, tmp_path_factory):
 
 
 @pytest.fixture()
-def arts(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORKBENCH_CACHE_ARTIFACTS", str(tmp_path / "artifacts"))
-    return tmp_path / "artifacts"
-
-
-@pytest.fixture()
 def moe_pool(pool, tiny_dir, dense_dir, arts):
     """Three different full experts a, b, c (one task each) and three copies of full_c: same1, same2, same3."""
     folders = {"a": tiny_dir / "full_c", "b": dense_dir / "full_4", "c": dense_dir / "full_5"}

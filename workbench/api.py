@@ -55,6 +55,14 @@ def _expert_list(experts: str | Iterable[str] | None) -> list[str] | None:
     return None if experts is None else [experts] if isinstance(experts, str) else list(experts)
 
 
+def _check_limit(limit: object, error: type[WorkbenchError]) -> None:
+    """Examples per task: the schemas' bound (`MAX_LIMIT`), one line otherwise."""
+    from .methods.base import MAX_LIMIT
+
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIMIT:
+        raise error(f"limit = {limit!r}: examples per task must be an integer in 1..{MAX_LIMIT}")
+
+
 def _results(results_dir: PathLike | None) -> Path:
     from .eval.harness import results_root
 
@@ -232,10 +240,7 @@ def plan(pool_or_recipe: Pool | PathLike | dict | None = None, method: str | Non
             doc["experts"] = _expert_list(experts)
         source = f"<{method}>"
     if limit is not None:
-        from .methods.base import MAX_LIMIT
-
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIMIT:
-            raise RecipeError(f"limit = {limit!r}: examples per task must be an integer in 1..{MAX_LIMIT}")
+        _check_limit(limit, RecipeError)
         doc["eval"] = {**(doc.get("eval") or {}), "limit": limit}
         if isinstance(doc.get("sweep"), dict) and sweep:
             doc["sweep"] = {**doc["sweep"], "limit": limit}
@@ -331,13 +336,12 @@ def evaluate(model: Artifact | PathLike, tasks: str | Iterable[str] = ("held_in"
     expert's name (with `pool`), or a model, adapter or artifact folder. `lm_eval_dir` puts lm-eval's outputs in
     another folder than `results_dir`/lm-eval."""
     from .eval import run_eval
+    from .methods.base import MAX_BATCH
 
-    from .methods.base import MAX_LIMIT
-
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIMIT):
-        raise WorkbenchError(f"limit = {limit!r}: examples per task must be an integer in 1..{MAX_LIMIT}")
-    if not isinstance(batch_size, int) or not 1 <= batch_size <= 4096:
-        raise WorkbenchError(f"batch_size = {batch_size!r}: an integer in 1..4096")
+    if limit is not None:
+        _check_limit(limit, WorkbenchError)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 1 <= batch_size <= MAX_BATCH:
+        raise WorkbenchError(f"batch_size = {batch_size!r}: an integer in 1..{MAX_BATCH}")
     task_list = [tasks] if isinstance(tasks, str) else list(tasks)
     out = Path(lm_eval_dir) if lm_eval_dir is not None else _results(results_dir) / "lm-eval"
     if isinstance(model, Artifact):
@@ -345,13 +349,14 @@ def evaluate(model: Artifact | PathLike, tasks: str | Iterable[str] = ("held_in"
 
         # the pool it was built over here (the artifact's record names the pool of its first build, which may be in
         # another checkout, or gone), opened before any model loads
-        p = _pool(pool if pool is not None else model.pool_root or model.meta["pool"])
+        meta = model.meta  # artifact.json, read once
+        p = _pool(pool if pool is not None else model.pool_root or meta["pool"])
         loaded = load_artifact(model.path, device=device)
         loaded.name = model.name
         loaded.info.update(method=model.method, artifact=artifact_ref(model.path))
         m = run_eval(artifact_ref(model.path), task_list, pool=p, limit=limit, batch_size=batch_size, split=split,
                      device=device, results_dir=out, loaded=loaded,
-                     extra={"params": model.meta.get("params", {}), "artifact_key": model.key,
+                     extra={"params": meta.get("params", {}), "artifact_key": model.key,
                             "selected_on_validation": model.selection,
                             **({"recipe": model.recipe} if model.recipe else {})})
     else:
@@ -510,16 +515,16 @@ class Leaderboard:
                         "a_only": p.get("row_only"), "b_only": p.get("reference_only")}
             raise WorkbenchError(f"{self.name}: this leaderboard was read without its cells; "
                                  "Leaderboard.read(recipe) has them for any pair")
+        from .eval.leaderboard import paired_values
+
         xs, ys = [], []
         for t in tasks or self.tasks:
             ca, cb = self.cells.get((a, t)), self.cells.get((b, t))
             if not ca or not cb or ca["metric"] != "exact_match" or cb["metric"] != "exact_match":
                 continue
-            by_doc = dict(zip(cb["doc_ids"], cb["values"]))
-            for d, v in zip(ca["doc_ids"], ca["values"]):
-                if d in by_doc:
-                    xs.append(v)
-                    ys.append(by_doc[d])
+            x, y = paired_values(ca, cb)
+            xs += x
+            ys += y
         if not xs:
             raise WorkbenchError(f"rows {a!r} and {b!r} share no scored example")
         res = stats.compare(xs, ys)
@@ -571,31 +576,24 @@ def compare(recipe: PathLike | dict, *, results_dir: PathLike | None = None, exe
     from .comparison import parse_comparison
     from .jobs import collect_cells, make_plan, run_comparison
 
+    from contextlib import nullcontext
+
     log = _log(log)
     comparison = parse_comparison(recipe, log=log)  # every check before any work
     p = make_plan(comparison, _results(results_dir), device)
+    bar = ProgressBar(f"compare {comparison.spec.name}") if progress and not callable(progress) else None
+    show = progress if callable(progress) else bar
     last: list[Progress] = []
 
-    def keep(state: Progress) -> None:
+    def on_progress(state: Progress) -> None:
         last[:] = [state]
+        if show:
+            show(state)
 
-    if callable(progress):
-        def on_progress(state: Progress) -> None:
-            keep(state)
-            progress(state)
+    with bar or nullcontext():
         board = run_comparison(comparison, results_dir=p.results_dir, executor=executor, device=device,
-                               address=address, cpus=cpus, gpus=gpus, log=log, progress=on_progress)
-    elif progress:
-        with ProgressBar(f"compare {comparison.spec.name}") as bar:
-            def on_progress(state: Progress) -> None:
-                keep(state)
-                bar(state)
-            board = run_comparison(comparison, results_dir=p.results_dir, executor=executor, device=device,
-                                   address=address, cpus=cpus, gpus=gpus, log=bar.log if log is print else log,
-                                   progress=on_progress)
-    else:
-        board = run_comparison(comparison, results_dir=p.results_dir, executor=executor, device=device,
-                               address=address, cpus=cpus, gpus=gpus, log=log, progress=keep)
+                               address=address, cpus=cpus, gpus=gpus, log=bar.log if bar and log is print else log,
+                               progress=on_progress)
     return Leaderboard(board, collect_cells(p), p.out, last[0] if last else None)
 
 

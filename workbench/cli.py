@@ -420,6 +420,8 @@ def _print_board(board) -> None:
     ref = board.reference
     title = f"{board.name}: exact match % ± se (paired test vs {ref}; ns: p >= 0.05; norm: held-in / experts' own)"
     Console(width=max(console.width, 200)).print(_frame_table(board.summary(), title))
+    if board.folder is not None:
+        console.print(f"leaderboard: {board.folder / 'leaderboard.md'} (+ .csv, .json, .svg)", highlight=False)
 
 
 @results_app.command("table")
@@ -440,7 +442,7 @@ def results_show(
         return
     for b in boards:
         _print_board(b)
-        console.print(f"  {b.board.get('cells', '?')} cells; {b.folder / 'leaderboard.md'}", highlight=False)
+        console.print(f"  {b.board.get('cells', '?')} cells recorded", highlight=False)
 
 
 @results_app.command("runs")
@@ -739,7 +741,6 @@ def _run_compare(recipe, *, executor: str, address: str | None, cpus: float, gpu
         board = compare(recipe, results_dir=results, executor=executor, device=device, address=address, cpus=cpus,
                         gpus=gpus, log=bar.log, progress=bar)
     _print_board(board)
-    console.print(f"leaderboard: {board.folder / 'leaderboard.md'} (+ .csv, .json, .svg)", highlight=False)
     return board
 
 
@@ -780,7 +781,6 @@ def demo(
     with ProgressBar("workbench demo") as bar:
         board = run_demo(full=full, retrain=retrain, executor=executor, device=device, progress=bar, log=bar.log)
     _print_board(board)
-    console.print(f"leaderboard: {board.folder / 'leaderboard.md'} (+ .csv, .json, .svg)", highlight=False)
     total = board.progress.total if board.progress else 0
     if total and board.reused == total:
         console.print(f"All {total} cells (builds and evaluations) were already recorded in {board.folder}/ (they "

@@ -46,11 +46,9 @@ def build_leaderboard(rows: list[dict[str, Any]], cells: dict[tuple[str, str], d
                 groups[_group(t)].append((mean, se))
             ref = ref_cells.get(t)
             if ref is not None and c["metric"] == "exact_match" and row["name"] != reference:
-                ref_by_doc = dict(zip(ref["doc_ids"], ref["values"]))
-                for d, v in zip(c["doc_ids"], values):
-                    if d in ref_by_doc:
-                        paired_a.append(v)
-                        paired_b.append(ref_by_doc[d])
+                a, b = paired_values(c, ref)
+                paired_a += a
+                paired_b += b
         summary = {}
         for g, vals in groups.items():
             if vals:
@@ -67,6 +65,13 @@ def build_leaderboard(rows: list[dict[str, Any]], cells: dict[tuple[str, str], d
     _normalize(rows, out_rows)
     out_rows.sort(key=lambda r: -r["summary"].get("held_in", {}).get("mean", -1.0))
     return {"tasks": tasks, "reference": reference, "rows": out_rows}
+
+
+def paired_values(a: dict[str, Any], b: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """Two cells of one task on the examples both scored: (a's values, b's values), in a's order."""
+    by_doc = dict(zip(b["doc_ids"], b["values"]))
+    pairs = [(v, by_doc[d]) for d, v in zip(a["doc_ids"], a["values"]) if d in by_doc]
+    return [x for x, _ in pairs], [y for _, y in pairs]
 
 
 def _normalize(rows: list[dict[str, Any]], out_rows: list[dict[str, Any]]) -> None:
