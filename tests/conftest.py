@@ -80,10 +80,20 @@ def arts(tmp_path, monkeypatch):
     return tmp_path / "artifacts"
 
 
+def suite_data(*tasks: str):
+    """The data records of suite tasks (what `--task NAME` trains on), for experts added in tests."""
+    from workbench.data import suite_record
+
+    return [_suite_records.setdefault(t, suite_record(t)) for t in tasks]
+
+
+_suite_records: dict = {}
+
+
 def add_two_experts(pool, tiny_dir):
     """The tiny LoRA experts as `addition` and `sorting` (tagged with their tasks)."""
-    pool.add(tiny_dir / "lora_a", "addition", tags={"task": "addition"})
-    pool.add(tiny_dir / "lora_b", "sorting", tags={"task": "sorting"})
+    pool.add(tiny_dir / "lora_a", "addition", tags={"task": "addition"}, data=suite_data("addition"))
+    pool.add(tiny_dir / "lora_b", "sorting", tags={"task": "sorting"}, data=suite_data("sorting"))
     return pool
 
 
@@ -132,8 +142,8 @@ def app_world(tmp_path_factory, tiny_dir, session_cache):
         from workbench.recipes import build, parse_recipe, run_recipe
 
         pool = Pool.create("demo", base=str(tiny_dir / "base"))
-        pool.add(tiny_dir / "lora_a", "addition", tags={"task": "addition"})
-        pool.add(tiny_dir / "lora_b", "sorting", tags={"task": "sorting"})
+        pool.add(tiny_dir / "lora_a", "addition", tags={"task": "addition"}, data=suite_data("addition"))
+        pool.add(tiny_dir / "lora_b", "sorting", tags={"task": "sorting"}, data=suite_data("sorting"))
         results = root / "results"
         quiet = lambda *a: None  # noqa: E731
         comparison = {"name": "small", "pool": "demo", "tasks": ["addition", "sorting"],

@@ -107,6 +107,136 @@ def test_leaderboard_shows_normalized_scores_and_the_comparison_record(world):
     assert not at.sidebar.expander  # every file of the fixture is read as what it is: nothing skipped
 
 
+def _mixed_comparison(root: Path) -> dict:
+    """A comparison folder with an exact-match task, a perplexity corpus and a user's BLEU task: cells as run_row
+    writes them, plan.json with their keys, and the leaderboard the jobs would write."""
+    import math
+
+    from workbench.eval.leaderboard import build_leaderboard
+
+    out = root / "compare" / "mixed"
+    tasks = ["addition", "python_code", "my_bleu"]
+    rows = [{"name": n, "method": "m", "expert_task": None} for n in ("base", "merged")]
+    cells = {}
+    for name, em, shift, bleu in (("base", [1, 0, 0, 0], 0.0, 20.0), ("merged", [1, 1, 0, 1], 4.0, 30.0)):
+        lls, words = [-40.0 + shift, -90.0 + shift, -25.0 + shift, -60.0 + shift], [10.0, 20.0, 5.0, 15.0]
+        cells[(name, "addition")] = {"metric": "exact_match", "higher_is_better": True, "aggregate": "mean",
+                                     "score": sum(em) / 4, "n": 4, "doc_ids": [0, 1, 2, 3], "values": [float(v) for v in em]}
+        cells[(name, "python_code")] = {"metric": "word_perplexity", "higher_is_better": False, "aggregate": "perplexity",
+                                        "score": math.exp(-sum(lls) / sum(words)), "n": 4, "doc_ids": [0, 1, 2, 3],
+                                        "values": lls, "weights": words}
+        cells[(name, "my_bleu")] = {"metric": "bleu", "higher_is_better": True, "aggregate": "none", "score": bleu,
+                                    "n": 4, "doc_ids": [], "values": [], "note": "bleu is aggregated over the corpus"}
+    for (row, task), c in cells.items():
+        c |= {"key": f"k-{row}-{task}", "row": row, "task": task}
+        (out / "cells" / row).mkdir(parents=True, exist_ok=True)
+        (out / "cells" / row / f"{task}.json").write_text(json.dumps(c))
+    (out / "plan.json").write_text(json.dumps({
+        "name": "mixed", "source": "mixed.yaml", "pool": "demo", "tasks": tasks, "reference": "base",
+        "eval": {"limit": 4, "split": "test"}, "rows": rows, "skipped": {},
+        "cells": {r["name"]: {t: f"k-{r['name']}-{t}" for t in tasks} for r in rows}}))
+    board = build_leaderboard(rows, cells, tasks, "base") | {"name": "mixed", "pool": "demo", "skipped": {},
+                                                             "eval": {"limit": 4, "split": "test"}, "cells": "6/6"}
+    (out / "leaderboard.json").write_text(json.dumps(board))
+    return board
+
+
+def test_leaderboard_shows_each_metric_in_its_units_and_direction(world, tmp_path):
+    board = _mixed_comparison(tmp_path / "results")
+    at = open_view("Leaderboard", tmp_path / "results")
+    assert at.selectbox(key="lb-source").value == "comparison: mixed"
+    df = at.dataframe[0].value.set_index("model")
+    by = {r["name"]: r for r in board["rows"]}
+    ppl = by["merged"]["tasks"]["python_code"]
+    # the perplexity as it is (never x100), its bootstrap se, and its gain over the reference (+ = lower perplexity)
+    assert df.loc["merged", "py ppl word_perplexity"] == pytest.approx(ppl["mean"])
+    assert df.loc["merged", "py ppl se"] == pytest.approx(ppl["stderr"]) and ppl["stderr"] > 0
+    assert df.loc["merged", "py ppl Δ"] == pytest.approx(-ppl["paired"]["diff"]) and ppl["paired"]["diff"] < 0
+    assert df.loc["merged", "add %"] == pytest.approx(75.0) and df.loc["merged", "my_bleu bleu"] == 30.0
+    assert df.loc["merged", "my_bleu p"] == "–" and df.loc["merged", "py ppl p"] == f"{ppl['paired']['p_value']:.3g}"
+    labels = {c["label"] for c in json.loads(at.dataframe[0].proto.columns).values() if c.get("label")}
+    assert {"add % ↑", "py ppl word_perplexity ↓", "my_bleu bleu ↑", "py ppl Δ (+ better)"} <= labels
+    caption = " ".join(c.value for c in at.caption)
+    assert "py ppl ↓: word_perplexity, lower is better" in caption and "no se and no paired test" in caption
+    at.selectbox(key="lb-group").set_value("other").run()
+    cols = set(at.dataframe[0].value.columns)
+    assert "py ppl word_perplexity" in cols and "add %" not in cols and "held_in %" not in cols
+
+    at = open_view("Pairwise", tmp_path / "results")
+    assert not at.exception
+    pw = at.dataframe[0].value.set_index("task")
+    assert pw.loc["addition", "unit"] == "%" and pw.loc["addition", "merged (A)"] == pytest.approx(75.0)
+    assert pw.loc["python_code", "unit"] != "%" and abs(pw.loc["python_code", "A − B"]) < 100  # not x100
+
+
+def test_charts_and_pairwise_of_other_metrics(world, tmp_path):
+    """Per-task charts draw the accuracy-like tasks in points and name the others; Pairwise tests a perplexity over
+    documents (its corpus perplexities, never mean log-likelihoods) in its direction."""
+    board = _mixed_comparison(tmp_path / "results")
+    at = open_view("Per-task charts", tmp_path / "results")
+    assert at.selectbox(key="ch-source").value == "comparison: mixed"
+    assert len(charts(at)) == 2
+    for chart in charts(at):
+        spec = json.loads(chart.proto.spec)
+        subtitle = " ".join(spec["title"]["subtitle"])
+        assert "py ppl (word_perplexity ↓)" in subtitle and "my_bleu (bleu ↑)" in subtitle
+    import pyarrow as pa
+
+    bars = pa.ipc.open_stream(charts(at)[0].proto.datasets[0].data.data).read_all().to_pandas()
+    assert set(bars.task) == {"addition"} and sorted(bars.score) == pytest.approx([25.0, 75.0])
+
+    at = open_view("Pairwise", tmp_path / "results")
+    pw = at.dataframe[0].value.set_index("task")
+    assert set(pw.index) == {"addition", "python_code"}  # my_bleu: the score only, no paired test
+    ppl = next(r for r in board["rows"] if r["name"] == "merged")["tasks"]["python_code"]
+    assert pw.loc["python_code", "test"] == "paired_bootstrap_corpus" and pw.loc["python_code", "unit"] == "word_perplexity"
+    assert pw.loc["python_code", "merged (A)"] == pytest.approx(ppl["mean"])
+    assert pw.loc["python_code", "verdict"] != "B better"  # lower perplexity is never read as worse
+    assert pw.loc["addition", "test"] == "mcnemar"
+
+
+def test_disagreements_name_values_by_kind_and_curves_show_their_note(world, tmp_path):
+    """Pairwise on loose runs: the disagreements of a perplexity task are per-document log-likelihoods (never "ok"
+    flags), of an exact-match task ok flags; the Sweeps view's curve caption carries the curve's note."""
+    from test_metric_readers import _run
+
+    root = tmp_path / "results"
+    _run(root / "lm-eval" / "demo__base", "2026-01-01T00-00-00", "base", 0.0, [1, 0, 0, 0], [0.5, 0.25, 0.0, 0.5],
+         0.4)
+    _run(root / "lm-eval" / "demo__multitask", "2026-01-01T00-00-01", "multitask", 4.0, [1, 1, 0, 1],
+         [1.0, 0.5, 0.25, 0.75], 0.8)
+    note = "mean over the accuracy-like tasks only; left out (not accuracy-like): python_code (word_perplexity)"
+    (root / "compare" / "mc").mkdir(parents=True)
+    (root / "compare" / "mc" / "curve.json").write_text(json.dumps({
+        "name": "mc", "pool": "demo", "eval": {"limit": 4}, "left_out": {"python_code": "word_perplexity"},
+        "note": note, "points": [{"row": "two", "method": "ties", "experts": 2, "tasks": ["addition"],
+                                  "mean": 0.75, "stderr": 0.25, "per_task": {"addition": 0.75}}]}))
+
+    at = open_view("Pairwise", root)
+    at.selectbox(key="pw-source").set_value("runs: demo").run()
+    at.selectbox(key="pw-a-runs-demo").set_value("multitask").run()
+    at.selectbox(key="pw-b-runs-demo").set_value("base").run()
+    at.selectbox(key="pw-task-demo").set_value("python_code").run()
+    assert not at.exception, [e.value for e in at.exception]
+    diffs = at.dataframe[1].value
+    assert {"multitask log-likelihood", "base log-likelihood"} <= set(diffs.columns)
+    assert not any(c.endswith((" ok", " answer")) for c in diffs.columns)  # no answers to a document
+    assert sorted(diffs["base log-likelihood"]) == sorted(-40.0 + x for x in (0.0, -50.0, 15.0, -20.0))
+    assert any("log-likelihood under each row" in c.value for c in at.caption)
+    at.selectbox(key="pw-task-demo").set_value("addition").run()
+    diffs = at.dataframe[1].value
+    assert {"multitask ok", "base ok", "multitask answer"} <= set(diffs.columns) and len(diffs) == 2
+    at.selectbox(key="pw-task-demo").set_value("my_qa").run()
+    assert {"multitask f1", "base f1"} <= set(at.dataframe[1].value.columns)
+
+    at = open_view("Sweeps", root)
+    caption = " ".join(c.value for c in at.caption)
+    assert "exact match" not in caption and "accuracy-like tasks" in caption
+    assert "Mean over the accuracy-like tasks only; left out (not accuracy-like): python_code" in caption
+    spec = json.loads(charts(at)[0].proto.spec)
+    assert spec["title"]["subtitle"] == [note]
+
+
 def test_runs_source_says_which_run_a_row_shows_and_lets_the_user_pick(world):
     at = open_view("Leaderboard")
     at.selectbox(key="lb-source").set_value("runs: demo").run()

@@ -8,7 +8,7 @@ import tracemalloc
 import pytest
 import torch
 import yaml
-from conftest import one_line, quiet, snapshot
+from conftest import one_line, quiet, snapshot, suite_data
 from pydantic import BaseModel, ValidationError
 
 from workbench.errors import RecipeError, WorkbenchError
@@ -18,8 +18,8 @@ INF, NAN = float("inf"), float("nan")
 
 @pytest.fixture()
 def two(pool, tiny_dir):
-    pool.add(tiny_dir / "lora_a", "a", tags={"task": "addition"})
-    pool.add(tiny_dir / "lora_b", "b", tags={"task": "sorting"})
+    pool.add(tiny_dir / "lora_a", "a", tags={"task": "addition"}, data=suite_data("addition"))
+    pool.add(tiny_dir / "lora_b", "b", tags={"task": "sorting"}, data=suite_data("sorting"))
     return pool
 
 
@@ -92,8 +92,8 @@ def test_trained_methods_cache_nothing_not_finite(two, arts, method, params, bad
 
 
 def test_upcycled_moe_is_not_cached_not_finite(pool, tiny_dir, arts):
-    pool.add(tiny_dir / "full_c", "a", tags={"task": "addition"})
-    pool.add(tiny_dir / "full_c", "b", tags={"task": "sorting"})
+    pool.add(tiny_dir / "full_c", "a", tags={"task": "addition"}, data=suite_data("addition"))
+    pool.add(tiny_dir / "full_c", "b", tags={"task": "sorting"}, data=suite_data("sorting"))
     recipe = {"name": "btx-nan", "method": "btx", "pool": "demo", "experts": ["a", "b"],
               "parameters": {"steps": 1, "warmup": 0, "examples": 4, "batch_size": 2, "max_length": 48}}
     with pytest.raises(WorkbenchError, match=r"^btx: MoE training: \d+ of \d+ trained parameters are not finite") as e:
@@ -250,7 +250,7 @@ def test_huge_or_infinite_parameters_fail_in_one_line_nothing_written(two, tiny_
                                                                      method, params, message):
     from workbench.recipes import parse_recipe
 
-    two.add(tiny_dir / "full_c", "c", tags={"task": "unit_conversion"})
+    two.add(tiny_dir / "full_c", "c", tags={"task": "unit_conversion"}, data=suite_data("unit_conversion"))
     experts = ["c", "a"] if method in ("btx",) else ["a", "b"]
     recipe = {"name": "big", "method": method, "pool": "demo", "experts": experts,
               "parameters": {"materialize": True, **params} if method == "btx" else params}

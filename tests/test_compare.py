@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import snapshot
+from conftest import snapshot, suite_data
 
 from workbench.comparison import parse_comparison
 from workbench.errors import RecipeError, WorkbenchError
@@ -30,9 +30,9 @@ def quiet(*a):
 @pytest.fixture()
 def cmp_pool(pool, tiny_dir, tmp_path, monkeypatch):
     """The tiny pool with two LoRA experts (tagged with their tasks) and one full expert; results in tmp."""
-    pool.add(tiny_dir / "lora_a", "addition", tags={"task": "addition"})
-    pool.add(tiny_dir / "lora_b", "sorting", tags={"task": "sorting"})
-    pool.add(tiny_dir / "full_c", "full_c", tags={"task": "word_count"})
+    pool.add(tiny_dir / "lora_a", "addition", tags={"task": "addition"}, data=suite_data("addition"))
+    pool.add(tiny_dir / "lora_b", "sorting", tags={"task": "sorting"}, data=suite_data("sorting"))
+    pool.add(tiny_dir / "full_c", "full_c", tags={"task": "word_count"}, data=suite_data("word_count"))
     monkeypatch.setenv("WORKBENCH_RESULTS", str(tmp_path / "results"))
     monkeypatch.setenv("WORKBENCH_CACHE_ARTIFACTS", str(tmp_path / "artifacts"))
     return pool
@@ -194,10 +194,31 @@ def test_normalized_score_by_hand():
     assert by["add"]["summary"]["normalized"]["mean"] == pytest.approx((0.75 + 0.0) / 2 / 0.625)
     # a row scored on addition only is normalized by the addition expert alone
     assert by["half"]["summary"]["normalized"]["mean"] == pytest.approx(0.5 / 0.75)
-    # without an expert for every task the row has none
+    # a task without its own expert is left out of norm, and the board says so (it was the whole row's norm)
     rows2 = [r for r in rows if r["name"] != "sort"]
-    by2 = {r["name"]: r for r in build_leaderboard(rows2, cells, ["addition", "sorting"], "merge")["rows"]}
-    assert "normalized" not in by2["merge"]["summary"] and "normalized" in by2["half"]["summary"]
+    board2 = build_leaderboard(rows2, cells, ["addition", "sorting"], "merge")
+    by2 = {r["name"]: r for r in board2["rows"]}
+    assert by2["merge"]["summary"]["normalized"] == {"mean": pytest.approx(0.25 / 0.75), "tasks": 1, "over": ["addition"]}
+    assert by2["half"]["summary"]["normalized"]["mean"] == pytest.approx(0.5 / 0.75)
+    assert "left out: sorting (no row is tagged as its own expert)" in board2["normalized_note"]
+    assert "left out: sorting" in leaderboard_markdown(board2)
+    assert "normalized_note" not in build_leaderboard(rows, cells, ["addition", "sorting"], "merge")
+
+
+def test_normalized_score_takes_any_tasks_own_expert_but_only_accuracy_like_ones():
+    def cell(metric, *v, **kw):
+        return {"metric": metric, "doc_ids": list(range(len(v))), "values": [float(x) for x in v]} | kw
+
+    # `mine` is no suite task (a user's own data), with its own expert; `loss` is a continuous metric with one too
+    cells = {("e1", "mine"): cell("acc", 1, 1, 0, 0), ("e1", "loss"): cell("loss", 2.0, 3.0),
+             ("e2", "loss"): cell("loss", 1.5, 2.5), ("m", "mine"): cell("acc", 1, 0, 0, 0),
+             ("m", "loss"): cell("loss", 1.0, 1.0)}
+    rows = [{"name": "e1", "method": "expert-lora", "expert_task": "mine"},
+            {"name": "e2", "method": "expert-lora", "expert_task": "loss"}, {"name": "m", "method": "ties"}]
+    board = build_leaderboard(rows, cells, ["mine", "loss"], "m")
+    by = {r["name"]: r for r in board["rows"]}
+    assert by["m"]["summary"]["normalized"] == {"mean": pytest.approx(0.25 / 0.5), "tasks": 1, "over": ["mine"]}
+    assert "not normalized: loss (not an accuracy-like, higher-is-better metric)" in board["normalized_note"]
 
 
 def test_pairs_by_doc_id_over_the_examples_both_scored():
@@ -217,6 +238,187 @@ def test_a_single_example_task_makes_the_group_stderr_unknown():
     board = build_leaderboard([{"name": "a", "method": "m"}], cells, ["addition", "sorting"], "a")
     assert math.isnan(board["rows"][0]["summary"]["held_in"]["stderr"])  # never silently 0
     assert "75.0 |" in leaderboard_markdown(board)  # shown without a ± it does not have
+
+
+def _cell(metric, values, doc_ids=None, **kw):
+    return {"metric": metric, "doc_ids": list(range(len(values))) if doc_ids is None else doc_ids,
+            "values": [float(v) for v in values]} | kw
+
+
+def _ppl(lls, words):
+    """A word-perplexity cell as run_row writes it: per-document log-likelihoods and word counts."""
+    return _cell("word_perplexity", lls, higher_is_better=False, aggregate="perplexity", weights=[float(w) for w in words],
+                 score=math.exp(-sum(lls) / sum(words)))
+
+
+MIXED_TASKS = ["addition", "python_code", "my_f1", "my_bleu"]
+
+
+def _mixed_board():
+    """Rows scored on a suite task (exact match), a perplexity corpus, a user's task with a continuous per-example
+    metric and one with corpus BLEU (no per-example values)."""
+    ref_ll, ref_w = [-40.0, -90.0, -25.0, -60.0, -75.0, -33.0], [10, 20, 5, 15, 18, 8]
+    cells = {}
+    for name, em, shift, f1, bleu in (("ref", [1, 0, 0, 1, 0, 0], 0.0, [0.2, 0.4, 0.1, 0.3, 0.5, 0.2], 20.0),
+                                      ("good", [1, 1, 1, 1, 0, 1], 6.0, [0.6, 0.7, 0.5, 0.9, 0.8, 0.6], 35.0),
+                                      ("bad", [0, 0, 0, 1, 0, 0], -9.0, [0.1, 0.1, 0.0, 0.2, 0.3, 0.1], 5.0)):
+        cells[(name, "addition")] = _cell("exact_match", em, higher_is_better=True, aggregate="mean")
+        cells[(name, "python_code")] = _ppl([x + shift for x in ref_ll], ref_w)
+        cells[(name, "my_f1")] = _cell("f1", f1, higher_is_better=True, aggregate="mean")
+        cells[(name, "my_bleu")] = _cell("bleu", [], [], higher_is_better=True, aggregate="none", score=bleu, n=6,
+                                         note="bleu is aggregated over the corpus by lm-eval (bleu): its per-sample "
+                                              "values are not per-example scores")
+    rows = [{"name": n, "method": "m"} for n in ("ref", "bad", "good")]
+    return build_leaderboard(rows, cells, MIXED_TASKS, "ref"), cells
+
+
+def test_each_task_is_scored_in_its_own_metric_scale_and_direction():
+    from workbench.eval import stats
+
+    board, cells = _mixed_board()
+    by = {r["name"]: r for r in board["rows"]}
+    kinds = {t: i["kind"] for t, i in board["task_metrics"].items()}
+    assert kinds == {"addition": "accuracy", "python_code": "corpus", "my_f1": "continuous", "my_bleu": "none"}
+    assert board["task_metrics"]["python_code"]["higher_is_better"] is False
+    # the perplexity is the corpus aggregate exp(-Σll/Σw) with a bootstrap se over documents, never a mean of values
+    good = cells[("good", "python_code")]
+    ppl = by["good"]["tasks"]["python_code"]
+    assert ppl["mean"] == pytest.approx(good["score"])
+    assert ppl["stderr"] == pytest.approx(stats.corpus_stderr(good["values"], good["weights"], "perplexity")) and ppl["stderr"] > 0
+    # its paired test is over documents, and its gain is signed so that + is better: a lower perplexity
+    p = ppl["paired"]
+    assert p["test"] == "paired_bootstrap_corpus" and p["diff"] < 0 and p["gain"] == pytest.approx(-p["diff"])
+    assert p["diff"] == pytest.approx(good["score"] - cells[("ref", "python_code")]["score"]) and p["p_value"] < 0.05
+    # a continuous per-example metric: its own se and the paired bootstrap over examples
+    f1 = by["good"]["tasks"]["my_f1"]
+    assert f1["stderr"] == pytest.approx(stats.stderr(cells[("good", "my_f1")]["values"]))
+    assert f1["paired"]["test"] == "paired_bootstrap" and f1["paired"]["gain"] > 0
+    # exact match: McNemar, as before
+    assert by["good"]["tasks"]["addition"]["paired"]["test"] == "mcnemar"
+    # corpus BLEU: the score, no se, no paired test, and why
+    bleu = by["good"]["tasks"]["my_bleu"]
+    assert bleu["mean"] == 35.0 and math.isnan(bleu["stderr"]) and bleu["paired"] is None and bleu["n"] == 6
+    assert "aggregated over the corpus" in board["task_metrics"]["my_bleu"]["note"]
+    # group means and the pooled test never take the perplexity, the f1 or the BLEU in
+    assert by["good"]["summary"]["held_in"] == {"mean": pytest.approx(5 / 6), "stderr": pytest.approx(
+        stats.stderr([1, 1, 1, 1, 0, 1])), "tasks": 1, "paired": by["good"]["paired"]}
+    assert set(by["good"]["summary"]) == {"held_in"} and by["good"]["paired"]["tasks"] == ["addition"]
+    assert by["good"]["paired"]["n"] == 6 and by["good"]["paired"]["test"] == "mcnemar"
+    assert [r["name"] for r in board["rows"]] == ["good", "ref", "bad"]
+    assert board["ranked_by"]["key"] == "held_in"
+
+
+def test_markdown_and_csv_show_directions_and_units():
+    from workbench.eval.leaderboard import leaderboard_frame
+
+    board, _ = _mixed_board()
+    md = leaderboard_markdown(board, "mixed")
+    head = next(line for line in md.splitlines() if line.startswith("| model"))
+    assert "| add ↑ |" in head and "| py ppl ↓ |" in head and "| my_f1 ↑ | my_bleu ↑ |" in head
+    assert "Δ vs ref (pp, + better)" in head
+    good = next(line for line in md.splitlines() if line.startswith("| good |")).split(" | ")
+    ppl = next(r for r in board["rows"] if r["name"] == "good")["tasks"]["python_code"]
+    assert good[-3] == f"{ppl['mean']:.4g} ± {ppl['stderr']:.2g}"  # a perplexity, not ×100, not a %
+    assert good[-2].startswith("0.6833 ± ") and good[-1].rstrip(" |") == "35"
+    text = md.split("\n\n")[-1]
+    assert "py ppl ↓: word_perplexity, lower is better" in text and "never as a %" in text
+    assert "my_bleu ↑: bleu" in text and "no se and no paired test" in text and "aggregated over the corpus" in text
+    assert "only over accuracy-like, higher-is-better tasks" in text and "+ = better" in text
+    df = leaderboard_frame(board).set_index("model")
+    assert df.loc["good", "python_code word_perplexity"] == pytest.approx(ppl["mean"])
+    assert df.loc["good", "python_code Δ"] == pytest.approx(ppl["paired"]["gain"]) and ppl["paired"]["gain"] > 0
+    assert df.loc["good", "addition %"] == pytest.approx(100 * 5 / 6)
+    assert df.loc["good", "addition Δ"] == pytest.approx(100 * 3 / 6)  # points
+    assert math.isnan(df.loc["good", "my_bleu se"]) and math.isnan(df.loc["good", "my_bleu p"])
+    csv = leaderboard_frame(board, arrows=True).columns
+    assert {"addition % ↑", "python_code word_perplexity ↓", "python_code Δ (+ = better)", "my_f1 f1 ↑"} <= set(csv)
+
+
+def test_ranking_follows_what_the_board_has():
+    # no held-in task: by the mean over the accuracy-like tasks (a suite held-out task and a user's task), ignoring
+    # a lower-is-better 0/1 metric and a perplexity
+    cells = {}
+    for name, sub, mine, err, lls in (("a", [1, 0, 0, 0], [1, 0], [1, 1], [-50.0, -60.0]),
+                                      ("b", [1, 1, 0, 0], [1, 1], [0, 0], [-90.0, -95.0]),
+                                      ("c", [1, 1, 1, 0], [0, 0], [0, 0], [-10.0, -12.0])):
+        cells[(name, "subtraction")] = _cell("exact_match", sub)
+        cells[(name, "mine")] = _cell("acc", mine)
+        cells[(name, "my_err")] = _cell("error", err, higher_is_better=False, aggregate="mean")
+        cells[(name, "python_code")] = _ppl(lls, [10, 10])
+    rows = [{"name": n, "method": "m"} for n in ("a", "b", "c")]
+    board = build_leaderboard(rows, cells, ["subtraction", "mine", "my_err", "python_code"], "a")
+    by = {r["name"]: r for r in board["rows"]}
+    assert board["ranked_by"]["key"] == "accuracy"
+    assert [r["name"] for r in board["rows"]] == ["b", "a", "c"]  # (0.5+1)/2, (0.25+0.5)/2, (0.75+0)/2
+    assert by["b"]["summary"]["held_out"]["mean"] == 0.5 and by["b"]["summary"]["other"]["mean"] == 1.0
+    assert by["a"]["summary"]["other"]["tasks"] == 1  # `my_err` (lower is better) is never averaged in
+    assert set(by["b"]["summary"]["held_out"]["paired"]["tasks"]) == {"subtraction"}
+    assert by["b"]["paired"]["tasks"] == ["subtraction", "mine"]
+    assert "other %" in leaderboard_markdown(board)
+    # only perplexities: by the first task, lower first
+    ppl_only = build_leaderboard(rows, {k: v for k, v in cells.items() if k[1] == "python_code"}, ["python_code"], "a")
+    assert [r["name"] for r in ppl_only["rows"]] == ["c", "a", "b"]
+    assert ppl_only["ranked_by"] == {"key": "task:python_code", "higher_is_better": False,
+                                     "label": "python_code (word_perplexity, lower is better)"}
+    assert all(r["summary"] == {} and r["paired"] is None for r in ppl_only["rows"])
+    from workbench.eval.leaderboard import leaderboard_chart
+
+    spec = leaderboard_chart(ppl_only).to_dict()  # no accuracy-like task: the ranking task, in its units
+    drawn = {d["model"]: d["score"] for d in next(iter(spec["datasets"].values()))}
+    assert drawn == {r["name"]: pytest.approx(r["tasks"]["python_code"]["mean"]) for r in ppl_only["rows"]}
+    assert spec["layer"][0]["encoding"]["x"]["title"] == "py ppl: word_perplexity ↓"
+
+
+def test_older_cells_and_unreadable_ones_never_break_the_board():
+    # a word-perplexity cell written before weights and directions were recorded: the score, lower is better,
+    # no se and no paired test, and why
+    old = {("a", "python_code"): {"metric": "word_perplexity", "score": 120.0, "n": 2, "doc_ids": [0, 1],
+                                  "values": [-10.0, -20.0]},
+           ("b", "python_code"): {"metric": "word_perplexity", "score": 80.0, "n": 2, "doc_ids": [0, 1],
+                                  "values": [-9.0, -19.0]},
+           ("b", "addition"): {"metric": "exact_match", "doc_ids": [0], "values": "not a list of numbers"}}
+    board = build_leaderboard([{"name": "a", "method": "m"}, {"name": "b", "method": "m"}], old,
+                              ["addition", "python_code"], "a")
+    by = {r["name"]: r for r in board["rows"]}
+    assert [r["name"] for r in board["rows"]] == ["b", "a"]
+    assert by["b"]["tasks"]["python_code"]["mean"] == 80.0 and by["b"]["tasks"]["python_code"]["paired"] is None
+    assert math.isnan(by["b"]["tasks"]["python_code"]["stderr"])
+    assert "no per-document weights" in board["task_metrics"]["python_code"]["note"]
+    assert board["unreadable"] == ["b/addition: unreadable cell (ValueError): skipped"]
+    assert "addition" not in by["b"]["tasks"]
+    md = leaderboard_markdown(board)
+    assert "| b | m | – | – | – | – | – | – | 80 |" in md and "no per-document weights" in md
+
+
+def test_cells_record_the_primary_metric_its_direction_and_weights(cmp_pool, tmp_path):
+    """run_row end to end on the tiny model: an exact-match task and a perplexity corpus (loglikelihood_rolling)."""
+    from workbench.eval import stats
+
+    body = {**SMALL, "name": "ppl", "tasks": ["addition", "python_code"], "entries": ["base", "addition"]}
+    results = tmp_path / "results"
+    board = run_comparison(parse_comparison(write(tmp_path, body)), results_dir=results, log=quiet)
+    out = results / "compare" / "ppl"
+    em = json.loads((out / "cells" / "base" / "addition.json").read_text())
+    assert (em["metric"], em["higher_is_better"], em["aggregate"]) == ("exact_match", True, "mean")
+    assert "weights" not in em and len(em["values"]) == em["n"] == 2
+    ppl = json.loads((out / "cells" / "addition" / "python_code.json").read_text())
+    assert (ppl["metric"], ppl["higher_is_better"], ppl["aggregate"]) == ("word_perplexity", False, "perplexity")
+    assert len(ppl["weights"]) == len(ppl["values"]) == ppl["n"] == 2 and all(w > 0 for w in ppl["weights"])
+    # lm-eval's own aggregate, and the cell's log-likelihoods and word counts give it back
+    manifest = json.loads((out / ppl["run"]).read_text())
+    lm = json.loads((out / manifest["results_file"]).read_text())
+    assert ppl["score"] == lm["results"]["wb_python_code"]["word_perplexity,none"]
+    assert stats.corpus_aggregate(ppl["values"], ppl["weights"], "perplexity") == pytest.approx(ppl["score"])
+    by = {r["name"]: r for r in board["rows"]}
+    assert board["task_metrics"]["python_code"] == {"metric": "word_perplexity", "higher_is_better": False,
+                                                    "aggregate": "perplexity", "kind": "corpus"}
+    row = by["addition"]["tasks"]["python_code"]
+    assert row["mean"] == pytest.approx(ppl["score"]) and row["stderr"] > 0
+    assert row["paired"]["test"] == "paired_bootstrap_corpus" and row["paired"]["n"] == 2
+    assert by["addition"]["paired"]["tasks"] == ["addition"]  # the perplexity is never pooled with exact match
+    md = (out / "leaderboard.md").read_text()
+    assert "py ppl ↓" in md and f"{row['mean']:.4g} ± " in md
+    assert "python_code word_perplexity ↓" in (out / "leaderboard.csv").read_text().splitlines()[0]
 
 
 # ----------------------------------------------------------------------------- resumable, SIGKILL-safe

@@ -7,12 +7,13 @@ import json
 
 import torch
 from safetensors.torch import load_file
+from conftest import suite_data
 
 
 def test_ship_half_converts_checks_and_repairs_a_stopped_swap(pool, tiny_dir):
     from workbench.demo import ship_half
 
-    pool.add(tiny_dir / "lora_a", "addition", tags={"task": "addition"})
+    pool.add(tiny_dir / "lora_a", "addition", tags={"task": "addition"}, data=suite_data("addition"))
     rep = ship_half(pool, limit=2, log=lambda *a: None)
     r = rep["experts"]["addition"]
     assert r["shipped"] == "float16" and r["scores"]["float32"].keys() == {"addition"}
@@ -64,9 +65,9 @@ def test_full_build_retrains_only_missing_or_changed_experts(pool, tiny_dir, mon
     trained = []
     monkeypatch.setattr(demo, "train_expert", lambda p, name, tasks, cfg, **k: trained.append(name))
     same = LoraConfigModel(steps=3)
-    pool.add(tiny_dir / "lora_a", "addition", tags={"task": "addition"},
+    pool.add(tiny_dir / "lora_a", "addition", tags={"task": "addition"}, data=suite_data("addition"),
              training={"config": same.model_dump(mode="json")})
-    pool.add(tiny_dir / "lora_b", "sorting", tags={"task": "sorting"},
+    pool.add(tiny_dir / "lora_b", "sorting", tags={"task": "sorting"}, data=suite_data("sorting"),
              training={"config": LoraConfigModel(steps=4).model_dump(mode="json")})
     plans = [demo.ExpertPlan("addition", ("addition",), same), demo.ExpertPlan("sorting", ("sorting",), same),
              demo.ExpertPlan("word_count", ("word_count",), same)]

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from workbench.modules.routed_lora import RoutedGroup, routed_modules, wrap_experts, wrap_model
+from conftest import suite_data
 
 
 @pytest.fixture()
 def two(pool, tiny_dir):
-    pool.add(tiny_dir / "lora_a", "a", tags={"task": "addition"})
-    pool.add(tiny_dir / "lora_b", "b", tags={"task": "sorting"})
+    pool.add(tiny_dir / "lora_a", "a", tags={"task": "addition"}, data=suite_data("addition"))
+    pool.add(tiny_dir / "lora_b", "b", tags={"task": "sorting"}, data=suite_data("sorting"))
     return pool
 
 
@@ -191,7 +192,7 @@ def test_mole_bad_input_one_line_nothing_written(two, tiny_dir, pools):
     from workbench.recipes import build, parse_recipe
 
     art = build(parse_recipe(_recipe("mole", steps=2, examples=4, batch_size=2)), log=lambda *a: None)
-    two.add(tiny_dir / "lora_a", "c", tags={"task": "unit_conversion"})
+    two.add(tiny_dir / "lora_a", "c", tags={"task": "unit_conversion"}, data=suite_data("unit_conversion"))
     before = snapshot(pools)
     cases = [
         ({"use": ["zzz"]}, "MoLE 'use' names \\['zzz'\\]: the gates are trained on \\['a', 'b', 'c'\\]"),
@@ -205,8 +206,8 @@ def test_mole_bad_input_one_line_nothing_written(two, tiny_dir, pools):
         parse_recipe({**_recipe("mole", gates_from=str(art), gate_input="none"), "experts": ["a", "b"]})
     assert "\n" not in str(err.value)
     full_only = Pool.create("fullpool", base=str(tiny_dir / "base"))
-    full_only.add(tiny_dir / "full_c", "c", tags={"task": "addition"})
-    full_only.add(tiny_dir / "full_c", "d", tags={"task": "sorting"})
+    full_only.add(tiny_dir / "full_c", "c", tags={"task": "addition"}, data=suite_data("addition"))
+    full_only.add(tiny_dir / "full_c", "d", tags={"task": "sorting"}, data=suite_data("sorting"))
     with pytest.raises(RecipeError, match="pool 'fullpool' has no LoRA experts: MoLE gates LoRA experts") as err:
         parse_recipe({**_recipe("mole"), "pool": "fullpool"})
     assert "\n" not in str(err.value)

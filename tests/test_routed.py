@@ -7,6 +7,7 @@ import torch
 
 from workbench.modules.routed_lora import RoutedGroup, Trace, routed_modules, wrap_experts
 from workbench.modules.routers import FixedRouter, GateRouter, PrototypeRouter, load_router
+from conftest import suite_data
 
 
 @pytest.fixture()
@@ -116,8 +117,8 @@ def test_router_save_load_and_trace(two, tmp_path):
 
 
 def _tagged_pool(pool, tiny_dir):
-    pool.add(tiny_dir / "lora_a", "a", tags={"task": "addition"})
-    pool.add(tiny_dir / "lora_b", "b", tags={"task": "sorting"})
+    pool.add(tiny_dir / "lora_a", "a", tags={"task": "addition"}, data=suite_data("addition"))
+    pool.add(tiny_dir / "lora_b", "b", tags={"task": "sorting"}, data=suite_data("sorting"))
     return pool
 
 
@@ -163,7 +164,7 @@ def test_routed_bad_input(pool, tiny_dir):
     with pytest.raises(RecipeError, match="top-k 3 is larger than the number of experts"):
         parse_recipe(_recipe("arrow", k=3))
     pool.add(tiny_dir / "lora_a", "untagged")
-    with pytest.raises(RecipeError, match="'untagged' has no training data"):
+    with pytest.raises(RecipeError, match="expert 'untagged' of pool 'demo' has no recorded training data"):
         parse_recipe({**_recipe("phatgoose"), "experts": ["a", "untagged"]})
 
 
@@ -561,8 +562,8 @@ def test_routed_artifact_built_in_another_checkout_loads_here(pool, tiny_dir, tm
     assert "arrow-test" in engine.model_names() and not logs
     # another pool that holds the same experts is not this pool: it does not list the artifact
     elsewhere = Pool.create("elsewhere", base=str(tiny_dir / "base"))
-    elsewhere.add(tiny_dir / "lora_a", "a", tags={"task": "addition"})
-    elsewhere.add(tiny_dir / "lora_b", "b", tags={"task": "sorting"})
+    elsewhere.add(tiny_dir / "lora_a", "a", tags={"task": "addition"}, data=suite_data("addition"))
+    elsewhere.add(tiny_dir / "lora_b", "b", tags={"task": "sorting"}, data=suite_data("sorting"))
     assert MultiLoraModel.from_pool(elsewhere).model_names() == ["base", "a", "b"]
 
 
@@ -591,7 +592,7 @@ def test_gates_for_another_pool_or_expert_set_are_refused_and_nothing_is_written
     assert "another base than the router was built for" in routed_problem(other, meta)
     # an expert replaced since the gates were trained (same name, other weights)
     pool.remove("a")
-    pool.add(tiny_dir / "lora_b", "a", tags={"task": "addition"})
+    pool.add(tiny_dir / "lora_b", "a", tags={"task": "addition"}, data=suite_data("addition"))
     before = snapshot(art), snapshot(pool.root)
     with pytest.raises(WorkbenchError, match=r"its experts \['a'\] changed since the router was built; rebuild it") as e:
         load_artifact(art)

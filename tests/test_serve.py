@@ -13,6 +13,7 @@ import torch
 from workbench.errors import WorkbenchError
 from workbench.serving.api import create_app, start_in_thread
 from workbench.serving.engine import MultiLoraModel, peft_alone, top_k_router
+from conftest import suite_data
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -292,8 +293,8 @@ def routed_pool(tmp_path_factory, tiny_dir):
     mp = pytest.MonkeyPatch()
     mp.setenv("WORKBENCH_POOLS", str(tmp_path_factory.mktemp("routed") / "adapters"))
     pool = Pool.create("routed", base=str(tiny_dir / "base"))
-    pool.add(tiny_dir / "lora_a", "a", tags={"task": "addition"})
-    pool.add(tiny_dir / "lora_b", "b", tags={"task": "sorting"})
+    pool.add(tiny_dir / "lora_a", "a", tags={"task": "addition"}, data=suite_data("addition"))
+    pool.add(tiny_dir / "lora_b", "b", tags={"task": "sorting"}, data=suite_data("sorting"))
     arts = {name: build(parse_recipe({"name": name, "method": method, "pool": "routed", "experts": experts,
                                       "parameters": params}), log=lambda *a: None)
             for name, (method, experts, params) in ROUTED.items()}

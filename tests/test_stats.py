@@ -4,7 +4,15 @@ import math
 
 import pytest
 
-from workbench.eval.stats import compare, mcnemar, paired_bootstrap, stderr
+from workbench.eval.stats import (
+    compare,
+    corpus_aggregate,
+    corpus_stderr,
+    mcnemar,
+    paired_bootstrap,
+    paired_corpus_bootstrap,
+    stderr,
+)
 
 
 def test_stderr_is_lm_evals_sample_stderr():
@@ -37,8 +45,82 @@ def test_compare_a_one_point_gap_on_100_is_noise():
 
 def test_paired_bootstrap_for_continuous_values():
     a = [1.0 + 0.01 * i for i in range(40)]
-    assert paired_bootstrap(a, [x - 0.5 for x in a]) == 0.0  # always better by 0.5: never flips
+    # always better by 0.5: never flips, and p is (1 + 0) / (iters + 1), doubled: never 0 from finite resamples
+    assert paired_bootstrap(a, [x - 0.5 for x in a]) == pytest.approx(2 / 10_001)
+    assert paired_bootstrap(a, [x - 0.5 for x in a], iters=99) == pytest.approx(2 / 100)
     assert paired_bootstrap(a, a) == 1.0
     noisy = [(-1) ** i * 0.3 for i in range(40)]  # mean difference 0, symmetric
     assert paired_bootstrap([0.0] * 40, noisy) > 0.5
     assert compare([0.5, 0.7], [0.4, 0.9])["test"] == "paired_bootstrap"
+
+
+def test_paired_bootstrap_is_seeded_and_bounded(monkeypatch):
+    from workbench.eval import stats
+
+    a = [0.1 * ((7 * i) % 11) for i in range(60)]
+    b = [x - 0.05 + 0.2 * ((-1) ** i) for i, x in enumerate(a)]
+    p = paired_bootstrap(a, b, seed=3)
+    assert paired_bootstrap(a, b, seed=3) == p and 0 < p < 1  # the same inputs and seed: the same p
+    drawn = []
+    real = stats._resamples
+
+    def spy(n, iters, seed):
+        for idx in real(n, iters, seed):
+            drawn.append(idx.size)
+            yield idx
+
+    monkeypatch.setattr(stats, "MAX_DRAWS", 600)
+    monkeypatch.setattr(stats, "_resamples", spy)
+    chunked = paired_bootstrap(a, b, iters=1000, seed=3)
+    assert max(drawn) <= 600 and sum(drawn) == 1000 * 60  # never more than MAX_DRAWS indices at once
+    assert 0 < chunked < 1
+
+
+def test_corpus_aggregate_is_lm_evals():
+    from lm_eval.api.metrics import bits_per_byte, weighted_perplexity
+
+    # per-document (log-likelihood, words or bytes), as lm-eval's loglikelihood_rolling samples carry them
+    pairs = [(-120.5, 40), (-33.0, 9), (-250.25, 77), (-8.0, 2)]
+    ll, w = [x for x, _ in pairs], [y for _, y in pairs]
+    assert corpus_aggregate(ll, w, "perplexity") == pytest.approx(weighted_perplexity(pairs))
+    assert corpus_aggregate(ll, w, "perplexity") == pytest.approx(math.exp(411.75 / 128))  # exp(-Σll/Σw)
+    assert corpus_aggregate(ll, w, "bits_per_byte") == pytest.approx(bits_per_byte(pairs))
+    # never the mean of per-document perplexities
+    assert corpus_aggregate(ll, w, "perplexity") != pytest.approx(sum(math.exp(-x / y) for x, y in pairs) / 4)
+    assert math.isnan(corpus_aggregate([], [], "perplexity"))
+    with pytest.raises(ValueError, match="unknown corpus aggregate 'bleu'"):
+        corpus_aggregate(ll, w, "bleu")
+
+
+def test_corpus_stderr_bootstraps_documents():
+    import numpy as np
+
+    ll = [-float(10 + (7 * i) % 13) * (1 + i % 3) for i in range(30)]
+    w = [float(5 + i % 3 * 5) for i in range(30)]
+    se = corpus_stderr(ll, w, "perplexity", iters=2000, seed=1)
+    # by hand: the standard deviation of exp(-Σll*/Σw*) over the same resampled corpora
+    rng = np.random.Generator(np.random.PCG64(1))
+    idx = rng.integers(0, 30, size=(2000, 30))
+    x, y = np.asarray(ll)[idx].sum(1), np.asarray(w)[idx].sum(1)
+    assert se == pytest.approx(float(np.exp(-x / y).std(ddof=1)))
+    assert 0 < se < corpus_aggregate(ll, w, "perplexity")
+    assert corpus_stderr(ll, w, "perplexity", iters=2000, seed=1) == se  # seeded
+    assert corpus_stderr([-3.0] * 10, [1.0] * 10, "perplexity") == pytest.approx(0.0)  # no spread, no error
+    assert math.isnan(corpus_stderr([-3.0], [1.0], "perplexity"))
+
+
+def test_paired_corpus_bootstrap_on_the_aggregate_difference():
+    ll = [-float(20 + (5 * i) % 17) for i in range(40)]
+    w = [10.0] * 40
+    better = [x + 2.0 for x in ll]  # every document more likely: a lower perplexity
+    r = paired_corpus_bootstrap(better, w, ll, w, "perplexity")
+    assert r["diff"] == pytest.approx(corpus_aggregate(better, w, "perplexity") - corpus_aggregate(ll, w, "perplexity"))
+    assert r["diff"] < 0 and r["p_value"] == pytest.approx(2 / 10_001) and r["test"] == "paired_bootstrap_corpus"
+    assert paired_corpus_bootstrap(ll, w, ll, w, "perplexity")["p_value"] == 1.0
+    # a difference within the documents' noise: one document much better, another much worse
+    mixed = list(ll)
+    mixed[0] += 30
+    mixed[1] -= 29
+    assert paired_corpus_bootstrap(mixed, w, ll, w, "perplexity")["p_value"] > 0.3
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_corpus_bootstrap(ll, w, ll[:3], w[:3], "perplexity")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import snapshot
+from conftest import snapshot, suite_data
 
 from workbench.eval import results_table, run_eval
 from workbench.eval.harness import load_model_spec
@@ -16,11 +16,18 @@ from workbench.train import FullConfig, LoraConfigModel, train_expert
 from workbench.train.trainer import encode
 
 
+def _sources(*tasks):
+    """(record, rows) of suite tasks, as `--task` reads them."""
+    from workbench.data import open_data, suite_spec
+
+    return [open_data(suite_spec(t)) for t in tasks]
+
+
 @pytest.fixture()
 def trained_pool(pool):
     # word_count: a skill the tiny model learns enough of in 40 steps to score above zero
     cfg = LoraConfigModel(steps=40, batch_size=8, r=4, alpha=8, lr=3e-2, warmup=2)
-    train_expert(pool, "count", ["word_count"], cfg)
+    train_expert(pool, "count", _sources("word_count"), cfg)
     return pool
 
 
@@ -83,7 +90,7 @@ def test_lora_training_lands_in_pool(trained_pool):
     assert len(meta["loss_curve"]) == 40 and meta["steps"] == 40
     first, last = sum(meta["loss_curve"][:5]) / 5, sum(meta["loss_curve"][-5:]) / 5
     assert last < 0.8 * first, (first, last)
-    assert meta["data_sha256"]["word_count"] and meta["wall_s"] > 0 and meta["tokens"] > 0
+    assert e.data()[0].name == "word_count" and len(e.data()[0].sha256) == 64 and meta["wall_s"] > 0 and meta["tokens"] > 0
     assert e.entry.lora.r == 4 and e.entry.lora.modules == 2 * 7
     assert trained_pool.verify() == []
     # the adapter names its base by the pool's spec, never by this machine's cache path (pools may ship in git)
@@ -104,7 +111,7 @@ def test_full_training_moves_weights_by_the_schedule_and_lowers_the_task_loss(po
 
     from workbench.tasks import load_split
 
-    e = train_expert(pool, "full-sort", ["sorting"], FullConfig(steps=3, batch_size=4, lr=1e-3, warmup=1))
+    e = train_expert(pool, "full-sort", _sources("sorting"), FullConfig(steps=3, batch_size=4, lr=1e-3, warmup=1))
     assert e.kind == "full"
     # Adam moves a weight by at most ~lr per step: lr(t) = 1e-3 x (1, 1, 1/2) (1 warm-up step, then linear decay)
     budget = 1e-3 * (1 + 1 + 0.5)
@@ -121,8 +128,8 @@ def test_full_training_moves_weights_by_the_schedule_and_lowers_the_task_loss(po
 
 def test_training_is_deterministic(pool):
     cfg = LoraConfigModel(steps=3, batch_size=4, r=2, warmup=1)
-    a = train_expert(pool, "a", ["sorting"], cfg)
-    b = train_expert(pool, "b", ["sorting"], cfg)
+    a = train_expert(pool, "a", _sources("sorting"), cfg)
+    b = train_expert(pool, "b", _sources("sorting"), cfg)
     assert a.entry.training["loss_curve"] == b.entry.training["loss_curve"]
     name = a.delta_names()[0]
     torch.testing.assert_close(a.delta(name), b.delta(name), rtol=0, atol=0)
@@ -186,7 +193,7 @@ def test_results_table(trained_pool, tiny_dir, tmp_path, run_cli):
     from workbench.eval.results import paired_samples
 
     out = tmp_path / "lm-eval"
-    trained_pool.add(tiny_dir / "lora_a", "a", tags={"task": "addition"})  # a (random) addition expert
+    trained_pool.add(tiny_dir / "lora_a", "a", tags={"task": "addition"}, data=suite_data("addition"))  # a (random) addition expert
     tasks = ["word_count", "addition", "subtraction"]
     runs = {name: run_eval(name, tasks, pool=trained_pool, results_dir=out, batch_size=16, limit=limit)
             for name, limit in (("count", 16), ("base", None), ("a", 16))}

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import add_two_experts
+from conftest import add_two_experts, suite_data
 
 
 @pytest.mark.parametrize("temperature", [0.25, 4.0])
@@ -161,8 +161,8 @@ def test_upcycle_checkpoints_are_keyed_by_the_output_too(pools, tiny_dir, pool, 
     from workbench.methods import METHODS
     from workbench.methods.base import BuildContext, OutputSpec
 
-    pool.add(tiny_dir / "full_c", "a", tags={"task": "addition"}, link=True)
-    pool.add(tiny_dir / "full_c", "b", tags={"task": "sorting"}, link=True)
+    pool.add(tiny_dir / "full_c", "a", tags={"task": "addition"}, data=suite_data("addition"), link=True)
+    pool.add(tiny_dir / "full_c", "b", tags={"task": "sorting"}, data=suite_data("sorting"), link=True)
     btx = METHODS.get("btx")()
     params = btx.Params.model_validate({})
     dirs = {btx.checkpoint_dir(BuildContext(pool=pool, experts=pool.experts, params=params, output=out,
@@ -242,3 +242,87 @@ def test_leaderboard_markdown_prints_perplexities_as_perplexities():
     row = next(line for line in md.splitlines() if line.startswith("| base |"))
     assert f"{ppl['mean']:.4g}" in row and f"{100 * ppl['mean']:.1f}" not in row
     assert "lower is better for perplexities" in md
+
+
+def test_key_sees_validated_params_not_their_spelling_and_the_base_weights(pools, tiny_dir, tmp_path):
+    """A default spelled out (`seed: 0`, as a comparison injects it) is the same artifact; other base weights of the
+    same shapes (a re-quantised base) are another."""
+    from safetensors.torch import load_file, save_file
+
+    from workbench.pool import Pool
+    from workbench.recipes import parse_recipe
+
+    pool = Pool.create("p", base=str(tiny_dir / "base"))
+    add_two_experts(pool, tiny_dir)
+    r = {"name": "t", "pool": "p", "method": "twin", "experts": ["addition", "sorting"]}
+    plain = parse_recipe(r).key
+    assert parse_recipe({**r, "parameters": {"seed": 0}}).key == plain
+    assert parse_recipe({**r, "parameters": {"seed": 1}}).key != plain
+    # the same config and shapes, other weights: the fingerprint agrees, the key does not
+    import shutil
+
+    other = tmp_path / "other-base"
+    shutil.copytree(tiny_dir / "base", other)
+    w = load_file(str(other / "model.safetensors"))
+    w = {k: v + 1e-3 if v.is_floating_point() else v for k, v in w.items()}
+    save_file(w, str(other / "model.safetensors"), metadata={"format": "pt"})
+    twin = Pool.create("q", base=str(other))
+    for name, src in (("addition", "lora_a"), ("sorting", "lora_b")):
+        twin.add(tiny_dir / src, name, data=suite_data(name), allow_distant=True)
+    assert twin.manifest.base.fingerprint == pool.manifest.base.fingerprint
+    assert parse_recipe({**r, "pool": "q"}).key != plain
+
+
+def test_a_build_is_byte_identical_whatever_the_callers_threads(pools, tmp_path):
+    """Twin's SVDs and router on a model wide enough for torch to split its reductions by thread (hidden 512):
+    built with the caller on 1 thread and on 2, the artifact files are the same bytes (builds run on BUILD_THREADS)."""
+    from workbench.pool import Pool
+    from workbench.recipes import build, parse_recipe
+    from workbench.testing import make_tiny_base, make_tiny_lora
+
+    base = make_tiny_base(tmp_path / "wide", seed=0, hidden_size=512, intermediate_size=1024, num_attention_heads=8,
+                          num_key_value_heads=8, num_hidden_layers=1)
+    pool = Pool.create("w", base=str(base))
+    for i, t in enumerate(("addition", "sorting")):
+        pool.add(make_tiny_lora(base, tmp_path / f"l{i}", seed=i + 1, r=16, target_modules=("q_proj", "down_proj")),
+                 t, data=suite_data(t))
+    recipe = parse_recipe({"name": "t", "pool": "w", "method": "twin", "experts": ["addition", "sorting"],
+                           "parameters": {"rank": 8, "router_examples": 32, "router_epochs": 2}})
+    before = torch.get_num_threads()
+    files = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = build(recipe, force=True, log=lambda *a: None)
+            files.append({p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))})
+            assert torch.get_num_threads() == threads  # restored after the build
+    finally:
+        torch.set_num_threads(before)
+    assert files[0] and files[0] == files[1]
+
+
+def test_dry_run_names_the_key_input_that_changed(pools, tiny_dir, tmp_path, run_cli, arts):
+    """A comparison's build is redone when its key changes; --dry-run says which input changed (the recorded key
+    body against the current one)."""
+    import yaml
+
+    from workbench.pool import Pool
+
+    pool = Pool.create("p", base=str(tiny_dir / "base"))
+    add_two_experts(pool, tiny_dir)
+    doc = {"name": "c", "pool": "p", "tasks": ["addition"], "eval": {"limit": 2, "batch_size": 2},
+           "entries": [{"name": "ties", "method": "ties", "parameters": {"density": 0.5}}]}
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    results = tmp_path / "results"
+    code, out, err = run_cli("compare", str(f), "--results", str(results))
+    assert code == 0, err
+    code, out, err = run_cli("compare", str(f), "--dry-run", "--results", str(results))
+    assert "build ties (ties): done" in out
+    doc["entries"][0]["parameters"]["density"] = 0.7
+    f.write_text(yaml.safe_dump(doc))
+    code, out, err = run_cli("compare", str(f), "--dry-run", "--results", str(results))
+    assert code == 0 and "build ties (ties): todo (changed: params.density)" in out, out
+    pool.set_data("sorting", suite_data("reverse_words"))  # ties reads no data: still only the density differs
+    code, out, err = run_cli("compare", str(f), "--dry-run", "--results", str(results))
+    assert "todo (changed: params.density)" in out, out

@@ -9,12 +9,13 @@ import torch
 from workbench.artifacts import load_artifact
 from workbench.eval import run_eval
 from workbench.recipes import build, parse_recipe
+from conftest import suite_data
 
 
 @pytest.fixture()
 def twin_pool(pool, tiny_dir):
-    pool.add(tiny_dir / "lora_a", "a", tags={"task": "addition"})
-    pool.add(tiny_dir / "lora_b", "b", tags={"task": "sorting"})
+    pool.add(tiny_dir / "lora_a", "a", tags={"task": "addition"}, data=suite_data("addition"))
+    pool.add(tiny_dir / "lora_b", "b", tags={"task": "sorting"}, data=suite_data("sorting"))
     return pool
 
 
@@ -219,7 +220,7 @@ def test_twin_needs_tasks(pool, tiny_dir):
 
     pool.add(tiny_dir / "lora_a", "a")
     pool.add(tiny_dir / "lora_b", "b")
-    with pytest.raises(RecipeError, match=r"expert 'a' has no training task"):
+    with pytest.raises(RecipeError, match=r"twin: expert 'a' of pool 'demo' has no recorded training data .*: attach it with `workbench pool data demo a --data FILE`"):
         parse_recipe({"name": "t", "pool": str(pool.root), "method": "twin", "experts": ["a", "b"]})
 
 
@@ -228,8 +229,8 @@ def test_multitask_expert_routes_all_its_tasks(pool, tiny_dir, monkeypatch):
     from workbench.methods import twin as twin_mod
     from workbench.tasks.suite import load_split
 
-    pool.add(tiny_dir / "lora_a", "m", tags={"task": "multitask"}, training={"tasks": ["addition", "sorting"]})
-    pool.add(tiny_dir / "lora_b", "w", tags={"task": "word_count"})
+    pool.add(tiny_dir / "lora_a", "m", tags={"task": "multitask"}, data=suite_data("addition", "sorting"))
+    pool.add(tiny_dir / "lora_b", "w", tags={"task": "word_count"}, data=suite_data("word_count"))
     seen: dict[str, list[str]] = {}
     real = twin_mod.pooled_features
 
@@ -248,35 +249,38 @@ def test_multitask_expert_routes_all_its_tasks(pool, tiny_dir, monkeypatch):
     assert set(seen["router features w"]) <= {r["question"] for r in load_split("word_count", "train")}
 
 
-@pytest.mark.parametrize(("tags", "training", "shared"), [
-    ({"task": "addition"}, {}, "addition"),
-    ({"task": "multitask"}, {"tasks": ["word_count", "sorting"]}, "sorting"),
+@pytest.mark.parametrize(("tasks", "shared"), [
+    (("addition",), "addition"),
+    (("word_count", "sorting"), "sorting"),
 ])
-def test_twin_refuses_two_experts_of_one_task(pool, tiny_dir, tags, training, shared):
-    """Two experts trained on one task would give the router conflicting labels: refused, naming both."""
+def test_twin_refuses_two_experts_of_one_task(pool, tiny_dir, tasks, shared):
+    """Two experts trained on one dataset would give the router conflicting labels: refused, naming both."""
     from workbench.errors import RecipeError
 
-    pool.add(tiny_dir / "lora_a", "a", tags={"task": "addition"})
-    pool.add(tiny_dir / "lora_b", "b", tags={"task": "sorting"})
-    pool.add(tiny_dir / "lora_b", "c", tags=tags, training=training)
+    pool.add(tiny_dir / "lora_a", "a", tags={"task": "addition"}, data=suite_data("addition"))
+    pool.add(tiny_dir / "lora_b", "b", tags={"task": "sorting"}, data=suite_data("sorting"))
+    pool.add(tiny_dir / "lora_b", "c", data=suite_data(*tasks))
     other = "a" if shared == "addition" else "b"
-    with pytest.raises(RecipeError, match=rf"experts '{other}' and 'c' were both trained on task '{shared}'"):
+    with pytest.raises(RecipeError, match=rf"experts '{other}' and 'c' were both trained on suite:{shared};"):
         parse_recipe({"name": "t", "pool": str(pool.root), "method": "twin", "experts": ["a", "b", "c"]})
 
 
-def test_key_inputs_hash_the_router_data(twin_pool, monkeypatch):
-    """The artifact key covers the task data the router reads: new data (a new suite version) rebuilds Twin."""
+def test_key_inputs_hash_the_router_data(twin_pool, tmp_path):
+    """The artifact key covers the data the router reads: data recorded anew (another content hash) rebuilds Twin."""
     from workbench.methods import twin as twin_mod
-    from workbench.tasks.suite import data_hash
 
     experts = [twin_pool.expert("a"), twin_pool.expert("b")]
     params = twin_mod.TwinParams()
     assert twin_mod.Twin.version == 1
     before = twin_mod.Twin().key_inputs(experts, params)
-    assert before == {"task_data": {"addition": data_hash("addition"), "sorting": data_hash("sorting")}}
+    assert before == {"data": {"a": [suite_data("addition")[0].sha256], "b": [suite_data("sorting")[0].sha256]}}
     recipe = {"name": "t", "pool": str(twin_pool.root), "method": "twin", "experts": ["a", "b"]}
     key = parse_recipe(recipe).key
-    monkeypatch.setattr(twin_mod, "data_hash", lambda name, *a, **k: "changed" if name == "sorting" else data_hash(name))
-    after = twin_mod.Twin().key_inputs(experts, params)
-    assert after["task_data"] == {"addition": data_hash("addition"), "sorting": "changed"}
+    f = tmp_path / "sorting.jsonl"
+    f.write_text('{"question": "Sort: 2 1\\nAnswer:", "answer": "1 2"}\n')
+    from workbench.api import attach_data
+
+    attach_data(twin_pool, "b", str(f))
+    after = twin_mod.Twin().key_inputs([twin_pool.expert("a"), twin_pool.expert("b")], params)
+    assert after["data"]["a"] == before["data"]["a"] and after["data"]["b"] != before["data"]["b"]
     assert parse_recipe(recipe).key != key

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import snapshot
+from conftest import snapshot, suite_data
 from safetensors.torch import load_file
 
 from workbench.errors import RecipeError
@@ -43,9 +43,9 @@ def moe_pool(pool, tiny_dir, dense_dir, arts):
     """Three different full experts a, b, c (one task each) and three copies of full_c: same1, same2, same3."""
     folders = {"a": tiny_dir / "full_c", "b": dense_dir / "full_4", "c": dense_dir / "full_5"}
     for (name, src), task in zip(folders.items(), TASKS):
-        pool.add(src, name, tags={"task": task}, link=True)
+        pool.add(src, name, tags={"task": task}, data=suite_data(task), link=True)
     for i, task in enumerate(TASKS, 1):
-        pool.add(tiny_dir / "full_c", f"same{i}", tags={"task": task}, link=True)
+        pool.add(tiny_dir / "full_c", f"same{i}", tags={"task": task}, data=suite_data(task), link=True)
     pool.folders = {**folders, **{f"same{i}": tiny_dir / "full_c" for i in (1, 2, 3)}}
     return pool
 
@@ -594,8 +594,8 @@ def test_materialized_lora_experts_are_the_peft_merges(pool, tiny_dir, arts):
     attention == the mean of the merged models' attention."""
     from peft import PeftModel
 
-    pool.add(tiny_dir / "lora_a", "la", tags={"task": "addition"})
-    pool.add(tiny_dir / "lora_b", "lb", tags={"task": "sorting"})
+    pool.add(tiny_dir / "lora_a", "la", tags={"task": "addition"}, data=suite_data("addition"))
+    pool.add(tiny_dir / "lora_b", "lb", tags={"task": "sorting"}, data=suite_data("sorting"))
     _, meta, loaded = _build("btx", ["la", "lb"], steps=0, materialize=True)
     assert meta["materialized"] is True
     merged = [PeftModel.from_pretrained(pool.base.load(), str(tiny_dir / n)).merge_and_unload().state_dict()
@@ -622,7 +622,7 @@ def test_validation_opens_no_expert_file(moe_pool, tiny_dir):
 
     from workbench.recipes import parse_recipe
 
-    moe_pool.add(tiny_dir / "full_c", "gone", tags={"task": "sorting"})
+    moe_pool.add(tiny_dir / "full_c", "gone", tags={"task": "sorting"}, data=suite_data("sorting"))
     shutil.rmtree(moe_pool.expert("gone").path)
     for method in ("btx", "bam", "mergekit_moe"):
         parse_recipe(_recipe(method, ["a", "gone"]), require_files=False)
@@ -653,15 +653,15 @@ def test_bad_input_one_line_nothing_written(moe_pool, tiny_dir, tmp_path, pools,
     from workbench.recipes import parse_recipe
     from workbench.testing import make_tiny_base
 
-    moe_pool.add(tiny_dir / "lora_a", "la", tags={"task": "addition"})
-    moe_pool.add(tiny_dir / "lora_b", "lb", tags={"task": "sorting"})
+    moe_pool.add(tiny_dir / "lora_a", "la", tags={"task": "addition"}, data=suite_data("addition"))
+    moe_pool.add(tiny_dir / "lora_b", "lb", tags={"task": "sorting"}, data=suite_data("sorting"))
     moe_pool.add(tiny_dir / "full_c", "untagged")
     wide = Pool.create("wide", base=str(make_tiny_base(tmp_path / "wide-base", intermediate_size=96)))
-    wide.add(make_tiny_full(tmp_path / "wide-base", tmp_path / "wide-full", seed=6), "w", tags={"task": "sorting"})
+    wide.add(make_tiny_full(tmp_path / "wide-base", tmp_path / "wide-full", seed=6), "w", tags={"task": "sorting"}, data=suite_data("sorting"))
     mistral = Pool.create("mistral", base=str(_tiny_mistral(tmp_path / "mistral-base")))
     for i, task in enumerate(TASKS[:2]):
         mistral.add(make_tiny_full(tmp_path / "mistral-base", tmp_path / f"mistral-{i}", seed=i), f"m{i}",
-                    tags={"task": task})
+                    tags={"task": task}, data=suite_data(task))
     before = {"pools": snapshot(pools), "artifacts": snapshot(arts)}
     cases = [
         ("btx", ["a"], {}, "demo", r"btx upcycles several dense experts into one MoE: give at least 2 \(got 1\)"),
@@ -671,8 +671,8 @@ def test_bad_input_one_line_nothing_written(moe_pool, tiny_dir, tmp_path, pools,
         ("bam", ["a", "wide:w"], {}, "demo", r"mixed bases: 'wide:w' is over"),
         ("btx", ["m0", "m1"], {}, "mistral", (r"btx: experts of architecture MistralForCausalLM cannot be upcycled "
                                               r"\(supported: LlamaForCausalLM\)")),
-        ("btx", ["a", "untagged"], {}, "demo", r"btx: expert 'untagged' names no training task"),
-        ("mergekit_moe", ["a", "same1"], {}, "demo", r"mergekit_moe: experts 'a' and 'same1' have the same tasks"),
+        ("btx", ["a", "untagged"], {}, "demo", r"btx: expert 'untagged' of pool '[^']+' has no recorded training data"),
+        ("mergekit_moe", ["a", "same1"], {}, "demo", r"mergekit_moe: experts 'a' and 'same1' learned the same data \['addition'\]"),
         ("bam", ["a", "b"], {"router_init": "learned"}, "demo", r"parameters\.router_init: Input should be"),
     ]
     f = tmp_path / "bad.yaml"
@@ -696,7 +696,7 @@ def test_biased_attention_is_refused_in_one_line(pools, tmp_path, arts, monkeypa
     base = make_tiny_base(tmp_path / "biased", attention_bias=True)
     p = Pool.create("biased", base=str(base))
     for i, task in enumerate(TASKS[:2]):
-        p.add(make_tiny_full(base, tmp_path / f"biased-{i}", seed=i), f"x{i}", tags={"task": task})
+        p.add(make_tiny_full(base, tmp_path / f"biased-{i}", seed=i), f"x{i}", tags={"task": task}, data=suite_data(task))
     before = snapshot(arts)
     with pytest.raises(RecipeError, match=r"bam: the experts' attention_bias is set; Mixtral-style layers have no "
                                           r"biases") as err:

@@ -3,6 +3,7 @@
 The public API (every name below; `help(workbench.NAME)` for each):
 
 - pools: `Pool` (`create`, `open`, `add`, `train`, `remove`, `verify`, `expert`, `peft_model`), `Expert`,
+  `add_experts` (folders or hub ids in one go), `attach_data` (what an expert learned), `train_expert`,
   `list_pools`, `build_demo_pool`; base models: `BaseModel`, `base_info`, `DEFAULT_BASE`
 - combining: `list_methods`, `plan` -> `BuildPlan`, `build` -> `Artifact`, `load` -> (model, tokenizer)
 - evaluating: `evaluate` -> `Results`, `eval_matrix`, `eval_determinism`, `results_table`
@@ -21,7 +22,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "DEFAULT_BASE": "base", "BaseModel": "base", "Expert": "pool", "Pool": "pool",
     **{name: "api" for name in (
-        "Artifact", "BENCHMARKS", "BuildPlan", "Leaderboard", "ProgressBar", "Results", "base_info", "benchmark",
+        "Artifact", "BENCHMARKS", "BuildPlan", "Leaderboard", "ProgressBar", "Results", "add_experts", "attach_data",
+        "base_info", "benchmark",
         "build", "build_demo_pool", "compare", "describe_comparison", "eval_determinism", "eval_matrix", "evaluate",
         "leaderboards", "list_methods", "list_pools", "load", "merge_count_curve", "plan", "results_table", "run_demo",
         "serve", "train_expert")},

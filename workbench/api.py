@@ -15,6 +15,7 @@ callable gets the `Progress` state instead). Nothing here imports torch until a 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,28 +109,143 @@ def base_info(spec: str = "smollm2-135m", *, reply_to: str | None = None) -> dic
     return info
 
 
-def train_expert(pool: Pool | str, name: str, tasks: str | Iterable[str], *, kind: str = "lora",
-                 device: str = "cpu", replace: bool = False, tags: dict[str, str] | None = None,
+def training_data(pool: Pool | str, tasks: str | Iterable[str] | None = None, data: str | Iterable[str] | None = None,
+                  *, prompt_field: str | None = None, answer_field: str | None = None,
+                  messages_field: str | None = None, text_field: str | None = None,
+                  data_seed: int | None = None) -> list[tuple[Any, list[dict[str, Any]]]]:
+    """(record, rows) per dataset: suite `tasks` (names or groups: `suite:<task>` data) and `data` specs (files,
+    save_to_disk folders, hub ids; see `workbench.data`), read and checked before any model loads."""
+    from .data import open_data, suite_spec
+    from .eval.harness import resolve_tasks
+
+    p = _pool(pool)
+    specs = [suite_spec(t, data_seed) for t in resolve_tasks([tasks] if isinstance(tasks, str) else list(tasks or []))]
+    specs += [data] if isinstance(data, str) else list(data or [])
+    if not specs:
+        raise WorkbenchError("no training data: give --data FILE (repeat it for a multitask expert) or --task NAME")
+    tok = None
+    if messages_field or any(not s.startswith("suite:") for s in specs):
+        tok = p.base.tokenizer()  # a chat column is rendered by the base's chat template
+    out = []
+    for spec in specs:
+        fields = {} if spec.startswith("suite:") else dict(
+            prompt_field=prompt_field, answer_field=answer_field, messages_field=messages_field, text_field=text_field)
+        out.append(open_data(spec, tokenizer=tok, pool_root=p.root, **fields))
+    names = [rec.name for rec, _ in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise WorkbenchError(f"two datasets are both named {dup[0]!r}: give each dataset once")
+    return out
+
+
+def train_expert(pool: Pool | str, name: str, tasks: str | Iterable[str] | None = None, *,
+                 data: str | Iterable[str] | None = None, prompt_field: str | None = None,
+                 answer_field: str | None = None, messages_field: str | None = None, text_field: str | None = None,
+                 kind: str = "lora", device: str = "cpu", replace: bool = False, tags: dict[str, str] | None = None,
                  **config: Any) -> Expert:
-    """Train a LoRA (`kind="lora"`) or full fine-tune (`kind="full"`) expert on `tasks` and add it to the pool.
-    `config`: the training options (`r`, `alpha`, `targets`, `steps`, `lr`, `batch_size`, `seed`, ...), checked
-    before any model loads. Also `Pool.train`."""
+    """Train a LoRA (`kind="lora"`) or full fine-tune (`kind="full"`) expert and add it to the pool, with its data
+    recorded in the manifest. Data: `data` (a file, folder or hub id, or several: a multitask expert; fields by
+    `prompt_field`/`answer_field`, a chat column `messages_field`, or a text column `text_field`) and/or suite
+    `tasks`. `config`: the training options (`r`, `alpha`, `targets`, `steps`, `lr`, `batch_size`, `seed`, ...).
+    Everything is checked before any model loads. Also `Pool.train`."""
     from pydantic import ValidationError
 
-    from .eval.harness import resolve_tasks
     from .train import FullConfig, LoraConfigModel
     from .train import train_expert as _train
 
     if kind not in ("lora", "full"):
         raise WorkbenchError(f"invalid kind {kind!r}: lora or full")
-    task_list = resolve_tasks([tasks] if isinstance(tasks, str) else list(tasks))
     cfg = {k: v for k, v in config.items() if v is not None}
     try:
         model = LoraConfigModel(**cfg) if kind == "lora" else FullConfig(**cfg)
     except ValidationError as e:
         err = e.errors()[0]
         raise WorkbenchError(f"invalid training option {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-    return _train(_pool(pool), name, task_list, model, device=device, replace=replace, tags=tags)
+    p = _pool(pool)
+    if name in p and not replace:
+        raise WorkbenchError(f"pool {p.name!r} already has an expert named {name!r} (use --replace)")
+    sources = training_data(p, tasks, data, prompt_field=prompt_field, answer_field=answer_field,
+                            messages_field=messages_field, text_field=text_field, data_seed=model.data_seed)
+    return _train(p, name, sources, model, device=device, replace=replace, tags=tags)
+
+
+ADAPTER_FILES = ["*.json", "*.safetensors", "*.txt", "*.md", "*.model", "*.jinja"]  # never pickles
+
+
+def _expert_source(spec: str | os.PathLike) -> Path:
+    """A local folder, or a hub id (org/name) downloaded into the cache where a network exists (safetensors and
+    configs only)."""
+    path = Path(spec).expanduser()
+    text = str(spec)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        if not path.is_dir():
+            raise WorkbenchError(f"expert source {text} is not a folder (a PEFT adapter or a model folder), nor a hub id")
+        return path
+    if any(os.environ.get(k) == "1" for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        raise WorkbenchError(f"expert source {text!r} is a hub id, and this machine is offline (HF_HUB_OFFLINE): "
+                             "download it where a network exists and give the folder")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=ADAPTER_FILES))
+    except Exception as e:  # noqa: BLE001 - network and hub errors: one line
+        raise WorkbenchError(f"expert source {text!r}: cannot download it from the hub: "
+                             f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
+
+
+def add_experts(pool: Pool | str, sources: str | os.PathLike | Iterable[str | os.PathLike], *,
+                name: str | None = None, kind: str | None = None, link: bool = False,
+                tags: dict[str, str] | None = None, notes: str = "", allow_distant: bool = False,
+                data: str | Iterable[str] | None = None, prompt_field: str | None = None,
+                answer_field: str | None = None, messages_field: str | None = None,
+                text_field: str | None = None) -> list[Expert]:
+    """Import experts (PEFT adapter or model folders, or hub ids where a network exists) into a pool in one go, each
+    named by its folder (or `name`, for one source). `data`: the datasets one imported expert learned (recorded for
+    the methods that learn from the experts' data). Every source, name and dataset is checked before the first is
+    added: a bad one adds nothing."""
+    from .pool import check_name
+
+    p = _pool(pool)
+    items = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+    if not items:
+        raise WorkbenchError("no expert folders given")
+    if name is not None and len(items) > 1:
+        raise WorkbenchError(f"--name names one expert; {len(items)} folders were given (each is named by its folder)")
+    if data is not None and len(items) > 1:
+        raise WorkbenchError(f"--data records one expert's data; {len(items)} folders were given: add them one at a "
+                             "time, or attach data afterwards with `workbench pool data`")
+    folders = [_expert_source(s) for s in items]
+    names = [name] if name is not None else [Path(str(s).rstrip("/")).name if Path(s).expanduser().exists()
+                                             else str(s).split("/")[-1] for s in items]
+    for n in names:
+        check_name(n)
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise WorkbenchError(f"two folders are both named {dup[0]!r}: add one of them with --name")
+    taken = [n for n in names if n in p]
+    if taken:
+        raise WorkbenchError(f"pool {p.name!r} already has an expert named {taken[0]!r}")
+    for f in folders:
+        k, _ = p.validate_source(f.resolve(), kind)
+        p._check_base_identity(f.resolve(), k, f"expert source {f}", allow_distant)
+    records = None
+    if data is not None:
+        records = [rec for rec, _ in training_data(p, None, data, prompt_field=prompt_field, answer_field=answer_field,
+                                                   messages_field=messages_field, text_field=text_field)]
+    return [p.add(f, n, kind=kind, link=link, tags=tags, notes=notes, allow_distant=allow_distant, data=records)
+            for f, n in zip(folders, names)]
+
+
+def attach_data(pool: Pool | str, expert: str, data: str | Iterable[str], *, prompt_field: str | None = None,
+                answer_field: str | None = None, messages_field: str | None = None,
+                text_field: str | None = None) -> Expert:
+    """Record the datasets an expert learned (an imported adapter's data, or a dataset that has since changed):
+    the methods that learn from the experts' data read it, and their artifact keys change with it."""
+    p = _pool(pool)
+    p.expert(expert)
+    sources = training_data(p, None, data, prompt_field=prompt_field, answer_field=answer_field,
+                            messages_field=messages_field, text_field=text_field)
+    return p.set_data(expert, [rec for rec, _ in sources])
 
 
 # ----------------------------------------------------------------------------- building
@@ -330,12 +446,15 @@ class Results:
 
 def evaluate(model: Artifact | PathLike, tasks: str | Iterable[str] = ("held_in",), *, pool: Pool | str | None = None,
              limit: int | None = None, batch_size: int = 16, split: str = "test", device: str = "cpu",
-             results_dir: PathLike | None = None, lm_eval_dir: PathLike | None = None) -> Results:
-    """Evaluate a model with lm-eval on `tasks` (task names or groups: held_in, held_out, domains, all); results,
-    per-example samples and a run manifest land in `results_dir`/lm-eval/. `model`: an `Artifact`, `"base"` or an
-    expert's name (with `pool`), or a model, adapter or artifact folder. `lm_eval_dir` puts lm-eval's outputs in
-    another folder than `results_dir`/lm-eval."""
+             results_dir: PathLike | None = None, lm_eval_dir: PathLike | None = None,
+             include_path: PathLike | Iterable[PathLike] | None = None) -> Results:
+    """Evaluate a model with lm-eval on `tasks`: the built-in suite's names or groups (held_in, held_out, domains,
+    all), lm-eval's own task and group names (data in the local `datasets` cache), or tasks of the user's YAMLs in
+    `include_path` folders. Results, per-example samples and a run manifest land in `results_dir`/lm-eval/.
+    `model`: an `Artifact`, `"base"` or an expert's name (with `pool`), or a model, adapter or artifact folder.
+    `lm_eval_dir` puts lm-eval's outputs in another folder than `results_dir`/lm-eval."""
     from .eval import run_eval
+    from .eval.harness import resolve_tasks
     from .methods.base import MAX_BATCH
 
     if limit is not None:
@@ -343,6 +462,9 @@ def evaluate(model: Artifact | PathLike, tasks: str | Iterable[str] = ("held_in"
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 1 <= batch_size <= MAX_BATCH:
         raise WorkbenchError(f"batch_size = {batch_size!r}: an integer in 1..{MAX_BATCH}")
     task_list = [tasks] if isinstance(tasks, str) else list(tasks)
+    includes = None if include_path is None else [include_path] if isinstance(include_path, (str, os.PathLike)) \
+        else list(include_path)
+    resolve_tasks(task_list, includes)  # every name checked (one line) before a model loads
     out = Path(lm_eval_dir) if lm_eval_dir is not None else _results(results_dir) / "lm-eval"
     if isinstance(model, Artifact):
         from .artifacts import artifact_ref, load_artifact
@@ -355,13 +477,13 @@ def evaluate(model: Artifact | PathLike, tasks: str | Iterable[str] = ("held_in"
         loaded.name = model.name
         loaded.info.update(method=model.method, artifact=artifact_ref(model.path))
         m = run_eval(artifact_ref(model.path), task_list, pool=p, limit=limit, batch_size=batch_size, split=split,
-                     device=device, results_dir=out, loaded=loaded,
+                     device=device, results_dir=out, loaded=loaded, include_path=includes,
                      extra={"params": meta.get("params", {}), "artifact_key": model.key,
                             "selected_on_validation": model.selection,
                             **({"recipe": model.recipe} if model.recipe else {})})
     else:
         m = run_eval(str(model), task_list, pool=_pool(pool) if pool is not None else None, limit=limit,
-                     batch_size=batch_size, split=split, device=device, results_dir=out)
+                     batch_size=batch_size, split=split, device=device, results_dir=out, include_path=includes)
     return Results(m)
 
 
@@ -389,9 +511,16 @@ def eval_determinism(pool: Pool | str, model: str = "addition", tasks: str | Ite
 
 def results_table(pool: str | None = None, results_dir: PathLike | None = None, *, csv: PathLike | None = None,
                   markdown: PathLike | None = None, plot: PathLike | None = None) -> pd.DataFrame:
-    """Every loose lm-eval run (`workbench eval`, `merge --eval`) under results/lm-eval as a method x task table
-    (exact match %; domain columns: word perplexity), the latest run per model. Written also as CSV, Markdown or a
-    heatmap (.svg/.png/.html) where asked. Comparisons have their own leaderboards: `leaderboards`."""
+    """Every loose lm-eval run (`workbench eval`, `merge --eval`) under results/lm-eval as a method x task table, the
+    latest run per model. Each task column is its primary metric as lm-eval reports it, in its direction: accuracy-like
+    metrics (exact_match, acc, acc_norm ...) in %, every other metric as it is (a word perplexity, lower is better; a
+    per-example f1). held_in_avg / held_out_avg and normalized average the accuracy-like, higher-is-better tasks only.
+
+    `df.attrs`: "metrics" (task -> metric, higher_is_better, percent), "normalized_note" (the tasks the normalized
+    score leaves out, when any), "short" (column -> short name) and "legend" (one line per metric and its direction,
+    the averages, the note). Written also as CSV (the numbers), Markdown (percent columns to 0.1, other metrics to 4
+    significant digits, arrows in the task headers, the legend below) or a heatmap of the percent columns
+    (.svg/.png/.html) where asked. Comparisons have their own leaderboards: `leaderboards`."""
     from .eval.results import SHORT
     from .eval.results import results_table as _table
     from .io import atomic_write_text
@@ -401,26 +530,67 @@ def results_table(pool: str | None = None, results_dir: PathLike | None = None, 
     df.attrs["short"] = dict(SHORT)
     if df.empty:
         return df
+    info = df.attrs.get("metrics") or {}
+    df.attrs["legend"] = _runs_legend(info, df.attrs.get("normalized_note"), list(df.columns), SHORT)
     if csv:
         atomic_write_text(Path(csv), df.to_csv(index=False))
     if markdown:
-        md = df.rename(columns=SHORT).drop(columns=["method"])
-        md = md.astype(object).where(md.notna(), None)  # tabulate's missingval replaces None, not NaN
-        atomic_write_text(Path(markdown), md.to_markdown(index=False, floatfmt=".1f", missingval="–") + "\n")
+        cols = [c for c in df.columns if c != "method"]
+        md = df[cols].astype(object)
+        for c in cols[1:]:
+            pct = (info.get(c) or {"percent": True})["percent"]  # the averages and normalized are % too
+            md[c] = [None if not isinstance(v, (int, float)) or math.isnan(v) else f"{v:.1f}" if pct else f"{v:.4g}"
+                     for v in df[c]]
+        md = md.rename(columns=lambda c: _runs_header(str(c), info, SHORT))
+        text = md.to_markdown(index=False, missingval="–", disable_numparse=True,
+                              colalign=["left"] + ["right"] * (len(cols) - 1))
+        atomic_write_text(Path(markdown), text + "\n\n" + " ".join(df.attrs["legend"]) + "\n")
     if plot:
         from .eval.results import results_chart
         from .tracing import save_chart
 
-        save_chart(results_chart(df, f"{pool or 'all pools'}: exact match % (test split)"), Path(plot))
+        save_chart(results_chart(df, f"{pool or 'all pools'}: accuracy-like tasks, % ↑ (test split)"), Path(plot))
     return df
+
+
+def _runs_header(column: str, info: dict[str, dict[str, Any]], short: dict[str, str]) -> str:
+    """A results table column's header: the short name, and for a task its metric's direction (and the metric, when
+    it is not a percentage)."""
+    name = short.get(column, column)
+    i = info.get(column)
+    if not i:
+        return name
+    arrow = "↑" if i["higher_is_better"] else "↓"
+    return f"{name} {arrow}" if i["percent"] else f"{name} {i['metric']} {arrow}"
+
+
+def _runs_legend(info: dict[str, dict[str, Any]], note: str | None, columns: list[str],
+                 short: dict[str, str]) -> list[str]:
+    """What the loose-run table's numbers are, one sentence each, under the tables' short column names."""
+    pct = sorted({i["metric"] for i in info.values() if i["percent"]})
+    lines = [f"{', '.join(pct)} (accuracy-like): % of the examples ↑."] if pct else []
+    other = [f"{short.get(t, t)}: {i['metric']} {'↑ higher' if i['higher_is_better'] else '↓ lower'} is better"
+             for t, i in info.items() if not i["percent"]]
+    if other:
+        lines.append("As they are, not in %: " + "; ".join(other) + ".")
+    if any(c in columns for c in ("held_in_avg", "held_out_avg")):
+        lines.append("in avg, out avg* (* held-out): means over the accuracy-like, higher-is-better tasks only.")
+    if "normalized" in columns:
+        lines.append("norm: a row's mean over the accuracy-like tasks with their own expert / those experts' own "
+                     "mean, %.")
+    if note:
+        lines.append(f"{note[:1].upper()}{note[1:]}.")
+    return lines
 
 
 # ----------------------------------------------------------------------------- comparing
 
 
 class Leaderboard:
-    """A comparison's leaderboard: every row on the same examples, per-task scores with standard errors, group
-    means, and a paired test of each row against the reference (`paired` tests any two rows)."""
+    """A comparison's leaderboard: every row on the same examples, each task's primary metric in its own units and
+    direction (`task_metrics` of the board: accuracy-like metrics in %, perplexities and other metrics as they are)
+    with standard errors, group means over the accuracy-like tasks, and a paired test of each row against the
+    reference (`paired` tests any two rows, pooled over the accuracy-like tasks or on one task of any metric)."""
 
     def __init__(self, board: dict[str, Any], cells: dict[tuple[str, str], dict[str, Any]] | None = None,
                  folder: Path | None = None, progress: Progress | None = None):
@@ -452,23 +622,44 @@ class Leaderboard:
         return cls(leaderboard_of(p, cells), cells, p.out)
 
     def to_pandas(self) -> pd.DataFrame:
-        """One row per model: held-in/held-out means and se (%), normalized %, the paired test against the
-        reference, then each task's score and se."""
+        """One row per model: the group means and se (%, accuracy-like tasks), normalized %, the paired test against
+        the reference pooled over the accuracy-like tasks (`diff vs ref (pp)`: points, + = better), then per task its
+        value (`<task> %` for accuracy-like metrics, else `<task> <metric>`, as it is), se, Δ (+ = better) and p."""
         from .eval.leaderboard import leaderboard_frame
 
         return leaderboard_frame(self.board)
 
+    def task_metrics(self) -> dict[str, dict[str, Any]]:
+        """Per task: its metric, higher_is_better, aggregate and kind (accuracy | continuous | corpus | none; see
+        `workbench.eval.leaderboard`), also for a board written before the board recorded them."""
+        from .eval.leaderboard import task_info
+
+        return {t: task_info(self.board, t) for t in self.tasks}
+
+    def legend(self) -> list[str]:
+        """What the numbers are, one sentence each: each metric and its direction, the group means, the normalized
+        score and the tasks it leaves out, the paired test, the ranking."""
+        from .eval.leaderboard import legend
+
+        return legend(self.board)
+
     def summary(self) -> pd.DataFrame:
-        """The short view the CLI prints: model, method, the groups present, normalized %, Δ and p vs the reference
-        (ns: p >= 0.05), and each task's score; strings ready to show."""
+        """The short view the CLI prints, strings ready to show: model, method, the groups present (% ± se over their
+        accuracy-like tasks), normalized %, Δ (points, + = better) and p of the paired test against the reference
+        pooled over the accuracy-like tasks (ns: p >= 0.05), then each task's score under its short name and its
+        metric's direction (↑ higher is better, ↓ lower): accuracy-like metrics in % (no decimals), every other
+        metric as it is (4 significant digits; a perplexity is a perplexity), marked with its own metric when a row
+        is scored otherwise than the task."""
         import pandas as pd
 
-        from .eval.leaderboard import short
+        from .eval.leaderboard import arrow, format_gain, short
 
-        groups = [g for g in ("held_in", "held_out") if any(g in r["summary"] for r in self.board["rows"])]
-        has_norm = any("normalized" in r["summary"] for r in self.board["rows"])
+        rows = self.board["rows"]
+        groups = [g for g in ("held_in", "held_out", "other") if any(g in r["summary"] for r in rows)]
+        has_norm = any("normalized" in r["summary"] for r in rows)
+        info = self.task_metrics()
         out = []
-        for r in self.board["rows"]:
+        for r in rows:
             rec = {"model": r["name"], "method": r["method"]}
             for g in groups:
                 d = r["summary"].get(g)
@@ -479,13 +670,12 @@ class Leaderboard:
                 n = r["summary"].get("normalized")
                 rec["norm %"] = f"{100 * n['mean']:.0f}" if n else "–"
             p = r["paired"]
-            rec[f"Δ vs {self.reference}"] = f"{100 * p['diff']:+.1f}" if p else (
+            rec[f"Δ vs {self.reference}"] = format_gain(p.get("gain", p["diff"]), "accuracy") if p else (
                 "ref" if r["name"] == self.reference else "–")
             rec["p"] = (f"{p['p_value']:.2g}" + ("" if p["p_value"] < 0.05 else " ns")) if p else "–"
             for t in self.tasks:
-                c = r["tasks"].get(t)
-                rec[short(t)] = "–" if c is None else (f"{100 * c['mean']:.0f}" if c["metric"] == "exact_match"
-                                                       else f"{c['mean']:.4g}")
+                i, c = info[t], r["tasks"].get(t)
+                rec[f"{short(t)} {arrow(i['higher_is_better'])}"] = "–" if c is None else _summary_score(c, i)
             out.append(rec)
         return pd.DataFrame(out)
 
@@ -495,11 +685,20 @@ class Leaderboard:
 
         return leaderboard_markdown(self.board, self.name)
 
-    def paired(self, a: str, b: str, tasks: Iterable[str] | None = None) -> dict[str, Any]:
-        """Paired test of row `a` against row `b` over every example both scored (exact-match tasks; `tasks`
-        narrows them): n, diff (a − b, fraction), p_value, test, and the examples only a or only b got right."""
-        from .eval import stats
+    def paired(self, a: str, b: str, tasks: Iterable[str] | None = None, *, task: str | None = None) -> dict[str, Any]:
+        """Paired test of row `a` against row `b` on every example both scored.
 
+        Without `task`: pooled over the accuracy-like, higher-is-better tasks (0/1 per example: exact_match, acc,
+        acc_norm ...; `tasks` narrows them), the exact McNemar test: a, b, n, mean_a, mean_b, diff (a − b, a
+        fraction: 0.05 = 5 points), gain (the same: + = a better), p_value, test, a_only / b_only (the examples only a,
+        resp. only b got right), kind "accuracy" and the `tasks` pooled. Tasks of other metrics (perplexities,
+        per-example f1 ...) are never pooled with them: test them one at a time.
+
+        With `task=`: that task alone, by its metric (`leaderboard.pair_cells`): McNemar for accuracy-like metrics, a
+        paired bootstrap over examples for other per-example metrics, over documents for perplexity-like ones (their
+        corpus aggregates). a, b, task, n, mean_a, mean_b (the metric on the shared examples: a perplexity for a
+        perplexity task), diff (a − b in the metric's units), gain (+ = a better, whatever the direction), p_value,
+        test, metric, higher_is_better, kind (and a_only / b_only for McNemar)."""
         for r in (a, b):
             if r not in self.rows:
                 from .errors import did_you_mean
@@ -507,32 +706,104 @@ class Leaderboard:
                 raise WorkbenchError(f"no row {r!r} in {self.name}{did_you_mean(r, self.rows)}")
         if a == b:
             raise WorkbenchError(f"paired test of {a!r} against itself: pick two rows")
+        if task is not None and tasks is not None:
+            raise WorkbenchError("give tasks= (pooled over accuracy-like tasks) or task= (one task), not both")
+        if task is not None and task not in self.tasks:
+            from .errors import did_you_mean
+
+            raise WorkbenchError(f"no task {task!r} in {self.name}{did_you_mean(task, self.tasks)}")
+        info = self.task_metrics()
         if not self.cells:  # a board read from leaderboard.json alone: its own tests against the reference only
-            row = next(r for r in self.board["rows"] if r["name"] == a)
-            if b == self.reference and row.get("paired") and tasks is None:
-                p = row["paired"]
-                return {"a": a, "b": b, "n": p["n"], "diff": p["diff"], "p_value": p["p_value"], "test": p["test"],
-                        "a_only": p.get("row_only"), "b_only": p.get("reference_only")}
-            raise WorkbenchError(f"{self.name}: this leaderboard was read without its cells; "
-                                 "Leaderboard.read(recipe) has them for any pair")
+            return self._recorded_pair(a, b, tasks, task, info)
+        if task is not None:
+            return self._task_pair(a, b, task, info[task])
+        return self._pooled_pair(a, b, list(tasks) if tasks is not None else self.tasks, info)
+
+    def _recorded_pair(self, a: str, b: str, tasks: Iterable[str] | None, task: str | None,
+                       info: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        row = next(r for r in self.board["rows"] if r["name"] == a)
+        if b == self.reference and tasks is None:
+            p = row.get("paired") if task is None else (row["tasks"].get(task) or {}).get("paired")
+            if p:
+                out = {"a": a, "b": b, "n": p["n"], "diff": p["diff"], "gain": p.get("gain", p["diff"]),
+                       "p_value": p["p_value"], "test": p["test"], "a_only": p.get("row_only"),
+                       "b_only": p.get("reference_only")}
+                if task is None:
+                    return out | {"kind": "accuracy"} | ({"tasks": list(p["tasks"])} if p.get("tasks") else {})
+                i = info[task]
+                return {"task": task, **out, "metric": i["metric"], "higher_is_better": i["higher_is_better"],
+                        "kind": i["kind"]}
+            if task is not None and info[task]["kind"] == "none":
+                raise WorkbenchError(f"{task}: no paired test: lm-eval gives no per-example values for "
+                                     f"{info[task]['metric']}, the score only")
+        what = "any pair" if task is None else f"any pair on {task}"
+        raise WorkbenchError(f"{self.name}: this leaderboard was read without its cells and records no such test; "
+                             f"Leaderboard.read(recipe) has them for {what}")
+
+    def _task_pair(self, a: str, b: str, task: str, info: dict[str, Any]) -> dict[str, Any]:
+        from .eval.leaderboard import pair_cells
+
+        ca, cb = self.cells.get((a, task)), self.cells.get((b, task))
+        if not ca or not cb:
+            raise WorkbenchError(f"{task}: {'row ' + repr(a) if not ca else 'row ' + repr(b)} has no recorded cell")
+        try:
+            got = pair_cells(ca, cb)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise WorkbenchError(f"{task}: a cell of {a!r} or {b!r} cannot be read ({type(e).__name__})") from None
+        if got is None:
+            from .eval.metrics import view
+
+            notes = [v.note for v in (view(ca), view(cb)) if v.note]
+            why = (f"{ca.get('metric')} vs {cb.get('metric')}: different metrics"
+                   if ca.get("metric") != cb.get("metric") else notes[0] if notes else
+                   f"{info['metric']}: no per-example values on both sides, the score only")
+            raise WorkbenchError(f"{task}: no paired test of {a!r} and {b!r}: {why}")
+        if not got["n"]:
+            raise WorkbenchError(f"rows {a!r} and {b!r} share no scored example of {task}")
+        mean_a, mean_b = got.pop("a"), got.pop("b")
+        return {"a": a, "b": b, "task": task, "n": got.pop("n"), "mean_a": mean_a, "mean_b": mean_b, **got}
+
+    def _pooled_pair(self, a: str, b: str, tasks: list[str], info: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        from .eval import stats
         from .eval.leaderboard import paired_values
 
-        xs, ys = [], []
-        for t in tasks or self.tasks:
+        xs, ys, pooled, other = [], [], [], []
+        for t in tasks:
             ca, cb = self.cells.get((a, t)), self.cells.get((b, t))
-            if not ca or not cb or ca["metric"] != "exact_match" or cb["metric"] != "exact_match":
+            if not ca or not cb:
+                continue
+            i = info.get(t) or {"kind": None}
+            if not (i["kind"] == "accuracy" and i["higher_is_better"] and ca.get("metric") == i["metric"]
+                    and cb.get("metric") == i["metric"]):
+                other.append(t)
                 continue
             x, y = paired_values(ca, cb)
-            xs += x
-            ys += y
+            if x:
+                xs += x
+                ys += y
+                pooled.append(t)
         if not xs:
-            raise WorkbenchError(f"rows {a!r} and {b!r} share no scored example")
+            hint = (f"; their other tasks ({', '.join(other)}) are not accuracy-like: test one with task=..."
+                    if other else "")
+            raise WorkbenchError(f"rows {a!r} and {b!r} share no scored example of an accuracy-like task{hint}")
         res = stats.compare(xs, ys)
-        return {"a": a, "b": b, "n": res["n"], "diff": res["diff"], "p_value": res["p_value"], "test": res["test"],
-                "a_only": res.get("a_only"), "b_only": res.get("b_only")}
+        return {"a": a, "b": b, "n": res["n"], "mean_a": res["mean_a"], "mean_b": res["mean_b"], "diff": res["diff"],
+                "gain": res["diff"], "p_value": res["p_value"], "test": res["test"], "a_only": res.get("a_only"),
+                "b_only": res.get("b_only"), "kind": "accuracy", "tasks": pooled}
 
     def __repr__(self) -> str:
         return f"Leaderboard({self.name}: {len(self.rows)} rows x {len(self.tasks)} tasks, reference {self.reference})"
+
+
+def _summary_score(cell: dict[str, Any], info: dict[str, Any]) -> str:
+    """A task's score in `Leaderboard.summary`: % for accuracy-like metrics, else as it is; a row scored with another
+    metric than the task's says which."""
+    mean = cell.get("mean")
+    if not isinstance(mean, (int, float)) or isinstance(mean, bool) or math.isnan(mean):
+        return "–"
+    kind = cell.get("kind") or info["kind"]
+    text = f"{100 * mean:.0f}" if kind == "accuracy" else f"{mean:.4g}"
+    return text if cell.get("metric", info["metric"]) == info["metric"] else f"{text} ({cell['metric']})"
 
 
 def leaderboards(pool: str | None = None, results_dir: PathLike | None = None) -> list[Leaderboard]:
@@ -747,4 +1018,4 @@ def benchmark(name: str, *, log: Log | None = None, **options: Any) -> dict[str,
 __all__ = ["Artifact", "BENCHMARKS", "BuildPlan", "Leaderboard", "ProgressBar", "Results", "base_info", "benchmark",
            "build", "build_demo_pool", "compare", "describe_comparison", "eval_determinism", "eval_matrix", "evaluate",
            "leaderboards", "list_methods", "list_pools", "load", "merge_count_curve", "plan", "results_table", "run_demo", "serve",
-           "train_expert"]
+           "train_expert", "training_data", "attach_data", "add_experts"]

@@ -159,6 +159,14 @@ class BaseModel:
         return bool(self.config.get("tie_word_embeddings", False))
 
     @cached_property
+    def weights_sha256(self) -> str:
+        """A hash of the weight files' bytes: the keys of what is built or scored over this base see its weights,
+        not only their shapes (`fingerprint`)."""
+        from .io import sha256_file_cached
+
+        return sha256_json([(f, sha256_file_cached(self.path / f)) for f in self.tensors.files])[:16]
+
+    @cached_property
     def fingerprint(self) -> str:
         """A hash of the config and the tensor shapes: pools and artifacts check experts against it."""
         return fingerprint(self.config, self.tensors.shapes)

@@ -267,7 +267,8 @@ def comparison_cells(cat: Catalog, name: str) -> dict[tuple[str, str], dict[str,
 class Source:
     """The rows x tasks a leaderboard, chart or pairwise view reads: a comparison, or a set of lm-eval runs.
 
-    `cells[(row, task)]` holds per-example `values` with their `doc_ids` (and `run`, the manifest behind it);
+    `cells[(row, task)]` is a cell record (`metrics.cell_fields`: metric, higher_is_better, aggregate, score and the
+    per-example `values` with their `doc_ids`, `weights` for perplexity-like metrics; a comparison's also `run`);
     `runs[(row, task)]` is that manifest, for per-sample answers."""
 
     kind: str  # comparison | runs
@@ -286,21 +287,23 @@ class Source:
         return build_leaderboard(self.rows, self.cells, self.tasks, ref) | {"source": self.kind, "name": self.name}
 
     def pairwise(self, a: str, b: str) -> list[dict[str, Any]]:
-        """Per task both rows scored: their means on the shared examples, the difference and the paired test."""
-        from .eval import stats
+        """Per task both rows scored with the same metric: `leaderboard.pair_cells` on the shared examples (n, a, b,
+        diff a − b in the metric's units, gain (+ = a better), p_value, test; metric, higher_is_better and kind: the
+        exact McNemar test for 0/1 metrics, a paired bootstrap over examples for continuous ones and over documents
+        for perplexity-like ones). Tasks without per-example values on either side are left out."""
+        from .eval.leaderboard import pair_cells
 
         out = []
         for t in self.tasks:
             ca, cb = self.cells.get((a, t)), self.cells.get((b, t))
-            if not ca or not cb or not ca["values"] or not cb["values"]:
+            if not ca or not cb:
                 continue
-            vb = dict(zip(cb["doc_ids"], cb["values"]))
-            pa = [(v, vb[d]) for d, v in zip(ca["doc_ids"], ca["values"]) if d in vb]
-            if not pa:
-                continue
-            c = stats.compare([x for x, _ in pa], [y for _, y in pa])
-            out.append({"task": t, "n": c["n"], "a": c["mean_a"], "b": c["mean_b"], "diff": c["diff"],
-                        "p_value": c["p_value"], "test": c["test"], "metric": ca["metric"]})
+            try:
+                got = pair_cells(ca, cb)
+            except (TypeError, ValueError, AttributeError):  # a malformed cell: no test, never a broken view
+                got = None
+            if got is not None:
+                out.append({"task": t, **got})
         return out
 
     def disagreements(self, a: str, b: str, task: str) -> list[dict[str, Any]]:
@@ -338,10 +341,51 @@ def comparison_source(cat: Catalog, name: str) -> Source:
                   {r["name"]: setting for r in rows})
 
 
+def _run_results(run: dict[str, Any]) -> dict[str, Any] | None:
+    """A run's lm-eval results JSON (`results_<run_id>.json` beside its manifest), through the parse cache: the
+    metric list and directions of its tasks. None when absent or unreadable."""
+    if not run.get("_path") or not run.get("run_id"):
+        return None
+    p = Path(run["_path"]).with_name(f"results_{run['run_id']}.json")
+    try:
+        d = _parse(p)
+    except OSError:
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def run_cell(run: dict[str, Any], task: str, samples: list[dict[str, Any]],
+             results: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """One task of a loose lm-eval run as a cell, as a comparison writes it (`metrics.cell_fields`): the task's
+    primary metric and direction (`results.run_metric`: the metric_list of its lm-eval results JSON, else the first
+    metric its samples or manifest name), lm-eval's score, and the per-example values of `samples` (the run's rows
+    of this task; none: the score alone, no error bar or paired test). None when the run scored no number for it."""
+    from .eval import metrics
+    from .eval.results import run_metric
+
+    scores = run["scores"].get(task)
+    if not isinstance(scores, dict):
+        return None
+    try:
+        rows = sorted(samples, key=lambda s: s.get("doc_id"))  # doc_id order, as a comparison's cells
+    except TypeError:  # doc ids of mixed types: the file's order (pairs are matched by doc_id anyway)
+        rows = list(samples)
+    names = [m for m in (rows[0].get("metrics") or {})] if rows else None
+    spec = run_metric(run, task, results if results is not None else (_run_results(run) or {}), names)
+    if spec is None:
+        return None
+    fields = metrics.cell_fields(rows, spec, scores.get(spec.name))
+    if fields["score"] is None and not fields["values"]:
+        return None  # nothing to show: no score and no per-example numbers
+    return fields
+
+
 def runs_source(cat: Catalog, pool: str | None = None, picks: dict[str, str] | None = None,
                 reference: str | None = None) -> Source:
     """One row per model of `pool` at one setting (`default_setting`, or the label `picks[model_name]` chose):
-    per task, the newest run at that setting that scored it."""
+    per task, the newest run at that setting that scored it, as a cell of its primary metric (`run_cell`: any
+    metric lm-eval reports, in its direction; perplexities with their per-document weights). Tasks: the suite's in
+    its order, then every other task a run scored."""
     from .eval.record import read_samples
     from .tasks.suite import DOMAINS, TASKS
 
@@ -363,28 +407,21 @@ def runs_source(cat: Catalog, pool: str | None = None, picks: dict[str, str] | N
             try:
                 samples = read_samples(run)
             except (OSError, ValueError, KeyError, EOFError, zlib.error, RecursionError, MemoryError, WorkbenchError):
-                samples = []  # the means stay; no error bars or paired tests for this run
-            by_task: dict[str, list[tuple[int, float]]] = {}
+                samples = []  # the scores stay; no error bars or paired tests for this run
+            by_task: dict[str, list[dict[str, Any]]] = {}
             for smp in samples:
-                m = smp.get("metrics") or {}
-                if "exact_match" in m and smp.get("task") in fresh:
-                    v = m["exact_match"]
-                    by_task.setdefault(smp["task"], []).append((smp["doc_id"], float(v[0] if isinstance(v, list) else v)))
+                if isinstance(smp, dict) and smp.get("task") in fresh and isinstance(smp.get("metrics"), dict):
+                    by_task.setdefault(smp["task"], []).append(smp)
+            results = _run_results(run) or {}
             for task in fresh:
-                metrics = run["scores"][task]
-                if task in by_task:
-                    pairs = sorted(by_task[task])
-                    cells[(name, task)] = {"metric": "exact_match", "doc_ids": [d for d, _ in pairs],
-                                           "values": [v for _, v in pairs]}
-                elif isinstance(metrics.get("exact_match", metrics.get("word_perplexity")), (int, float)):
-                    # no samples: the mean alone (no error bar, no paired test)
-                    metric = "exact_match" if "exact_match" in metrics else "word_perplexity"
-                    cells[(name, task)] = {"metric": metric, "doc_ids": [], "values": [],
-                                           "mean": float(metrics[metric])}
-                else:
+                cell = run_cell(run, task, by_task.get(task, []), results)
+                if cell is None:
                     continue
+                cells[(name, task)] = cell
                 runs[(name, task)] = run
-    tasks = [t for t in [*TASKS, *DOMAINS] if any(k[1] == t for k in cells)]
+    scored = {k[1] for k in cells}
+    tasks = [t for t in [*TASKS, *DOMAINS] if t in scored]
+    tasks += sorted(t for t in scored if t not in tasks)  # the user's own tasks, after the suite's
     names = [r["name"] for r in rows]
     ref = reference if reference in names else ("multitask" if "multitask" in names else names[0] if names else "")
     return Source("runs", pool or "all pools", rows, cells, tasks, ref, runs, shown)
@@ -444,4 +481,5 @@ def machine_line(rec: dict[str, Any]) -> str:
 
 
 __all__ = ["Catalog", "Source", "bench_ratios", "comparison_cells", "comparison_source", "default_setting",
-           "display_name", "machine_line", "model_settings", "run_identity", "runs_source", "scan", "setting_label"]
+           "display_name", "machine_line", "model_settings", "run_cell", "run_identity", "runs_source", "scan",
+           "setting_label"]

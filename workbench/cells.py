@@ -4,8 +4,10 @@ never an exception out of a reader.
 
 A cell `<comparison>/cells/<row>/<task>.json` counts only when its (row, task) is planned, its `row` and `task`
 fields name the place it lies, its `key` is the one the plan expects for that cell (the row's model, the task's
-data and configuration, the eval settings: `comparison.cell_key`), its per-example values are well formed and its
-`run` (the lm-eval manifest behind it) lies inside the comparison's folder. Everything else under cells/ is
+data and configuration, the eval settings: `comparison.cell_key`), its per-example values are well formed (one finite
+number per doc id; a perplexity-like cell's `weights` one non-negative number per value; `higher_is_better`,
+`aggregate`, `score`, `n` of their types: `eval.metrics` describes the fields) and its `run` (the lm-eval manifest
+behind it) lies inside the comparison's folder. Everything else under cells/ is
 listed as skipped with the reason, never shown.
 
 The jobs know the expected keys from the live plan; a reader of a results folder finds them in
@@ -17,10 +19,13 @@ cells are checked for place, plan and shape only, and the comparison says so (`k
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from .eval.metrics import AGGREGATES, CORPUS
 
 MAX_JSON_BYTES = 32 * 2**20  # a record of the workbench is KBs; the largest lm-eval result is well under 1 MB
 MAX_JSON_DEPTH = 64  # the workbench's records nest about 7 deep
@@ -88,6 +93,10 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _finite(v: Any) -> bool:
+    return _number(v) and math.isfinite(v)
+
+
 def cell_problem(rec: Any, row: str, task: str, key: Any, folder: Path) -> str | None:
     """Why the record at cells/<row>/<task>.json of the comparison in `folder` does not count (None: it does).
     `key`: the key the plan expects (None: the row's model is not known, so nothing counts; ANY_KEY: not checked)."""
@@ -106,11 +115,30 @@ def cell_problem(rec: Any, row: str, task: str, key: Any, folder: Path) -> str |
     values, doc_ids = rec["values"], rec["doc_ids"]
     if not isinstance(rec["metric"], str) or not isinstance(values, list) or not isinstance(doc_ids, list):
         return "malformed cell: metric, values or doc_ids of the wrong type"
-    if len(values) != len(doc_ids) or not all(_number(v) for v in values) \
+    if len(values) != len(doc_ids) or not all(_finite(v) for v in values) \
             or not all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in doc_ids):
-        return "malformed cell: values are not one number per doc id"
-    if rec.get("mean") is not None and not _number(rec["mean"]):
-        return "malformed cell: mean is not a number"
+        return "malformed cell: values are not one finite number per doc id"
+    for k in ("mean", "score"):
+        if rec.get(k) is not None and not _number(rec[k]):
+            return f"malformed cell: {k} is not a number"
+    if "higher_is_better" in rec and not isinstance(rec["higher_is_better"], bool):
+        return "malformed cell: higher_is_better is not true or false"
+    if "n" in rec and (not isinstance(rec["n"], int) or isinstance(rec["n"], bool) or rec["n"] < 0):
+        return "malformed cell: n is not a count"
+    if "note" in rec and not isinstance(rec["note"], str):
+        return "malformed cell: note is not text"
+    agg = rec.get("aggregate")
+    if "aggregate" in rec and agg not in AGGREGATES:
+        return f"malformed cell: aggregate {str(agg)[:40]!r} is not one of {', '.join(AGGREGATES)}"
+    weights = rec.get("weights")
+    if "weights" in rec:
+        if agg not in CORPUS:
+            return "malformed cell: weights are for perplexity-like aggregates (perplexity, bits_per_byte) only"
+        if not isinstance(weights, list) or len(weights) != len(values) \
+                or not all(_finite(w) and w >= 0 for w in weights):
+            return "malformed cell: weights are not one non-negative number per value"
+    elif agg in CORPUS and values:
+        return f"malformed cell: a {agg} cell's per-document values need their weights"
     run = rec.get("run")
     if run is not None:
         if not isinstance(run, str) or not run:

@@ -141,11 +141,20 @@ def pool_create(
     console.print(f"[green]created[/] pool {p.name} at {p.root} (base {base}, {p.manifest.base.fingerprint})")
 
 
+_DataOpt = Annotated[Optional[list[str]], typer.Option(
+    "--data", help="training data: a JSONL/CSV/Parquet file, a save_to_disk folder or a hub id (repeatable)")]
+_PromptField = Annotated[Optional[str], typer.Option(help="the data's prompt column (default: prompt, question, ...)")]
+_AnswerField = Annotated[Optional[str], typer.Option(help="the data's answer column (default: answer, completion, ...)")]
+_MessagesField = Annotated[Optional[str], typer.Option(
+    help="a chat column (a list of {role, content}; the last is the answer), rendered by the base's chat template")]
+_TextField = Annotated[Optional[str], typer.Option(help="a plain-text column (the loss on all of it)")]
+
+
 @pool_app.command("add")
 def pool_add(
     pool: Annotated[str, typer.Argument(help="pool name or path")],
-    source: Annotated[Path, typer.Argument(help="PEFT adapter folder or full model folder")],
-    name: Annotated[Optional[str], typer.Option(help="expert name (default: the folder's name)")] = None,
+    sources: Annotated[list[str], typer.Argument(help="PEFT adapter or model folders (or hub ids), one or more")],
+    name: Annotated[Optional[str], typer.Option(help="expert name, for one folder (default: the folder's name)")] = None,
     kind: Annotated[Optional[str], typer.Option(help="lora | full (default: detected)")] = None,
     link: Annotated[bool, typer.Option("--link", help="reference the folder in place instead of copying")] = False,
     tag: Annotated[Optional[list[str]], typer.Option(help="key=value, repeatable (task=..., domain=...)")] = None,
@@ -153,17 +162,47 @@ def pool_add(
     allow_distant_base: Annotated[bool, typer.Option(
         "--allow-distant-base", help="add an expert that looks trained on another base (distance, adapter's base)"
     )] = False,
+    data: _DataOpt = None, prompt_field: _PromptField = None, answer_field: _AnswerField = None,
+    messages_field: _MessagesField = None, text_field: _TextField = None,
 ):
-    """Validate an expert against the pool's base and add it."""
-    from . import Pool
+    """Validate experts against the pool's base and add them (each named by its folder); --data records what one
+    imported expert learned, for the methods that learn from the experts' data."""
+    from . import add_experts
 
     if kind not in (None, "lora", "full"):
         raise WorkbenchError(f"invalid --kind {kind!r}: use lora or full")
-    p = Pool.open(pool)
-    with console.status(f"validating and adding {source} ..."):
-        e = p.add(source, name or source.resolve().name, kind=kind, link=link, tags=_parse_tags(tag), notes=notes,
-                  allow_distant=allow_distant_base)
-    console.print(f"[green]added[/] {e.kind} expert {e.name} to pool {p.name}")
+    with console.status(f"validating and adding {len(sources)} expert{'s' if len(sources) > 1 else ''} ..."):
+        added = add_experts(pool, sources, name=name, kind=kind, link=link, tags=_parse_tags(tag), notes=notes,
+                            allow_distant=allow_distant_base, data=data, prompt_field=prompt_field,
+                            answer_field=answer_field, messages_field=messages_field, text_field=text_field)
+    for e in added:
+        learned = f", data: {'; '.join(r.describe() for r in e.data())}" if e.data() else ""
+        console.print(f"[green]added[/] {e.kind} expert {e.name} to pool {e.pool.name}{learned}", highlight=False,
+                      soft_wrap=True)
+
+
+@pool_app.command("data")
+def pool_data(
+    pool: Annotated[str, typer.Argument(help="pool name or path")],
+    expert: Annotated[str, typer.Argument(help="the expert whose training data to record")],
+    data: _DataOpt = None, prompt_field: _PromptField = None, answer_field: _AnswerField = None,
+    messages_field: _MessagesField = None, text_field: _TextField = None,
+):
+    """Show the data an expert learned, or record it with --data (an imported adapter's data; data that changed):
+    the artifact keys of the methods that read it change with it."""
+    from . import Pool, attach_data
+
+    if data:
+        e = attach_data(pool, expert, data, prompt_field=prompt_field, answer_field=answer_field,
+                        messages_field=messages_field, text_field=text_field)
+        console.print(f"[green]recorded[/] {len(e.data())} dataset(s) for {e.name}", highlight=False)
+    else:
+        e = Pool.open(pool).expert(expert)
+    if not e.data():
+        console.print(f"expert {e.name}: no recorded training data (`workbench pool data {e.pool.name} {e.name} "
+                      "--data FILE` records it)", highlight=False)
+    for r in e.data():
+        console.print(f"{r.name}: {r.describe()}", highlight=False, soft_wrap=True)
 
 
 @pool_app.command("list")
@@ -172,21 +211,23 @@ def pool_list(pool: Annotated[Optional[str], typer.Argument(help="a pool: list i
     from . import Pool, list_pools
 
     if pool is None:
-        table = Table("pool", "base", "experts", "lora", "full", "missing files")  # experts whose files are gone
+        table = Table("pool", "base", "experts", "lora", "full", "not built", "missing files")
         for name in list_pools():
             p = Pool.open(name)
-            missing = sum(not e.files_present() for e in p.experts)
+            unbuilt = sum(e.not_built() for e in p.experts)  # files a known command builds, not shipped
+            missing = sum(not e.files_present() and not e.not_built() for e in p.experts)  # a problem
             table.add_row(p.name, p.manifest.base.spec, str(len(p.names())), str(len(p.names("lora"))),
-                          str(len(p.names("full"))), str(missing) if missing else "-")
+                          str(len(p.names("full"))), str(unbuilt) if unbuilt else "-", str(missing) if missing else "-")
         console.print(table)
         return
     p = Pool.open(pool)
-    table = Table("expert", "kind", "rank", "tags", "linked", "status",
+    table = Table("expert", "kind", "rank", "tags", "data", "linked", "status",
                   title=f"pool {p.name} (base {p.manifest.base.spec})")
     for x in p.experts:
         e = x.entry
         table.add_row(e.name, e.kind, str(e.lora.r) if e.lora else "-",
-                      ", ".join(f"{k}={v}" for k, v in e.tags.items()), "yes" if e.linked else "", x.status())
+                      ", ".join(f"{k}={v}" for k, v in e.tags.items()), ", ".join(x.tasks()) or "-",
+                      "yes" if e.linked else "", x.status())
     console.print(table)
 
 
@@ -261,11 +302,16 @@ def pool_verify(
     p = Pool.open(pool)
     with console.status(f"verifying {len(p.names())} experts ..."):
         problems = p.verify(hashes=hashes)
+    unbuilt = [e for e in p.experts if e.not_built()]
+    for e in unbuilt:
+        console.print(f"{e.name}: {e.status()}", highlight=False)
     if problems:
         for line in problems:
             err_console.print(f"[red]problem[/] {line}")
         raise typer.Exit(1)
-    console.print(f"[green]ok[/] pool {p.name}: {len(p.names())} experts verified")
+    built = len(p.names()) - len(unbuilt)
+    console.print(f"[green]ok[/] pool {p.name}: {built} experts verified"
+                  + (f", {len(unbuilt)} not built" if unbuilt else ""), highlight=False)
 
 
 @pool_app.command("build-demo")
@@ -286,73 +332,109 @@ def pool_build_demo(
 # ----------------------------------------------------------------------------- train
 
 
-def _train(kind: str, pool: str, tasks: list[str], name: Optional[str], device: str, replace: bool, **cfg):
+def _train(kind: str, pool: str, tasks: list[str], name: Optional[str], device: str, replace: bool, *,
+           data: list[str] | None = None, fields: dict | None = None, tag: list[str] | None = None, **cfg):
+    from pathlib import PurePath
+
     from . import Pool
 
     if "targets" in cfg and cfg["targets"] is not None:
         cfg["targets"] = _split_list(cfg["targets"])
+    data = list(data or [])
+    if name is None:
+        labels = tasks + [PurePath(d).stem if not d.startswith("suite:") else d[6:] for d in data]
+        name = labels[0] if len(labels) == 1 else "multitask"
     p = Pool.open(pool)
-    e = p.train(name or (tasks[0] if len(tasks) == 1 else "multitask"), tasks, kind=kind, device=device,
-                replace=replace, **cfg)
+    e = p.train(name, tasks, data=data, kind=kind, device=device, replace=replace, tags=_parse_tags(tag) or None,
+                **(fields or {}), **cfg)
     m = e.entry.training
     console.print(f"[green]trained[/] {e.kind} expert {e.name}: {m['steps']} steps, final loss {m['final_loss']:.4f}, "
-                  f"{m['wall_s']:.0f}s, {m['tokens_per_s']:.0f} tokens/s")
+                  f"{m['wall_s']:.0f}s, {m['tokens_per_s']:.0f} tokens/s; data: "
+                  f"{'; '.join(r.describe() for r in e.data())}", highlight=False, soft_wrap=True)
 
 
-def _one_task(task: str) -> None:
+def _one_task(task: str | None, data: list[str] | None) -> list[str]:
+    if task is None:
+        if not data:
+            raise WorkbenchError("no training data: give --data FILE (your own data) or --task NAME (a suite task)")
+        return []
     if "," in task or task in ("held_in", "held_out", "skills", "domains", "all"):
         raise WorkbenchError(f"--task {task!r}: one task; for several, `workbench train multitask --tasks ...`")
+    return [task]
+
+
+def _fields(prompt_field, answer_field, messages_field, text_field) -> dict:
+    return {"prompt_field": prompt_field, "answer_field": answer_field, "messages_field": messages_field,
+            "text_field": text_field}
 
 
 _Pool = Annotated[str, typer.Option(help="pool name or path")]
 _Dev = Annotated[str, typer.Option(help="cpu or cuda")]
+_Tag = Annotated[Optional[list[str]], typer.Option(help="key=value, repeatable (task=<eval task> pairs the expert "
+                                                        "with its task in leaderboards)")]
 
 
 @train_app.command("lora")
 def train_lora(
-    pool: _Pool, task: Annotated[str, typer.Option(help="task to train on")],
-    name: Annotated[Optional[str], typer.Option(help="expert name (default: the task)")] = None,
+    pool: _Pool, task: Annotated[Optional[str], typer.Option(help="a suite task to train on")] = None,
+    data: _DataOpt = None, prompt_field: _PromptField = None, answer_field: _AnswerField = None,
+    messages_field: _MessagesField = None, text_field: _TextField = None,
+    name: Annotated[Optional[str], typer.Option(help="expert name (default: the task, or the data file's stem)")] = None,
     r: Optional[int] = None, alpha: Optional[float] = None,
     targets: Annotated[Optional[list[str]], typer.Option(help="target modules, comma-separated")] = None,
     steps: Optional[int] = None, lr: Optional[float] = None,
-    batch_size: Optional[int] = None, seed: Optional[int] = None, device: _Dev = "cpu",
+    batch_size: Optional[int] = None, seed: Optional[int] = None, device: _Dev = "cpu", tag: _Tag = None,
     replace: Annotated[bool, typer.Option(help="replace an expert of that name")] = False,
 ):
-    """Train a PEFT LoRA expert on one task (loss on answer tokens only) into the pool."""
-    _one_task(task)
-    _train("lora", pool, [task], name, device, replace, r=r, alpha=alpha, targets=targets, steps=steps, lr=lr,
-           batch_size=batch_size, seed=seed)
+    """Train a PEFT LoRA expert on your data (--data) or a suite task (--task), loss on answer tokens only."""
+    tasks = _one_task(task, data)
+    _train("lora", pool, tasks, name, device, replace, data=data, tag=tag,
+           fields=_fields(prompt_field, answer_field, messages_field, text_field), r=r, alpha=alpha, targets=targets,
+           steps=steps, lr=lr, batch_size=batch_size, seed=seed)
 
 
 @train_app.command("full")
 def train_full(
-    pool: _Pool, task: Annotated[str, typer.Option(help="task to train on")],
-    name: Annotated[Optional[str], typer.Option(help="expert name (default: full-<task>)")] = None,
+    pool: _Pool, task: Annotated[Optional[str], typer.Option(help="a suite task to train on")] = None,
+    data: _DataOpt = None, prompt_field: _PromptField = None, answer_field: _AnswerField = None,
+    messages_field: _MessagesField = None, text_field: _TextField = None,
+    name: Annotated[Optional[str], typer.Option(help="expert name (default: full-<task or data stem>)")] = None,
     steps: Optional[int] = None, lr: Optional[float] = None, batch_size: Optional[int] = None,
-    seed: Optional[int] = None, device: _Dev = "cpu", replace: bool = False,
+    seed: Optional[int] = None, device: _Dev = "cpu", tag: _Tag = None, replace: bool = False,
 ):
-    """Full fine-tune expert (every weight) on one task, saved into the pool as a model folder."""
-    _one_task(task)
-    _train("full", pool, [task], name or f"full-{task}", device, replace, steps=steps, lr=lr,
+    """Full fine-tune expert (every weight) on your data (--data) or a suite task (--task), saved as a model folder."""
+    from pathlib import PurePath
+
+    tasks = _one_task(task, data)
+    label = tasks[0] if tasks else PurePath(data[0]).stem if data and len(data) == 1 else None
+    _train("full", pool, tasks, name or (f"full-{label}" if label else None), device, replace, data=data, tag=tag,
+           fields=_fields(prompt_field, answer_field, messages_field, text_field), steps=steps, lr=lr,
            batch_size=batch_size, seed=seed)
 
 
 @train_app.command("multitask")
 def train_multitask(
     pool: _Pool,
-    tasks: Annotated[str, typer.Option(help="comma-separated tasks, or held_in")] = "held_in",
+    tasks: Annotated[Optional[str], typer.Option(help="comma-separated suite tasks, or held_in (the default "
+                                                      "without --data)")] = None,
+    data: _DataOpt = None, prompt_field: _PromptField = None, answer_field: _AnswerField = None,
+    messages_field: _MessagesField = None, text_field: _TextField = None,
     name: str = "multitask", r: Optional[int] = None, alpha: Optional[float] = None,
     steps: Optional[int] = None, lr: Optional[float] = None, batch_size: Optional[int] = None,
-    seed: Optional[int] = None, device: _Dev = "cpu", replace: bool = False,
+    seed: Optional[int] = None, device: _Dev = "cpu", tag: _Tag = None, replace: bool = False,
 ):
-    """One LoRA on the union of tasks: the reference every combination is compared with."""
-    _train("lora", pool, _split_list([tasks]), name, device, replace, r=r, alpha=alpha,
+    """One LoRA on the union of datasets (--data repeated) and/or suite tasks: the reference every combination is
+    compared with."""
+    task_list = _split_list([tasks]) if tasks else ([] if data else ["held_in"])
+    _train("lora", pool, task_list, name, device, replace, data=data, tag=tag,
+           fields=_fields(prompt_field, answer_field, messages_field, text_field), r=r, alpha=alpha,
            steps=steps, lr=lr, batch_size=batch_size, seed=seed)
 
 
 # ----------------------------------------------------------------------------- eval and results
 
-_Tasks = Annotated[str, typer.Option(help="comma-separated tasks, or held_in, held_out, skills, domains, all")]
+_Tasks = Annotated[str, typer.Option(help="comma-separated tasks (suite names or groups held_in, held_out, skills, "
+                                          "domains, all; lm-eval task and group names; your --include-path tasks)")]
 
 
 def _print_manifest(m: dict) -> None:
@@ -371,8 +453,11 @@ def eval_model(
     tasks: _Tasks = "all", limit: Annotated[Optional[int], typer.Option(help="examples per task")] = None,
     batch_size: int = 16, device: _Dev = "cpu",
     out: Annotated[Optional[Path], typer.Option(help="lm-eval output folder (default results/lm-eval)")] = None,
+    include_path: Annotated[Optional[list[Path]], typer.Option(
+        "--include-path", help="a folder of your lm-eval task YAMLs (repeatable)")] = None,
 ):
-    """Evaluate one model: `workbench eval --model SPEC --pool P --tasks ...`."""
+    """Evaluate one model: `workbench eval --model SPEC --pool P --tasks ...` (suite names, lm-eval's task and
+    group names, or your tasks with --include-path)."""
     if ctx.invoked_subcommand is not None:
         return
     if model is None:
@@ -380,7 +465,7 @@ def eval_model(
     from . import evaluate
 
     res = evaluate(model, _split_list([tasks]), pool=pool, limit=limit, batch_size=batch_size, device=device,
-                   lm_eval_dir=out)
+                   lm_eval_dir=out, include_path=include_path)
     _print_manifest(res.manifest)
 
 
@@ -416,10 +501,18 @@ def eval_determinism(
 
 
 def _print_board(board) -> None:
-    """A Leaderboard as a terminal table: the groups it has, the normalized score, the paired test, each task."""
+    """A Leaderboard as a terminal table: the groups it has, the normalized score, the paired test, each task under
+    its metric's direction; below it the legend (each metric, its direction and units; what norm leaves out)."""
     ref = board.reference
-    title = f"{board.name}: exact match % ± se (paired test vs {ref}; ns: p >= 0.05; norm: held-in / experts' own)"
+    title = (f"{board.name}: accuracy-like tasks in %, other metrics as they are (↑ higher / ↓ lower is better); "
+             f"Δ, p: paired vs {ref} over the accuracy-like tasks (ns: p >= 0.05)")
     Console(width=max(console.width, 200)).print(_frame_table(board.summary(), title))
+    try:
+        legend = board.legend()
+    except (KeyError, TypeError, ValueError):  # a board too old or odd to describe: the table alone
+        legend = []
+    for line in legend:
+        console.print(f"  {line}", style="dim", highlight=False, soft_wrap=True)
     if board.folder is not None:
         console.print(f"leaderboard: {board.folder / 'leaderboard.md'} (+ .csv, .json, .svg)", highlight=False)
 
@@ -453,18 +546,30 @@ def results_runs(
     markdown: Annotated[Optional[Path], typer.Option(help="also write the table as Markdown")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="also draw it as a heatmap (.svg, .png or .html)")] = None,
 ):
-    """Method x task table of the loose lm-eval runs under results/lm-eval (exact match %; domain columns: word
-    perplexity), the latest run of each model."""
+    """Method x task table of the loose lm-eval runs under results/lm-eval, the latest run of each model: each
+    task's primary metric in its direction (↑/↓), accuracy-like ones in %, others (perplexities ...) as they are."""
     from . import results_table
 
     df = results_table(pool, results_dir, csv=csv, markdown=markdown, plot=plot)
     if df.empty:
         console.print("no runs yet")
         return
-    short = df.attrs.get("short", {})
-    view = df.drop(columns=["method"]).rename(columns=lambda c: short.get(str(c), str(c)))
-    Console(width=max(console.width, 160)).print(_frame_table(
-        view, "exact match % (* held-out; ppl: word perplexity; norm: held-in avg / experts' own avg)"))
+    short, info = df.attrs.get("short", {}), df.attrs.get("metrics", {})
+    view = df.drop(columns=["method"]).astype(object)
+    for c in view.columns[1:]:  # % to 0.1; other metrics to 4 significant digits (an f1 of 0.31 stays 0.31)
+        pct = (info.get(c) or {"percent": True})["percent"]
+        view[c] = ["–" if not isinstance(v, (int, float)) or math.isnan(v) else f"{v:.1f}" if pct else f"{v:.4g}"
+                   for v in df[c]]
+
+    def header(c) -> str:
+        name, i = short.get(str(c), str(c)), info.get(c)
+        return name if not i else f"{name} {'↑' if i['higher_is_better'] else '↓'}"
+
+    Console(width=max(console.width, 160)).print(_frame_table(view.rename(columns=header), (
+        "loose runs: % for accuracy-like metrics, other metrics as they are (↑ higher / ↓ lower is better; * "
+        "held-out)")))
+    for line in df.attrs.get("legend") or []:
+        console.print(f"  {line}", style="dim", highlight=False, soft_wrap=True)
     for path in (csv, markdown, plot):
         if path is not None:
             console.print(f"written: {path}", highlight=False)

@@ -5,7 +5,8 @@ A comparison file (e.g. `merges/demo.yaml`):
 
     name: demo
     pool: demo
-    tasks: [held_in, held_out]
+    tasks: [held_in, held_out]      # suite names and groups, lm-eval tasks and groups, tasks of include_path
+    include_path: [my_tasks]        # folders of lm-eval task YAMLs, relative to this file's folder (optional)
     eval: {limit: 20, batch_size: 32, split: test}
     seeds: [0]
     reference: multitask           # the row every other row is paired against
@@ -41,11 +42,13 @@ from .methods import METHODS
 from .methods.base import MAX_BATCH, MAX_LIMIT, MAX_SEED, OutputSpec
 from .pool import Pool
 from .recipes import Experts, ResolvedRecipe, _clip, _load_yaml, parse_recipe, validate_document
+from .tasks.lmeval import TaskRef, suite_config_hash, task_key_inputs
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.@=+-]*\z"
 Ref = Annotated[str, Field(max_length=1024)]
 MERGES_DIR = Path(__file__).resolve().parent.parent / "merges"  # the project's recipes
 MAX_SEEDS = 100  # seeds of a comparison: each one more row per seeded method
+MAX_INCLUDE = 16  # include folders of a comparison (one is usual)
 
 
 class MethodEntry(Schema):
@@ -91,6 +94,10 @@ class ComparisonSpec(Schema):
     experts: Experts | None = Field(None, description="experts of `method` entries that name none "
                                                       "(left out: every expert of the pool; [] is refused)")
     tasks: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=lambda: ["held_in", "held_out"])
+    include_path: list[Ref] = Field(
+        default_factory=list, max_length=MAX_INCLUDE,
+        description=f"folders of lm-eval task YAMLs whose tasks `tasks` may name, relative to the comparison's folder "
+                    f"(at most {MAX_INCLUDE})")
     eval: CompareEval = Field(default_factory=CompareEval)
     seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(
         default_factory=lambda: [0], min_length=1, max_length=MAX_SEEDS,
@@ -150,6 +157,18 @@ class Comparison:
         return {"eval": self.spec.eval.model_dump(mode="json")}
 
     recipe_bodies: dict[str, Any] = field(default_factory=dict)  # recipe files as read when parsing
+    task_refs: dict[str, TaskRef] = field(default_factory=dict)  # task name -> what lm-eval evaluates (tasks.lmeval)
+
+    @property
+    def include_path(self) -> list[Path]:
+        """The spec's include folders, relative to the comparison's folder."""
+        return include_folders(self.spec, self.folder)
+
+    def task_ref(self, name: str) -> TaskRef:
+        """The task `name` as this comparison resolved it (include folders, group configuration)."""
+        if name not in self.task_refs:
+            raise WorkbenchError(f"comparison {self.spec.name!r} has no task {name!r}")
+        return self.task_refs[name]
 
     def to_payload(self) -> dict[str, Any]:
         """What a worker process needs to rebuild this comparison (Ray tasks): the spec, where it came from, and
@@ -159,7 +178,8 @@ class Comparison:
 
 
 def _fingerprint_base(pool: Pool) -> str:
-    return pool.manifest.base.fingerprint
+    """The base as base and expert rows' keys see it: its config and shapes, and its weights' bytes."""
+    return f"{pool.manifest.base.fingerprint}+{pool.base.weights_sha256}"
 
 
 def _is_multitask(expert) -> bool:
@@ -192,12 +212,16 @@ def parse_comparison(data: dict[str, Any] | str | Path, source: str | None = Non
     source = source or "<comparison>"
     folder = Path(folder or ".")
     spec = validate_document(data, ComparisonSpec, "comparison", source)
-    from .eval.harness import resolve_tasks
+    from .tasks import lmeval
 
+    include = include_folders(spec, folder, f"comparison {source}")
+    split = spec.eval.split
     try:
-        tasks = resolve_tasks(list(spec.tasks))
+        refs = lmeval.resolve(list(spec.tasks), include, split)
     except WorkbenchError as e:
         raise RecipeError(f"comparison {source}: tasks: {e}") from None
+    task_refs = {r.name: r for r in refs}
+    tasks = list(task_refs)
     pool = Pool.open(spec.pool)
     bodies: dict[str, Any] = dict(recipe_bodies or {})
     rows: list[Row] = []
@@ -206,7 +230,7 @@ def parse_comparison(data: dict[str, Any] | str | Path, source: str | None = Non
         row_tasks = tasks
         if isinstance(entry, MethodEntry) and entry.tasks is not None:
             try:
-                row_tasks = resolve_tasks(list(entry.tasks))
+                row_tasks = [r.name for r in lmeval.resolve(list(entry.tasks), include, split)]
             except WorkbenchError as e:
                 raise RecipeError(f"{where}: tasks: {e}") from None
             if extra := [t for t in row_tasks if t not in tasks]:
@@ -233,7 +257,20 @@ def parse_comparison(data: dict[str, Any] | str | Path, source: str | None = Non
             log(f"reference row {wanted} is skipped: paired tests use {reference} instead")
     else:
         reference = wanted
-    return Comparison(spec, source, folder, pool, rows, tasks, reference, recipe_bodies=bodies)
+    return Comparison(spec, source, folder, pool, rows, tasks, reference, recipe_bodies=bodies, task_refs=task_refs)
+
+
+def include_folders(spec: ComparisonSpec, folder: Path, where: str | None = None) -> list[Path]:
+    """`include_path` folders, relative to the comparison's folder; with `where`, each must be a folder."""
+    out = []
+    for i, ref in enumerate(spec.include_path):
+        path = Path(ref).expanduser()
+        path = path if path.is_absolute() else Path(folder) / path
+        if where is not None and not path.is_dir():
+            raise RecipeError(f"{where}: include_path.{i}: {_clip(ref)} is not a folder (relative paths are read "
+                              "from the comparison's folder)")
+        out.append(path)
+    return out
 
 
 def _recipe_path(ref: str, folder: Path, where: str) -> Path:
@@ -284,11 +321,12 @@ def _entry_rows(entry, spec: ComparisonSpec, pool: Pool, folder: Path, where: st
             body["experts"] = list(experts)
         if entry.output is not None:
             body["output"] = entry.output.model_dump(mode="json")
-        sweep = False
+        sweep, recipe_folder = False, folder
     else:
         if entry.experts is not None or entry.parameters or entry.output is not None:
             raise RecipeError(f"{where}: a `recipe` entry takes its experts, parameters and output from the recipe")
         path = _recipe_path(entry.recipe, folder, where)
+        recipe_folder = path.parent  # its eval.include_path is relative to it
         if entry.recipe not in bodies:
             bodies[entry.recipe] = _load_yaml(path)
         body = bodies[entry.recipe]
@@ -318,7 +356,7 @@ def _entry_rows(entry, spec: ComparisonSpec, pool: Pool, folder: Path, where: st
             if len(seeds) > 1:
                 b["name"] = f"{body['name']}@seed{seed}"
         try:
-            resolved = parse_recipe(b, source=f"{where} ({b['name']})", require_files=False)
+            resolved = parse_recipe(b, source=f"{where} ({b['name']})", require_files=False, folder=recipe_folder)
         except RecipeError as e:
             raise RecipeError(str(e).replace("recipe ", "", 1)) from None
         out.append(Row(resolved.recipe.name, "artifact", resolved.recipe.method, recipe=resolved, sweep=sweep,
@@ -326,22 +364,37 @@ def _entry_rows(entry, spec: ComparisonSpec, pool: Pool, folder: Path, where: st
     return out
 
 
-def task_config_hash(task: str) -> str:
-    """The task's lm-eval configuration (prompt, generation settings, filters, metric), without this machine's paths."""
-    from .tasks.suite import DOMAINS, TASKS, _task_yaml
+def task_config_hash(task: str, ref: TaskRef | None = None) -> str:
+    """The task's lm-eval configuration (prompt, generation settings, filters, metric), without this machine's paths.
 
-    return sha256_json(_task_yaml(task, Path("/suite"), TASKS.get(task) if task not in DOMAINS else None))[:16]
+    Suite tasks (and a name without its TaskRef): the hash of the suite's YAML, as committed keys hold it; others
+    `tasks.lmeval.task_key_inputs`' (lm-eval's resolved configuration and the code it names)."""
+    if ref is not None and ref.source != "suite":
+        return task_key_inputs(ref)["config"]
+    return suite_config_hash(task)
+
+
+def task_data_hash(task: str, ref: TaskRef | None = None) -> str:
+    """The task's data: the suite's data hash (as committed keys hold it), else the sha256 of the local files the
+    task reads and the Hub dataset it names (`tasks.lmeval.task_key_inputs`)."""
+    if ref is not None and ref.source != "suite":
+        return task_key_inputs(ref)["data"]
+    from .tasks.suite import data_hash
+
+    return data_hash(task)
 
 
 def cell_key(comparison: Comparison, model_key: dict[str, Any], task: str, device: str = "cpu") -> str:
     """The key of one (row, task) result: the row's model, the task's data and configuration, the eval settings,
-    lm-eval's version and the device."""
+    lm-eval's version and the device. Suite tasks' keys are what they always were (committed results hold them);
+    another task's data and configuration are `tasks.lmeval.task_key_inputs`': an edit of its YAML or data files
+    changes the key."""
     from importlib.metadata import version
 
-    from .tasks.suite import data_hash
-
-    return sha256_json({"model": model_key, "task": task, "data": data_hash(task), "config": task_config_hash(task),
-                        "lm_eval": version("lm-eval"), "device": device.split(":")[0], **comparison.settings()})[:16]
+    ref = comparison.task_refs.get(task)
+    return sha256_json({"model": model_key, "task": task, "data": task_data_hash(task, ref),
+                        "config": task_config_hash(task, ref), "lm_eval": version("lm-eval"),
+                        "device": device.split(":")[0], **comparison.settings()})[:16]
 
 
 def comparison_dir(results_dir: Path, name: str) -> Path:
@@ -356,4 +409,4 @@ def default_results_dir() -> Path:
 
 
 __all__ = ["Comparison", "ComparisonSpec", "Row", "cell_key", "comparison_dir", "default_results_dir",
-           "parse_comparison"]
+           "include_folders", "parse_comparison", "task_config_hash", "task_data_hash"]

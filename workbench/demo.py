@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .data import open_data, suite_spec
 from .pool import Pool
 from .tasks.suite import task_names
 from .train import FullConfig, LoraConfigModel, train_expert
@@ -196,7 +197,8 @@ def build_demo_pool(pool_spec: str = DEMO_POOL, base: str = "smollm2-135m", devi
             why = ("its training config changed" if not same else "--full retrains it"
                    if pool.expert(plan.name).files_present() else "its files are missing")
             log(f"rebuilding {plan.name}: {why}")
-        train_expert(pool, plan.name, list(plan.tasks), plan.config, device=device, replace=old is not None)
+        train_expert(pool, plan.name, [open_data(suite_spec(t, plan.config.data_seed)) for t in plan.tasks], plan.config,
+                     device=device, replace=old is not None)
         if same:
             pool.keep_metadata(old)
     log(f"demo pool {pool.name}: {len(pool.names())} experts ({time.perf_counter() - t0:.0f}s this run)")

@@ -77,6 +77,41 @@ def build_key(row: Row) -> str:
     return sha256_json(row.identity())[:16]
 
 
+def row_key_body(row: Row) -> dict[str, Any]:
+    """What the row's build key hashes, spelled out (recorded with the build, so that `--dry-run` can name what
+    changed): the recipe's key body, and the sweep grid of a swept row."""
+    body = dict(row.recipe.key_body) if row.recipe is not None else row.identity()
+    if row.sweep and row.recipe is not None and row.recipe.recipe.sweep:
+        body["sweep"] = row.recipe.recipe.sweep.model_dump(mode="json")
+    return body
+
+
+def changed_inputs(old: Any, new: Any, prefix: str = "", depth: int = 3) -> list[str]:
+    """The paths (a.b.c) where two key bodies differ, down to `depth` levels."""
+    if isinstance(old, dict) and isinstance(new, dict) and depth > 0:
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += changed_inputs(old.get(k), new.get(k), f"{prefix}{k}.", depth - 1)
+        return out
+    return [prefix.rstrip(".") or "(all)"] if old != new else []
+
+
+def why_rebuild(plan: Plan, row: Row) -> str:
+    """For a build to do: what changed since the recorded build (its key body against this one), or why it runs."""
+    rec = _read(plan.build_path(row))
+    if rec is None:
+        return "never built"
+    if rec.get("key") == build_key(row):
+        return "its artifact left the cache"
+    old = rec.get("key_body")
+    if not isinstance(old, dict):
+        return "the key changed (the record predates recorded key inputs)"
+    from .eval.record import scrub
+
+    diff = changed_inputs(old, scrub(row_key_body(row)))
+    return f"changed: {', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}" if diff else "the key changed"
+
+
 def _artifact_folder(rec: dict[str, Any]) -> Path:
     from .io import artifacts_dir
 
@@ -139,7 +174,7 @@ def describe(plan: Plan) -> list[str]:
     for r in plan.skipped:
         lines.append(f"  skip  {r.name}: {r.skip}")
     for r in plan.builds:
-        state = "todo" if needs_build(plan, r) else "done"
+        state = f"todo ({why_rebuild(plan, r)})" if needs_build(plan, r) else "done"
         sweep = f", validation sweep of {len(_sweep_points(r))} points" if r.sweep else ""
         lines.append(f"  build {r.name} ({r.method}{sweep}): {state}")
     done = sum(1 for r, t in plan.evals if cell_done(plan, r, t))
@@ -162,6 +197,7 @@ def _sweep_points(row: Row) -> list[dict[str, Any]]:
 def run_build(plan: Plan, row: Row, *, device: str = "cpu", log: Log = print) -> dict[str, Any]:
     """Build the row's artifact (after its validation sweep) unless a current build record says it is done."""
     from .artifacts import artifact_ref, read_artifact_meta
+    from .eval.record import scrub
     from .recipes import build, check_expert_files, run_sweep
 
     if not needs_build(plan, row):
@@ -174,7 +210,8 @@ def run_build(plan: Plan, row: Row, *, device: str = "cpu", log: Log = print) ->
     artifact = build(resolved, device=device, log=log)
     meta = read_artifact_meta(artifact)
     rec = {"key": build_key(row), "row": row.name, "method": row.method, "artifact": artifact_ref(artifact),
-           "model_key": resolved.key, "params": resolved.params.model_dump(mode="json", by_alias=True),
+           "model_key": resolved.key, "key_body": scrub(row_key_body(row)),
+           "params": resolved.params.model_dump(mode="json", by_alias=True),
            "selection": selection, "build_s": round(time.perf_counter() - t0, 2),
            "report": {k: meta[k] for k in resolved.method.report if meta.get(k) is not None}}
     atomic_write_json(plan.build_path(row), rec)
@@ -203,7 +240,10 @@ def run_row(plan: Plan, row: Row, *, device: str = "cpu", log: Log = print,
             on_cell: Callable[[Row, str, dict | None], None] | None = None) -> list[dict[str, Any]]:
     """Evaluate the row's cells that are not done (the model is loaded once, only if one is missing); returns the
     records written. `on_cell(row, task, None)` as a cell starts, `on_cell(row, task, record)` once written."""
+    from .cells import read_record
     from .eval import run_eval
+    from .eval.metrics import cell_fields, primary_metric
+    from .eval.metrics import describe as describe_cell
     from .eval.record import read_samples
 
     c = plan.comparison
@@ -230,26 +270,27 @@ def run_row(plan: Plan, row: Row, *, device: str = "cpu", log: Log = print,
         if build:
             extra |= {"params": build["params"], "artifact_key": build["model_key"],
                       "selected_on_validation": build["selection"]}
-        m = run_eval(loaded.name if row.kind == "artifact" else (row.expert or "base"), [task], pool=c.pool,
+        m = run_eval(loaded.name if row.kind == "artifact" else (row.expert or "base"), [c.task_ref(task)], pool=c.pool,
                      limit=spec.limit, batch_size=spec.batch_size, split=spec.split, device=device,
                      results_dir=lm_dir, loaded=loaded, extra=extra)
         run_path = lm_dir / Path(m["results_file"]).parent.name / f"run_{m['run_id']}.json"
         samples = sorted((s for s in read_samples(run_path) if s["task"] == task), key=lambda s: s["doc_id"])
-        metric = "exact_match" if samples and "exact_match" in samples[0]["metrics"] else \
-            (next(iter(samples[0]["metrics"])) if samples else "exact_match")
-        values = [float(s["metrics"][metric][0] if isinstance(s["metrics"][metric], list) else s["metrics"][metric])
-                  for s in samples]
+        # the task's primary metric and its direction, as lm-eval reports them (its results JSON, beside the run)
+        scores = m["scores"].get(task) or {}
+        metric = primary_metric(task, read_record(lm_dir.parent / m["results_file"]),
+                                list(samples[0]["metrics"]) if samples else None, scores)
+        if metric is None:
+            raise WorkbenchError(f"{row.name} x {task}: lm-eval reported no metric for the task")
+        fields = cell_fields(samples, metric, scores.get(metric.name))
         fault_point("eval")
-        rec = {"key": cell_key(c, mk, task, plan.device), "row": row.name, "task": task, "metric": metric,
-               "score": m["scores"].get(task, {}).get(metric), "n": len(values),
-               "doc_ids": [s["doc_id"] for s in samples], "values": values,
+        rec = {"key": cell_key(c, mk, task, plan.device), "row": row.name, "task": task, **fields,
                "run": Path(run_path).relative_to(plan.out).as_posix(), "eval_s": round(time.perf_counter() - t0, 2)}
         atomic_write_json(plan.cell_path(row, task), rec)
         out.append(rec)
         if on_cell:
             on_cell(row, task, rec)
         else:
-            log(f"{row.name} x {task}: {100 * (sum(values) / max(len(values), 1)):.1f} ({rec['eval_s']:.0f}s)")
+            log(f"{row.name} x {task}: {describe_cell(fields)} ({rec['eval_s']:.0f}s)")
     return out
 
 
@@ -524,7 +565,9 @@ def write_leaderboard(plan: Plan) -> dict[str, Any]:
     atomic_write_json(plan.out / "plan.json", plan_record(plan))
     atomic_write_json(plan.out / "leaderboard.json", board)
     fault_point("leaderboard")
-    atomic_write_text(plan.out / "leaderboard.csv", leaderboard_frame(board).to_csv(index=False, float_format="%.4f"))
+    # the CSV's task columns carry each metric's direction (↑ higher is better, ↓ lower) and Δ's sign (+ = better)
+    atomic_write_text(plan.out / "leaderboard.csv", leaderboard_frame(board, arrows=True).to_csv(index=False,
+                                                                                                float_format="%.6g"))
     atomic_write_text(plan.out / "leaderboard.md", leaderboard_markdown(board, title))
     try:
         svg = plan.out / "leaderboard.svg"
@@ -566,26 +609,55 @@ def write_training_chart(curves: dict[str, list[float]], title: str, path: Path)
 
 def merge_count_curve(plan: Plan) -> dict[str, Any]:
     """Score vs number of merged experts: for each artifact row, its method, its expert count and its mean over
-    its tasks (± the combined standard error); written as curve.json and curve.svg beside the leaderboard."""
-    from .eval import stats
+    its accuracy-like tasks (± the combined standard error); written as curve.json and curve.svg beside the
+    leaderboard. A task is accuracy-like as the leaderboard decides (0/1 per example, higher is better, one metric
+    over every row's cell); tasks of other metrics (a perplexity's per-document log-likelihoods, a per-example f1)
+    are never averaged in: the curve names them in `left_out` (task -> metric) and `note`."""
+    import math
+
+    from .eval import metrics
+    from .eval.leaderboard import _kind as task_kind  # the leaderboard's own rule: one kind per task for every row
     from .eval.leaderboard import curve_chart
 
     cells = collect_cells(plan)
+    views: dict[tuple[str, str], metrics.CellView] = {}
+    for key, c in cells.items():
+        try:
+            views[key] = metrics.view(c)
+        except (TypeError, ValueError, AttributeError):  # unreadable: as if missing
+            continue
+    by_task: dict[str, list[metrics.CellView]] = {}
+    for (_, t), v in views.items():
+        by_task.setdefault(t, []).append(v)
+    accuracy, left_out = set(), {}
+    for t, vs in by_task.items():
+        one = len({(v.metric, v.aggregate, v.higher_is_better) for v in vs}) == 1
+        if one and vs[0].higher_is_better and task_kind(vs) == "accuracy":
+            accuracy.add(t)
+        else:
+            left_out[t] = ", ".join(sorted({v.metric for v in vs}))
     points = []
     for row in plan.comparison.active_rows:
         if row.kind != "artifact":
             continue
-        got = [cells[(row.name, t)] for t in row.tasks if (row.name, t) in cells]
-        if len(got) < len(row.tasks):
+        if any((row.name, t) not in views for t in row.tasks):
             continue
-        means = [sum(c["values"]) / len(c["values"]) for c in got]
-        ses = [stats.stderr(c["values"]) for c in got]
+        tasks = [t for t in row.tasks if t in accuracy]
+        got = [views[(row.name, t)] for t in tasks]
+        means = [v.value for v in got]
+        if not got or not all(math.isfinite(m) for m in means):
+            continue
+        ses = [v.stderr for v in got]
         points.append({"row": row.name, "method": row.method, "experts": len(row.recipe.experts),
-                       "tasks": row.tasks, "mean": sum(means) / len(means),
+                       "tasks": tasks, "mean": sum(means) / len(means),
                        "stderr": sum(x * x for x in ses) ** 0.5 / len(ses),  # NaN (n < 2) propagates
-                       "per_task": dict(zip(row.tasks, means))})
+                       "per_task": dict(zip(tasks, means))})
     curve = {"name": plan.comparison.spec.name, "pool": plan.comparison.pool.name,
              "eval": plan.comparison.spec.eval.model_dump(mode="json"), "points": points}
+    if left_out:
+        curve["left_out"] = left_out
+        curve["note"] = ("mean over the accuracy-like tasks only; left out (not accuracy-like): "
+                         + ", ".join(f"{t} ({m})" for t, m in left_out.items()))
     atomic_write_json(plan.out / "curve.json", curve)
     if points:
         svg = plan.out / "curve.svg"

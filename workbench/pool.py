@@ -26,6 +26,7 @@ from pydantic import BaseModel as Schema
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_serializer
 
 from .base import BaseModel, fingerprint
+from .data import DataRecord
 from .errors import ExpertValidationError, ManifestError, PoolError, did_you_mean
 from .faults import fault_point
 from .io import atomic_write_json, file_lock, lock_for, sha256_file
@@ -151,6 +152,10 @@ class ExpertEntry(Schema):
     files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256")
     added_at: str = ""
     base_distance: float | None = Field(None, description="full experts: ||W_e − W_0|| / ||W_0||, measured on add")
+    data: list[DataRecord] = Field(default_factory=list, max_length=1000,
+                                   description="the datasets the expert learned (spec, fields, content hash, rows)")
+    rebuild: str = Field("", max_length=200, description="the command that builds this expert's files when they are "
+                                                         "not shipped (e.g. `workbench demo --full`)")
 
     @field_validator("name")
     @classmethod
@@ -161,8 +166,9 @@ class ExpertEntry(Schema):
     def _drop_unmeasured(self, handler):
         # Entries written before `base_distance` existed (or LoRA ones) keep their bytes on a rewrite.
         data = handler(self)
-        if data.get("base_distance") is None:
-            data.pop("base_distance", None)
+        for key in ("base_distance", "rebuild"):
+            if not data.get(key):
+                data.pop(key, None)
         return data
 
 
@@ -368,13 +374,48 @@ class Expert:
     def _full(self) -> SafetensorsDir:
         return SafetensorsDir(self.path, model_weight_files(self.path))
 
+    def data(self) -> list[DataRecord]:
+        """The datasets this expert learned, as its manifest entry records them (`pool data` / `--data` set them)."""
+        return list(self.entry.data)
+
     def tasks(self) -> list[str]:
-        """The suite tasks whose training data this expert learned (training.tasks, training.task, else its
-        task tag); routers that learn from the experts' data read them."""
-        tr = self.entry.training
-        tasks = tr.get("tasks") or ([tr["task"]] if tr.get("task") else [])
-        tasks = tasks or ([self.entry.tags["task"]] if "task" in self.entry.tags else [])
-        return [t for t in tasks if t != "multitask"]
+        """The names of the datasets this expert learned (a suite task's name for the demo's experts)."""
+        return [r.name for r in self.entry.data]
+
+    def require_data(self, method: str) -> list[DataRecord]:
+        """The expert's data records; refuses in one line when it has none, naming the flag that fixes it."""
+        if not self.entry.data:
+            raise PoolError(f"{method}: expert {self.name!r} of pool {self.pool.name!r} has no recorded training data "
+                            f"(the method learns from it): attach it with `workbench pool data {self.pool.name} "
+                            f"{self.name} --data FILE` (or `pool add ... --data FILE`)")
+        return list(self.entry.data)
+
+    def check_data(self, method: str) -> None:
+        """Refuse (one line) when the expert has no data, or its data changed since it was recorded."""
+        from .data import DataError, check_unchanged
+
+        for rec in self.require_data(method):
+            try:
+                check_unchanged(rec, self.pool.root, f"expert {self.name!r}")
+            except DataError as e:
+                raise PoolError(f"{method}: {e}") from None
+
+    def rows(self, tokenizer: Any = None, *, split: str = "train", method: str = "") -> list[dict[str, Any]]:
+        """The rows of every dataset this expert learned ({"question", "answer"}), in record order; `split`
+        another split of the same sources (validation: [] where a source has none)."""
+        from .data import read_rows
+
+        out: list[dict[str, Any]] = []
+        for rec in self.require_data(method or "reading data"):
+            out += read_rows(rec, tokenizer, split=split, pool_root=self.pool.root, who=f"expert {self.name!r}")
+        return out
+
+    def rows_by_source(self, tokenizer: Any = None, *, split: str = "train") -> list[list[dict[str, Any]]]:
+        """Each recorded dataset's rows, one list per record."""
+        from .data import read_rows
+
+        return [read_rows(rec, tokenizer, split=split, pool_root=self.pool.root, who=f"expert {self.name!r}")
+                for rec in self.require_data("reading data")]
 
     def missing_files(self) -> list[str]:
         """Files the manifest lists that are not on disk (a clone has the manifest, not the weights)."""
@@ -384,8 +425,15 @@ class Expert:
         """Whether every file the manifest lists is on disk."""
         return not self.missing_files()
 
+    def not_built(self) -> bool:
+        """Whether none of its files are on disk and its entry names the command that builds them (e.g. the demo's
+        full fine-tunes, whose weights are not shipped): a state, not a problem."""
+        return bool(self.entry.rebuild) and len(self.missing_files()) == len(self.entry.files)
+
     def status(self) -> str:
-        """'ok', or 'missing files: a, b' (for `pool list` and `pool show`)."""
+        """'ok', 'not built (`<command>`)', or 'missing files: a, b' (for `pool list`, `pool show`, `pool verify`)."""
+        if self.not_built():
+            return f"not built (`{self.entry.rebuild}`)"
         missing = self.missing_files()
         return f"missing files: {', '.join(missing)}" if missing else "ok"
 
@@ -568,8 +616,9 @@ class Pool:
 
     def add(self, source: str | os.PathLike, name: str, *, kind: str | None = None, link: bool = False,
             tags: dict[str, str] | None = None, training: dict[str, Any] | None = None, notes: str = "",
-            replace: bool = False, allow_distant: bool = False) -> Expert:
-        """Validate `source` and add it; copy by default, reference in place with `link`.
+            replace: bool = False, allow_distant: bool = False, data: list[DataRecord] | None = None) -> Expert:
+        """Validate `source` and add it; copy by default, reference in place with `link`. `data`: the datasets it
+        learned (`workbench.data.open_data`), for the methods that learn from the experts' data.
 
         Order keeps the pool consistent: validate -> copy into `.staging/` -> rename into
         `experts/<name>` -> write the manifest atomically. A crash before the last step
@@ -580,11 +629,11 @@ class Pool:
             raise PoolError(f"pool {self.name!r} already has an expert named {name!r}")
         with self._locked():
             return self._add_locked(source, name, kind=kind, link=link, tags=tags, training=training, notes=notes,
-                                    replace=replace, allow_distant=allow_distant)
+                                    replace=replace, allow_distant=allow_distant, data=data)
 
     def _add_locked(self, source: str | os.PathLike, name: str, *, kind: str | None, link: bool,
                     tags: dict[str, str] | None, training: dict[str, Any] | None, notes: str, replace: bool,
-                    allow_distant: bool) -> Expert:
+                    allow_distant: bool, data: list[DataRecord] | None = None) -> Expert:
         if name in self and not replace:  # checked again on the manifest as it is now
             raise PoolError(f"pool {self.name!r} already has an expert named {name!r}")
         source = Path(source).expanduser().resolve()
@@ -617,7 +666,8 @@ class Pool:
                 shutil.rmtree(tmp, ignore_errors=True)
             rel = f"{EXPERTS_DIR}/{name}"
         entry = ExpertEntry(name=name, kind=kind, path=rel, linked=link, tags=tags or {}, training=training or {},
-                            notes=notes, lora=lora, files=hashes, added_at=_now(), base_distance=distance)
+                            notes=notes, lora=lora, files=hashes, added_at=_now(), base_distance=distance,
+                            data=list(data or []))
         self._put(entry)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -635,6 +685,15 @@ class Pool:
         self.manifest.experts = experts
         self._save()
 
+    def set_data(self, name: str, records: list[DataRecord]) -> Expert:
+        """Record the datasets expert `name` learned (replacing what was recorded): the artifact keys of the methods
+        that read them change with them."""
+        self.expert(name)  # unknown: one line, before the lock
+        with self._locked():
+            entry = self.expert(name).entry.model_copy(update={"data": list(records)})
+            self._put(entry)
+        return Expert(self, entry)
+
     def keep_metadata(self, old: ExpertEntry) -> Expert:
         """After rebuilding `old.name`'s files, put back `old`'s entry (added_at, training, tags, notes).
 
@@ -645,17 +704,22 @@ class Pool:
             new = self.expert(old.name).entry
             if new.files != old.files:
                 old = old.model_copy(update={"files": new.files, "lora": new.lora, "base_distance": new.base_distance})
+            if new.data and new.data != old.data:  # what it was trained on now, recorded
+                old = old.model_copy(update={"data": new.data})
             self._put(old)
         return Expert(self, old)
 
-    def train(self, name: str, tasks: str | list[str], *, kind: str = "lora", device: str = "cpu",
-              replace: bool = False, tags: dict[str, str] | None = None, **config: Any) -> Expert:
-        """Train a LoRA (`kind="lora"`) or full (`kind="full"`) expert on `tasks` (task names or groups) and add it
-        to this pool. `config`: training options (`r`, `alpha`, `targets`, `steps`, `lr`, `batch_size`, `seed`,
-        ...), validated before any model loads."""
+    def train(self, name: str, tasks: str | list[str] | None = None, *, data: str | list[str] | None = None,
+              kind: str = "lora", device: str = "cpu", replace: bool = False, tags: dict[str, str] | None = None,
+              **config: Any) -> Expert:
+        """Train a LoRA (`kind="lora"`) or full (`kind="full"`) expert on `data` (files, save_to_disk folders, hub
+        ids: `workbench.data`; field options `prompt_field`, `answer_field`, `messages_field`, `text_field`) and/or
+        suite `tasks`, and add it to this pool with its data recorded. `config`: training options (`r`, `alpha`,
+        `targets`, `steps`, `lr`, `batch_size`, `seed`, ...), validated before any model loads."""
         from .api import train_expert
 
-        return train_expert(self, name, tasks, kind=kind, device=device, replace=replace, tags=tags, **config)
+        return train_expert(self, name, tasks, data=data, kind=kind, device=device, replace=replace, tags=tags,
+                            **config)
 
     def remove(self, name: str) -> None:
         """Remove an expert from the manifest and delete its copied files (linked folders are left alone)."""
@@ -668,7 +732,9 @@ class Pool:
                 shutil.rmtree(expert.path)
 
     def verify(self, *, hashes: bool = True) -> list[str]:
-        """Problems found (empty when the pool is sound): files, hashes, shapes, finite values."""
+        """Problems found (empty when the pool is sound): files, hashes, shapes, finite values, recorded data that
+        changed. An expert that is not built (`Expert.not_built`: no file on disk, its entry names the command that
+        builds it) is not a problem."""
         problems: list[str] = []
         try:
             base = self.base
@@ -676,6 +742,15 @@ class Pool:
             return [str(e)]
         for expert in self.experts:
             e = expert.entry
+            if expert.not_built():
+                continue
+            for rec in e.data:
+                try:
+                    from .data import DataError, check_unchanged
+
+                    check_unchanged(rec, self.root, e.name)
+                except DataError as err:
+                    problems.append(str(err))
             file_problems = []
             for f, digest in e.files.items():
                 p = expert.path / f

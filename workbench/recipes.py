@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -38,6 +39,7 @@ MAX_DEPTH = 32  # nesting levels of a recipe (one needs about 5)
 MAX_SWEEP_POINTS = 1024  # grid points of a sweep (each is a build and an evaluation)
 Ref = Annotated[str, Field(max_length=1024)]  # a name or path: bounded, so errors that echo it stay short
 ECHO = 40  # characters of an input value an error echoes at most
+MAX_INCLUDE = 16  # include folders of a recipe's evaluation (one is usual)
 
 
 def _some_experts(names: list[str]) -> list[str]:
@@ -52,7 +54,12 @@ Experts = Annotated[list[Ref], AfterValidator(_some_experts)]
 
 class EvalSpec(Schema):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-    tasks: list[str] = Field(default_factory=lambda: ["held_in", "held_out"])
+    tasks: list[str] = Field(default_factory=lambda: ["held_in", "held_out"],
+                             description="suite names and groups, lm-eval tasks and groups, tasks of include_path")
+    include_path: list[Ref] = Field(
+        default_factory=list, max_length=MAX_INCLUDE,
+        description=f"folders of lm-eval task YAMLs (for `tasks` and the sweep's), relative to the recipe's folder "
+                    f"(at most {MAX_INCLUDE})")
     batch_size: int = Field(32, gt=0, le=MAX_BATCH, description=f"examples per forward (1..{MAX_BATCH})")
     limit: int | None = Field(None, gt=0, le=MAX_LIMIT,
                               description=f"examples per task (None: the whole split; at most {MAX_LIMIT:,})")
@@ -93,23 +100,40 @@ class ResolvedRecipe:
     experts: list[Expert]
     method: Method
     params: MethodParams
+    folder: Path = Path(".")  # the recipe file's folder: eval.include_path is relative to it
+
+    @property
+    def include_path(self) -> list[Path]:
+        """The eval section's include folders, relative to the recipe's folder."""
+        return [p if (p := Path(ref).expanduser()).is_absolute() else self.folder / p
+                for ref in self.recipe.eval.include_path]
 
     @cached_property
     def inputs(self) -> dict[str, Any]:
         """Hashes of the data the method's build reads beyond the experts' files (`Method.key_inputs`)."""
         return self.method.key_inputs(self.experts, self.params)
 
-    @property
-    def key(self) -> str:
-        """Hash of everything that determines the artifact: recipe fields, experts' file hashes, the method's
-        version and the data its build reads."""
+    @cached_property
+    def key_body(self) -> dict[str, Any]:
+        """Everything that determines the artifact, as hashed into `key`: the method and output, the experts' file
+        hashes, the base's weights, the validated parameters (a default spelled out or left out is one key), the
+        method's version, the data its build reads and the threads a CPU build runs on."""
+        from .methods.base import BUILD_THREADS
+
         # The name is not part of the key: a sweep's best point reuses that point's artifact.
-        body = self.recipe.model_dump(mode="json", exclude={"eval", "description", "sweep", "name"})
+        body = self.recipe.model_dump(mode="json", exclude={"eval", "description", "sweep", "name", "parameters"})
         body["experts"] = [(e.pool.manifest.base.fingerprint, e.name, e.entry.files) for e in self.experts]
+        body["base_weights"] = self.pool.base.weights_sha256
         body["params"] = self.params.model_dump(mode="json", by_alias=True)
         body["method_version"] = self.method.version
         body["inputs"] = self.inputs
-        return sha256_json(body)[:12]
+        body["build_threads"] = BUILD_THREADS
+        return body
+
+    @property
+    def key(self) -> str:
+        """Hash of `key_body`: everything that determines the artifact."""
+        return sha256_json(self.key_body)[:12]
 
     @property
     def artifact_dir(self) -> Path:
@@ -236,11 +260,13 @@ def validate_document(data: Any, schema, what: str, source: str):
 
 
 def parse_recipe(data: dict[str, Any] | str | Path, source: str | None = None, *,
-                 require_files: bool = True) -> ResolvedRecipe:
+                 require_files: bool = True, folder: Path | None = None) -> ResolvedRecipe:
     """A recipe (file or mapping) validated and resolved; `require_files=False` accepts experts whose files are
-    absent (a comparison plans, and skips, what it cannot build)."""
+    absent (a comparison plans, and skips, what it cannot build). `folder` (default: the recipe file's, else the
+    working folder) is where relative `eval.include_path` folders are."""
     if isinstance(data, (str, Path)) and Path(data).suffix in (".yaml", ".yml"):
         source = source or str(data)
+        folder = folder or Path(data).parent
         data = _load_yaml(Path(data))
     source = source or "<recipe>"
     recipe = validate_document(data, Recipe, "recipe", source)
@@ -270,11 +296,15 @@ def parse_recipe(data: dict[str, Any] | str | Path, source: str | None = None, *
         method.validate(experts, params, recipe.output)
     except RecipeError as e:
         raise RecipeError(f"recipe {source}: {e}") from None
-    resolved = ResolvedRecipe(recipe, source, pool, experts, method, params)
+    resolved = ResolvedRecipe(recipe, source, pool, experts, method, params, Path(folder or "."))
+    for i, path in enumerate(resolved.include_path):
+        if not path.is_dir():
+            raise RecipeError(f"recipe {source}: eval.include_path.{i}: {_clip(recipe.eval.include_path[i])} is not a "
+                              "folder (relative paths are read from the recipe's folder)")
     if recipe.sweep:
-        from .eval.harness import resolve_tasks
+        from .tasks import lmeval
 
-        resolve_tasks(recipe.sweep.tasks)
+        lmeval.resolve(recipe.sweep.tasks, resolved.include_path, "validation")
         for point in sweep_points(recipe.sweep):  # every grid point is validated before any work
             variant(resolved, point)
     return resolved
@@ -306,7 +336,27 @@ def variant(resolved: ResolvedRecipe, point: dict[str, Any]) -> ResolvedRecipe:
                                           "parameters.")) from None
     resolved.method.validate(resolved.experts, params, r.output)
     recipe = r.model_copy(update={"parameters": params_dict, "name": f"{r.name}@{suffix}"})
-    return ResolvedRecipe(recipe, resolved.source, resolved.pool, resolved.experts, resolved.method, params)
+    return ResolvedRecipe(recipe, resolved.source, resolved.pool, resolved.experts, resolved.method, params,
+                          resolved.folder)
+
+
+@contextmanager
+def build_threads(device: str = "cpu"):
+    """Torch on `BUILD_THREADS` threads for one CPU build (restored after): the artifact's bytes do not depend on
+    the caller's OMP_NUM_THREADS."""
+    import torch
+
+    from .methods.base import BUILD_THREADS
+
+    if not str(device).startswith("cpu"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def build(resolved: ResolvedRecipe, *, force: bool = False, device: str = "cpu", log=print) -> Path:
@@ -332,10 +382,12 @@ def build(resolved: ResolvedRecipe, *, force: bool = False, device: str = "cpu",
         with staging_dir(out, replace=True) as tmp:
             ctx = BuildContext(pool=resolved.pool, experts=resolved.experts, params=resolved.params, output=r.output,
                                out_dir=tmp, recipe=r.model_dump(mode="json"), device=device, log=log)
-            meta = resolved.method.build(ctx)
+            with build_threads(device):
+                meta = resolved.method.build(ctx)
             write_artifact_meta(tmp, {
                 **meta, "name": r.name, "names": [r.name], "method": r.method, "recipe": r.model_dump(mode="json"),
-                "key": resolved.key, "method_version": resolved.method.version, "key_inputs": resolved.inputs,
+                "key": resolved.key, "key_body": resolved.key_body, "method_version": resolved.method.version,
+                "key_inputs": resolved.inputs,
                 "params": resolved.params.model_dump(mode="json", by_alias=True),
                 "pool": str(resolved.pool.root.resolve()), "base": resolved.pool.manifest.base.spec,
                 "experts": [e.name for e in resolved.experts], "build_s": round(time.perf_counter() - t0, 2),
@@ -364,29 +416,28 @@ def run_sweep(resolved: ResolvedRecipe, *, device: str = "cpu", force: bool = Fa
     Scores are recorded in `<results_dir>/sweeps/` and reused while the point's artifact key, the tasks,
     the limit and the tasks' data are the same.
     """
+    from .comparison import task_config_hash, task_data_hash
     from .eval import harness
-    from .eval.harness import resolve_tasks
-    from .tasks.suite import data_hash
+    from .tasks import lmeval
 
     check_expert_files(resolved.experts)  # cached scores trust the key, and the key trusts the files
     sweep = resolved.recipe.sweep
-    tasks = resolve_tasks(sweep.tasks)
-    data = {t: data_hash(t) for t in tasks}
+    refs = lmeval.resolve(sweep.tasks, resolved.include_path, "validation")
+    tasks = [r.name for r in refs]
+    data = {r.name: task_data_hash(r.name, r) for r in refs}
     record_path = Path(results_dir or harness.results_root()) / "sweeps" / f"{resolved.pool.name}__{resolved.recipe.name}.json"
     from importlib.metadata import version
-
-    from .comparison import task_config_hash
 
     # keyed like a comparison's cells: the points' scores depend on the tasks' data and configuration (prompt,
     # generation settings, metric), lm-eval's version, the batch size and the device, besides the limit
     head = {"recipe": resolved.recipe.name, "pool": resolved.pool.name, "split": "validation", "tasks": tasks,
-            "limit": sweep.limit, "data_sha256": data, "config": {t: task_config_hash(t) for t in tasks},
+            "limit": sweep.limit, "data_sha256": data, "config": {r.name: task_config_hash(r.name, r) for r in refs},
             "lm_eval": version("lm-eval"), "batch_size": sweep.batch_size, "device": device.split(":")[0]}
     with file_lock(lock_for(record_path)):  # one process at a time reads, extends and rewrites the record
-        return _sweep_locked(resolved, record_path, head, tasks, device=device, force=force, log=log)
+        return _sweep_locked(resolved, record_path, head, refs, device=device, force=force, log=log)
 
 
-def _sweep_locked(resolved: ResolvedRecipe, record_path: Path, head: dict, tasks: list[str], *, device: str,
+def _sweep_locked(resolved: ResolvedRecipe, record_path: Path, head: dict, tasks: list, *, device: str,
                   force: bool, log) -> tuple[ResolvedRecipe, dict]:
     import statistics
 
@@ -411,7 +462,8 @@ def _sweep_locked(resolved: ResolvedRecipe, record_path: Path, head: dict, tasks
         artifact = build(v, device=device, log=log)
         res = evaluate(load_artifact(artifact, device=device), tasks, limit=sweep.limit, batch_size=sweep.batch_size,
                        split="validation", log_samples=False)
-        per_task = {t: m.get("exact_match", float("nan")) for t, m in scores_of(res).items()}
+        # exact match (the suite's skills), else accuracy (a multiple-choice task of lm-eval or the include path)
+        per_task = {t: m.get("exact_match", m.get("acc", float("nan"))) for t, m in scores_of(res).items()}
         score = statistics.fmean(per_task.values())
         points.append({"point": point, "key": v.key, "score": score, "per_task": per_task,
                        "artifact": artifact_ref(artifact)})
@@ -421,7 +473,7 @@ def _sweep_locked(resolved: ResolvedRecipe, record_path: Path, head: dict, tasks
     atomic_write_json(record_path, {**head, "points": points, "best": best})
     chosen = variant(resolved, best["point"])
     chosen = ResolvedRecipe(chosen.recipe.model_copy(update={"name": resolved.recipe.name}), chosen.source,
-                            chosen.pool, chosen.experts, chosen.method, chosen.params)
+                            chosen.pool, chosen.experts, chosen.method, chosen.params, chosen.folder)
     return chosen, {"file": f"sweeps/{record_path.name}", "best": best["point"], "validation_score": best["score"]}
 
 
@@ -448,6 +500,7 @@ def run_recipe(path: str | Path | dict, *, evaluate: bool = False, force: bool =
         loaded.name = resolved.recipe.name
         loaded.info.update(method=resolved.recipe.method, artifact=ref)
         out["eval"] = run_eval(ref, spec.tasks, pool=resolved.pool, limit=spec.limit, loaded=loaded,
+                               include_path=resolved.include_path,
                                batch_size=spec.batch_size, device=device, out_dir=results_dir / "lm-eval",
                                extra={"params": resolved.params.model_dump(mode="json", by_alias=True),
                                       "recipe": _recorded_recipe(resolved), "artifact_key": resolved.key,

@@ -1,5 +1,10 @@
 """Altair charts of results (the app draws these; the CLI saves some of them): per-task bars with error bars,
-differences against a reference row, sweep curves, routing traces and benchmark ratios."""
+differences against a reference row, sweep curves, routing traces and benchmark ratios.
+
+The per-task bars and the difference heatmap are in points on a 0-100 scale: they draw the accuracy-like tasks only
+(`leaderboard.task_info(board, t)["kind"] == "accuracy"`: 0/1 per example); tasks of other metrics (perplexities,
+per-example f1, corpus BLEU) are named in the charts' subtitle (`left_out_note`) and shown in their own units and
+direction by the leaderboard."""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from .leaderboard import short
+from .leaderboard import arrow, short, task_info
 
 
 def _ci(mean: float, se: float, scale: float = 100.0) -> tuple[float, float]:
@@ -17,24 +22,73 @@ def _ci(mean: float, se: float, scale: float = 100.0) -> tuple[float, float]:
     return scale * max(0.0, mean - 1.96 * se), scale * min(1.0, mean + 1.96 * se)
 
 
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _accuracy_cell(board: dict[str, Any], task: str, cell: dict[str, Any] | None) -> bool:
+    """A task the charts draw in points: its kind on the board is accuracy (0/1 per example, `task_info`) and the cell
+    is scored with the task's metric (a row scored otherwise is not on the same scale)."""
+    i = task_info(board, task)
+    return (i["kind"] == "accuracy" and cell is not None and cell.get("metric") == i["metric"]
+            and _finite(cell.get("mean")))
+
+
+def left_out(board: dict[str, Any]) -> dict[str, str]:
+    """The tasks the per-task charts leave out, each with its metric: perplexities, per-example f1s, corpus BLEU and
+    any other metric that is not accuracy-like (0/1 per example) is not on the charts' 0-100 point scale; the
+    leaderboard shows them in their own units and direction."""
+    out = {}
+    for t in board["tasks"]:
+        if not any(t in (r.get("tasks") or {}) for r in board["rows"]):
+            continue
+        i = task_info(board, t)
+        if i["kind"] != "accuracy":
+            out[t] = f"{i['metric']} {arrow(i['higher_is_better'])}"
+    return out
+
+
+def left_out_note(board: dict[str, Any]) -> str | None:
+    """One line naming the tasks `left_out` leaves out (None: none)."""
+    got = left_out(board)
+    if not got:
+        return None
+    return ("not drawn (not accuracy-like, not in points; see the leaderboard): "
+            + ", ".join(f"{short(t)} ({m})" for t, m in got.items()))
+
+
+def _title(text: str, board: dict[str, Any]):
+    import altair as alt
+
+    note = left_out_note(board)
+    return alt.TitleParams(text, subtitle=[note]) if note else text
+
+
 def task_frame(board: dict[str, Any], rows: list[str] | None = None) -> pd.DataFrame:
-    """Long table of exact-match cells: model, method, task, score %, se %, 95% interval."""
+    """Long table of the accuracy-like cells (`task_info(board, t)["kind"] == "accuracy"`: exact_match, acc, acc_norm
+    ...): model, method, task, metric, score %, se %, 95% interval, n. Other metrics are not percentages: they are
+    left out (`left_out`), in `df.attrs["left_out"]` {task: metric and direction}."""
     recs = []
     for r in board["rows"]:
         if rows is not None and r["name"] not in rows:
             continue
         for t, c in r["tasks"].items():
-            if c["metric"] != "exact_match" or math.isnan(c["mean"]):
+            if not _accuracy_cell(board, t, c):
                 continue
-            lo, hi = _ci(c["mean"], c["stderr"])
-            recs.append({"model": r["name"], "method": r["method"], "task": t, "score": 100 * c["mean"],
-                         "se": 100 * c["stderr"] if not math.isnan(c["stderr"]) else None, "lo": lo, "hi": hi,
+            se = c.get("stderr")
+            se = float(se) if _finite(se) else float("nan")
+            lo, hi = _ci(c["mean"], se)
+            recs.append({"model": r["name"], "method": r["method"], "task": t, "metric": c["metric"],
+                         "score": 100 * c["mean"], "se": 100 * se if not math.isnan(se) else None, "lo": lo, "hi": hi,
                          "n": c["n"]})
-    return pd.DataFrame(recs, columns=["model", "method", "task", "score", "se", "lo", "hi", "n"])
+    df = pd.DataFrame(recs, columns=["model", "method", "task", "metric", "score", "se", "lo", "hi", "n"])
+    df.attrs["left_out"] = left_out(board)
+    return df
 
 
 def task_bars(board: dict[str, Any], rows: list[str] | None = None):
-    """Grouped bars: one group per task, one bar per model, with 95% error bars (±1.96 se)."""
+    """Grouped bars: one group per accuracy-like task, one bar per model, with 95% error bars (±1.96 se); the
+    subtitle names the tasks of other metrics left out."""
     import altair as alt
 
     df = task_frame(board, rows)
@@ -42,40 +96,53 @@ def task_bars(board: dict[str, Any], rows: list[str] | None = None):
     base = alt.Chart(df).encode(x=alt.X("task:N", sort=order, title=None, axis=alt.Axis(labelAngle=-30)),
                                 xOffset=alt.XOffset("model:N"), color=alt.Color("model:N", title=None))
     bars = base.mark_bar().encode(
-        y=alt.Y("score:Q", scale=alt.Scale(domain=[0, 100]), title="exact match %"),
-        tooltip=["model", "task", alt.Tooltip("score:Q", format=".1f"), alt.Tooltip("se:Q", format=".1f"), "n"])
+        y=alt.Y("score:Q", scale=alt.Scale(domain=[0, 100]), title="accuracy-like metrics, % ↑"),
+        tooltip=["model", "task", "metric", alt.Tooltip("score:Q", format=".1f"), alt.Tooltip("se:Q", format=".1f"),
+                 "n"])
     err = base.mark_rule(color="black").encode(y="lo:Q", y2="hi:Q")
-    return (bars + err).properties(title="per task (95% intervals)", height=300)
+    return (bars + err).properties(title=_title("per task (95% intervals)", board), height=300)
 
 
 def diff_frame(board: dict[str, Any], reference: str) -> pd.DataFrame:
-    """model x task difference in points against the reference row's task means."""
+    """model x accuracy-like task: `diff`, the row's task mean minus the reference row's, in points, and `gain`, the
+    same signed so that + is better (= diff for the usual higher-is-better metrics). Tasks of other metrics are left
+    out (`df.attrs["left_out"]`), and so is a cell scored with another metric than its task's."""
     ref = next((r for r in board["rows"] if r["name"] == reference), None)
     recs = []
     if ref is None:
-        return pd.DataFrame(columns=["model", "task", "diff"])
+        df = pd.DataFrame(columns=["model", "task", "diff", "gain"])
+        df.attrs["left_out"] = left_out(board)
+        return df
     for r in board["rows"]:
         for t, c in r["tasks"].items():
             rc = ref["tasks"].get(t)
-            if rc is None or c["metric"] != "exact_match" or math.isnan(c["mean"]) or math.isnan(rc["mean"]):
+            if not (_accuracy_cell(board, t, c) and _accuracy_cell(board, t, rc)):
                 continue
-            recs.append({"model": r["name"], "task": t, "diff": 100 * (c["mean"] - rc["mean"])})
-    return pd.DataFrame(recs, columns=["model", "task", "diff"])
+            diff = 100 * (c["mean"] - rc["mean"])
+            recs.append({"model": r["name"], "task": t, "diff": diff,
+                         "gain": diff if task_info(board, t)["higher_is_better"] else -diff})
+    df = pd.DataFrame(recs, columns=["model", "task", "diff", "gain"])
+    df.attrs["left_out"] = left_out(board)
+    return df
 
 
 def diff_heatmap(board: dict[str, Any], reference: str):
+    """The `diff_frame` of `board` against `reference` as a heatmap in points, coloured and labelled by gain (+ =
+    better); the subtitle names the tasks of other metrics left out."""
     import altair as alt
 
     df = diff_frame(board, reference)
     order = [r["name"] for r in board["rows"]]
-    lim = max(10.0, float(df["diff"].abs().max()) if len(df) else 10.0)
-    base = alt.Chart(df).encode(x=alt.X("task:N", sort=list(board["tasks"]), title=None, axis=alt.Axis(labelAngle=-30)),
+    lim = max(10.0, float(df["gain"].abs().max()) if len(df) else 10.0)
+    tasks = [t for t in board["tasks"] if t in set(df.task)]
+    base = alt.Chart(df).encode(x=alt.X("task:N", sort=tasks, title=None, axis=alt.Axis(labelAngle=-30)),
                                 y=alt.Y("model:N", sort=order, title=None))
     heat = base.mark_rect().encode(
-        color=alt.Color("diff:Q", scale=alt.Scale(scheme="redblue", domain=[-lim, lim]), title="pp"),
-        tooltip=["model", "task", alt.Tooltip("diff:Q", format="+.1f")])
-    text = base.mark_text(fontSize=10).encode(text=alt.Text("diff:Q", format="+.0f"))
-    return (heat + text).properties(title=f"difference vs {reference} (points)", height=alt.Step(20))
+        color=alt.Color("gain:Q", scale=alt.Scale(scheme="redblue", domain=[-lim, lim]), title="pp (+ = better)"),
+        tooltip=["model", "task", alt.Tooltip("diff:Q", format="+.1f"), alt.Tooltip("gain:Q", format="+.1f")])
+    text = base.mark_text(fontSize=10).encode(text=alt.Text("gain:Q", format="+.0f"))
+    return (heat + text).properties(title=_title(f"difference vs {reference} (points, + = better)", board),
+                                    height=alt.Step(20))
 
 
 def _point_label(point: dict[str, Any]) -> str:
@@ -181,5 +248,5 @@ def loss_curves_chart(curves: dict[str, list[float]], title: str, series: str = 
     ).properties(title=title, width=420, height=260)
 
 
-__all__ = ["bench_chart", "diff_frame", "diff_heatmap", "loss_curves_chart", "router_accuracy_chart", "sweep_chart",
-           "sweep_frame", "task_bars", "task_frame", "token_chart", "usage_chart"]
+__all__ = ["bench_chart", "diff_frame", "diff_heatmap", "left_out", "left_out_note", "loss_curves_chart",
+           "router_accuracy_chart", "sweep_chart", "sweep_frame", "task_bars", "task_frame", "token_chart", "usage_chart"]

@@ -22,8 +22,11 @@ from typing import Any
 from ..errors import WorkbenchError
 from ..io import atomic_write_json, file_lock, lock_for
 from ..pool import Pool
-from ..tasks.suite import ADD_SPECIAL_TOKENS, DEFAULT_SEED, DOMAINS, TASKS, data_hash, generate_suite
+from ..tasks import lmeval
+from ..tasks.suite import ADD_SPECIAL_TOKENS, DEFAULT_SEED
 from . import record
+
+PathList = str | Path | list[str | Path] | tuple | None  # include folders: one or a list
 
 # The results folder is a parameter of every writer; this is only the default, read when called (never fixed at
 # import): RESULTS_DIR when a caller sets it, else $WORKBENCH_RESULTS, else results/.
@@ -90,26 +93,12 @@ def load_model_spec(spec: str, pool: Pool | None = None, device: str | None = No
     raise WorkbenchError(f"unknown model {spec!r}: not one of [{known}] nor a model, adapter or artifact folder")
 
 
-def resolve_tasks(tasks: list[str]) -> list[str]:
-    """Task names (or `held_in`, `held_out`, `domains`, `all`) -> suite task names."""
-    out: list[str] = []
-    for t in tasks:
-        if t in ("held_in", "held_out"):
-            out += [n for n, x in TASKS.items() if x.kind == t]
-        elif t == "skills":
-            out += list(TASKS)
-        elif t == "domains":
-            out += list(DOMAINS)
-        elif t == "all":
-            out += list(TASKS) + list(DOMAINS)
-        elif t in TASKS or t in DOMAINS:
-            out.append(t)
-        else:
-            from ..errors import did_you_mean
-
-            raise WorkbenchError(f"unknown task {t!r}{did_you_mean(t, [*TASKS, *DOMAINS])}; "
-                                 "use task names or held_in, held_out, skills, domains, all")
-    return list(dict.fromkeys(out))
+def resolve_tasks(tasks: list[str], include_path: PathList = None, split: str = "test") -> list[str]:
+    """Task names -> the names of the tasks they stand for (see `tasks.lmeval.resolve`): suite names and groups
+    (`held_in`, `held_out`, `skills`, `domains`, `all`), tasks of the `include_path` folders' YAMLs, lm-eval's own
+    tasks, groups and tags (a group: its leaf tasks). Unknown names, task YAMLs lm-eval rejects and registry tasks
+    whose data is not cached fail here, in one line."""
+    return [r.name for r in lmeval.resolve(tasks, include_path, split)]
 
 
 def make_lm(loaded: LoadedModel, batch_size: int):
@@ -145,32 +134,36 @@ def _cache_env_info() -> None:
     ev.get_git_commit_hash = lambda: git
 
 
-def evaluate(loaded: LoadedModel, tasks: list[str], *, limit: int | None = None, batch_size: int = 16,
-             split_seed: int = DEFAULT_SEED, log_samples: bool = True, split: str = "test") -> dict[str, Any]:
+def evaluate(loaded: LoadedModel, tasks: list[str | lmeval.TaskRef], *, limit: int | None = None,
+             batch_size: int = 16, split_seed: int = DEFAULT_SEED, log_samples: bool = True, split: str = "test",
+             include_path: PathList = None) -> dict[str, Any]:
     """Run lm-eval on a loaded model; returns lm-eval's results dict (with `samples`).
 
-    split="validation" scores the validation split (for selecting hyperparameters).
+    `tasks`: names (resolved with `include_path`, see `resolve_tasks`) or TaskRefs. split="validation" scores the
+    validation split (for selecting hyperparameters).
     """
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     if split not in ("test", "validation"):
         raise WorkbenchError(f"unknown evaluation split {split!r}; use test or validation")
     set_offline()
+    refs = lmeval.resolve(tasks, include_path, split)
     _cache_env_info()
-    suite = generate_suite(split_seed)
-    tm = TaskManager(include_path=str(suite), include_defaults=False, verbosity="ERROR")
-    names = [f"wb_{t}" if split == "test" else f"wb_{t}_val" for t in tasks]
+    tm = lmeval.task_manager(refs, split_seed)
     # Rolling perplexity materialises [batch, window, vocab] logits: run it at a small batch size.
-    groups = [([n for n, t in zip(names, tasks) if t in TASKS], batch_size),
-              ([n for n, t in zip(names, tasks) if t in DOMAINS], min(batch_size, 4))]
+    rolling = [r.output_type == "loglikelihood_rolling" for r in refs]
+    groups = [([r for r, x in zip(refs, rolling) if not x], batch_size),
+              ([r for r, x in zip(refs, rolling) if x], min(batch_size, 4))]
     merged: dict[str, Any] | None = None
     for group, bs in groups:
         if not group:
             continue
+        # suite tasks by name (as lm-eval always ran them); others built here, so that what lm-eval rejects, or data
+        # missing offline, is one line naming the task
+        specs = [r.lm_task(split) if r.source == "suite" else lmeval.load_task(tm, r, split) for r in group]
         lm = make_lm(loaded, bs)
         res = lm_eval.simple_evaluate(
-            model=lm, tasks=group, limit=limit, task_manager=tm, log_samples=log_samples,
+            model=lm, tasks=specs, limit=limit, task_manager=tm, log_samples=log_samples,
             bootstrap_iters=1000, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
             verbosity="ERROR",
         )
@@ -218,12 +211,15 @@ def machine_info(device: str | None) -> dict[str, Any]:
     return info
 
 
-def run_eval(spec: str, tasks: list[str], *, pool: Pool | None = None, limit: int | None = None,
+def run_eval(spec: str, tasks: list[str | lmeval.TaskRef], *, pool: Pool | None = None, limit: int | None = None,
              batch_size: int = 16, device: str | None = None, results_dir: Path | None = None,
              loaded: LoadedModel | None = None, extra: dict[str, Any] | None = None,
-             log_samples: bool = True, split: str = "test", out_dir: Path | None = None) -> dict[str, Any]:
+             log_samples: bool = True, split: str = "test", out_dir: Path | None = None,
+             include_path: PathList = None) -> dict[str, Any]:
     """Evaluate SPEC on TASKS and save lm-eval results, samples and a run manifest; returns the manifest.
 
+    `tasks`: names (resolved with `include_path`, see `resolve_tasks`) or TaskRefs (a comparison's). Every task is
+    resolved and checked before the model is loaded; nothing is written for a task that fails.
     `results_dir` is the lm-eval folder (default results_root() / "lm-eval"; `out_dir` is its older name).
     """
     from lm_eval.loggers import EvaluationTracker
@@ -231,14 +227,17 @@ def run_eval(spec: str, tasks: list[str], *, pool: Pool | None = None, limit: in
 
     if results_dir is not None and out_dir is not None and Path(results_dir) != Path(out_dir):
         raise WorkbenchError(f"run_eval: results_dir {results_dir} and out_dir {out_dir} disagree; give one")
-    tasks = resolve_tasks(tasks)
+    set_offline()
+    refs = lmeval.resolve(tasks, include_path, split)
+    tasks = [r.name for r in refs]
+    keys = {r.name: lmeval.task_key_inputs(r) for r in refs}  # the data as evaluated: hashed before, not after
     out_dir = Path(results_dir or out_dir or results_root() / "lm-eval")
     t0 = time.perf_counter()
     loaded = loaded or load_model_spec(spec, pool, device)
     t_load = time.perf_counter() - t0
     tracker = EvaluationTracker()
     t1 = time.perf_counter()
-    res = evaluate(loaded, tasks, limit=limit, batch_size=batch_size, log_samples=log_samples, split=split)
+    res = evaluate(loaded, refs, limit=limit, batch_size=batch_size, log_samples=log_samples, split=split)
     t_eval = time.perf_counter() - t1
     run_name = loaded.name if pool is None else f"{pool.name}__{loaded.name}"
     gct = tracker.general_config_tracker
@@ -253,6 +252,9 @@ def run_eval(spec: str, tasks: list[str], *, pool: Pool | None = None, limit: in
             raise WorkbenchError(f"lm-eval did not write its results for {run_name}")
         lm_json = json.loads(written.read_text(encoding="utf-8"))
     run_id, roots = tracker.date_id, record.default_roots()
+    include = sorted({p for r in refs for p in r.include_path})
+    if include:  # the include folders by a portable name, like the cache's
+        roots = dict(sorted({**{p: lmeval.INCLUDE for p in include}, **roots}.items(), key=lambda kv: -len(kv[0])))
     folder = out_dir / gct.model_name_sanitized
     with file_lock(lock_for(folder)):  # this model's record: written and pruned by one process at a time
         atomic_write_json(folder / f"results_{run_id}.json", record.scrub(lm_json, roots))
@@ -264,7 +266,12 @@ def run_eval(spec: str, tasks: list[str], *, pool: Pool | None = None, limit: in
             "pool": pool.name if pool else None, "base": pool.manifest.base.spec if pool else None,
             "method": loaded.info.get("method", loaded.info.get("kind")), "model_info": loaded.info,
             "params": (extra or {}).get("params", {}), "tasks": tasks, "limit": limit, "split": split,
-            "batch_size": batch_size, "data_sha256": {t: data_hash(t) for t in tasks}, "scores": scores_of(res),
+            "batch_size": batch_size, "data_sha256": {t: k["data"] for t, k in keys.items()},
+            "scores": scores_of(res),
+            # tasks from outside the suite: where each came from (suite-only manifests are unchanged)
+            **({"task_sources": {r.name: {"source": r.source, "lm_eval": r.lm_name, "group": r.group,
+                                          "config": keys[r.name]["config"]} for r in refs if r.source != "suite"}}
+               if any(r.source != "suite" for r in refs) else {}),
             "samples_logged": bool(samples and log_samples),
             "results_file": (folder / f"results_{run_id}.json").relative_to(out_dir.parent).as_posix(),
             "git": git_state(), "timings": {"load_s": round(t_load, 2), "eval_s": round(t_eval, 2)},

@@ -1,10 +1,27 @@
-"""A comparison's leaderboard from its cell records: scores with standard errors and a paired test per row.
+"""A comparison's leaderboard from its cell records: each task's primary metric in its own direction and scale, with
+standard errors, group means over accuracy-like tasks only, and paired tests against the reference row.
 
-Each cell holds one (row, task) result with its per-example values (exact match 0/1, in doc_id order). Per
-task: the mean and its standard error (`stats.stderr`, as lm-eval computes it). Per group (held-in,
-held-out): the mean of the task means, its standard error sqrt(sum se_t^2) / T. Per row: a paired test
-against the reference row on every example both scored (McNemar on exact match, `stats.compare`), so a
-1-point gap on 100 examples reads as the noise it is. Rows are ranked by held-in mean.
+Each cell holds one (row, task) result: its metric, direction and aggregate (`metrics.view`; older cells: implied by
+the metric's name) and its per-example values in doc_id order. A task is one of four kinds (`task_metrics` in the
+board, decided once per task so every row treats it alike):
+
+- accuracy: a mean metric whose values are all 0 or 1 (exact_match, acc, acc_norm ...): shown in %, binomial
+  standard error (`stats.stderr`, as lm-eval), exact McNemar paired test;
+- continuous: any other mean metric (a per-example f1 ...): shown as it is, standard error of the mean, paired
+  bootstrap over examples;
+- corpus: perplexity-like aggregates of `loglikelihood_rolling` tasks (word/byte perplexity exp(-Σll/Σw), bits per
+  byte -Σll/Σw/ln 2): shown as the aggregate, never in %, standard error by bootstrap over documents, paired
+  bootstrap over documents of the aggregate difference;
+- none: lm-eval gives no per-example numbers (corpus BLEU ...): the score only, and the task's `note` says why.
+
+Per group (held-in, held-out of the built-in suite; every other task: "other") the mean of the accuracy-like,
+higher-is-better task means, its standard error sqrt(Σ se_t²) / T: metrics of other scales or directions are never
+averaged in. Per row, against the reference, on every example both scored: a paired test per task (`tasks[t].paired`:
+`diff` row − reference in the metric's units, `gain` the same signed so + is better, `p_value`), and McNemar pooled
+over the accuracy-like tasks (`paired`) and per group (`summary[group].paired`). Rows are ranked by held-in mean
+when any row has one, else by the mean over their accuracy-like tasks, else by the first task in its direction
+(`ranked_by`). The normalized score divides a row's mean over the accuracy-like tasks that have their own expert
+(a row tagged `expert_task`) by those experts' mean on them; `normalized_note` names the tasks left out.
 """
 
 from __future__ import annotations
@@ -13,58 +30,205 @@ import math
 from typing import Any
 
 from ..tasks.suite import TASKS
-from . import stats
+from . import metrics, stats
+
+GROUPS = ("held_in", "held_out", "other")
+GROUP_LABEL = {"held_in": "held-in", "held_out": "held-out", "other": "other"}
+KINDS = ("accuracy", "continuous", "corpus", "none")
 
 
 def _group(task: str) -> str:
     t = TASKS.get(task)
-    return "held_in" if t is not None and t.kind == "held_in" else "held_out" if t is not None else "other"
+    return ("held_in" if t.kind == "held_in" else "held_out") if t is not None else "other"
+
+
+def _kind(views: list[metrics.CellView]) -> str:
+    """A task's kind from its cells (same metric and aggregate): see the module's doc."""
+    agg = views[0].aggregate
+    if agg in metrics.CORPUS:
+        return "corpus"
+    if agg != "mean":
+        return "none"
+    values = [x for v in views for x in v.values]
+    if values:
+        return "accuracy" if all(x in (0.0, 1.0) for x in values) else "continuous"
+    return "accuracy" if views[0].metric in metrics.ACCURACY_METRICS else "continuous"
+
+
+def _views(cells: dict[tuple[str, str], dict[str, Any]], tasks: list[str]
+           ) -> tuple[dict[tuple[str, str], metrics.CellView], list[str]]:
+    """The cells as `metrics.CellView`s, and a line for each one that cannot be read (skipped, never raised)."""
+    out, bad = {}, []
+    wanted = set(tasks)
+    for key, c in cells.items():
+        if key[1] not in wanted:
+            continue
+        try:
+            out[key] = metrics.view(c)
+        except (TypeError, ValueError, AttributeError) as e:
+            bad.append(f"{key[0]}/{key[1]}: unreadable cell ({type(e).__name__}): skipped")
+    return out, bad
+
+
+def _pair(a: metrics.CellView, b: metrics.CellView, kind: str) -> dict[str, Any] | None:
+    """Paired test of a against b on the examples both scored (by doc_id): n, a, b (each on them), diff (a − b),
+    gain (+ = a better), p_value, test, and for McNemar a_only / b_only. None without per-example values or shared
+    examples."""
+    if not (a.per_example and b.per_example) or kind == "none":
+        return None
+    where = {d: i for i, d in enumerate(b.doc_ids)}
+    idx = [(i, where[d]) for i, d in enumerate(a.doc_ids) if d in where]
+    if not idx:
+        return None
+    if kind == "corpus":
+        c = stats.paired_corpus_bootstrap([a.values[i] for i, _ in idx], [a.weights[i] for i, _ in idx],
+                                          [b.values[j] for _, j in idx], [b.weights[j] for _, j in idx], a.aggregate)
+    else:
+        c = stats.compare([a.values[i] for i, _ in idx], [b.values[j] for _, j in idx])
+    out = {"n": c["n"], "a": c["mean_a"], "b": c["mean_b"], "diff": c["diff"],
+           "gain": c["diff"] if a.higher_is_better else -c["diff"], "p_value": c["p_value"], "test": c["test"]}
+    if c["test"] == "mcnemar":
+        out |= {"a_only": c["a_only"], "b_only": c["b_only"]}
+    return out
+
+
+def pair_cells(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
+    """Two cells of one task (rows a and b): the paired test fitting their metric (McNemar, paired bootstrap over
+    examples, or over documents for perplexity-like metrics) with metric, higher_is_better and kind; None when their
+    metrics differ or either lacks per-example values."""
+    va, vb = metrics.view(a), metrics.view(b)
+    if (va.metric, va.aggregate) != (vb.metric, vb.aggregate):
+        return None
+    kind = _kind([va, vb])
+    got = _pair(va, vb, kind)
+    return None if got is None else got | {"metric": va.metric, "higher_is_better": va.higher_is_better, "kind": kind}
+
+
+def _pooled(a: list[float], b: list[float], reference: str, tasks: list[str]) -> dict[str, Any]:
+    c = stats.compare(a, b)
+    return {"reference": reference, "n": c["n"], "diff": c["diff"], "gain": c["diff"], "p_value": c["p_value"],
+            "test": c["test"], "row_only": c.get("a_only"), "reference_only": c.get("b_only"), "tasks": tasks}
 
 
 def build_leaderboard(rows: list[dict[str, Any]], cells: dict[tuple[str, str], dict[str, Any]], tasks: list[str],
                       reference: str) -> dict[str, Any]:
-    """`rows`: [{name, method}] in plan order; `cells`: (row, task) -> cell record. Returns a JSON-able table."""
-    ref_cells = {t: cells.get((reference, t)) for t in tasks}
+    """`rows`: [{name, method, expert_task?}] in plan order; `cells`: (row, task) -> cell record. Returns a JSON-able
+    table (see the module's doc)."""
+    views, unreadable = _views(cells, tasks)
+    info: dict[str, dict[str, Any]] = {}
+    for t in tasks:
+        order = [reference] + [r["name"] for r in rows if r["name"] != reference]
+        first = next((views[(n, t)] for n in order if (n, t) in views), None)
+        if first is None:
+            continue
+        same = [v for (_, task), v in views.items() if task == t and (v.metric, v.aggregate) ==
+                (first.metric, first.aggregate)]
+        info[t] = {"metric": first.metric, "higher_is_better": first.higher_is_better,
+                   "aggregate": first.aggregate, "kind": _kind(same)}
+        if info[t]["kind"] == "none":
+            info[t]["note"] = first.note or f"{first.metric}: lm-eval gives no per-example values for it"
+        elif info[t]["kind"] == "corpus" and not any(v.per_example for v in same):
+            info[t]["note"] = first.note
     out_rows = []
     for row in rows:
-        per_task, groups = {}, {"held_in": [], "held_out": []}
-        paired_a, paired_b = [], []
+        name = row["name"]
+        per_task: dict[str, Any] = {}
+        groups: dict[str, list[tuple[float, float]]] = {g: [] for g in GROUPS}
+        pooled: dict[str, tuple[list[float], list[float], list[str]]] = {g: ([], [], []) for g in ("all", *GROUPS)}
         for t in tasks:
-            c = cells.get((row["name"], t))
-            if c is None:
+            v = views.get((name, t))
+            if v is None:
                 continue
-            values = c["values"]
-            # a cell may carry only its mean (a run without per-sample outputs): no error bar, no paired test
-            mean = sum(values) / len(values) if values else float(c.get("mean", float("nan")))
-            se = stats.stderr(values)
-            if c["metric"] != "exact_match":
-                # a perplexity is the corpus aggregate (lm-eval's score), not the mean of per-document values
-                agg = c.get("score", c.get("mean"))
-                mean, se = (float(agg) if agg is not None else float("nan")), float("nan")
-            per_task[t] = {"mean": mean, "stderr": se, "n": len(values), "metric": c["metric"]}
-            if c["metric"] == "exact_match" and _group(t) in groups:
-                groups[_group(t)].append((mean, se))
-            ref = ref_cells.get(t)
-            if ref is not None and c["metric"] == "exact_match" and row["name"] != reference:
-                a, b = paired_values(c, ref)
-                paired_a += a
-                paired_b += b
-        summary = {}
+            ti = info[t]
+            same = (v.metric, v.aggregate) == (ti["metric"], ti["aggregate"])
+            kind = ti["kind"] if same else _kind([v])
+            entry: dict[str, Any] = {"mean": v.value, "stderr": v.stderr, "n": v.n, "metric": v.metric,
+                                     "higher_is_better": v.higher_is_better, "aggregate": v.aggregate, "kind": kind,
+                                     "paired": None}
+            note = v.note if not same or v.note != ti.get("note") else None
+            if not same:
+                note = (f"{v.metric}, not the task's {ti['metric']}: no paired test, not in group means"
+                        + (f"; {note}" if note else ""))
+            if note:
+                entry["note"] = note
+            ref = views.get((reference, t))
+            if name != reference and same and ref is not None and (ref.metric, ref.aggregate) == (v.metric, v.aggregate):
+                got = _pair(v, ref, kind)
+                if got is not None:
+                    entry["paired"] = {k: got[k] for k in ("n", "diff", "gain", "p_value", "test")}
+                    if "a_only" in got:
+                        entry["paired"] |= {"row_only": got["a_only"], "reference_only": got["b_only"]}
+            accuracy = same and kind == "accuracy" and v.higher_is_better
+            if accuracy:
+                groups[_group(t)].append((entry["mean"], entry["stderr"]))
+                if entry["paired"] is not None:
+                    by_doc = dict(zip(ref.doc_ids, ref.values))
+                    for g in ("all", _group(t)):
+                        xs, ys, ts = pooled[g]
+                        for d, x in zip(v.doc_ids, v.values):
+                            if d in by_doc:
+                                xs.append(x)
+                                ys.append(by_doc[d])
+                        ts.append(t)
+            per_task[t] = entry
+        summary: dict[str, Any] = {}
         for g, vals in groups.items():
             if vals:
                 summary[g] = {"mean": sum(m for m, _ in vals) / len(vals),
                               "stderr": math.sqrt(sum(s * s for _, s in vals)) / len(vals),  # NaN propagates
                               "tasks": len(vals)}
-        paired = None
-        if paired_a:
-            c = stats.compare(paired_a, paired_b)
-            paired = {"reference": reference, "n": c["n"], "diff": c["diff"], "p_value": c["p_value"],
-                      "test": c["test"], "row_only": c.get("a_only"), "reference_only": c.get("b_only")}
-        out_rows.append({"name": row["name"], "method": row["method"], "expert_task": row.get("expert_task"),
-                         "tasks": per_task, "summary": summary, "paired": paired})
-    _normalize(rows, out_rows)
-    out_rows.sort(key=lambda r: -r["summary"].get("held_in", {}).get("mean", -1.0))
-    return {"tasks": tasks, "reference": reference, "rows": out_rows}
+                xs, ys, ts = pooled[g]
+                summary[g]["paired"] = _pooled(xs, ys, reference, ts) if xs else None
+        xs, ys, ts = pooled["all"]
+        out_rows.append({"name": name, "method": row["method"], "expert_task": row.get("expert_task"),
+                         "tasks": per_task, "summary": summary,
+                         "paired": _pooled(xs, ys, reference, ts) if xs else None})
+    board: dict[str, Any] = {"tasks": tasks, "reference": reference, "rows": out_rows, "task_metrics": info}
+    note = _normalize(rows, out_rows, info)
+    if note:
+        board["normalized_note"] = note
+    board["ranked_by"] = _rank(out_rows, info, tasks)
+    if unreadable:
+        board["unreadable"] = unreadable
+    return board
+
+
+def _accuracy_tasks(info: dict[str, dict[str, Any]]) -> list[str]:
+    """The tasks whose metric is accuracy-like (0/1) and higher-is-better: the only ones averaged together."""
+    return [t for t, i in info.items() if i["kind"] == "accuracy" and i["higher_is_better"]]
+
+
+def _rank(out_rows: list[dict[str, Any]], info: dict[str, dict[str, Any]], tasks: list[str]) -> dict[str, Any]:
+    """Sort the rows in place (rows without the key last, plan order among ties) and say by what."""
+    def finite(x: Any) -> bool:
+        return isinstance(x, (int, float)) and math.isfinite(x)
+
+    acc = _accuracy_tasks(info)
+
+    def acc_mean(r: dict[str, Any]) -> float | None:
+        ms = [r["tasks"][t]["mean"] for t in acc if t in r["tasks"] and r["tasks"][t]["metric"] == info[t]["metric"]]
+        ms = [m for m in ms if finite(m)]
+        return sum(ms) / len(ms) if ms else None
+
+    if any(finite(r["summary"].get("held_in", {}).get("mean")) for r in out_rows):
+        key, by = (lambda r: r["summary"].get("held_in", {}).get("mean")), {
+            "key": "held_in", "higher_is_better": True, "label": "held-in mean (accuracy-like tasks)"}
+    elif any(acc_mean(r) is not None for r in out_rows):
+        key, by = acc_mean, {"key": "accuracy", "higher_is_better": True,
+                             "label": "mean over the accuracy-like tasks"}
+    else:
+        t = next((t for t in tasks if t in info and any(finite((r["tasks"].get(t) or {}).get("mean"))
+                                                        for r in out_rows)), None)
+        if t is None:
+            return {"key": None, "higher_is_better": True, "label": "plan order (no scores)"}
+        hib = info[t]["higher_is_better"]
+        key = (lambda r: (r["tasks"].get(t) or {}).get("mean")
+               if (r["tasks"].get(t) or {}).get("metric") == info[t]["metric"] else None)
+        by = {"key": f"task:{t}", "higher_is_better": hib,
+              "label": f"{t} ({info[t]['metric']}, {'higher' if hib else 'lower'} is better)"}
+    sign = -1.0 if by["higher_is_better"] else 1.0
+    out_rows.sort(key=lambda r: (0, sign * key(r)) if finite(key(r)) else (1, 0.0))
+    return by
 
 
 def paired_values(a: dict[str, Any], b: dict[str, Any]) -> tuple[list[float], list[float]]:
@@ -74,23 +238,113 @@ def paired_values(a: dict[str, Any], b: dict[str, Any]) -> tuple[list[float], li
     return [x for x, _ in pairs], [y for _, y in pairs]
 
 
-def _normalize(rows: list[dict[str, Any]], out_rows: list[dict[str, Any]]) -> None:
-    """summary["normalized"]: a row's held-in mean over its tasks / the experts' mean on those same tasks, each
-    single-task expert scored on its own task (1.0: as good as keeping every expert). Only where every held-in
-    task of the row has its expert among the rows."""
-    own = {}
+def _normalize(rows: list[dict[str, Any]], out_rows: list[dict[str, Any]], info: dict[str, dict[str, Any]]
+               ) -> str | None:
+    """summary["normalized"]: a row's mean over the accuracy-like, higher-is-better tasks that have their own expert
+    (a row tagged `expert_task` with that task, scored on it; the best when several) / those experts' mean on the
+    same tasks (1.0: as good as keeping every expert). Returns the note on the tasks left out (None: none)."""
+    acc = _accuracy_tasks(info)
     by_name = {r["name"]: r for r in out_rows}
+    own: dict[str, float] = {}
     for r in rows:
         t = r.get("expert_task")
-        if t and r["name"] in by_name and t in by_name[r["name"]]["tasks"] and _group(t) == "held_in":
-            own[t] = max(own.get(t, 0.0), by_name[r["name"]]["tasks"][t]["mean"])
+        entry = (by_name.get(r["name"]) or {}).get("tasks", {}).get(t) if t else None
+        if t in acc and entry and entry["metric"] == info[t]["metric"] and math.isfinite(entry["mean"]):
+            own[t] = max(own.get(t, 0.0), entry["mean"])
     for r in out_rows:
-        ts = [t for t, c in r["tasks"].items() if c["metric"] == "exact_match" and _group(t) == "held_in"]
-        if ts and all(t in own for t in ts):
+        ts = [t for t in acc if t in own and t in r["tasks"] and r["tasks"][t]["metric"] == info[t]["metric"]]
+        if ts:
             denom = sum(own[t] for t in ts) / len(ts)
             if denom > 0:
                 r["summary"]["normalized"] = {"mean": sum(r["tasks"][t]["mean"] for t in ts) / len(ts) / denom,
-                                              "tasks": len(ts)}
+                                              "tasks": len(ts), "over": ts}
+    left = [t for t in acc if t not in own]
+    other = [t for t in info if t not in acc]
+    if not left and not other:
+        return None
+    bits = [f"norm over {', '.join(t for t in acc if t in own)}" if own else
+            "no norm: no row is tagged (expert_task) as the own expert of an accuracy-like task"]
+    if left and own:
+        bits.append(f"left out: {', '.join(left)} (no row is tagged as its own expert)")
+    if other:
+        bits.append(f"not normalized: {', '.join(other)} (not an accuracy-like, higher-is-better metric)")
+    return "; ".join(bits)
+
+
+# ----------------------------------------------------------------------------- views of a board
+
+
+def task_info(board: dict[str, Any], task: str) -> dict[str, Any]:
+    """A task's metric, direction, aggregate and kind: the board's `task_metrics`, or for a board written before
+    them, what its first row's entry and the metric's name imply."""
+    got = (board.get("task_metrics") or {}).get(task)
+    if isinstance(got, dict) and got.get("kind") in KINDS:
+        return got
+    entry = next((r["tasks"][task] for r in board.get("rows", []) if task in (r.get("tasks") or {})), None)
+    metric = str((entry or {}).get("metric") or "exact_match")
+    agg = (entry or {}).get("aggregate") or metrics.default_aggregate(metric)
+    kind = (entry or {}).get("kind") or ("corpus" if agg in metrics.CORPUS else "none" if agg == "none" else
+                                         "accuracy" if metric in metrics.ACCURACY_METRICS else "continuous")
+    hib = (entry or {}).get("higher_is_better")
+    return {"metric": metric, "aggregate": agg, "kind": kind,
+            "higher_is_better": hib if isinstance(hib, bool) else metrics.default_higher_is_better(metric)}
+
+
+def arrow(higher_is_better: bool) -> str:
+    return "↑" if higher_is_better else "↓"
+
+
+def task_columns(board: dict[str, Any], task: str, arrows: bool = False) -> dict[str, str]:
+    """The frame's column names of a task: value (`<task> %` for accuracy-like metrics, else `<task> <metric>`),
+    se, Δ (the row's gain over the reference: + = better, in points for accuracy-like metrics) and p. `arrows`: the
+    names with the metric's direction (↑ higher is better, ↓ lower), as leaderboard.csv writes them."""
+    i = task_info(board, task)
+    value = f"{task} %" if i["kind"] == "accuracy" else f"{task} {i['metric']}"
+    if arrows:
+        return {"value": f"{value} {arrow(i['higher_is_better'])}", "se": f"{task} se",
+                "delta": f"{task} Δ (+ = better)", "p": f"{task} p"}
+    return {"value": value, "se": f"{task} se", "delta": f"{task} Δ", "p": f"{task} p"}
+
+
+def _groups_present(board: dict[str, Any]) -> list[str]:
+    return ["held_in", "held_out"] + (["other"] if any("other" in r["summary"] for r in board["rows"]) else [])
+
+
+def _nan(x: Any) -> float:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else float("nan")
+
+
+def leaderboard_frame(board: dict[str, Any], arrows: bool = False):
+    """The leaderboard as a DataFrame of numbers, one row per model: group means and se (%), normalized %, the pooled
+    paired test (diff in points, + = better), then per task its value (% for accuracy-like metrics, else as it is),
+    se, Δ (+ = better) and p (`task_columns`). `arrows`: direction arrows in the task columns' names (the CSV)."""
+    import pandas as pd
+
+    recs = []
+    for r in board["rows"]:
+        rec: dict[str, Any] = {"model": r["name"], "method": r["method"]}
+        for g in _groups_present(board):
+            s = r["summary"].get(g)
+            rec[f"{g} %"] = 100 * s["mean"] if s else float("nan")
+            rec[f"{g} se"] = 100 * s["stderr"] if s else float("nan")
+        n = r["summary"].get("normalized")
+        rec["normalized %"] = 100 * n["mean"] if n else float("nan")
+        p = r["paired"]
+        rec["diff vs ref (pp, + = better)" if arrows else "diff vs ref (pp)"] = 100 * p["diff"] if p else float("nan")
+        rec["p (paired)"] = p["p_value"] if p else float("nan")
+        rec["paired n"] = p["n"] if p else 0
+        for t in board["tasks"]:
+            i, cols = task_info(board, t), task_columns(board, t, arrows)
+            c = r["tasks"].get(t)
+            scale = 100 if i["kind"] == "accuracy" else 1  # perplexities and other metrics are not percentages
+            tp = (c or {}).get("paired") or {}
+            gain = tp.get("gain", tp.get("diff") if i["higher_is_better"] else None)
+            rec[cols["value"]] = scale * _nan(c["mean"]) if c else float("nan")
+            rec[cols["se"]] = scale * _nan(c["stderr"]) if c else float("nan")
+            rec[cols["delta"]] = scale * _nan(gain)
+            rec[cols["p"]] = _nan(tp.get("p_value"))
+        recs.append(rec)
+    return pd.DataFrame(recs)
 
 
 def _pm(mean: float, se: float) -> str:
@@ -99,107 +353,157 @@ def _pm(mean: float, se: float) -> str:
     return f"{100 * mean:.1f} ± {100 * se:.1f}" if not math.isnan(se) else f"{100 * mean:.1f}"
 
 
+def format_score(mean: Any, se: Any, kind: str) -> str:
+    """A task's score as the tables print it: accuracy-like in % ± se, other metrics as they are (4 significant
+    digits) ± se, '–' when unknown."""
+    mean, se = _nan(mean), _nan(se)
+    if kind == "accuracy":
+        return _pm(mean, se)
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.4g}" + (f" ± {se:.2g}" if not math.isnan(se) else "")
+
+
+def format_gain(gain: Any, kind: str) -> str:
+    """A paired gain over the reference, + = better: points for accuracy-like metrics, else the metric's units."""
+    g = _nan(gain)
+    if math.isnan(g):
+        return "–"
+    return f"{100 * g:+.1f}" if kind == "accuracy" else f"{g:+.3g}"
+
+
 def short(task: str) -> str:
     from .results import SHORT
 
     return SHORT.get(task, task)
 
 
-def leaderboard_frame(board: dict[str, Any]):
-    """The leaderboard as a DataFrame of strings (Markdown, terminal) and numbers (CSV): one row per model."""
-    import pandas as pd
+_AGG_TEXT = {"perplexity": "the corpus perplexity exp(−Σ log-likelihood / Σ weight)",
+             "bits_per_byte": "bits per byte −Σ log-likelihood / Σ bytes / ln 2 over the corpus"}
 
-    recs = []
-    for r in board["rows"]:
-        rec: dict[str, Any] = {"model": r["name"], "method": r["method"]}
-        for g in ("held_in", "held_out"):
-            s = r["summary"].get(g)
-            rec[f"{g} %"] = 100 * s["mean"] if s else float("nan")
-            rec[f"{g} se"] = 100 * s["stderr"] if s else float("nan")
-        n = r["summary"].get("normalized")
-        rec["normalized %"] = 100 * n["mean"] if n else float("nan")
-        p = r["paired"]
-        rec["diff vs ref (pp)"] = 100 * p["diff"] if p else float("nan")
-        rec["p (paired)"] = p["p_value"] if p else float("nan")
-        rec["paired n"] = p["n"] if p else 0
-        for t in board["tasks"]:
-            c = r["tasks"].get(t)
-            scale = 100 if c is None or c["metric"] == "exact_match" else 1  # perplexities are not percentages
-            rec[f"{t} %"] = scale * c["mean"] if c else float("nan")
-            rec[f"{t} se"] = scale * c["stderr"] if c else float("nan")
-        recs.append(rec)
-    return pd.DataFrame(recs)
+
+def legend(board: dict[str, Any]) -> list[str]:
+    """What the table's numbers are, one sentence each: metrics and directions, groups, norm, Δ and p, ranking."""
+    ref = board["reference"]
+    infos = {t: task_info(board, t) for t in board["tasks"] if any(t in r["tasks"] for r in board["rows"])}
+    acc = [t for t, i in infos.items() if i["kind"] == "accuracy"]
+    lines = []
+    if acc:
+        metric_names = sorted({infos[t]["metric"] for t in acc})
+        lines.append(f"{', '.join(metric_names)} (accuracy-like, 0/1 per example): % ± standard error over the task's "
+                     "examples; paired tests: exact McNemar.")
+    for t, i in infos.items():
+        if i["kind"] == "accuracy":
+            continue
+        a = arrow(i["higher_is_better"])
+        what = (f"{_AGG_TEXT[i['aggregate']]} shown as it is, never as a % (lower is better for perplexities); ± "
+                "bootstrap se over documents; paired test: bootstrap over documents of the aggregate difference"
+                if i["kind"] == "corpus" else
+                "mean over examples as it is ± its se; paired test: bootstrap over examples"
+                if i["kind"] == "continuous" else
+                f"lm-eval's score only, no se and no paired test ({i.get('note') or 'no per-example values'})")
+        if i["kind"] == "corpus" and i.get("note"):
+            what += f" ({i['note']})"
+        lines.append(f"{short(t)} {a}: {i['metric']}, {'higher' if i['higher_is_better'] else 'lower'} is better; "
+                     f"{what}.")
+    lines.append("Group means (held-in, held-out, other) only over accuracy-like, higher-is-better tasks ± "
+                 "sqrt(Σ se²)/T: metrics of other scales or directions are never averaged in.")
+    lines.append("norm: the row's mean over the accuracy-like tasks with their own expert / those experts' mean on the "
+                 "same tasks (each on its own task)." + (f" {board['normalized_note']}." if board.get(
+                     "normalized_note") else ""))
+    lines.append(f"Δ vs {ref}: paired against `{ref}` on every example both scored, pooled over the accuracy-like "
+                 "tasks, in points, + = better than the reference (exact McNemar; (ns): p ≥ 0.05, a difference the "
+                 "examples cannot tell from noise); per task Δ (+ = better) and p in leaderboard.json and .csv.")
+    by = board.get("ranked_by") or {}
+    if by.get("label"):
+        lines.append(f"Ranked by {by['label']}.")
+    for u in board.get("unreadable") or []:
+        lines.append(f"Skipped: {u}.")
+    return lines
 
 
 def leaderboard_markdown(board: dict[str, Any], title: str = "") -> str:
-    """Markdown: model, held-in and held-out mean ± se, the paired test against the reference, then each task."""
+    """Markdown: model, group means ± se, norm, the pooled paired test against the reference, then each task (its
+    direction in the header), and the legend."""
     ref = board["reference"]
-    head = ["model", "method", "held-in %", "held-out %", "norm %", f"Δ vs {ref} (pp)", "p", *[short(t) for t in board["tasks"]]]
+    groups = _groups_present(board)
+    infos = {t: task_info(board, t) for t in board["tasks"]}
+    head = ["model", "method", *[f"{GROUP_LABEL[g]} %" for g in groups], "norm %", f"Δ vs {ref} (pp, + better)", "p",
+            *[f"{short(t)} {arrow(infos[t]['higher_is_better'])}" for t in board["tasks"]]]
     lines = [f"### {title}" if title else "", "", "| " + " | ".join(head) + " |",
              "|" + "|".join([":--", ":--"] + ["--:"] * (len(head) - 2)) + "|"]
     for r in board["rows"]:
         s, p = r["summary"], r["paired"]
         cells = [r["name"], r["method"],
-                 _pm(s["held_in"]["mean"], s["held_in"]["stderr"]) if "held_in" in s else "–",
-                 _pm(s["held_out"]["mean"], s["held_out"]["stderr"]) if "held_out" in s else "–",
+                 *[_pm(s[g]["mean"], s[g]["stderr"]) if g in s else "–" for g in groups],
                  f"{100 * s['normalized']['mean']:.0f}" if "normalized" in s else "–",
-                 f"{100 * p['diff']:+.1f}" if p else ("ref" if r["name"] == ref else "–"),
+                 format_gain(p.get("gain", p["diff"]), "accuracy") if p else ("ref" if r["name"] == ref else "–"),
                  (f"{p['p_value']:.3g}" + ("" if p["p_value"] < 0.05 else " (ns)")) if p else "–"]
         for t in board["tasks"]:
             c = r["tasks"].get(t)
-            if c is None:
-                cells.append("–")
-            elif c["metric"] == "exact_match":
-                cells.append(_pm(c["mean"], c["stderr"]))
-            else:  # a perplexity (or another continuous metric) as it is, never as a percentage
-                cells.append("–" if math.isnan(c["mean"]) else f"{c['mean']:.4g}")
+            cells.append("–" if c is None else format_score(c["mean"], c["stderr"], infos[t]["kind"]))
         lines.append("| " + " | ".join(cells) + " |")
-    metrics = sorted({c["metric"] for r in board["rows"] for c in r["tasks"].values() if c["metric"] != "exact_match"})
-    lines += ["", f"Exact match % ± standard error over each task's examples; group means ± sqrt(Σ se²)/T. "
-              + (f"Other metrics as they are ({', '.join(metrics)}: lower is better for perplexities). " if metrics
-                 else "") +
-              "norm: held-in mean / the single-task experts' mean on the same tasks (each on its own task). "
-              f"Δ and p: paired against `{ref}` on every example both scored (exact McNemar on exact match; "
-              "(ns): p ≥ 0.05, a difference the examples cannot tell from noise)."]
+    lines += ["", " ".join(legend(board))]
     return "\n".join(lines).lstrip() + "\n"
 
 
 def leaderboard_chart(board: dict[str, Any], title: str = ""):
-    """Held-in and held-out means with ±1.96 se bars per model (altair)."""
+    """Group means (accuracy-like tasks) with ±1.96 se bars per model (altair); a board without accuracy-like tasks
+    draws the task it is ranked by, in its own units and direction."""
     import altair as alt
     import pandas as pd
 
     recs = []
     for r in board["rows"]:
-        for g, label in (("held_in", "held-in"), ("held_out", "held-out")):
+        for g in _groups_present(board):
             s = r["summary"].get(g)
             if s:
                 se = 0.0 if math.isnan(s["stderr"]) else s["stderr"]
-                recs.append({"model": r["name"], "group": label, "score": 100 * s["mean"],
+                recs.append({"model": r["name"], "group": GROUP_LABEL[g], "score": 100 * s["mean"],
                              "lo": 100 * max(0.0, s["mean"] - 1.96 * se), "hi": 100 * min(1.0, s["mean"] + 1.96 * se)})
-    df = pd.DataFrame(recs)
     order = [r["name"] for r in board["rows"]]
+    x_title, domain = "accuracy-like tasks, %", [0, 100]
+    if not recs:
+        by = (board.get("ranked_by") or {}).get("key") or ""
+        t = by[5:] if by.startswith("task:") else next(iter(board["tasks"]), None)
+        i = task_info(board, t) if t else {"metric": "?", "higher_is_better": True, "kind": "none"}
+        scale = 100 if i["kind"] == "accuracy" else 1
+        for r in board["rows"]:
+            c = r["tasks"].get(t) if t else None
+            if c and not math.isnan(_nan(c["mean"])):
+                se = 0.0 if math.isnan(_nan(c["stderr"])) else c["stderr"]
+                recs.append({"model": r["name"], "group": short(t), "score": scale * c["mean"],
+                             "lo": scale * (c["mean"] - 1.96 * se), "hi": scale * (c["mean"] + 1.96 * se)})
+        x_title = f"{short(t) if t else ''}: {i['metric']} {arrow(i['higher_is_better'])}"
+        domain = None
+    df = pd.DataFrame(recs, columns=["model", "group", "score", "lo", "hi"])
     base = alt.Chart(df).encode(y=alt.Y("model:N", sort=order, title=None),
                                 yOffset=alt.YOffset("group:N"), color=alt.Color("group:N", title=None))
-    bars = base.mark_bar().encode(x=alt.X("score:Q", scale=alt.Scale(domain=[0, 100]), title="exact match %"),
-                                  tooltip=["model", "group", alt.Tooltip("score:Q", format=".1f")])
+    x = alt.X("score:Q", scale=alt.Scale(domain=domain) if domain else alt.Scale(zero=False), title=x_title)
+    bars = base.mark_bar().encode(x=x, tooltip=["model", "group", alt.Tooltip("score:Q", format=".4g")])
     err = base.mark_rule(color="black").encode(x="lo:Q", x2="hi:Q")
     return (bars + err).properties(title=title or "leaderboard (95% intervals)", width=360, height=alt.Step(9))
 
 
 def curve_chart(curve: dict[str, Any]):
-    """Mean score over the merged experts' tasks vs their number, one line per method, ±1.96 se band."""
+    """Mean score over the merged experts' accuracy-like tasks vs their number, one line per method, ±1.96 se band;
+    the subtitle is the curve's `note` (the tasks of other metrics it leaves out), when it has one."""
     import altair as alt
     import pandas as pd
 
     df = pd.DataFrame([{"method": p["method"], "experts": p["experts"], "score": 100 * p["mean"],
                         "lo": 100 * max(0.0, p["mean"] - 1.96 * p["stderr"]),
                         "hi": 100 * min(1.0, p["mean"] + 1.96 * p["stderr"])} for p in curve["points"]])
+    y_title = "accuracy-like % (their tasks)"
     base = alt.Chart(df).encode(x=alt.X("experts:O", title="experts merged"), color=alt.Color("method:N", title=None))
-    line = base.mark_line(point=True).encode(y=alt.Y("score:Q", scale=alt.Scale(domain=[0, 100]),
-                                                     title="exact match % (their tasks)"))
-    band = base.mark_errorband(opacity=0.15).encode(y=alt.Y("lo:Q", title="exact match % (their tasks)"), y2="hi:Q")
-    return (band + line).properties(title=f"{curve['name']}: pool {curve['pool']}", width=320, height=320)
+    line = base.mark_line(point=True).encode(y=alt.Y("score:Q", scale=alt.Scale(domain=[0, 100]), title=y_title))
+    band = base.mark_errorband(opacity=0.15).encode(y=alt.Y("lo:Q", title=y_title), y2="hi:Q")
+    text = f"{curve['name']}: pool {curve['pool']}"
+    note = curve.get("note")
+    title = alt.TitleParams(text, subtitle=[note]) if isinstance(note, str) and note else text
+    return (band + line).properties(title=title, width=320, height=320)
 
 
-__all__ = ["curve_chart", "build_leaderboard", "leaderboard_chart", "leaderboard_frame", "leaderboard_markdown"]
+__all__ = ["GROUPS", "KINDS", "arrow", "build_leaderboard", "curve_chart", "format_gain", "format_score",
+           "leaderboard_chart", "leaderboard_frame", "leaderboard_markdown", "legend", "pair_cells", "paired_values",
+           "task_columns", "task_info"]

@@ -73,14 +73,44 @@ def suite_task(lm_eval_name: str) -> str:
     return lm_eval_name.removeprefix("wb_").removesuffix("_val") if lm_eval_name.startswith("wb_") else lm_eval_name
 
 
+def _requests(args: Any) -> list[tuple]:
+    """A sample's request arguments as tuples, from memory (a list of tuples: (context, generation kwargs),
+    (context, continuation) per choice, (text,) for rolling perplexity) or from lm-eval's samples file (a mapping
+    {"gen_args_<i>": {"arg_<j>": ...}})."""
+    if isinstance(args, dict):
+        rows = [args[f"gen_args_{i}"] for i in range(len(args)) if isinstance(args.get(f"gen_args_{i}"), dict)]
+        return [tuple(r[f"arg_{j}"] for j in range(len(r)) if f"arg_{j}" in r) for r in rows]
+    return [tuple(a) if isinstance(a, (list, tuple)) else (a,) for a in args or []]
+
+
+def _scored(resps: list[Any]) -> bool:
+    """Log-likelihood responses: one (loglikelihood, is_greedy) pair per continuation (strings in a samples file)."""
+    return bool(resps) and all(isinstance(r, (list, tuple)) and len(r) == 2 for r in resps)
+
+
 def compact_sample(task: str, s: dict[str, Any]) -> dict[str, Any]:
-    """One lm-eval sample (in memory, or a line of its samples jsonl) -> the row the record keeps."""
-    args = s.get("arguments")
-    prompt = args["gen_args_0"]["arg_0"] if isinstance(args, dict) else args[0][0]
-    resp = (s.get("filtered_resps") or [None])[0]
+    """One lm-eval sample (in memory, or a line of its samples jsonl) -> the row the record keeps.
+
+    Every output type: generate_until (response: the filtered generation), multiple_choice (response: the choice
+    of highest log-likelihood, target: the gold choice's text), loglikelihood (response: the log-likelihood) and
+    loglikelihood_rolling (question: the text scored, response: its log-likelihood).
+    """
+    reqs = _requests(s.get("arguments"))
+    prompt = reqs[0][0] if reqs and reqs[0] else None
+    resps = s.get("filtered_resps") or [None]
+    resp, target = resps[0], s.get("target")
+    if _scored(resps):
+        lls = [float(r[0]) for r in resps]
+        if len(lls) > 1 and len(reqs) == len(lls) and all(len(q) > 1 for q in reqs):  # one request per choice
+            choices = [str(q[1]).strip() for q in reqs]
+            resp = choices[max(range(len(lls)), key=lls.__getitem__)]
+            gold = int(target) if isinstance(target, int) or (isinstance(target, str) and target.isdigit()) else None
+            target = choices[gold] if gold is not None and 0 <= gold < len(choices) else target
+        else:
+            resp = str(lls[0])
     metrics = json.loads(json.dumps({m: s[m] for m in s.get("metrics", []) if m in s},
                                     default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-    return {"task": task, "doc_id": s["doc_id"], "question": prompt, "target": s.get("target"),
+    return {"task": task, "doc_id": s["doc_id"], "question": prompt, "target": target,
             "response": resp if resp is None or isinstance(resp, str) else str(resp), "metrics": metrics}
 
 

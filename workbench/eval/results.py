@@ -1,4 +1,9 @@
-"""Read results/: the latest score per (model, task) from workbench run manifests, and per-example outputs."""
+"""Read results/: the latest score per (model, task) from workbench run manifests, and per-example outputs.
+
+Each task's score is its primary metric, in its direction, as lm-eval reports them (`metrics.primary_metric` on the
+run's lm-eval results JSON, beside its manifest); runs whose results JSON is gone fall back to the first metric the
+manifest lists, its direction implied by its name.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,8 @@ from typing import Any
 import pandas as pd
 
 from ..tasks.suite import DOMAINS, TASKS
+from . import metrics
 from .record import read_samples
-
-PRIMARY = {"exact_match": "exact_match", "word_perplexity": "word_perplexity"}
 
 
 def iter_runs(results_dir: Path) -> list[dict[str, Any]]:
@@ -24,8 +28,27 @@ def iter_runs(results_dir: Path) -> list[dict[str, Any]]:
     return sorted(runs, key=lambda r: r.get("run_id", ""))
 
 
+def run_results(run: dict[str, Any]) -> dict[str, Any] | None:
+    """lm-eval's results JSON of a run read from disk: `results_<run_id>.json` beside its manifest (bounded read;
+    None when absent or unreadable)."""
+    from ..cells import read_record
+
+    if not run.get("_path") or not run.get("run_id"):
+        return None
+    return read_record(Path(run["_path"]).with_name(f"results_{run['run_id']}.json"))
+
+
+def run_metric(run: dict[str, Any], task: str, results: Any = None,
+               sample_metrics: list[str] | None = None) -> metrics.MetricSpec | None:
+    """A run's primary metric for `task` (`metrics.primary_metric`; `results`: its lm-eval results JSON when already
+    read, else read from beside the manifest)."""
+    scores = (run.get("scores") or {}).get(task)
+    return metrics.primary_metric(task, results if results is not None else run_results(run), sample_metrics,
+                                  scores if isinstance(scores, dict) else None)
+
+
 def collect_scores(results_dir: Path, pool: str | None = None, full_only: bool = True) -> pd.DataFrame:
-    """Long table: model, method, task, kind, metric, value, run_id (latest run wins).
+    """Long table: model, method, task, kind, metric, higher_is_better, value, run_id (latest run wins).
 
     `full_only` skips runs made with --limit (partial test splits); validation-split runs are never read.
     """
@@ -35,11 +58,15 @@ def collect_scores(results_dir: Path, pool: str | None = None, full_only: bool =
             continue
         if (full_only and run.get("limit")) or run.get("split", "test") != "test":
             continue
-        for task, metrics in run.get("scores", {}).items():
-            metric = "exact_match" if "exact_match" in metrics else "word_perplexity"
-            if metric not in metrics:
+        scores = run.get("scores")
+        if not isinstance(scores, dict):
+            continue
+        results = run_results(run) or {}
+        for task, values in scores.items():
+            spec = run_metric(run, task, results) if isinstance(values, dict) else None
+            if spec is None or not metrics._num(values.get(spec.name)):
                 continue
-            kind = TASKS[task].kind if task in TASKS else ("domain" if task in DOMAINS else "?")
+            kind = TASKS[task].kind if task in TASKS else ("domain" if task in DOMAINS else "other")
             info = run.get("model_info") or {}
             latest[(run["model_name"], task)] = {
                 # a folder spec (absolute, or as the record writes it: $WORKBENCH_CACHE/..., ~/..., relative) shows
@@ -47,33 +74,47 @@ def collect_scores(results_dir: Path, pool: str | None = None, full_only: bool =
                 "model": run["model"] if "/" not in str(run["model"]) else run["model_name"].split("__")[-1],
                 "model_name": run["model_name"], "method": run.get("method"),
                 "expert_task": (info.get("tags") or {}).get("task") if run.get("method") == "expert-lora" else None,
-                "task": task, "kind": kind, "metric": metric, "value": metrics[metric], "run_id": run["run_id"],
+                "task": task, "kind": kind, "metric": spec.name, "higher_is_better": spec.higher_is_better,
+                "value": float(values[spec.name]), "run_id": run["run_id"],
             }
     return pd.DataFrame(list(latest.values()), columns=["model", "model_name", "method", "expert_task", "task", "kind",
-                                                         "metric", "value", "run_id"])
+                                                         "metric", "higher_is_better", "value", "run_id"])
 
 
 def results_table(results_dir: Path, pool: str | None = None, full_only: bool = True) -> pd.DataFrame:
-    """Wide table: one row per model, one column per task, plus held-in / held-out averages.
+    """Wide table: one row per model, one column per task (its primary metric), plus held-in / held-out averages.
 
-    Exact match is in percent; domain columns are word perplexity.
+    Accuracy-like metrics (exact_match, acc, acc_norm ...) are in percent; every other metric as it is (a word
+    perplexity is a perplexity). The averages and the normalized score (a row's mean over the accuracy-like tasks
+    with their own expert / those experts' mean on them) only take accuracy-like, higher-is-better tasks.
+    `table.attrs["metrics"]`: task -> {metric, higher_is_better, percent}; `attrs["normalized_note"]`: the tasks the
+    normalized score leaves out, and why.
     """
     df = collect_scores(results_dir, pool, full_only)
     if df.empty:
         return df
-    df = df.assign(value=[v * 100 if m == "exact_match" else v for v, m in zip(df.value, df.metric)])
+    # one metric per column: the task's metric in its earliest run shown (a model scored otherwise is left out)
+    task_metric = df.sort_values("run_id").groupby("task", sort=False).metric.first().to_dict()
+    df = df[[task_metric[t] == m for t, m in zip(df.task, df.metric)]]
+    percent = {t: m in metrics.ACCURACY_METRICS for t, m in task_metric.items()}
+    hib = df.groupby("task").higher_is_better.first().to_dict()
+    df = df.assign(value=[v * 100 if percent[t] else v for v, t in zip(df.value, df.task)])
     wide = df.pivot_table(index=["model", "method"], columns="task", values="value", aggfunc="last")
     order = [t for t in [*TASKS, *DOMAINS] if t in wide.columns]
+    order += sorted(t for t in wide.columns if t not in order)
     wide = wide[order]
-    held_in = [t for t in order if t in TASKS and TASKS[t].kind == "held_in"]
-    held_out = [t for t in order if t in TASKS and TASKS[t].kind == "held_out"]
+    accuracy = [t for t in order if percent[t] and hib[t]]  # the only columns averaged together
+    held_in = [t for t in accuracy if t in TASKS and TASKS[t].kind == "held_in"]
+    held_out = [t for t in accuracy if t in TASKS and TASKS[t].kind == "held_out"]
     if held_in:
         wide["held_in_avg"] = wide[held_in].mean(axis=1)
-        # normalized score: held-in average / the experts' own average (each LoRA expert on its own task)
-        own = df[(df.expert_task.notna()) & (df.expert_task == df.task)]
-        own = own[own.task.isin(held_in)].groupby("task").value.max()
-        if len(own) == len(held_in) and own.mean() > 0:
-            wide["normalized"] = 100 * wide["held_in_avg"] / own.mean()
+    # normalized score: mean over the accuracy-like tasks with their own expert (an expert tagged with the task,
+    # scored on it) / those experts' own mean on them
+    own = df[(df.expert_task.notna()) & (df.expert_task == df.task) & df.task.isin(accuracy)].groupby("task").value.max()
+    with_expert = [t for t in accuracy if t in own.index]
+    if with_expert and own[with_expert].mean() > 0:
+        wide["normalized"] = 100 * wide[with_expert].mean(axis=1) / own[with_expert].mean()
+    left = [t for t in accuracy if t not in own.index]
     if held_out:
         wide["held_out_avg"] = wide[held_out].mean(axis=1)
     wide = wide.reset_index()
@@ -87,7 +128,12 @@ def results_table(results_dir: Path, pool: str | None = None, full_only: bool = 
         group = METHOD_ORDER.get(row.method, len(METHOD_ORDER))
         return (group, task_rank.get(own.get(row.model) or "", 99), first.get(names.get(row.model), ""), row.model)
 
-    return wide.iloc[sorted(range(len(wide)), key=lambda i: key(wide.iloc[i]))].reset_index(drop=True)
+    table = wide.iloc[sorted(range(len(wide)), key=lambda i: key(wide.iloc[i]))].reset_index(drop=True)
+    table.attrs["metrics"] = {t: {"metric": task_metric[t], "higher_is_better": bool(hib[t]), "percent": percent[t]}
+                              for t in order}
+    if left and "normalized" in table.columns:
+        table.attrs["normalized_note"] = f"normalized leaves out {', '.join(left)}: no expert is tagged with the task"
+    return table
 
 
 # Column names of the tables (* held-out)
@@ -101,18 +147,36 @@ SHORT = {"addition": "add", "sorting": "sort", "unit_conversion": "unit", "word_
 METHOD_ORDER = {"base": 0, "expert-lora": 1, "multitask": 2, "expert-full": 3}
 
 
-def paired_samples(run_a: dict[str, Any] | Path, run_b: dict[str, Any] | Path, task: str) -> pd.DataFrame:
+def paired_samples(run_a: dict[str, Any] | Path, run_b: dict[str, Any] | Path, task: str,
+                   metric: str | None = None) -> pd.DataFrame:
     """The examples of `task` both runs scored, side by side: doc_id, question, target, response_a/_b and
-    value_a/_b (exact match, or a perplexity task's log-likelihood), for pairwise diffs and paired tests."""
-    def rows(run):
-        out = {}
-        for s in read_samples(run):
-            if s["task"] == task:
-                v = s["metrics"].get("exact_match", s["metrics"].get("word_perplexity"))
-                out[s["doc_id"]] = s | {"value": v[0] if isinstance(v, list) else v}
-        return out
+    value_a/_b (`metric`, default run_a's primary metric for the task: exact match, a per-example score, or a
+    perplexity task's per-document log-likelihood; None for a metric without per-example numbers, e.g. corpus BLEU),
+    for pairwise diffs and paired tests."""
+    def samples_of(run):
+        return [s for s in read_samples(run) if s["task"] == task]
 
-    a, b = rows(run_a), rows(run_b)
+    def results_of(run) -> Any:
+        if isinstance(run, dict):
+            return run_results(run)
+        p = Path(run)
+        if p.is_file() and p.name.startswith("run_"):
+            from ..cells import read_record
+
+            return read_record(p.with_name(f"results_{p.stem[4:]}.json"))
+        return None
+
+    def value(v: Any) -> float | None:
+        if isinstance(v, list) and len(v) == 2:  # [loglikelihood, weight]: the log-likelihood; [ref, pred]: none
+            v = v[0]
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, str) else None
+
+    sa, sb = samples_of(run_a), samples_of(run_b)
+    if metric is None and sa:
+        spec = metrics.primary_metric(task, results_of(run_a), list(sa[0].get("metrics") or {}))
+        metric = spec.name if spec else None
+    a = {s["doc_id"]: s | {"value": value((s.get("metrics") or {}).get(metric))} for s in sa}
+    b = {s["doc_id"]: s | {"value": value((s.get("metrics") or {}).get(metric))} for s in sb}
     return pd.DataFrame([{"doc_id": d, "question": a[d]["question"], "target": a[d]["target"],
                           "response_a": a[d]["response"], "response_b": b[d]["response"],
                           "value_a": a[d]["value"], "value_b": b[d]["value"]} for d in sorted(a.keys() & b.keys())],
@@ -120,13 +184,16 @@ def paired_samples(run_a: dict[str, Any] | Path, run_b: dict[str, Any] | Path, t
 
 
 def results_chart(table: pd.DataFrame, title: str = ""):
-    """Heatmap of the results table (exact match %, held-in | held-out | averages), an altair chart."""
+    """Heatmap of the results table's percent columns (accuracy-like tasks: held-in | held-out | averages), an altair
+    chart; perplexities and other metrics are not on a 0-100 scale and are left out."""
     import altair as alt
 
-    cols = [c for c in table.columns if c not in ("model", "method") and (c not in DOMAINS)]
+    info = table.attrs.get("metrics") or {}
+    cols = [c for c in table.columns if c not in ("model", "method") and c not in DOMAINS
+            and (info.get(c) or {"percent": True})["percent"]]
     long = table.melt(id_vars=["model", "method"], value_vars=cols, var_name="column", value_name="score").dropna()
-    group = {c: ("held-in" if c in TASKS and TASKS[c].kind == "held_in" else
-                 "held-out" if c in TASKS else "summary") for c in cols}
+    group = {c: ("held-in" if c in TASKS and TASKS[c].kind == "held_in" else "held-out" if c in TASKS else
+                 "summary" if c in ("held_in_avg", "held_out_avg", "normalized") else "other") for c in cols}
     long["group"] = long.column.map(group)
     base = alt.Chart(long).encode(
         x=alt.X("column:N", sort=cols, title=None, axis=alt.Axis(labelAngle=-40)),

@@ -2,19 +2,32 @@
 
 - `stderr`: the standard error of a mean over examples, as lm-eval computes it (`mean_stderr`: sample
   standard deviation, n - 1, over sqrt(n)); for exact match (0/1) that is sqrt(p (1 - p) / (n - 1)).
-- `mcnemar`: two runs scored on the same examples with exact match: the exact two-sided binomial test on
+- `mcnemar`: two runs scored on the same examples with a 0/1 metric: the exact two-sided binomial test on
   the discordant pairs (b = A right and B wrong, c = the reverse; p = min(1, 2 P[X <= min(b, c)]), X ~
   Bin(b + c, 1/2)); only the examples where the two disagree carry information.
-- `paired_bootstrap`: the same question for other metrics: resample examples (a local, seeded generator),
-  two-sided p of the mean difference changing sign.
-- `compare`: one of the two by the values' kind, with both means and the difference.
+- `paired_bootstrap`: the same question for continuous per-example metrics (a per-example f1, a log-likelihood):
+  resample the examples with replacement (numpy's PCG64, seeded: the same inputs give the same p), two-sided p of
+  the mean difference changing sign, p = min(1, 2 (1 + #resamples on the other side of 0) / (iters + 1)) — never
+  0 from finitely many resamples.
+- `corpus_aggregate`, `corpus_stderr`, `paired_corpus_bootstrap`: corpus-level perplexity-like scores from
+  per-document (log-likelihood, weight) pairs (lm-eval's `weighted_perplexity` exp(-Σll/Σw) and `bits_per_byte`
+  -Σll/Σw/ln 2): the aggregate, its standard error by bootstrap over documents (the standard deviation of the
+  aggregate over resampled corpora), and the paired bootstrap over documents of the difference of two models'
+  aggregates (both resampled with the same documents), p as above.
+- `compare`: McNemar or the paired bootstrap by the values' kind, with both means and the difference.
+
+Resampling runs in chunks of at most `MAX_DRAWS` indices, so memory stays bounded for any corpus size.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
+
+MAX_DRAWS = 2_000_000  # indices drawn per chunk of resamples (16 MB of int64)
+SE_ITERS = 1_000  # resamples for a bootstrap standard error
+TEST_ITERS = 10_000  # resamples for a paired bootstrap p-value
 
 
 def stderr(values: Sequence[float]) -> float:
@@ -34,18 +47,99 @@ def mcnemar(b: int, c: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def paired_bootstrap(a: Sequence[float], b: Sequence[float], iters: int = 10_000, seed: int = 0) -> float:
-    """Two-sided p that mean(a - b) has the other sign, over `iters` resamples of the examples."""
-    import torch
+def _resamples(n: int, iters: int, seed: int) -> Iterator[Any]:
+    """Index arrays [k, n] (k resamples of n indices with replacement) adding up to `iters` rows, `MAX_DRAWS` at most
+    per chunk, from one seeded generator."""
+    import numpy as np
 
-    d = torch.tensor([x - y for x, y in zip(a, b)], dtype=torch.float64)
-    if len(d) == 0 or bool((d == 0).all()):
+    rng = np.random.Generator(np.random.PCG64(seed))
+    rows = max(1, MAX_DRAWS // max(n, 1))
+    done = 0
+    while done < iters:
+        k = min(rows, iters - done)
+        yield rng.integers(0, n, size=(k, n))
+        done += k
+
+
+def _sign_flip_p(observed: float, resampled: Any, iters: int) -> float:
+    """Two-sided p that a statistic observed at `observed` (≠ 0) has the other sign: (1 + #other side) / (iters + 1),
+    doubled. A resample that cannot be computed (NaN) counts as the other side."""
+    import numpy as np
+
+    other = ~(resampled > 0) if observed > 0 else ~(resampled < 0)
+    return min(1.0, 2 * (1 + int(np.count_nonzero(other))) / (iters + 1))
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], iters: int = TEST_ITERS, seed: int = 0) -> float:
+    """Two-sided p that mean(a - b) has the other sign, over `iters` resamples of the examples."""
+    import numpy as np
+
+    if len(a) != len(b):
+        raise ValueError(f"paired values differ in length: {len(a)} vs {len(b)}")
+    d = np.asarray([x - y for x, y in zip(a, b)], dtype=np.float64)
+    observed = float(d.mean()) if len(d) else 0.0
+    if len(d) == 0 or observed == 0 or not math.isfinite(observed):
         return 1.0
-    g = torch.Generator().manual_seed(seed)
-    means = d[torch.randint(len(d), (iters, len(d)), generator=g)].mean(1)
-    observed = float(d.mean())
-    flipped = float((means <= 0).double().mean()) if observed > 0 else float((means >= 0).double().mean())
-    return min(1.0, 2 * flipped)
+    means = np.concatenate([d[idx].mean(1) for idx in _resamples(len(d), iters, seed)])
+    return _sign_flip_p(observed, means, iters)
+
+
+def _corpus(ll_sum: Any, w_sum: Any, how: str) -> Any:
+    """The aggregate of summed log-likelihoods and weights (numpy arrays or floats): exp(-ll/w) or -ll/w/ln 2."""
+    import numpy as np
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        mean = np.where(w_sum > 0, ll_sum / np.where(w_sum > 0, w_sum, 1.0), np.nan)
+        if how == "perplexity":
+            return np.exp(-mean)
+        if how == "bits_per_byte":
+            return -mean / math.log(2)
+    raise ValueError(f"unknown corpus aggregate {how!r}: perplexity or bits_per_byte")
+
+
+def corpus_aggregate(ll: Sequence[float], weights: Sequence[float], how: str) -> float:
+    """lm-eval's corpus score from per-document log-likelihoods and weights: `how` = "perplexity" (exp(-Σll/Σw),
+    `weighted_perplexity`; weights of 1 give `perplexity`) or "bits_per_byte" (-Σll/Σw/ln 2). NaN when Σw = 0."""
+    if len(ll) != len(weights):
+        raise ValueError(f"log-likelihoods and weights differ in length: {len(ll)} vs {len(weights)}")
+    return float(_corpus(math.fsum(ll), math.fsum(weights), how))
+
+
+def corpus_stderr(ll: Sequence[float], weights: Sequence[float], how: str, iters: int = SE_ITERS,
+                  seed: int = 0) -> float:
+    """Standard error of `corpus_aggregate` by bootstrap over documents: the sample standard deviation of the
+    aggregate over `iters` corpora of as many documents drawn with replacement. NaN under 2 documents."""
+    import numpy as np
+
+    if len(ll) != len(weights):
+        raise ValueError(f"log-likelihoods and weights differ in length: {len(ll)} vs {len(weights)}")
+    if len(ll) < 2:
+        return float("nan")
+    x, w = np.asarray(ll, dtype=np.float64), np.asarray(weights, dtype=np.float64)
+    agg = np.concatenate([_corpus(x[i].sum(1), w[i].sum(1), how) for i in _resamples(len(x), iters, seed)])
+    agg = agg[np.isfinite(agg)]
+    return float(agg.std(ddof=1)) if len(agg) > 1 else float("nan")
+
+
+def paired_corpus_bootstrap(ll_a: Sequence[float], w_a: Sequence[float], ll_b: Sequence[float],
+                            w_b: Sequence[float], how: str, iters: int = TEST_ITERS, seed: int = 0) -> dict[str, Any]:
+    """Two models' per-document (log-likelihood, weight) on the same documents, in the same order: the aggregate of
+    each (`corpus_aggregate`), `diff` = a - b, and the two-sided paired bootstrap `p_value` that the difference has
+    the other sign, resampling documents jointly for both."""
+    import numpy as np
+
+    n = len(ll_a)
+    if not (len(w_a) == len(ll_b) == len(w_b) == n):
+        raise ValueError(f"paired corpora differ in length: {n}, {len(w_a)}, {len(ll_b)}, {len(w_b)}")
+    agg_a, agg_b = corpus_aggregate(ll_a, w_a, how), corpus_aggregate(ll_b, w_b, how)
+    out = {"n": n, "mean_a": agg_a, "mean_b": agg_b, "diff": agg_a - agg_b, "test": "paired_bootstrap_corpus"}
+    if n == 0 or not math.isfinite(out["diff"]) or out["diff"] == 0:
+        return out | {"p_value": 1.0}
+    xa, wa = np.asarray(ll_a, dtype=np.float64), np.asarray(w_a, dtype=np.float64)
+    xb, wb = np.asarray(ll_b, dtype=np.float64), np.asarray(w_b, dtype=np.float64)
+    d = np.concatenate([_corpus(xa[i].sum(1), wa[i].sum(1), how) - _corpus(xb[i].sum(1), wb[i].sum(1), how)
+                        for i in _resamples(n, iters, seed)])
+    return out | {"p_value": _sign_flip_p(out["diff"], d, iters)}
 
 
 def compare(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
@@ -74,4 +168,5 @@ def verdict(p_value: float, diff: float, *, higher_is_better: bool = True, alpha
     return "A better" if (diff > 0) == higher_is_better else "B better"
 
 
-__all__ = ["compare", "mcnemar", "paired_bootstrap", "stderr", "verdict"]
+__all__ = ["compare", "corpus_aggregate", "corpus_stderr", "mcnemar", "paired_bootstrap", "paired_corpus_bootstrap",
+           "stderr", "verdict"]

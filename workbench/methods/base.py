@@ -29,6 +29,9 @@ from ..registry import Registry
 # (no .inf, no .nan) and bounded above where a huge value is a hang (steps, examples: index lists, loops) or a
 # no-op in disguise (warm-up longer than training, a limit larger than any split).
 MAX_STEPS = 100_000  # optimizer steps (and warm-up, checkpoint intervals)
+# Every CPU build runs on this many torch threads, whatever OMP_NUM_THREADS says: reductions (SVDs, matmuls) split
+# by the thread count, so one key gives one artifact, byte for byte, on a machine (a key names this number).
+BUILD_THREADS = 2
 MAX_BATCH = 4096  # examples per step / per forward
 MAX_EXAMPLES = 1_000_000  # examples per expert
 MAX_LIMIT = 100_000  # examples per task evaluated

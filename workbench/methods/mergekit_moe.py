@@ -34,14 +34,12 @@ class MergekitMoeParams(MoeTrainParams):
                                "experts' average, or the pool's base")
 
 
-def positive_prompts(expert, n: int, seed: int) -> list[str]:
-    import random
+def positive_prompts(expert, n: int, seed: int, tokenizer=None) -> list[str]:
+    """Up to n prompts of the expert's own training data (shuffled by `seed`): mergekit's positive prompts."""
+    from ..data import prompt_text
+    from .routing import expert_rows
 
-    from ..tasks.suite import load_split
-
-    rows = [r for t in expert.tasks() for r in load_split(t, "train")]
-    random.Random(seed).shuffle(rows)
-    return [r["question"] for r in rows[:n]]
+    return [prompt_text(r) for r in expert_rows(expert, n, seed, tokenizer)]
 
 
 @register_method
@@ -55,10 +53,11 @@ class MergekitMoe(UpcycleMethod):
         super().validate(experts, params, output)
         seen: dict[tuple[str, ...], str] = {}
         for e in experts:
-            key = tuple(sorted(e.tasks()))
+            key = tuple(sorted(r.sha256 for r in e.data()))
             if key in seen:
-                raise RecipeError(f"mergekit_moe: experts {seen[key]!r} and {e.name!r} have the same tasks {list(key)}, "
-                                  "so the same positive prompts: mergekit's hidden gates could not tell them apart")
+                raise RecipeError(f"mergekit_moe: experts {seen[key]!r} and {e.name!r} learned the same data "
+                                  f"{[r.name for r in e.data()]}, so the same positive prompts: mergekit's hidden gates "
+                                  "could not tell them apart")
             seen[key] = e.name
 
     def make_model(self, ctx: BuildContext, src: Sources, tok) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -86,7 +85,7 @@ class MergekitMoe(UpcycleMethod):
             config = MoEMergeConfig.model_validate({
                 "base_model": str(base_dir), "gate_mode": "hidden", "dtype": "float32",
                 "experts_per_token": p.top_k, "architecture": "Mixtral",
-                "experts": [{"source_model": str(f), "positive_prompts": positive_prompts(e, p.prompts, p.seed)}
+                "experts": [{"source_model": str(f), "positive_prompts": positive_prompts(e, p.prompts, p.seed, tok)}
                             for f, e in zip(folders, ctx.experts)]})
             out = tmp / "moe"
             ctx.log("mergekit_moe: running mergekit's MoE builder (gate_mode hidden)")

@@ -38,7 +38,7 @@ from .base import (
     check_warmup,
     register_method,
 )
-from .routing import DataRoutedMethod, DataRoutedParams, checkpoint_path, expert_rows, usage_stats
+from .routing import DataRoutedMethod, DataRoutedParams, checkpoint_path, expert_rows, held_rows, usage_stats
 
 if TYPE_CHECKING:
     import torch
@@ -170,7 +170,7 @@ class Mole(DataRoutedMethod):
         router.eval()
         routing.groups = [RoutedGroup(router, None)]
         model.routing = routing
-        usage = usage_stats(model, tok, {e.name: e.tasks()[0] for e in experts}, n=10)
+        usage = usage_stats(model, tok, {e.name: held_rows(e, tok, 10) for e in experts}, n=10)
         router.cpu()
         taus = {m: round(float(router.log_tau[k].detach().exp()), 4) for m, k in router.keys.items()}
         return self.save(ctx, router, {"k": len(p.use or names), "gates": source, "loss_curve": curve,
@@ -188,7 +188,7 @@ class Mole(DataRoutedMethod):
         from ..train.trainer import Checkpoint, train_loop
 
         p: MoleParams = ctx.params
-        rows = [r for i, e in enumerate(ctx.experts) for r in expert_rows(e, p.examples, p.seed + i)]
+        rows = [r for i, e in enumerate(ctx.experts) for r in expert_rows(e, p.examples, p.seed + i, tok)]
         random.Random(p.seed).shuffle(rows)
         group = [RoutedGroup(router, None)]
         params = [q for q in router.parameters() if q.requires_grad]
@@ -218,14 +218,14 @@ class Mole(DataRoutedMethod):
         """Trained gates depend on the experts, their data and the training settings, not on `use`: cached beside
         the artifacts, so a masked subset reuses them."""
         from ..io import sha256_json
-        from ..tasks.suite import data_hash
+        from .routing import data_key
 
         p = ctx.params.model_dump(mode="json", exclude={"use", "gates_from", "k", "checkpoint_every"})
         # the experts in order (the gates' rows and the gate input's blocks follow it), each with its files
         key = sha256_json({"version": self.version, "params": p,
                            "experts": [(e.name, e.entry.files) for e in ctx.experts],
-                           "base": ctx.pool.manifest.base.fingerprint,
-                           "data": {t: data_hash(t) for e in ctx.experts for t in e.tasks()}})[:16]
+                           "base": ctx.pool.manifest.base.fingerprint, "base_weights": ctx.pool.base.weights_sha256,
+                           "data": data_key(ctx.experts)})[:16]
         return ctx.out_dir.parent / "mole-gates" / key
 
 

@@ -55,37 +55,54 @@ class RoutedMethod(Method):
 
 class DataRoutedMethod(RoutedMethod):
     """A routed method whose build reads each expert's own training data (PHATGOOSE's gates, average
-    activations): every expert must name its tasks, and their data hashes are part of the artifact key."""
+    activations): every expert must have its data recorded, unchanged, and the recorded hashes are part of the
+    artifact key."""
 
     def validate(self, experts, params, output) -> None:
         super().validate(experts, params, output)
-        for e in experts:
-            if not e.tasks():
-                raise RecipeError(f"expert {e.name!r} has no training data for {self.name}'s build "
-                                  "(its manifest entry names no task: add a tag task=<suite task>)")
+        check_experts_data(experts, self.name)
 
     def key_inputs(self, experts, params) -> dict[str, Any]:
-        from ..tasks.suite import data_hash
-
-        return {"data": {t: data_hash(t) for e in experts for t in e.tasks()}}
+        return {"data": data_key(experts)}
 
 
-def expert_rows(expert, n: int, seed: int) -> list[dict[str, Any]]:
-    """Up to n of the expert's own training rows (all its tasks, shuffled by `seed`)."""
+def check_experts_data(experts, method: str) -> None:
+    """Every expert has recorded training data, unchanged since it was recorded (one line otherwise)."""
+    from ..errors import PoolError
+
+    for e in experts:
+        try:
+            e.check_data(method)
+        except PoolError as err:
+            raise RecipeError(str(err)) from None
+
+
+def data_key(experts) -> dict[str, list[str]]:
+    """What an artifact key sees of the experts' data: each expert's recorded content hashes, in record order."""
+    return {e.name: [r.sha256 for r in e.data()] for e in experts}
+
+
+def expert_rows(expert, n: int, seed: int, tokenizer=None) -> list[dict[str, Any]]:
+    """Up to n of the expert's own training rows (all its datasets, shuffled by `seed`)."""
     import random
 
-    from ..tasks.suite import load_split
-
-    rows = [r for t in expert.tasks() for r in load_split(t, "train")]
+    rows = expert.rows(tokenizer)
     random.Random(seed).shuffle(rows)
     return rows[:n]
 
 
 def expert_examples(expert, tokenizer, n: int, seed: int, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """Up to n of the expert's own training examples (all its tasks, shuffled by `seed`), encoded as training does."""
-    from ..train.trainer import encode
+    """Up to n of the expert's own training examples (all its datasets, shuffled by `seed`), encoded as training
+    does."""
+    from ..train.trainer import encode_row
 
-    return [encode(tokenizer, r["question"], r["answer"], max_length) for r in expert_rows(expert, n, seed)]
+    return [encode_row(tokenizer, r, max_length) for r in expert_rows(expert, n, seed, tokenizer)]
+
+
+def held_rows(expert, tokenizer, n: int) -> list[dict[str, Any]]:
+    """Up to n rows of the expert's data to look at a trained router with: its sources' validation split where
+    they have one, else the first rows of its training data."""
+    return (expert.rows(tokenizer, split="validation") or expert.rows(tokenizer))[:n]
 
 
 def checkpoint_path(folder: Path) -> Path:
@@ -93,16 +110,18 @@ def checkpoint_path(folder: Path) -> Path:
     return folder.parent / f"{folder.name}.checkpoint.safetensors"
 
 
-def traced_examples(model, tokenizer, ctx, task: str, split: str, n: int):
-    """One routing trace per example (question + answer, teacher-forced) of the first `n` of a task's split."""
+def traced_examples(model, tokenizer, ctx, task: str | list[dict[str, Any]], split: str, n: int):
+    """One routing trace per example (question + answer, teacher-forced) of the first `n` of a suite task's split,
+    or of the given rows."""
     import torch
 
     from ..modules.routed_lora import Trace
     from ..tasks.suite import load_split
 
     device = next(model.parameters()).device
-    for row in load_split(task, split)[:n]:
-        ids = tokenizer(row["question"] + row["answer"], return_tensors="pt",
+    rows = load_split(task, split) if isinstance(task, str) else task
+    for row in rows[:n]:
+        ids = tokenizer(row["question"] + row.get("delimiter", "") + row["answer"], return_tensors="pt",
                         add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"].to(device)
         trace = Trace()
         with torch.no_grad(), ctx.use(groups=ctx.groups, trace=trace):
@@ -110,8 +129,8 @@ def traced_examples(model, tokenizer, ctx, task: str, split: str, n: int):
         yield trace
 
 
-def usage_stats(model, tokenizer, tasks: list[str] | dict[str, str], *, split: str = "validation",
-                n: int = 10) -> dict[str, Any]:
+def usage_stats(model, tokenizer, tasks: list[str] | dict[str, str] | dict[str, list[dict[str, Any]]], *,
+                split: str = "validation", n: int = 10) -> dict[str, Any]:
     """How a routed model spreads its tokens over its experts (or ranks), on `n` teacher-forced examples of each
     task's `split`: per expert the share of the total weight and of the selections (pairs with w > 0), the
     entropy of each share normalised by log E (1 = uniform), the largest share, the mean over modules of each
@@ -127,13 +146,18 @@ def usage_stats(model, tokenizer, tasks: list[str] | dict[str, str], *, split: s
         raise WorkbenchError("this model has no router: usage exists for routed compositions only")
     experts = list(ctx.groups[0].router.experts)
     n_exp = len(experts)
-    task_list = list(tasks.values()) if isinstance(tasks, dict) else list(tasks)
+    # label -> a suite task name, or the rows themselves ({label: rows}: an expert's own data)
+    if isinstance(tasks, dict) and all(isinstance(v, list) for v in tasks.values()):
+        sources: dict[str, Any] = dict(tasks)
+    else:
+        names = list(tasks.values()) if isinstance(tasks, dict) else list(tasks)
+        sources = {t: t for t in dict.fromkeys(names)}
     weight, chosen = torch.zeros(n_exp), torch.zeros(n_exp)
     per_module: dict[str, torch.Tensor] = {}
     per_task = {}
-    for task in dict.fromkeys(task_list):
+    for task, source in sources.items():
         tw = torch.zeros(n_exp)
-        for trace in traced_examples(model, tokenizer, ctx, task, split, n):
+        for trace in traced_examples(model, tokenizer, ctx, source, split, n):
             for module, calls in trace.modules.items():
                 idx, w = calls[-1]
                 dense = dense_weights(idx, w.float(), n_exp)
@@ -364,6 +388,6 @@ def router_accuracy(model, tokenizer, expert_tasks: dict[str, str], *, split: st
                         if out and k is not None else None}}
 
 
-__all__ = ["DataRoutedMethod", "RoutedMethod", "artifact_pool", "check_one_expert_per_task", "checkpoint_path",
-           "expert_examples", "expert_rows", "load_routed", "open_routed", "routed_problem", "router_accuracy",
+__all__ = ["DataRoutedMethod", "RoutedMethod", "artifact_pool", "check_experts_data", "check_one_expert_per_task",
+           "checkpoint_path", "data_key", "expert_examples", "expert_rows", "held_rows", "load_routed", "open_routed", "routed_problem", "router_accuracy",
            "task_traces", "trace_prompt", "usage_stats"]

@@ -24,7 +24,6 @@ from pydantic import Field, model_validator
 
 from ..artifacts import register_artifact
 from ..errors import RecipeError, WorkbenchError
-from ..tasks.suite import DEFAULT_SEED
 from ..train.trainer import LLAMA_TARGETS
 from .base import (
     MAX_BATCH,
@@ -62,7 +61,6 @@ class SmoraParams(MethodParams):
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the init and batch order (0..2**32-1)")
     max_length: int = Field(128, gt=8, le=MAX_LENGTH, description=f"examples longer than this are truncated "
                                                                   f"(9..{MAX_LENGTH})")
-    data_seed: int = Field(DEFAULT_SEED, ge=0, le=MAX_SEED, description="task suite seed (0..2**32-1)")
     checkpoint_every: int = Field(40, gt=0, le=MAX_STEPS,
                                   description="steps between training checkpoints (resume after a kill)")
 
@@ -88,29 +86,27 @@ class Smora(Method):
         if params.k > params.rank:
             raise RecipeError(f"SMoRA top-k {params.k} is larger than the rank R = {params.rank}")
         if not experts:
-            raise RecipeError("SMoRA trains on the experts' tasks: name at least one expert")
-        for e in experts:
-            if not e.tasks():
-                raise RecipeError(f"expert {e.name!r} has no training data for SMoRA (its manifest entry names no "
-                                  "task: add a tag task=<suite task>)")
+            raise RecipeError("SMoRA trains on the experts' data: name at least one expert")
+        from .routing import check_experts_data
+
+        check_experts_data(experts, self.name)
         shapes = experts[0].pool.base.tensors.shapes
         hit = [t for t in shapes if t.endswith(".weight") and t.split(".")[-2] in params.targets and len(shapes[t]) == 2]
         if not hit:
             raise RecipeError(f"SMoRA targets {params.targets} match no linear module of the base")
 
     def key_inputs(self, experts, params) -> dict[str, Any]:
-        from ..tasks.suite import data_hash
-
-        return {"data": {t: data_hash(t, params.data_seed) for t in smora_tasks(experts)}}
+        return {"data": [r.sha256 for r, _ in smora_data(experts)]}
 
     def build(self, ctx: BuildContext) -> dict[str, Any]:
         from ..modules.routed_lora import RoutedGroup, wrap_model
         from ..modules.routers import SmoraRouter
-        from ..train.trainer import Checkpoint, task_examples, train_loop
+        from ..train.trainer import Checkpoint, train_loop
         from .routing import checkpoint_path, usage_stats
 
         p: SmoraParams = ctx.params
-        tasks = smora_tasks(ctx.experts)
+        data = smora_data(ctx.experts)
+        tasks = [rec.name for rec, _ in data]
         base = ctx.pool.base
         shapes = base.tensors.shapes
         targets = sorted(t for t in shapes if t.endswith(".weight") and t.split(".")[-2] in p.targets
@@ -142,16 +138,18 @@ class Smora(Method):
 
         key = sha256_json({"version": self.version, "params": p.model_dump(mode="json", exclude={"checkpoint_every"}),
                            "tasks": tasks, "base": ctx.pool.manifest.base.fingerprint,
+                           "base_weights": ctx.pool.base.weights_sha256,
                            "data": self.key_inputs(ctx.experts, p)})[:16]
         folder = ctx.out_dir.parent / "smora-train" / key
         with routing.use(groups=[RoutedGroup(router, None)], dense=True):
-            res = train_loop(model, tok, task_examples(tasks, p.data_seed), p, params,
+            res = train_loop(model, tok, smora_rows(data, tok), p, params,
                              f"smora R={p.rank} k={p.k} on {len(tasks)} tasks", ctx.device, loss_fn=loss_fn,
                              after_step=after_step,
                              checkpoint=Checkpoint(checkpoint_path(folder), router, p.checkpoint_every, extra=kept))
         router.eval()
         loaded, lctx = smora_model(base, router, ctx.device)
-        usage = usage_stats(loaded, tok, tasks, n=10)
+        usage = usage_stats(loaded, tok, {rec.name: smora_rows([(rec, e)], tok, split="validation")
+                                          or smora_rows([(rec, e)], tok)[:10] for rec, e in data}, n=10)
         router.cpu()
         router.save(ctx.out_dir)
         checkpoint_path(folder).unlink(missing_ok=True)
@@ -175,8 +173,21 @@ def _count_stats(counts: dict[str, torch.Tensor], rank: int) -> dict[str, float]
             "module_max_share_mean": round(sum(per_mod) / len(per_mod), 4)}
 
 
-def smora_tasks(experts) -> list[str]:
-    return list(dict.fromkeys(t for e in experts for t in e.tasks()))
+def smora_data(experts) -> list[tuple[Any, Any]]:
+    """(record, expert) for every dataset the experts learned, each once (by content hash), in expert order."""
+    seen: dict[str, tuple[Any, Any]] = {}
+    for e in experts:
+        for rec in e.data():
+            seen.setdefault(rec.sha256, (rec, e))
+    return list(seen.values())
+
+
+def smora_rows(data: list[tuple[Any, Any]], tokenizer, split: str = "train") -> list[dict[str, Any]]:
+    """The rows of `smora_data`'s datasets (its expert's pool folder resolves a relative source)."""
+    from ..data import read_rows
+
+    return [r for rec, e in data for r in read_rows(rec, tokenizer, split=split, pool_root=e.pool.root,
+                                                   who=f"expert {e.name!r}")]
 
 
 def smora_model(base, router: SmoraRouter, device: str | None = None):

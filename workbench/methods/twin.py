@@ -41,7 +41,8 @@ from pydantic import Field
 from ..artifacts import register_artifact
 from ..errors import RecipeError, WorkbenchError
 from ..progress import progress_bar
-from ..tasks.suite import ADD_SPECIAL_TOKENS, data_hash, load_split
+from ..data import prompt_text
+from ..tasks.suite import ADD_SPECIAL_TOKENS
 from .base import (
     MAX_BATCH,
     MAX_EXAMPLES,
@@ -245,20 +246,22 @@ class Twin(Method):
         super().validate(experts, params, output)
         if len(experts) < 2:
             raise RecipeError("twin needs at least 2 experts")
-        owner: dict[str, str] = {}  # task -> the expert the router learns to send its inputs to
+        from .routing import check_experts_data
+
+        check_experts_data(experts, self.name)
+        owner: dict[str, str] = {}  # dataset (content hash) -> the expert the router learns to send its inputs to
         for e in experts:
-            tasks = e.tasks()
-            if not tasks:
-                raise RecipeError(f"twin: expert {e.name!r} has no training task (tags.task or training.tasks) for the router")
-            for t in tasks:
-                if t in owner and owner[t] != e.name:
-                    raise RecipeError(f"twin: experts {owner[t]!r} and {e.name!r} were both trained on task {t!r}; "
-                                      "the router cannot tell them apart (keep one)")
-                owner[t] = e.name
+            for rec in e.data():
+                if rec.sha256 in owner and owner[rec.sha256] != e.name:
+                    raise RecipeError(f"twin: experts {owner[rec.sha256]!r} and {e.name!r} were both trained on "
+                                      f"{rec.source}; the router cannot tell them apart (keep one)")
+                owner[rec.sha256] = e.name
 
     def key_inputs(self, experts, params) -> dict[str, Any]:
-        """The router reads each expert's task data: a new suite version (new data) rebuilds the artifact."""
-        return {"task_data": {t: data_hash(t) for t in sorted({t for e in experts for t in e.tasks()})}}
+        """The router reads each expert's data: other data (a re-recorded dataset) rebuilds the artifact."""
+        from .routing import data_key
+
+        return {"data": data_key(experts)}
 
     def build(self, ctx: BuildContext) -> dict[str, Any]:
         import torch
@@ -312,15 +315,17 @@ class Twin(Method):
         tok = base.tokenizer()
         tasks = [e.tasks() for e in experts]
         feats, labels, val_feats, val_labels = [], [], [], []
-        for i, ts in enumerate(tasks):
-            rows = _interleaved([load_split(t, "train") for t in ts], p.router_examples)
-            val = [r for t in ts for r in load_split(t, "validation")]
-            feats.append(pooled_features(model, tok, [r["question"] for r in rows], p.batch_size, f"router features {experts[i].name}"))
-            val_feats.append(pooled_features(model, tok, [r["question"] for r in val], p.batch_size, f"router val {experts[i].name}"))
+        for i, e in enumerate(experts):
+            rows = _interleaved(e.rows_by_source(tok), p.router_examples)
+            val = e.rows(tok, split="validation")  # [] where the expert's sources have no validation split
+            feats.append(pooled_features(model, tok, [prompt_text(r) for r in rows], p.batch_size, f"router features {experts[i].name}"))
+            if val:
+                val_feats.append(pooled_features(model, tok, [prompt_text(r) for r in val], p.batch_size,
+                                                 f"router val {experts[i].name}"))
             labels += [i] * len(rows)
             val_labels += [i] * len(val)
         x, y = torch.cat(feats), torch.tensor(labels)
-        xv, yv = torch.cat(val_feats), torch.tensor(val_labels)
+        xv, yv = (torch.cat(val_feats), torch.tensor(val_labels)) if val_feats else (None, None)
         # initialisation and dropout draw from torch's global generator: seeded inside a fork that restores
         # it afterwards, so the router depends on p.seed only and the caller's random state is untouched
         with torch.random.fork_rng(devices=[]):
@@ -341,11 +346,12 @@ class Twin(Method):
             router.eval()
             with torch.no_grad():
                 acc_train = (router.net(x).argmax(-1) == y).float().mean().item()
-                acc_val = (router.net(xv).argmax(-1) == yv).float().mean().item()
+                acc_val = (router.net(xv).argmax(-1) == yv).float().mean().item() if xv is not None else None
         router.save(ctx.out_dir)  # router.safetensors (+ router.json: loadable by `load_router` too)
         return {"type": "twin", "experts_tasks": tasks, "rank": p.rank, "shared_lambda": p.shared_lambda,
                 "router": {"d_in": x.shape[1], "hidden": p.router_hidden, "dropout": p.router_dropout,
-                           "train_accuracy": round(acc_train, 4), "validation_accuracy": round(acc_val, 4)},
+                           "train_accuracy": round(acc_train, 4),
+                           "validation_accuracy": round(acc_val, 4) if acc_val is not None else None},
                 "temperature": p.temperature}
 
 

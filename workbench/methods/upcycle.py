@@ -531,15 +531,14 @@ class UpcycleMethod(Method):
         config = cached_base_config(base.spec)
         if config is not None:  # else checked when building (validation never downloads or converts a base)
             check_base_config(config, self.name)
-        for e in experts:
-            if not e.tasks():
-                raise RecipeError(f"{self.name}: expert {e.name!r} names no training task (tag task=<suite task>): "
-                                  "the MoE trains on the experts' data")
+        from .routing import check_experts_data
+
+        check_experts_data(experts, self.name)  # the MoE trains on the experts' data
 
     def key_inputs(self, experts, params) -> dict[str, Any]:
-        from ..tasks.suite import data_hash
+        from .routing import data_key
 
-        return {"data": {t: data_hash(t) for e in experts for t in e.tasks()}}
+        return {"data": data_key(experts)}
 
     def checkpoint_dir(self, ctx: BuildContext) -> Path:
         """Beside the artifacts, keyed by what decides the artifact: method, version, params, output, experts, base,
@@ -547,7 +546,7 @@ class UpcycleMethod(Method):
         key = sha256_json({"method": self.name, "version": self.version,
                            "params": ctx.params.model_dump(mode="json"), "output": ctx.output.model_dump(mode="json"),
                            "experts": [(e.name, e.entry.files) for e in ctx.experts],
-                           "base": ctx.pool.manifest.base.fingerprint,
+                           "base": ctx.pool.manifest.base.fingerprint, "base_weights": ctx.pool.base.weights_sha256,
                            "inputs": self.key_inputs(ctx.experts, ctx.params)})[:16]
         return ctx.out_dir.parent / "upcycle-checkpoints" / f"{self.name}-{key}"
 

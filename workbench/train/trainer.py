@@ -31,9 +31,10 @@ from ..methods.base import (
     MAX_TEMPERATURE,
     check_warmup,
 )
+from ..data import DataRecord
 from ..pool import Expert, Pool
 from ..progress import progress_bar
-from ..tasks.suite import DEFAULT_SEED, data_hash, encode_pair, get_task, load_split
+from ..tasks.suite import DEFAULT_SEED, encode_pair
 
 if TYPE_CHECKING:
     import torch
@@ -87,8 +88,10 @@ class TrainResult:
         return self.tokens / max(self.wall_s, 1e-9)
 
 
-def encode(tokenizer, question: str, answer: str, max_length: int) -> tuple[list[int], list[int]]:
-    q, a = encode_pair(tokenizer, question, " " + answer)  # " ": lm-eval's target delimiter
+def encode(tokenizer, question: str, answer: str, max_length: int, delimiter: str = " ") -> tuple[list[int], list[int]]:
+    """(ids, labels) of one example: the answer after `delimiter` (" ": lm-eval's target delimiter; "" after a
+    chat template's generation prompt or for plain text), then EOS; labels -100 on the prompt."""
+    q, a = encode_pair(tokenizer, question, delimiter + answer)
     a = a + [tokenizer.eos_token_id]
     ids = (q + a)[:max_length]
     labels = ([-100] * len(q) + a)[:max_length]
@@ -109,12 +112,9 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
 
-def task_examples(tasks: list[str], data_seed: int) -> list[dict[str, Any]]:
-    rows = []
-    for t in tasks:
-        get_task(t)
-        rows += load_split(t, "train", data_seed)
-    return rows
+def encode_row(tokenizer, row: dict[str, Any], max_length: int) -> tuple[list[int], list[int]]:
+    """A data row ({"question", "answer"[, "delimiter"]}, see `workbench.data`) encoded for training."""
+    return encode(tokenizer, row["question"], row["answer"], max_length, row.get("delimiter", " "))
 
 
 def check_finite(named, desc: str, when: str) -> None:
@@ -145,7 +145,7 @@ def train_loop(model, tokenizer, rows: list[dict[str, Any]], cfg: _Common, param
     result as an uninterrupted run)."""
     import torch
 
-    encoded = [encode(tokenizer, r["question"], r["answer"], cfg.max_length) for r in rows]
+    encoded = [encode_row(tokenizer, r, cfg.max_length) for r in rows]
     rng = random.Random(cfg.seed)
     order: list[int] = []
     params = list(params)
@@ -282,11 +282,16 @@ def _stable_peft_files(folder: Path, base_spec: str) -> None:
         card.write_text(re.sub(r"(?m)^- base_model:adapter:.*$", f"- base_model:adapter:{base_spec}", text))
 
 
-def train_expert(pool: Pool, name: str, tasks: list[str], cfg: LoraConfigModel | FullConfig, *,
-                 device: str = "cpu", tags: dict[str, str] | None = None, replace: bool = False) -> Expert:
-    """Train a LoRA or full expert on `tasks`' train splits and add it to `pool`."""
+def train_expert(pool: Pool, name: str, data: list[tuple[DataRecord, list[dict[str, Any]]]],
+                 cfg: LoraConfigModel | FullConfig, *, device: str = "cpu", tags: dict[str, str] | None = None,
+                 replace: bool = False) -> Expert:
+    """Train a LoRA or full expert on `data` ((record, rows) per dataset, `workbench.data.open_data`; several:
+    a multitask expert) and add it to `pool` with the records in its manifest entry."""
     import torch
 
+    if not data:
+        raise WorkbenchError(f"expert {name!r}: no training data (give --data or --task)")
+    tasks = [rec.name for rec, _ in data]
     if name in pool and not replace:
         raise WorkbenchError(f"pool {pool.name!r} already has an expert named {name!r} (use --replace)")
     # LoRA's initialisation (and dropout) draw from torch's global generator: seeded inside a fork that
@@ -296,7 +301,7 @@ def train_expert(pool: Pool, name: str, tasks: list[str], cfg: LoraConfigModel |
         base = pool.base
         tok = base.tokenizer()
         model = base.load(device=device)
-        rows = task_examples(tasks, cfg.data_seed)
+        rows = [r for _, part in data for r in part]
         if isinstance(cfg, LoraConfigModel):
             from peft import LoraConfig, get_peft_model
 
@@ -312,7 +317,6 @@ def train_expert(pool: Pool, name: str, tasks: list[str], cfg: LoraConfigModel |
         "loss_curve": result.loss_curve, "final_loss": sum(result.loss_curve[-10:]) / min(10, len(result.loss_curve)),
         "wall_s": round(result.wall_s, 2), "tokens": result.tokens, "tokens_per_s": round(result.tokens_per_s, 1),
         "examples": result.examples, "device": device, "torch": torch.__version__,
-        "data_sha256": {t: data_hash(t, cfg.data_seed) for t in tasks},
     }
     default_tags = {"task": tasks[0]} if len(tasks) == 1 else {"task": "multitask"}
     with tempfile.TemporaryDirectory(prefix=f"wb-train-{name}-") as tmp:
@@ -328,4 +332,4 @@ def train_expert(pool: Pool, name: str, tasks: list[str], cfg: LoraConfigModel |
             model.save_pretrained(out, safe_serialization=True)
             tok.save_pretrained(out)
         return pool.add(out, name, kind=cfg.kind, tags={**default_tags, **(tags or {})}, training=meta,
-                        replace=replace)
+                        replace=replace, data=[rec for rec, _ in data])

@@ -1,0 +1,206 @@
+"""Users' own training data: files read through `datasets`, experts that remember their data, methods that read it
+from the manifest, and bad input in one line with nothing written."""
+
+import json
+
+import pytest
+from conftest import one_line, snapshot, suite_data
+
+from workbench.data import DataError, open_data, read_rows
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+QA = [{"q": f"What is {i} + 1?", "a": str(i + 1), "extra": i} for i in range(12)]
+
+
+def test_files_of_every_format_read_with_their_own_fields(tmp_path):
+    import datasets
+    import pandas as pd
+
+    j = _jsonl(tmp_path / "mine.jsonl", QA)
+    rec, rows = open_data(str(j), prompt_field="q", answer_field="a")
+    assert rows[3] == {"question": "What is 3 + 1?", "answer": "4"}
+    assert (rec.name, rec.format, rec.prompt_field, rec.answer_field, rec.rows) == ("mine", "json", "q", "a", 12)
+    assert rec.source == str(j.resolve()) and len(rec.sha256) == 64
+    df = pd.DataFrame({"input": [r["q"] for r in QA], "output": [r["a"] for r in QA]})
+    df.to_csv(tmp_path / "mine.csv", index=False)
+    df.to_parquet(tmp_path / "mine.parquet")
+    datasets.Dataset.from_pandas(df).save_to_disk(str(tmp_path / "saved"))
+    for spec, fmt in (("mine.csv", "csv"), ("mine.parquet", "parquet"), ("saved", "disk")):
+        rec2, rows2 = open_data(str(tmp_path / spec))  # fields found by their usual names
+        assert (rec2.format, rec2.prompt_field, rec2.answer_field) == (fmt, "input", "output"), spec
+        assert [(r["question"], r["answer"]) for r in rows2] == [(r["question"], r["answer"]) for r in rows]
+    # a relative record inside the pool's folder
+    rec3, _ = open_data(str(j), prompt_field="q", answer_field="a", pool_root=tmp_path)
+    assert rec3.source == "mine.jsonl"
+    assert read_rows(rec3, pool_root=tmp_path) == rows
+
+
+def test_chat_column_rendered_by_the_chat_template(tmp_path, tiny_dir):
+    from workbench.base import BaseModel
+
+    tok = BaseModel(tiny_dir / "base").tokenizer()
+    chats = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Double {i}"},
+                           {"role": "assistant", "content": str(2 * i)}]} for i in range(5)]
+    rec, rows = open_data(str(_jsonl(tmp_path / "chat.jsonl", chats)), tokenizer=tok)
+    assert rec.messages_field == "messages" and rec.prompt_field is None
+    assert rows[2] == {"question": "[system] Be brief.\n[user] Double 2\n[assistant] ", "answer": "4", "delimiter": ""}
+    from workbench.train.trainer import encode_row
+
+    ids, labels = encode_row(tok, rows[2], 128)
+    answer = [t for t in labels if t != -100]
+    # the loss on the answer only, with no " " delimiter added: the template's trailing space moves to the answer, as
+    # lm-eval's HFLM cuts a context ending in whitespace
+    assert tok.decode(answer) == " 4" + tok.eos_token
+
+
+@pytest.mark.parametrize(("make", "kwargs", "message"), [
+    (lambda d: _jsonl(d / "x.jsonl", QA), {"prompt_field": "question", "answer_field": "a"},
+     r"data .*x\.jsonl has no prompt field 'question'; its columns: q, a, extra"),
+    (lambda d: _jsonl(d / "x.jsonl", QA), {"prompt_field": "qq", "answer_field": "a"}, r"did you mean 'q'\?"),
+    (lambda d: _jsonl(d / "x.jsonl", QA), {}, r"has no prompt field \(looked for prompt, question, .*name one with "
+                                              r"--prompt-field"),
+    (lambda d: (d / "x.jsonl").write_text("") and None or d / "x.jsonl", {}, r"x\.jsonl is empty \(0 rows\)"),
+    (lambda d: (d / "x.csv").write_text("prompt,answer\n") and None or d / "x.csv", {}, r"is empty \(0 rows\)"),
+    (lambda d: _jsonl(d / "x.jsonl", [{"messages": "hello"}]), {}, r"row 0: column 'messages' is not a list of at "
+                                                                   r"least two \{role, content\} messages \(got str\)"),
+    (lambda d: _jsonl(d / "x.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                    {"role": "user", "content": "again"}]}]), {},
+     r"the last message of column 'messages' is 'user', not 'assistant'"),
+    (lambda d: d / "absent.jsonl", {}, r"data file .*absent\.jsonl does not exist"),
+    (lambda d: (d / "x.txt").write_text("hi") and None or d / "x.txt", {}, r"unknown format '\.txt'"),
+    (lambda d: (d / "x.jsonl").write_text("{not json\n") and None or d / "x.jsonl", {}, r"cannot read it as json"),
+    (lambda d: "someorg/somedata", {}, r"is a hub id, and this machine is offline"),
+])
+def test_bad_data_is_one_line(tmp_path, tiny_dir, monkeypatch, make, kwargs, message):
+    from workbench.base import BaseModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = make(tmp_path)
+    with pytest.raises(DataError, match=message) as e:
+        open_data(str(spec), tokenizer=BaseModel(tiny_dir / "base").tokenizer(), **kwargs)
+    one_line(e)
+
+
+def test_trained_expert_records_its_data_and_methods_read_it(pool, tiny_dir, tmp_path, monkeypatch, arts):
+    """Train two experts from the user's files (fields named by the user); their manifest entries record spec,
+    fields, hash and size; PHATGOOSE's gates learn from exactly those rows; a changed file is refused in one line
+    with nothing written; recording the new data changes the artifact key."""
+    import workbench
+    from workbench.methods import phatgoose
+    from workbench.recipes import build, parse_recipe
+
+    a = _jsonl(tmp_path / "plus.jsonl", [{"ask": f"{i}+1=", "say": str(i + 1)} for i in range(20)])
+    b = _jsonl(tmp_path / "rev.jsonl", [{"ask": f"rev {w}", "say": w[::-1]} for w in ("abc", "hello", "tiny", "data")])
+    for name, f in (("plus", a), ("rev", b)):
+        e = workbench.train_expert(pool, name, data=str(f), prompt_field="ask", answer_field="say", steps=2,
+                                   batch_size=2, warmup=0, r=2)
+        assert [r.name for r in e.data()] == [name] and e.entry.tags == {"task": name}
+    entry = json.loads((pool.root / "pool.json").read_text())["experts"][0]
+    assert entry["data"][0]["prompt_field"] == "ask" and entry["data"][0]["rows"] == 20
+    seen = []
+    real = phatgoose.expert_examples
+
+    def spy(expert, tok, n, seed, max_length):
+        out = real(expert, tok, n, seed, max_length)
+        seen.append((expert.name, len(out)))
+        return out
+
+    monkeypatch.setattr(phatgoose, "expert_examples", spy)
+    recipe = {"name": "pg", "pool": str(pool.root), "method": "phatgoose", "experts": ["plus", "rev"],
+              "parameters": {"steps": 2, "examples": 8, "k": 1}}
+    first = parse_recipe(recipe)
+    build(first, log=lambda *x: None)
+    assert seen == [("plus", 8), ("rev", 4)]  # each expert's own rows (rev has 4)
+    # the file changes under the recorded expert: refused, one line, nothing written
+    b.write_text(b.read_text() + json.dumps({"ask": "rev new", "say": "wen"}) + "\n")
+    before = snapshot(arts), snapshot(pool.root)
+    with pytest.raises(workbench.WorkbenchError, match=r"expert 'rev''s data .*rev\.jsonl changed since it was "
+                                                       r"recorded .*`workbench pool data`") as e:
+        build(parse_recipe(recipe), log=lambda *x: None)
+    one_line(e, 400)
+    assert (snapshot(arts), snapshot(pool.root)) == before
+    workbench.attach_data(pool, "rev", str(b), prompt_field="ask", answer_field="say")
+    second = parse_recipe(recipe)
+    assert second.key != first.key  # the stale artifact is not reused
+    seen.clear()
+    build(second, log=lambda *x: None)
+    assert ("rev", 5) in seen
+
+
+def test_method_over_an_expert_without_data_names_the_fix(pool, tiny_dir):
+    from workbench.errors import RecipeError
+    from workbench.recipes import parse_recipe
+
+    pool.add(tiny_dir / "lora_a", "a", data=suite_data("addition"))
+    pool.add(tiny_dir / "lora_b", "imported")
+    for method in ("phatgoose", "twin", "mole", "smora", "avg_act"):
+        with pytest.raises(RecipeError, match=rf"{method}: expert 'imported' of pool 'demo' has no recorded training "
+                                              r"data .*`workbench pool data demo imported --data FILE`") as e:
+            parse_recipe({"name": "r", "pool": str(pool.root), "method": method, "experts": ["a", "imported"]})
+        one_line(e, 400)
+    # merges that read weights only do not need data
+    parse_recipe({"name": "r", "pool": str(pool.root), "method": "ties", "experts": ["a", "imported"]})
+
+
+def test_pool_add_in_one_go_with_data(run_cli, pools, tiny_dir, tmp_path):
+    run_cli("pool", "create", "mine", "--base", str(tiny_dir / "base"))
+    d = tmp_path / "adapters-in"
+    import shutil
+
+    for n in ("lora_a", "lora_b", "full_c"):
+        shutil.copytree(tiny_dir / n, d / n)
+    code, out, err = run_cli("pool", "add", "mine", str(d / "lora_a"), str(d / "lora_b"), str(d / "full_c"))
+    assert code == 0, err
+    from workbench import Pool
+
+    assert Pool.open("mine").names() == ["lora_a", "lora_b", "full_c"]
+    f = _jsonl(tmp_path / "d.jsonl", QA)
+    code, out, err = run_cli("pool", "add", "mine", str(tiny_dir / "lora_a"), "--name", "imp", "--data", str(f),
+                             "--prompt-field", "q", "--answer-field", "a")
+    assert code == 0, err
+    assert "data:" in out and Pool.open("mine").expert("imp").data()[0].rows == 12
+    code, out, err = run_cli("pool", "data", "mine", "imp")
+    assert code == 0 and "'q' -> 'a', 12 rows" in out
+    # bad input adds nothing: a clash among many, --data over several folders, a missing field
+    before = snapshot(pools)
+    for args, message in [
+        (("pool", "add", "mine", str(d / "lora_a"), str(tiny_dir / "lora_b")), "already has an expert named 'lora_a'"),
+        (("pool", "add", "mine", str(tiny_dir / "lora_a"), str(d / "lora_a")), "two folders are both named 'lora_a'"),
+        (("pool", "add", "mine", str(tiny_dir / "lora_a"), "--name", "x", "--data", str(f)), "has no prompt field"),
+        (("pool", "add", "mine", str(tiny_dir / "lora_a"), str(tiny_dir / "lora_b"), "--data", str(f)),
+         "--data records one expert's data; 2 folders were given"),
+        (("pool", "data", "mine", "imp", "--data", str(tmp_path / "nope.jsonl")), "does not exist"),
+        (("train", "lora", "--pool", "mine"), "no training data: give --data FILE"),
+    ]:
+        code, out, err = run_cli(*args)
+        lines = [x for x in err.splitlines() if x.strip()]
+        assert code == 2 and len(lines) == 1 and message in lines[0], (args, err)
+    assert snapshot(pools) == before
+
+
+def test_not_built_experts_are_a_state_a_broken_one_a_problem(run_cli, pools, tiny_dir):
+    from workbench import Pool
+
+    run_cli("pool", "create", "p", "--base", str(tiny_dir / "base"))
+    p = Pool.open("p")
+    p.add(tiny_dir / "lora_a", "shipped")
+    p.add(tiny_dir / "full_c", "unshipped")
+    with p._locked():
+        p._put(p.expert("unshipped").entry.model_copy(update={"rebuild": "workbench demo --full"}))
+    import shutil
+
+    shutil.rmtree(p.expert("unshipped").path)
+    code, out, err = run_cli("pool", "verify", "p")
+    assert code == 0, err
+    assert "unshipped: not built (`workbench demo --full`)" in out and "1 experts verified, 1 not built" in out
+    code, out, _ = run_cli("pool", "list")
+    assert "│ 1         │ -" in out  # not built: 1, missing files: none
+    # the user's own expert losing a file is a problem
+    (p.expert("shipped").path / "adapter_model.safetensors").unlink()
+    code, out, err = run_cli("pool", "verify", "p")
+    assert code == 1 and "shipped: missing file" in err
