@@ -74,7 +74,7 @@ def test_chat_column_rendered_by_the_chat_template(tmp_path, tiny_dir):
     (lambda d: d / "absent.jsonl", {}, r"data file .*absent\.jsonl does not exist"),
     (lambda d: (d / "x.txt").write_text("hi") and None or d / "x.txt", {}, r"unknown format '\.txt'"),
     (lambda d: (d / "x.jsonl").write_text("{not json\n") and None or d / "x.jsonl", {}, r"cannot read it as json"),
-    (lambda d: "someorg/somedata", {}, r"is a hub id, and this machine is offline"),
+    (lambda d: "someorg/somedata", {}, r"is a hub id that is not in the local datasets cache, and this machine is offline"),
 ])
 def test_bad_data_is_one_line(tmp_path, tiny_dir, monkeypatch, make, kwargs, message):
     from workbench.base import BaseModel
@@ -204,3 +204,49 @@ def test_not_built_experts_are_a_state_a_broken_one_a_problem(run_cli, pools, ti
     (p.expert("shipped").path / "adapter_model.safetensors").unlink()
     code, out, err = run_cli("pool", "verify", "p")
     assert code == 1 and "shipped: missing file" in err
+
+
+def test_records_move_with_the_project_and_fields_are_part_of_the_identity(tmp_path, tiny_dir, monkeypatch):
+    """Data beside the pools folder is recorded relative to the pool (the project moves as one); the same file
+    read with other fields is other data (another identity: artifact keys change); two files of one name get
+    their folders' names; CSV cells stay text as written."""
+    import shutil
+
+    import workbench
+    from workbench.pool import Pool
+
+    proj = tmp_path / "proj"
+    (proj / "data" / "en").mkdir(parents=True)
+    (proj / "data" / "fr").mkdir()
+    monkeypatch.setenv("WORKBENCH_POOLS", str(proj / "adapters"))
+    pool = Pool.create("p", base=str(tiny_dir / "base"))
+    par = [{"en": f"one {i}", "fr": f"un {i}"} for i in range(6)]
+    _jsonl(proj / "data" / "en" / "train.jsonl", par)
+    _jsonl(proj / "data" / "fr" / "train.jsonl", [{"en": r["fr"], "fr": r["en"]} for r in par])
+    (proj / "data" / "nums.csv").write_text("prompt,answer\nq,042\nr,True\ns,NA\n")
+    recs = workbench.training_data(pool, None, [str(proj / "data" / "en" / "train.jsonl"),
+                                                str(proj / "data" / "fr" / "train.jsonl")],
+                                   prompt_field="en", answer_field="fr")
+    assert [r.name for r, _ in recs] == ["en-train", "fr-train"]
+    assert recs[0][0].source == "../../data/en/train.jsonl"
+    (rec, rows), = workbench.training_data(pool, None, str(proj / "data" / "nums.csv"))
+    assert [r["answer"] for r in rows] == ["042", "True", "NA"]
+    pool.add(tiny_dir / "lora_a", "a", data=[recs[0][0]])
+    reverse, = workbench.training_data(pool, None, str(proj / "data" / "en" / "train.jsonl"), prompt_field="fr",
+                                       answer_field="en")
+    assert reverse[0].sha256 == recs[0][0].sha256 and reverse[0].identity != recs[0][0].identity
+    # the whole project moved: the record still reads
+    shutil.move(str(proj), str(tmp_path / "moved"))
+    monkeypatch.setenv("WORKBENCH_POOLS", str(tmp_path / "moved" / "adapters"))
+    moved = Pool.open("p")
+    assert moved.verify() == [] and moved.expert("a").rows()[0] == {"question": "one 0", "answer": "un 0"}
+
+
+def test_a_legacy_expert_is_told_its_suite_spec(pool, tiny_dir):
+    from workbench.errors import RecipeError
+    from workbench.recipes import parse_recipe
+
+    pool.add(tiny_dir / "lora_a", "a", data=suite_data("addition"))
+    pool.add(tiny_dir / "lora_b", "old", training={"tasks": ["sorting"]})  # trained before data was recorded
+    with pytest.raises(RecipeError, match=r"`workbench pool data demo old --data suite:sorting`"):
+        parse_recipe({"name": "r", "pool": str(pool.root), "method": "twin", "experts": ["a", "old"]})

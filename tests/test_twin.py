@@ -273,7 +273,7 @@ def test_key_inputs_hash_the_router_data(twin_pool, tmp_path):
     params = twin_mod.TwinParams()
     assert twin_mod.Twin.version == 1
     before = twin_mod.Twin().key_inputs(experts, params)
-    assert before == {"data": {"a": [suite_data("addition")[0].sha256], "b": [suite_data("sorting")[0].sha256]}}
+    assert before == {"data": {"a": [suite_data("addition")[0].identity], "b": [suite_data("sorting")[0].identity]}}
     recipe = {"name": "t", "pool": str(twin_pool.root), "method": "twin", "experts": ["a", "b"]}
     key = parse_recipe(recipe).key
     f = tmp_path / "sorting.jsonl"

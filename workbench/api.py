@@ -132,9 +132,16 @@ def training_data(pool: Pool | str, tasks: str | Iterable[str] | None = None, da
             prompt_field=prompt_field, answer_field=answer_field, messages_field=messages_field, text_field=text_field)
         out.append(open_data(spec, tokenizer=tok, pool_root=p.root, **fields))
     names = [rec.name for rec, _ in out]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise WorkbenchError(f"two datasets are both named {dup[0]!r}: give each dataset once")
+    if len(set(names)) < len(names):  # en/train.jsonl and fr/train.jsonl: named by their folders too
+        out = [(rec.model_copy(update={"name": f"{Path(spec).parent.name}-{rec.name}"}) if names.count(rec.name) > 1
+                and not spec.startswith("suite:") else rec, rows) for spec, (rec, rows) in zip(specs, out)]
+    ids = [rec.identity for rec, _ in out]
+    if len(set(ids)) < len(ids):
+        raise WorkbenchError("a dataset is given twice (same content and fields): give each dataset once")
+    names = [rec.name for rec, _ in out]
+    if len(set(names)) < len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise WorkbenchError(f"two datasets are both named {dup!r}: rename one of the files")
     return out
 
 

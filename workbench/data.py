@@ -66,6 +66,14 @@ class DataRecord(Schema):
     sha256: str = Field(max_length=128, description="the content's hash (file bytes; a hub dataset's fingerprint)")
     rows: int = Field(ge=1, le=MAX_ROWS)
 
+    @property
+    def identity(self) -> str:
+        """What the rows read from this record depend on: the content's hash, the split and the fields (one file
+        read with other fields is other data; the same content moved elsewhere is the same)."""
+        from .io import sha256_json
+
+        return sha256_json(self.model_dump(mode="json", exclude={"name", "source", "rows"}))[:16]
+
     def describe(self) -> str:
         """One line: source, fields and size."""
         if self.messages_field:
@@ -124,15 +132,20 @@ def _kind(spec: str) -> tuple[Format, Path | None]:
 
 
 def _stored_source(spec: str, fmt: Format, path: Path | None, pool_root: Path | None) -> str:
-    """What the record keeps: a path inside the pool's folder relative to it, other paths absolute."""
+    """What the record keeps: a path inside the pool's project folder (the folder holding the pools folder, e.g.
+    `data/x.jsonl` beside `adapters/<pool>/`) relative to the pool's folder (`../../data/x.jsonl`), so the project
+    moves as one; other paths absolute."""
     if path is None:
         return spec
     path = path.resolve()
     if pool_root is not None:
-        try:
-            return path.relative_to(Path(pool_root).resolve()).as_posix()
-        except ValueError:
-            pass
+        root = Path(pool_root).resolve()
+        for top in (root, root.parent.parent):
+            try:
+                path.relative_to(top)
+            except ValueError:
+                continue
+            return Path(os.path.relpath(path, root)).as_posix()
     return str(path)
 
 
@@ -185,14 +198,20 @@ def _one_line(e: BaseException) -> str:
 
 
 def _load_hub(spec: str, split: str):
-    from datasets import load_dataset
+    """The split of a hub dataset (offline: from the local `datasets` cache), or None when it has no such split."""
+    from datasets import get_dataset_split_names, load_dataset
 
-    if _offline():
-        raise DataError(f"data {spec!r} is a hub id, and this machine is offline (HF_HUB_OFFLINE): download it where "
-                        "a network exists (Dataset.save_to_disk) and give the folder, or give a JSONL/CSV/Parquet file")
     try:
+        if split != "train" and split not in get_dataset_split_names(spec):
+            return None
         return load_dataset(spec, split=split)
     except Exception as e:  # noqa: BLE001 - the hub's errors are many; one line
+        if _offline():
+            raise DataError(f"data {spec!r} is a hub id that is not in the local datasets cache, and this machine is "
+                            "offline (HF_HUB_OFFLINE): download it where a network exists (Dataset.save_to_disk) and "
+                            "give the folder, or give a JSONL/CSV/Parquet file") from None
+        if "Unknown split" in str(e) or "Bad split" in str(e):
+            return None
         raise DataError(f"data {spec!r}: cannot load it from the hub: {_one_line(e)}") from None
 
 
@@ -219,7 +238,15 @@ def _load(fmt: Format, spec: str, path: Path | None, split: str):
             return None
         if path.stat().st_size == 0:
             raise DataError(f"data file {spec} is empty (0 rows)")
-        kwargs: dict[str, Any] = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+        kwargs: dict[str, Any] = {}
+        if fmt == "csv":  # every column as text, as written: "042" stays "042", True and NA stay words
+            import csv
+
+            sep = "\t" if path.suffix.lower() == ".tsv" else ","
+            with open(path, newline="", encoding="utf-8") as f:
+                header = next(csv.reader(f, delimiter=sep), [])
+            kwargs = {"delimiter": sep, "keep_default_na": False, "na_filter": False,
+                      "features": datasets.Features({c: datasets.Value("string") for c in header})}
         return datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
     except DataError:
         raise
@@ -243,8 +270,11 @@ def _pick(columns: list[str], given: str | None, defaults: tuple[str, ...], what
 
 
 def _text(value: Any, spec: str, i: int, field: str) -> str:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = str(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # an integer reads back as written
+    if isinstance(value, float):  # 1.50 and 1.5, 7 and 7.0 are one number: the text meant is not known
+        raise DataError(f"data {spec} row {i}: field {field!r} is the number {value!r}, not text: quote it in the "
+                        "file (\"1.50\") so that it trains as written")
     if not isinstance(value, str):
         raise DataError(f"data {spec} row {i}: field {field!r} is {type(value).__name__}, not text")
     if len(value) > MAX_TEXT:
@@ -268,7 +298,10 @@ def _chat_row(value: Any, spec: str, i: int, field: str, tokenizer) -> dict[str,
         raise DataError(f"data {spec}: column {field!r} holds chats, and the base's tokenizer has no chat template: "
                         "give --prompt-field and --answer-field instead")
     msgs = [{"role": m["role"], "content": m["content"]} for m in value]
-    prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    try:
+        prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - a template's raise_exception (e.g. "roles must alternate"): one line
+        raise DataError(f"data {spec} row {i}: the base's chat template refuses column {field!r}: {_one_line(e)}") from None
     return {"question": prompt, "answer": _text(msgs[-1]["content"], spec, i, field), "delimiter": ""}
 
 
@@ -311,6 +344,8 @@ def open_data(spec: str, *, prompt_field: str | None = None, answer_field: str |
         raise DataError("empty data spec")
     fmt, path = _kind(spec)
     ds = _load(fmt, spec, path, "train")
+    if ds is None and fmt == "hub":
+        raise DataError(f"data {spec!r} has no train split")
     if ds is None or len(ds) == 0:
         raise DataError(f"data {spec} is empty (0 rows)")
     rows, fields = _rows(ds, spec, prompt_field=prompt_field, answer_field=answer_field,

@@ -105,7 +105,7 @@ def why_rebuild(plan: Plan, row: Row) -> str:
         return "its artifact left the cache"
     old = rec.get("key_body")
     if not isinstance(old, dict):
-        return "the key changed (the record predates recorded key inputs)"
+        return "key changed; its record predates recorded key inputs"
     from .eval.record import scrub
 
     diff = changed_inputs(old, scrub(row_key_body(row)))

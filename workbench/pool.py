@@ -385,9 +385,12 @@ class Expert:
     def require_data(self, method: str) -> list[DataRecord]:
         """The expert's data records; refuses in one line when it has none, naming the flag that fixes it."""
         if not self.entry.data:
+            # an expert trained on suite tasks before data was recorded names them in its training record
+            legacy = [t for t in self.entry.training.get("tasks") or [] if isinstance(t, str) and t != "multitask"]
+            spec = " ".join(f"--data suite:{t}" for t in legacy) if legacy else "--data FILE"
             raise PoolError(f"{method}: expert {self.name!r} of pool {self.pool.name!r} has no recorded training data "
                             f"(the method learns from it): attach it with `workbench pool data {self.pool.name} "
-                            f"{self.name} --data FILE` (or `pool add ... --data FILE`)")
+                            f"{self.name} {spec}`" + ("" if legacy else " (or `pool add ... --data FILE`)"))
         return list(self.entry.data)
 
     def check_data(self, method: str) -> None:

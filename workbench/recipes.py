@@ -12,6 +12,7 @@ Builds check the experts' file hashes against the manifest first.
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -340,6 +341,11 @@ def variant(resolved: ResolvedRecipe, point: dict[str, Any]) -> ResolvedRecipe:
                           resolved.folder)
 
 
+_THREADS_LOCK = threading.Lock()
+_BUILDS = 0  # CPU builds running in this process (the app runs comparisons in threads)
+_THREADS_BEFORE = 1
+
+
 @contextmanager
 def build_threads(device: str = "cpu"):
     """Torch on `BUILD_THREADS` threads for one CPU build (restored after): the artifact's bytes do not depend on
@@ -351,12 +357,19 @@ def build_threads(device: str = "cpu"):
     if not str(device).startswith("cpu"):
         yield
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(BUILD_THREADS)
+    global _BUILDS, _THREADS_BEFORE
+    with _THREADS_LOCK:  # the setting is process-wide: the first build sets it, the last one out restores it
+        if _BUILDS == 0:
+            _THREADS_BEFORE = torch.get_num_threads()
+            torch.set_num_threads(BUILD_THREADS)
+        _BUILDS += 1
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with _THREADS_LOCK:
+            _BUILDS -= 1
+            if _BUILDS == 0:
+                torch.set_num_threads(_THREADS_BEFORE)
 
 
 def build(resolved: ResolvedRecipe, *, force: bool = False, device: str = "cpu", log=print) -> Path:

@@ -53,7 +53,7 @@ class MergekitMoe(UpcycleMethod):
         super().validate(experts, params, output)
         seen: dict[tuple[str, ...], str] = {}
         for e in experts:
-            key = tuple(sorted(r.sha256 for r in e.data()))
+            key = tuple(sorted(r.identity for r in e.data()))
             if key in seen:
                 raise RecipeError(f"mergekit_moe: experts {seen[key]!r} and {e.name!r} learned the same data "
                                   f"{[r.name for r in e.data()]}, so the same positive prompts: mergekit's hidden gates "

@@ -78,8 +78,9 @@ def check_experts_data(experts, method: str) -> None:
 
 
 def data_key(experts) -> dict[str, list[str]]:
-    """What an artifact key sees of the experts' data: each expert's recorded content hashes, in record order."""
-    return {e.name: [r.sha256 for r in e.data()] for e in experts}
+    """What an artifact key sees of the experts' data: each expert's records (content hash, split, fields: the
+    rows read), in record order."""
+    return {e.name: [r.identity for r in e.data()] for e in experts}
 
 
 def expert_rows(expert, n: int, seed: int, tokenizer=None) -> list[dict[str, Any]]:
@@ -122,7 +123,9 @@ def traced_examples(model, tokenizer, ctx, task: str | list[dict[str, Any]], spl
     rows = load_split(task, split) if isinstance(task, str) else task
     for row in rows[:n]:
         ids = tokenizer(row["question"] + row.get("delimiter", "") + row["answer"], return_tensors="pt",
-                        add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"].to(device)
+                        add_special_tokens=ADD_SPECIAL_TOKENS, truncation=True,
+                        max_length=min(1024, int(getattr(model.config, "max_position_embeddings", 1024) or 1024))
+                        )["input_ids"].to(device)
         trace = Trace()
         with torch.no_grad(), ctx.use(groups=ctx.groups, trace=trace):
             model(input_ids=ids)

@@ -96,7 +96,7 @@ class Smora(Method):
             raise RecipeError(f"SMoRA targets {params.targets} match no linear module of the base")
 
     def key_inputs(self, experts, params) -> dict[str, Any]:
-        return {"data": [r.sha256 for r, _ in smora_data(experts)]}
+        return {"data": [r.identity for r, _ in smora_data(experts)]}
 
     def build(self, ctx: BuildContext) -> dict[str, Any]:
         from ..modules.routed_lora import RoutedGroup, wrap_model
@@ -174,11 +174,11 @@ def _count_stats(counts: dict[str, torch.Tensor], rank: int) -> dict[str, float]
 
 
 def smora_data(experts) -> list[tuple[Any, Any]]:
-    """(record, expert) for every dataset the experts learned, each once (by content hash), in expert order."""
+    """(record, expert) for every dataset the experts learned, each once (by content and fields), in expert order."""
     seen: dict[str, tuple[Any, Any]] = {}
     for e in experts:
         for rec in e.data():
-            seen.setdefault(rec.sha256, (rec, e))
+            seen.setdefault(rec.identity, (rec, e))
     return list(seen.values())
 
 

@@ -209,6 +209,12 @@ class TwinRouting:
 
 
 @no_grad
+def context_tokens(model, cap: int = 1024) -> int:
+    """How many tokens of a text the routers look at: the model's context, at most `cap` (a long text or chat row
+    is cut, as training cuts it at max_length)."""
+    return min(cap, int(getattr(model.config, "max_position_embeddings", cap) or cap))
+
+
 def pooled_features(model, tokenizer, texts: list[str], batch_size: int = 32, desc: str = "router features") -> torch.Tensor:
     """[N, d] routing features of whole texts: the shared model's last hidden states averaged over the tokens."""
     import torch
@@ -219,8 +225,8 @@ def pooled_features(model, tokenizer, texts: list[str], batch_size: int = 32, de
     try:
         with progress_bar(desc, total=len(texts)) as bar:
             for i in range(0, len(texts), batch_size):
-                enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
-                                add_special_tokens=ADD_SPECIAL_TOKENS)
+                enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
+                                max_length=context_tokens(model), add_special_tokens=ADD_SPECIAL_TOKENS)
                 ids, mask = enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
                 f = model.twin.features(ids, mask)  # prefix means: the last real token's is the whole text's
                 last = (mask.sum(1) - 1).clamp(min=0)
@@ -249,13 +255,13 @@ class Twin(Method):
         from .routing import check_experts_data
 
         check_experts_data(experts, self.name)
-        owner: dict[str, str] = {}  # dataset (content hash) -> the expert the router learns to send its inputs to
+        owner: dict[str, str] = {}  # dataset (content and fields) -> the expert the router sends its inputs to
         for e in experts:
             for rec in e.data():
-                if rec.sha256 in owner and owner[rec.sha256] != e.name:
-                    raise RecipeError(f"twin: experts {owner[rec.sha256]!r} and {e.name!r} were both trained on "
+                if rec.identity in owner and owner[rec.identity] != e.name:
+                    raise RecipeError(f"twin: experts {owner[rec.identity]!r} and {e.name!r} were both trained on "
                                       f"{rec.source}; the router cannot tell them apart (keep one)")
-                owner[rec.sha256] = e.name
+                owner[rec.identity] = e.name
 
     def key_inputs(self, experts, params) -> dict[str, Any]:
         """The router reads each expert's data: other data (a re-recorded dataset) rebuilds the artifact."""
