@@ -31,7 +31,9 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                 capture_output=True, text=True).stdout.strip())
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    # `workbench` and `python`: this interpreter's (a folder in $WALKTHROUGH_BIN first, e.g. a clean checkout's)
+    bins = [p for p in (os.environ.get("WALKTHROUGH_BIN"), str(Path(sys.executable).parent)) if p]
+    env = {**os.environ, "PATH": os.pathsep.join([*bins, os.environ["PATH"]]),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     env.pop("WORKBENCH_POOLS", None)
     env.pop("WORKBENCH_RESULTS", None)
