@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import one_line
+from conftest import one_line, quiet
 
 from workbench.errors import RecipeError, TaskError, WorkbenchError
 from workbench.io import sha256_json
@@ -100,6 +100,69 @@ def test_user_tasks_resolve_evaluate_and_compact(pool, tmp_path):
                  for f in (tmp_path / "lm").rglob(f"samples_{t}_run.jsonl") for line in f.read_text().splitlines()]
     assert len(from_memory) == 6 and from_file == from_memory
     assert {r["response"] for r in from_memory if r["task"] == "my_choice"} <= {"yes", "no"}
+
+
+# ----------------------------------------------------------------------------- a task with several filters
+
+
+YES_NO = [{"question": f"Is {a} small?", "answer": "yes" if a < 3 else "no"} for a in range(4)]  # 3 yes, 1 no
+
+
+def two_filter_task(folder: Path) -> Path:
+    """A generate_until task with two filters whose answers do not depend on the model: `zeta` (first in its
+    filter_list, last in the alphabet) maps every generation to "yes" (exact_match 3/4), `alpha` to "no" (1/4)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = _jsonl(folder / "yes_no.jsonl", YES_NO)
+    doc = {"task": "two_filter", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+           "test_split": "test", "output_type": "generate_until", "doc_to_text": "{{question}}",
+           "doc_to_target": "{{answer}}", "generation_kwargs": {"until": ["\n"], "do_sample": False, "max_gen_toks": 2},
+           "filter_list": [{"name": name, "filter": [{"function": "map", "mapping_dict": {}, "default_value": answer},
+                                                     {"function": "take_first"}]}
+                           for name, answer in (("zeta", "yes"), ("alpha", "no"))],
+           "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+           "metadata": {"version": 1.0}}
+    (folder / "two_filter.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    return folder
+
+
+def test_a_task_with_two_filters_is_scored_by_its_first_filter(pool, tmp_path):
+    """lm-eval logs one sample per (document, filter) and one score per filter: the run records each row's filter
+    and its first filter's scores; the loose-run source and a comparison's cell take that filter's rows alone, one
+    value per document (never the 2n values of both filters, nor the score lm-eval reported last)."""
+    from workbench.catalog import runs_source, scan
+    from workbench.comparison import parse_comparison
+    from workbench.eval.harness import evaluate, filters_of, load_model_spec, run_eval, scores_of
+    from workbench.eval.record import read_samples
+    from workbench.eval.results import collect_scores
+    from workbench.jobs import run_comparison
+
+    tasks = two_filter_task(tmp_path / "tasks")
+    res = evaluate(load_model_spec("base", pool), ["two_filter"], include_path=[tasks], limit=4, batch_size=2)
+    assert [f.get("name") for f in res["configs"]["two_filter"]["filter_list"]] == ["zeta", "alpha"]
+    assert res["results"]["two_filter"]["exact_match,zeta"] == 0.75
+    assert res["results"]["two_filter"]["exact_match,alpha"] == 0.25
+    assert {s["filter"] for s in res["samples"]["two_filter"]} == {"zeta", "alpha"}
+    assert scores_of(res) == {"two_filter": {"exact_match": 0.75}} and filters_of(res) == {"two_filter": "zeta"}
+
+    out = tmp_path / "results" / "lm-eval"
+    m = run_eval("base", ["two_filter"], pool=pool, include_path=[tasks], limit=4, batch_size=2, results_dir=out)
+    assert m["scores"]["two_filter"] == {"exact_match": 0.75} and m["filters"] == {"two_filter": "zeta"}
+    rows = read_samples(out / "demo__base" / f"run_{m['run_id']}.json")
+    assert len(rows) == 8 and [(r["doc_id"], r["filter"]) for r in rows[:2]] == [(0, "zeta"), (0, "alpha")]
+    assert {r["response"] for r in rows if r["filter"] == "zeta"} == {"yes"}
+
+    src = runs_source(scan(tmp_path / "results"), "demo")
+    cell = src.cells[("base", "two_filter")]
+    assert cell["filter"] == "zeta" and cell["doc_ids"] == [0, 1, 2, 3] and cell["values"] == [1.0, 1.0, 1.0, 0.0]
+    assert cell["score"] == 0.75 and cell["n"] == 4
+    assert collect_scores(out, full_only=False).set_index("task").loc["two_filter", "value"] == 0.75
+
+    c = parse_comparison({"name": "filters", "pool": "demo", "tasks": ["two_filter"], "include_path": ["tasks"],
+                          "eval": {"limit": 4, "batch_size": 2}, "entries": ["base"]}, "filters.yaml", folder=tmp_path)
+    run_comparison(c, results_dir=tmp_path / "cmp", log=quiet)
+    rec = json.loads((tmp_path / "cmp" / "compare" / "filters" / "cells" / "base" / "two_filter.json").read_text())
+    assert rec["filter"] == "zeta" and rec["score"] == 0.75 and rec["n"] == 4
+    assert rec["doc_ids"] == [0, 1, 2, 3] and rec["values"] == [1.0, 1.0, 1.0, 0.0]
 
 
 # ----------------------------------------------------------------------------- lm-eval's registry, offline

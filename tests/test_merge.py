@@ -243,7 +243,7 @@ def test_sweep_selects_on_validation(lora_pool, tmp_path, monkeypatch):
         if k.get("split") != "validation":
             return real(loaded, tasks, **k)
         lam = round(((loaded.model.state_dict()[name].float() - w0) * d).sum().item() / d.pow(2).sum().item(), 3)
-        return {"results": {f"wb_{t}_val": {"exact_match,none": scores[lam]} for t in tasks}}
+        return {"results": {f"wb_{getattr(t, 'name', t)}_val": {"exact_match,none": scores[lam]} for t in tasks}}
 
     monkeypatch.setattr(harness, "evaluate", fake)
     recipe = {"name": "sw", "pool": str(lora_pool.root), "method": "task_arithmetic", "experts": ["a", "b"],

@@ -272,3 +272,184 @@ def test_results_table_takes_each_tasks_primary_metric(tmp_path):
     pairs = paired_samples(out / "demo__base" / "run_2026-01-01T00-00-00.json",
                            out / "demo__cls" / "run_2026-01-01T00-00-01.json", "python_code")
     assert list(pairs.value_a) == [-30.0, -40.0] and list(pairs.value_b) == [-25.0, -35.0]
+
+
+# ----------------------------------------------------------------------------- tasks with several lm-eval filters
+
+TWO_FILTERS = [{"name": "strict-match", "filter": [{"function": "regex", "regex_pattern": "#### (\\-?[0-9\\.\\,]+)"},
+                                                   {"function": "take_first"}]},
+               {"name": "flexible-extract", "filter": [{"function": "regex", "group_select": -1,
+                                                        "regex_pattern": "(-?[$0-9.,]{2,})|(-?[0-9]+)"},
+                                                       {"function": "take_first"}]}]
+STRICT, FLEXIBLE = [1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]  # per document, of each filter
+
+
+def _lm_eval_samples(strict=STRICT, flexible=FLEXIBLE) -> list[dict]:
+    """What lm-eval logs for a two-filter task (gsm8k-like): one sample per (document, filter), every filter of the
+    task in turn, each with its `filter` key and its metrics."""
+    out = []
+    for flt, values in (("strict-match", strict), ("flexible-extract", flexible)):
+        for i, v in enumerate(values):
+            out.append({"doc_id": i, "doc": {"question": f"q{i}"}, "target": "42",
+                        "arguments": {"gen_args_0": {"arg_0": f"Q: q{i}\nA:", "arg_1": {"until": ["\n"]}}},
+                        "resps": [[f"... #### {i}"]], "filtered_resps": [f"{flt}:{i}"], "filter": flt,
+                        "metrics": ["exact_match"], "exact_match": v})
+    return out
+
+
+def _two_filter_results(strict=STRICT, flexible=FLEXIBLE, configs: bool = True) -> dict:
+    """lm-eval's results JSON of that task: one score per filter (`exact_match,<filter>`), in filter_list order."""
+    entry = {"alias": "two"}
+    for flt, values in (("strict-match", strict), ("flexible-extract", flexible)):
+        entry |= {f"exact_match,{flt}": sum(values) / len(values), f"exact_match_stderr,{flt}": 0.1}
+    res = {"results": {"two": entry}, "higher_is_better": {"two": {"exact_match": True}}}
+    if configs:
+        res["configs"] = {"two": {"metric_list": [{"metric": "exact_match", "aggregation": "mean",
+                                                   "higher_is_better": True}], "filter_list": TWO_FILTERS}}
+    return res
+
+
+def test_primary_filter_is_the_first_of_the_filter_list():
+    from workbench.eval.harness import filters_of, scores_of
+    from workbench.eval.metrics import filter_scores, primary_filter, task_filters, task_scores
+
+    res = _two_filter_results()
+    assert task_filters(res) == {"two": ["strict-match", "flexible-extract"]}
+    assert primary_filter("two", res) == "strict-match"
+    # scored by that filter alone: never a mix, never whichever lm-eval reported last
+    assert scores_of(res) == {"two": {"exact_match": 0.25}} and filters_of(res) == {"two": "strict-match"}
+    assert task_scores(res, "two") == {"exact_match": 0.25}
+    assert task_scores(res, "two", "flexible-extract") == {"exact_match": 0.75}
+    # the filter_list's order, not the alphabet's nor the results keys'
+    flipped = _two_filter_results()
+    flipped["configs"]["two"]["filter_list"] = TWO_FILTERS[::-1]
+    assert primary_filter("two", flipped) == "flexible-extract" and scores_of(flipped)["two"] == {"exact_match": 0.75}
+    # without configs: the first filter of the results keys
+    bare = _two_filter_results(configs=False)
+    assert primary_filter("two", bare) == "strict-match" and scores_of(bare)["two"] == {"exact_match": 0.25}
+    # a task without a filter_list: lm-eval's "none"; the suite's single filter: its name
+    assert primary_filter("t", {"results": {"wb_t": {"exact_match,strip": 0.5}}}) == "strip"
+    assert filter_scores({"acc,none": 0.5, "acc_stderr,none": 0.1, "alias": "t"}, None) == {"acc": 0.5}
+    # samples name their filters: the first of the filter_list they carry, else the first they carry
+    assert primary_filter("two", res, ["flexible-extract"]) == "flexible-extract"
+    assert primary_filter("two", None, ["flexible-extract", "strict-match"]) == "flexible-extract"
+    assert primary_filter("two", None, [None]) is None
+
+
+def test_a_two_filter_tasks_samples_give_one_value_per_document(tmp_path):
+    """lm-eval's samples of a gsm8k-like task (strict-match first, flexible-extract): the record keeps each row's
+    filter; the cell, the loose-run source, the paired samples and the results table take the first filter's rows and
+    score, one per document (not 2n values of both, whose mean is neither score and whose se is too small)."""
+    from workbench.catalog import runs_source, scan
+    from workbench.eval.harness import scores_of
+    from workbench.eval.leaderboard import build_leaderboard
+    from workbench.eval.record import compact_sample, read_samples, write_samples
+    from workbench.eval.results import collect_scores, paired_samples
+
+    rows = [compact_sample("two", s) for s in _lm_eval_samples()]
+    assert [r["filter"] for r in rows] == ["strict-match"] * 4 + ["flexible-extract"] * 4
+    assert rows[0]["response"] == "strict-match:0" and rows[4]["response"] == "flexible-extract:0"
+    spec = MetricSpec("exact_match", True, "mean")
+    cell = cell_fields(sorted(rows, key=lambda r: r["doc_id"]), spec, 0.25, "strict-match")
+    assert cell["filter"] == "strict-match" and cell["n"] == 4
+    assert cell["doc_ids"] == [0, 1, 2, 3] and cell["values"] == STRICT and view(cell).value == 0.25
+    assert view(cell).stderr == pytest.approx(0.25)  # sqrt(p(1-p)/(n-1)) over 4 documents, not 8
+    # no filter named: the first the rows carry (a document's rows keep lm-eval's filter order)
+    assert cell_fields(sorted(rows, key=lambda r: r["doc_id"]), spec)["values"] == STRICT
+    # sample rows written before the filter was kept: the task had one filter, every row counts
+    old = [{k: v for k, v in r.items() if k != "filter"} for r in rows[:4]]
+    assert cell_fields(old, spec, 0.25, "strict-match")["values"] == STRICT
+    assert "filter" not in cell_fields(old, spec, 0.25)
+    assert describe(cell) == "25.0% exact_match (strict-match) ↑"
+
+    lm = tmp_path / "results" / "lm-eval"
+    for model, run_id, strict in (("base", "2026-01-01T00-00-00", STRICT), ("tuned", "2026-01-01T00-00-01",
+                                                                            [1.0, 1.0, 0.0, 1.0])):
+        folder = lm / f"demo__{model}"
+        folder.mkdir(parents=True)
+        res = _two_filter_results(strict)
+        (folder / f"results_{run_id}.json").write_text(json.dumps(res))
+        manifest = {"run_id": run_id, "model": model, "model_name": f"demo__{model}", "pool": "demo",
+                    "method": "base", "model_info": {}, "tasks": ["two"], "limit": None, "split": "test",
+                    "results_file": f"lm-eval/{folder.name}/results_{run_id}.json"}
+        if model == "base":  # written before the fix: the score lm-eval reported last (flexible-extract), no filters
+            manifest["scores"] = {"two": {"exact_match": 0.75}}
+        else:
+            manifest |= {"scores": scores_of(res), "filters": {"two": "strict-match"}}
+        (folder / f"run_{run_id}.json").write_text(json.dumps(manifest))
+        write_samples(folder / f"samples_{run_id}.jsonl.gz",
+                      [compact_sample("two", s) for s in _lm_eval_samples(strict)])
+    back = read_samples(lm / "demo__base" / "run_2026-01-01T00-00-00.json")
+    assert [(r["doc_id"], r["filter"]) for r in back[:2]] == [(0, "strict-match"), (0, "flexible-extract")]
+
+    src = runs_source(scan(tmp_path / "results"), "demo")
+    base, tuned = src.cells[("base", "two")], src.cells[("tuned", "two")]
+    assert base["filter"] == tuned["filter"] == "strict-match"
+    assert base["values"] == STRICT and base["score"] == 0.25  # the first filter's score, not the manifest's last
+    assert tuned["values"] == [1.0, 1.0, 0.0, 1.0] and tuned["doc_ids"] == [0, 1, 2, 3]
+    (pair,) = src.pairwise("tuned", "base")
+    assert pair["n"] == 4 and pair["test"] == "mcnemar" and pair["diff"] == 0.5  # one pair per document
+    board = build_leaderboard(src.rows, src.cells, src.tasks, "base")
+    tuned_row = next(r for r in board["rows"] if r["name"] == "tuned")
+    assert tuned_row["paired"]["n"] == 4 and tuned_row["tasks"]["two"]["n"] == 4
+    pairs = paired_samples(lm / "demo__base" / "run_2026-01-01T00-00-00.json",
+                           lm / "demo__tuned" / "run_2026-01-01T00-00-01.json", "two")
+    assert list(pairs.doc_id) == [0, 1, 2, 3] and list(pairs.value_a) == STRICT
+    assert list(pairs.response_a) == [f"strict-match:{i}" for i in range(4)]
+    long = collect_scores(lm, full_only=False).set_index("model")
+    assert long.loc["base", "value"] == 0.25 and long.loc["tuned", "value"] == 0.75
+
+
+# ----------------------------------------------------------------------------- a task's kind: by its metric's name
+
+
+def test_a_tasks_kind_is_decided_by_its_metrics_name_before_its_values():
+    """A per-example f1 whose values happen to be all 0 or 1 is continuous: as it is (not %), out of the group means
+    and the pooled McNemar test, tested by the paired bootstrap; a metric of a name nobody knows is judged by its
+    values; exact_match is accuracy."""
+    from workbench.eval.leaderboard import build_leaderboard, pair_cells
+
+    def cell(metric, values):
+        return {"metric": metric, "higher_is_better": True, "aggregate": "mean", "doc_ids": list(range(len(values))),
+                "values": values, "score": sum(values) / len(values)}
+
+    ref_v, row_v = [0.0, 1.0, 0.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0, 1.0, 1.0]
+    tasks = {"qa": "f1", "hits": "my_hit", "em": "exact_match", "graded": "my_grade"}
+    cells = {}
+    for t, m in tasks.items():
+        a, b = (ref_v, row_v) if m != "my_grade" else ([0.5, 0.25, 0.0, 0.5, 1, 0], [1, 0.5, 0.25, 0.5, 1, 1])
+        cells[("ref", t)], cells[("row", t)] = cell(m, a), cell(m, b)
+    rows = [{"name": "ref", "method": "base"}, {"name": "row", "method": "x"}]
+    board = build_leaderboard(rows, cells, list(tasks), "ref")
+    kinds = {t: i["kind"] for t, i in board["task_metrics"].items()}
+    assert kinds == {"qa": "continuous", "hits": "accuracy", "em": "accuracy", "graded": "continuous"}
+    row = next(r for r in board["rows"] if r["name"] == "row")
+    assert row["summary"]["other"]["tasks"] == 2  # exact_match and my_hit: never the f1
+    assert row["paired"]["tasks"] == ["hits", "em"] and row["paired"]["n"] == 12
+    assert row["tasks"]["qa"]["paired"]["test"] == "paired_bootstrap"
+    assert row["tasks"]["em"]["paired"]["test"] == "mcnemar"
+    assert pair_cells(cells[("row", "qa")], cells[("ref", "qa")])["kind"] == "continuous"
+    assert describe(cells[("row", "qa")]) == "f1 0.8333 ↑" and describe(cells[("row", "em")]).startswith("83.3% ")
+    assert describe(cells[("row", "hits")]).startswith("83.3% my_hit")
+
+
+def test_results_table_shows_a_metric_in_percent_by_the_leaderboards_rule(tmp_path):
+    from workbench.eval.results import results_table
+
+    configs = {"my_qa": ([{"metric": "f1", "aggregation": "mean"}], {"f1": True}),
+               "my_hits": ([{"metric": "my_hit", "aggregation": "mean"}], {"my_hit": True}),
+               "my_graded": ([{"metric": "my_grade", "aggregation": "mean"}], {"my_grade": True})}
+    out = tmp_path / "lm-eval"
+
+    def rows(task, metric, values):
+        return [{"task": task, "doc_id": i, "question": "", "target": "", "response": "", "metrics": {metric: v}}
+                for i, v in enumerate(values)]
+
+    samples = rows("my_qa", "f1", [1.0, 0.0]) + rows("my_hits", "my_hit", [1.0, 0.0]) + \
+        rows("my_graded", "my_grade", [0.5, 0.5])
+    _run(out / "demo__base", "2026-01-01T00-00-00", "base",
+         {"my_qa": {"f1": 0.5}, "my_hits": {"my_hit": 0.5}, "my_graded": {"my_grade": 0.5}}, configs, samples=samples)
+    table = results_table(out, full_only=False).set_index("model")
+    percent = {t: i["percent"] for t, i in table.attrs["metrics"].items()}
+    assert percent == {"my_qa": False, "my_hits": True, "my_graded": False}
+    assert table.loc["base", "my_qa"] == 0.5 and table.loc["base", "my_hits"] == 50.0

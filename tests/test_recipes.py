@@ -153,3 +153,121 @@ def test_deleted_expert_folder_fails_when_parsing(pool, tiny_dir, tmp_path, run_
     f.write_text(yaml.safe_dump(recipe))
     code, out, err = run_cli("merge", str(f), "--dry-run")
     assert code == 2 and out == "" and err.count("\n") == 1 and "expert 'c' is missing" in err
+
+
+# ----------------------------------------------------------------------------- sweep scores
+
+
+def _sweep_world(pool, tiny_dir, tmp_path, monkeypatch, sweep_tasks, results_of):
+    """A recipe sweeping lambda over 0.5, 1.0, 1.5 on `sweep_tasks` with an include task `my_err` (acc, lower is
+    better); builds are stubbed (each point's artifact a folder named by its key) and `harness.evaluate` answers
+    `results_of(point index)` (lm-eval's results dict). Returns (run the sweep, the calls made, the record file)."""
+    from workbench import artifacts, recipes
+    from workbench.eval import harness
+
+    recipe = {"name": "sw", "pool": str(pool.root), "method": "task_arithmetic", "experts": ["a"],
+               "eval": {"tasks": ["addition"], "include_path": [str(tmp_path / "tasks")]},
+               "sweep": {"parameters": {"lambda": [0.5, 1.0, 1.5]}, "tasks": sweep_tasks, "limit": 2}}
+    pool.add(tiny_dir / "lora_a", "a")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "err.jsonl").write_text("".join(json.dumps({"q": f"{i}?", "choices": ["a", "b"],
+                                                                      "label": 0}) + "\n" for i in range(3)))
+    (tmp_path / "tasks" / "my_err.yaml").write_text(yaml.safe_dump({
+        "task": "my_err", "dataset_path": "json", "output_type": "multiple_choice", "test_split": "test",
+        "validation_split": "validation", "dataset_kwargs": {"data_files": {
+            "test": str(tmp_path / "tasks" / "err.jsonl"), "validation": str(tmp_path / "tasks" / "err.jsonl")}},
+        "doc_to_text": "{{q}}", "doc_to_choice": "choices", "doc_to_target": "label",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": False}],
+        "metadata": {"version": 1.0}}))
+    calls = []
+
+    def fake_build(v, **k):
+        calls.append(("build", v.params.model_dump(mode="json", by_alias=True)["lambda"]))
+        folder = tmp_path / "artifacts" / v.key
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def fake_evaluate(loaded, tasks, **k):
+        calls.append(("evaluate", [getattr(t, "name", t) for t in tasks]))
+        return results_of(sum(1 for c in calls if c[0] == "evaluate") - 1)
+
+    monkeypatch.setattr(recipes, "build", fake_build)
+    monkeypatch.setattr(artifacts, "load_artifact", lambda path, device=None: None)
+    monkeypatch.setattr(harness, "evaluate", fake_evaluate)
+    record = tmp_path / "results" / "sweeps" / "demo__sw.json"
+
+    def run():
+        return recipes.run_sweep(parse_recipe(recipe), results_dir=tmp_path / "results", log=quiet)
+
+    return run, calls, record
+
+
+def test_a_sweep_scores_each_task_by_its_metric_and_direction(pool, tiny_dir, tmp_path, monkeypatch):
+    """addition (exact_match ↑) alongside python_code (word_perplexity ↓) and my_err (acc ↓): the point's score is
+    addition's accuracy alone (the perplexity and the lower-is-better accuracy are recorded, not averaged in), so
+    the best point is the one addition scores best, never a NaN first point nor the worst point of my_err."""
+    addition, ppl, err = [0.2, 0.6, 0.4], [12.0, 30.0, 9.0], [0.0, 0.9, 0.1]
+
+    def results_of(i):
+        return {"results": {"wb_addition_val": {"alias": "addition", "exact_match,strip": addition[i],
+                                                "exact_match_stderr,strip": 0.1},
+                            "wb_python_code_val": {"word_perplexity,none": ppl[i], "bits_per_byte,none": 1.2},
+                            "my_err": {"acc,none": err[i], "acc_stderr,none": 0.1}},
+                "configs": {"my_err": {"metric_list": [{"metric": "acc", "aggregation": "mean",
+                                                        "higher_is_better": False}]}},
+                "higher_is_better": {"wb_addition_val": {"exact_match": True},
+                                     "wb_python_code_val": {"word_perplexity": False, "bits_per_byte": False},
+                                     "my_err": {"acc": False}}}
+
+    run, calls, record_file = _sweep_world(pool, tiny_dir, tmp_path, monkeypatch,
+                                           ["addition", "python_code", "my_err"], results_of)
+    chosen, selection = run()
+    assert selection["best"] == {"lambda": 1.0} and selection["validation_score"] == 0.6
+    assert chosen.params.model_dump(mode="json", by_alias=True)["lambda"] == 1.0
+    record = json.loads(record_file.read_text())
+    assert "NaN" not in record_file.read_text()
+    assert [p["score"] for p in record["points"]] == addition
+    assert record["points"][1]["per_task"] == {"addition": 0.6}
+    assert record["points"][1]["other_tasks"] == {
+        "python_code": {"metric": "word_perplexity", "higher_is_better": False, "value": 30.0},
+        "my_err": {"metric": "acc", "higher_is_better": False, "value": 0.9}}
+    assert record["scoring"] == {
+        "addition": {"metric": "exact_match", "higher_is_better": True, "scored": True},
+        "python_code": {"metric": "word_perplexity", "higher_is_better": False, "scored": False},
+        "my_err": {"metric": "acc", "higher_is_better": False, "scored": False}}
+    calls.clear()
+    assert run()[1]["best"] == {"lambda": 1.0} and calls == []  # reused while the keys and the scoring hold
+    # a record written before the scoring was recorded averaged every task: its points are not reused
+    record_file.write_text(json.dumps({k: v for k, v in record.items() if k != "scoring"}))
+    run()
+    assert [c[0] for c in calls] == ["build", "evaluate"] * 3
+
+
+def test_a_sweep_scored_by_a_tasks_first_filter(pool, tiny_dir, tmp_path, monkeypatch):
+    """A two-filter task: each point is scored by its first filter, not by whichever lm-eval reported last."""
+    strict, flexible = [0.1, 0.3, 0.2], [0.9, 0.1, 0.5]
+
+    def results_of(i):
+        return {"results": {"wb_addition_val": {"exact_match,strict-match": strict[i],
+                                                "exact_match,flexible-extract": flexible[i]}},
+                "configs": {"wb_addition_val": {"filter_list": [{"name": "strict-match"},
+                                                                {"name": "flexible-extract"}]}}}
+
+    run, calls, record_file = _sweep_world(pool, tiny_dir, tmp_path, monkeypatch, ["addition"], results_of)
+    assert run()[1]["best"] == {"lambda": 1.0}
+    record = json.loads(record_file.read_text())
+    assert [p["score"] for p in record["points"]] == strict
+    # a record of the suite's tasks written before the scoring was recorded scored them alike: reused
+    calls.clear()
+    record_file.write_text(json.dumps({k: v for k, v in record.items() if k != "scoring"}))
+    assert run()[1]["best"] == {"lambda": 1.0} and calls == []
+
+
+def test_a_sweep_without_a_usable_score_is_refused_before_anything_is_written(pool, tiny_dir, tmp_path, monkeypatch):
+    run, calls, _ = _sweep_world(pool, tiny_dir, tmp_path, monkeypatch, ["python_code", "my_err"], lambda i: {})
+    with pytest.raises(RecipeError) as e:
+        run()
+    msg = one_line(e)
+    assert "recipe sw: sweep.tasks give no score to rank points by (python_code word_perplexity ↓, my_err acc ↓)" \
+        in msg and "accuracy-like, higher-is-better" in msg
+    assert calls == [] and not (tmp_path / "results").exists() and not (tmp_path / "artifacts").exists()

@@ -154,7 +154,7 @@ def test_lm_eval_run_layout_reruns_determinism_and_batch_size(trained_pool, tmp_
     assert len(r1) == 3 * 6 and {r["task"] for r in r1} == set(tasks)
     row = next(r for r in r1 if r["task"] == "word_count" and r["doc_id"] == 0)
     assert row["question"].startswith("Count the words:") and row["target"].isdigit()
-    assert set(row) == {"task", "doc_id", "question", "target", "response", "metrics", "run_id"}
+    assert set(row) == {"task", "doc_id", "question", "target", "response", "metrics", "filter", "run_id"}
     assert row["metrics"]["exact_match"] == float(row["response"] == row["target"])
     docs = next(r for r in r1 if r["task"] == "english_docs")
     assert set(docs["metrics"]) == {"word_perplexity", "byte_perplexity", "bits_per_byte"}

@@ -358,10 +358,11 @@ def run_cell(run: dict[str, Any], task: str, samples: list[dict[str, Any]],
              results: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """One task of a loose lm-eval run as a cell, as a comparison writes it (`metrics.cell_fields`): the task's
     primary metric and direction (`results.run_metric`: the metric_list of its lm-eval results JSON, else the first
-    metric its samples or manifest name), lm-eval's score, and the per-example values of `samples` (the run's rows
-    of this task; none: the score alone, no error bar or paired test). None when the run scored no number for it."""
+    metric its samples or manifest name) of its one lm-eval filter (`results.run_filter`: the first of its
+    filter_list), lm-eval's score of that filter, and the per-example values of `samples` of that filter (the run's
+    rows of this task; none: the score alone, no error bar or paired test). None when the run scored no number."""
     from .eval import metrics
-    from .eval.results import run_metric
+    from .eval.results import run_filter, run_metric
 
     scores = run["scores"].get(task)
     if not isinstance(scores, dict):
@@ -370,11 +371,16 @@ def run_cell(run: dict[str, Any], task: str, samples: list[dict[str, Any]],
         rows = sorted(samples, key=lambda s: s.get("doc_id"))  # doc_id order, as a comparison's cells
     except TypeError:  # doc ids of mixed types: the file's order (pairs are matched by doc_id anyway)
         rows = list(samples)
+    results = results if results is not None else (_run_results(run) or {})
+    flt = run_filter(run, task, results, rows)
+    rows = metrics.filter_rows(rows, flt)
     names = [m for m in (rows[0].get("metrics") or {})] if rows else None
-    spec = run_metric(run, task, results if results is not None else (_run_results(run) or {}), names)
+    spec = run_metric(run, task, results, names)
     if spec is None:
         return None
-    fields = metrics.cell_fields(rows, spec, scores.get(spec.name))
+    # lm-eval's score of that filter (a manifest written before `filters` was recorded may hold another filter's)
+    score = (metrics.task_scores(results, task, flt) or {}).get(spec.name, scores.get(spec.name))
+    fields = metrics.cell_fields(rows, spec, score, flt)
     if fields["score"] is None and not fields["values"]:
         return None  # nothing to show: no score and no per-example numbers
     return fields

@@ -242,7 +242,7 @@ def run_row(plan: Plan, row: Row, *, device: str = "cpu", log: Log = print,
     records written. `on_cell(row, task, None)` as a cell starts, `on_cell(row, task, record)` once written."""
     from .cells import read_record
     from .eval import run_eval
-    from .eval.metrics import cell_fields, primary_metric
+    from .eval.metrics import cell_fields, filter_rows, primary_filter, primary_metric
     from .eval.metrics import describe as describe_cell
     from .eval.record import read_samples
 
@@ -275,13 +275,16 @@ def run_row(plan: Plan, row: Row, *, device: str = "cpu", log: Log = print,
                      results_dir=lm_dir, loaded=loaded, extra=extra)
         run_path = lm_dir / Path(m["results_file"]).parent.name / f"run_{m['run_id']}.json"
         samples = sorted((s for s in read_samples(run_path) if s["task"] == task), key=lambda s: s["doc_id"])
-        # the task's primary metric and its direction, as lm-eval reports them (its results JSON, beside the run)
+        # the task's primary metric and its direction, as lm-eval reports them (its results JSON, beside the run), of
+        # its one filter (the manifest's `filters`: the first of its filter_list; its scores are of that filter)
+        results = read_record(lm_dir.parent / m["results_file"])
+        flt = (m.get("filters") or {}).get(task) or primary_filter(task, results, [s.get("filter") for s in samples])
+        samples = filter_rows(samples, flt)
         scores = m["scores"].get(task) or {}
-        metric = primary_metric(task, read_record(lm_dir.parent / m["results_file"]),
-                                list(samples[0]["metrics"]) if samples else None, scores)
+        metric = primary_metric(task, results, list(samples[0]["metrics"]) if samples else None, scores)
         if metric is None:
             raise WorkbenchError(f"{row.name} x {task}: lm-eval reported no metric for the task")
-        fields = cell_fields(samples, metric, scores.get(metric.name))
+        fields = cell_fields(samples, metric, scores.get(metric.name), flt)
         fault_point("eval")
         rec = {"key": cell_key(c, mk, task, plan.device), "row": row.name, "task": task, **fields,
                "run": Path(run_path).relative_to(plan.out).as_posix(), "eval_s": round(time.perf_counter() - t0, 2)}

@@ -427,7 +427,9 @@ def run_sweep(resolved: ResolvedRecipe, *, device: str = "cpu", force: bool = Fa
     """Build and score every grid point on the validation split; return the best point's recipe.
 
     Scores are recorded in `<results_dir>/sweeps/` and reused while the point's artifact key, the tasks,
-    the limit and the tasks' data are the same.
+    the limit and the tasks' data are the same. A point's score is the mean of its tasks' primary metrics over the
+    accuracy-like, higher-is-better ones (`sweep_scoring`; other tasks are recorded, not scored); a sweep none of
+    whose tasks gives such a score is refused before anything is built or written.
     """
     from .comparison import task_config_hash, task_data_hash
     from .eval import harness
@@ -437,6 +439,7 @@ def run_sweep(resolved: ResolvedRecipe, *, device: str = "cpu", force: bool = Fa
     sweep = resolved.recipe.sweep
     refs = lmeval.resolve(sweep.tasks, resolved.include_path, "validation")
     tasks = [r.name for r in refs]
+    scoring = sweep_scoring(resolved.recipe.name, refs)  # refused here, before anything is built or written
     data = {r.name: task_data_hash(r.name, r) for r in refs}
     record_path = Path(results_dir or harness.results_root()) / "sweeps" / f"{resolved.pool.name}__{resolved.recipe.name}.json"
     from importlib.metadata import version
@@ -445,26 +448,103 @@ def run_sweep(resolved: ResolvedRecipe, *, device: str = "cpu", force: bool = Fa
     # generation settings, metric), lm-eval's version, the batch size and the device, besides the limit
     head = {"recipe": resolved.recipe.name, "pool": resolved.pool.name, "split": "validation", "tasks": tasks,
             "limit": sweep.limit, "data_sha256": data, "config": {r.name: task_config_hash(r.name, r) for r in refs},
-            "lm_eval": version("lm-eval"), "batch_size": sweep.batch_size, "device": device.split(":")[0]}
+            "lm_eval": version("lm-eval"), "batch_size": sweep.batch_size, "device": device.split(":")[0],
+            "scoring": scoring}
     with file_lock(lock_for(record_path)):  # one process at a time reads, extends and rewrites the record
         return _sweep_locked(resolved, record_path, head, refs, device=device, force=force, log=log)
 
 
+def sweep_scoring(recipe: str, refs: list) -> dict[str, dict[str, Any]]:
+    """How a sweep scores a point, per task (lm-eval TaskRefs): its primary metric and direction as its config
+    declares them (`metrics.config_metric`) and whether it is `scored`: only accuracy-like, higher-is-better metrics
+    (exact_match, acc, acc_norm ...) are averaged into a point's score, never a perplexity, an f1 or a bleu of another
+    scale or a lower-is-better metric. Raises RecipeError (one line) when no task is scored."""
+    from .eval import metrics
+
+    out: dict[str, dict[str, Any]] = {}
+    for r in refs:
+        spec = metrics.config_metric(r.config, r.output_type)
+        out[r.name] = {"metric": spec.name if spec else None,
+                       "higher_is_better": spec.higher_is_better if spec else None,
+                       "scored": metrics.ranks_accuracy(spec)}
+    if not any(t["scored"] for t in out.values()):
+        arrow = {True: " ↑", False: " ↓", None: ""}
+        got = ", ".join(f"{t} {i['metric'] or 'no metric'}{arrow[i['higher_is_better']]}" for t, i in out.items())
+        raise RecipeError(f"recipe {recipe}: sweep.tasks give no score to rank points by ({got[:200]}): a sweep "
+                          "averages accuracy-like, higher-is-better metrics (exact_match, acc, acc_norm ...); add such "
+                          "a task")
+    return out
+
+
+def _legacy_scored_alike(refs: list, scoring: dict[str, dict[str, Any]]) -> bool:
+    """Whether points recorded before `scoring` (scored by exact_match, else acc, of every task, of lm-eval's last
+    filter) have the scores the current rule gives: every task scored by exact_match, or by acc without an
+    exact_match, with at most one filter."""
+    from .eval import metrics
+
+    for r in refs:
+        declared = [m.get("metric") for m in r.config.get("metric_list") or [] if isinstance(m, dict)] or \
+            list(metrics.DEFAULT_METRICS.get(r.output_type, ()))
+        metric = scoring[r.name]["metric"]
+        if not scoring[r.name]["scored"] or len(metrics.filter_names(r.config.get("filter_list"))) > 1 or not (
+                metric == "exact_match" or (metric == "acc" and "exact_match" not in declared)):
+            return False
+    return True
+
+
+def _point_score(res: dict[str, Any], scoring: dict[str, dict[str, Any]]) -> tuple[float, dict, dict]:
+    """(score, per_task, other) of one evaluated point: per_task {task: value} of the scored tasks (each task's primary
+    metric of its one lm-eval filter, `harness.scores_of`), their mean the score (NaN when one has no finite value);
+    other {task: {metric, higher_is_better, value}} of the tasks recorded but not scored."""
+    import math
+    import statistics
+
+    from .eval import metrics
+    from .eval.harness import scores_of
+
+    scores = scores_of(res)
+    per_task, other, missing = {}, {}, []
+    for task, how in scoring.items():
+        got = scores.get(task) or {}
+        spec = metrics.primary_metric(task, res, None, got)
+        value = got.get(spec.name) if spec else None
+        value = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        if how["scored"] and metrics.ranks_accuracy(spec):
+            if value is None or not math.isfinite(value):
+                missing.append(task)
+            else:
+                per_task[task] = value
+        else:
+            other[task] = {"metric": spec.name if spec else None,
+                           "higher_is_better": spec.higher_is_better if spec else None,
+                           "value": value if value is not None and math.isfinite(value) else None}
+    score = statistics.fmean(per_task.values()) if per_task and not missing else float("nan")
+    return score, per_task, other
+
+
 def _sweep_locked(resolved: ResolvedRecipe, record_path: Path, head: dict, tasks: list, *, device: str,
                   force: bool, log) -> tuple[ResolvedRecipe, dict]:
-    import statistics
+    import math
 
     from .artifacts import load_artifact
     from .cells import read_record
-    from .eval.harness import evaluate, scores_of
+    from .eval.harness import evaluate
 
     sweep = resolved.recipe.sweep
+    scoring = head["scoring"]
     cached = {}
     if record_path.is_file() and not force:
         prior = read_record(record_path) or {}
-        if all(prior.get(k) == head[k] for k in ("tasks", "limit", "data_sha256", "config", "lm_eval", "batch_size",
-                                                  "device")):
-            cached = {p["key"]: p for p in prior.get("points", [])}
+        same_scoring = prior.get("scoring") == scoring or ("scoring" not in prior and
+                                                           _legacy_scored_alike(tasks, scoring))
+        if same_scoring and all(prior.get(k) == head[k] for k in ("tasks", "limit", "data_sha256", "config", "lm_eval",
+                                                                  "batch_size", "device")):
+            cached = {p["key"]: p for p in prior.get("points", [])
+                      if isinstance(p, dict) and isinstance(p.get("score"), (int, float))
+                      and math.isfinite(p["score"])}
+    scored = [t for t, how in scoring.items() if how["scored"]]
+    what = f"mean of {len(scored)} tasks' accuracy" if len(scored) > 1 else \
+        f"{scored[0]} {scoring[scored[0]]['metric']}"
     points = []
     for i, point in enumerate(sweep_points(sweep), 1):
         v = variant(resolved, point)
@@ -475,14 +555,16 @@ def _sweep_locked(resolved: ResolvedRecipe, record_path: Path, head: dict, tasks
         artifact = build(v, device=device, log=log)
         res = evaluate(load_artifact(artifact, device=device), tasks, limit=sweep.limit, batch_size=sweep.batch_size,
                        split="validation", log_samples=False)
-        # exact match (the suite's skills), else accuracy (a multiple-choice task of lm-eval or the include path)
-        per_task = {t: m.get("exact_match", m.get("acc", float("nan"))) for t, m in scores_of(res).items()}
-        score = statistics.fmean(per_task.values())
+        score, per_task, other = _point_score(res, scoring)
         points.append({"point": point, "key": v.key, "score": score, "per_task": per_task,
-                       "artifact": artifact_ref(artifact)})
-        log(f"sweep {i}: {point} -> validation exact match {score:.4f}")
+                       **({"other_tasks": other} if other else {}), "artifact": artifact_ref(artifact)})
+        log(f"sweep {i}: {point} -> validation {what} {score:.4f}")
         atomic_write_json(record_path, {**head, "points": points})
-    best = max(points, key=lambda p: p["score"])  # first of equals wins (grid order)
+    finite = [p for p in points if isinstance(p["score"], (int, float)) and math.isfinite(p["score"])]
+    if not finite:
+        raise RecipeError(f"recipe {resolved.recipe.name}: no sweep point got a score (the scored tasks "
+                          f"{', '.join(scored)} reported no finite {what})")
+    best = max(finite, key=lambda p: p["score"])  # first of equals wins (grid order); a NaN point never does
     atomic_write_json(record_path, {**head, "points": points, "best": best})
     chosen = variant(resolved, best["point"])
     chosen = ResolvedRecipe(chosen.recipe.model_copy(update={"name": resolved.recipe.name}), chosen.source,

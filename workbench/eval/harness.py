@@ -178,13 +178,28 @@ def evaluate(loaded: LoadedModel, tasks: list[str | lmeval.TaskRef], *, limit: i
     return merged
 
 
-def scores_of(res: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """{task: {metric: value}} from lm-eval's results (task names without the wb_ / _val affixes)."""
+def filters_of(res: dict[str, Any]) -> dict[str, str]:
+    """{task: the one lm-eval filter it is scored by} (`metrics.primary_filter`: the first of its filter_list as
+    lm-eval reports it, else of its results keys; "none" for a task without a filter_list)."""
+    from . import metrics
+
     out = {}
-    for name, metrics in res["results"].items():
-        out[record.suite_task(name)] = {k.split(",")[0]: v for k, v in metrics.items()
-                                        if "," in k and "stderr" not in k}
+    for name in res["results"]:
+        task = record.suite_task(name)
+        if (flt := metrics.primary_filter(task, res)) is not None:
+            out[task] = flt
     return out
+
+
+def scores_of(res: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} from lm-eval's results (task names without the wb_ / _val affixes), of each task's one
+    filter (`filters_of`: a task with several filters, e.g. strict-match and flexible-extract, is never scored by a
+    mix of them nor by whichever lm-eval reported last); the run manifest records that filter beside (`filters`)."""
+    from . import metrics
+
+    flts = filters_of(res)
+    return {record.suite_task(name): metrics.filter_scores(entry, flts.get(record.suite_task(name)))
+            for name, entry in res["results"].items()}
 
 
 def git_state() -> dict[str, Any]:
@@ -267,7 +282,7 @@ def run_eval(spec: str, tasks: list[str | lmeval.TaskRef], *, pool: Pool | None 
             "method": loaded.info.get("method", loaded.info.get("kind")), "model_info": loaded.info,
             "params": (extra or {}).get("params", {}), "tasks": tasks, "limit": limit, "split": split,
             "batch_size": batch_size, "data_sha256": {t: k["data"] for t, k in keys.items()},
-            "scores": scores_of(res),
+            "scores": scores_of(res), "filters": filters_of(res),  # each task's scores are of its one filter
             # tasks from outside the suite: where each came from (suite-only manifests are unchanged)
             **({"task_sources": {r.name: {"source": r.source, "lm_eval": r.lm_name, "group": r.group,
                                           "config": keys[r.name]["config"]} for r in refs if r.source != "suite"}}

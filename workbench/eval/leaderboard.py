@@ -5,10 +5,11 @@ Each cell holds one (row, task) result: its metric, direction and aggregate (`me
 the metric's name) and its per-example values in doc_id order. A task is one of four kinds (`task_metrics` in the
 board, decided once per task so every row treats it alike):
 
-- accuracy: a mean metric whose values are all 0 or 1 (exact_match, acc, acc_norm ...): shown in %, binomial
+- accuracy: a mean metric that is 0/1 per example by its name (exact_match, acc, acc_norm ...; a name neither
+  lm-eval nor the workbench knows: by its values, all 0 or 1; `metrics.accuracy_like`): shown in %, binomial
   standard error (`stats.stderr`, as lm-eval), exact McNemar paired test;
-- continuous: any other mean metric (a per-example f1 ...): shown as it is, standard error of the mean, paired
-  bootstrap over examples;
+- continuous: any other mean metric (a per-example f1 ..., even when its values happen to be all 0 or 1): shown as
+  it is, standard error of the mean, paired bootstrap over examples;
 - corpus: perplexity-like aggregates of `loglikelihood_rolling` tasks (word/byte perplexity exp(-Σll/Σw), bits per
   byte -Σll/Σw/ln 2): shown as the aggregate, never in %, standard error by bootstrap over documents, paired
   bootstrap over documents of the aggregate difference;
@@ -43,16 +44,16 @@ def _group(task: str) -> str:
 
 
 def _kind(views: list[metrics.CellView]) -> str:
-    """A task's kind from its cells (same metric and aggregate): see the module's doc."""
+    """A task's kind from its cells (same metric and aggregate): see the module's doc. Accuracy or continuous by the
+    metric's name first (`metrics.accuracy_like`: a per-example f1 is continuous even when its values are all 0 or
+    1), by the values only for a metric of a name neither lm-eval nor the workbench knows."""
     agg = views[0].aggregate
     if agg in metrics.CORPUS:
         return "corpus"
     if agg != "mean":
         return "none"
     values = [x for v in views for x in v.values]
-    if values:
-        return "accuracy" if all(x in (0.0, 1.0) for x in values) else "continuous"
-    return "accuracy" if views[0].metric in metrics.ACCURACY_METRICS else "continuous"
+    return "accuracy" if metrics.accuracy_like(views[0].metric, values) else "continuous"
 
 
 def _views(cells: dict[tuple[str, str], dict[str, Any]], tasks: list[str]
@@ -83,6 +84,11 @@ def _pair(a: metrics.CellView, b: metrics.CellView, kind: str) -> dict[str, Any]
     if kind == "corpus":
         c = stats.paired_corpus_bootstrap([a.values[i] for i, _ in idx], [a.weights[i] for i, _ in idx],
                                           [b.values[j] for _, j in idx], [b.weights[j] for _, j in idx], a.aggregate)
+    elif kind == "continuous":  # the bootstrap, even when a continuous metric's values happen to be all 0 or 1
+        xs, ys = [a.values[i] for i, _ in idx], [b.values[j] for _, j in idx]
+        c = {"n": len(xs), "mean_a": sum(xs) / len(xs), "mean_b": sum(ys) / len(ys),
+             "test": "paired_bootstrap", "p_value": stats.paired_bootstrap(xs, ys)}
+        c["diff"] = c["mean_a"] - c["mean_b"]
     else:
         c = stats.compare([a.values[i] for i, _ in idx], [b.values[j] for _, j in idx])
     out = {"n": c["n"], "a": c["mean_a"], "b": c["mean_b"], "diff": c["diff"],

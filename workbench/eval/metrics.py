@@ -13,11 +13,16 @@ follows the metric's aggregation (lm_eval/api/metrics.py):
 - anything else (corpus bleu, chrf, ter, corpus f1, mcc, brier_score ...): what the corpus-level function needs,
   e.g. (reference, prediction) strings: there are no per-example numbers, only lm-eval's score.
 
-A cell (`cells/<row>/<task>.json`) records `metric`, `higher_is_better`, `aggregate` ("mean" | "perplexity" |
-"bits_per_byte" | "none"; "perplexity" covers both perplexity aggregations), `score` (lm-eval's aggregate),
-`doc_ids`, `values` (per-example numbers; for perplexity-like metrics the per-document log-likelihood) and, for
-perplexity-like metrics only, `weights`. Cells written before these fields existed are read with the direction and
-aggregate their metric's name implies (`view`).
+A task with several filters (its YAML's `filter_list`, e.g. gsm8k's strict-match and flexible-extract) is logged by
+lm-eval once per (document, filter) and scored per filter (results keys `metric,<filter>`): the workbench scores it by
+ONE, the first of its filter_list as lm-eval reports it (`primary_filter`), samples and scores alike.
+
+A cell (`cells/<row>/<task>.json`) records `metric`, `filter` (the lm-eval filter scored; absent in cells of sample
+rows written before it was kept), `higher_is_better`, `aggregate` ("mean" | "perplexity" | "bits_per_byte" | "none";
+"perplexity" covers both perplexity aggregations), `score` (lm-eval's aggregate), `doc_ids`, `values` (per-example
+numbers; for perplexity-like metrics the per-document log-likelihood) and, for perplexity-like metrics only,
+`weights`. Cells written before these fields existed are read with the direction and aggregate their metric's name
+implies (`view`).
 """
 
 from __future__ import annotations
@@ -47,8 +52,14 @@ LM_EVAL_METRICS: dict[str, tuple[bool, str]] = {
 # lm-eval aggregation -> the cell's aggregate; any other aggregation is corpus-level without per-example numbers
 AGGREGATE_OF = {"mean": "mean", "nanmean": "mean", "perplexity": "perplexity",
                 "weighted_perplexity": "perplexity", "bits_per_byte": "bits_per_byte"}
-# 0/1 per example by definition (a mean metric of another name is accuracy-like when its values are all 0 or 1)
+# 0/1 per example by definition; every other metric lm-eval registers (f1, likelihood ...) is not accuracy-like,
+# whatever its values; only a metric of a name neither knows is judged by its values (all 0 or 1), `accuracy_like`
 ACCURACY_METRICS = ("exact_match", "acc", "acc_norm", "acc_mutual_info", "acc_bytes", "em")
+# lm-eval's metrics of a task whose YAML names none (lm_eval/api/registry.py DEFAULT_METRIC_REGISTRY), by output type
+DEFAULT_METRICS = {"loglikelihood": ("perplexity", "acc"),
+                   "loglikelihood_rolling": ("word_perplexity", "byte_perplexity", "bits_per_byte"),
+                   "multiple_choice": ("acc", "acc_norm"), "generate_until": ("exact_match",)}
+NO_FILTER = "none"  # lm-eval's filter name of a task whose YAML has no filter_list
 
 _RESULT_KEYS = ("alias", "name", "sample_len", "samples")  # lm-eval's per-task results entries that are no metric
 
@@ -77,6 +88,39 @@ def default_aggregate(metric: str) -> str:
     if "bits_per_byte" in metric:
         return "bits_per_byte"
     return "perplexity" if "perplexity" in metric else "mean"
+
+
+def accuracy_like(metric: str, values: Sequence[float] | None = None) -> bool:
+    """Whether a mean metric is 0/1 per example (shown in %, averaged with other accuracies, McNemar-tested): by its
+    name first (`ACCURACY_METRICS` yes; any other metric lm-eval registers, e.g. a per-example f1, no, even when its
+    values happen to be all 0 or 1); a name neither knows by its `values` (all 0 or 1; none: no)."""
+    if metric in ACCURACY_METRICS:
+        return True
+    if metric in LM_EVAL_METRICS:
+        return False
+    vals = list(values or ())
+    return bool(vals) and all(v in (0.0, 1.0) for v in vals)
+
+
+def ranks_accuracy(spec: MetricSpec | None) -> bool:
+    """An accuracy-like mean metric by its name, higher is better: the only kind averaged into one score (a sweep
+    point's, a group mean)."""
+    return spec is not None and spec.higher_is_better and spec.name in ACCURACY_METRICS and \
+        AGGREGATE_OF.get(spec.aggregation or "mean") == "mean"
+
+
+def config_metric(config: Mapping[str, Any] | None, output_type: str) -> MetricSpec | None:
+    """A task's primary metric before it runs, from its lm-eval config (`tasks.lmeval.TaskRef.config`): the first
+    `metric_list` entry with its direction and aggregation, else lm-eval's default for the output type."""
+    entries = (config or {}).get("metric_list")
+    for m in entries if isinstance(entries, list) else []:
+        if isinstance(m, Mapping) and isinstance(m.get("metric"), str):
+            agg, h = m.get("aggregation"), m.get("higher_is_better")
+            return MetricSpec(m["metric"], h if isinstance(h, bool) else default_higher_is_better(m["metric"]),
+                              agg if isinstance(agg, str) else (LM_EVAL_METRICS.get(m["metric"]) or (None, None))[1])
+    for metric in DEFAULT_METRICS.get(output_type, ())[:1]:
+        return MetricSpec(metric, *LM_EVAL_METRICS[metric])
+    return None
 
 
 def _suite_task(name: str) -> str:
@@ -124,6 +168,89 @@ def task_metrics(results: Any) -> dict[str, list[MetricSpec]]:
         if specs:
             out.setdefault(_suite_task(name), specs)
     return out
+
+
+def filter_names(filter_list: Any) -> list[str]:
+    """The names of a task config's `filter_list`, in order (lm-eval's: a list of {name, filter}; a bare name
+    counts)."""
+    if isinstance(filter_list, str):
+        return [filter_list]
+    names = [f.get("name") if isinstance(f, Mapping) else f for f in filter_list] \
+        if isinstance(filter_list, list) else []
+    return list(dict.fromkeys(n for n in names if isinstance(n, str)))
+
+
+def _key_filters(entry: Any) -> list[str]:
+    """The filters a results entry's `metric,filter` keys name, in lm-eval's order."""
+    keys = entry if isinstance(entry, Mapping) else {}
+    return list(dict.fromkeys(k.split(",", 1)[1] for k in keys if isinstance(k, str) and "," in k))
+
+
+def task_filters(results: Any) -> dict[str, list[str]]:
+    """lm-eval's results JSON -> {task (without the suite's affixes): its filters, primary first}: the task's
+    `filter_list` as lm-eval records it in `configs`, then the filters its results keys (`metric,filter`) name, in
+    lm-eval's order. lm-eval logs one sample and one score per (document, filter); a task is scored by ONE of them,
+    the first (`primary_filter`). A results JSON of any other shape gives {}."""
+    if not isinstance(results, Mapping):
+        return {}
+    configs = results.get("configs") if isinstance(results.get("configs"), Mapping) else {}
+    res = results.get("results") if isinstance(results.get("results"), Mapping) else {}
+    out: dict[str, list[str]] = {}
+    for name in dict.fromkeys([*configs, *res]):
+        if not isinstance(name, str):
+            continue
+        cfg = configs.get(name) if isinstance(configs.get(name), Mapping) else {}
+        names = list(dict.fromkeys([*filter_names(cfg.get("filter_list")), *_key_filters(res.get(name))]))
+        if names:
+            out.setdefault(_suite_task(name), names)
+    return out
+
+
+def primary_filter(task: str, results: Any = None, sample_filters: Sequence[Any] | None = None) -> str | None:
+    """The one filter a task is scored by: the first of its filter_list as lm-eval reports it (`task_filters`: the
+    results JSON's `configs`, else the order of its `metric,filter` keys) that its samples carry, when
+    `sample_filters` names theirs; else the first filter of its samples; None when nothing names one (sample rows
+    written before the filter was kept: the task had one)."""
+    seen = [f for f in dict.fromkeys(sample_filters or ()) if isinstance(f, str)]
+    names = task_filters(results).get(task, [])
+    if seen:
+        names = [f for f in names if f in seen] or seen
+    return names[0] if names else None
+
+
+def filter_rows(rows: Sequence[Mapping[str, Any]], flt: str | None) -> list[Mapping[str, Any]]:
+    """The sample rows of filter `flt` (None: the first filter the rows carry); a row without a `filter` (written
+    before it was kept, when a task had one) belongs to any."""
+    if flt is None:
+        flt = next((r["filter"] for r in rows if isinstance(r.get("filter"), str)), None)
+    return [r for r in rows if flt is None or r.get("filter", flt) == flt]
+
+
+def filter_scores(entry: Any, flt: str | None) -> dict[str, Any]:
+    """A task's lm-eval results entry ({`metric,filter`: value, `metric_stderr,filter`: ...}) -> {metric: value} of
+    filter `flt` (None: the first filter its keys name); never a mix of filters."""
+    if not isinstance(entry, Mapping):
+        return {}
+    flt = flt if flt is not None else next(iter(_key_filters(entry)), None)
+    out = {}
+    for k, v in entry.items():
+        if isinstance(k, str) and "," in k and "_stderr" not in k.split(",", 1)[0]:
+            metric, f = k.split(",", 1)
+            if f == flt:
+                out.setdefault(metric, v)
+    return out
+
+
+def task_scores(results: Any, task: str, flt: str | None = None) -> dict[str, Any] | None:
+    """{metric: value} of `task` (the suite's plain name or lm-eval's) in lm-eval's results JSON, of filter `flt`
+    (None: the task's `primary_filter`); None when the results do not score the task."""
+    res = results.get("results") if isinstance(results, Mapping) else None
+    if not isinstance(res, Mapping):
+        return None
+    for name, entry in res.items():
+        if isinstance(name, str) and _suite_task(name) == task and isinstance(entry, Mapping):
+            return filter_scores(entry, flt if flt is not None else primary_filter(task, results))
+    return None
 
 
 def primary_metric(task: str, results: Any = None, sample_metrics: Sequence[str] | None = None,
@@ -184,14 +311,21 @@ def aggregate_of(spec: MetricSpec, raw: Sequence[Any]) -> tuple[str, str | None]
     return agg, None
 
 
-def cell_fields(samples: Sequence[Mapping[str, Any]], spec: MetricSpec, score: Any = None) -> dict[str, Any]:
-    """A task's sample rows (`record.compact_sample`: doc_id, metrics {name: value}), sorted by doc_id, and its
-    primary metric -> the cell fields: metric, higher_is_better, aggregate, score (lm-eval's aggregate, None when not
-    a number), n (examples scored), doc_ids, values and, perplexity-like only, weights; `note` says why a cell has
-    no per-example values though it has samples."""
+def cell_fields(samples: Sequence[Mapping[str, Any]], spec: MetricSpec, score: Any = None,
+                filter: str | None = None) -> dict[str, Any]:
+    """A task's sample rows (`record.compact_sample`: doc_id, filter, metrics {name: value}), sorted by doc_id, and its
+    primary metric -> the cell fields: metric, filter (the one lm-eval filter scored: `filter`, else the first the rows
+    carry; absent for rows without one), higher_is_better, aggregate, score (lm-eval's aggregate of that filter, None
+    when not a number), n (examples scored), doc_ids, values and, perplexity-like only, weights; `note` says why a
+    cell has no per-example values though it has samples. Rows of other filters are left out: one value per
+    document."""
+    samples = filter_rows(samples, filter)
+    flt = filter if filter is not None else next(
+        (s["filter"] for s in samples if isinstance(s.get("filter"), str)), None)
     raw = [(s.get("metrics") or {}).get(spec.name) for s in samples]
     agg, note = aggregate_of(spec, raw)
-    out: dict[str, Any] = {"metric": spec.name, "higher_is_better": spec.higher_is_better, "aggregate": agg,
+    out: dict[str, Any] = {"metric": spec.name, **({"filter": flt} if flt is not None else {}),
+                           "higher_is_better": spec.higher_is_better, "aggregate": agg,
                            "score": float(score) if _num(score) else None, "n": len(samples)}
     doc_ids = [s.get("doc_id") for s in samples]
     if note or agg == "none":
@@ -217,9 +351,11 @@ def describe(fields: Mapping[str, Any]) -> str:
     arrow = "↑" if v.higher_is_better else "↓"
     if math.isnan(value):
         return f"{v.metric} – {arrow}"
-    if v.aggregate == "mean" and v.values and all(x in (0.0, 1.0) for x in v.values):
-        return f"{100 * value:.1f}% {v.metric} {arrow}"
-    return f"{v.metric} {value:.4g} {arrow}"
+    flt = fields.get("filter")
+    name = f"{v.metric} ({flt})" if isinstance(flt, str) and flt != NO_FILTER else v.metric
+    if v.aggregate == "mean" and accuracy_like(v.metric, v.values):
+        return f"{100 * value:.1f}% {name} {arrow}"
+    return f"{name} {value:.4g} {arrow}"
 
 
 # ----------------------------------------------------------------------------- reading a cell
@@ -268,7 +404,8 @@ class CellView:
 
     @property
     def binary(self) -> bool:
-        return self.aggregate == "mean" and bool(self.values) and all(v in (0.0, 1.0) for v in self.values)
+        """Accuracy-like (`accuracy_like`: by the metric's name, an unknown name by its values)."""
+        return self.aggregate == "mean" and accuracy_like(self.metric, self.values)
 
 
 def view(cell: Mapping[str, Any]) -> CellView:
@@ -300,15 +437,26 @@ __all__ = [
     "AGGREGATES",
     "AGGREGATE_OF",
     "CORPUS",
+    "DEFAULT_METRICS",
     "LM_EVAL_METRICS",
+    "NO_FILTER",
     "CellView",
     "MetricSpec",
+    "accuracy_like",
     "aggregate_of",
     "cell_fields",
+    "config_metric",
     "default_aggregate",
     "default_higher_is_better",
     "describe",
+    "filter_names",
+    "filter_rows",
+    "filter_scores",
+    "primary_filter",
     "primary_metric",
+    "ranks_accuracy",
+    "task_filters",
     "task_metrics",
+    "task_scores",
     "view",
 ]

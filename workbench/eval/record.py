@@ -1,7 +1,8 @@
 """The results record: what `run_eval` writes under results/lm-eval/<model>/, and how it is read back.
 
 Per run `<run_id>`: `results_<run_id>.json` (lm-eval's results), `samples_<run_id>.jsonl.gz` (one row per
-example: task, doc_id, question, target, response, metrics) and the manifest `run_<run_id>.json`.
+example and lm-eval filter: task, doc_id, filter, question, target, response, metrics) and the manifest
+`run_<run_id>.json`.
 The JSON files are scrubbed of the writing machine's absolute paths (`scrub`); the sample rows are data
 (prompts, targets, outputs) and are kept verbatim. A rerun with a run's settings replaces it
 (`replace_older_runs`); `migrate` brings folders written before this layout to it.
@@ -93,7 +94,9 @@ def compact_sample(task: str, s: dict[str, Any]) -> dict[str, Any]:
 
     Every output type: generate_until (response: the filtered generation), multiple_choice (response: the choice
     of highest log-likelihood, target: the gold choice's text), loglikelihood (response: the log-likelihood) and
-    loglikelihood_rolling (question: the text scored, response: its log-likelihood).
+    loglikelihood_rolling (question: the text scored, response: its log-likelihood). `filter`: the lm-eval filter the
+    response and metrics are of (a task with several filters has one row per document and filter; rows written
+    before it was kept have none: their task had one filter, see `metrics.filter_rows`).
     """
     reqs = _requests(s.get("arguments"))
     prompt = reqs[0][0] if reqs and reqs[0] else None
@@ -110,12 +113,15 @@ def compact_sample(task: str, s: dict[str, Any]) -> dict[str, Any]:
             resp = str(lls[0])
     metrics = json.loads(json.dumps({m: s[m] for m in s.get("metrics", []) if m in s},
                                     default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-    return {"task": task, "doc_id": s["doc_id"], "question": prompt, "target": target,
+    flt = s.get("filter")  # lm-eval logs one sample per (document, filter): which filter's response and metrics
+    return {"task": task, "doc_id": s["doc_id"], **({"filter": flt} if isinstance(flt, str) else {}),
+            "question": prompt, "target": target,
             "response": resp if resp is None or isinstance(resp, str) else str(resp), "metrics": metrics}
 
 
 def write_samples(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Rows (sorted by task, doc_id) as gzip JSONL, byte-identical for equal rows, written atomically."""
+    """Rows (sorted by task, doc_id; a document's filters kept in lm-eval's order) as gzip JSONL, byte-identical for
+    equal rows, written atomically."""
     rows = sorted(rows, key=lambda r: (r["task"], r["doc_id"]))
     data = gzip.compress("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode(), mtime=0)
     path = Path(path)

@@ -7,11 +7,13 @@ manifest lists, its direction implied by its name.
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from ..errors import WorkbenchError
 from ..tasks.suite import DOMAINS, TASKS
 from . import metrics
 from .record import read_samples
@@ -47,11 +49,47 @@ def run_metric(run: dict[str, Any], task: str, results: Any = None,
                                   scores if isinstance(scores, dict) else None)
 
 
-def collect_scores(results_dir: Path, pool: str | None = None, full_only: bool = True) -> pd.DataFrame:
-    """Long table: model, method, task, kind, metric, higher_is_better, value, run_id (latest run wins).
+def run_filter(run: dict[str, Any], task: str, results: Any = None,
+               samples: list[dict[str, Any]] | None = None) -> str | None:
+    """The one lm-eval filter a run's `task` is scored by: the manifest's `filters` (run_eval records it), else
+    `metrics.primary_filter` of its lm-eval results JSON (`results` when already read) and sample rows."""
+    recorded = run.get("filters")
+    if isinstance(recorded, dict) and isinstance(recorded.get(task), str):
+        return recorded[task]
+    return metrics.primary_filter(task, results if results is not None else run_results(run),
+                                  [s.get("filter") for s in samples or [] if isinstance(s, dict)])
 
-    `full_only` skips runs made with --limit (partial test splits); validation-split runs are never read.
+
+def _accuracy_by_values(run: dict[str, Any], task: str, spec: metrics.MetricSpec, results: Any,
+                        cache: dict[str, list[dict[str, Any]]]) -> bool | None:
+    """`metrics.accuracy_like` of a metric of a name the workbench does not know, by the run's per-example values
+    of it (its one filter); None without them (the leaderboard's rule: `leaderboard._kind`)."""
+    if "_path" not in run:
+        return None
+    key = str(run["_path"])
+    if key not in cache:
+        try:
+            cache[key] = read_samples(run)
+        except (OSError, ValueError, KeyError, EOFError, zlib.error, RecursionError, MemoryError, WorkbenchError):
+            cache[key] = []  # a missing or broken samples file: the score stays, without its values
+    rows = [s for s in cache[key] if isinstance(s, dict) and s.get("task") == task]
+    rows = metrics.filter_rows(rows, run_filter(run, task, results, rows))
+    raw = [(s.get("metrics") or {}).get(spec.name) for s in rows]
+    values = [metrics._scalar(v) for v in raw]
+    if not values or any(v is None for v in values):
+        return None
+    return metrics.accuracy_like(spec.name, values)
+
+
+def collect_scores(results_dir: Path, pool: str | None = None, full_only: bool = True) -> pd.DataFrame:
+    """Long table: model, method, task, kind, metric, higher_is_better, value, run_id, accuracy (latest run wins).
+
+    Each value is lm-eval's score of the task's primary metric and its one filter (`run_filter`). `accuracy`:
+    whether the metric is accuracy-like (`metrics.accuracy_like`: by its name; a name neither lm-eval nor the
+    workbench knows by the run's per-example values, None without them). `full_only` skips runs made with --limit
+    (partial test splits); validation-split runs are never read.
     """
+    samples_cache: dict[str, list[dict[str, Any]]] = {}
     latest: dict[tuple[str, str], dict[str, Any]] = {}
     for run in iter_runs(results_dir):
         if pool and run.get("pool") != pool:
@@ -64,8 +102,20 @@ def collect_scores(results_dir: Path, pool: str | None = None, full_only: bool =
         results = run_results(run) or {}
         for task, values in scores.items():
             spec = run_metric(run, task, results) if isinstance(values, dict) else None
-            if spec is None or not metrics._num(values.get(spec.name)):
+            if spec is None:
                 continue
+            # lm-eval's score of the task's one filter (a manifest written before `filters` may hold another's)
+            values = {**values, **(metrics.task_scores(results, task, run_filter(run, task, results)) or {})}
+            if not metrics._num(values.get(spec.name)):
+                continue
+            agg = metrics.AGGREGATE_OF.get(spec.aggregation, "none") if spec.aggregation else \
+                metrics.default_aggregate(spec.name)
+            if agg != "mean":
+                accuracy: bool | None = False
+            elif spec.name in metrics.ACCURACY_METRICS or spec.name in metrics.LM_EVAL_METRICS:
+                accuracy = metrics.accuracy_like(spec.name)
+            else:
+                accuracy = _accuracy_by_values(run, task, spec, results, samples_cache)
             kind = TASKS[task].kind if task in TASKS else ("domain" if task in DOMAINS else "other")
             info = run.get("model_info") or {}
             latest[(run["model_name"], task)] = {
@@ -76,15 +126,18 @@ def collect_scores(results_dir: Path, pool: str | None = None, full_only: bool =
                 "expert_task": (info.get("tags") or {}).get("task") if run.get("method") == "expert-lora" else None,
                 "task": task, "kind": kind, "metric": spec.name, "higher_is_better": spec.higher_is_better,
                 "value": float(values[spec.name]), "run_id": run["run_id"],
+                "accuracy": accuracy,
             }
     return pd.DataFrame(list(latest.values()), columns=["model", "model_name", "method", "expert_task", "task", "kind",
-                                                         "metric", "higher_is_better", "value", "run_id"])
+                                                         "metric", "higher_is_better", "value", "run_id", "accuracy"])
 
 
 def results_table(results_dir: Path, pool: str | None = None, full_only: bool = True) -> pd.DataFrame:
     """Wide table: one row per model, one column per task (its primary metric), plus held-in / held-out averages.
 
-    Accuracy-like metrics (exact_match, acc, acc_norm ...) are in percent; every other metric as it is (a word
+    Accuracy-like metrics are in percent, by the leaderboard's rule (`metrics.accuracy_like`: by the metric's name,
+    exact_match, acc, acc_norm ...; a per-example f1 never, whatever its values; a name neither lm-eval nor the
+    workbench knows by its per-example values, all 0 or 1 in every run shown); every other metric as it is (a word
     perplexity is a perplexity). The averages and the normalized score (a row's mean over the accuracy-like tasks
     with their own expert / those experts' mean on them) only take accuracy-like, higher-is-better tasks.
     `table.attrs["metrics"]`: task -> {metric, higher_is_better, percent}; `attrs["normalized_note"]`: the tasks the
@@ -96,7 +149,9 @@ def results_table(results_dir: Path, pool: str | None = None, full_only: bool = 
     # one metric per column: the task's metric in its earliest run shown (a model scored otherwise is left out)
     task_metric = df.sort_values("run_id").groupby("task", sort=False).metric.first().to_dict()
     df = df[[task_metric[t] == m for t, m in zip(df.task, df.metric)]]
-    percent = {t: m in metrics.ACCURACY_METRICS for t, m in task_metric.items()}
+    # accuracy-like when every run shown that says so says yes (a metric known by name: all alike)
+    known = {t: [bool(x) for x in xs if x is not None and pd.notna(x)] for t, xs in df.groupby("task").accuracy}
+    percent = {t: bool(known.get(t)) and all(known[t]) for t in task_metric}
     hib = df.groupby("task").higher_is_better.first().to_dict()
     df = df.assign(value=[v * 100 if percent[t] else v for v, t in zip(df.value, df.task)])
     wide = df.pivot_table(index=["model", "method"], columns="task", values="value", aggfunc="last")
@@ -152,7 +207,7 @@ def paired_samples(run_a: dict[str, Any] | Path, run_b: dict[str, Any] | Path, t
     """The examples of `task` both runs scored, side by side: doc_id, question, target, response_a/_b and
     value_a/_b (`metric`, default run_a's primary metric for the task: exact match, a per-example score, or a
     perplexity task's per-document log-likelihood; None for a metric without per-example numbers, e.g. corpus BLEU),
-    for pairwise diffs and paired tests."""
+    of each run's one lm-eval filter (`run_filter`: one row per document), for pairwise diffs and paired tests."""
     def samples_of(run):
         return [s for s in read_samples(run) if s["task"] == task]
 
@@ -171,7 +226,19 @@ def paired_samples(run_a: dict[str, Any] | Path, run_b: dict[str, Any] | Path, t
             v = v[0]
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, str) else None
 
-    sa, sb = samples_of(run_a), samples_of(run_b)
+    def one_filter(run, rows):  # the task's one lm-eval filter: one row per document
+        manifest = run if isinstance(run, dict) else (read_record_of(run) or {})
+        return metrics.filter_rows(rows, run_filter(manifest, task, results_of(run) or {}, rows))
+
+    def read_record_of(run) -> Any:
+        p = Path(run)
+        if p.is_file() and p.name.startswith("run_"):
+            from ..cells import read_record
+
+            return read_record(p)
+        return None
+
+    sa, sb = one_filter(run_a, samples_of(run_a)), one_filter(run_b, samples_of(run_b))
     if metric is None and sa:
         spec = metrics.primary_metric(task, results_of(run_a), list(sa[0].get("metrics") or {}))
         metric = spec.name if spec else None
