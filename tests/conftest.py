@@ -80,6 +80,30 @@ def arts(tmp_path, monkeypatch):
     return tmp_path / "artifacts"
 
 
+MIXED_LLS = [-40.0, -90.0, -25.0, -60.0]  # per-document log-likelihoods of a perplexity corpus
+MIXED_WORDS = [10.0, 20.0, 5.0, 15.0]  # and their words
+
+
+def mixed_metric_cells(merged_acc=(1, 1, 1, 1)):
+    """(tasks, rows, cells) of rows base and merged on an exact-match task, an `acc` task (merged's values given), a
+    perplexity corpus (merged 4 nats better a document) and a corpus-BLEU task (no per-example values)."""
+    tasks = ["addition", "my_cls", "python_code", "my_bleu"]
+    rows = [{"name": n, "method": "m", "expert_task": None} for n in ("base", "merged")]
+    cells = {}
+    for name, em, acc, shift, bleu in (("base", [1, 0, 0, 0], [1, 0, 1, 0], 0.0, 20.0),
+                                       ("merged", [1, 1, 0, 1], list(merged_acc), 4.0, 30.0)):
+        cells[(name, "addition")] = {"metric": "exact_match", "higher_is_better": True, "aggregate": "mean",
+                                     "doc_ids": [0, 1, 2, 3], "values": [float(v) for v in em], "n": 4}
+        cells[(name, "my_cls")] = {"metric": "acc", "higher_is_better": True, "aggregate": "mean",
+                                   "doc_ids": [0, 1, 2, 3], "values": [float(v) for v in acc], "n": 4}
+        cells[(name, "python_code")] = {"metric": "word_perplexity", "higher_is_better": False,
+                                        "aggregate": "perplexity", "doc_ids": [0, 1, 2, 3],
+                                        "values": [x + shift for x in MIXED_LLS], "weights": MIXED_WORDS, "n": 4}
+        cells[(name, "my_bleu")] = {"metric": "bleu", "higher_is_better": True, "aggregate": "none", "score": bleu,
+                                    "doc_ids": [], "values": [], "n": 4}
+    return tasks, rows, cells
+
+
 def suite_data(*tasks: str):
     """The data records of suite tasks (what `--task NAME` trains on), for experts added in tests."""
     from workbench.data import suite_record

@@ -327,7 +327,7 @@ def test_demo_says_when_the_leaderboard_is_rederived(run_cli, monkeypatch, tmp_p
 
 # ----------------------------------------------------------------------------- a board of several metrics
 
-LLS, WORDS = [-40.0, -90.0, -25.0, -60.0], [10.0, 20.0, 5.0, 15.0]  # per-document log-likelihoods and words
+from conftest import MIXED_LLS as LLS, MIXED_WORDS as WORDS  # noqa: E402  per-document log-likelihoods and words
 
 
 def _mixed_board():
@@ -336,20 +336,9 @@ def _mixed_board():
     import workbench as wb
     from workbench.eval.leaderboard import build_leaderboard
 
-    tasks = ["addition", "my_cls", "python_code", "my_bleu"]
-    rows = [{"name": n, "method": "m", "expert_task": None} for n in ("base", "merged")]
-    cells = {}
-    for name, em, acc, shift, bleu in (("base", [1, 0, 0, 0], [1, 0, 1, 0], 0.0, 20.0),
-                                       ("merged", [1, 1, 0, 1], [1, 1, 1, 1], 4.0, 30.0)):
-        cells[(name, "addition")] = {"metric": "exact_match", "higher_is_better": True, "aggregate": "mean",
-                                     "doc_ids": [0, 1, 2, 3], "values": [float(v) for v in em], "n": 4}
-        cells[(name, "my_cls")] = {"metric": "acc", "higher_is_better": True, "aggregate": "mean",
-                                   "doc_ids": [0, 1, 2, 3], "values": [float(v) for v in acc], "n": 4}
-        cells[(name, "python_code")] = {"metric": "word_perplexity", "higher_is_better": False,
-                                        "aggregate": "perplexity", "doc_ids": [0, 1, 2, 3],
-                                        "values": [x + shift for x in LLS], "weights": WORDS, "n": 4}
-        cells[(name, "my_bleu")] = {"metric": "bleu", "higher_is_better": True, "aggregate": "none", "score": bleu,
-                                    "doc_ids": [], "values": [], "n": 4}
+    from conftest import mixed_metric_cells
+
+    tasks, rows, cells = mixed_metric_cells((1, 1, 1, 1))
     board = build_leaderboard(rows, cells, tasks, "base") | {"name": "mixed", "pool": "demo"}
     return wb.Leaderboard(board, cells)
 

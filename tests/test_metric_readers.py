@@ -13,8 +13,8 @@ import pytest
 
 from workbench.eval.leaderboard import build_leaderboard
 
-LLS = [-40.0, -90.0, -25.0, -60.0]  # per-document log-likelihoods
-WORDS = [10.0, 20.0, 5.0, 15.0]
+from conftest import MIXED_LLS as LLS  # noqa: E402  per-document log-likelihoods
+from conftest import MIXED_WORDS as WORDS  # noqa: E402
 
 
 def _ppl(lls: list[float], words: list[float]) -> float:
@@ -141,20 +141,9 @@ def test_pairwise_of_a_comparisons_perplexity_cells_is_over_documents():
 
 def _board() -> dict:
     """Rows base and merged on an exact-match task, an `acc` task, a perplexity corpus and a corpus-BLEU task."""
-    tasks = ["addition", "my_cls", "python_code", "my_bleu"]
-    rows = [{"name": n, "method": "m", "expert_task": None} for n in ("base", "merged")]
-    cells = {}
-    for name, em, acc, shift, bleu in (("base", [1, 0, 0, 0], [1, 0, 1, 0], 0.0, 20.0),
-                                       ("merged", [1, 1, 0, 1], [1, 1, 1, 0], 4.0, 30.0)):
-        cells[(name, "addition")] = {"metric": "exact_match", "higher_is_better": True, "aggregate": "mean",
-                                     "doc_ids": [0, 1, 2, 3], "values": [float(v) for v in em], "n": 4}
-        cells[(name, "my_cls")] = {"metric": "acc", "higher_is_better": True, "aggregate": "mean",
-                                   "doc_ids": [0, 1, 2, 3], "values": [float(v) for v in acc], "n": 4}
-        cells[(name, "python_code")] = {"metric": "word_perplexity", "higher_is_better": False,
-                                        "aggregate": "perplexity", "doc_ids": [0, 1, 2, 3],
-                                        "values": [x + shift for x in LLS], "weights": WORDS, "n": 4}
-        cells[(name, "my_bleu")] = {"metric": "bleu", "higher_is_better": True, "aggregate": "none", "score": bleu,
-                                    "doc_ids": [], "values": [], "n": 4}
+    from conftest import mixed_metric_cells
+
+    tasks, rows, cells = mixed_metric_cells((1, 1, 1, 0))
     return build_leaderboard(rows, cells, tasks, "base")
 
 
