@@ -250,3 +250,34 @@ def test_a_legacy_expert_is_told_its_suite_spec(pool, tiny_dir):
     pool.add(tiny_dir / "lora_b", "old", training={"tasks": ["sorting"]})  # trained before data was recorded
     with pytest.raises(RecipeError, match=r"`workbench pool data demo old --data suite:sorting`"):
         parse_recipe({"name": "r", "pool": str(pool.root), "method": "twin", "experts": ["a", "old"]})
+
+
+def test_chat_trained_experts_are_evaluated_through_the_chat_template(pool, tmp_path, tiny_dir):
+    """`apply_chat_template` renders each prompt with the tokenizer's template (as a chat column trains); off, the
+    prompt is the task's text and a comparison's cell keys are those of before the option existed."""
+    from workbench.comparison import parse_comparison
+    from workbench.eval.harness import run_eval
+    from workbench.eval.record import read_samples
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    _jsonl(tasks / "dbl.jsonl", [{"q": f"Double {i}", "a": str(2 * i)} for i in range(4)])
+    (tasks / "dbl.yaml").write_text(
+        f"task: dbl\ndataset_path: json\ndataset_kwargs: {{data_files: {{test: {tasks / 'dbl.jsonl'}}}}}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\n"
+        "generation_kwargs: {until: ['\\n'], do_sample: false, max_gen_toks: 3}\n"
+        "metric_list:\n  - {metric: exact_match, aggregation: mean, higher_is_better: true}\n")
+    prompts = {}
+    for chat in (False, True):
+        m = run_eval("base", ["dbl"], pool=pool, include_path=[tasks], results_dir=tmp_path / f"r{chat}",
+                     apply_chat_template=chat, batch_size=4)
+        folder = tmp_path / f"r{chat}" / m["results_file"].split("/")[-2]
+        prompts[chat] = read_samples(folder / f"run_{m['run_id']}.json")[0]["question"]
+        assert m.get("apply_chat_template", False) is chat
+    assert prompts[False] == "Double 0" and prompts[True] == "[user] Double 0\n[assistant] "
+    doc = {"name": "c", "pool": str(pool.root), "tasks": ["dbl"], "include_path": [str(tasks)],
+           "entries": ["base"], "eval": {"limit": 2}}
+    off = parse_comparison(doc).settings()
+    assert off == {"eval": {"limit": 2, "batch_size": 32, "split": "test"}}  # as before the option existed
+    on = parse_comparison({**doc, "eval": {"limit": 2, "apply_chat_template": True}}).settings()
+    assert on["eval"]["apply_chat_template"] is True

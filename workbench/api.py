@@ -454,12 +454,13 @@ class Results:
 def evaluate(model: Artifact | PathLike, tasks: str | Iterable[str] = ("held_in",), *, pool: Pool | str | None = None,
              limit: int | None = None, batch_size: int = 16, split: str = "test", device: str = "cpu",
              results_dir: PathLike | None = None, lm_eval_dir: PathLike | None = None,
-             include_path: PathLike | Iterable[PathLike] | None = None) -> Results:
+             include_path: PathLike | Iterable[PathLike] | None = None, apply_chat_template: bool = False) -> Results:
     """Evaluate a model with lm-eval on `tasks`: the built-in suite's names or groups (held_in, held_out, domains,
     all), lm-eval's own task and group names (data in the local `datasets` cache), or tasks of the user's YAMLs in
     `include_path` folders. Results, per-example samples and a run manifest land in `results_dir`/lm-eval/.
     `model`: an `Artifact`, `"base"` or an expert's name (with `pool`), or a model, adapter or artifact folder.
-    `lm_eval_dir` puts lm-eval's outputs in another folder than `results_dir`/lm-eval."""
+    `lm_eval_dir` puts lm-eval's outputs in another folder than `results_dir`/lm-eval. `apply_chat_template`: prompts
+    rendered by the tokenizer's chat template (for experts trained on a chat column)."""
     from .eval import run_eval
     from .eval.harness import resolve_tasks
     from .methods.base import MAX_BATCH
@@ -485,12 +486,14 @@ def evaluate(model: Artifact | PathLike, tasks: str | Iterable[str] = ("held_in"
         loaded.info.update(method=model.method, artifact=artifact_ref(model.path))
         m = run_eval(artifact_ref(model.path), task_list, pool=p, limit=limit, batch_size=batch_size, split=split,
                      device=device, results_dir=out, loaded=loaded, include_path=includes,
+                     apply_chat_template=apply_chat_template,
                      extra={"params": meta.get("params", {}), "artifact_key": model.key,
                             "selected_on_validation": model.selection,
                             **({"recipe": model.recipe} if model.recipe else {})})
     else:
         m = run_eval(str(model), task_list, pool=_pool(pool) if pool is not None else None, limit=limit,
-                     batch_size=batch_size, split=split, device=device, results_dir=out, include_path=includes)
+                     batch_size=batch_size, split=split, device=device, results_dir=out, include_path=includes,
+                     apply_chat_template=apply_chat_template)
     return Results(m)
 
 

@@ -455,6 +455,8 @@ def eval_model(
     out: Annotated[Optional[Path], typer.Option(help="lm-eval output folder (default results/lm-eval)")] = None,
     include_path: Annotated[Optional[list[Path]], typer.Option(
         "--include-path", help="a folder of your lm-eval task YAMLs (repeatable)")] = None,
+    apply_chat_template: Annotated[bool, typer.Option(
+        "--apply-chat-template", help="render prompts with the tokenizer's chat template (chat-trained experts)")] = False,
 ):
     """Evaluate one model: `workbench eval --model SPEC --pool P --tasks ...` (suite names, lm-eval's task and
     group names, or your tasks with --include-path)."""
@@ -465,7 +467,7 @@ def eval_model(
     from . import evaluate
 
     res = evaluate(model, _split_list([tasks]), pool=pool, limit=limit, batch_size=batch_size, device=device,
-                   lm_eval_dir=out, include_path=include_path)
+                   lm_eval_dir=out, include_path=include_path, apply_chat_template=apply_chat_template)
     _print_manifest(res.manifest)
 
 

@@ -74,6 +74,8 @@ class CompareEval(Schema):
                               description=f"examples per task (None: the whole split; at most {MAX_LIMIT:,})")
     batch_size: int = Field(32, gt=0, le=MAX_BATCH, description=f"examples per forward (1..{MAX_BATCH})")
     split: Literal["test", "validation"] = "test"
+    apply_chat_template: bool = Field(False, description="prompts rendered by the tokenizer's chat template (for "
+                                                         "experts trained on a chat column)")
 
 
 def _entry_kind(value: Any) -> str:
@@ -154,7 +156,10 @@ class Comparison:
 
     def settings(self) -> dict[str, Any]:
         """What every cell's result depends on besides its row and task."""
-        return {"eval": self.spec.eval.model_dump(mode="json")}
+        settings = self.spec.eval.model_dump(mode="json")
+        if not settings["apply_chat_template"]:  # off: the keys of comparisons made before the option existed
+            settings.pop("apply_chat_template")
+        return {"eval": settings}
 
     recipe_bodies: dict[str, Any] = field(default_factory=dict)  # recipe files as read when parsing
     task_refs: dict[str, TaskRef] = field(default_factory=dict)  # task name -> what lm-eval evaluates (tasks.lmeval)

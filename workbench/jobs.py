@@ -272,6 +272,7 @@ def run_row(plan: Plan, row: Row, *, device: str = "cpu", log: Log = print,
                       "selected_on_validation": build["selection"]}
         m = run_eval(loaded.name if row.kind == "artifact" else (row.expert or "base"), [c.task_ref(task)], pool=c.pool,
                      limit=spec.limit, batch_size=spec.batch_size, split=spec.split, device=device,
+                     apply_chat_template=spec.apply_chat_template,
                      results_dir=lm_dir, loaded=loaded, extra=extra)
         run_path = lm_dir / Path(m["results_file"]).parent.name / f"run_{m['run_id']}.json"
         samples = sorted((s for s in read_samples(run_path) if s["task"] == task), key=lambda s: s["doc_id"])

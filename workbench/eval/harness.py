@@ -136,7 +136,7 @@ def _cache_env_info() -> None:
 
 def evaluate(loaded: LoadedModel, tasks: list[str | lmeval.TaskRef], *, limit: int | None = None,
              batch_size: int = 16, split_seed: int = DEFAULT_SEED, log_samples: bool = True, split: str = "test",
-             include_path: PathList = None) -> dict[str, Any]:
+             include_path: PathList = None, apply_chat_template: bool = False) -> dict[str, Any]:
     """Run lm-eval on a loaded model; returns lm-eval's results dict (with `samples`).
 
     `tasks`: names (resolved with `include_path`, see `resolve_tasks`) or TaskRefs. split="validation" scores the
@@ -165,7 +165,7 @@ def evaluate(loaded: LoadedModel, tasks: list[str | lmeval.TaskRef], *, limit: i
         res = lm_eval.simple_evaluate(
             model=lm, tasks=specs, limit=limit, task_manager=tm, log_samples=log_samples,
             bootstrap_iters=1000, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
-            verbosity="ERROR",
+            verbosity="ERROR", **({"apply_chat_template": True} if apply_chat_template else {}),
         )
         if res is None:
             raise WorkbenchError("lm-eval returned no results")
@@ -230,8 +230,10 @@ def run_eval(spec: str, tasks: list[str | lmeval.TaskRef], *, pool: Pool | None 
              batch_size: int = 16, device: str | None = None, results_dir: Path | None = None,
              loaded: LoadedModel | None = None, extra: dict[str, Any] | None = None,
              log_samples: bool = True, split: str = "test", out_dir: Path | None = None,
-             include_path: PathList = None) -> dict[str, Any]:
+             include_path: PathList = None, apply_chat_template: bool = False) -> dict[str, Any]:
     """Evaluate SPEC on TASKS and save lm-eval results, samples and a run manifest; returns the manifest.
+    `apply_chat_template`: prompts rendered by the tokenizer's chat template (lm-eval's option), as experts trained
+    on a chat column saw them.
 
     `tasks`: names (resolved with `include_path`, see `resolve_tasks`) or TaskRefs (a comparison's). Every task is
     resolved and checked before the model is loaded; nothing is written for a task that fails.
@@ -252,7 +254,10 @@ def run_eval(spec: str, tasks: list[str | lmeval.TaskRef], *, pool: Pool | None 
     t_load = time.perf_counter() - t0
     tracker = EvaluationTracker()
     t1 = time.perf_counter()
-    res = evaluate(loaded, refs, limit=limit, batch_size=batch_size, log_samples=log_samples, split=split)
+    if apply_chat_template and not getattr(loaded.tokenizer, "chat_template", None):
+        raise WorkbenchError(f"--apply-chat-template: the tokenizer of {loaded.name} has no chat template")
+    res = evaluate(loaded, refs, limit=limit, batch_size=batch_size, log_samples=log_samples, split=split,
+                   apply_chat_template=apply_chat_template)
     t_eval = time.perf_counter() - t1
     run_name = loaded.name if pool is None else f"{pool.name}__{loaded.name}"
     gct = tracker.general_config_tracker
@@ -282,6 +287,7 @@ def run_eval(spec: str, tasks: list[str | lmeval.TaskRef], *, pool: Pool | None 
             "method": loaded.info.get("method", loaded.info.get("kind")), "model_info": loaded.info,
             "params": (extra or {}).get("params", {}), "tasks": tasks, "limit": limit, "split": split,
             "batch_size": batch_size, "data_sha256": {t: k["data"] for t, k in keys.items()},
+            **({"apply_chat_template": True} if apply_chat_template else {}),
             "scores": scores_of(res), "filters": filters_of(res),  # each task's scores are of its one filter
             # tasks from outside the suite: where each came from (suite-only manifests are unchanged)
             **({"task_sources": {r.name: {"source": r.source, "lm_eval": r.lm_name, "group": r.group,

@@ -183,6 +183,7 @@ def run_settings(manifest: dict[str, Any]) -> dict[str, Any]:
             "tasks": sorted(manifest.get("tasks") or []), "limit": manifest.get("limit"),
             "split": manifest.get("split", "test"), "batch_size": manifest.get("batch_size"),
             "params": manifest.get("params") or {}, "data_sha256": manifest.get("data_sha256") or {},
+            "apply_chat_template": bool(manifest.get("apply_chat_template")),
             # a run without per-example outputs never replaces one that has them (pairwise diffs need them)
             "samples": manifest.get("samples_logged", True)}
 
