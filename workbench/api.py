@@ -128,8 +128,8 @@ def training_data(pool: Pool | str, tasks: str | Iterable[str] | None = None, da
         tok = p.base.tokenizer()  # a chat column is rendered by the base's chat template
     out = []
     for spec in specs:
-        fields = {} if spec.startswith("suite:") else dict(
-            prompt_field=prompt_field, answer_field=answer_field, messages_field=messages_field, text_field=text_field)
+        fields = {} if spec.startswith("suite:") else {"prompt_field": prompt_field, "answer_field": answer_field,
+                                                       "messages_field": messages_field, "text_field": text_field}
         out.append(open_data(spec, tokenizer=tok, pool_root=p.root, **fields))
     names = [rec.name for rec, _ in out]
     if len(set(names)) < len(names):  # en/train.jsonl and fr/train.jsonl: named by their folders too
@@ -232,7 +232,7 @@ def add_experts(pool: Pool | str, sources: str | os.PathLike | Iterable[str | os
     taken = [n for n in names if n in p]
     if taken:
         raise WorkbenchError(f"pool {p.name!r} already has an expert named {taken[0]!r}")
-    for f in folders:
+    for f in folders if len(folders) > 1 else []:  # all checked before the first is added (one: `add` checks it)
         k, _ = p.validate_source(f.resolve(), kind)
         p._check_base_identity(f.resolve(), k, f"expert source {f}", allow_distant)
     records = None
@@ -854,10 +854,10 @@ def compare(recipe: PathLike | dict, *, results_dir: PathLike | None = None, exe
     every (row, task) cell not recorded yet, and write the leaderboard (md, csv, json, svg) under
     `results_dir`/compare/<name>/. Resumable: a rerun skips finished cells. `progress=True` draws a bar weighted by
     each cell's expected time, with an ETA."""
+    from contextlib import nullcontext
+
     from .comparison import parse_comparison
     from .jobs import collect_cells, make_plan, run_comparison
-
-    from contextlib import nullcontext
 
     log = _log(log)
     comparison = parse_comparison(recipe, log=log)  # every check before any work
@@ -1025,7 +1025,33 @@ def benchmark(name: str, *, log: Log | None = None, **options: Any) -> dict[str,
     return importlib.import_module(f".bench.{name}", __package__).run(log=log, **options)
 
 
-__all__ = ["Artifact", "BENCHMARKS", "BuildPlan", "Leaderboard", "ProgressBar", "Results", "base_info", "benchmark",
-           "build", "build_demo_pool", "compare", "describe_comparison", "eval_determinism", "eval_matrix", "evaluate",
-           "leaderboards", "list_methods", "list_pools", "load", "merge_count_curve", "plan", "results_table", "run_demo", "serve",
-           "train_expert", "training_data", "attach_data", "add_experts"]
+__all__ = [
+    "BENCHMARKS",
+    "Artifact",
+    "BuildPlan",
+    "Leaderboard",
+    "ProgressBar",
+    "Results",
+    "add_experts",
+    "attach_data",
+    "base_info",
+    "benchmark",
+    "build",
+    "build_demo_pool",
+    "compare",
+    "describe_comparison",
+    "eval_determinism",
+    "eval_matrix",
+    "evaluate",
+    "leaderboards",
+    "list_methods",
+    "list_pools",
+    "load",
+    "merge_count_curve",
+    "plan",
+    "results_table",
+    "run_demo",
+    "serve",
+    "train_expert",
+    "training_data",
+]

@@ -21,7 +21,6 @@ hashes are part of those methods' artifact keys.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -125,8 +124,7 @@ def _kind(spec: str) -> tuple[Format, Path | None]:
     if path.exists():
         raise DataError(f"data file {spec}: unknown format {suffix or '(no suffix)'!r}; use "
                         f"{', '.join(sorted(FILE_FORMATS))}, a save_to_disk folder or a hub id")
-    looks_local = spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1]
-    if looks_local or spec.count("/") != 1:
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:  # a path that is not there, not org/name
         raise DataError(f"data {spec!r} is not a file, a save_to_disk folder, a hub id (org/name) or suite:<task>")
     return "hub", None
 
@@ -397,9 +395,16 @@ def suite_record(task: str, seed: int | None = None) -> DataRecord:
     return rec
 
 
-def records_json(records: list[DataRecord]) -> str:
-    return json.dumps([r.model_dump(mode="json") for r in records], sort_keys=True)
-
-
-__all__ = ["ANSWER_FIELDS", "DataError", "DataRecord", "PROMPT_FIELDS", "SUITE_PREFIX", "check_unchanged",
-           "content_sha256", "open_data", "read_rows", "suite_record", "suite_spec"]
+__all__ = [
+    "ANSWER_FIELDS",
+    "PROMPT_FIELDS",
+    "SUITE_PREFIX",
+    "DataError",
+    "DataRecord",
+    "check_unchanged",
+    "content_sha256",
+    "open_data",
+    "read_rows",
+    "suite_record",
+    "suite_spec",
+]

@@ -743,14 +743,14 @@ class Pool:
             base = self.base
         except Exception as e:  # noqa: BLE001 - report, don't stop
             return [str(e)]
+        from .data import DataError, check_unchanged
+
         for expert in self.experts:
             e = expert.entry
             if expert.not_built():
                 continue
             for rec in e.data:
                 try:
-                    from .data import DataError, check_unchanged
-
                     check_unchanged(rec, self.root, e.name)
                 except DataError as err:
                     problems.append(str(err))

@@ -83,6 +83,12 @@ def data_key(experts) -> dict[str, list[str]]:
     return {e.name: [r.identity for r in e.data()] for e in experts}
 
 
+def context_tokens(model, cap: int = 1024) -> int:
+    """How many tokens of a text the routers look at: the model's context, at most `cap` (a long text or chat row
+    is cut, as training cuts it at max_length)."""
+    return min(cap, int(getattr(model.config, "max_position_embeddings", cap) or cap))
+
+
 def expert_rows(expert, n: int, seed: int, tokenizer=None) -> list[dict[str, Any]]:
     """Up to n of the expert's own training rows (all its datasets, shuffled by `seed`)."""
     import random
@@ -124,8 +130,7 @@ def traced_examples(model, tokenizer, ctx, task: str | list[dict[str, Any]], spl
     for row in rows[:n]:
         ids = tokenizer(row["question"] + row.get("delimiter", "") + row["answer"], return_tensors="pt",
                         add_special_tokens=ADD_SPECIAL_TOKENS, truncation=True,
-                        max_length=min(1024, int(getattr(model.config, "max_position_embeddings", 1024) or 1024))
-                        )["input_ids"].to(device)
+                        max_length=context_tokens(model))["input_ids"].to(device)
         trace = Trace()
         with torch.no_grad(), ctx.use(groups=ctx.groups, trace=trace):
             model(input_ids=ids)

@@ -39,9 +39,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from ..artifacts import register_artifact
+from ..data import prompt_text
 from ..errors import RecipeError, WorkbenchError
 from ..progress import progress_bar
-from ..data import prompt_text
 from ..tasks.suite import ADD_SPECIAL_TOKENS
 from .base import (
     MAX_BATCH,
@@ -57,6 +57,7 @@ from .base import (
     no_grad,
     register_method,
 )
+from .routing import context_tokens
 
 if TYPE_CHECKING:
     import torch
@@ -209,12 +210,6 @@ class TwinRouting:
 
 
 @no_grad
-def context_tokens(model, cap: int = 1024) -> int:
-    """How many tokens of a text the routers look at: the model's context, at most `cap` (a long text or chat row
-    is cut, as training cuts it at max_length)."""
-    return min(cap, int(getattr(model.config, "max_position_embeddings", cap) or cap))
-
-
 def pooled_features(model, tokenizer, texts: list[str], batch_size: int = 32, desc: str = "router features") -> torch.Tensor:
     """[N, d] routing features of whole texts: the shared model's last hidden states averaged over the tokens."""
     import torch
@@ -324,10 +319,11 @@ class Twin(Method):
         for i, e in enumerate(experts):
             rows = _interleaved(e.rows_by_source(tok), p.router_examples)
             val = e.rows(tok, split="validation")  # [] where the expert's sources have no validation split
-            feats.append(pooled_features(model, tok, [prompt_text(r) for r in rows], p.batch_size, f"router features {experts[i].name}"))
+            feats.append(pooled_features(model, tok, [prompt_text(r) for r in rows], p.batch_size,
+                                         f"router features {e.name}"))
             if val:
                 val_feats.append(pooled_features(model, tok, [prompt_text(r) for r in val], p.batch_size,
-                                                 f"router val {experts[i].name}"))
+                                                 f"router val {e.name}"))
             labels += [i] * len(rows)
             val_labels += [i] * len(val)
         x, y = torch.cat(feats), torch.tensor(labels)
