@@ -224,14 +224,42 @@ def test_phatgoose_gates_train_once_per_expert(pool, tiny_dir, monkeypatch):
     _tagged_pool(pool, tiny_dir)
     calls = []
     real = routers.GateRouter
-    monkeypatch.setattr(routers, "GateRouter", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
-    params = {"steps": 30, "examples": 32, "lr": 0.05}
+    # a gate to train starts at zero (no init); the openness check rebuilds trained gates (init given)
+    monkeypatch.setattr(routers, "GateRouter",
+                        lambda *a, **k: (k.get("init") is None and calls.append(a[0])) or real(*a, **k))
+    params = {"steps": 30, "examples": 32, "lr": 0.05, "accumulation": 1}
     a = build(parse_recipe(_recipe("phatgoose", k=1, **params)), log=lambda *x: None)
     b = build(parse_recipe(_recipe("phatgoose", k=2, **params)), log=lambda *x: None)
     assert a != b and calls == [["a"], ["b"]]
     meta = json.loads((b / "artifact.json").read_text())
     for name, loss in meta["gate_loss"].items():
         assert loss["mean_last_10"] < loss["first"], (name, loss)
+    # each gate's openness on its own expert's tokens and on the other's, recorded in the artifact
+    for name, o in meta["gate_openness"].items():
+        other = "b" if name == "a" else "a"
+        assert set(o["by_source"]) == {"a", "b"} and o["own"] == o["by_source"][name]
+        assert o["other"] == o["by_source"][other] and 0 < o["own"] < 1 and 0 < o["other"] < 1
+
+
+def test_phatgoose_accumulates_batches_per_step(pool, tiny_dir, monkeypatch):
+    """accumulation = 3: three forwards (and backwards) of batch_size examples per optimizer step, the step's loss
+    their mean; the effective batch is batch_size x accumulation."""
+    import torch
+
+    from workbench.recipes import build, parse_recipe
+
+    _tagged_pool(pool, tiny_dir)
+    sizes, steps = [], []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1) or real_step(self, *a, **k))
+    from workbench.train import trainer
+
+    real_collate = trainer.collate
+    monkeypatch.setattr(trainer, "collate", lambda rows, pad: sizes.append(len(rows)) or real_collate(rows, pad))
+    build(parse_recipe(_recipe("phatgoose", k=1, steps=4, examples=32, batch_size=5, accumulation=3)),
+          log=lambda *x: None)
+    assert len(steps) == 2 * 4  # two gates, four optimizer steps each
+    assert sizes == [5] * (2 * 4 * 3)  # three batches of five per step
 
 
 def test_route_trace_cli(pool, tiny_dir, tmp_path, run_cli):

@@ -948,7 +948,15 @@ def run_demo(*, full: bool = False, retrain: bool = False, executor: str = "loca
     """The main job on the embedded default: SmolLM2-135M and the shipped demo pool through `merges/demo.yaml`.
     `full=True` trains what the pool lacks (`retrain=True`: every expert) and runs `merges/demo-full.yaml`."""
     from .base import BaseModel
-    from .demo import DEMO_COMPARISON, DEMO_FULL_COMPARISON, build_demo_pool, missing_shipped, ship_half, ship_parts
+    from .demo import (
+        DEMO_COMPARISON,
+        DEMO_FULL_COMPARISON,
+        SHIPPED,
+        build_demo_pool,
+        missing_shipped,
+        ship_half,
+        ship_parts,
+    )
     from .io import atomic_write_json
 
     log = _log(log)
@@ -956,7 +964,8 @@ def run_demo(*, full: bool = False, retrain: bool = False, executor: str = "loca
     log(f"base: {bm.info()['title']}")
     if full:
         pool = build_demo_pool(device=device, force=retrain, changed=True, log=log)
-        atomic_write_json(_results(None) / "checks" / "demo-pool-half.json", ship_half(pool, log=log))
+        atomic_write_json(_results(None) / "checks" / "demo-pool-half.json",
+                          ship_half(pool, names=list(SHIPPED), log=log))
     elif missing := missing_shipped():
         raise WorkbenchError(f"the shipped demo experts are missing ({', '.join(missing)}): restore adapters/demo from "
                              "git, or run `workbench demo --full` to train them")

@@ -48,6 +48,10 @@ def demo_plan() -> list[ExpertPlan]:
     # The multitask reference (trained jointly, never merged): same rank, 2/3 of the examples per task one
     # expert saw before the gentler schedule (CPU budget).
     plan.append(ExpertPlan("multitask", held_in, LoraConfigModel(steps=120 * len(held_in) // 3, batch_size=32)))
+    # SMoRA's capacity control (merges/routing.yaml): the multitask LoRA at rank 64 (SMoRA's total rank), same data,
+    # steps, batch and learning rate, the same alpha / r = 2. Not shipped (38 MB): `workbench demo --full` trains it.
+    plan.append(ExpertPlan("multitask-r64", held_in,
+                           LoraConfigModel(steps=120 * len(held_in) // 3, batch_size=32, r=64, alpha=128)))
     plan += [ExpertPlan(f"full-{t}", (t,), FullConfig(steps=80, lr=1e-4)) for t in FULL_TASKS]
     return plan
 
@@ -164,10 +168,15 @@ def ship_parts(comparison: Path = DEMO_COMPARISON, log=print) -> list[str]:
     return copied
 
 
+# The demo pool's experts whose weights the repository ships (fp16 LoRA files): the rest record how to build them
+# (`rebuild` in pool.json: `workbench demo --full`).
+SHIPPED = ("addition", "sorting", "unit_conversion", "word_count", "repeat_word", "reverse_words", "multitask")
+
+
 def missing_shipped(pool_spec: str = DEMO_POOL) -> list[str]:
     """The demo pool's LoRA experts (shipped in the repository) whose files are not on disk."""
     pool = Pool.open(pool_spec)
-    return [e.name for e in pool.experts if e.kind == "lora" and not e.files_present()]
+    return [e.name for e in pool.experts if e.name in SHIPPED and not e.files_present()]
 
 
 def build_demo_pool(pool_spec: str = DEMO_POOL, base: str = "smollm2-135m", device: str = "cpu",

@@ -33,6 +33,7 @@ MAX_STEPS = 100_000  # optimizer steps (and warm-up, checkpoint intervals)
 # by the thread count, so one key gives one artifact, byte for byte, on a machine (a key names this number).
 BUILD_THREADS = 2
 MAX_BATCH = 4096  # examples per step / per forward
+MAX_ACCUMULATION = 1024  # batches accumulated per optimizer step
 MAX_EXAMPLES = 1_000_000  # examples per expert
 MAX_LIMIT = 100_000  # examples per task evaluated
 MAX_RANK = 4096  # LoRA / SVD ranks

@@ -128,7 +128,7 @@ def traced_examples(model, tokenizer, ctx, task: str | list[dict[str, Any]], spl
     device = next(model.parameters()).device
     rows = load_split(task, split) if isinstance(task, str) else task
     for row in rows[:n]:
-        ids = tokenizer(row["question"] + row.get("delimiter", "") + row["answer"], return_tensors="pt",
+        ids = tokenizer(row["question"] + row.get("delimiter", " ") + row["answer"], return_tensors="pt",
                         add_special_tokens=ADD_SPECIAL_TOKENS, truncation=True,
                         max_length=context_tokens(model))["input_ids"].to(device)
         trace = Trace()
@@ -142,7 +142,8 @@ def usage_stats(model, tokenizer, tasks: list[str] | dict[str, str] | dict[str, 
     """How a routed model spreads its tokens over its experts (or ranks), on `n` teacher-forced examples of each
     task's `split`: per expert the share of the total weight and of the selections (pairs with w > 0), the
     entropy of each share normalised by log E (1 = uniform), the largest share, the mean over modules of each
-    module's largest selection share, and per task the weight shares. `tasks`: task names, or expert -> task."""
+    module's largest selection share, and per task the weight shares, their entropy and (where a task is labelled
+    by an expert's name) that expert's share. `tasks`: task names, expert -> task, or expert -> rows."""
     import math
 
     import torch
@@ -187,7 +188,11 @@ def usage_stats(model, tokenizer, tasks: list[str] | dict[str, str] | dict[str, 
             "select_entropy": entropy(cs), "max_weight_share": round(float(ws.max()), 4),
             "max_select_share": round(float(cs.max()), 4),
             "module_max_select_share_mean": round(sum(mod_max) / len(mod_max), 4) if mod_max else None,
-            "per_task_weight_share": per_task}
+            "per_task_weight_share": per_task,
+            # pooled entropy near 1 says nothing about routing (a balance loss drives it there by design): per task
+            "per_task_weight_entropy": {t: entropy(torch.tensor(share)) for t, share in per_task.items()},
+            # label -> the weight share of the expert of the same name (tasks given as {expert: rows})
+            "own_weight_share": {t: share[experts.index(t)] for t, share in per_task.items() if t in experts}}
 
 
 def routed_problem(pool, meta: dict[str, Any], router: BaseRouter | None = None) -> str | None:
