@@ -196,7 +196,7 @@ def leaderboard_table(board: dict, group: str = "all"):
                 config[names[c]] = st.column_config.NumberColumn(format="%.1f" if i["kind"] == "accuracy" else "%.3g")
     df = df.rename(columns=names)
     for c in df.columns:
-        if c == "p (paired)" or c.endswith(" p"):
+        if c in ("p (paired)", "p Holm") or c.endswith((" p", " p Holm")):
             df[c] = ["–" if math.isnan(p) else f"{p:.3g}" for p in df[c]]
         elif c not in config and df[c].dtype.kind == "f":
             config[c] = st.column_config.NumberColumn(format="%.1f")

@@ -453,3 +453,72 @@ def test_results_table_shows_a_metric_in_percent_by_the_leaderboards_rule(tmp_pa
     percent = {t: i["percent"] for t, i in table.attrs["metrics"].items()}
     assert percent == {"my_qa": False, "my_hits": True, "my_graded": False}
     assert table.loc["base", "my_qa"] == 0.5 and table.loc["base", "my_hits"] == 50.0
+
+
+# ----------------------------------------------------------------------------- Holm, per group
+
+
+def test_holm_adjusts_as_the_textbook_does():
+    """Holm's step-down: the i-th smallest of m times (m - i), running maximum, capped at 1, order kept; NaN out of
+    the family."""
+    from itertools import permutations
+
+    from workbench.eval.stats import holm
+
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.6]) == [1.0, 1.0]
+    got = holm([float("nan"), 0.02, 0.04])
+    assert got[0] != got[0] and got[1:] == pytest.approx([0.04, 0.04])
+    ps = [0.001, 0.2, 0.011, 0.03]
+    for order in permutations(range(4)):  # the adjustment follows each p, whatever its place
+        assert holm([ps[i] for i in order]) == pytest.approx([holm(ps)[i] for i in order])
+
+
+def test_leaderboard_reports_each_group_apart_with_holm_adjusted_p():
+    """Held-in and held-out are tested apart (a held-out gain does not hide in a held-in tie); every p column carries
+    its Holm adjustment over the rows, and the Markdown's verdict follows the adjusted p: a raw p of 0.03 among three
+    rows is (ns)."""
+    from workbench.eval.leaderboard import build_leaderboard, leaderboard_frame, leaderboard_markdown
+    from workbench.eval.stats import holm
+
+    def cell(values):
+        return {"metric": "exact_match", "higher_is_better": True, "aggregate": "mean",
+                "doc_ids": list(range(len(values))), "values": values, "score": sum(values) / len(values)}
+
+    n = 40
+    ref = [0.0] * n
+    cells = {}
+    for t in ("addition", "sort_phrase"):  # a held-in task, a held-out task
+        cells[("ref", t)] = cell(ref)
+    # row "in": better on the held-in task only; "out": on the held-out task only; "tie": a few examples apart
+    cells[("in", "addition")] = cell([1.0] * 12 + [0.0] * (n - 12))
+    cells[("in", "sort_phrase")] = cell(ref)
+    cells[("out", "addition")] = cell(ref)
+    cells[("out", "sort_phrase")] = cell([1.0] * 12 + [0.0] * (n - 12))
+    cells[("tie", "addition")] = cell([1.0] * 5 + [0.0] * (n - 5))  # McNemar 5 vs 0: p = 0.0625 raw
+    cells[("tie", "sort_phrase")] = cell(ref)
+    rows = [{"name": x, "method": x} for x in ("ref", "in", "out", "tie")]
+    board = build_leaderboard(rows, cells, ["addition", "sort_phrase"], "ref")
+    by = {r["name"]: r for r in board["rows"]}
+    assert by["in"]["summary"]["held_in"]["paired"]["diff"] == pytest.approx(12 / n)
+    assert by["in"]["summary"]["held_out"]["paired"]["diff"] == 0
+    assert by["out"]["summary"]["held_out"]["paired"]["diff"] == pytest.approx(12 / n)
+    fam = [by[x]["summary"]["held_in"]["paired"] for x in ("in", "out", "tie")]
+    assert [f["p_holm"] for f in fam] == pytest.approx(holm([f["p_value"] for f in fam]))
+    assert by["tie"]["tasks"]["addition"]["paired"]["p_holm"] > by["tie"]["tasks"]["addition"]["paired"]["p_value"]
+    df = leaderboard_frame(board).set_index("model")
+    assert df.loc["out", "held_out Δ (pp)"] == pytest.approx(30.0) and df.loc["out", "held_in Δ (pp)"] == 0
+    assert df.loc["in", "held_in p Holm"] == pytest.approx(by["in"]["summary"]["held_in"]["paired"]["p_holm"])
+    assert df.loc["tie", "addition p Holm"] == pytest.approx(by["tie"]["tasks"]["addition"]["paired"]["p_holm"])
+    md = leaderboard_markdown(board)
+    head = md.splitlines()[0]
+    assert "held-in Δ (pp)" in head and "held-out p (Holm)" in head
+    line = next(x for x in md.splitlines() if x.startswith("| out |"))
+    assert "+30.0" in line and "+0.0" in line
+    # a raw p just under 0.05 over three rows: not a claim once adjusted
+    cells[("tie", "addition")] = cell([1.0] * 6 + [0.0] * (n - 6))  # raw McNemar 6 vs 0: p = 0.03125
+    board = build_leaderboard(rows, cells, ["addition", "sort_phrase"], "ref")
+    t = next(r for r in board["rows"] if r["name"] == "tie")["summary"]["held_in"]["paired"]
+    assert t["p_value"] < 0.05 <= t["p_holm"]
+    line = next(x for x in leaderboard_markdown(board).splitlines() if x.startswith("| tie |"))
+    assert "(ns)" in line.split("|")[7]

@@ -189,6 +189,7 @@ def build_leaderboard(rows: list[dict[str, Any]], cells: dict[tuple[str, str], d
         out_rows.append({"name": name, "method": row["method"], "expert_task": row.get("expert_task"),
                          "tasks": per_task, "summary": summary,
                          "paired": _pooled(xs, ys, reference, ts) if xs else None})
+    _holm(out_rows, tasks)
     board: dict[str, Any] = {"tasks": tasks, "reference": reference, "rows": out_rows, "task_metrics": info}
     note = _normalize(rows, out_rows, info)
     if note:
@@ -197,6 +198,20 @@ def build_leaderboard(rows: list[dict[str, Any]], cells: dict[tuple[str, str], d
     if unreadable:
         board["unreadable"] = unreadable
     return board
+
+
+def _holm(out_rows: list[dict[str, Any]], tasks: list[str]) -> None:
+    """`p_holm` beside every paired test's p-value: Holm-adjusted over the rows tested against the reference, one
+    family per column a reader scans down (the pooled test, each group's, each task's)."""
+    families: list[list[dict[str, Any]]] = [[r["paired"] for r in out_rows if r.get("paired")]]
+    for g in GROUPS:
+        families.append([r["summary"][g]["paired"] for r in out_rows
+                         if (r["summary"].get(g) or {}).get("paired")])
+    for t in tasks:
+        families.append([r["tasks"][t]["paired"] for r in out_rows if (r["tasks"].get(t) or {}).get("paired")])
+    for fam in families:
+        for test, adj in zip(fam, stats.holm([_nan(x["p_value"]) for x in fam])):
+            test["p_holm"] = adj
 
 
 def _accuracy_tasks(info: dict[str, dict[str, Any]]) -> list[str]:
@@ -308,8 +323,8 @@ def task_columns(board: dict[str, Any], task: str, arrows: bool = False) -> dict
     value = f"{task} %" if i["kind"] == "accuracy" else f"{task} {i['metric']}"
     if arrows:
         return {"value": f"{value} {arrow(i['higher_is_better'])}", "se": f"{task} se",
-                "delta": f"{task} Δ (+ = better)", "p": f"{task} p"}
-    return {"value": value, "se": f"{task} se", "delta": f"{task} Δ", "p": f"{task} p"}
+                "delta": f"{task} Δ (+ = better)", "p": f"{task} p", "p_holm": f"{task} p Holm"}
+    return {"value": value, "se": f"{task} se", "delta": f"{task} Δ", "p": f"{task} p", "p_holm": f"{task} p Holm"}
 
 
 def _groups_present(board: dict[str, Any]) -> list[str]:
@@ -322,8 +337,9 @@ def _nan(x: Any) -> float:
 
 def leaderboard_frame(board: dict[str, Any], arrows: bool = False):
     """The leaderboard as a DataFrame of numbers, one row per model: group means and se (%), normalized %, the pooled
-    paired test (diff in points, + = better), then per task its value (% for accuracy-like metrics, else as it is),
-    se, Δ (+ = better) and p (`task_columns`). `arrows`: direction arrows in the task columns' names (the CSV)."""
+    paired test (diff in points, + = better, p and p Holm), the paired test per group (`<group> Δ (pp)`, `<group> p`,
+    `<group> p Holm`), then per task its value (% for accuracy-like metrics, else as it is), se, Δ (+ = better), p
+    and p Holm (`task_columns`). Holm: over the rows tested against the reference, per column. `arrows`: direction arrows in the task columns' names (the CSV)."""
     import pandas as pd
 
     recs = []
@@ -338,7 +354,13 @@ def leaderboard_frame(board: dict[str, Any], arrows: bool = False):
         p = r["paired"]
         rec["diff vs ref (pp, + = better)" if arrows else "diff vs ref (pp)"] = 100 * p["diff"] if p else float("nan")
         rec["p (paired)"] = p["p_value"] if p else float("nan")
+        rec["p Holm"] = _nan(p.get("p_holm")) if p else float("nan")
         rec["paired n"] = p["n"] if p else 0
+        for g in _groups_present(board):  # the paired test per group: held-in and held-out apart
+            gp = (r["summary"].get(g) or {}).get("paired")
+            rec[f"{g} Δ (pp)"] = 100 * gp["diff"] if gp else float("nan")
+            rec[f"{g} p"] = gp["p_value"] if gp else float("nan")
+            rec[f"{g} p Holm"] = _nan(gp.get("p_holm")) if gp else float("nan")
         for t in board["tasks"]:
             i, cols = task_info(board, t), task_columns(board, t, arrows)
             c = r["tasks"].get(t)
@@ -349,6 +371,7 @@ def leaderboard_frame(board: dict[str, Any], arrows: bool = False):
             rec[cols["se"]] = scale * _nan(c["stderr"]) if c else float("nan")
             rec[cols["delta"]] = scale * _nan(gain)
             rec[cols["p"]] = _nan(tp.get("p_value"))
+            rec[cols["p_holm"]] = _nan(tp.get("p_holm"))
         recs.append(rec)
     return pd.DataFrame(recs)
 
@@ -417,9 +440,11 @@ def legend(board: dict[str, Any]) -> list[str]:
     lines.append("norm: the row's mean over the accuracy-like tasks with their own expert / those experts' mean on the "
                  "same tasks (each on its own task)." + (f" {board['normalized_note']}." if board.get(
                      "normalized_note") else ""))
-    lines.append(f"Δ vs {ref}: paired against `{ref}` on every example both scored, pooled over the accuracy-like "
-                 "tasks, in points, + = better than the reference (exact McNemar; (ns): p ≥ 0.05, a difference the "
-                 "examples cannot tell from noise); per task Δ (+ = better) and p in leaderboard.json and .csv.")
+    lines.append(f"Δ and p per group: paired against `{ref}` on every example both scored, pooled over the group's "
+                 "accuracy-like tasks, in points, + = better than the reference (exact McNemar), p Holm-adjusted over "
+                 "the rows tested against the reference ((ns): p ≥ 0.05, a difference the examples cannot tell from "
+                 "noise once every row's test is counted); the test pooled over all tasks, raw p, and per task Δ "
+                 "(+ = better), p and p Holm in leaderboard.json and .csv.")
     by = board.get("ranked_by") or {}
     if by.get("label"):
         lines.append(f"Ranked by {by['label']}.")
@@ -428,23 +453,33 @@ def legend(board: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _p_text(test: dict[str, Any]) -> str:
+    """The Holm-adjusted p (the raw one where a board predates it), `(ns)` at 0.05 and above."""
+    p = _nan(test.get("p_holm", test.get("p_value")))
+    return "–" if math.isnan(p) else f"{p:.3g}" + ("" if p < 0.05 else " (ns)")
+
+
 def leaderboard_markdown(board: dict[str, Any], title: str = "") -> str:
-    """Markdown: model, group means ± se, norm, the pooled paired test against the reference, then each task (its
-    direction in the header), and the legend."""
+    """Markdown: model, group means ± se, norm, per group the paired test against the reference (Δ in points, p
+    Holm-adjusted over the rows), then each task (its direction in the header), and the legend."""
     ref = board["reference"]
     groups = _groups_present(board)
     infos = {t: task_info(board, t) for t in board["tasks"]}
-    head = ["model", "method", *[f"{GROUP_LABEL[g]} %" for g in groups], "norm %", f"Δ vs {ref} (pp, + better)", "p",
+    tested = [g for g in groups if any((r["summary"].get(g) or {}).get("paired") for r in board["rows"])]
+    head = ["model", "method", *[f"{GROUP_LABEL[g]} %" for g in groups], "norm %",
+            *[x for g in tested for x in (f"{GROUP_LABEL[g]} Δ (pp)", f"{GROUP_LABEL[g]} p (Holm)")],
             *[f"{short(t)} {arrow(infos[t]['higher_is_better'])}" for t in board["tasks"]]]
     lines = [f"### {title}" if title else "", "", "| " + " | ".join(head) + " |",
              "|" + "|".join([":--", ":--"] + ["--:"] * (len(head) - 2)) + "|"]
     for r in board["rows"]:
-        s, p = r["summary"], r["paired"]
+        s = r["summary"]
         cells = [r["name"], r["method"],
                  *[_pm(s[g]["mean"], s[g]["stderr"]) if g in s else "–" for g in groups],
-                 f"{100 * s['normalized']['mean']:.0f}" if "normalized" in s else "–",
-                 format_gain(p.get("gain", p["diff"]), "accuracy") if p else ("ref" if r["name"] == ref else "–"),
-                 (f"{p['p_value']:.3g}" + ("" if p["p_value"] < 0.05 else " (ns)")) if p else "–"]
+                 f"{100 * s['normalized']['mean']:.0f}" if "normalized" in s else "–"]
+        for g in tested:
+            gp = (s.get(g) or {}).get("paired")
+            cells += [format_gain(gp.get("gain", gp["diff"]), "accuracy") if gp else ("ref" if r["name"] == ref else "–"),
+                      _p_text(gp) if gp else "–"]
         for t in board["tasks"]:
             c = r["tasks"].get(t)
             cells.append("–" if c is None else format_score(c["mean"], c["stderr"], infos[t]["kind"]))

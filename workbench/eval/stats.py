@@ -159,6 +159,20 @@ def compare(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     return out
 
 
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (same order out): the i-th smallest of m is multiplied by
+    m - i (i from 0), made monotone by a running maximum, capped at 1. Rejecting where the adjusted p < alpha keeps
+    the chance of any false "better" in the family below alpha. NaN p-values stay NaN and do not count in m."""
+    idx = sorted((i for i, p in enumerate(p_values) if p == p), key=lambda i: p_values[i])
+    m = len(idx)
+    out = [float("nan")] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (m - rank) * float(p_values[i])))
+        out[i] = running
+    return out
+
+
 def verdict(p_value: float, diff: float, *, higher_is_better: bool = True, alpha: float = 0.05) -> str:
     """One word on a paired difference A - B: noise unless p < alpha, else which side is better."""
     if p_value != p_value or diff != diff:  # NaN: nothing to say
@@ -168,5 +182,5 @@ def verdict(p_value: float, diff: float, *, higher_is_better: bool = True, alpha
     return "A better" if (diff > 0) == higher_is_better else "B better"
 
 
-__all__ = ["compare", "corpus_aggregate", "corpus_stderr", "mcnemar", "paired_bootstrap", "paired_corpus_bootstrap",
+__all__ = ["compare", "corpus_aggregate", "corpus_stderr", "holm", "mcnemar", "paired_bootstrap", "paired_corpus_bootstrap",
            "stderr", "verdict"]
