@@ -326,3 +326,25 @@ def test_dry_run_names_the_key_input_that_changed(pools, tiny_dir, tmp_path, run
     pool.set_data("sorting", suite_data("reverse_words"))  # ties reads no data: still only the density differs
     code, out, err = run_cli("compare", str(f), "--dry-run", "--results", str(results))
     assert "todo (changed: params.density)" in out, out
+
+
+def test_a_limit_covering_the_whole_split_keys_as_the_whole_split(pools, tiny_dir):
+    """limit: 100 000 on 100-example splits is the whole split: its cells key (and are reused) as `limit: None`'s;
+    a limit below a split's size is its own key; a task the suite does not know keeps the limit as given."""
+    from workbench.comparison import cell_key, parse_comparison
+    from workbench.pool import Pool
+    from workbench.tasks.suite import effective_limit, load_split
+
+    pool = Pool.create("p", base=str(tiny_dir / "base"))
+    add_two_experts(pool, tiny_dir)
+    size = len(load_split("addition", "test"))
+
+    def key(limit):
+        doc = {"name": "c", "pool": "p", "tasks": ["addition"], "eval": {"limit": limit, "batch_size": 2},
+               "entries": ["base"]}
+        return cell_key(parse_comparison(doc), {"row": "base"}, "addition")
+
+    assert key(100_000) == key(size) == key(None)
+    assert key(size - 1) != key(None) and key(20) != key(size - 1)
+    assert effective_limit(size, ["addition", "sorting"], "validation") is None
+    assert effective_limit(size, ["addition", "my_own_task"], "test") == size

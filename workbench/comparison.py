@@ -396,10 +396,14 @@ def cell_key(comparison: Comparison, model_key: dict[str, Any], task: str, devic
     changes the key."""
     from importlib.metadata import version
 
+    from .tasks.suite import effective_limit
+
     ref = comparison.task_refs.get(task)
+    settings = comparison.settings()
+    settings["eval"]["limit"] = effective_limit(settings["eval"]["limit"], [task], comparison.spec.eval.split)
     return sha256_json({"model": model_key, "task": task, "data": task_data_hash(task, ref),
                         "config": task_config_hash(task, ref), "lm_eval": version("lm-eval"),
-                        "device": device.split(":")[0], **comparison.settings()})[:16]
+                        "device": device.split(":")[0], **settings})[:16]
 
 
 def comparison_dir(results_dir: Path, name: str) -> Path:

@@ -434,6 +434,7 @@ def run_sweep(resolved: ResolvedRecipe, *, device: str = "cpu", force: bool = Fa
     from .comparison import task_config_hash, task_data_hash
     from .eval import harness
     from .tasks import lmeval
+    from .tasks.suite import effective_limit
 
     check_expert_files(resolved.experts)  # cached scores trust the key, and the key trusts the files
     sweep = resolved.recipe.sweep
@@ -447,7 +448,7 @@ def run_sweep(resolved: ResolvedRecipe, *, device: str = "cpu", force: bool = Fa
     # keyed like a comparison's cells: the points' scores depend on the tasks' data and configuration (prompt,
     # generation settings, metric), lm-eval's version, the batch size and the device, besides the limit
     head = {"recipe": resolved.recipe.name, "pool": resolved.pool.name, "split": "validation", "tasks": tasks,
-            "limit": sweep.limit, "data_sha256": data, "config": {r.name: task_config_hash(r.name, r) for r in refs},
+            "limit": effective_limit(sweep.limit, tasks, "validation"), "data_sha256": data, "config": {r.name: task_config_hash(r.name, r) for r in refs},
             "lm_eval": version("lm-eval"), "batch_size": sweep.batch_size, "device": device.split(":")[0],
             "scoring": scoring}
     with file_lock(lock_for(record_path)):  # one process at a time reads, extends and rewrites the record

@@ -399,6 +399,20 @@ def load_split(name: str, split: str, seed: int = DEFAULT_SEED) -> list[Example]
     return [json.loads(line) for line in (folder / f"{split}.jsonl").read_text().splitlines()]
 
 
+def effective_limit(limit: int | None, tasks: list[str], split: str) -> int | None:
+    """The limit a key should name: None (the whole split) when it covers every task's split, so that `limit: 10**5`
+    on 100-example splits keys, and reuses, what the whole split keys; the limit as given otherwise, or when a task
+    is not a suite task (its size is lm-eval's, not known without loading it)."""
+    if limit is None or not tasks or any(t not in TASKS for t in tasks):
+        return limit
+    return None if all(limit >= _split_size(t, split) for t in tasks) else limit
+
+
+@lru_cache(maxsize=256)
+def _split_size(name: str, split: str) -> int:
+    return len(load_split(name, split))
+
+
 def data_hash(name: str, seed: int = DEFAULT_SEED) -> str:
     return json.loads((generate_suite(seed) / "suite.json").read_text())["data_sha256"][name]
 
