@@ -348,3 +348,31 @@ def test_a_limit_covering_the_whole_split_keys_as_the_whole_split(pools, tiny_di
     assert key(size - 1) != key(None) and key(20) != key(size - 1)
     assert effective_limit(size, ["addition", "sorting"], "validation") is None
     assert effective_limit(size, ["addition", "my_own_task"], "test") == size
+
+
+def test_two_processes_needing_the_same_gates_train_each_once(pools, tiny_dir, pool):
+    """Two builds at the same moment (PHATGOOSE k = 1 and k = 2: other artifacts, the same gates) train each
+    expert's gate once: the second waits on the gate's lock, then reads what the first cached."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    pool.add(tiny_dir / "lora_a", "a", tags={"task": "addition"}, data=suite_data("addition"))
+    pool.add(tiny_dir / "lora_b", "b", tags={"task": "sorting"}, data=suite_data("sorting"))
+    start = time.time() + 4  # both processes import and open the pool first, then build at once
+    code = ("import sys, time; from workbench.recipes import build, parse_recipe; t = float(sys.argv[1])\n"
+            "r = parse_recipe({'name': 'pg' + sys.argv[2], 'method': 'phatgoose', 'pool': 'demo', 'parameters':"
+            " {'k': int(sys.argv[2]), 'steps': 12, 'examples': 16, 'accumulation': 1}})\n"
+            "time.sleep(max(0.0, t - time.time()))\n"
+            "build(r, log=print)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(start), str(k)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in (1, 2)]
+    outs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        outs.append(out)
+    trained = [line for out in outs for line in out.splitlines() if ": training (" in line]
+    cached = [line for out in outs for line in out.splitlines() if line.endswith(": cached")]
+    assert len(trained) == 2 and len(cached) == 2, outs

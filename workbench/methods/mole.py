@@ -145,6 +145,7 @@ class Mole(DataRoutedMethod):
     def build(self, ctx: BuildContext) -> dict[str, Any]:
         from safetensors.torch import load_file
 
+        from ..io import file_lock, lock_for
         from ..modules.routed_lora import RoutedGroup, routed_modules, wrap_experts
         from ..modules.routers import MoleRouter, load_router
 
@@ -165,13 +166,16 @@ class Mole(DataRoutedMethod):
             router.load_state_dict(trained.state_dict())
             curve, source = (json.loads((Path(p.gates_from) / "artifact.json").read_text()).get("loss_curve") or []), \
                 str(p.gates_from)
-        elif (folder / "gates.safetensors").is_file():
-            router.load_state_dict(load_file(str(folder / "gates.safetensors"), device=ctx.device))
-            curve, source = json.loads((folder / "curve.json").read_text()), "cache"
-            ctx.log("mole gates: cached")
         else:
-            curve = self._train(ctx, model, routing, router, tok, folder)
-            source = "trained"
+            # one process trains these gates: another that needs them meanwhile waits, then reads them
+            with file_lock(lock_for(folder)):
+                if (folder / "gates.safetensors").is_file():
+                    router.load_state_dict(load_file(str(folder / "gates.safetensors"), device=ctx.device))
+                    curve, source = json.loads((folder / "curve.json").read_text()), "cache"
+                    ctx.log("mole gates: cached")
+                else:
+                    curve = self._train(ctx, model, routing, router, tok, folder)
+                    source = "trained"
         router.set_active(p.use)
         router.eval()
         routing.groups = [RoutedGroup(router, None)]

@@ -62,9 +62,9 @@ class Phatgoose(DataRoutedMethod):
     def build(self, ctx: BuildContext) -> dict[str, Any]:
         import torch
 
-        from ..modules.routed_lora import RoutedGroup, routed_modules, wrap_experts
-        from ..modules.routers import GateRouter, PrototypeRouter
-        from ..train.trainer import check_finite, collate
+        from ..io import file_lock, lock_for
+        from ..modules.routed_lora import routed_modules, wrap_experts
+        from ..modules.routers import PrototypeRouter
 
         p: PhatgooseParams = ctx.params
         experts = ctx.experts
@@ -78,44 +78,9 @@ class Phatgoose(DataRoutedMethod):
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         gates, curves = {}, {}
         for i, e in enumerate(experts):
-            cached = self._cached_gates(ctx, e)
-            if cached is not None:
-                gates[e.name], curves[e.name] = cached
-                ctx.log(f"phatgoose gate {e.name}: cached")
-                continue
-            ctx.log(f"phatgoose gate {e.name}: training ({p.steps} steps of {p.batch_size} x {p.accumulation}; "
-                    f"no cached or shipped gate {self._gate_dir(ctx, e).name})")
-            own = {t[: -len(".weight")] for t in e.delta_names()}
-            gate = GateRouter([e.name], {m: mods[m].base.in_features for m in sorted(own)}).to(ctx.device)
-            data = expert_examples(e, tok, p.examples, p.seed, p.max_length)
-            opt = torch.optim.AdamW(gate.parameters(), lr=p.lr, weight_decay=0.0)
-            warm = max(1, int(p.warmup_ratio * p.steps))
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, warm=warm: min(1.0, (s + 1) / warm))
-            rng = random.Random(p.seed + i)
-            group = [RoutedGroup(gate, None, experts=torch.tensor([i], device=ctx.device))]
-            curve = []
-            model.train()
-            with progress_bar(f"phatgoose gate {e.name}", total=p.steps) as bar, routing.use(groups=group, dense=True):
-                for _ in range(p.steps):
-                    opt.zero_grad()
-                    total = 0.0
-                    for _ in range(p.accumulation):  # mean loss over the accumulated batches
-                        batch = collate(rng.sample(data, min(p.batch_size, len(data))), pad)
-                        loss = model(**{k: v.to(ctx.device) for k, v in batch.items()}).loss / p.accumulation
-                        loss.backward()
-                        total += float(loss.detach())
-                    torch.nn.utils.clip_grad_norm_(gate.parameters(), 1.0)
-                    opt.step()
-                    sched.step()
-                    curve.append(round(total, 5))
-                    bar.update(1, loss=curve[-1])
-            model.eval()
-            # the loss is that of the gates before each update: the last update is checked here, before caching
-            check_finite(list(gate.named_parameters()), f"phatgoose gate {e.name}",
-                         f"after the last step ({p.steps - 1})")
-            gates[e.name] = {m: gate.gate(m).detach().cpu() for m in own}
-            curves[e.name] = curve
-            self._save_gates(ctx, e, gates[e.name], curve)
+            # one process trains a gate: another that needs the same gate meanwhile waits, then reads it
+            with file_lock(lock_for(self._gate_dir(ctx, e))):
+                gates[e.name], curves[e.name] = self._gate(ctx, e, i, model, routing, mods, tok, pad)
         protos = {}
         for m, lin in mods.items():
             protos[m] = torch.stack([gates[e.name].get(m, torch.zeros(lin.base.in_features)) for e in experts])
@@ -128,6 +93,53 @@ class Phatgoose(DataRoutedMethod):
             ctx.log(f"phatgoose gate {n}: open {o['own']:.3f} on its own tokens, {o['other']:.3f} on the others'")
         return self.save(ctx, router, {"k": p.k, "gate_loss": summary, "gate_loss_curves": curves,
                                        "gate_openness": openness})
+
+    def _gate(self, ctx: BuildContext, e, i: int, model, routing, mods, tok, pad):
+        """Expert e's gate (the i-th expert) and its loss curve: cached or shipped, else trained and cached."""
+        import torch
+
+        from ..modules.routed_lora import RoutedGroup
+        from ..modules.routers import GateRouter
+        from ..train.trainer import check_finite, collate
+
+        p: PhatgooseParams = ctx.params
+        cached = self._cached_gates(ctx, e)
+        if cached is not None:
+            ctx.log(f"phatgoose gate {e.name}: cached")
+            return cached
+        ctx.log(f"phatgoose gate {e.name}: training ({p.steps} steps of {p.batch_size} x {p.accumulation}; "
+                f"no cached or shipped gate {self._gate_dir(ctx, e).name})")
+        own = {t[: -len(".weight")] for t in e.delta_names()}
+        gate = GateRouter([e.name], {m: mods[m].base.in_features for m in sorted(own)}).to(ctx.device)
+        data = expert_examples(e, tok, p.examples, p.seed, p.max_length)
+        opt = torch.optim.AdamW(gate.parameters(), lr=p.lr, weight_decay=0.0)
+        warm = max(1, int(p.warmup_ratio * p.steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, warm=warm: min(1.0, (s + 1) / warm))
+        rng = random.Random(p.seed + i)
+        group = [RoutedGroup(gate, None, experts=torch.tensor([i], device=ctx.device))]
+        curve = []
+        model.train()
+        with progress_bar(f"phatgoose gate {e.name}", total=p.steps) as bar, routing.use(groups=group, dense=True):
+            for _ in range(p.steps):
+                opt.zero_grad()
+                total = 0.0
+                for _ in range(p.accumulation):  # mean loss over the accumulated batches
+                    batch = collate(rng.sample(data, min(p.batch_size, len(data))), pad)
+                    loss = model(**{k: v.to(ctx.device) for k, v in batch.items()}).loss / p.accumulation
+                    loss.backward()
+                    total += float(loss.detach())
+                torch.nn.utils.clip_grad_norm_(gate.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                curve.append(round(total, 5))
+                bar.update(1, loss=curve[-1])
+        model.eval()
+        # the loss is that of the gates before each update: the last update is checked here, before caching
+        check_finite(list(gate.named_parameters()), f"phatgoose gate {e.name}",
+                     f"after the last step ({p.steps - 1})")
+        trained = {m: gate.gate(m).detach().cpu() for m in own}
+        self._save_gates(ctx, e, trained, curve)
+        return trained, curve
 
     # Gates depend on the expert, its data and the training settings, not on k (or the other experts):
     # cached beside the artifacts, so a sweep over k or another expert set trains each gate once.
