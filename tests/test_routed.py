@@ -498,7 +498,7 @@ def test_router_accuracy_counts_tokens_per_layer(two):
     rec = router_accuracy(model, tok, tasks, n=3)
     assert rec["layers"] == layers
     for expert, task in tasks.items():
-        lengths = [len(tok(r["question"] + r["answer"], add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"])
+        lengths = [len(tok(r["question"] + " " + r["answer"], add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"])
                    for r in load_split(task, "validation")[:3]]
         assert len(set(lengths)) > 1  # pooled over tokens differs from a mean over examples
         want = round(sum(math.ceil(t / 2) if expert == "a" else t // 2 for t in lengths) / sum(lengths), 4)
@@ -508,7 +508,7 @@ def test_router_accuracy_counts_tokens_per_layer(two):
     ctx.groups = [RoutedGroup(_ParityRouter(prefix=8), None)]
     rec = router_accuracy(model, tok, tasks, n=3)
     for expert, task in tasks.items():
-        lengths = [len(tok(r["question"] + r["answer"], add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"])
+        lengths = [len(tok(r["question"] + " " + r["answer"], add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"])
                    for r in load_split(task, "validation")[:3]]
         own = [8 if expert == "a" else t - 8 for t in lengths]
         want, per_example = sum(own) / sum(lengths), sum(o / t for o, t in zip(own, lengths)) / len(lengths)
