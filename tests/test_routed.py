@@ -626,3 +626,41 @@ def test_gates_for_another_pool_or_expert_set_are_refused_and_nothing_is_written
         load_artifact(art)
     assert "\n" not in str(e.value)
     assert (snapshot(art), snapshot(pool.root)) == before
+
+
+def test_usage_reports_per_task_entropy_and_the_own_experts_share(two):
+    """usage_stats per task: the weight shares, their entropy normalised by log E, and (tasks labelled by experts)
+    the own expert's share. A fixed 0.3/0.7 mix: each task's entropy is H(0.3, 0.7) / log 2 and a's own share 0.3,
+    b's 0.7; a router that sends a's rows to a and b's to b: entropy 0 and own share 1."""
+    import math
+
+    from workbench.methods.routing import usage_stats
+
+    model, ctx = _routed(two, ["a", "b"])
+    model.routing = ctx
+    tok = two.base.tokenizer()
+    rows = {"a": [{"question": "Add: 1+2\nAnswer:", "answer": "3"}] * 2,
+            "b": [{"question": "Sort: c a b\nAnswer:", "answer": "a b c"}] * 2}
+    ctx.groups = [RoutedGroup(FixedRouter(["a", "b"], [0.3, 0.7], k=2), None)]
+    u = usage_stats(model, tok, rows, n=2)
+    h = -(0.3 * math.log(0.3) + 0.7 * math.log(0.7)) / math.log(2)
+    assert u["per_task_weight_entropy"] == {"a": pytest.approx(h, abs=1e-4), "b": pytest.approx(h, abs=1e-4)}
+    assert u["own_weight_share"] == {"a": pytest.approx(0.3, abs=1e-4), "b": pytest.approx(0.7, abs=1e-4)}
+
+    class ByRow:  # the first sequence's rows are a's (its questions start with "Add")
+        experts, k = ["a", "b"], 1
+
+        def __init__(self):
+            self.to = 0
+
+        def route(self, module, x):
+            return torch.full((x.shape[0], 1), self.to), torch.ones(x.shape[0], 1)
+
+    router = ByRow()
+    ctx.groups = [RoutedGroup(router, None)]
+    shares = {}
+    for name, to in (("a", 0), ("b", 1)):
+        router.to = to
+        shares[name] = usage_stats(model, tok, {name: rows[name]}, n=2)
+    assert shares["a"]["per_task_weight_entropy"] == {"a": 0.0} and shares["a"]["own_weight_share"] == {"a": 1.0}
+    assert shares["b"]["own_weight_share"] == {"b": 1.0}
