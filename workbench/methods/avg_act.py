@@ -2,8 +2,10 @@
 
 Prototype of expert e at a module: the mean of that module's input over the tokens of e's own
 training examples, run with e applied (no training). Routing as PHATGOOSE's router: LN(h).LN(p)/sqrt(d),
-softmax, top-k, renormalised (the PHATGOOSE repository routes its averaged hiddens the same way;
-mttl L2-normalises them and skips the layer norm: equivalent up to the LN's centring).
+softmax, top-k, renormalised (the PHATGOOSE repository routes its averaged hiddens the same way).
+mttl's selector differs: its prototypes average each example's last token (`pool="last"`), are
+L2-normalised, and score unnormalised inputs at temperature sqrt(d) over every expert: other prototypes
+and another softmax sharpness (docs/fidelity.md).
 """
 
 from __future__ import annotations
