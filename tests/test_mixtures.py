@@ -102,6 +102,44 @@ def test_mole_weights_by_hand_and_masked_subset_renormalises(two):
     torch.testing.assert_close(sub[:, [0, 2]], keep / keep.sum(-1, keepdim=True), atol=1e-6, rtol=1e-5)
 
 
+def test_mole_never_weights_an_expert_where_it_adapts_nothing(two):
+    """The tiny experts adapt different modules (a: q, v, down; b: q, o, up). Where only a adapts (v_proj) its
+    weight is 1 and b's 0, whatever the gates say; where both adapt (q_proj) both get softmax weight; the router
+    saves and reloads that; a build over them is keyed apart from one made before the fix, and every weight it
+    records in a module sums to 1 over the experts that adapt it."""
+    from workbench.methods import METHODS
+    from workbench.methods.mole import absent_experts
+    from workbench.modules.routers import MoleRouter
+
+    names = ["a", "b"]
+    model = two.base.load().eval()
+    wrap_experts(model, [two.expert(n) for n in names])
+    experts = [two.expert(n) for n in names]
+    absent = absent_experts(experts, list(routed_modules(model)))
+    assert absent["model.layers.0.self_attn.v_proj"] == ["b"] and absent["model.layers.0.mlp.up_proj"] == ["a"]
+    assert absent["model.layers.0.self_attn.q_proj"] == []
+    router = _mole_router(model, names, seed=5, absent=absent)
+    d = {m: lin.base.out_features for m, lin in routed_modules(model).items()}
+    g = torch.Generator().manual_seed(1)
+    for module, alone in (("model.layers.0.self_attn.v_proj", 0), ("model.layers.0.mlp.up_proj", 1)):
+        outs = torch.randn(4, 2, d[module], generator=g)
+        w = router.mix(module, None, outs)
+        assert torch.equal(w[:, alone], torch.ones(4)) and torch.equal(w[:, 1 - alone], torch.zeros(4))
+    q = "model.layers.0.self_attn.q_proj"
+    w = router.mix(q, None, torch.randn(4, 2, d[q], generator=g))
+    assert bool((w > 0).all())
+    again = MoleRouter.from_saved(router.config(), router.tensors())
+    assert again.absent == router.absent
+    router.set_active(["b"])  # no active expert adapts v_proj: the base alone there
+    assert torch.equal(router.mix("model.layers.0.self_attn.v_proj", None, torch.randn(3, 2, d["model.layers.0.self_attn.v_proj"])),
+                       torch.zeros(3, 2))
+    mole = METHODS.get("mole")()
+    params = mole.Params.model_validate({})
+    assert mole.key_inputs(experts, params).get("absent_masked") is True
+    same = [two.expert("a"), two.expert("a")]
+    assert "absent_masked" not in mole.key_inputs(same, params)  # a uniform pool keeps its key
+
+
 def test_mole_gradient_reaches_only_the_gates(two):
     names = ["a", "b"]
     model = two.base.load()

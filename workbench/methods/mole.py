@@ -134,6 +134,10 @@ class Mole(DataRoutedMethod):
 
     def key_inputs(self, experts, params) -> dict[str, Any]:
         out = super().key_inputs(experts, params)
+        if any(absent_experts(experts).values()):
+            # gates over experts of different target modules never weight an expert where it adapts nothing (a
+            # fix: such builds made before it weighted zero outputs); uniform pools keep their keys
+            out["absent_masked"] = True
         if params.gates_from is not None:
             from ..io import sha256_file_cached
 
@@ -158,7 +162,7 @@ class Mole(DataRoutedMethod):
         routing = wrap_experts(model, experts)
         mods = routed_modules(model)
         router = MoleRouter(names, {m: lin.base.out_features for m, lin in mods.items()}, gate_input=p.gate_input,
-                            temperature=p.temperature).to(ctx.device)
+                            temperature=p.temperature, absent=absent_experts(experts, list(mods))).to(ctx.device)
         tok = ctx.pool.base.tokenizer()
         folder = self._gate_dir(ctx)
         if p.gates_from is not None:
@@ -235,11 +239,20 @@ class Mole(DataRoutedMethod):
 
         p = ctx.params.model_dump(mode="json", exclude={"use", "gates_from", "k", "checkpoint_every"})
         # the experts in order (the gates' rows and the gate input's blocks follow it), each with its files
-        key = sha256_json({"version": self.version, "params": p,
-                           "experts": [(e.name, e.entry.files) for e in ctx.experts],
-                           "base": ctx.pool.manifest.base.fingerprint, "base_weights": ctx.pool.base.weights_sha256,
-                           "data": data_key(ctx.experts)})[:16]
+        body = {"version": self.version, "params": p, "experts": [(e.name, e.entry.files) for e in ctx.experts],
+                "base": ctx.pool.manifest.base.fingerprint, "base_weights": ctx.pool.base.weights_sha256,
+                "data": data_key(ctx.experts)}
+        if any(absent_experts(ctx.experts).values()):
+            body["absent_masked"] = True  # see key_inputs
+        key = sha256_json(body)[:16]
         return ctx.out_dir.parent / "mole-gates" / key
+
+
+def absent_experts(experts, modules: list[str] | None = None) -> dict[str, list[str]]:
+    """Per module some expert adapts (or each of `modules`), the experts that do not adapt it."""
+    own = {e.name: {t[: -len(".weight")] for t in e.delta_names()} for e in experts}
+    mods = modules if modules is not None else sorted(set().union(*own.values()))
+    return {m: [n for n, o in own.items() if m not in o] for m in mods}
 
 
 def __getattr__(name: str):

@@ -234,14 +234,16 @@ class FixedRouter(BaseRouter):
 
 @ROUTERS.register("mole")
 class MoleRouter(BaseRouter):
-    """Per module: e [E * d_out, E] (output projection), b [E], log tau; softmax(logits / tau) over the active experts."""
+    """Per module: e [E * d_out, E] (output projection), b [E], log tau; softmax(logits / tau) over the active experts
+    that adapt the module (`absent`: per module the experts that do not, never weighted there)."""
 
     name = "mole"
     kind = "mole"
     reads_outputs = True
 
     def __init__(self, experts: list[str], dims: dict[str, int], *, gate_input: str = "outputs",
-                 temperature: float = 1.0, active: list[str] | None = None):
+                 temperature: float = 1.0, active: list[str] | None = None,
+                 absent: dict[str, list[str]] | None = None):
         super().__init__(experts)
         if gate_input not in ("outputs", "none"):
             raise WorkbenchError(f"MoLE gate_input must be 'outputs' or 'none' (got {gate_input!r})")
@@ -255,6 +257,12 @@ class MoleRouter(BaseRouter):
         self.b = nn.ParameterDict({self.keys[m]: nn.Parameter(torch.zeros(n)) for m in dims})
         self.log_tau = nn.ParameterDict({self.keys[m]: nn.Parameter(torch.tensor(math.log(temperature)))
                                          for m in dims})
+        # per module, the experts that do not adapt it (their output there is 0): never weighted there
+        self.absent = {m: sorted(set(a)) for m, a in (absent or {}).items() if a}
+        unknown = sorted({x for a in self.absent.values() for x in a} - set(experts)) + sorted(set(self.absent) - set(dims))
+        if unknown:
+            raise WorkbenchError(f"MoLE absent experts/modules not in the router: {unknown[:4]}")
+        self._absent_mask = {m: torch.tensor([e in a for e in experts], dtype=torch.bool) for m, a in self.absent.items()}
         self.set_active(active)
         self.record: list[torch.Tensor] | None = None  # training: each call's weights (for the balance loss)
 
@@ -270,7 +278,10 @@ class MoleRouter(BaseRouter):
                      else torch.tensor([e in active for e in self.experts], dtype=torch.bool))
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "dims": self.dims, "gate_input": self.gate_input, "active": self.active}
+        out = {**super().config(), "dims": self.dims, "gate_input": self.gate_input, "active": self.active}
+        if self.absent:  # only where some expert lacks a module: routers over uniform pools stay as they were
+            out["absent"] = self.absent
+        return out
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.state_dict().items()}
@@ -278,7 +289,7 @@ class MoleRouter(BaseRouter):
     @classmethod
     def from_saved(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> MoleRouter:
         router = cls(config["experts"], config["dims"], gate_input=config.get("gate_input", "outputs"),
-                     active=config.get("active"))
+                     active=config.get("active"), absent=config.get("absent"))
         router.load_state_dict(tensors)
         return router.eval()
 
@@ -298,8 +309,16 @@ class MoleRouter(BaseRouter):
 
     def mix(self, module: str, x: torch.Tensor, outs: torch.Tensor) -> torch.Tensor:
         logits = self.logits(module, outs)
-        if self.mask is not None:
-            logits = logits.masked_fill(~self.mask.to(logits.device), float("-inf"))
+        off = None if self.mask is None else ~self.mask
+        if module in self._absent_mask:
+            off = self._absent_mask[module] if off is None else off | self._absent_mask[module]
+        if off is not None:
+            if bool(off.all()):  # no active expert adapts this module: the base alone
+                w = logits.new_zeros(logits.shape)
+                if self.record is not None:
+                    self.record.append(w)
+                return w
+            logits = logits.masked_fill(off.to(logits.device), float("-inf"))
         w = torch.softmax(logits, dim=-1)
         if self.record is not None:
             self.record.append(w)
