@@ -376,3 +376,60 @@ def test_two_processes_needing_the_same_gates_train_each_once(pools, tiny_dir, p
     trained = [line for out in outs for line in out.splitlines() if ": training (" in line]
     cached = [line for out in outs for line in out.splitlines() if line.endswith(": cached")]
     assert len(trained) == 2 and len(cached) == 2, outs
+
+
+# Every method, small settings: one key gives one model, whatever the process and its thread count.
+_EVERY_METHOD = [
+    ("task_arithmetic", {"lambda": 0.5}),
+    ("ties", {"density": 0.5}),
+    ("dare_ties", {"density": 0.5, "seed": 3}),
+    ("pcb", {"ratio": 0.2}),
+    ("twin", {"rank": 8, "router_examples": 16, "router_epochs": 2}),
+    ("arrow", {"k": 1}),
+    ("avg_act", {"k": 1, "examples": 8}),
+    ("phatgoose", {"k": 1, "steps": 3, "examples": 8, "batch_size": 4, "accumulation": 2}),
+    ("mole", {"steps": 3, "examples": 4, "batch_size": 4, "warmup": 1}),
+    ("smora", {"rank": 8, "k": 2, "steps": 3, "batch_size": 4, "warmup": 1}),
+    ("btx", {"materialize": True, "steps": 2, "batch_size": 2, "examples": 4, "warmup": 1}),
+    ("bam", {"materialize": True, "steps": 2, "batch_size": 2, "examples": 4, "warmup": 1}),
+]
+
+
+def test_every_method_builds_the_same_bytes_in_fresh_processes_with_other_thread_counts(pools, tmp_path):
+    """Each method built in two fresh processes, one with 1 thread and one with 2 (each with its own artifact
+    cache): every saved tensor file, byte for byte, the same (a wide base, so that torch splits reductions by
+    thread)."""
+    import os
+    import subprocess
+    import sys
+
+    from workbench.pool import Pool
+    from workbench.testing import make_tiny_base, make_tiny_lora
+
+    base = make_tiny_base(tmp_path / "wide", seed=0, hidden_size=512, intermediate_size=1024, num_attention_heads=8,
+                          num_key_value_heads=8, num_hidden_layers=1)
+    pool = Pool.create("w", base=str(base))
+    for i, (t, mods) in enumerate((("addition", ("q_proj", "down_proj")), ("sorting", ("q_proj", "v_proj")))):
+        pool.add(make_tiny_lora(base, tmp_path / f"l{i}", seed=i + 1, r=8, target_modules=mods), t,
+                 data=suite_data(t))
+    code = (
+        "import hashlib, json, sys\n"
+        "from pathlib import Path\n"
+        "from workbench.recipes import build, parse_recipe\n"
+        "out = {}\n"
+        "for method, params in json.loads(sys.argv[1]):\n"
+        "    art = build(parse_recipe({'name': method, 'pool': 'w', 'method': method, 'experts': ['addition', 'sorting'],"
+        " 'parameters': params}), log=lambda *a: None)\n"
+        "    out[method] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(art).rglob('*.safetensors'))}\n"
+        "print(json.dumps(out))\n")
+    got = []
+    for threads in ("1", "2"):
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "WORKBENCH_CACHE_ARTIFACTS": str(tmp_path / f"arts{threads}")}
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(_EVERY_METHOD)], env=env, capture_output=True,
+                              text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert set(got[0]) == {m for m, _ in _EVERY_METHOD}
+    for method, _ in _EVERY_METHOD:
+        assert got[0][method], method  # something saved
+        assert got[0][method] == got[1][method], method
