@@ -9,11 +9,11 @@ import zlib
 import httpx
 import pytest
 import torch
+from conftest import suite_data
 
 from workbench.errors import WorkbenchError
 from workbench.serving.api import create_app, start_in_thread
 from workbench.serving.engine import MultiLoraModel, peft_alone, top_k_router
-from conftest import suite_data
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -370,24 +370,38 @@ def test_routed_compositions_in_one_forward_equal_each_alone(served_routed):
 
 def test_64_concurrent_requests_mixing_routed_compositions(served_routed):
     """Plain adapters, a weighted mix and three routed compositions (Arrow, PHATGOOSE, Twin), 64 concurrent
-    requests in mixed batches:
+    requests in two waves, the second sent while the first decodes (sequences join running rows, Twin's pre-pass
+    caches included, and leave them mid-batch):
     every output equals that request served alone; plain ones equal PEFT alone, routed ones their artifact's
     HF generate alone (greedy, KV cache: prefill rows [B*S] and decode rows [B] routed per step)."""
     from workbench.artifacts import load_artifact
     from workbench.tasks.suite import ADD_SPECIAL_TOKENS
 
-    url, pool, arts, engine, _, _ = served_routed
+    url, pool, arts, engine, app, _ = served_routed
+    sched = app.state.scheduler
     names = ["a", "goose", "mix:a=0.3,b=0.7", "arrow-k1", "base", "b", "twin-t"]
     prompts = [f"Add: {i}+{2 * i}\nAnswer:" if i // 7 % 2 else f"Sort: {i % 7} {i % 5} 9\nAnswer:" for i in range(64)]
-    batches: list[set] = []
-    generate = engine.generate
-    engine.generate = lambda prompts, assignments, *a, **k: (batches.append(set(assignments)),
-                                                             generate(prompts, assignments, *a, **k))[1]
+    batches: list[set] = []  # the assignments of every forward (prefills and decode steps)
+    forward = engine.forward
+    engine.forward = lambda *a, **k: (batches.append(set(k.get("assignments") or ())), time.sleep(0.01),
+                                      forward(*a, **k))[2]
 
-    responses = _post_concurrently(url, [names[i % 7] for i in range(64)], prompts, 6)
+    async def waves():
+        async with httpx.AsyncClient(timeout=120) as c:
+            def post(i):
+                return asyncio.ensure_future(c.post(f"{url}/v1/completions", json={
+                    "model": names[i % 7], "prompt": prompts[i], "max_tokens": 6}))
+            first = [post(i) for i in range(32)]
+            while not sched.running:  # the first wave is decoding
+                await asyncio.sleep(0.005)
+            return await asyncio.gather(*first, *[post(i) for i in range(32, 64)])
+
+    responses = asyncio.run(waves())
     assert all(r.status_code == 200 for r in responses)
-    # one batch held plain adapters, the mix and every routed composition
+    # one forward held plain adapters, the mix and every routed composition
     assert any({engine.resolve(n) for n in names if n != "base"} <= b for b in batches)
+    assert sched.stats["joined_running"] > 0 and sched.stats["left_running"] > 0, sched.stats
+    generate = engine.generate
     texts = [r.json()["choices"][0]["text"] for r in responses]
     tok = engine.tokenizer
 

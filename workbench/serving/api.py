@@ -1,36 +1,60 @@
 """OpenAI-compatible HTTP server over MultiLoraModel (FastAPI + uvicorn).
 
-GET /v1/models, POST /v1/completions and /v1/chat/completions (non-streaming and SSE
-streaming). `model` picks "base", an expert, a saved LoRA composition, a routed composition
-(its tokens routed over the pool's experts by its router), "mix:a=0.5,b=0.5", or a full-model artifact
-built over the pool (a merged model, an upcycled MoE: its own engine and scheduler, loaded on first request).
-Concurrent requests are batched: a scheduler thread collects what arrives within a short
-window (up to max_batch) and decodes it as one batch, each sequence with its own adapter, mix or router.
-A client that disconnects is dropped from its batch at the next token; others go on.
-Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}} with 4xx codes.
+GET /v1/models, /v1/models/{id}, POST /v1/completions and /v1/chat/completions (plain and SSE streaming),
+GET /health and /metrics (Prometheus text). `model` picks "base", an expert, a saved LoRA composition, a
+routed composition (its tokens routed over the pool's experts by its router), "mix:a=0.5,b=0.5", or a
+full-model artifact built over the pool (a merged model, an upcycled MoE: its own engine and scheduler, loaded
+on first request).
+
+Every request is validated before it joins a batch (strict types, bounded numbers, a non-empty prompt that fits
+the context, finite mix weights) and answers a 4xx otherwise. Tokenisation runs off the event loop. Requests are
+decoded by continuous batching (`scheduler.Scheduler`): each joins the running batch at the next step and leaves
+it when done, each with its own adapter, mix or router and its own sampling state; a client that disconnects
+(streaming or not) is dropped at the next step. Errors use OpenAI's shape
+{"error": {"message", "type", "param", "code"}} on every path (unknown routes and unreadable bodies too);
+every 5xx is logged with its traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import queue
+import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from collections.abc import Sequence
-from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel as Schema
-from pydantic import ConfigDict, Field
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import WorkbenchError
 from ..tasks.suite import ADD_SPECIAL_TOKENS
 from .engine import FullModel, MultiLoraModel, UnknownModel, saved_full_models
+from .metrics import Metrics
+from .protocol import (
+    STREAM_CHUNKS,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatRequest,
+    Completion,
+    CompletionChunk,
+    CompletionRequest,
+    ErrorResponse,
+    Message,
+    ModelCard,
+    ModelList,
+    _Common,
+    sse_schema,
+)
+from .scheduler import Delta, Done, Failed, Job, SamplingParams, Scheduler, TokenLogprob
+
+log = logging.getLogger("workbench.serving")
+
+__all__ = ["APIError", "ChatRequest", "CompletionRequest", "Message", "create_app", "serve", "start_in_thread"]
 
 
 class APIError(Exception):
@@ -40,130 +64,43 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
 
-class _Common(Schema):
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    max_tokens: int = Field(16, ge=1, le=2**31 - 1, description="tokens to generate; with the prompt they must fit "
-                                                                "the model's context (checked per request)")
-    temperature: float = Field(0.0, ge=0, le=2)
-    stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="sampling seed, 0..2**63-1")
-    n: int = Field(1, ge=1, le=1, description="one choice per prompt")
+def _error(description: str) -> dict:
+    return {"model": ErrorResponse, "description": description}
 
 
-class CompletionRequest(_Common):
-    prompt: str | list[str]
+BAD = {400: _error("invalid request: a parameter out of bounds or of the wrong type, malformed JSON, a prompt "
+                   "that does not fit the context, an invalid mix")}
+GEN = {**BAD, 404: _error("unknown model"), 500: _error("this request's generation failed (logged)"),
+       503: _error("a full-model artifact that cannot be loaded")}
 
 
-class Message(Schema):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatRequest(_Common):
-    messages: list[Message] = Field(min_length=1)
-
-
-@dataclass
-class Job:
-    prompt_ids: list[int]
-    assignment: tuple
-    max_tokens: int
-    temperature: float
-    stops: list[str]
-    seed: int
-    loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue  # str pieces, then None; or an Exception
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    text: str = ""
-    tokens: list[int] = field(default_factory=list)
-    finish_reason: str = "length"
-
-
-class Scheduler:
-    """Collects concurrent jobs into batches and decodes them on one worker thread."""
-
-    def __init__(self, engine: MultiLoraModel, max_batch: int = 32, window_s: float = 0.01):
-        self.engine, self.max_batch, self.window_s = engine, max_batch, window_s
-        self.q: queue.Queue[Job] = queue.Queue()
-        # tokens: generated for clients; cancelled: sequences dropped from their batch (client gone)
-        self.stats = {"batches": 0, "sequences": 0, "max_batch_seen": 0, "tokens": 0, "cancelled": 0}
-        threading.Thread(target=self._run, daemon=True, name="workbench-scheduler").start()
-
-    def submit(self, job: Job) -> None:
-        self.q.put(job)
-
-    def _run(self) -> None:
-        while True:
-            jobs = [self.q.get()]
-            deadline = time.monotonic() + self.window_s
-            while len(jobs) < self.max_batch:
-                left = deadline - time.monotonic()
-                try:
-                    jobs.append(self.q.get(timeout=max(left, 0)) if left > 0 else self.q.get_nowait())
-                except queue.Empty:
-                    break
-            jobs = [j for j in jobs if not j.cancelled.is_set()]
-            if jobs:
-                self._decode(jobs)
-
-    def _decode(self, jobs: list[Job]) -> None:
-        self.stats["batches"] += 1
-        self.stats["sequences"] += len(jobs)
-        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(jobs))
-        tok = self.engine.tokenizer
-
-        def on_token(i: int, t: int) -> bool:
-            job = jobs[i]
-            if job.cancelled.is_set():
-                self.stats["cancelled"] += 1
-                return False
-            self.stats["tokens"] += 1
-            job.tokens.append(t)
-            text = tok.decode(job.tokens, skip_special_tokens=True)
-            for s in job.stops:
-                cut = text.find(s)
-                if cut >= 0:
-                    self._emit(job, text[len(job.text):cut])
-                    job.text, job.finish_reason = text[:cut], "stop"
-                    return False
-            if not text.endswith("\ufffd"):  # hold back a partial multi-byte character
-                self._emit(job, text[len(job.text):])
-                job.text = text
-            return True
-
-        try:
-            outs = self.engine.generate([j.prompt_ids for j in jobs], [j.assignment for j in jobs],
-                                        [j.max_tokens for j in jobs], temperature=[j.temperature for j in jobs],
-                                        on_token=on_token, seed=jobs[0].seed)
-            for job, toks in zip(jobs, outs):
-                if job.finish_reason != "stop":
-                    job.finish_reason = "length" if len(toks) >= job.max_tokens else "stop"
-                    text = tok.decode(job.tokens, skip_special_tokens=True)
-                    self._emit(job, text[len(job.text):])
-                    job.text = text
-                job.loop.call_soon_threadsafe(job.out.put_nowait, None)
-        except Exception as e:  # noqa: BLE001 - every waiting client gets the error, the server lives on
-            for job in jobs:
-                job.loop.call_soon_threadsafe(job.out.put_nowait, e)
-
-    @staticmethod
-    def _emit(job: Job, piece: str) -> None:
-        if piece:
-            job.loop.call_soon_threadsafe(job.out.put_nowait, piece)
+def _sse_and_json(model, chunk) -> dict:
+    return {200: {"model": model, "content": {"text/event-stream": {"schema": sse_schema(chunk)}},
+                  "description": "the completion (JSON), or server-sent events with `stream: true`"}}
 
 
 def create_app(engine: MultiLoraModel, *, full_models: Sequence[FullModel] = (), max_batch: int = 32,
-               window_s: float = 0.01, context_length: int | None = None) -> FastAPI:
-    app = FastAPI(title="Expert Workbench", version="0.1")
-    sched = Scheduler(engine, max_batch=max_batch, window_s=window_s)
+               window_s: float = 0.01, context_length: int | None = None, admission: str = "continuous",
+               max_prefill_tokens: int = 8192) -> FastAPI:
+    """The server's app over `engine` (and `full_models`, each its own engine and scheduler once requested).
+    `max_batch`: rows decoded together; `window_s`: how long an idle scheduler waits for requests to prefill
+    together; `admission`: continuous (join at any step) or static (join an empty batch only);
+    `max_prefill_tokens`: left-padded prompt tokens per prefill; `context_length`: overrides the model's."""
+    app = FastAPI(title="Expert Workbench", version="0.1",
+                  description="OpenAI-compatible completions over a pool's adapters, mixes and compositions.")
+    metrics = Metrics()
+    sched_kw = {"max_batch": max_batch, "window_s": window_s, "admission": admission,
+                "max_prefill_tokens": max_prefill_tokens, "metrics": metrics}
+    sched = Scheduler(engine, **sched_kw)
     full = {f.name: f for f in full_models}
     taken = set(engine.model_names()) & set(full)
     if taken:
         raise WorkbenchError(f"full-model artifacts {sorted(taken)} have the names of the engine's models")
     full_scheds: dict[str, Scheduler] = {}  # one per full model, made when it is first requested
-    app.state.scheduler, app.state.full_schedulers = sched, full_scheds
+    app.state.scheduler, app.state.full_schedulers, app.state.metrics = sched, full_scheds, metrics
+    started = int(time.time())
+    metrics.gauges["workbench_running_sequences"] = lambda: sum(len(s.running) for s in [sched, *full_scheds.values()])
+    metrics.gauges["workbench_queued_sequences"] = lambda: sum(s.queued for s in [sched, *full_scheds.values()])
 
     def ctx_len_of(e: MultiLoraModel) -> int:
         return context_length or int(getattr(e.model.config, "max_position_embeddings", 2048))
@@ -172,23 +109,60 @@ def create_app(engine: MultiLoraModel, *, full_models: Sequence[FullModel] = (),
         return JSONResponse(status_code=status, content={"error": {"message": message, "type": type_,
                                                                    "param": param, "code": code}})
 
+    # -- errors: OpenAI's shape everywhere
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
         return err(e.status, e.message, e.type, e.param, e.code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_, e: RequestValidationError):
-        first = e.errors()[0]
+        errors = e.errors()
+        # a union's other branches report type mismatches: the error of the branch that fits says more
+        first = next((x for x in errors if not str(x.get("type", "")).endswith("_type")), errors[0])
         if first.get("type") == "json_invalid":
             return err(400, f"malformed JSON body: {first.get('msg')}", code="invalid_json")
-        loc = ".".join(str(x) for x in first["loc"] if x != "body")
-        return err(400, f"{loc}: {first['msg']}", param=loc or None, code="invalid_parameter")
+        loc = _short_loc(first["loc"])
+        msg = str(first["msg"]).removeprefix("Value error, ")
+        if first.get("type") == "missing" and not loc:
+            return err(400, "a JSON object body is required", code="invalid_parameter")
+        return err(400, f"{loc}: {msg}" if loc else msg, param=loc or None, code="invalid_parameter")
 
-    @app.get("/v1/models")
-    async def models():
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        if e.status_code == 404:
+            return err(404, f"unknown route {request.method} {request.url.path}", code="not_found")
+        if e.status_code == 405:
+            return err(405, f"method {request.method} not allowed on {request.url.path}", code="method_not_allowed")
+        if e.status_code == 400:  # FastAPI could not read the body (invalid UTF-8, ...)
+            return err(400, f"unreadable request body: {e.detail}; send UTF-8 JSON", code="invalid_json")
+        return err(e.status_code, str(e.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        log.error("%s %s failed", request.method, request.url.path, exc_info=e)
+        return err(500, f"internal error: {type(e).__name__}", type_="server_error")
+
+    app.add_middleware(_CountResponses, metrics=metrics)
+
+    app.openapi = lambda: _openapi(app)
+
+    # -- models and health
+    def cards() -> list[dict]:
         listed = engine.models() + [{"id": f.name, "kind": f.kind} for f in full.values()]
-        data = [{**m, "object": "model", "owned_by": "workbench"} for m in listed]
-        return {"object": "list", "data": data}
+        return [{**m, "object": "model", "created": started, "owned_by": "workbench"} for m in listed]
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models():
+        return {"object": "list", "data": cards()}
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses={404: _error("unknown model"),
+                                                                                400: _error("an invalid mix")})
+    async def model(model_id: str):
+        for card in cards():
+            if card["id"] == model_id:
+                return card
+        resolve(model_id, engine)  # a mix that resolves is servable; else 404 / 400
+        return {"id": model_id, "object": "model", "created": started, "owned_by": "workbench", "kind": "mix"}
 
     @app.get("/health")
     async def health():
@@ -197,12 +171,19 @@ def create_app(engine: MultiLoraModel, *, full_models: Sequence[FullModel] = (),
             for k, v in s.stats.items():
                 stats[k] = max(stats[k], v) if k == "max_batch_seen" else stats[k] + v
         active = engine.active_sequences + sum(s.engine.active_sequences for s in full_scheds.values())
-        return {"status": "ok", **stats, "active_sequences": active, "full_models_loaded": sorted(full_scheds)}
+        return {"status": "ok", **stats, "active_sequences": active,
+                "queued": sched.queued + sum(s.queued for s in full_scheds.values()),
+                "full_models_loaded": sorted(full_scheds)}
 
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    # -- requests to jobs
     async def target(model: str) -> tuple[MultiLoraModel, Scheduler]:
         """The engine and scheduler that serve `model`: a full model's own (loaded off the event loop on its
         first request; a load failure answers that request only), else the pool's engine."""
-        f = full.get(model) if isinstance(model, str) else None
+        f = full.get(model)
         if f is None:
             return engine, sched
         if model not in full_scheds:
@@ -211,103 +192,251 @@ def create_app(engine: MultiLoraModel, *, full_models: Sequence[FullModel] = (),
             except WorkbenchError as err_:
                 raise APIError(503, str(err_), type_="server_error", param="model", code="model_unavailable") from None
             if model not in full_scheds:  # checked again after the await: concurrent first requests make one
-                full_scheds[model] = Scheduler(e, max_batch=max_batch, window_s=window_s)
+                full_scheds[model] = Scheduler(e, **sched_kw)
         s = full_scheds[model]
         return s.engine, s
 
-    def make_job(req: _Common, prompt_ids: list[int], eng: MultiLoraModel) -> Job:
+    def resolve(model: str, eng: MultiLoraModel):
+        if model in full:
+            return ()
         try:
-            assignment = () if req.model in full else eng.resolve(req.model)
+            return eng.resolve(model)
         except UnknownModel as e:
             raise APIError(404, f"{e}; see GET /v1/models", param="model", code="model_not_found") from None
         except WorkbenchError as e:
             raise APIError(400, str(e), param="model", code="invalid_model") from None
-        ctx_len = ctx_len_of(eng)
-        if len(prompt_ids) + req.max_tokens > ctx_len:
-            raise APIError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the "
-                                f"context length {ctx_len}", param="max_tokens", code="context_length_exceeded")
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        return Job(prompt_ids, assignment, req.max_tokens, req.temperature, stops, req.seed or 0,
-                   asyncio.get_running_loop(), asyncio.Queue())
 
-    async def collect(job: Job) -> str:
-        while True:
-            item = await job.out.get()
-            if item is None:
-                return job.text
-            if isinstance(item, Exception):
-                raise APIError(500, f"generation failed: {item}", type_="server_error")
+    def make_job(req: _Common, prompt_ids: list[int], eng: MultiLoraModel, assignment, max_tokens: int,
+                 logprobs: int | None, echo: bool = False) -> Job:
+        if not prompt_ids:
+            raise APIError(400, "the prompt has no tokens", param="prompt", code="empty_prompt")
+        ctx_len = ctx_len_of(eng)
+        if len(prompt_ids) + max_tokens > ctx_len:
+            raise APIError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                                f"context length {ctx_len}", param="max_tokens", code="context_length_exceeded")
+        params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                                stop=req.stops, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
+        return Job(prompt_ids, assignment, params, asyncio.get_running_loop(), asyncio.Queue(), model=req.model)
+
+    async def finish(request: Request, jobs: list[Job]) -> None:
+        """Wait for every job's end; a client that hangs up cancels them (they leave the batch at the next step)."""
+        async def one(job: Job):
+            while not isinstance(await job.out.get(), (Done, Failed)):
+                pass
+
+        waiting = asyncio.ensure_future(asyncio.gather(*(one(j) for j in jobs)))
+        try:
+            while not waiting.done():
+                await asyncio.wait({waiting}, timeout=0.25)
+                if not waiting.done() and await request.is_disconnected():
+                    raise APIError(499, "client disconnected", code="client_disconnected")
+        finally:
+            if not waiting.done():
+                waiting.cancel()
+                for j in jobs:
+                    j.cancelled.set()
+        failed = [j for j in jobs if j.error]
+        if failed:
+            raise APIError(500, f"generation failed: {failed[0].error}", type_="server_error", code="generation_failed")
 
     def usage(jobs: list[Job]) -> dict[str, int]:
         p, c = sum(len(j.prompt_ids) for j in jobs), sum(len(j.tokens) for j in jobs)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    async def stream(request: Request, job: Job, chunk):
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+    async def stream(request: Request, job: Job, first, chunk, done_chunk, usage_chunk):
+        """Server-sent events of one job: the `first()` chunks (made once its prefill ran: an echo's prompt
+        logprobs are known), a chunk per Delta, the finish chunk, the usage chunk (when asked), then [DONE].
+        The job is cancelled when the client goes (or the stream ends)."""
+        started_ = False
         try:
             while True:
-                if await request.is_disconnected():
-                    job.cancelled.set()
-                    return
                 try:
-                    item = await asyncio.wait_for(job.out.get(), timeout=0.5)
+                    ev = await asyncio.wait_for(job.out.get(), timeout=0.5)
                 except TimeoutError:
+                    if await request.is_disconnected():
+                        return
                     continue
-                if item is None:
-                    yield f"data: {json.dumps(chunk('', job.finish_reason))}\n\n"
+                if not started_ and not isinstance(ev, Failed):
+                    started_ = True
+                    for c in first():
+                        yield sse(c)
+                if isinstance(ev, Delta):
+                    yield sse(chunk(ev))
+                elif isinstance(ev, Done):
+                    yield sse(done_chunk(ev.finish_reason))
+                    if usage_chunk is not None:
+                        yield sse(usage_chunk())
                     yield "data: [DONE]\n\n"
                     return
-                if isinstance(item, Exception):
-                    yield f"data: {json.dumps({'error': {'message': str(item), 'type': 'server_error'}})}\n\n"
+                else:
+                    yield sse({"error": {"message": f"generation failed: {ev.message}", "type": "server_error",
+                                         "param": None, "code": "generation_failed"}})
                     return
-                yield f"data: {json.dumps(chunk(item, None))}\n\n"
         finally:
-            job.cancelled.set()  # the client is gone or done: drop it from its batch
+            job.cancelled.set()
 
-    @app.post("/v1/completions")
+    # -- completions
+    @app.post("/v1/completions", responses={**GEN, **_sse_and_json(Completion, CompletionChunk)})
     async def completions(req: CompletionRequest, request: Request):
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if not prompts:
-            raise APIError(400, "prompt: at least one prompt is required", param="prompt")
         eng, sch = await target(req.model)
-        jobs = [make_job(req, eng.tokenizer(p, add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"], eng)
-                for p in prompts]
+        assignment = resolve(req.model, eng)
+        if req.stream and len(prompts) != 1:
+            raise APIError(400, "stream: streaming takes one prompt", param="stream")
+        encoded = await asyncio.to_thread(
+            lambda: [list(eng.tokenizer(p, add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"]) for p in prompts])
+        jobs = [make_job(req, ids, eng, assignment, req.max_tokens, req.logprobs, echo=req.echo) for ids in encoded]
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        if req.stream:
-            if len(jobs) != 1:
-                raise APIError(400, "stream: streaming takes one prompt", param="stream")
-            sch.submit(jobs[0])
-
-            def chunk(text, finish):
-                return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
-                        "choices": [{"index": 0, "text": text, "finish_reason": finish}]}
-
-            return StreamingResponse(stream(request, jobs[0], chunk), media_type="text/event-stream")
+        head = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
+        extra = {"usage": None} if req.include_usage else {}
         for j in jobs:
             sch.submit(j)
-        texts = [await collect(j) for j in jobs]
-        return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
-                "choices": [{"index": i, "text": t, "finish_reason": j.finish_reason, "logprobs": None}
-                            for i, (t, j) in enumerate(zip(texts, jobs))], "usage": usage(jobs)}
+        tok = eng.tokenizer
+        if req.stream:
+            job, prompt = jobs[0], prompts[0]
+            offset = [0]  # text_offset: characters of this choice's text before the token
 
-    @app.post("/v1/chat/completions")
+            def lp_block(lps: Sequence[TokenLogprob | None]):
+                if req.logprobs is None:
+                    return None
+                block = _completion_logprobs(lps, tok, offset[0], job.prompt_ids)
+                offset[0] += sum(len(t) for t in block["tokens"])
+                return block
+
+            def choice(text, finish, lps):
+                return {**head, "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": lps}],
+                        **extra}
+
+            def first():
+                return [choice(prompt, None, lp_block(job.prompt_logprobs))] if req.echo else []
+
+            return StreamingResponse(
+                stream(request, job, first, lambda ev: choice(ev.text, None, lp_block(ev.logprobs)),
+                       lambda reason: choice("", reason, None),
+                       (lambda: {**head, "choices": [], "usage": usage([job])}) if req.include_usage else None),
+                media_type="text/event-stream")
+        await finish(request, jobs)
+        choices = []
+        for i, (j, p) in enumerate(zip(jobs, prompts)):
+            lps = None
+            if req.logprobs is not None:
+                lps = _completion_logprobs((j.prompt_logprobs if req.echo else []) + j.logprobs, tok, 0, j.prompt_ids)
+            choices.append({"index": i, "text": (p if req.echo else "") + j.text, "finish_reason": j.finish_reason,
+                            "logprobs": lps})
+        return {**head, "choices": choices, "usage": usage(jobs)}
+
+    # -- chat
+    @app.post("/v1/chat/completions", responses={**GEN, **_sse_and_json(ChatCompletion, ChatCompletionChunk)})
     async def chat(req: ChatRequest, request: Request):
         eng, sch = await target(req.model)
-        job = make_job(req, eng.chat_ids([m.model_dump() for m in req.messages]), eng)
+        assignment = resolve(req.model, eng)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
+        ids = await asyncio.to_thread(eng.chat_ids, messages)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        job = make_job(req, ids, eng, assignment, req.limit, top)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
+        extra = {"usage": None} if req.include_usage else {}
         sch.submit(job)
-        if req.stream:
-            def chunk(text, finish):
-                delta = {"content": text} if text else {}
-                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
-            return StreamingResponse(stream(request, job, chunk), media_type="text/event-stream")
-        text = await collect(job)
-        return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": job.finish_reason}], "usage": usage([job])}
+        def lp(lps):
+            return {"content": [_chat_logprob(t) for t in lps]} if req.logprobs else None
+
+        if req.stream:
+            def choice(delta, finish, lps=None):
+                return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": lps, "finish_reason": finish}],
+                        **extra}
+
+            return StreamingResponse(
+                stream(request, job, lambda: [choice({"role": "assistant", "content": ""}, None)],
+                       lambda ev: choice({"content": ev.text}, None, lp(ev.logprobs)),
+                       lambda reason: choice({}, reason),
+                       (lambda: {**head, "choices": [], "usage": usage([job])}) if req.include_usage else None),
+                media_type="text/event-stream")
+        await finish(request, [job])
+        return {**head, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": job.text},
+                             "logprobs": lp(job.logprobs), "finish_reason": job.finish_reason}],
+                "usage": usage([job])}
 
     return app
+
+
+def _short_loc(loc: Sequence) -> str:
+    """A validation error's field path without FastAPI's "body" and pydantic's union branch tags."""
+    parts = [str(x) for x in loc[1:]] if loc and loc[0] == "body" else [str(x) for x in loc]
+    tags = ("list[", "dict[", "constrained-", "function-", "literal[", "nullable[")
+    return ".".join(p for p in parts if not (p in ("str", "int", "float", "bool", "none") or p.startswith(tags)
+                                             or p[:1].isupper()))
+
+
+class _CountResponses:
+    """ASGI middleware counting responses by route and status (a pure ASGI one: it leaves disconnects and
+    streaming alone)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def send_(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.inc("workbench_http_responses_total", route=route, status=str(status[0]))
+
+
+def _completion_logprobs(lps: Sequence[TokenLogprob | None], tok, offset: int, prompt_ids: Sequence[int]) -> dict:
+    """The completions API's logprobs block; a None entry (an echoed prompt's first token) has no logprob."""
+    tokens, values, tops, offsets = [], [], [], []
+    for k, t in enumerate(lps):
+        text = t.token if t is not None else tok.decode([prompt_ids[k]])
+        tokens.append(text)
+        values.append(t.logprob if t is not None else None)
+        tops.append(dict(t.top) if t is not None else None)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _chat_logprob(t: TokenLogprob) -> dict:
+    return {"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode()),
+            "top_logprobs": [{"token": s, "logprob": v, "bytes": list(s.encode())} for s, v in t.top]}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema without the 422 it documents by default (this server answers 400 in OpenAI's shape), with
+    the stream chunks' schemas that the event-stream responses refer to."""
+    from pydantic.json_schema import models_json_schema
+
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    _, defs = models_json_schema([(m, "serialization") for m in (*STREAM_CHUNKS, ErrorResponse)],
+                                 ref_template="#/components/schemas/{model}")
+    schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+    for ops in schema["paths"].values():
+        for op in ops.values():
+            responses = op.get("responses", {})
+            if responses.pop("422", None) is not None and "400" not in responses:
+                responses["400"] = {"description": "invalid request",
+                                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    for name in ("HTTPValidationError", "ValidationError"):
+        schema.get("components", {}).get("schemas", {}).pop(name, None)
+    app.openapi_schema = schema
+    return schema
 
 
 def start_in_thread(app: FastAPI, host: str = "127.0.0.1"):
@@ -341,6 +470,3 @@ def serve(pool_spec: str, host: str = "127.0.0.1", port: int = 8000, backend: st
     if full:
         print(f"full-model artifacts (loaded on first request): {', '.join(f.name for f in full)}")
     uvicorn.run(create_app(engine, full_models=full, max_batch=max_batch), host=host, port=port, log_level="info")
-
-
-__all__ = ["APIError", "create_app", "serve", "start_in_thread"]

@@ -15,10 +15,16 @@ internal adapters of the engine, and every token of a Twin sequence gets the pai
 model's last hidden states: a pre-pass over that sequence's rows with the shared pair only,
 keeping its own KV cache across decode steps (the artifact's `load_artifact` model computes
 the same with the shared delta folded into the base weights).
+
+`generate` decodes one static batch. For continuous batching (`workbench.serving.scheduler`), `prefill`
+starts new rows, `decode` advances every row of a `BatchState` by one token, and `select` / `concat` let rows
+leave and join between steps (left padding; Twin pre-pass states follow their rows).
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +40,7 @@ from ..pool import LoraLayout
 from ..tasks.suite import ADD_SPECIAL_TOKENS
 
 Router = Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+MAX_MIX_WEIGHT = 100.0  # |w| of one adapter in a mix: larger weights overflow float32 activations into inf/nan
 
 
 class UnknownModel(WorkbenchError):
@@ -119,6 +126,8 @@ class MultiLoraModel:
         from ..methods.twin import cache_kwarg
 
         self._cache_kw = cache_kwarg(self.model.base_model)  # the Twin pre-pass's decoder call
+        self._lm_cache_kw = cache_kwarg(self.model)  # the model's own (`cache` in newer transformers)
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self._twin_ids: dict[str, torch.Tensor] = {}  # twin -> adapter ids [shared, exclusive_1..E]
         for c in twins:
             c.router.to(self.device)
@@ -185,7 +194,8 @@ class MultiLoraModel:
                 + [{"id": c.name, "kind": "routed_lora", "router": "twin"} for c in self.twins.values()])
 
     def resolve(self, spec: str | dict[str, float]) -> Assignment:
-        """'base', an adapter name, a routed composition's name, 'mix:a=0.5,b=0.5', or {name: weight}."""
+        """'base', an adapter name, a routed composition's name, 'mix:a=0.5,b=0.5', or {name: weight}; each mix
+        weight finite with |w| <= MAX_MIX_WEIGHT (a WorkbenchError names the bad one)."""
         if isinstance(spec, dict):
             items = list(spec.items())
         elif spec == "base":
@@ -204,6 +214,11 @@ class MultiLoraModel:
             items = [(spec, 1.0)]
         out = []
         for name, w in items:
+            if not isinstance(w, (int, float)) or not math.isfinite(w) or abs(w) > MAX_MIX_WEIGHT:
+                raise WorkbenchError(f"mix weight of {name!r} is {w!r}: each weight must be a finite number in "
+                                     f"[-{MAX_MIX_WEIGHT:g}, {MAX_MIX_WEIGHT:g}]")
+            if not name:
+                raise WorkbenchError(f"a mix names no adapter in {spec!r}: write 'mix:a=0.5,b=0.5'")
             if name in self.routed or name in self.twins:
                 raise WorkbenchError(f"routed composition {name!r} cannot be part of a mix: request it alone")
             if name not in self.ids:
@@ -258,6 +273,8 @@ class MultiLoraModel:
                 if any(isinstance(a, Routed) and a.name in self.twins for a in assignments):
                     groups = groups + self._twin_groups(input_ids, attention_mask, kw.get("position_ids"),
                                                         kw.get("past_key_values"), assignments, twin_states)
+            if "past_key_values" in kw and self._lm_cache_kw != "past_key_values":
+                kw[self._lm_cache_kw] = kw.pop("past_key_values")
             with self.ctx.use(meta=meta, groups=groups):
                 return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)
 
@@ -356,6 +373,99 @@ class MultiLoraModel:
             self._count_active(-live)
         return out
 
+    # -- continuous batching: new sequences are prefilled, then join the running rows between decode steps
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]], assignments: Sequence[Assignment], *,
+                all_logits: bool = False) -> tuple[torch.Tensor, BatchState]:
+        """The prompts' forward (left-padded among themselves), each with its assignment: the logits [B, V] of each
+        prompt's last token (with `all_logits`, [B, S, V] of every position, left-padded) and the rows' BatchState,
+        ready to `concat` with running rows and to `decode`."""
+        from transformers import DynamicCache
+
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise WorkbenchError("prefill needs at least one prompt, each of at least one token")
+        b, s = len(prompts), max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((b, s), pad, dtype=torch.long)
+        mask = torch.zeros((b, s), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, s - len(p):] = torch.tensor(p)
+            mask[i, s - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        state = BatchState(list(assignments), mask, DynamicCache(config=self.model.config), {})
+        keep = {} if all_logits or not self._logits_to_keep else {"logits_to_keep": 1}
+        logits = self.forward(ids, attention_mask=mask, assignments=state.assignments, twin_states=state.twins,
+                              position_ids=pos, past_key_values=state.cache, use_cache=True, **keep).logits
+        for c in state.caches():
+            _check_layers(c)
+        return (logits.float() if all_logits else logits[:, -1].float()), state
+
+    @torch.no_grad()
+    def decode(self, state: BatchState, tokens: Sequence[int]) -> torch.Tensor:
+        """One decode step of every row of `state`, row i fed `tokens[i]`: logits [B, V]; the state grows by one
+        column. After an error the state is as it was (caches cropped back, Twin sums restored)."""
+        if len(tokens) != len(state):
+            raise WorkbenchError(f"decode: {len(tokens)} tokens for {len(state)} rows")
+        ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)[:, None]  # [B, 1]
+        pos = state.mask.sum(-1, keepdim=True)  # [B, 1]: each row's real tokens so far, the new token's position
+        mask = torch.cat([state.mask, torch.ones_like(state.mask[:, :1])], dim=1)
+        sums = {n: (t.total, t.count) for n, t in state.twins.items()}
+        try:
+            logits = self.forward(ids, attention_mask=mask, assignments=state.assignments, twin_states=state.twins,
+                                  position_ids=pos, past_key_values=state.cache, use_cache=True).logits[:, -1].float()
+        except BaseException:
+            width = state.mask.shape[1]
+            for c in state.caches():
+                for layer in c.layers:
+                    if layer.is_initialized and layer.keys.shape[-2] > width:
+                        layer.keys, layer.values = layer.keys[..., :width, :], layer.values[..., :width, :]
+            for n, (total, count) in sums.items():
+                state.twins[n].total, state.twins[n].count = total, count
+            raise
+        state.mask = mask
+        return logits
+
+    @staticmethod
+    def select(state: BatchState, rows: Sequence[int]) -> BatchState:
+        """A new BatchState of `state`'s rows `rows` (in that order; rows may leave or be reordered), without the
+        leading columns that are padding in every row left. `state` itself is unchanged."""
+        idx = torch.tensor(list(rows), dtype=torch.long, device=state.mask.device)
+        mask = state.mask.index_select(0, idx)
+        width = int(mask.sum(-1).max()) if len(rows) else 0  # real tokens are right-aligned: keep the last `width`
+        cut = state.mask.shape[1] - width
+        assignments = [state.assignments[r] for r in rows]
+        twins = {}
+        for name, t in state.twins.items():
+            mine = [i for i, a in enumerate(state.assignments) if a == Routed(name)]  # its cache's rows, in order
+            where = {r: k for k, r in enumerate(mine)}
+            sub = [where[r] for r in rows if r in where]
+            if sub:
+                sidx = torch.tensor(sub, dtype=torch.long, device=state.mask.device)
+                twins[name] = type(t)(_select_cache(t.cache, sidx, cut), t.total.index_select(0, sidx),
+                                      t.count.index_select(0, sidx))
+        return BatchState(assignments, mask[:, cut:], _select_cache(state.cache, idx, cut), twins)
+
+    @staticmethod
+    def concat(states: Sequence[BatchState]) -> BatchState:
+        """One BatchState of the rows of `states` in order, each left-padded to the widest (padding is masked)."""
+        states = [st for st in states if len(st)]
+        if len(states) == 1:
+            return states[0]
+        if not states:
+            raise WorkbenchError("concat needs at least one row")
+        width = max(st.mask.shape[1] for st in states)
+        pads = [width - st.mask.shape[1] for st in states]
+        mask = torch.cat([torch.nn.functional.pad(st.mask, (p, 0)) for st, p in zip(states, pads)], 0)
+        twins = {}
+        for name in dict.fromkeys(n for st in states for n in st.twins):
+            have = [(st.twins[name], p) for st, p in zip(states, pads) if name in st.twins]
+            first = have[0][0]
+            twins[name] = type(first)(_concat_caches([t.cache for t, _ in have], [p for _, p in have]),
+                                      torch.cat([t.total for t, _ in have]), torch.cat([t.count for t, _ in have]))
+        return BatchState([a for st in states for a in st.assignments], mask,
+                          _concat_caches([st.cache for st in states], pads), twins)
+
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a chat (the tokenizer's chat template, else `role: content` lines), ready to generate."""
         tok = self.tokenizer
@@ -379,6 +489,56 @@ class MultiLoraModel:
         with self._active_lock:
             self.active_sequences += delta
         return delta
+
+
+@dataclass
+class BatchState:
+    """The running rows of a continuous batch between decode steps. Row i decodes with `assignments[i]`; `mask`
+    [B, L] marks its real KV-cache columns (real tokens right-aligned, left padding 0); `cache` holds the L columns
+    of every layer; `twins` each Twin composition's pre-pass state (its own cache and prefix sums) over that
+    composition's rows, in row order."""
+
+    assignments: list[Assignment]
+    mask: torch.Tensor = field(repr=False)
+    cache: Any = field(repr=False)
+    twins: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.assignments)
+
+    def caches(self) -> list[Any]:
+        return [self.cache] + [t.cache for t in self.twins.values() if t.cache is not None]
+
+
+def _check_layers(cache) -> None:
+    """Rows join and leave by slicing and padding each layer's keys/values: plain full-attention layers only."""
+    from transformers.cache_utils import DynamicLayer
+
+    odd = {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
+    if odd:
+        raise WorkbenchError(f"continuous batching needs full-attention KV cache layers, this model has {sorted(odd)}")
+
+
+def _select_cache(cache, idx: torch.Tensor, cut: int):
+    """A new cache of `cache`'s batch rows `idx` without its first `cut` columns."""
+    from transformers import DynamicCache
+
+    out = DynamicCache(ddp_cache_data=[(layer.keys.index_select(0, idx)[..., cut:, :],
+                                        layer.values.index_select(0, idx)[..., cut:, :]) for layer in cache.layers])
+    return out
+
+
+def _concat_caches(caches: Sequence[Any], pads: Sequence[int]):
+    """One cache of the rows of `caches`, each left-padded with `pads` zero columns (masked out by the caller)."""
+    from transformers import DynamicCache
+
+    def padded(t: torch.Tensor, p: int) -> torch.Tensor:  # [B, H, L, D] -> [B, H, p + L, D]
+        return torch.nn.functional.pad(t, (0, 0, p, 0)) if p else t
+
+    layers = zip(*(c.layers for c in caches))
+    return DynamicCache(ddp_cache_data=[(torch.cat([padded(layer.keys, p) for layer, p in zip(ls, pads)]),
+                                         torch.cat([padded(layer.values, p) for layer, p in zip(ls, pads)]))
+                                        for ls in layers])
 
 
 def _built_over(meta: dict[str, Any], pool, pool_key: str) -> bool:
@@ -646,6 +806,6 @@ def peft_alone(base, adapters: dict[str, str], requests: Sequence[tuple[str, str
     return [memo[r] for r in requests]
 
 
-__all__ = ["Adapter", "Assignment", "FullModel", "MultiLoraModel", "Routed", "RoutedComposition", "RoutedLoraLinear", "Router",
+__all__ = ["Adapter", "Assignment", "BatchState", "FullModel", "MultiLoraModel", "Routed", "RoutedComposition", "RoutedLoraLinear", "Router",
            "TwinComposition", "UnknownModel", "peft_alone", "saved_full_models", "saved_lora_compositions", "saved_routed_compositions",
            "saved_smora_compositions", "saved_twin_compositions", "top_k_router"]

@@ -1,0 +1,485 @@
+"""Continuous batching: requests join the running batch at any decode step and leave it when done.
+
+One worker thread per engine runs the loop: admit what arrived (up to `max_batch` rows, `max_prefill_tokens`
+padded prompt tokens per prefill), prefill the newcomers (their first token), append their rows to the running
+`BatchState`, then decode one token for every row. A sequence leaves its row as soon as it is finished, stopped
+or cancelled, so a short request never waits for a long one. Each sequence samples with its own state
+(`SamplingParams`: temperature, top_p, penalties, stop strings, max tokens, and a `torch.Generator` seeded by
+its own seed), so its text does not depend on its batch neighbours. A failure of one sequence (while sampling,
+detokenising, or in a forward that fails for its row alone) ends that sequence with an error, logged with its
+traceback; the others go on. With `admission="static"` new requests wait until the running batch is empty:
+the batching this server had before, kept for `workbench bench serve` to compare.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import queue
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .engine import Assignment, BatchState, MultiLoraModel
+
+log = logging.getLogger("workbench.serving")
+
+GREEDY_BELOW = 1e-5  # a temperature under this decodes greedily (logits / 1e-308 overflow to inf, then nan)
+MAX_STOPS, MAX_STOP_CHARS = 4, 256  # stop strings per request, characters per stop string (OpenAI's 4)
+MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's chat bound; completions allow 5)
+SEED_RANGE = (-(2**63), 2**63 - 1)  # what torch.Generator.manual_seed takes as a signed 64-bit seed
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence decodes; checked on construction (the HTTP schema checks the same bounds first)."""
+
+    max_tokens: int
+    temperature: float = 0.0  # 0 (or < GREEDY_BELOW): greedy
+    top_p: float = 1.0  # nucleus: sample among the most likely tokens whose probabilities sum to top_p
+    seed: int | None = None  # None: a random seed of its own
+    presence_penalty: float = 0.0  # subtracted from the logit of every token generated at least once
+    frequency_penalty: float = 0.0  # times the count of each token generated so far, subtracted from its logit
+    stop: tuple[str, ...] = ()  # generation ends before the first occurrence of any of them (not included)
+    logprobs: int | None = None  # per generated token its logprob and this many top alternatives; None: none
+    prompt_logprobs: bool = False  # the prompt's tokens' logprobs too (echo)
+
+    def __post_init__(self):
+        checks = [("max_tokens", isinstance(self.max_tokens, int) and 1 <= self.max_tokens <= 2**31 - 1, "an integer >= 1"),
+                  ("temperature", _finite(self.temperature) and 0 <= self.temperature <= 2, "a number in [0, 2]"),
+                  ("top_p", _finite(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+                  ("seed", self.seed is None or (isinstance(self.seed, int) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]),
+                   "a signed 64-bit integer"),
+                  ("presence_penalty", _finite(self.presence_penalty) and abs(self.presence_penalty) <= 2, "a number in [-2, 2]"),
+                  ("frequency_penalty", _finite(self.frequency_penalty) and abs(self.frequency_penalty) <= 2, "a number in [-2, 2]"),
+                  ("stop", len(self.stop) <= MAX_STOPS and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
+                   f"at most {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters"),
+                  ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
+                   f"an integer in [0, {MAX_TOP_LOGPROBS}]")]
+        for name, ok, want in checks:
+            if not ok:
+                raise ValueError(f"{name} = {getattr(self, name)!r}: {want}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+    @property
+    def plain(self) -> bool:
+        """Greedy with nothing to compute per row: the batch's argmax is its token."""
+        return self.greedy and not self.presence_penalty and not self.frequency_penalty and self.logprobs is None
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's logprob (the model's distribution, before temperature, top_p and penalties) and its top
+    alternatives, as (text, logprob)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text of a sequence (never a partial stop string) and the logprobs of the tokens it consumed."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Done:
+    finish_reason: str  # stop | length
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str  # one line; the traceback is in the server's log
+
+
+@dataclass(eq=False)
+class Job:
+    """One sequence: what the request asked, then its decoding state (owned by the scheduler thread)."""
+
+    prompt_ids: list[int]
+    assignment: Assignment
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue  # Delta ..., then Done or Failed
+    model: str = ""  # the requested model's name (metrics, logs)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # decoding state
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""  # text sent to the client so far
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    pending: int | None = None  # last sampled token, not yet fed to the model
+    error: str | None = None
+    generator: torch.Generator | None = field(default=None, repr=False)
+    counts: torch.Tensor | None = field(default=None, repr=False)  # [V] generated token counts (penalties)
+    lp_sent: int = 0
+    submitted: float = 0.0
+    admitted: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+class Scheduler:
+    """Continuous batching of `Job`s over one engine, on one worker thread."""
+
+    def __init__(self, engine: MultiLoraModel, max_batch: int = 32, window_s: float = 0.01, *,
+                 admission: str = "continuous", max_prefill_tokens: int = 8192, metrics: Any = None):
+        if admission not in ("continuous", "static"):
+            raise ValueError(f"admission = {admission!r}: continuous or static")
+        if not (isinstance(max_batch, int) and 1 <= max_batch <= 4096):
+            raise ValueError(f"max_batch = {max_batch!r}: an integer in 1..4096")
+        self.engine, self.max_batch, self.window_s = engine, max_batch, window_s
+        self.admission, self.max_prefill_tokens, self.metrics = admission, max_prefill_tokens, metrics
+        self.q: queue.Queue[Job] = queue.Queue()
+        self.waiting: deque[Job] = deque()  # taken from `q`, not admitted yet (batch full, prefill budget spent)
+        # batches: prefills; sequences: admitted; tokens: generated for clients; cancelled: left (client gone);
+        # failed: sequences ended by an error; max_batch_seen: most rows decoded together; joined_running and
+        # left_running: sequences that joined rows already decoding, that left while other rows went on decoding
+        self.stats = {"batches": 0, "sequences": 0, "max_batch_seen": 0, "tokens": 0, "cancelled": 0, "failed": 0,
+                      "joined_running": 0, "left_running": 0}
+        self.running: list[Job] = []
+        self.admitted: list[Job] = []
+        self.state: BatchState | None = None
+        self.eos = engine.tokenizer.eos_token_id
+        threading.Thread(target=self._loop, daemon=True, name="workbench-scheduler").start()
+
+    def submit(self, job: Job) -> None:
+        job.submitted = time.monotonic()
+        if job.params.seed is not None or not job.params.greedy:
+            job.generator = torch.Generator().manual_seed(job.params.seed if job.params.seed is not None
+                                                          else secrets.randbits(63))
+        self.q.put(job)
+
+    @property
+    def queued(self) -> int:
+        return self.q.qsize() + len(self.waiting)
+
+    # -- the loop
+    def _loop(self) -> None:
+        while True:
+            try:
+                self._step()
+            except Exception:  # a bug outside any one sequence: fail the running and admitted ones, go on
+                hit = [j for j in dict.fromkeys(self.running + self.admitted) if not j.finished]
+                log.exception("scheduler step failed; failing its %d sequences", len(hit))
+                for job in hit:
+                    self._fail(job, "the server's scheduler failed (see its log)", logged=True)
+                self._set_rows([], None)
+
+    def _step(self) -> None:
+        self.admitted = self._admit()  # jobs being prefilled: neither waiting nor running until they join
+        if self.admitted:
+            self._prefill(self.admitted)
+        self.admitted = []
+        if self.running:
+            self._decode()
+
+    def _admit(self) -> list[Job]:
+        """Jobs to prefill now: blocks while nothing runs (then waits `window_s` for more to come together)."""
+        if self.admission == "static" and self.running:
+            return []
+        room = self.max_batch - len(self.running)
+        if room <= 0:
+            return []
+        if not self.running and not self.waiting:
+            self.waiting.append(self.q.get())
+            deadline = time.monotonic() + self.window_s
+            while len(self.waiting) < room:
+                left = deadline - time.monotonic()
+                try:
+                    self.waiting.append(self.q.get(timeout=left) if left > 0 else self.q.get_nowait())
+                except queue.Empty:
+                    break
+        while True:
+            try:
+                self.waiting.append(self.q.get_nowait())
+            except queue.Empty:
+                break
+        jobs: list[Job] = []
+        longest = 0
+        while self.waiting and len(jobs) < room:
+            job = self.waiting[0]
+            if job.cancelled.is_set():
+                self.waiting.popleft()
+                self.stats["cancelled"] += 1
+                self._close(job, None)
+                continue
+            longest_then = max(longest, len(job.prompt_ids))
+            if jobs and longest_then * (len(jobs) + 1) > self.max_prefill_tokens:  # left-padded prefill size
+                break
+            jobs.append(self.waiting.popleft())
+            longest = longest_then
+        now = time.monotonic()
+        for job in jobs:
+            job.admitted = now
+            if self.metrics is not None:
+                self.metrics.admitted(job, now - job.submitted)
+        return jobs
+
+    def _prefill(self, jobs: list[Job]) -> None:
+        """Prefill `jobs` (those asking for prompt logprobs each alone: every position's logits), sample their
+        first tokens, and append the rows still decoding to the running batch."""
+        plain = [j for j in jobs if not j.params.prompt_logprobs]
+        groups = ([plain] if plain else []) + [[j] for j in jobs if j.params.prompt_logprobs]
+        for group in groups:
+            for part in self._prefill_isolated(group):
+                self.stats["batches"] += 1
+                self.stats["sequences"] += len(part[0])
+                self._join(*part)
+
+    def _prefill_isolated(self, jobs: list[Job]) -> list[tuple[list[Job], torch.Tensor, BatchState]]:
+        """(jobs, logits, state) of the prefill of `jobs`; when the batch's forward fails, each job alone, and
+        a job whose forward fails alone ends with that error."""
+        all_logits = any(j.params.prompt_logprobs for j in jobs)
+        try:
+            logits, state = self.engine.prefill([j.prompt_ids for j in jobs], [j.assignment for j in jobs],
+                                                all_logits=all_logits)
+            return [(jobs, logits, state)]
+        except Exception as e:  # noqa: BLE001 - find the sequence that fails
+            if len(jobs) == 1:
+                self._fail(jobs[0], f"prefill failed: {type(e).__name__}: {_first_line(e)}", exc=e)
+                return []
+        return [part for j in jobs for part in self._prefill_isolated([j])]
+
+    def _join(self, jobs: list[Job], logits: torch.Tensor, state: BatchState) -> None:
+        last = logits[:, -1] if logits.dim() == 3 else logits  # [B, V]
+        if logits.dim() == 3:
+            for i, job in enumerate(jobs):
+                if job.params.prompt_logprobs:
+                    self._guarded(job, self._prompt_logprobs, job, logits[i])
+        self._advance(jobs, last)
+        keep = [i for i, j in enumerate(jobs) if not j.finished and not j.cancelled.is_set()]
+        for i, j in enumerate(jobs):
+            if not j.finished and j.cancelled.is_set():
+                self.stats["cancelled"] += 1
+                self._close(j, None)
+        if not keep:
+            return
+        state = state if len(keep) == len(jobs) else self.engine.select(state, keep)
+        if self.running:
+            self.stats["joined_running"] += len(keep)
+        rows = self.running + [jobs[i] for i in keep]
+        self._set_rows(rows, state if self.state is None else self.engine.concat([self.state, state]))
+
+    def _decode(self) -> None:
+        """One token for every running row; finished, failed and cancelled rows leave the batch."""
+        gone = [i for i, j in enumerate(self.running) if j.cancelled.is_set()]
+        if gone:
+            self.stats["cancelled"] += len(gone)
+            for i in gone:
+                self._close(self.running[i], None)
+            self._keep([i for i in range(len(self.running)) if i not in set(gone)])
+            if not self.running:
+                return
+        jobs, state = self.running, self.state
+        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(jobs))
+        if self.metrics is not None:
+            self.metrics.batch(len(jobs))
+        try:
+            logits = self.engine.decode(state, [j.pending for j in jobs])
+        except Exception:  # noqa: BLE001 - the step failed: decode each row alone to find the failing ones
+            logits, state = self._decode_isolated(jobs, state)
+            if state is None:
+                self._set_rows([], None)
+                return
+            jobs = [j for j in jobs if not j.finished]
+            self._set_rows(jobs, state)
+        self._advance(jobs, logits)
+        keep = [i for i, j in enumerate(jobs) if not j.finished]
+        if len(keep) < len(jobs):
+            self._keep(keep)
+
+    def _decode_isolated(self, jobs: list[Job], state: BatchState) -> tuple[torch.Tensor | None, BatchState | None]:
+        rows, parts = [], []
+        for i, job in enumerate(jobs):
+            one = self.engine.select(state, [i])
+            try:
+                rows.append(self.engine.decode(one, [job.pending]))
+                parts.append(one)
+            except Exception as e:  # noqa: BLE001 - this row fails alone: it ends, the others go on
+                self._fail(job, f"decoding failed: {type(e).__name__}: {_first_line(e)}", exc=e)
+        if not parts:
+            return None, None
+        return torch.cat(rows), self.engine.concat(parts)
+
+    def _keep(self, keep: list[int]) -> None:
+        rows = [self.running[i] for i in keep]
+        if rows:
+            self.stats["left_running"] += len(self.running) - len(rows)
+        self._set_rows(rows, self.engine.select(self.state, keep) if rows else None)
+
+    def _set_rows(self, rows: list[Job], state: BatchState | None) -> None:
+        self.engine._count_active(len(rows) - len(self.running))
+        self.running, self.state = rows, state
+
+    # -- sampling, text, events (per sequence)
+    def _advance(self, jobs: list[Job], logits: torch.Tensor) -> None:
+        """Sample each job's next token from its row of `logits` [B, V] and send what it adds."""
+        finite = torch.isfinite(logits).all(-1).tolist()
+        argmax = logits.argmax(-1).tolist()
+        for i, job in enumerate(jobs):
+            if job.finished:
+                continue
+            if not finite[i]:
+                self._fail(job, "the model produced non-finite logits for this request")
+                continue
+            self._guarded(job, self._next, job, logits[i], argmax[i])
+
+    def _guarded(self, job: Job, fn: Callable, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - this sequence ends with the error, the batch goes on
+            self._fail(job, f"{type(e).__name__}: {_first_line(e)}", exc=e)
+
+    def _next(self, job: Job, row: torch.Tensor, argmax: int) -> None:
+        p = job.params
+        if p.plain:
+            tok = argmax
+        else:
+            x = row
+            if p.presence_penalty or p.frequency_penalty:
+                if job.counts is None:
+                    job.counts = torch.zeros_like(row)
+                x = x - p.frequency_penalty * job.counts - p.presence_penalty * (job.counts > 0).to(x.dtype)
+            if p.greedy:
+                tok = int(x.argmax())
+            else:
+                tok = _sample(x.cpu() / p.temperature, p.top_p, job.generator)
+        now = time.monotonic()
+        if job.first_token is None:
+            job.first_token = now
+            if self.metrics is not None:
+                self.metrics.first_token(job, now - job.submitted)
+        elif self.metrics is not None:
+            self.metrics.inter_token(job, now - job.last_token)
+        job.last_token = now
+        if tok == self.eos:
+            self._finish(job, "stop")
+            return
+        job.tokens.append(tok)
+        self.stats["tokens"] += 1
+        if self.metrics is not None:
+            self.metrics.token(job)
+        if job.counts is not None:
+            job.counts[tok] += 1
+        if p.logprobs is not None:
+            job.logprobs.append(self._token_logprob(row, tok, p.logprobs))
+        job.pending = tok
+        self._text(job)
+        if not job.finished and len(job.tokens) >= p.max_tokens:
+            self._finish(job, "length")
+
+    def _text(self, job: Job) -> None:
+        """Send the text the new token completes: never a partial UTF-8 character nor the start of a stop string;
+        at a stop string, the text before it, and the sequence ends."""
+        text = self.engine.tokenizer.decode(job.tokens, skip_special_tokens=True)
+        stops = job.params.stop
+        if stops:
+            start = max(0, len(job.text) - max(len(s) for s in stops))
+            cuts = [c for c in (text.find(s, start) for s in stops) if c >= 0]
+            if cuts:
+                cut = max(min(cuts), len(job.text))
+                self._send(job, text[len(job.text):cut], final=True)
+                self._finish(job, "stop", send_rest=False)
+                return
+        if text.endswith("\ufffd"):  # a multi-byte character still incomplete
+            return
+        hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self._send(job, text[len(job.text):len(text) - hold])
+
+    def _send(self, job: Job, piece: str, final: bool = False) -> None:
+        lps = tuple(job.logprobs[job.lp_sent:])
+        if piece or (final and lps):
+            job.text += piece
+            job.lp_sent = len(job.logprobs)
+            self._put(job, Delta(piece, lps))
+
+    def _finish(self, job: Job, reason: str, send_rest: bool = True) -> None:
+        if send_rest:
+            text = self.engine.tokenizer.decode(job.tokens, skip_special_tokens=True)
+            self._send(job, text[len(job.text):] if text.startswith(job.text) else "", final=True)
+        job.finish_reason = reason
+        self._close(job, Done(reason))
+
+    def _fail(self, job: Job, message: str, exc: BaseException | None = None, logged: bool = False) -> None:
+        job.error = message
+        self.stats["failed"] += 1
+        if not logged:
+            log.error("request for model %r failed: %s", job.model, message, exc_info=exc)
+        self._close(job, Failed(message))
+
+    def _close(self, job: Job, event: Done | Failed | None) -> None:
+        if event is not None:
+            self._put(job, event)
+        if self.metrics is not None:
+            self.metrics.finished(job, "cancelled" if event is None else
+                                  "error" if isinstance(event, Failed) else event.finish_reason)
+
+    @staticmethod
+    def _put(job: Job, event) -> None:
+        try:
+            job.loop.call_soon_threadsafe(job.out.put_nowait, event)
+        except RuntimeError:  # the client's event loop is closed: nobody listens
+            job.cancelled.set()
+
+    def _token_logprob(self, row: torch.Tensor, tok: int, top: int) -> TokenLogprob:
+        lp = torch.log_softmax(row.float(), -1)
+        alts = ()
+        if top:
+            v, i = lp.topk(top)
+            alts = tuple((self._piece(t), float(x)) for t, x in zip(i.tolist(), v.tolist()))
+        return TokenLogprob(self._piece(tok), float(lp[tok]), alts)
+
+    def _prompt_logprobs(self, job: Job, logits: torch.Tensor) -> None:
+        """Logprobs of the prompt's tokens from the prefill's logits [S, V] (left-padded): the first has none."""
+        ids, s = job.prompt_ids, logits.shape[0]
+        first = s - len(ids)
+        out: list[TokenLogprob | None] = [None]
+        for k in range(1, len(ids)):
+            out.append(self._token_logprob(logits[first + k - 1], ids[k], job.params.logprobs or 0))
+        job.prompt_logprobs = out
+
+    def _piece(self, tok: int) -> str:
+        return self.engine.tokenizer.decode([tok])
+
+
+def _sample(x: torch.Tensor, top_p: float, generator: torch.Generator) -> int:
+    """One token from logits `x` [V] (already divided by the temperature), nucleus-truncated to `top_p`."""
+    probs = torch.softmax(x.float(), -1)
+    if top_p < 1:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # a token stays while the mass before it is under top_p
+        keep[0] = True  # the most likely always (a top_p below float32's smallest number compares as 0)
+        sorted_p = torch.where(keep, sorted_p, 0.0)
+        return int(order[torch.multinomial(sorted_p, 1, generator=generator)[0]])
+    return int(torch.multinomial(probs, 1, generator=generator)[0])
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+__all__ = ["GREEDY_BELOW", "Delta", "Done", "Failed", "Job", "SamplingParams", "Scheduler", "TokenLogprob"]
