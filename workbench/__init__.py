@@ -26,7 +26,7 @@ _LAZY = {
         "base_info", "benchmark",
         "build", "build_demo_pool", "compare", "describe_comparison", "eval_determinism", "eval_matrix", "evaluate",
         "leaderboards", "list_methods", "list_pools", "load", "merge_count_curve", "plan", "results_table", "run_demo",
-        "serve", "train_expert", "training_data")},
+        "serve", "synthesize_pool", "train_expert", "training_data")},
     **{name: "tracing" for name in ("route_accuracy", "route_trace", "route_traces")},
 }
 __all__ = sorted([*_LAZY, "WorkbenchError"])

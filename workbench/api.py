@@ -239,8 +239,26 @@ def add_experts(pool: Pool | str, sources: str | os.PathLike | Iterable[str | os
     if data is not None:
         records = [rec for rec, _ in training_data(p, None, data, prompt_field=prompt_field, answer_field=answer_field,
                                                    messages_field=messages_field, text_field=text_field)]
-    return [p.add(f, n, kind=kind, link=link, tags=tags, notes=notes, allow_distant=allow_distant, data=records)
-            for f, n in zip(folders, names)]
+    if len(folders) == 1:  # `add` checks it and says what it measured
+        return [p.add(folders[0], names[0], kind=kind, link=link, tags=tags, notes=notes, allow_distant=allow_distant,
+                      data=records)]
+    from .pool import AddItem
+
+    # several: validated as `add` validates each, the manifest written once (a bad one adds nothing)
+    return p.add_many([AddItem(f, n, kind=kind, link=link, tags=dict(tags or {}), notes=notes,
+                               allow_distant=allow_distant, data=list(records or [])) for f, n in zip(folders, names)])
+
+
+def synthesize_pool(pool: Pool | str, n: int, *, source: Pool | str | None = None, base: str | None = None,
+                    seed: int = 0, ranks: Iterable[int] = (4, 8, 16), noise: float = 0.1, prefix: str = "synth",
+                    log: Log | None = None) -> list[Expert]:
+    """A benchmark tool, not experts: write `n` synthetic PEFT LoRA adapters into `pool` (created over `base`, else
+    over the source pool's base, when missing), each a small random perturbation of one of `source`'s LoRA experts
+    (random factors without one), ranks drawn from `ranks`, with one manifest write (`workbench.synth`)."""
+    from .synth import synthesize
+
+    return synthesize(pool, n, source=source, base=base, seed=seed, ranks=tuple(ranks), noise=noise, prefix=prefix,
+                      log=_log(log))
 
 
 def attach_data(pool: Pool | str, expert: str, data: str | Iterable[str], *, prompt_field: str | None = None,
@@ -1002,11 +1020,11 @@ def serve(pool: Pool | str = "demo", *, host: str = "127.0.0.1", port: int = 800
     _serve(str(_pool(pool).root), host=host, port=port, backend=backend, device=device, max_batch=max_batch)
 
 
-BENCHMARKS = ("merge", "kernels", "kernels-profile", "routing", "serve", "app")
+BENCHMARKS = ("merge", "kernels", "kernels-profile", "routing", "serve", "app", "scale")
 
 
 def benchmark(name: str, *, log: Log | None = None, **options: Any) -> dict[str, Any]:
-    """Run one benchmark (`merge`, `kernels`, `kernels-profile`, `routing`, `serve`, `app`): each measures the
+    """Run one benchmark (`merge`, `kernels`, `kernels-profile`, `routing`, `serve`, `app`, `scale`): each measures the
     workbench against its peer in the same run and writes its figures under results/bench/. `options` are the
     benchmark's own (see `workbench bench NAME --help`)."""
     import importlib
@@ -1061,6 +1079,7 @@ __all__ = [
     "results_table",
     "run_demo",
     "serve",
+    "synthesize_pool",
     "train_expert",
     "training_data",
 ]

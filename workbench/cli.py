@@ -314,6 +314,27 @@ def pool_verify(
                   + (f", {len(unbuilt)} not built" if unbuilt else ""), highlight=False)
 
 
+@pool_app.command("synth")
+def pool_synth(
+    pool: Annotated[str, typer.Argument(help="pool name or path (created when missing)")],
+    n: Annotated[int, typer.Option("--n", help="adapters to write (1..4096)")],
+    source: Annotated[Optional[str], typer.Option("--from", help="pool whose LoRA experts are perturbed "
+                                                               "(default: the pool's own; none: random factors)")] = None,
+    base: Annotated[Optional[str], typer.Option(help="base of a new pool (default: the source pool's)")] = None,
+    seed: Annotated[int, typer.Option(help="seed: adapter i depends on (seed, i) only")] = 0,
+    noise: Annotated[float, typer.Option(help="relative size of the perturbation")] = 0.1,
+    rank: Annotated[Optional[list[int]], typer.Option(help="ranks drawn from (repeatable; default 4, 8, 16)")] = None,
+    prefix: Annotated[str, typer.Option(help="names are <prefix>-NNNN")] = "synth",
+):
+    """A benchmark tool, not experts: write N synthetic PEFT LoRA adapters (perturbed copies of real experts, ranks
+    and target modules mixed) into a pool, with one manifest write."""
+    from . import synthesize_pool
+
+    made = synthesize_pool(pool, n, source=source, base=base, seed=seed, ranks=tuple(rank or (4, 8, 16)), noise=noise,
+                           prefix=prefix, log=console.print)
+    console.print(f"[green]ok[/] {len(made)} synthetic adapters in pool {pool}", highlight=False)
+
+
 @pool_app.command("build-demo")
 def pool_build_demo(
     pool: Annotated[str, typer.Option(help="pool name or path")] = "demo",
@@ -781,6 +802,37 @@ def bench_routing(
     table = Table("phase", *rec["forward"]["x_base"], title=f"time / base ({experts} experts, r {rank}, top-{k}; CPU)")
     for phase in ("forward", "decode"):
         table.add_row(phase, *[f"{v:.3f}" for v in rec[phase]["x_base"].values()])
+    console.print(table)
+
+
+@bench_app.command("scale")
+def bench_scale(
+    source: Annotated[Optional[str], typer.Option(help="pool whose experts the synthetic adapters perturb")] = "demo",
+    base: Annotated[Optional[str], typer.Option(help="base (default: the source pool's)")] = None,
+    n: Annotated[Optional[list[int]], typer.Option("--n", help="pool sizes (repeatable; default 8, 64, 256, 1024)")] = None,
+    quick: Annotated[bool, typer.Option(help="N = 4, 8, 16, one round: checks that it runs")] = False,
+    reps: Annotated[Optional[int], typer.Option(help="rounds per timing")] = None,
+    seqs: Annotated[Optional[int], typer.Option(help="sequences in the routed forward")] = None,
+    tokens: Annotated[Optional[int], typer.Option(help="tokens per sequence in the routed forward")] = None,
+    rank: Annotated[int, typer.Option(help="rank of the merged LoRA")] = 16,
+    density: Annotated[float, typer.Option(help="TIES density")] = 0.2,
+    seed: int = 0,
+    workdir: Annotated[Optional[Path], typer.Option(help="scratch folder (default: the system's temp)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="JSON record (default results/bench/scale-cpu.json)")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="log-log chart (default: beside the JSON, .svg)")] = None,
+):
+    """Cost against the number of experts N: pool add, verify, a TIES merge of N LoRAs, Arrow build, routed forward
+    top-2 over N vs the base; time and peak memory per N, fitted exponents, a log-log plot."""
+    from . import benchmark
+
+    rec = benchmark("scale", base_spec=base, source=source, ns=n, quick=quick, reps=reps, seqs=seqs, tokens=tokens,
+                    rank=rank, density=density, seed=seed, workdir=workdir, out_file=out, plot=plot,
+                    log=console.print)
+    fits = rec.get("exponents") or {}
+    cols = sorted({k for e in fits.values() for k in (e or {})})
+    table = Table("operation", *[f"exponent of {c}" for c in cols], title="bench scale: cost ~ N^exponent")
+    for op, e in fits.items():
+        table.add_row(op, *["–" if (e or {}).get(c) is None else f"{e[c]:.2f}" for c in cols])
     console.print(table)
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -122,17 +123,73 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+# A digest goes to the on-disk cache only when the file's last change (ctime) is this much older than the moment its
+# hashing began: a rewrite in the same timestamp tick as that change could otherwise leave size, mtime and ctime as
+# they were (git's "racily clean" entries). 2 s covers filesystems with coarse timestamps (FAT: 2 s).
+RACY_NS = 2_000_000_000
+_HEX = frozenset("0123456789abcdef")
+
+
+def digest_cache_dir() -> Path:
+    """Where file digests are remembered across processes: the cache's digests/ folder."""
+    return cache_dir() / "digests"
+
+
+def _stat_key(st: os.stat_result) -> str:
+    """A file's identity and state: device, inode, size, mtime and ctime (ns). Any write changes the ctime."""
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def _digest_entry(st: os.stat_result) -> Path:
+    k = hashlib.sha256(_stat_key(st).encode()).hexdigest()
+    return digest_cache_dir() / k[:2] / k[2:]
+
+
+def _read_digest(st: os.stat_result) -> str | None:
+    try:
+        text = _digest_entry(st).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if len(text) == 64 and set(text) <= _HEX else None  # a torn or foreign entry: hash again
+
+
+def _write_digest(st: os.stat_result, digest: str) -> None:
+    """Remember a digest (best effort: a cache that cannot be written only costs a re-read later)."""
+    entry = _digest_entry(st)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{entry.name[:8]}.", suffix=".tmp", dir=entry.parent)
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(digest + "\n")
+        os.replace(tmp, entry)  # no fsync: a lost entry is hashed again, a torn one is refused on read
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def sha256_file_cached(path: Path) -> str:
-    """sha256_file remembered in-process by (path, size, mtime_ns, inode, ctime_ns): repeated builds (sweeps) hash
-    once. ctime is in the key because a rewrite can keep the size and put the mtime back (utime), never the ctime."""
+    """sha256_file remembered by the file's state, so an unchanged file is read once, not once per build.
+
+    In-process by (path, size, mtime_ns, inode, ctime_ns); across processes in the cache's digests/ folder by
+    (device, inode, size, mtime_ns, ctime_ns). ctime is in both keys because a rewrite can keep the size and put the
+    mtime back (utime), never the ctime: a changed file is always hashed again. A file changed less than RACY_NS
+    before its hashing began is remembered in-process only (see RACY_NS)."""
     st = os.stat(path)
     key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
-    if key not in _DIGESTS:
-        _DIGESTS[key] = sha256_file(path)
-    return _DIGESTS[key]
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    digest = _read_digest(st)
+    if digest is None:
+        began = time.time_ns()
+        digest = sha256_file(path)
+        after = os.stat(path)
+        if _stat_key(after) == _stat_key(st) and began - st.st_ctime_ns > RACY_NS:
+            _write_digest(st, digest)
+    _DIGESTS[key] = digest
+    return digest
 
 
 def sha256_json(obj: Any) -> str:

@@ -7,6 +7,7 @@ Experts are validated against the pool's base on `add` (architecture, tensor sha
 targets and ranks, finite values, safetensors only, no links out of the folder, distance to the
 base or the adapter's named base) and read lazily afterwards: `Expert.delta(name)`
 gives one tensor's task vector (exact `scale·B·A` for LoRA, `W_expert − W_base` for full).
+`add_many` adds several experts, each validated as `add` validates it, with one manifest write.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -29,7 +31,7 @@ from .base import BaseModel, fingerprint
 from .data import DataRecord
 from .errors import ExpertValidationError, ManifestError, PoolError, did_you_mean
 from .faults import fault_point
-from .io import atomic_write_json, file_lock, lock_for, sha256_file
+from .io import atomic_write_json, file_lock, lock_for, sha256_file, sha256_file_cached
 from .tensors import SafetensorsDir, model_weight_files, refuse_pickles, relative_distance
 
 if TYPE_CHECKING:  # torch is imported by the first tensor read: `pool list` and `pool show` never need it
@@ -347,6 +349,38 @@ def validate_full(folder: Path, base: BaseModel, what: str) -> SafetensorsDir:
 # ----------------------------------------------------------------------------- pool
 
 
+@dataclass(frozen=True)
+class AddItem:
+    """One expert of `Pool.add_many`: the arguments `Pool.add` takes for it (no `replace`)."""
+
+    source: str | os.PathLike
+    name: str
+    kind: str | None = None
+    link: bool = False
+    tags: dict[str, str] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    notes: str = ""
+    allow_distant: bool = False
+    data: list[DataRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A validated source folder: what `add` measured on it before copying."""
+
+    source: Path
+    kind: str
+    lora: LoraInfo | None
+    distance: float | None
+    files: list[str]
+
+    def entry(self, name: str, path: str, linked: bool, hashes: dict[str, str], *, tags: dict[str, str] | None,
+              training: dict[str, Any] | None, notes: str, data: list[DataRecord] | None) -> ExpertEntry:
+        return ExpertEntry(name=name, kind=self.kind, path=path, linked=linked, tags=tags or {},
+                           training=training or {}, notes=notes, lora=self.lora, files=hashes, added_at=_now(),
+                           base_distance=self.distance, data=list(data or []))
+
+
 class Expert:
     """One expert of a pool; its tensors are read lazily, one at a time."""
 
@@ -559,6 +593,16 @@ class Pool:
         return self.manifest.name
 
     # -- experts
+    def _index(self) -> dict[str, ExpertEntry]:
+        """name -> entry, rebuilt when the manifest's expert list is another list (every write assigns a new one):
+        lookups by name cost O(1), not a scan of the manifest (a pool of 1,024 experts looked up 1,024 times)."""
+        experts = self.manifest.experts
+        cached = self.__dict__.get("_index_cache")
+        if cached is None or cached[0] is not experts or len(cached[1]) != len(experts):
+            cached = (experts, {e.name: e for e in experts})
+            self.__dict__["_index_cache"] = cached
+        return cached[1]
+
     @property
     def experts(self) -> list[Expert]:
         """Every expert, in manifest order."""
@@ -570,14 +614,14 @@ class Pool:
 
     def expert(self, name: str) -> Expert:
         """One expert by name (a one-line PoolError with 'did you mean' otherwise)."""
-        for e in self.manifest.experts:
-            if e.name == name:
-                return Expert(self, e)
+        entry = self._index().get(name) if isinstance(name, str) else None
+        if entry is not None:
+            return Expert(self, entry)
         shown = name if len(name) <= 40 else name[:37] + "..."  # errors never echo unbounded input
         raise PoolError(f"pool {self.name!r} has no expert {shown!r}{did_you_mean(name, self.names())}")
 
     def __contains__(self, name: str) -> bool:
-        return name in self.names()
+        return name in self._index()
 
     def validate_source(self, source: Path, kind: str | None = None) -> tuple[str, LoraInfo | None]:
         """Check a candidate expert folder against the pool's base; return (kind, lora info)."""
@@ -639,42 +683,120 @@ class Pool:
                     allow_distant: bool, data: list[DataRecord] | None = None) -> Expert:
         if name in self and not replace:  # checked again on the manifest as it is now
             raise PoolError(f"pool {self.name!r} already has an expert named {name!r}")
-        source = Path(source).expanduser().resolve()
-        kind, lora = self.validate_source(source, kind)
-        distance = self._check_base_identity(source, kind, f"expert source {source}", allow_distant)
-        files = sorted(p.name for p in source.iterdir() if p.is_file() and p.suffix in _KEEP_SUFFIXES)
+        checked = self._checked(source, kind, allow_distant)
         old = None
         if link:
-            rel, hashes = str(source), {f: sha256_file(source / f) for f in files}
+            rel, hashes = str(checked.source), {f: sha256_file(checked.source / f) for f in checked.files}
         else:
-            final = self.root / EXPERTS_DIR / name
-            staging = self.root / STAGING_DIR
-            staging.mkdir(parents=True, exist_ok=True)
-            tmp = staging / f".add-{name}-{os.getpid()}-{time.monotonic_ns()}"
+            tmp = None
             try:
-                tmp.mkdir()
-                for f in files:
-                    shutil.copy2(source / f, tmp / f)
-                hashes = {f: sha256_file(tmp / f) for f in files}
-                final.parent.mkdir(parents=True, exist_ok=True)
-                # the expert being replaced (or an orphan of a crashed add): renamed aside, the new folder renamed in,
-                # then the old one deleted once the manifest is written; a kill between the two renames leaves the
-                # old folder in .staging/, put back by the next open
-                old = staging / f".old-{name}-{os.getpid()}-{time.monotonic_ns()}" if final.exists() else None
-                if old is not None:
-                    os.replace(final, old)
-                    fault_point("pool_replace")
-                os.replace(tmp, final)
+                tmp, hashes = self._stage(checked, name, move=False)
+                old = self._place(tmp, name)
             finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
             rel = f"{EXPERTS_DIR}/{name}"
-        entry = ExpertEntry(name=name, kind=kind, path=rel, linked=link, tags=tags or {}, training=training or {},
-                            notes=notes, lora=lora, files=hashes, added_at=_now(), base_distance=distance,
-                            data=list(data or []))
+        entry = checked.entry(name, rel, link, hashes, tags=tags, training=training, notes=notes, data=data)
         self._put(entry)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return Expert(self, entry)
+
+    def _checked(self, source: str | os.PathLike, kind: str | None, allow_distant: bool) -> _Checked:
+        """Everything `add` checks of a source folder, before any byte is copied."""
+        source = Path(source).expanduser().resolve()
+        kind, lora = self.validate_source(source, kind)
+        distance = self._check_base_identity(source, kind, f"expert source {source}", allow_distant)
+        files = sorted(p.name for p in source.iterdir() if p.is_file() and p.suffix in _KEEP_SUFFIXES)
+        return _Checked(source, kind, lora, distance, files)
+
+    def _stage(self, checked: _Checked, name: str, *, move: bool) -> tuple[Path, dict[str, str]]:
+        """The source's kept files copied (or moved) into a fresh folder of `.staging/`, and their sha256."""
+        staging = self.root / STAGING_DIR
+        staging.mkdir(parents=True, exist_ok=True)
+        tmp = staging / f".add-{name}-{os.getpid()}-{time.monotonic_ns()}"
+        tmp.mkdir()
+        try:
+            for f in checked.files:
+                if move:
+                    os.replace(checked.source / f, tmp / f)
+                else:
+                    shutil.copy2(checked.source / f, tmp / f)
+            return tmp, {f: sha256_file(tmp / f) for f in checked.files}
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _place(self, tmp: Path, name: str) -> Path | None:
+        """Rename a staged folder to `experts/<name>`; returns where the folder it replaced went (deleted by the
+        caller once the manifest is written), or None."""
+        final = self.root / EXPERTS_DIR / name
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # the expert being replaced (or an orphan of a crashed add): renamed aside, the new folder renamed in,
+        # then the old one deleted once the manifest is written; a kill between the two renames leaves the
+        # old folder in .staging/, put back by the next open
+        old = self.root / STAGING_DIR / f".old-{name}-{os.getpid()}-{time.monotonic_ns()}" if final.exists() else None
+        if old is not None:
+            os.replace(final, old)
+            fault_point("pool_replace")
+        os.replace(tmp, final)
+        return old
+
+    def add_many(self, items: Sequence[AddItem], *, move: bool = False) -> list[Expert]:
+        """Add several experts in one go: each source validated exactly as `add` validates it, all of them before
+        the first is copied (a bad one adds nothing), and the manifest written once, under the pool's lock.
+
+        `items`: one `AddItem` per expert (new names only: replacing goes through `add`). `move`: the sources'
+        kept files are moved into the pool instead of copied (same filesystem; the source folders are consumed,
+        also when the add fails). A failure after copying begins removes what this call put in the pool.
+        """
+        items = list(items)
+        if not items:
+            raise PoolError("add_many: no experts given")
+        for it in items:
+            check_name(it.name)
+        names = [it.name for it in items]
+        dup = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) != len(names) else []
+        if dup:
+            raise PoolError(f"add_many: the name {dup[0]!r} is given twice")
+        with self._locked():
+            return self._add_many_locked(items, move=move)
+
+    def _add_many_locked(self, items: list[AddItem], *, move: bool) -> list[Expert]:
+        taken = [it.name for it in items if it.name in self]
+        if taken:
+            raise PoolError(f"pool {self.name!r} already has an expert named {taken[0]!r}")
+        checked = [self._checked(it.source, it.kind, it.allow_distant) for it in items]
+        staged: list[Path] = []
+        placed: list[tuple[Path, Path | None]] = []  # (experts/<name>, where an orphan folder there went)
+        entries = []
+        try:
+            for it, c in zip(items, checked):
+                if it.link:
+                    rel, hashes = str(c.source), {f: sha256_file(c.source / f) for f in c.files}
+                else:
+                    tmp, hashes = self._stage(c, it.name, move=move)
+                    staged.append(tmp)
+                    rel = f"{EXPERTS_DIR}/{it.name}"
+                entries.append(c.entry(it.name, rel, it.link, hashes, tags=it.tags, training=it.training,
+                                       notes=it.notes, data=it.data))
+            for it, tmp in zip([it for it in items if not it.link], staged):
+                placed.append((self.root / EXPERTS_DIR / it.name, self._place(tmp, it.name)))
+            self.manifest.experts = [*self.manifest.experts, *entries]
+            self._save()
+        except BaseException:
+            for final, old in reversed(placed):  # nothing of this call stays in the pool
+                shutil.rmtree(final, ignore_errors=True)
+                if old is not None:
+                    os.replace(old, final)
+            raise
+        finally:
+            for tmp in staged:
+                shutil.rmtree(tmp, ignore_errors=True)
+        for _, old in placed:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        return [Expert(self, e) for e in entries]
 
     def _put(self, entry: ExpertEntry) -> None:
         """Write `entry` into the manifest: in its place when the name exists (a replace), else last. Called with
@@ -734,10 +856,16 @@ class Pool:
             if not expert.entry.linked and expert.path.exists():
                 shutil.rmtree(expert.path)
 
-    def verify(self, *, hashes: bool = True) -> list[str]:
-        """Problems found (empty when the pool is sound): files, hashes, shapes, finite values, recorded data that
-        changed. An expert that is not built (`Expert.not_built`: no file on disk, its entry names the command that
-        builds it) is not a problem."""
+    def verify(self, *, hashes: bool = True, deep: bool = False) -> list[str]:
+        """Problems found (empty when the pool is sound): files, hashes, shapes, LoRA targets, finite values, recorded
+        data that changed. An expert that is not built (`Expert.not_built`: no file on disk, its entry names the
+        command that builds it) is not a problem.
+
+        `hashes`: each file's sha256 against the manifest, through the on-disk digest cache
+        (`io.sha256_file_cached`: an unchanged file is not read again; a changed one always is). Files whose digests
+        match are the bytes that passed every check on add, so their values are not scanned again for NaN/Inf
+        unless `deep`; without `hashes` they always are. Structure (config, tensor names, shapes, ranks) is
+        re-checked for every expert: it reads headers only."""
         problems: list[str] = []
         try:
             base = self.base
@@ -759,13 +887,13 @@ class Pool:
                 p = expert.path / f
                 if not p.is_file():
                     file_problems.append(f"{e.name}: missing file {p}")
-                elif hashes and sha256_file(p) != digest:
+                elif hashes and sha256_file_cached(p) != digest:
                     file_problems.append(f"{e.name}: {f} changed since it was added (sha256 mismatch)")
             problems += file_problems
             if file_problems:
                 continue
             try:
-                self.validate_source(expert.path, e.kind)
+                self._revalidate(expert.path, e.kind, finite=deep or not hashes)
             except ExpertValidationError as err:
                 problems.append(f"{e.name}: {err}")
         known = {Path(e.path).name for e in self.manifest.experts if not e.linked}
@@ -774,6 +902,21 @@ class Pool:
             problems += [f"orphan folder {p} (not in the manifest)" for p in exp_dir.iterdir() if p.name not in known]
         del base
         return problems
+
+    def _revalidate(self, folder: Path, kind: str, *, finite: bool) -> None:
+        """`validate_source`'s checks of an expert in the pool, the scan of every value for NaN/Inf only when
+        `finite`."""
+        if finite:
+            self.validate_source(folder, kind)
+            return
+        what = f"expert source {folder}"
+        if not folder.is_dir():
+            raise ExpertValidationError(f"{what} is not a folder")
+        refuse_outside_links(folder, what)
+        if kind == "lora":
+            LoraLayout(folder, self.base.tensors.shapes, what)
+        else:
+            validate_full(folder, self.base, what)
 
     # -- loading
     def peft_model(self, names: list[str] | None = None, model: Any = None, dtype: Any = None) -> Any:

@@ -55,6 +55,11 @@ class TAParams(MethodParams):
 
 
 STREAMING = {"task_arithmetic", "ties", "dare_ties", "dare_linear"}  # our streaming engine for full experts
+# LoRA experts in adapter space: up to this many, a tensor's task vectors are stacked and merged by mergekit's own
+# `merge_group` (the bytes every artifact so far was built with); beyond, one expert's task vector at a time
+# (`stream_merge_tensor`: the same arithmetic, memory independent of the number of experts). Task arithmetic's
+# stacked-factor product takes this many experts' factors per product.
+STREAM_MIN_EXPERTS = 16
 
 
 def _mk_method(name: str):
@@ -103,6 +108,89 @@ class TaskArithmeticFamily(Method):
                 kw[key] = dict(zip(ids, self._expert_values(experts, params, key)))
         return m.merge_group(group, **kw)
 
+    def stream_merge_tensor(self, delta, experts, params: TAParams, seed: int, shape) -> torch.Tensor:
+        """`merge_tensor` over task vectors read one at a time: `delta(i)` returns expert i's (a fresh fp32 tensor of
+        `shape`, modified here), or None where the expert does not change the tensor. mergekit's `merge_group`
+        arithmetic (base = 0), with the sums over experts accumulated expert by expert instead of by a reduction
+        over the stack: pass 1 sums the weighted, sparsified task vectors (the sign election needs them all), pass
+        2 recomputes each and adds its agreeing part. Memory: about five tensors of one task vector's size, whatever
+        the number of experts. Equal to `merge_tensor` up to the order of fp32 additions, except:
+        - magnitude pruning (TIES) keeps |d| >= the k-th largest |d| (`kthvalue`, found once per expert in pass 1;
+          no sort), which differs from mergekit's argsort only where |d| ties exactly at that value;
+        - random drops (DARE, DELLA) replay exactly: both passes reseed torch's generator with `seed` and draw in
+          expert order as `merge_group` draws (absent experts' zeros included); with deterministic sparsification an
+          absent expert is skipped (its zeros add nothing)."""
+        import torch
+        from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
+
+        m = _mk_method(self.name)
+        shared = self._shared(params)
+        accepted = {p.name for p in m.spec.parameters}
+        per = {key: self._expert_values(experts, params, key)
+               for key in ("weight", "density", "gamma", "epsilon") if key in accepted}
+        weights = [torch.tensor(w, dtype=torch.float32) for w in per["weight"]]
+        n = len(experts)
+        method = m.sparsification_method
+        random = method in (SparsificationMethod.random, SparsificationMethod.della_magprune)
+        thresholds: dict[int, float] = {}  # magnitude: expert -> the k-th largest |d|, found in pass 1
+
+        def magnitude(i: int, d: torch.Tensor) -> torch.Tensor:  # mergekit's `magnitude`, by threshold
+            density = per["density"][i]
+            if density >= 1:
+                return d
+            if i not in thresholds:
+                mag = d.abs().flatten()
+                k = max(1, int(density * mag.numel()))
+                thresholds[i] = torch.kthvalue(mag, mag.numel() - k + 1).values.item()
+            masked = d * (d.abs() >= thresholds[i])
+            if shared["rescale"]:  # mergekit's l1 rescale, the same expressions
+                before, after = d.abs().sum(), masked.abs().sum()
+                if before >= 1e-7 and after >= 1e-7:
+                    masked = masked * (before / after)
+            return masked
+
+        def task_vectors():  # (i, w_i * sparsified task vector i), the same values on every call
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                for i in range(n):
+                    d = delta(i)
+                    if d is None:
+                        if not random:
+                            continue
+                        d = torch.zeros(shape)  # its drops are drawn all the same: later experts' draws follow
+                    if method == SparsificationMethod.magnitude:
+                        d = magnitude(i, d)
+                    elif method:
+                        d = sparsify(d, density=per["density"][i], method=method,
+                                     rescale_norm=RescaleNorm.l1 if shared["rescale"] else None,
+                                     **{k: per[k][i] for k in ("gamma", "epsilon") if k in per})
+                    yield i, d.mul_(weights[i])
+
+        mixed = torch.zeros(shape)
+        if m.consensus_method:
+            mask_dtype = torch.int8 if shared["int8_mask"] else torch.float32
+            vote = torch.zeros(shape)
+            for _, d in task_vectors():
+                vote.add_(d if m.consensus_method.value == "sum" else d.sign())  # count: exact integers in fp32
+            majority = (vote >= 0).to(mask_dtype) * 2 - 1
+            del vote
+            divisor = torch.zeros(shape)
+            for i, d in task_vectors():
+                mask = d.sign().to(mask_dtype) == majority
+                mixed.add_(d * mask)
+                divisor.add_(weights[i] * mask)
+            divisor[divisor == 0] = 1
+        else:
+            for _, d in task_vectors():
+                mixed.add_(d)
+            divisor = torch.stack(weights).sum(dim=0).reshape([1] * mixed.dim())
+            divisor[divisor.abs() < 1e-8] = 1
+        if shared["normalize"]:
+            mixed /= divisor
+        if shared["lambda"] != 1:
+            mixed *= shared["lambda"]
+        return torch.zeros_like(mixed).add_(mixed)  # mergekit returns base + mixed: -0.0 becomes 0.0 there too
+
     def iter_merged_deltas(self, ctx: BuildContext):
         import torch
 
@@ -113,14 +201,27 @@ class TaskArithmeticFamily(Method):
         linear = self.name == "task_arithmetic" and not self._shared(params)["normalize"] \
             and all(e.kind == "lora" for e in experts)
         weights = self._expert_values(experts, params, "weight")
+        stream = len(experts) > STREAM_MIN_EXPERTS
         with progress_bar(f"{self.name} ({len(experts)} experts)", total=len(names)) as bar:
             for name in names:
                 if linear:
-                    # sum_i lambda w_i s_i B_i A_i as one product of the stacked factors: the same
-                    # sum as mergekit's (equal up to fp32 rounding), without forming each delta
-                    fac = [(e.lora_factors(name), w) for e, ns, w in zip(experts, name_sets, weights) if name in ns]
-                    b = torch.cat([f[1] * (f[2] * w * params.lambda_) for f, w in fac], dim=1)
-                    yield name, b @ torch.cat([f[0] for f, _ in fac])
+                    # sum_i lambda w_i s_i B_i A_i as products of the stacked factors (STREAM_MIN_EXPERTS experts
+                    # per product): the same sum as mergekit's (equal up to fp32 rounding), without forming each delta
+                    fac = [(e, w) for e, ns, w in zip(experts, name_sets, weights) if name in ns]
+                    out = None
+                    for start in range(0, len(fac), STREAM_MIN_EXPERTS):
+                        part = [(e.lora_factors(name), w) for e, w in fac[start:start + STREAM_MIN_EXPERTS]]
+                        b = torch.cat([f[1] * (f[2] * w * params.lambda_) for f, w in part], dim=1)
+                        prod = b @ torch.cat([f[0] for f, _ in part])
+                        out = prod if out is None else out.add_(prod)
+                        del part, b
+                    yield name, out
+                elif stream:
+                    def delta(i: int, nm: str = name) -> torch.Tensor | None:
+                        return experts[i].delta(nm) if nm in name_sets[i] else None
+
+                    yield name, self.stream_merge_tensor(delta, experts, params, tensor_seed(params.seed, name, 0),
+                                                         shapes[name])
                 else:
                     deltas = [e.delta(name) if name in ns else torch.zeros(shapes[name])
                               for e, ns in zip(experts, name_sets)]

@@ -7,7 +7,8 @@
   (|x . p|, top right singular vectors of B A), average-activation prototypes.
   Softmax over all E then top-k then renormalise equals a softmax over the top-k scores.
   An all-zero prototype row marks an expert that does not adapt that module: it is never chosen
-  (score -inf), so experts with different target modules and ranks mix.
+  (score -inf), so experts with different target modules and ranks mix. Over COMPACT_MIN_EXPERTS or
+  more experts, a module is scored against the rows of the experts that adapt it only (one matmul).
 - `gate`: PHATGOOSE's training-time gate, sigmoid(x . v) per expert and module (dense, differentiable).
 - `fixed`: the same weights for every token (a mix); top-k of them.
 - `mole`, `smora`, `twin`: the trained routers of those methods (`workbench.methods.mole`, `.smora`, `.twin`),
@@ -32,6 +33,9 @@ from ..registry import Registry
 
 ROUTERS: Registry[type[BaseRouter]] = Registry("router", WorkbenchError)
 _EPS = 1e-5  # layer-norm epsilon of the standardisation (torch's LayerNorm default)
+# From this many experts on, a prototype router scores each module against the experts that adapt it only (pools of
+# hundreds of adapters with varied target modules: half the rows or fewer). Every router the demo builds has fewer.
+COMPACT_MIN_EXPERTS = 32
 
 
 class BaseRouter(nn.Module):
@@ -112,9 +116,17 @@ class PrototypeRouter(BaseRouter):
         self.scale, self.kind = scale, kind
         self.modules_ = sorted(prototypes)
         self._proto = {m: p.float() for m, p in prototypes.items()}
-        # prototypes are fixed: their standardised form is computed once
-        self._ready = {m: (standardise(p) if standardize else p) for m, p in self._proto.items()}
         self._absent = {m: (p == 0).all(dim=1) for m, p in self._proto.items()}
+        # Over many experts, a module's scores are computed for the experts that adapt it only (`_present`: their
+        # rows, in order); the absent ones' -inf is implied. Below COMPACT_MIN_EXPERTS every row is scored, as
+        # routers always did (a narrower matmul may round differently in the last bit).
+        self._present = {m: (~a).nonzero().flatten() for m, a in self._absent.items()
+                         if len(experts) >= COMPACT_MIN_EXPERTS and bool(a.any()) and not bool(a.all())}
+        # prototypes are fixed: the matrix each module scores against (standardised, compacted) is made once
+        self._ready = {}
+        for m, p in self._proto.items():
+            rows = p.index_select(0, self._present[m]) if m in self._present else p
+            self._ready[m] = standardise(rows) if standardize else rows
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "k": self.k, "temperature": self.temperature, "standardize": self.standardize,
@@ -132,17 +144,26 @@ class PrototypeRouter(BaseRouter):
         return PrototypeRouter(self.experts, self._proto, k=k, temperature=self.temperature, standardize=self.standardize,
                                absolute=self.absolute, scale=self.scale, kind=self.kind)
 
-    def scores(self, module: str, x: torch.Tensor) -> torch.Tensor:
-        """[T, E] routing scores of one module's inputs x [T, d_in]."""
+    def _scored(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        """Scores [T, E_m] against the module's scoring matrix: every expert, or those in `_present[module]`."""
         p = self._ready.get(module)
         if p is None:
             raise WorkbenchError(f"router has no prototypes for module {module!r}")
         p = p.to(x.device)
         h = self._standardised(x) if self.standardize else x.float()
-        s = h @ p.T
+        s = h @ p.T  # one matmul per module: [T, d_in] x [d_in, E_m]
         if self.scale == "inv_sqrt_d":
             s = s / x.shape[-1] ** 0.5
-        s = s.abs() if self.absolute else s
+        return s.abs() if self.absolute else s
+
+    def scores(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        """[T, E] routing scores of one module's inputs x [T, d_in] (-inf for experts that do not adapt it)."""
+        s = self._scored(module, x)
+        present = self._present.get(module)
+        if present is not None:
+            full = s.new_full((s.shape[0], self.num_experts), float("-inf"))
+            full[:, present.to(s.device)] = s
+            return full
         absent = self._absent[module]
         return s.masked_fill(absent.to(s.device), float("-inf")) if bool(absent.any()) else s
 
@@ -162,6 +183,16 @@ class PrototypeRouter(BaseRouter):
         if absent is None or bool(absent.all()):  # none of this router's experts adapts the module: base alone
             empty = torch.full((x.shape[0], 1), -1, dtype=torch.long, device=x.device)
             return empty, torch.zeros(x.shape[0], 1, device=x.device)
+        present = self._present.get(module)
+        if present is not None:  # scored over the experts that adapt the module; fewer than k: padded (-1, 0)
+            top = self._scored(module, x).topk(min(self.k, present.numel()), dim=-1)
+            w = torch.softmax(top.values / self.temperature, dim=-1)
+            idx = present.to(x.device)[top.indices]
+            pad = self.k - idx.shape[1]
+            if pad:
+                idx = torch.cat([idx, idx.new_full((idx.shape[0], pad), -1)], 1)
+                w = torch.cat([w, w.new_zeros((w.shape[0], pad))], 1)
+            return idx, w
         top = self.scores(module, x).topk(self.k, dim=-1)
         w = torch.softmax(top.values / self.temperature, dim=-1)  # absent experts (-inf) get weight 0
         return torch.where(torch.isfinite(top.values), top.indices, -1), w
@@ -506,5 +537,5 @@ class TwinRouter(BaseRouter):
         return torch.arange(w.shape[1], device=w.device).expand_as(w), w
 
 
-__all__ = ["DISPATCH", "ROUTERS", "BaseRouter", "FixedRouter", "GateRouter", "MoleRouter", "PrototypeRouter",
+__all__ = ["COMPACT_MIN_EXPERTS", "DISPATCH", "ROUTERS", "BaseRouter", "FixedRouter", "GateRouter", "MoleRouter", "PrototypeRouter",
            "SmoraRouter", "TwinRouter", "dense_weights", "load_router", "standardise"]

@@ -1,0 +1,490 @@
+"""Pools of many experts (issue 27): the synthesizer, the batch add, the on-disk digest cache, routing and merges over
+tens of adapters, on the tiny model."""
+
+import json
+import os
+import shutil
+from collections import Counter
+
+import pytest
+import torch
+from conftest import one_line, quiet, suite_data
+from safetensors.torch import load_file, save_file
+
+from workbench import io
+from workbench.errors import PoolError, RecipeError
+from workbench.pool import AddItem, Pool
+from workbench.recipes import build, parse_recipe
+from workbench.synth import is_synthetic, synthesize
+
+
+@pytest.fixture()
+def src(pool, tiny_dir):
+    """The tiny pool's two LoRA experts, the templates of the synthesized adapters."""
+    pool.add(tiny_dir / "lora_a", "addition", tags={"task": "addition"}, data=suite_data("addition"))
+    pool.add(tiny_dir / "lora_b", "sorting", tags={"task": "sorting"})
+    return pool
+
+
+@pytest.fixture()
+def big(src):
+    """64 synthesized adapters in their own pool over the tiny base."""
+    synthesize("big", 64, source="demo")
+    return Pool.open("big")
+
+
+def _count(monkeypatch, obj, attr):
+    calls = []
+    real = getattr(obj, attr)
+
+    def counted(*a, **k):
+        calls.append(a)
+        return real(*a, **k)
+
+    monkeypatch.setattr(obj, attr, counted)
+    return calls
+
+
+# ----------------------------------------------------------------------------- the synthesizer
+
+
+def test_synthesized_pool_verifies_loads_in_peft_and_is_varied(big, src):
+    assert big.verify() == []
+    experts = big.experts
+    assert len(experts) == 64 and all(is_synthetic(e) for e in experts)
+    assert Counter(e.entry.lora.r for e in experts).keys() == {4, 8, 16}
+    assert len({tuple(e.entry.lora.target_modules) for e in experts}) >= 4  # target modules vary
+    assert {e.entry.tags["template"] for e in experts} == {"addition", "sorting"}
+    assert all("not a trained expert" in e.entry.notes for e in experts)
+    by_template = {e.entry.tags["template"]: e for e in experts}
+    assert by_template["addition"].data() == src.expert("addition").data()  # its template's data, for avg_act
+
+    from peft import PeftModel
+
+    pm = PeftModel.from_pretrained(big.base.load(), str(experts[0].path), adapter_name=experts[0].name)
+    for e in experts[1:]:
+        res = pm.load_adapter(str(e.path), adapter_name=e.name)
+        assert not res.unexpected_keys and not [k for k in res.missing_keys if f".{e.name}." in k]
+    assert len(pm.peft_config) == 64
+
+
+def test_synthesized_adapters_stay_near_their_templates(big, src):
+    """At a module its template adapts, an adapter's delta points along its template's (cosine > 0.95), and for most
+    modules its top right singular vector (Arrow's prototype) is its template's: a router has something to find."""
+    from workbench.methods.arrow import top_right_singular_vector
+
+    cos_delta, cos_proto = [], []
+    for e in big.experts:
+        tpl = src.expert(e.entry.tags["template"])
+        for t in set(e.delta_names()) & set(tpl.delta_names()):
+            d, dt = e.delta(t), tpl.delta(t)
+            cos_delta.append(float((d * dt).sum() / d.norm() / dt.norm()))
+            (a, b, _), (ta, tb, _) = e.lora_factors(t), tpl.lora_factors(t)
+            cos_proto.append(float(torch.dot(top_right_singular_vector(a, b), top_right_singular_vector(ta, tb)).abs()))
+    assert len(cos_delta) > 100 and min(cos_delta) > 0.95
+    assert sum(c > 0.9 for c in cos_proto) / len(cos_proto) > 0.85  # the rest: near-equal top singular values
+
+
+def test_synthesis_is_deterministic_per_index_and_continues_names(src, pools):
+    synthesize("p8", 8, source="demo", seed=3)
+    synthesize("p12", 12, source="demo", seed=3)
+    p8, p12 = Pool.open("p8"), Pool.open("p12")
+    for e in p8.experts:  # adapter i depends on (seed, i) only: a small pool is a prefix of a larger one
+        assert (e.path / "adapter_model.safetensors").read_bytes() == \
+            (p12.expert(e.name).path / "adapter_model.safetensors").read_bytes()
+    more = synthesize("p8", 4, seed=3)  # into the existing pool: its own non-synthetic experts are templates (none)
+    assert [e.name for e in more] == ["synth-0008", "synth-0009", "synth-0010", "synth-0011"]
+    assert all(e.entry.tags["template"] == "random" for e in more)
+    assert Pool.open("p8").verify() == []
+
+
+def test_synthesis_writes_the_manifest_once(src, monkeypatch):
+    target = Pool.create("once", base=src.manifest.base.spec)
+    saves = _count(monkeypatch, Pool, "_save")
+    synthesize(target, 20, source="demo")
+    assert len(saves) == 1 and len(Pool.open("once").names()) == 20
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"n": 0}, r"n must be an integer from 1 to 4,096 \(got 0\)"),
+    ({"n": 5000}, r"n must be an integer from 1 to 4,096"),
+    ({"n": 2, "ranks": (0,)}, r"ranks must be integers from 1 to 256"),
+    ({"n": 2, "noise": 2.0}, r"noise must be between 0 and 1"),
+    ({"n": 2, "seed": -1}, r"seed must be an integer from 0 to 2\*\*32-1"),
+])
+def test_synthesis_bad_input_is_one_line(src, kw, msg):
+    with pytest.raises(PoolError, match=msg) as e:
+        synthesize("bad", source="demo", **kw)
+    one_line(e)
+    assert not (src.root.parent / "bad").exists()
+
+
+def test_synthesis_of_a_new_pool_needs_a_base(pools):
+    with pytest.raises(PoolError, match=r"pool 'nobase' does not exist: give the base") as e:
+        synthesize("nobase", 4)
+    one_line(e)
+
+
+# ----------------------------------------------------------------------------- add_many
+
+
+def test_add_many_validates_each_like_add_and_adds_nothing_on_a_bad_one(src, tiny_dir, tmp_path):
+    bad = shutil.copytree(tiny_dir / "lora_a", tmp_path / "nan")
+    sd = load_file(bad / "adapter_model.safetensors")
+    k = next(iter(sd))
+    sd[k][0, 0] = float("nan")
+    save_file(sd, str(bad / "adapter_model.safetensors"))
+    before = (src.root / "pool.json").read_bytes()
+    items = [AddItem(tiny_dir / "lora_a", "x1"), AddItem(bad, "x2"), AddItem(tiny_dir / "lora_b", "x3")]
+    with pytest.raises(Exception, match=r"NaN or Inf") as e:
+        src.add_many(items)
+    one_line(e)
+    assert (src.root / "pool.json").read_bytes() == before
+    assert sorted(p.name for p in (src.root / "experts").iterdir()) == ["addition", "sorting"]
+    for items, msg in (([AddItem(tiny_dir / "lora_a", "y"), AddItem(tiny_dir / "lora_b", "y")], "given twice"),
+                       ([AddItem(tiny_dir / "lora_a", "addition")], "already has an expert named 'addition'"),
+                       ([AddItem(tiny_dir / "lora_a", "../up")], "invalid expert name"),
+                       ([], "no experts given")):
+        with pytest.raises(PoolError, match=msg):
+            src.add_many(items)
+    assert (src.root / "pool.json").read_bytes() == before
+
+
+def test_add_many_equals_one_add_at_a_time(src, tiny_dir):
+    """The same entries as `add` writes (bar the time of adding), in the order given, the manifest written once."""
+    other = Pool.create("other", base=src.manifest.base.spec)
+    for n, f in (("a", "lora_a"), ("b", "lora_b"), ("c", "full_c")):
+        other.add(tiny_dir / f, n, tags={"t": n}, notes="x")
+    got = src.add_many([AddItem(tiny_dir / f, n, tags={"t": n}, notes="x")
+                        for n, f in (("a", "lora_a"), ("b", "lora_b"), ("c", "full_c"))])
+    assert [e.name for e in got] == ["a", "b", "c"] and src.names()[-3:] == ["a", "b", "c"]
+
+    def strip(e):
+        return {k: v for k, v in e.entry.model_dump(mode="json").items() if k != "added_at"}
+
+    assert [strip(e) for e in got] == [strip(other.expert(n)) for n in "abc"]
+    assert Pool.open(src.root).verify() == []
+
+
+def test_add_many_killed_while_placing_leaves_the_pool_as_it_was(src, tiny_dir, monkeypatch):
+    before = (src.root / "pool.json").read_bytes()
+    real = Pool._place
+    calls = []
+
+    def flaky(self, tmp, name):
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(self, tmp, name)
+
+    monkeypatch.setattr(Pool, "_place", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        src.add_many([AddItem(tiny_dir / "lora_a", "k1"), AddItem(tiny_dir / "lora_b", "k2")])
+    assert (src.root / "pool.json").read_bytes() == before
+    assert sorted(p.name for p in (src.root / "experts").iterdir()) == ["addition", "sorting"]
+    assert list((src.root / ".staging").iterdir()) == []
+
+
+def test_lookups_follow_every_manifest_write(src, tiny_dir):
+    """Name lookups use an index of the manifest: it follows adds, replaces and removes."""
+    assert "sorting" in src and src.expert("sorting").entry.lora.r == 2
+    src.add(tiny_dir / "lora_a", "sorting", replace=True)
+    assert src.expert("sorting").entry.lora.r == 4
+    src.remove("sorting")
+    assert "sorting" not in src
+    with pytest.raises(PoolError, match="has no expert 'sorting'"):
+        src.expert("sorting")
+    src.add_many([AddItem(tiny_dir / "lora_b", "z")])
+    assert src.expert("z").entry.lora.r == 2 and Pool.open(src.root).expert("z").name == "z"
+
+
+# ----------------------------------------------------------------------------- the digest cache
+
+
+def _new_process(monkeypatch):
+    """What another process sees: no digest remembered in memory."""
+    monkeypatch.setattr(io, "_DIGESTS", {})
+
+
+def test_second_build_reads_no_unchanged_expert_file_and_a_changed_one_is_caught(src, arts, tmp_path, monkeypatch):
+    monkeypatch.setattr(io, "RACY_NS", 0)  # files written by this test are milliseconds old: remember them anyway
+    recipe = {"name": "ta", "pool": str(src.root), "method": "task_arithmetic", "experts": ["addition", "sorting"]}
+    hashed = _count(monkeypatch, io, "sha256_file")
+    build(parse_recipe(recipe), log=quiet)
+    files = [e.path / f for e in src.experts for f in e.entry.files]
+    assert {str(c[0]) for c in hashed} >= {str(f) for f in files}  # the first build reads each file
+    _new_process(monkeypatch)
+    hashed.clear()
+    build(parse_recipe(recipe), log=quiet)
+    build(parse_recipe(recipe), force=True, log=quiet)
+    assert [c for c in hashed if str(c[0]).startswith(str(src.root))] == []  # no expert file read again
+    weights = src.expert("addition").path / "adapter_model.safetensors"
+    st = weights.stat()
+    sd = load_file(weights)
+    save_file({k: v * 2 for k, v in sd.items()}, str(weights), metadata={"format": "pt"})
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, mtime put back: the ctime tells
+    _new_process(monkeypatch)
+    with pytest.raises(RecipeError, match=r"^expert 'addition': .*adapter_model\.safetensors changed since it was "
+                                          r"added \(sha256 mismatch\)") as e:
+        build(parse_recipe(recipe), log=quiet)
+    one_line(e)
+
+
+def test_a_file_changed_just_before_hashing_is_not_remembered_on_disk(tmp_path, monkeypatch):
+    f = tmp_path / "fresh.bin"
+    f.write_bytes(b"x" * 100)
+    hashed = _count(monkeypatch, io, "sha256_file")
+    digest = io.sha256_file_cached(f)  # written milliseconds ago: within RACY_NS
+    _new_process(monkeypatch)
+    assert io.sha256_file_cached(f) == digest and len(hashed) == 2  # read again: nothing was kept on disk
+    monkeypatch.setattr(io, "RACY_NS", 0)
+    _new_process(monkeypatch)
+    io.sha256_file_cached(f)
+    _new_process(monkeypatch)
+    assert io.sha256_file_cached(f) == digest and len(hashed) == 3  # now remembered: the 4th lookup read nothing
+
+
+def test_a_torn_cache_entry_is_hashed_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(io, "RACY_NS", 0)
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"abc")
+    digest = io.sha256_file_cached(f)
+    entry = io._digest_entry(os.stat(f))
+    assert entry.read_text().strip() == digest
+    entry.write_text(digest[:20])  # a torn write
+    _new_process(monkeypatch)
+    hashed = _count(monkeypatch, io, "sha256_file")
+    assert io.sha256_file_cached(f) == digest and len(hashed) == 1
+
+
+def test_verify_of_64_adapters_rereads_nothing_the_second_time(big, monkeypatch):
+    from workbench.tensors import SafetensorsDir
+
+    monkeypatch.setattr(io, "RACY_NS", 0)
+    _new_process(monkeypatch)
+    assert big.verify() == []  # hashes every file once, and remembers
+    _new_process(monkeypatch)
+    hashed = _count(monkeypatch, io, "sha256_file")
+    scanned = _count(monkeypatch, SafetensorsDir, "check_finite")
+    assert Pool.open(big.root).verify() == []
+    assert hashed == [] and scanned == []  # digests from the disk cache; values passed their scan on add
+    assert Pool.open(big.root).verify(deep=True) == [] and len(scanned) == 64
+    assert Pool.open(big.root).verify(hashes=False) == [] and len(scanned) == 128
+    victim = big.expert("synth-0007").path / "adapter_model.safetensors"
+    sd = load_file(victim)
+    save_file({k: v + 1 for k, v in sd.items()}, str(victim), metadata={"format": "pt"})
+    problems = Pool.open(big.root).verify()
+    assert problems == ["synth-0007: adapter_model.safetensors changed since it was added (sha256 mismatch)"]
+
+
+# ----------------------------------------------------------------------------- routing over many experts
+
+
+def _peft_logits(pool, name, ids):
+    from peft import PeftModel
+
+    pm = PeftModel.from_pretrained(pool.base.load(), str(pool.expert(name).path), is_trainable=False).eval()
+    with torch.no_grad():
+        return pm(input_ids=ids).logits
+
+
+def test_routed_over_64_forced_to_one_equals_its_peft_output(big):
+    from workbench.modules.routed_lora import RoutedGroup, wrap_experts
+    from workbench.modules.routers import FixedRouter
+
+    experts = big.experts
+    names = [e.name for e in experts]
+    model = big.base.load().eval()
+    ctx = wrap_experts(model, experts)
+    ids = torch.randint(3, 60, (2, 9), generator=torch.Generator().manual_seed(0))
+    ranks = set()
+    for j in (0, 29, 63):
+        w = [0.0] * 64
+        w[j] = 1.0
+        with torch.no_grad(), ctx.use(groups=[RoutedGroup(FixedRouter(names, w, k=1), None)]):
+            got = model(input_ids=ids).logits
+        torch.testing.assert_close(got, _peft_logits(big, names[j], ids), atol=1e-5, rtol=0)
+        ranks.add(experts[j].entry.lora.r)
+    assert len(ranks) >= 2  # experts of several ranks were forced
+
+
+class _Recording(list):
+    """A list of factors that records which entries were read."""
+
+    def __init__(self, items, seen):
+        super().__init__(items)
+        self.seen = seen
+
+    def __getitem__(self, i):
+        self.seen.add(i)
+        return super().__getitem__(i)
+
+
+def test_top2_dispatch_touches_only_the_chosen_experts_factors(big):
+    from workbench.modules.routed_lora import RoutedGroup, Trace, routed_modules, wrap_experts
+    from workbench.modules.routers import PrototypeRouter
+
+    experts = big.experts
+    model = big.base.load().eval()
+    ctx = wrap_experts(model, experts)
+    mods = routed_modules(model)
+    seen = {m: set() for m in mods}
+    for m, lin in mods.items():
+        lin.weights.a = _Recording(lin.weights.a, seen[m])
+        lin.weights.b = _Recording(lin.weights.b, seen[m])
+    g = torch.Generator().manual_seed(1)
+    protos = {m: torch.randn(64, lin.base.in_features, generator=g) for m, lin in mods.items()}
+    for i, e in enumerate(experts):  # zero rows where an expert does not adapt the module: never chosen there
+        own = {t[: -len(".weight")] for t in e.delta_names()}
+        for m, p in protos.items():
+            if m not in own:
+                p[i] = 0
+    router = PrototypeRouter([e.name for e in experts], protos, k=2, standardize=False, absolute=True, scale="one")
+    trace = Trace()
+    with torch.no_grad(), ctx.use(groups=[RoutedGroup(router, None)], trace=trace):
+        model(input_ids=torch.tensor([[5, 17, 30]]))
+    for m, lin in mods.items():
+        chosen = {int(i) for idx, w in trace.modules[m] for i, x in zip(idx.flatten(), w.flatten()) if i >= 0 and x > 0}
+        assert chosen and seen[m] <= chosen, (m, sorted(seen[m] - chosen))
+        assert len(seen[m]) <= 6  # 3 tokens x top-2: at most 6 experts' factors read, of 64
+        assert "padded" not in lin.weights.__dict__ and "stacked" not in lin.weights.__dict__  # no copy over all E
+
+
+def test_compact_prototype_scoring_equals_the_full_reference():
+    """Over >= COMPACT_MIN_EXPERTS experts, a module is scored against the experts that adapt it only: the same
+    choices and weights as scoring every row with -inf for the absent ones; fewer than k present: padded."""
+    from workbench.modules.routers import COMPACT_MIN_EXPERTS, PrototypeRouter, standardise
+
+    g = torch.Generator().manual_seed(5)
+    e, d, t = COMPACT_MIN_EXPERTS + 8, 24, 30
+    protos = {"m": torch.randn(e, d, generator=g), "few": torch.zeros(e, d)}
+    protos["m"][::3] = 0  # a third of the experts do not adapt m
+    protos["few"][7] = torch.randn(d, generator=g)  # one expert adapts "few"
+    x = torch.randn(t, d, generator=g)
+    for standardize, absolute, scale in ((True, False, "inv_sqrt_d"), (False, True, "one")):
+        r = PrototypeRouter([f"e{i}" for i in range(e)], protos, k=3, standardize=standardize, absolute=absolute,
+                            scale=scale)
+        assert set(r._present) == {"m", "few"}
+        p = standardise(protos["m"]) if standardize else protos["m"]
+        h = standardise(x) if standardize else x
+        s = h @ p.T / (d ** 0.5 if scale == "inv_sqrt_d" else 1)
+        s = (s.abs() if absolute else s).masked_fill((protos["m"] == 0).all(1), float("-inf"))
+        top = s.topk(3, -1)
+        idx, w = r.route("m", x)
+        assert torch.equal(idx, top.indices)
+        torch.testing.assert_close(w, torch.softmax(top.values, -1), atol=1e-6, rtol=0)
+        torch.testing.assert_close(r.scores("m", x), s, atol=1e-5, rtol=0)
+        idx, w = r.route("few", x)
+        assert (idx[:, 0] == 7).all() and (idx[:, 1:] == -1).all() and (w[:, 0] == 1).all() and (w[:, 1:] == 0).all()
+    small = PrototypeRouter(["a", "b", "c"], {"m": protos["m"][:3]}, k=2)
+    assert small._present == {}  # a few experts: every row scored, as before
+
+
+def test_arrow_over_64_synthesized_experts_builds_linearly_and_routes(big, arts, monkeypatch):
+    """One SVD per (expert, module it adapts): time linear in N; one [N, d_in] prototype matrix per module."""
+    from workbench.artifacts import load_artifact
+    from workbench.methods import arrow
+    from workbench.modules.routers import load_router
+
+    svds = _count(monkeypatch, arrow, "top_right_singular_vector")
+    recipe = {"name": "arrow64", "pool": str(big.root), "method": "arrow", "parameters": {"k": 2}}
+    path = build(parse_recipe(recipe), log=quiet)
+    assert len(svds) == sum(len(e.delta_names()) for e in big.experts)
+    router = load_router(path)
+    assert len(router.experts) == 64 and all(p.shape[0] == 64 for p in router.tensors().values())
+    loaded = load_artifact(path)
+    ids = torch.randint(3, 60, (1, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = loaded.model(input_ids=ids).logits
+    assert torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------- merges over many experts
+
+
+def _lora_tensors(path):
+    return load_file(path / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("method, params", [("ties", {"density": 0.5}), ("dare_ties", {"density": 0.6, "seed": 4}),
+                                            ("task_arithmetic", {"normalize": True, "lambda": 0.5}),
+                                            ("della", {"density": 0.5})])
+def test_streamed_merge_of_two_equals_the_stacked_one_bit_for_bit(src, arts, monkeypatch, method, params):
+    from workbench.methods import merge_ta
+
+    recipe = {"name": f"s-{method}", "pool": str(src.root), "method": method, "experts": ["addition", "sorting"],
+              "parameters": params, "output": {"kind": "lora", "rank": 4}}
+    stacked = _lora_tensors(build(parse_recipe(recipe), log=quiet))
+    monkeypatch.setattr(merge_ta, "STREAM_MIN_EXPERTS", 1)  # two experts, streamed
+    streamed = _lora_tensors(build(parse_recipe(recipe), force=True, log=quiet))
+    assert stacked.keys() == streamed.keys() and all(torch.equal(stacked[k], streamed[k]) for k in stacked)
+
+
+@pytest.mark.parametrize("method, params", [("ties", {"density": 0.4}), ("task_arithmetic", {"lambda": 0.3}),
+                                            ("dare_linear", {"density": 0.7, "seed": 1})])
+def test_merges_of_40_synthesized_loras_stream_and_match_the_stacked_ones(big, arts, monkeypatch, method, params):
+    """Beyond STREAM_MIN_EXPERTS experts a tensor's task vectors are read one at a time (task arithmetic: the factor
+    product in groups); the merged deltas equal the stacked computation up to fp32 rounding."""
+    from workbench.methods import merge_ta
+
+    names = big.names()[:40]
+    resolved = parse_recipe({"name": f"m-{method}", "pool": str(big.root), "method": method, "experts": names,
+                             "parameters": params})
+    calls = _count(monkeypatch, merge_ta.TaskArithmeticFamily, "merge_tensor")
+
+    class Ctx:
+        experts, params, pool = resolved.experts, resolved.params, resolved.pool
+
+    streamed = dict(resolved.method.iter_merged_deltas(Ctx))
+    assert calls == []  # nothing stacked
+    monkeypatch.setattr(merge_ta, "STREAM_MIN_EXPERTS", 1000)
+    stacked = dict(resolved.method.iter_merged_deltas(Ctx))
+    assert streamed.keys() == stacked.keys()
+    for k, v in stacked.items():
+        torch.testing.assert_close(streamed[k], v, atol=2e-6, rtol=1e-5)
+    if method != "task_arithmetic":
+        assert len(calls) == len(stacked)
+
+
+def test_scale_benchmark_quick_on_the_tiny_model(src, tmp_path, monkeypatch):
+    from workbench.bench import scale
+
+    out = tmp_path / "scale.json"
+    rec = scale.run(base_spec=str(src.base.path), source=str(src.root), quick=True, out_file=out,
+                    plot=tmp_path / "scale.svg", log=quiet)
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(rec))
+    assert saved["ns"] == [4, 8, 16]
+    ops = saved["operations"]
+    assert set(ops) == {"pool_add", "verify", "verify_again", "ties_merge_lora", "arrow_build",
+                        "routed_forward_top2"}
+    for op, rows in ops.items():
+        assert [r["n"] for r in rows] == [4, 8, 16], op
+        assert all(r["wall_s"] > 0 and r["peak_rss_anon_mb"] > 0 for r in rows), op
+        assert isinstance(saved["exponents"][op]["wall_s"], float)
+    assert all(r["ratio_to_base"] > 0 for r in ops["routed_forward_top2"])
+    assert (tmp_path / "scale.svg").stat().st_size > 1000
+    assert saved["not_measured"]["server_start"] and saved["not_measured"]["zipf_serving"]
+
+
+def test_pool_list_show_verify_read_the_manifest_once(big, run_cli, monkeypatch):
+    """At any N, `pool list/show/verify` parse the manifest once (lookups by name use its index), not per expert."""
+    from workbench import pool as pool_mod
+
+    monkeypatch.setattr(io, "RACY_NS", 0)
+    reads = _count(monkeypatch, pool_mod, "_read_manifest")
+    for args in (("list", "big"), ("show", "big"), ("show", "big", "synth-0063"), ("verify", "big")):
+        reads.clear()
+        code, out, _ = run_cli("pool", *args)
+        assert code == 0 and len(reads) == 1, (args, len(reads))
+    assert "64 experts verified" in out
+
+
+def test_pool_synth_cli_writes_a_pool_that_verifies(src, run_cli):
+    code, out, err = run_cli("pool", "synth", "syn", "--n", "3", "--from", "demo", "--rank", "4", "--seed", "1")
+    assert code == 0, err
+    p = Pool.open("syn")
+    assert len(p.names()) == 3 and p.verify() == []
+    assert {p.expert(n).lora_factors(p.expert(n).delta_names()[0])[0].shape[0] for n in p.names()} == {4}
+    code, out, err = run_cli("pool", "synth", "syn2", "--n", "0", "--from", "demo")
+    assert code == 2 and "\n" not in err.strip()
