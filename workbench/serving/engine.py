@@ -328,15 +328,7 @@ class MultiLoraModel:
         max_new = [max_new_tokens] * b if isinstance(max_new_tokens, int) else list(max_new_tokens)
         temps = [temperature] * b if isinstance(temperature, (int, float)) else list(temperature)
         stop_ids = stop_ids if stop_ids is not None else {self.tokenizer.eos_token_id}
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        s = max(len(p) for p in prompts)
-        ids = torch.full((b, s), pad, dtype=torch.long)
-        mask = torch.zeros((b, s), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, s - len(p):] = torch.tensor(p)
-            mask[i, s - len(p):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, pos = self._left_padded(prompts)
         cache = DynamicCache(config=self.model.config)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         out: list[list[int]] = [[] for _ in range(b)]
@@ -373,6 +365,19 @@ class MultiLoraModel:
             self._count_active(-live)
         return out
 
+    def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token ids [B, S] left-padded with the pad token, their attention mask and position ids (0 at each
+        prompt's first real token), on the engine's device."""
+        b, s = len(prompts), max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((b, s), pad, dtype=torch.long)
+        mask = torch.zeros((b, s), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, s - len(p):] = torch.tensor(p)
+            mask[i, s - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
     # -- continuous batching: new sequences are prefilled, then join the running rows between decode steps
     @torch.no_grad()
     def prefill(self, prompts: list[list[int]], assignments: Sequence[Assignment], *,
@@ -384,15 +389,7 @@ class MultiLoraModel:
 
         if not prompts or any(len(p) == 0 for p in prompts):
             raise WorkbenchError("prefill needs at least one prompt, each of at least one token")
-        b, s = len(prompts), max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((b, s), pad, dtype=torch.long)
-        mask = torch.zeros((b, s), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, s - len(p):] = torch.tensor(p)
-            mask[i, s - len(p):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, pos = self._left_padded(prompts)
         state = BatchState(list(assignments), mask, DynamicCache(config=self.model.config), {})
         keep = {} if all_logits or not self._logits_to_keep else {"logits_to_keep": 1}
         logits = self.forward(ids, attention_mask=mask, assignments=state.assignments, twin_states=state.twins,
