@@ -10,6 +10,7 @@ import time
 
 import httpx
 import pytest
+import torch
 
 from workbench.serving.api import create_app, start_in_thread
 from workbench.serving.engine import MultiLoraModel
@@ -171,8 +172,10 @@ def test_non_finite_logits_end_that_sequence_only(serve, engine, monkeypatch):
     assert text_of(rs[0]) == text_of(rs[2]) == want
 
 
-@pytest.mark.parametrize("admission", ["continuous"])
+@pytest.mark.parametrize("admission", ["continuous", "static"])
 def test_short_request_finishes_while_a_long_stream_runs(serve, engine, monkeypatch, admission):
+    """Continuous: a short request sent while a long stream decodes joins its batch and finishes first. Static (the
+    old batching, kept for comparisons): it waits for the long stream to end."""
     want = alone(engine, "b", "Add: 1+2\nAnswer:", 4)
     url, app = serve(admission=admission)
     slow_down(monkeypatch, engine, 0.02)  # 200 steps: at least 4 s
@@ -194,9 +197,13 @@ def test_short_request_finishes_while_a_long_stream_runs(serve, engine, monkeypa
     long_still_running = t.is_alive()
     t.join(120)
     assert text_of(r) == want
-    assert long_still_running, "the short request waited for the long stream"
     assert finish[-1] == "length"  # and the long stream went on to its 200 tokens
-    assert app.state.scheduler.stats["joined_running"] == 1
+    if admission == "continuous":
+        assert long_still_running, "the short request waited for the long stream"
+        assert app.state.scheduler.stats["joined_running"] == 1
+    else:
+        assert not long_still_running, "static admission let the short request join a running batch"
+        assert app.state.scheduler.stats["joined_running"] == 0 and app.state.scheduler.stats["batches"] == 2
 
 
 def test_seeded_sampling_is_the_same_alone_and_batched(serve, engine):
@@ -332,3 +339,213 @@ def test_a_scheduler_failure_answers_every_admitted_request_and_the_server_goes_
     assert idle(engine, sched)
     assert text_of(httpx.post(f"{url}/v1/completions", json={"model": "b", "prompt": "y", "max_tokens": 5},
                               timeout=60)) == alone(engine, "b", "y", 5)
+
+
+def test_penalties_and_stop_strings_in_one_batch_equal_each_request_alone(serve, engine, monkeypatch):
+    """Requests with different penalties, stop strings and lengths (one sampled with its seed) decoding together,
+    rows leaving while others go on: each text and finish reason equals that request sent alone."""
+    url, app = serve()
+    sched = app.state.scheduler
+    prompts = ["Sort: 3 1 2\nAnswer:", "Add: 12+34\nAnswer:", "Sort: 9 8 7\nAnswer:", "Add: 5+5\nAnswer:"]
+    bodies = [{"model": "a", "prompt": prompts[0], "max_tokens": 14, "frequency_penalty": 2.0, "presence_penalty": 1.0},
+              {"model": "b", "prompt": prompts[1], "max_tokens": 20, "presence_penalty": -1.5},
+              {"model": "a", "prompt": prompts[2], "max_tokens": 12, "frequency_penalty": 1.2},
+              {"model": "mix:a=0.3,b=0.7", "prompt": prompts[3], "max_tokens": 3},
+              {"model": "base", "prompt": prompts[0], "max_tokens": 16, "frequency_penalty": 0.7},
+              {"model": "b", "prompt": prompts[2], "max_tokens": 9, "frequency_penalty": -1.0, "temperature": 0.8,
+               "seed": 3},
+              {"model": "a", "prompt": prompts[1], "max_tokens": 18, "presence_penalty": 2.0},
+              {"model": "b", "prompt": prompts[3], "max_tokens": 7}]
+
+    def one(body):
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"], r.json()["choices"][0]["finish_reason"]
+
+    for i in (0, 1, 2):  # the penalties change these texts
+        assert one(bodies[i]) != one({**bodies[i], "frequency_penalty": 0.0, "presence_penalty": 0.0}), i
+    # stop strings: two characters from the middle of some requests' own texts (so they stop there)
+    for i in (2, 4, 6, 7):
+        text = one(bodies[i])[0]
+        assert len(text) >= 6, text
+        bodies[i]["stop"] = ["never-there", text[len(text) // 2:len(text) // 2 + 2]]
+    alone_ = [one(b) for b in bodies]
+    assert [f for _, f in alone_].count("stop") >= 4
+    slow_down(monkeypatch, engine, 0.01)
+    before = dict(sched.stats)
+    together = [(r.json()["choices"][0]["text"], r.json()["choices"][0]["finish_reason"]) for r in post_all(url, bodies)]
+    assert together == alone_
+    assert sched.stats["max_batch_seen"] >= len(bodies) and sched.stats["left_running"] > before["left_running"]
+    assert idle(engine, sched)
+
+
+def _draws(logits: torch.Tensor, n: int, **params) -> torch.Tensor:
+    """Token frequencies of `n` draws by the scheduler's own choice of the next token (one seeded generator)."""
+    from workbench.serving.scheduler import SamplingParams, choose_token
+
+    p = SamplingParams(max_tokens=1, **params)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.tensor([choose_token(logits, p, None, g) for _ in range(n)])
+    return torch.bincount(draws, minlength=logits.numel()).double() / n
+
+
+def test_temperature_samples_softmax_of_logits_over_t():
+    """Seeded draws at T = 0.5 and T = 2 from fixed logits: token frequencies match softmax(logits / T) computed by
+    hand (within 4 standard errors), so the lower temperature is the sharper."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    n = 6000
+    entropy = {}
+    for t in (0.5, 2.0):
+        freq = _draws(logits, n, temperature=t)
+        want = torch.exp(logits.double() / t) / torch.exp(logits.double() / t).sum()
+        assert (freq - want).abs().max() < 4 * (0.25 / n) ** 0.5, (t, freq, want)
+        entropy[t] = float(-(freq * freq.clamp_min(1e-12).log()).sum())
+    assert entropy[0.5] < entropy[2.0] - 0.3
+
+
+@pytest.mark.parametrize("top_p, nucleus", [(0.3, 1), (0.6, 2), (0.8, 3), (0.9, 4), (1.0, 5)])
+def test_top_p_keeps_the_smallest_nucleus_reaching_its_mass(top_p, nucleus):
+    """Probabilities 1/2, 1/4, 1/8, 1/16, 1/16: the nucleus is the most likely tokens up to the first whose cumulated
+    mass reaches top_p (0.6: the first two; a `cumsum < top_p` rule keeps one); inside it, draws follow the
+    renormalised probabilities."""
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625], dtype=torch.float64)
+    n = 4000
+    freq = _draws(probs.log().float(), n, temperature=1.0, top_p=top_p)
+    assert set(torch.nonzero(freq).flatten().tolist()) == set(range(nucleus)), freq
+    want = torch.zeros(5, dtype=torch.float64)
+    want[:nucleus] = probs[:nucleus] / probs[:nucleus].sum()
+    assert (freq - want).abs().max() < 4 * (0.25 / n) ** 0.5, (freq, want)
+
+
+RAISING_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                    "{{ raise_exception('System role not supported') }}{% endif %}"
+                    "[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}")
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400(serve, engine):
+    """A chat template raising (here: no system role, as some models' do) answers a 400 with its message, not a 500;
+    the same messages without the system one are served."""
+    engine.tokenizer.chat_template = RAISING_TEMPLATE
+    url, _ = serve()
+    user = {"role": "user", "content": "Add: 1+2"}
+    for role in ("system", "developer"):
+        r = httpx.post(f"{url}/v1/chat/completions", json={
+            "model": "a", "max_tokens": 3, "messages": [{"role": role, "content": "Be brief."}, user]}, timeout=60)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert "System role not supported" in error["message"] and error["param"] == "messages", error
+        assert error["type"] == "invalid_request_error"
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": "a", "max_tokens": 3, "messages": [user]}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_bodies_over_the_limit_get_a_413_before_they_are_read(serve):
+    url, _ = serve(max_body_mb=1)
+    big = {"model": "a", "prompt": "x" * (3 * 2**19)}  # 1.5 MB
+
+    def chunked(data: bytes):
+        for k in range(0, len(data), 65536):
+            yield data[k:k + 65536]
+
+    data = json.dumps(big).encode()
+    for r in (httpx.post(f"{url}/v1/completions", json=big, timeout=60),
+              httpx.post(f"{url}/v1/completions", content=chunked(data), timeout=60,
+                         headers={"content-type": "application/json"})):
+        assert r.status_code == 413, r.text
+        error = r.json()["error"]
+        assert error["code"] == "request_too_large" and set(error) == {"message", "type", "param", "code"}, error
+    small = json.dumps({"model": "a", "prompt": "Add: 1+2", "max_tokens": 3}).encode()
+    r = httpx.post(f"{url}/v1/completions", content=chunked(small), headers={"content-type": "application/json"},
+                   timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
+    under = httpx.post(f"{url}/v1/completions", json={"model": "a", "prompt": "x" * 2**19}, timeout=60)  # 0.5 MB
+    assert under.status_code == 400 and under.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_small_prompts_are_tokenised_while_big_ones_are(serve, engine, monkeypatch):
+    """More big prompts than the default thread pool has threads, each tokenising for seconds: a small completion
+    sent after them is tokenised and answered while they are all still in flight (big prompts have threads of
+    their own; a shared pool would queue it behind them)."""
+    import os
+
+    tok, calls = engine.tokenizer, []
+
+    class SlowOnBig:  # the engine's tokenizer, seconds slower on a big text
+        def __call__(self, text, **kw):
+            if len(text) > 200_000:
+                calls.append(text[:1])
+                time.sleep(1.5)
+            return tok(text, **kw)
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def __len__(self):
+            return len(tok)
+
+    url, _ = serve()
+    monkeypatch.setattr(engine, "tokenizer", SlowOnBig())
+    n_big = min(32, (os.cpu_count() or 1) + 4) + 2  # asyncio.to_thread's default pool, and more
+    done: list[float] = []
+
+    async def main():
+        async with httpx.AsyncClient(timeout=300) as c:
+            async def big():
+                r = await c.post(f"{url}/v1/completions", json={"model": "a", "prompt": "x" * 300_000})
+                done.append(time.monotonic())
+                return r
+
+            bigs = [asyncio.ensure_future(big()) for _ in range(n_big)]
+            while len(calls) < 1:
+                await asyncio.sleep(0.01)
+            t0 = time.monotonic()
+            small = await c.post(f"{url}/v1/completions", json={"model": "b", "prompt": "Add: 1+2", "max_tokens": 3})
+            small_at = time.monotonic()
+            return small, small_at - t0, small_at, await asyncio.gather(*bigs)
+
+    small, took, small_at, bigs = asyncio.run(main())
+    assert small.status_code == 200 and small.json()["usage"]["completion_tokens"] == 3
+    assert all(r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded" for r in bigs)
+    assert not any(t < small_at for t in done), (took, sorted(t - small_at for t in done))
+
+
+def test_time_to_first_token_counts_from_arrival_tokenising_included(serve, engine, monkeypatch):
+    """TTFT starts when the request arrives (before tokenising), the queue time when the scheduler gets it."""
+    tok = engine.tokenizer
+
+    class Slow:
+        def __call__(self, text, **kw):
+            time.sleep(0.5)
+            return tok(text, **kw)
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def __len__(self):
+            return len(tok)
+
+    url, _ = serve()
+    monkeypatch.setattr(engine, "tokenizer", Slow())
+    r = httpx.post(f"{url}/v1/completions", json={"model": "a", "prompt": "Add: 1+2", "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200
+    lines = dict(line.rsplit(" ", 1) for line in httpx.get(f"{url}/metrics").text.splitlines()
+                 if line and not line.startswith("#"))
+    assert float(lines['workbench_time_to_first_token_seconds_sum{model="a"}']) >= 0.5
+    assert float(lines['workbench_queue_seconds_sum{model="a"}']) < 0.5
+
+
+def test_a_full_model_that_cannot_load_is_a_503_logged_with_its_traceback(serve, engine, tmp_path, caplog):
+    from workbench.serving.engine import FullModel
+
+    url, _ = serve(full_models=[FullModel("broken", "merged_model", tmp_path / "missing", {})])
+    with caplog.at_level(logging.ERROR, logger="workbench.serving"):
+        rs = [httpx.post(f"{url}/v1/completions", json={"model": "broken", "prompt": "x", "max_tokens": 2}, timeout=60)
+              for _ in range(2)]
+    for r in rs:
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_unavailable", r.text
+        assert "\n" not in r.json()["error"]["message"]
+    loads = [rec for rec in caplog.records if "could not be loaded" in rec.getMessage() and rec.exc_info]
+    assert len(loads) == 1  # the load failed once, logged with its traceback; each 503 is logged in one line
+    assert sum("503 for model 'broken'" in rec.getMessage() for rec in caplog.records) == 2
+    r = httpx.post(f"{url}/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200

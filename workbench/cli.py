@@ -740,11 +740,12 @@ def serve_cmd(
     pool: _Pool = "demo", host: str = "127.0.0.1", port: int = 8000,
     backend: Annotated[Optional[str], typer.Option(help="kernel backend (default: by device)")] = None,
     device: _Dev = "cpu", max_batch: int = 32,
+    max_body_mb: Annotated[float, typer.Option(help="request bodies over this many MB get a 413")] = 4.0,
 ):
     """OpenAI-compatible server: /v1/models, /v1/completions, /v1/chat/completions (streaming too)."""
     from . import serve
 
-    serve(pool, host=host, port=port, backend=backend, device=device, max_batch=max_batch)
+    serve(pool, host=host, port=port, backend=backend, device=device, max_batch=max_batch, max_body_mb=max_body_mb)
 
 
 # ----------------------------------------------------------------------------- benchmarks

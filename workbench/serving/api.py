@@ -7,12 +7,15 @@ full-model artifact built over the pool (a merged model, an upcycled MoE: its ow
 on first request).
 
 Every request is validated before it joins a batch (strict types, bounded numbers, a non-empty prompt that fits
-the context, finite mix weights) and answers a 4xx otherwise. Tokenisation runs off the event loop. Requests are
+the context, finite mix weights) and answers a 4xx otherwise; a body over `max_body_mb` is refused (413) before it
+is parsed. Tokenisation runs off the event loop on the server's own threads, big prompts on their own (so a few
+multi-MB prompts never hold up the small ones). Requests are
 decoded by continuous batching (`scheduler.Scheduler`): each joins the running batch at the next step and leaves
 it when done, each with its own adapter, mix or router and its own sampling state; a client that disconnects
 (streaming or not) is dropped at the next step. Errors use OpenAI's shape
 {"error": {"message", "type", "param", "code"}} on every path (unknown routes and unreadable bodies too);
-every 5xx is logged with its traceback.
+every 500 is logged with its traceback (a full model that cannot load: its traceback once, when the load fails,
+then each 503 in one line).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -52,7 +56,19 @@ from .protocol import (
 )
 from .scheduler import Delta, Done, Failed, Job, SamplingParams, Scheduler, TokenLogprob
 
+try:  # chat templates are jinja2 (installed with torch)
+    from jinja2.exceptions import TemplateError, TemplateSyntaxError
+except ImportError:  # pragma: no cover - no jinja2, no chat template to fail
+    class TemplateError(Exception):
+        pass
+
+    class TemplateSyntaxError(TemplateError):
+        pass
+
 log = logging.getLogger("workbench.serving")
+
+COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for completions (chat: the room left in the context)
+BIG_PROMPT_CHARS = 100_000  # prompts (a request's characters) over this are tokenised on their own threads
 
 __all__ = ["APIError", "ChatRequest", "CompletionRequest", "Message", "create_app", "serve", "start_in_thread"]
 
@@ -70,7 +86,8 @@ def _error(description: str) -> dict:
 
 BAD = {400: _error("invalid request: a parameter out of bounds or of the wrong type, malformed JSON, a prompt "
                    "that does not fit the context, an invalid mix")}
-GEN = {**BAD, 404: _error("unknown model"), 500: _error("this request's generation failed (logged)"),
+GEN = {**BAD, 404: _error("unknown model"), 413: _error("a request body over the server's limit (max_body_mb)"),
+       500: _error("this request's generation failed (logged)"),
        503: _error("a full-model artifact that cannot be loaded")}
 
 
@@ -81,11 +98,14 @@ def _sse_and_json(model, chunk) -> dict:
 
 def create_app(engine: MultiLoraModel, *, full_models: Sequence[FullModel] = (), max_batch: int = 32,
                window_s: float = 0.01, context_length: int | None = None, admission: str = "continuous",
-               max_prefill_tokens: int = 8192) -> FastAPI:
+               max_prefill_tokens: int = 8192, max_body_mb: float = 4.0, tokenize_threads: int = 4) -> FastAPI:
     """The server's app over `engine` (and `full_models`, each its own engine and scheduler once requested).
     `max_batch`: rows decoded together; `window_s`: how long an idle scheduler waits for requests to prefill
     together; `admission`: continuous (join at any step) or static (join an empty batch only);
-    `max_prefill_tokens`: left-padded prompt tokens per prefill; `context_length`: overrides the model's."""
+    `max_prefill_tokens`: left-padded prompt tokens per prefill (a longer single prompt is prefilled alone);
+    `context_length`: overrides the model's; `max_body_mb`: larger request bodies get a 413 before they are read;
+    `tokenize_threads`: threads tokenising prompts of up to BIG_PROMPT_CHARS characters (bigger ones: 2 threads of
+    their own)."""
     app = FastAPI(title="Expert Workbench", version="0.1",
                   description="OpenAI-compatible completions over a pool's adapters, mixes and compositions.")
     metrics = Metrics()
@@ -98,6 +118,15 @@ def create_app(engine: MultiLoraModel, *, full_models: Sequence[FullModel] = (),
         raise WorkbenchError(f"full-model artifacts {sorted(taken)} have the names of the engine's models")
     full_scheds: dict[str, Scheduler] = {}  # one per full model, made when it is first requested
     app.state.scheduler, app.state.full_schedulers, app.state.metrics = sched, full_scheds, metrics
+    # tokenising: small prompts on their own threads, so big ones (seconds each) never hold them up
+    small_pool = ThreadPoolExecutor(tokenize_threads, thread_name_prefix="workbench-tokenize")
+    big_pool = ThreadPoolExecutor(2, thread_name_prefix="workbench-tokenize-big")
+    app.state.tokenize_pools = (small_pool, big_pool)
+
+    async def tokenise(fn: Callable[[], list], chars: int):
+        pool = big_pool if chars > BIG_PROMPT_CHARS else small_pool
+        return await asyncio.get_running_loop().run_in_executor(pool, fn)
+
     started = int(time.time())
     metrics.gauges["workbench_running_sequences"] = lambda: sum(len(s.running) for s in [sched, *full_scheds.values()])
     metrics.gauges["workbench_queued_sequences"] = lambda: sum(s.queued for s in [sched, *full_scheds.values()])
@@ -142,6 +171,7 @@ def create_app(engine: MultiLoraModel, *, full_models: Sequence[FullModel] = (),
         log.error("%s %s failed", request.method, request.url.path, exc_info=e)
         return err(500, f"internal error: {type(e).__name__}", type_="server_error")
 
+    app.add_middleware(_BodyLimit, limit=int(max_body_mb * 2**20))
     app.add_middleware(_CountResponses, metrics=metrics)
 
     app.openapi = lambda: _openapi(app)
@@ -189,7 +219,8 @@ def create_app(engine: MultiLoraModel, *, full_models: Sequence[FullModel] = (),
         if model not in full_scheds:
             try:
                 e = await asyncio.to_thread(f.engine)
-            except WorkbenchError as err_:
+            except WorkbenchError as err_:  # the load's traceback was logged when it failed (FullModel.engine)
+                log.error("503 for model %r: %s", model, err_)
                 raise APIError(503, str(err_), type_="server_error", param="model", code="model_unavailable") from None
             if model not in full_scheds:  # checked again after the await: concurrent first requests make one
                 full_scheds[model] = Scheduler(e, **sched_kw)
@@ -206,18 +237,28 @@ def create_app(engine: MultiLoraModel, *, full_models: Sequence[FullModel] = (),
         except WorkbenchError as e:
             raise APIError(400, str(e), param="model", code="invalid_model") from None
 
-    def make_job(req: _Common, prompt_ids: list[int], eng: MultiLoraModel, assignment, max_tokens: int,
-                 logprobs: int | None, echo: bool = False) -> Job:
+    def make_job(req: _Common, prompt_ids: list[int], eng: MultiLoraModel, assignment, max_tokens: int | None,
+                 logprobs: int | None, *, arrived: float, default: int | None = None, echo: bool = False,
+                 param: str = "prompt") -> Job:
+        """A job of `prompt_ids`: `max_tokens` as sent, or None (unset): `default`, at most the room left in the
+        context (all of it without a default)."""
         if not prompt_ids:
-            raise APIError(400, "the prompt has no tokens", param="prompt", code="empty_prompt")
+            raise APIError(400, "the prompt has no tokens", param=param, code="empty_prompt")
         ctx_len = ctx_len_of(eng)
-        if len(prompt_ids) + max_tokens > ctx_len:
+        room = ctx_len - len(prompt_ids)
+        if max_tokens is None:
+            if room < 1:
+                raise APIError(400, f"the prompt ({len(prompt_ids)} tokens) leaves no room to generate in the "
+                                    f"context length {ctx_len}", param=param, code="context_length_exceeded")
+            max_tokens = room if default is None else min(default, room)
+        elif max_tokens > room:
             raise APIError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
                                 f"context length {ctx_len}", param="max_tokens", code="context_length_exceeded")
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                                 stop=req.stops, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
-        return Job(prompt_ids, assignment, params, asyncio.get_running_loop(), asyncio.Queue(), model=req.model)
+        return Job(prompt_ids, assignment, params, asyncio.get_running_loop(), asyncio.Queue(), model=req.model,
+                   arrived=arrived)
 
     async def finish(request: Request, jobs: list[Job]) -> None:
         """Wait for every job's end; a client that hangs up cancels them (they leave the batch at the next step)."""
@@ -282,62 +323,81 @@ def create_app(engine: MultiLoraModel, *, full_models: Sequence[FullModel] = (),
     # -- completions
     @app.post("/v1/completions", responses={**GEN, **_sse_and_json(Completion, CompletionChunk)})
     async def completions(req: CompletionRequest, request: Request):
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        arrived = time.monotonic()
+        prompts = req.prompts
         eng, sch = await target(req.model)
         assignment = resolve(req.model, eng)
         if req.stream and len(prompts) != 1:
             raise APIError(400, "stream: streaming takes one prompt", param="stream")
-        encoded = await asyncio.to_thread(
-            lambda: [list(eng.tokenizer(p, add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"]) for p in prompts])
-        jobs = [make_job(req, ids, eng, assignment, req.max_tokens, req.logprobs, echo=req.echo) for ids in encoded]
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(400, "max_tokens: 0 generates nothing; with echo = true it scores the prompt",
+                           param="max_tokens", code="invalid_parameter")
+        tok = eng.tokenizer
+        vocab = len(tok)
+        for p in prompts:
+            bad = [t for t in p if t >= vocab] if isinstance(p, list) else []
+            if bad:
+                raise APIError(400, f"prompt: token id {bad[0]} is not in the model's vocabulary (ids 0 to "
+                                    f"{vocab - 1})", param="prompt", code="invalid_token_id")
+        texts = [p for p in prompts if isinstance(p, str)]
+        encoded = iter(await tokenise(
+            lambda: [list(tok(p, add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"]) for p in texts],
+            sum(map(len, texts))) if texts else [])
+        ids_of = [list(p) if isinstance(p, list) else next(encoded) for p in prompts]
+        jobs = [make_job(req, ids, eng, assignment, req.max_tokens, req.logprobs, arrived=arrived,
+                         default=COMPLETION_DEFAULT_TOKENS, echo=req.echo) for ids in ids_of]
+        # the echoed prompt: as sent, or its token ids decoded
+        echoed = [(p if isinstance(p, str) else tok.decode(p)) if req.echo else "" for p in prompts]
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
         extra = {"usage": None} if req.include_usage else {}
         for j in jobs:
             sch.submit(j)
-        tok = eng.tokenizer
         if req.stream:
-            job, prompt = jobs[0], prompts[0]
-            offset = [0]  # text_offset: characters of this choice's text before the token
+            job, prompt = jobs[0], echoed[0]
 
-            def lp_block(lps: Sequence[TokenLogprob | None]):
-                if req.logprobs is None:
-                    return None
-                block = _completion_logprobs(lps, tok, offset[0], job.prompt_ids)
-                offset[0] += sum(len(t) for t in block["tokens"])
-                return block
+            def lp_block(lps: Sequence[TokenLogprob], base: int):
+                return None if req.logprobs is None else _completion_logprobs(lps, base)
 
             def choice(text, finish, lps):
                 return {**head, "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": lps}],
                         **extra}
 
             def first():
-                return [choice(prompt, None, lp_block(job.prompt_logprobs))] if req.echo else []
+                return [choice(prompt, None, lp_block(job.prompt_logprobs, 0))] if req.echo else []
 
             return StreamingResponse(
-                stream(request, job, first, lambda ev: choice(ev.text, None, lp_block(ev.logprobs)),
+                stream(request, job, first, lambda ev: choice(ev.text, None, lp_block(ev.logprobs, len(prompt))),
                        lambda reason: choice("", reason, None),
                        (lambda: {**head, "choices": [], "usage": usage([job])}) if req.include_usage else None),
                 media_type="text/event-stream")
         await finish(request, jobs)
         choices = []
-        for i, (j, p) in enumerate(zip(jobs, prompts)):
+        for i, (j, p) in enumerate(zip(jobs, echoed)):
             lps = None
             if req.logprobs is not None:
-                lps = _completion_logprobs((j.prompt_logprobs if req.echo else []) + j.logprobs, tok, 0, j.prompt_ids)
-            choices.append({"index": i, "text": (p if req.echo else "") + j.text, "finish_reason": j.finish_reason,
-                            "logprobs": lps})
+                lps = _completion_logprobs(j.prompt_logprobs if req.echo else [], 0)
+                for k, v in _completion_logprobs(j.logprobs, len(p)).items():
+                    lps[k] += v
+            choices.append({"index": i, "text": p + j.text, "finish_reason": j.finish_reason, "logprobs": lps})
         return {**head, "choices": choices, "usage": usage(jobs)}
 
     # -- chat
     @app.post("/v1/chat/completions", responses={**GEN, **_sse_and_json(ChatCompletion, ChatCompletionChunk)})
     async def chat(req: ChatRequest, request: Request):
+        arrived = time.monotonic()
         eng, sch = await target(req.model)
         assignment = resolve(req.model, eng)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
-        ids = await asyncio.to_thread(eng.chat_ids, messages)
+        try:
+            ids = await tokenise(lambda: eng.chat_ids(messages), sum(len(m["content"]) for m in messages))
+        except TemplateSyntaxError:  # the template itself is broken: the server's fault (a 500, logged)
+            raise
+        except TemplateError as e:  # the template refuses these messages ("System role not supported", ...)
+            raise APIError(400, f"messages: the model's chat template refused them: {_first_line(e)}",
+                           param="messages", code="invalid_messages") from None
         top = (req.top_logprobs or 0) if req.logprobs else None
-        job = make_job(req, ids, eng, assignment, req.limit, top)
+        job = make_job(req, ids, eng, assignment, req.limit, top, arrived=arrived, param="messages")
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
         extra = {"usage": None} if req.include_usage else {}
@@ -374,6 +434,60 @@ def _short_loc(loc: Sequence) -> str:
                                              or p[:1].isupper()))
 
 
+class _BodyLimit:
+    """ASGI middleware refusing request bodies over `limit` bytes with a 413 in OpenAI's shape, before the app reads
+    them: a declared Content-Length over it at once; a chunked body as soon as it passes it (smaller chunked bodies
+    are buffered and handed on)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or ())
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.limit:
+                return await self._refuse(receive, send, int(declared), drain=int(declared) <= 16 * self.limit)
+            return await self.app(scope, receive, send)
+        if b"chunked" not in headers.get(b"transfer-encoding", b""):
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return await self._refuse(receive, send, size, drain=False, more=message.get("more_body", False))
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, receive, send, size: int, drain: bool, more: bool = True) -> None:
+        while drain and more:  # read (and drop) a body of bounded size, so the client sees the answer
+            message = await receive()
+            more = message["type"] == "http.request" and message.get("more_body", False)
+        body = json.dumps({"error": {"message": f"request body of {size} bytes is over this server's limit of "
+                                                f"{self.limit} bytes (max_body_mb)", "type": "invalid_request_error",
+                                     "param": None, "code": "request_too_large"}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
 class _CountResponses:
     """ASGI middleware counting responses by route and status (a pure ASGI one: it leaves disconnects and
     streaming alone)."""
@@ -398,22 +512,34 @@ class _CountResponses:
             self.metrics.inc("workbench_http_responses_total", route=route, status=str(status[0]))
 
 
-def _completion_logprobs(lps: Sequence[TokenLogprob | None], tok, offset: int, prompt_ids: Sequence[int]) -> dict:
-    """The completions API's logprobs block; a None entry (an echoed prompt's first token) has no logprob."""
-    tokens, values, tops, offsets = [], [], [], []
-    for k, t in enumerate(lps):
-        text = t.token if t is not None else tok.decode([prompt_ids[k]])
-        tokens.append(text)
-        values.append(t.logprob if t is not None else None)
-        tops.append(dict(t.top) if t is not None else None)
-        offsets.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+def _completion_logprobs(lps: Sequence[TokenLogprob], base: int) -> dict:
+    """The completions API's logprobs block of `lps`, whose text starts `base` characters into the choice's text
+    (the echoed prompt's length for generated tokens). An echoed prompt's first token has no logprob (null)."""
+    return {"tokens": [t.token for t in lps], "token_logprobs": [t.logprob for t in lps],
+            "top_logprobs": [None if t.logprob is None else _top_dict(t) for t in lps],
+            "text_offset": [base + t.offset for t in lps]}
+
+
+def _top_dict(t: TokenLogprob) -> dict[str, float]:
+    """OpenAI's completions `top_logprobs` entry: token text -> logprob of the `logprobs` most likely tokens and of
+    the chosen one (n + 1 entries when it is not among them), most likely first. The chosen token is keyed by its
+    text (as in `tokens`); a distinct token whose text is already a key (two tokens that decode alike) is kept under
+    "token_id:N" rather than merged into it."""
+    entries: dict[str, TokenLogprob] = {t.token: t}
+    for a in t.top:
+        if a.id != t.id:
+            entries[a.token if a.token not in entries else f"token_id:{a.id}"] = a
+    return {k: e.logprob for k, e in sorted(entries.items(), key=lambda kv: -kv[1].logprob)}
 
 
 def _chat_logprob(t: TokenLogprob) -> dict:
-    return {"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode()),
-            "top_logprobs": [{"token": s, "logprob": v, "bytes": list(s.encode())} for s, v in t.top]}
+    return {"token": t.token, "logprob": t.logprob, "bytes": list(t.raw),
+            "top_logprobs": [{"token": a.token, "logprob": a.logprob, "bytes": list(a.raw)} for a in t.top]}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def _openapi(app: FastAPI) -> dict:
@@ -459,7 +585,7 @@ def start_in_thread(app: FastAPI, host: str = "127.0.0.1"):
 
 
 def serve(pool_spec: str, host: str = "127.0.0.1", port: int = 8000, backend: str | None = None,
-          device: str = "cpu", max_batch: int = 32) -> None:
+          device: str = "cpu", max_batch: int = 32, max_body_mb: float = 4.0) -> None:
     import uvicorn
 
     from ..pool import Pool
@@ -469,4 +595,5 @@ def serve(pool_spec: str, host: str = "127.0.0.1", port: int = 8000, backend: st
     full = saved_full_models(pool, set(engine.model_names()), backend=backend, device=device)
     if full:
         print(f"full-model artifacts (loaded on first request): {', '.join(f.name for f in full)}")
-    uvicorn.run(create_app(engine, full_models=full, max_batch=max_batch), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(engine, full_models=full, max_batch=max_batch, max_body_mb=max_body_mb), host=host,
+                port=port, log_level="info")

@@ -24,6 +24,7 @@ leave and join between steps (left padding; Twin pre-pass states follow their ro
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +39,8 @@ from ..kernels import LoraMeta, check_backend, default_backend, make_meta
 from ..modules.routed_lora import RoutedGroup, RoutedLoraLinear, wrap_model
 from ..pool import LoraLayout
 from ..tasks.suite import ADD_SPECIAL_TOKENS
+
+log = logging.getLogger("workbench.serving")
 
 Router = Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 MAX_MIX_WEIGHT = 100.0  # |w| of one adapter in a mix: larger weights overflow float32 activations into inf/nan
@@ -691,9 +694,11 @@ class FullModel:
                     lm = load_artifact(self.folder, device=self.device)
                     self._engine = MultiLoraModel(lm.model, lm.tokenizer, [], backend=self.backend,
                                                   device=self.device, dtype=self.dtype)
-                except Exception as e:  # noqa: BLE001 - a broken folder (any library's error) fails this model only
+                except Exception as e:  # a broken folder (any library's error) fails this model only (logged)
                     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                     self._failed = f"model {self.name!r} ({self.kind}) could not be loaded: {type(e).__name__}: {first}"
+                    log.error("%s (%s); its requests answer 503 until the server restarts", self._failed,
+                              self.folder, exc_info=e)
             if self._engine is None:
                 raise WorkbenchError(self._failed)
             return self._engine

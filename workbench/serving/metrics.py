@@ -1,14 +1,18 @@
 """The server's counters and histograms in Prometheus' text format (GET /metrics), with no dependency.
 
-Per model: requests by outcome (stop, length, error, cancelled), prompt and generated tokens, time in the queue
-before the prefill, time to first token, inter-token latency; per server: HTTP responses by route and status,
+Per model: requests by outcome (stop, length, error, cancelled), prompt and generated tokens, time in the
+scheduler's queue before the prefill, time to first token (from the request's arrival, tokenising included),
+inter-token latency; per server: HTTP responses by route and status,
 and the number of rows of each decode step (batch size). Model labels are the requested names (an adapter, a
-composition, `mix:...`); past `MAX_MODELS` distinct names new ones are counted as "other".
+composition, `mix:...`); past `MAX_MODELS` distinct names new ones are counted as "other". Integral values
+(counters, counts, sums of integers) are written exactly, others with Python's shortest round-tripping repr;
+histogram buckets are cumulative (`le` is an upper bound, inclusive) and `+Inf` equals `_count`.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 import threading
 from collections import defaultdict
 
@@ -21,13 +25,32 @@ _HELP = {
     "workbench_prompt_tokens_total": ("counter", "prompt tokens of admitted sequences, by model"),
     "workbench_generation_tokens_total": ("counter", "tokens generated, by model"),
     "workbench_http_responses_total": ("counter", "HTTP responses, by route and status"),
-    "workbench_queue_seconds": ("histogram", "time from arrival to the start of the prefill, by model"),
-    "workbench_time_to_first_token_seconds": ("histogram", "time from arrival to the first generated token, by model"),
+    "workbench_queue_seconds": ("histogram", ("time from the scheduler's queue (after tokenising) to the start of "
+                                              "the prefill, by model")),
+    "workbench_time_to_first_token_seconds": ("histogram", ("time from the request's arrival (before tokenising) to "
+                                                            "the first generated token, by model")),
     "workbench_inter_token_seconds": ("histogram", "time between two generated tokens of a sequence, by model"),
     "workbench_batch_size": ("histogram", "rows decoded together in one decode step"),
     "workbench_running_sequences": ("gauge", "sequences decoding now"),
     "workbench_queued_sequences": ("gauge", "sequences waiting for a row"),
 }
+
+
+def number(v: float) -> str:
+    """A sample value in Prometheus' text format: integral values exactly (1234567, not 1.23457e+06), other floats
+    with the shortest repr that reads back as the same float, +Inf, -Inf, NaN."""
+    if isinstance(v, bool):
+        return str(int(v))
+    if isinstance(v, int):
+        return str(v)
+    v = float(v)
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    if v.is_integer() and abs(v) < 2**63:
+        return str(int(v))
+    return repr(v)
 
 
 def _escape(v: str) -> str:
@@ -39,7 +62,7 @@ class Metrics:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
+        self._counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = defaultdict(int)
         self._hists: dict[tuple[str, tuple[tuple[str, str], ...]], list] = {}
         self._models: set[str] = set()
         self.gauges: dict[str, callable] = {}  # name -> function returning its value now
@@ -62,8 +85,8 @@ class Metrics:
             if "model" in labels:
                 labels["model"] = self._model(labels["model"])
             key = (name, tuple(sorted(labels.items())))
-            h = self._hists.setdefault(key, [buckets, [0] * len(buckets), 0.0, 0])
-            i = bisect.bisect_left(h[0], value)
+            h = self._hists.setdefault(key, [buckets, [0] * len(buckets), 0, 0])
+            i = bisect.bisect_left(h[0], value)  # the first bucket whose bound is >= value (le: inclusive)
             if i < len(buckets):
                 h[1][i] += 1
             h[2] += value
@@ -102,19 +125,19 @@ class Metrics:
         for name, (kind, text) in _HELP.items():
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
             if kind == "gauge" and name in gauges:
-                lines.append(f"{name} {gauges[name]}")
+                lines.append(f"{name} {number(gauges[name])}")
             for (n, labels), v in sorted(counters.items()):
                 if n == name:
-                    lines.append(f"{name}{_labels(labels)} {v:g}")
+                    lines.append(f"{name}{_labels(labels)} {number(v)}")
             for (n, labels), (buckets, counts, total, count) in sorted(hists.items()):
                 if n != name:
                     continue
                 cum = 0
                 for b, c in zip(buckets, counts):
                     cum += c
-                    lines.append(f"{name}_bucket{_labels(labels + (('le', f'{b:g}'),))} {cum}")
+                    lines.append(f"{name}_bucket{_labels(labels + (('le', number(b)),))} {cum}")
                 lines += [f"{name}_bucket{_labels(labels + (('le', '+Inf'),))} {count}",
-                          f"{name}_sum{_labels(labels)} {total:g}", f"{name}_count{_labels(labels)} {count}"]
+                          f"{name}_sum{_labels(labels)} {number(total)}", f"{name}_count{_labels(labels)} {count}"]
         return "\n".join(lines) + "\n"
 
 
@@ -122,4 +145,4 @@ def _labels(labels: tuple[tuple[str, str], ...]) -> str:
     return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels) + "}" if labels else ""
 
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "number"]

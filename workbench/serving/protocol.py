@@ -3,7 +3,8 @@
 Requests are strict: `max_tokens: "16"` or `stream: 0` are refused with a 400, not coerced; every number is
 bounded; a field this server does not implement but that would change the output (`logit_bias`, `suffix`,
 `tools`, a non-text `response_format`, `best_of` > 1, `n` > 1) is refused with a 400 naming it, never
-silently ignored. Other unknown fields (`user`, `metadata`, ...) are ignored.
+silently ignored. Other unknown fields (`user`, `metadata`, ...) are ignored. As in OpenAI's spec, every optional
+field may be `null`: it means unset (the default), never an error.
 """
 
 from __future__ import annotations
@@ -24,34 +25,50 @@ _UNSUPPORTED = {"logit_bias": (None, {}), "suffix": (None, ""), "tools": (None, 
 
 NonEmpty = Annotated[str, Field(min_length=1)]
 Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=MAX_TOKENS)]], Field(min_length=1)]  # a prompt as token ids
+
+
+def _num(lo: float, hi: float, *, gt: bool = False):
+    return Annotated[float, Field(**({"gt": lo} if gt else {"ge": lo}), le=hi, allow_inf_nan=False)]
 
 
 class _Strict(Schema):
     model_config = ConfigDict(extra="ignore", strict=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        """`null` for an optional field is that field unset (OpenAI's spec marks them nullable)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items()
+                    if not (v is None and k in cls.model_fields and not cls.model_fields[k].is_required())}
+        return data
+
 
 class StreamOptions(_Strict):
-    include_usage: bool = Field(False, description="a last chunk with the request's usage (and `usage: null` before)")
+    include_usage: bool | None = Field(False, description="a last chunk with the request's usage (and `usage: null` "
+                                                          "before)")
 
 
 class _Common(_Strict):
     model: str = Field(min_length=1, max_length=4096, examples=["base"],
                        description="base, an adapter, a saved or routed composition, a full-model artifact, or "
                                    "mix:a=0.5,b=0.5 (weights finite, |w| <= 100); see GET /v1/models")
-    temperature: float = Field(0.0, ge=0, le=2, allow_inf_nan=False,
-                               description="0 (default, or below 1e-5): greedy; else sampling at this temperature")
-    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="nucleus sampling mass")
-    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False,
-                                    description="subtracted from the logit of every token already generated")
-    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False,
-                                     description="times a token's count so far, subtracted from its logit")
-    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1],
-                             description="this request's own sampling seed (same seed, same text, whatever the batch)")
+    temperature: _num(0, 2) | None = Field(0.0, description="0 (default, or below 1e-5): greedy; else sampling at "
+                                                            "this temperature")
+    top_p: _num(0, 1, gt=True) | None = Field(1.0, description="nucleus sampling mass")
+    presence_penalty: _num(-2, 2) | None = Field(0.0, description="subtracted from the logit of every token already "
+                                                                  "generated")
+    frequency_penalty: _num(-2, 2) | None = Field(0.0, description="times a token's count so far, subtracted from its "
+                                                                   "logit")
+    seed: Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])] | None = Field(
+        None, description="this request's own sampling seed (same seed, same text, whatever the batch)")
     stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None = Field(
         None, description=f"up to {MAX_STOPS} strings: the text ends before the first one (never sent)")
-    stream: bool = Field(False, description="server-sent events, one chunk per piece of text")
+    stream: bool | None = Field(False, description="server-sent events, one chunk per piece of text")
     stream_options: StreamOptions | None = Field(None, description="with stream: include_usage")
-    n: int = Field(1, ge=1, le=1, description="choices per prompt: 1 only (n > 1 is refused)")
+    n: Annotated[int, Field(ge=1, le=1)] | None = Field(1, description="choices per prompt: 1 only (n > 1 is "
+                                                                       "refused)")
 
     @model_validator(mode="before")
     @classmethod
@@ -79,12 +96,23 @@ class _Common(_Strict):
 
 
 class CompletionRequest(_Common):
-    prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(
-        description=f"a non-empty prompt, or a list of 1 to {MAX_PROMPTS} (one choice each)")
-    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS, description="tokens to generate (default 16); with the prompt "
-                                                                 "they must fit the model's context")
-    logprobs: int | None = Field(None, ge=0, le=5, description="logprob of each token and this many alternatives")
-    echo: bool = Field(False, description="the prompt before the completion (and its tokens' logprobs)")
+    prompt: (NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds
+             | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]) = Field(
+        description=f"a non-empty prompt, or a list of 1 to {MAX_PROMPTS} (one choice each); a prompt may also be "
+                    "given as token ids (a list of integers, or a list of such lists)")
+    max_tokens: Annotated[int, Field(ge=0, le=MAX_TOKENS)] | None = Field(
+        None, description="tokens to generate: default 16, or the room left in the context if less; with the prompt "
+                          "they must fit the model's context; 0 with echo scores the prompt only")
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = Field(
+        None, description="logprob of each token and of this many alternatives (and of the chosen token when it is "
+                          "not among them)")
+    echo: bool | None = Field(False, description="the prompt before the completion (and its tokens' logprobs)")
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per choice: a string, or token ids."""
+        p = self.prompt
+        return [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
 
 
 class TextPart(_Strict):
@@ -103,13 +131,14 @@ class Message(_Strict):
 
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1, max_length=4096)
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="deprecated name of max_completion_tokens")
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS,
-                                              description="tokens to generate (default 16); with the prompt they "
-                                                          "must fit the model's context")
-    logprobs: bool = Field(False, description="logprob of each generated token")
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
-                                     description="with logprobs: this many alternatives per token")
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None = Field(
+        None, description="deprecated name of max_completion_tokens")
+    max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None = Field(
+        None, description="tokens to generate (default: the room left in the model's context after the prompt); with "
+                          "the prompt they must fit the model's context")
+    logprobs: bool | None = Field(False, description="logprob of each generated token")
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = Field(
+        None, description="with logprobs: this many alternatives per token")
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatRequest:
@@ -122,8 +151,9 @@ class ChatRequest(_Common):
         return self
 
     @property
-    def limit(self) -> int:
-        return self.max_completion_tokens or self.max_tokens or 16
+    def limit(self) -> int | None:
+        """The tokens asked for; None: unset (the room left in the context)."""
+        return self.max_completion_tokens or self.max_tokens
 
 
 # -- responses (documented in /openapi.json; the handlers build plain dicts of these shapes)

@@ -5,7 +5,9 @@ padded prompt tokens per prefill), prefill the newcomers (their first token), ap
 `BatchState`, then decode one token for every row. A sequence leaves its row as soon as it is finished, stopped
 or cancelled, so a short request never waits for a long one. Each sequence samples with its own state
 (`SamplingParams`: temperature, top_p, penalties, stop strings, max tokens, and a `torch.Generator` seeded by
-its own seed), so its text does not depend on its batch neighbours. A failure of one sequence (while sampling,
+its own seed), so its text does not depend on its batch neighbours. Text is detokenised incrementally
+(`Detokenizer`: whole characters only, never a piece of a UTF-8 character), and logprobs carry each token's own
+bytes (`TokenTexts`). A failure of one sequence (while sampling,
 detokenising, or in a forward that fails for its row alone) ends that sequence with an error, logged with its
 traceback; the others go on. With `admission="static"` new requests wait until the running batch is empty:
 the batching this server had before, kept for `workbench bench serve` to compare.
@@ -14,9 +16,11 @@ the batching this server had before, kept for `workbench bench serve` to compare
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import queue
+import re
 import secrets
 import threading
 import time
@@ -52,7 +56,8 @@ class SamplingParams:
     prompt_logprobs: bool = False  # the prompt's tokens' logprobs too (echo)
 
     def __post_init__(self):
-        checks = [("max_tokens", isinstance(self.max_tokens, int) and 1 <= self.max_tokens <= 2**31 - 1, "an integer >= 1"),
+        checks = [("max_tokens", isinstance(self.max_tokens, int) and 0 <= self.max_tokens <= 2**31 - 1,
+                   "an integer >= 0 (0: nothing generated, the prompt's logprobs only)"),
                   ("temperature", _finite(self.temperature) and 0 <= self.temperature <= 2, "a number in [0, 2]"),
                   ("top_p", _finite(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
                   ("seed", self.seed is None or (isinstance(self.seed, int) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]),
@@ -82,13 +87,24 @@ def _finite(x: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class TokenLogprob:
-    """One token's logprob (the model's distribution, before temperature, top_p and penalties) and its top
-    alternatives, as (text, logprob)."""
+class TopLogprob:
+    """A token and its logprob: `token` is its own bytes as UTF-8 text, or OpenAI's "bytes:\\xNN..." where they
+    are not valid UTF-8 alone (a piece of a character); `raw` its bytes (chat's `bytes`)."""
 
+    id: int
     token: str
-    logprob: float
-    top: tuple[tuple[str, float], ...] = ()
+    raw: bytes
+    logprob: float | None  # None: an echoed prompt's first token (nothing before it)
+
+
+@dataclass(frozen=True)
+class TokenLogprob(TopLogprob):
+    """One token's logprob (the model's distribution, before temperature, top_p and penalties), its top
+    alternatives (most likely first) and `offset`: the characters of its sequence's text before it (incremental
+    detokenisation: the tokens of a character split over several all sit at that character's offset)."""
+
+    top: tuple[TopLogprob, ...] = ()
+    offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -125,13 +141,16 @@ class Job:
     text: str = ""  # text sent to the client so far
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     pending: int | None = None  # last sampled token, not yet fed to the model
     error: str | None = None
     generator: torch.Generator | None = field(default=None, repr=False)
     counts: torch.Tensor | None = field(default=None, repr=False)  # [V] generated token counts (penalties)
+    detok: Detokenizer | None = field(default=None, repr=False)
+    decoded: str = ""  # the generated text so far (complete characters; `text` is what of it was sent)
     lp_sent: int = 0
-    submitted: float = 0.0
+    arrived: float | None = None  # when the request arrived (before tokenising; the TTFT's start)
+    submitted: float = 0.0  # when it was handed to the scheduler (the queue time's start)
     admitted: float | None = None
     first_token: float | None = None
     last_token: float | None = None
@@ -163,10 +182,13 @@ class Scheduler:
         self.admitted: list[Job] = []
         self.state: BatchState | None = None
         self.eos = engine.tokenizer.eos_token_id
+        self.texts = TokenTexts(engine.tokenizer)
         threading.Thread(target=self._loop, daemon=True, name="workbench-scheduler").start()
 
     def submit(self, job: Job) -> None:
         job.submitted = time.monotonic()
+        if job.arrived is None:
+            job.arrived = job.submitted
         if job.params.seed is not None or not job.params.greedy:
             job.generator = torch.Generator().manual_seed(job.params.seed if job.params.seed is not None
                                                           else secrets.randbits(63))
@@ -269,6 +291,9 @@ class Scheduler:
             for i, job in enumerate(jobs):
                 if job.params.prompt_logprobs:
                     self._guarded(job, self._prompt_logprobs, job, logits[i])
+        for job in jobs:
+            if job.params.max_tokens == 0 and not job.finished:  # scoring the prompt only (echo)
+                self._finish(job, "length")
         self._advance(jobs, last)
         keep = [i for i, j in enumerate(jobs) if not j.finished and not j.cancelled.is_set()]
         for i, j in enumerate(jobs):
@@ -358,20 +383,14 @@ class Scheduler:
         if p.plain:
             tok = argmax
         else:
-            x = row
-            if p.presence_penalty or p.frequency_penalty:
-                if job.counts is None:
-                    job.counts = torch.zeros_like(row)
-                x = x - p.frequency_penalty * job.counts - p.presence_penalty * (job.counts > 0).to(x.dtype)
-            if p.greedy:
-                tok = int(x.argmax())
-            else:
-                tok = _sample(x.cpu() / p.temperature, p.top_p, job.generator)
+            if (p.presence_penalty or p.frequency_penalty) and job.counts is None:
+                job.counts = torch.zeros_like(row)
+            tok = choose_token(row, p, job.counts, job.generator)
         now = time.monotonic()
         if job.first_token is None:
             job.first_token = now
             if self.metrics is not None:
-                self.metrics.first_token(job, now - job.submitted)
+                self.metrics.first_token(job, now - job.arrived)
         elif self.metrics is not None:
             self.metrics.inter_token(job, now - job.last_token)
         job.last_token = now
@@ -384,17 +403,22 @@ class Scheduler:
             self.metrics.token(job)
         if job.counts is not None:
             job.counts[tok] += 1
+        if job.detok is None:
+            job.detok = Detokenizer(self.engine.tokenizer)
+        offset = len(job.decoded)
+        job.decoded += job.detok.add(tok)
         if p.logprobs is not None:
-            job.logprobs.append(self._token_logprob(row, tok, p.logprobs))
+            job.logprobs.append(self._token_logprob(row, tok, p.logprobs, offset))
         job.pending = tok
         self._text(job)
         if not job.finished and len(job.tokens) >= p.max_tokens:
             self._finish(job, "length")
 
     def _text(self, job: Job) -> None:
-        """Send the text the new token completes: never a partial UTF-8 character nor the start of a stop string;
-        at a stop string, the text before it, and the sequence ends."""
-        text = self.engine.tokenizer.decode(job.tokens, skip_special_tokens=True)
+        """Send the text the new token completes (`job.decoded` holds complete characters only: never a partial
+        UTF-8 character) but not the start of a stop string; at a stop string, the text before it, and the sequence
+        ends."""
+        text = job.decoded
         stops = job.params.stop
         if stops:
             start = max(0, len(job.text) - max(len(s) for s in stops))
@@ -404,8 +428,6 @@ class Scheduler:
                 self._send(job, text[len(job.text):cut], final=True)
                 self._finish(job, "stop", send_rest=False)
                 return
-        if text.endswith("\ufffd"):  # a multi-byte character still incomplete
-            return
         hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
         self._send(job, text[len(job.text):len(text) - hold])
 
@@ -417,9 +439,8 @@ class Scheduler:
             self._put(job, Delta(piece, lps))
 
     def _finish(self, job: Job, reason: str, send_rest: bool = True) -> None:
-        if send_rest:
-            text = self.engine.tokenizer.decode(job.tokens, skip_special_tokens=True)
-            self._send(job, text[len(job.text):] if text.startswith(job.text) else "", final=True)
+        if send_rest:  # the text held back (a possible stop string's start) and bytes of no complete character
+            self._send(job, job.decoded[len(job.text):] + (job.detok.flush() if job.detok else ""), final=True)
         job.finish_reason = reason
         self._close(job, Done(reason))
 
@@ -444,25 +465,136 @@ class Scheduler:
         except RuntimeError:  # the client's event loop is closed: nobody listens
             job.cancelled.set()
 
-    def _token_logprob(self, row: torch.Tensor, tok: int, top: int) -> TokenLogprob:
+    def _token_logprob(self, row: torch.Tensor, tok: int, top: int, offset: int) -> TokenLogprob:
         lp = torch.log_softmax(row.float(), -1)
         alts = ()
         if top:
             v, i = lp.topk(top)
-            alts = tuple((self._piece(t), float(x)) for t, x in zip(i.tolist(), v.tolist()))
-        return TokenLogprob(self._piece(tok), float(lp[tok]), alts)
+            alts = tuple(TopLogprob(t, *self.texts[t], float(x)) for t, x in zip(i.tolist(), v.tolist()))
+        return TokenLogprob(tok, *self.texts[tok], float(lp[tok]), alts, offset)
 
     def _prompt_logprobs(self, job: Job, logits: torch.Tensor) -> None:
-        """Logprobs of the prompt's tokens from the prefill's logits [S, V] (left-padded): the first has none."""
+        """Logprobs of the prompt's tokens from the prefill's logits [S, V] (left-padded): the first has none;
+        offsets count the characters of the prompt's tokens decoded (special tokens included)."""
         ids, s = job.prompt_ids, logits.shape[0]
         first = s - len(ids)
-        out: list[TokenLogprob | None] = [None]
+        detok, offset = Detokenizer(self.engine.tokenizer, skip_special_tokens=False), 0
+        out = [TokenLogprob(ids[0], *self.texts[ids[0]], None, (), 0)]
+        offset += len(detok.add(ids[0]))
         for k in range(1, len(ids)):
-            out.append(self._token_logprob(logits[first + k - 1], ids[k], job.params.logprobs or 0))
+            out.append(self._token_logprob(logits[first + k - 1], ids[k], job.params.logprobs or 0, offset))
+            offset += len(detok.add(ids[k]))
         job.prompt_logprobs = out
 
-    def _piece(self, tok: int) -> str:
-        return self.engine.tokenizer.decode([tok])
+
+def choose_token(row: torch.Tensor, p: SamplingParams, counts: torch.Tensor | None,
+                 generator: torch.Generator | None) -> int:
+    """The next token of a sequence from its logits `row` [V]: the penalties over its generated token `counts`, then
+    greedy (temperature under GREEDY_BELOW) or a draw at `p.temperature` within the nucleus `p.top_p` from its own
+    `generator`."""
+    x = row
+    if p.presence_penalty or p.frequency_penalty:
+        x = x - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(x.dtype)
+    if p.greedy:
+        return int(x.argmax())
+    return _sample(x.cpu() / p.temperature, p.top_p, generator)
+
+
+class Detokenizer:
+    """Incremental detokenisation (as vLLM and TGI do it): `add(token)` gives the text the token completes, decoded
+    over a window that starts one complete token back (so a tokenizer that drops a leading space or merges across
+    tokens decodes as over the whole sequence). Only whole characters are given: while the window ends in an
+    incomplete UTF-8 character (U+FFFD) the characters before it are given and the rest waits for its next bytes.
+    `flush()` gives what is left (bytes of no complete character)."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tok, self.skip = tokenizer, skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # the window's start; the end of its tokens whose text is complete
+        self.given = 0  # characters of the window's text given so far
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=self.skip) if ids else ""
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        now = self._decode(self.ids[self.prefix:])
+        complete = not now.endswith("\ufffd")
+        stable = now if complete else now.rstrip("\ufffd")
+        piece = stable[self.given:] if len(stable) > self.given else ""
+        self.given += len(piece)
+        if complete:  # the window moves on: its tokens so far become the next window's context
+            self.prefix, self.read = self.read, len(self.ids)
+            self.given = len(self._decode(self.ids[self.prefix:]))
+        return piece
+
+    def flush(self) -> str:
+        now = self._decode(self.ids[self.prefix:])
+        piece = now[self.given:]
+        self.prefix = self.read = len(self.ids)
+        self.given = 0
+        return piece
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level BPE alphabet: byte -> the printable character that stands for it in the vocabulary."""
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))  # printable Latin-1 stands for itself
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+_BYTE_OF = {c: b for b, c in _bytes_to_unicode().items()}
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback tokens
+
+
+class TokenTexts:
+    """Each token's own bytes (byte-level BPE: its vocabulary string through the byte decoder; SentencePiece:
+    `▁` as a space, `<0xNN>` as that byte; added and special tokens: their content; other tokenizers: the token
+    decoded alone) and its text for logprobs (the bytes as UTF-8, else OpenAI's "bytes:\\xNN..."); cached by id."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        try:  # the decoder's JSON: {"type": "ByteLevel", ...}, a Sequence of Replace("▁", " "), ByteFallback, ...
+            state = json.dumps(json.loads(decoder.__getstate__()), ensure_ascii=False) if decoder is not None else ""
+        except Exception:  # noqa: BLE001 - an unusual decoder: tokens decoded alone
+            state = ""
+        self.byte_level = '"ByteLevel"' in state
+        self.metaspace = "\u2581" in state
+        self.added = set(getattr(tokenizer, "added_tokens_decoder", {}) or ())
+        self._cache: dict[int, tuple[str, bytes]] = {}
+
+    def raw(self, token: int) -> bytes:
+        piece = self.tok.convert_ids_to_tokens(token)
+        if isinstance(piece, str) and token not in self.added:
+            if self.byte_level and all(c in _BYTE_OF for c in piece):
+                return bytes(_BYTE_OF[c] for c in piece)
+            if (m := _BYTE_FALLBACK.fullmatch(piece)) is not None:
+                return bytes([int(m.group(1), 16)])
+            if self.metaspace:
+                return piece.replace("\u2581", " ").encode()
+        elif isinstance(piece, str):
+            return piece.encode()
+        return self.tok.decode([token]).encode()
+
+    def __getitem__(self, token: int) -> tuple[str, bytes]:
+        """(text, bytes) of `token`."""
+        if token not in self._cache:
+            raw = self.raw(token)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+            if len(self._cache) > 1_000_000:
+                self._cache.clear()
+            self._cache[token] = (text, raw)
+        return self._cache[token]
 
 
 def _sample(x: torch.Tensor, top_p: float, generator: torch.Generator) -> int:
@@ -482,4 +614,5 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:300] if text else ""
 
 
-__all__ = ["GREEDY_BELOW", "Delta", "Done", "Failed", "Job", "SamplingParams", "Scheduler", "TokenLogprob"]
+__all__ = ["GREEDY_BELOW", "Delta", "Detokenizer", "Done", "Failed", "Job", "SamplingParams", "Scheduler",
+           "TokenLogprob", "TokenTexts", "TopLogprob", "choose_token"]
