@@ -1,27 +1,93 @@
-"""Paired tests behind the docs' 'beats' claims, from the committed cells (nothing is run), Holm-corrected per family."""
-import json, subprocess
-import workbench as wb
-from workbench.eval.harness import resolve_tasks
+"""Paired tests behind the docs' "beats" claims, from the committed cells (nothing is run): per claim, exact McNemar
+over the examples both rows scored (cells/<row>/<task>.json, aligned by doc id, pooled over the claim's tasks),
+Holm-corrected within each comparison's family. Usage: python results/checks/paired-claims.py > paired-claims.json"""
+import json
+import subprocess
+from pathlib import Path
 
-hi, ho = resolve_tasks(["held_in"]), resolve_tasks(["held_out"])
+from workbench.eval.stats import compare, holm
+from workbench.tasks.suite import task_names
+
+ROOT = Path(__file__).resolve().parents[1] / "compare"
+HI, HO = task_names("held_in"), task_names("held_out")
+STATIC = ["ta-lora", "ties-lora", "dare-lora", "pcb-lora"]
 families = {
-    # (row a, row b[, tasks]): held-in unless another task group is named
-    "merges/upcycle.yaml": [("bam", "btx"), ("bam-shared-kv", "bam"), ("btx", "mergekit-moe"),
-                            ("btx", "btx-untrained"), ("mergekit-moe", "mergekit-moe-untrained")],
-    "merges/routing.yaml": [("mole-lora", "ta-lora"), ("mole-lora", "ties-lora"), ("mole-lora", "pcb-lora"),
-                            ("mole-lora", "dare-lora"), ("smora-lora", "multitask"),
-                            ("smora-lora", "multitask", "held_out")],
+    # comparison folder: (row a, row b, task group)
+    "upcycle": [("bam", "btx", "held_in"), ("bam-shared-kv", "bam", "held_in"), ("btx", "mergekit-moe", "held_in"),
+                ("btx", "btx-untrained", "held_in"), ("mergekit-moe", "mergekit-moe-untrained", "held_in")],
+    "routing": [(a, s, "held_out") for a in ("phatgoose-lora", "mole-lora") for s in STATIC]
+    + [(a, s, "held_in") for a in ("phatgoose-lora", "mole-lora") for s in STATIC]
+    + [("smora-lora", "multitask-r64", g) for g in ("held_in", "held_out")]
+    + [("smora-lora", "multitask", g) for g in ("held_in", "held_out")]
+    + [("mole-lora", "mole-nobalance-lora", g) for g in ("held_in", "held_out")]
+    + [("phatgoose-lora", "avg-act-lora", g) for g in ("held_in", "held_out")],
 }
-out = {"commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(), "test": "exact McNemar on the examples both rows scored; Holm within each comparison",
-       "families": {}}
-for recipe, pairs in families.items():
-    board = wb.Leaderboard.read(recipe)
-    tests = [board.paired(a, b, tasks=ho if rest == ["held_out"] else hi) | {"tasks": rest[0] if rest else "held_in"}
-             for a, b, *rest in pairs]
-    order = sorted(range(len(tests)), key=lambda i: tests[i]["p_value"])
-    m, running = len(tests), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * tests[i]["p_value"]))
-        tests[i]["p_holm"] = running
-    out["families"][recipe] = tests
+
+
+def paired(folder: Path, a: str, b: str, tasks: list[str]) -> dict | None:
+    xs, ys, used = [], [], []
+    for t in tasks:
+        fa, fb = folder / "cells" / a / f"{t}.json", folder / "cells" / b / f"{t}.json"
+        if not (fa.is_file() and fb.is_file()):
+            continue
+        ca, cb = json.loads(fa.read_text()), json.loads(fb.read_text())
+        by_doc = dict(zip(cb["doc_ids"], cb["values"]))
+        for d, x in zip(ca["doc_ids"], ca["values"]):
+            if d in by_doc:
+                xs.append(x)
+                ys.append(by_doc[d])
+        used.append(t)
+    if not xs:
+        return None
+    c = compare(xs, ys)
+    return {"a": a, "b": b, "n": c["n"], "mean_a": c["mean_a"], "mean_b": c["mean_b"], "diff": c["diff"],
+            "a_only": c.get("a_only"), "b_only": c.get("b_only"), "p_value": c["p_value"], "test": c["test"],
+            "tasks": used}
+
+
+# Before / after the fidelity changes (issue 26): each retrained row against its committed cells at f0c8363 (the
+# same test examples), one family.
+BEFORE = "f0c8363"
+before_after = [(r, g) for r in ("phatgoose-lora", "mole-lora", "smora-lora", "twin-lora") for g in ("held_in", "held_out")]
+
+
+def paired_before(row: str, tasks: list[str]) -> dict | None:
+    xs, ys, used = [], [], []
+    for t in tasks:
+        f = ROOT / "routing" / "cells" / row / f"{t}.json"
+        old = subprocess.run(["git", "show", f"{BEFORE}:results/compare/routing/cells/{row}/{t}.json"],
+                             capture_output=True, text=True, cwd=ROOT)
+        if not f.is_file() or old.returncode != 0:
+            continue
+        ca, cb = json.loads(f.read_text()), json.loads(old.stdout)
+        by_doc = dict(zip(cb["doc_ids"], cb["values"]))
+        for d, x in zip(ca["doc_ids"], ca["values"]):
+            if d in by_doc:
+                xs.append(x)
+                ys.append(by_doc[d])
+        used.append(t)
+    if not xs:
+        return None
+    c = compare(xs, ys)
+    return {"a": f"{row} (now)", "b": f"{row} at {BEFORE}", "n": c["n"], "mean_a": c["mean_a"], "mean_b": c["mean_b"],
+            "diff": c["diff"], "a_only": c.get("a_only"), "b_only": c.get("b_only"), "p_value": c["p_value"],
+            "test": c["test"], "tasks": used}
+
+
+commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+out = {"commit": commit, "test": "exact McNemar on the examples both rows scored, pooled over the group's tasks; "
+       "Holm within each comparison's family", "families": {}}
+for name, claims in families.items():
+    tests = []
+    for a, b, group in claims:
+        got = paired(ROOT / name, a, b, HI if group == "held_in" else HO)
+        if got is not None:
+            tests.append(got | {"group": group})
+    for t, adj in zip(tests, holm([t["p_value"] for t in tests])):
+        t["p_holm"] = adj
+    out["families"][f"merges/{name}.yaml"] = tests
+tests = [t | {"group": g} for r, g in before_after if (t := paired_before(r, HI if g == "held_in" else HO))]
+for t, adj in zip(tests, holm([t["p_value"] for t in tests])):
+    t["p_holm"] = adj
+out["families"]["routing: before / after"] = tests
 print(json.dumps(out, indent=1))
