@@ -164,7 +164,8 @@ def test_leaderboard_stderr_and_paired_test_by_hand():
     assert by["ref"]["paired"] is None
     assert [r["name"] for r in board["rows"]] == ["row", "ref", "other"]  # ranked by held-in mean
     md = leaderboard_markdown(board)
-    assert "| row | m | 80.0 ± 13.3 | – | – | +40.0 | 0.125 (ns) | 80.0 ± 13.3 |" in md
+    # held-in tested apart, p Holm-adjusted over the two rows tested (0.125 and 1.0): 0.25
+    assert "| row | m | 80.0 ± 13.3 | – | – | +40.0 | 0.25 (ns) | 80.0 ± 13.3 |" in md
 
 
 def test_group_stderr_combines_tasks():
@@ -315,7 +316,7 @@ def test_markdown_and_csv_show_directions_and_units():
     md = leaderboard_markdown(board, "mixed")
     head = next(line for line in md.splitlines() if line.startswith("| model"))
     assert "| add ↑ |" in head and "| py ppl ↓ |" in head and "| my_f1 ↑ | my_bleu ↑ |" in head
-    assert "Δ vs ref (pp, + better)" in head
+    assert "held-in Δ (pp)" in head and "held-in p (Holm)" in head
     good = next(line for line in md.splitlines() if line.startswith("| good |")).split(" | ")
     ppl = next(r for r in board["rows"] if r["name"] == "good")["tasks"]["python_code"]
     assert good[-3] == f"{ppl['mean']:.4g} ± {ppl['stderr']:.2g}"  # a perplexity, not ×100, not a %
@@ -387,7 +388,7 @@ def test_older_cells_and_unreadable_ones_never_break_the_board():
     assert board["unreadable"] == ["b/addition: unreadable cell (ValueError): skipped"]
     assert "addition" not in by["b"]["tasks"]
     md = leaderboard_markdown(board)
-    assert "| b | m | – | – | – | – | – | – | 80 |" in md and "no per-document weights" in md
+    assert "| b | m | – | – | – | – | 80 |" in md and "no per-document weights" in md
 
 
 def test_cells_record_the_primary_metric_its_direction_and_weights(cmp_pool, tmp_path):
