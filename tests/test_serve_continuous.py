@@ -468,23 +468,10 @@ def test_small_prompts_are_tokenised_while_big_ones_are(serve, engine, monkeypat
     their own; a shared pool would queue it behind them)."""
     import os
 
-    tok, calls = engine.tokenizer, []
-
-    class SlowOnBig:  # the engine's tokenizer, seconds slower on a big text
-        def __call__(self, text, **kw):
-            if len(text) > 200_000:
-                calls.append(text[:1])
-                time.sleep(1.5)
-            return tok(text, **kw)
-
-        def __getattr__(self, name):
-            return getattr(tok, name)
-
-        def __len__(self):
-            return len(tok)
-
+    calls: list[str] = []
     url, _ = serve()
-    monkeypatch.setattr(engine, "tokenizer", SlowOnBig())
+    # the engine's tokenizer, seconds slower on a big text
+    monkeypatch.setattr(engine, "tokenizer", _Slow(engine.tokenizer, 1.5, min_len=200_000, calls=calls))
     n_big = min(32, (os.cpu_count() or 1) + 4) + 2  # asyncio.to_thread's default pool, and more
     done: list[float] = []
 
@@ -511,21 +498,8 @@ def test_small_prompts_are_tokenised_while_big_ones_are(serve, engine, monkeypat
 
 def test_time_to_first_token_counts_from_arrival_tokenising_included(serve, engine, monkeypatch):
     """TTFT starts when the request arrives (before tokenising), the queue time when the scheduler gets it."""
-    tok = engine.tokenizer
-
-    class Slow:
-        def __call__(self, text, **kw):
-            time.sleep(0.5)
-            return tok(text, **kw)
-
-        def __getattr__(self, name):
-            return getattr(tok, name)
-
-        def __len__(self):
-            return len(tok)
-
     url, _ = serve()
-    monkeypatch.setattr(engine, "tokenizer", Slow())
+    monkeypatch.setattr(engine, "tokenizer", _Slow(engine.tokenizer, 0.5))
     r = httpx.post(f"{url}/v1/completions", json={"model": "a", "prompt": "Add: 1+2", "max_tokens": 2}, timeout=60)
     assert r.status_code == 200
     lines = dict(line.rsplit(" ", 1) for line in httpx.get(f"{url}/metrics").text.splitlines()
@@ -549,3 +523,24 @@ def test_a_full_model_that_cannot_load_is_a_503_logged_with_its_traceback(serve,
     assert sum("503 for model 'broken'" in rec.getMessage() for rec in caplog.records) == 2
     r = httpx.post(f"{url}/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": 2}, timeout=60)
     assert r.status_code == 200
+
+
+class _Slow:
+    """A tokenizer that sleeps `delay` seconds before tokenising a text of at least `min_len` characters (noting
+    its first character in `calls`), and is otherwise the wrapped one."""
+
+    def __init__(self, tok, delay: float, *, min_len: int = 0, calls: list | None = None):
+        self.tok, self.delay, self.min_len, self.calls = tok, delay, min_len, calls
+
+    def __call__(self, text, **kw):
+        if len(text) >= self.min_len:
+            if self.calls is not None:
+                self.calls.append(text[:1])
+            time.sleep(self.delay)
+        return self.tok(text, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+    def __len__(self):
+        return len(self.tok)

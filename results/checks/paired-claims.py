@@ -24,25 +24,31 @@ families = {
 }
 
 
-def paired(folder: Path, a: str, b: str, tasks: list[str]) -> dict | None:
-    xs, ys, used = [], [], []
-    for t in tasks:
-        fa, fb = folder / "cells" / a / f"{t}.json", folder / "cells" / b / f"{t}.json"
-        if not (fa.is_file() and fb.is_file()):
-            continue
-        ca, cb = json.loads(fa.read_text()), json.loads(fb.read_text())
+def _test(pairs: list[tuple[dict, dict]], a: str, b: str, used: list[str]) -> dict | None:
+    """McNemar over the examples both cells of each pair scored (by doc id), pooled over the pairs."""
+    xs, ys = [], []
+    for ca, cb in pairs:
         by_doc = dict(zip(cb["doc_ids"], cb["values"]))
         for d, x in zip(ca["doc_ids"], ca["values"]):
             if d in by_doc:
                 xs.append(x)
                 ys.append(by_doc[d])
-        used.append(t)
     if not xs:
         return None
     c = compare(xs, ys)
     return {"a": a, "b": b, "n": c["n"], "mean_a": c["mean_a"], "mean_b": c["mean_b"], "diff": c["diff"],
             "a_only": c.get("a_only"), "b_only": c.get("b_only"), "p_value": c["p_value"], "test": c["test"],
             "tasks": used}
+
+
+def paired(folder: Path, a: str, b: str, tasks: list[str]) -> dict | None:
+    pairs, used = [], []
+    for t in tasks:
+        fa, fb = folder / "cells" / a / f"{t}.json", folder / "cells" / b / f"{t}.json"
+        if fa.is_file() and fb.is_file():
+            pairs.append((json.loads(fa.read_text()), json.loads(fb.read_text())))
+            used.append(t)
+    return _test(pairs, a, b, used)
 
 
 # Before / after the fidelity changes (issue 26): each retrained row against its committed cells at f0c8363 (the
@@ -52,26 +58,15 @@ before_after = [(r, g) for r in ("phatgoose-lora", "mole-lora", "smora-lora", "t
 
 
 def paired_before(row: str, tasks: list[str]) -> dict | None:
-    xs, ys, used = [], [], []
+    pairs, used = [], []
     for t in tasks:
         f = ROOT / "routing" / "cells" / row / f"{t}.json"
         old = subprocess.run(["git", "show", f"{BEFORE}:results/compare/routing/cells/{row}/{t}.json"],
                              capture_output=True, text=True, cwd=ROOT)
-        if not f.is_file() or old.returncode != 0:
-            continue
-        ca, cb = json.loads(f.read_text()), json.loads(old.stdout)
-        by_doc = dict(zip(cb["doc_ids"], cb["values"]))
-        for d, x in zip(ca["doc_ids"], ca["values"]):
-            if d in by_doc:
-                xs.append(x)
-                ys.append(by_doc[d])
-        used.append(t)
-    if not xs:
-        return None
-    c = compare(xs, ys)
-    return {"a": f"{row} (now)", "b": f"{row} at {BEFORE}", "n": c["n"], "mean_a": c["mean_a"], "mean_b": c["mean_b"],
-            "diff": c["diff"], "a_only": c.get("a_only"), "b_only": c.get("b_only"), "p_value": c["p_value"],
-            "test": c["test"], "tasks": used}
+        if f.is_file() and old.returncode == 0:
+            pairs.append((json.loads(f.read_text()), json.loads(old.stdout)))
+            used.append(t)
+    return _test(pairs, f"{row} (now)", f"{row} at {BEFORE}", used)
 
 
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
