@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 from pathlib import Path
@@ -200,3 +201,19 @@ def app_world(tmp_path_factory, tiny_dir, session_cache):
         atomic_write_json(results / "traces" / "arrow.json",
                           {"recipe": "arrow", "pool": "demo", **trace_prompt(loaded.model, loaded.tokenizer, "12+30=")})
     return env | {"root": str(root)}
+
+
+def stream_pieces(url: str, path: str, body: dict) -> tuple[list[str], str | None]:
+    """POST `body` with `stream: true` to a served `path`: each SSE chunk's text (completions' `text`, chat's
+    `delta.content`) and the last finish_reason sent."""
+    import httpx
+
+    pieces, finish = [], None
+    with httpx.stream("POST", f"{url}{path}", json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                pieces.append(choice["text"] if "text" in choice else choice["delta"].get("content") or "")
+                finish = choice["finish_reason"] or finish
+    return pieces, finish

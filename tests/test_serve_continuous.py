@@ -11,6 +11,7 @@ import time
 import httpx
 import pytest
 import torch
+from conftest import stream_pieces
 
 from workbench.serving.api import create_app, start_in_thread
 from workbench.serving.engine import MultiLoraModel
@@ -221,19 +222,6 @@ def test_seeded_sampling_is_the_same_alone_and_batched(serve, engine):
     assert text_of(rs[3]) == alone(engine, "a", body["prompt"], 12)  # a greedy neighbour is not perturbed
 
 
-def _stream_text(url: str, path: str, body: dict) -> tuple[list[str], str | None]:
-    pieces, finish = [], None
-    with httpx.stream("POST", f"{url}{path}", json={**body, "stream": True}, timeout=60) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                choice = json.loads(line[6:])["choices"][0]
-                piece = choice["text"] if "text" in choice else choice["delta"].get("content", "")
-                pieces.append(piece)
-                finish = choice["finish_reason"] or finish
-    return pieces, finish
-
-
 def test_streaming_equals_non_streaming_with_stop_strings(serve, engine):
     """A stop string that spans two tokens: streaming never sends its first characters, and its text equals the
     non-streaming text (everything before the stop)."""
@@ -255,7 +243,7 @@ def test_streaming_equals_non_streaming_with_stop_strings(serve, engine):
                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}]})]:
         body = {**body, "model": "a", "max_tokens": 24, "stop": ["never-there", stop]}
         plain = httpx.post(f"{url}{path}", json=body, timeout=60)
-        pieces, finish = _stream_text(url, path, body)
+        pieces, finish = stream_pieces(url, path, body)
         assert "".join(pieces) == text_of(plain), path
         assert plain.json()["choices"][0]["finish_reason"] == finish
         if path == "/v1/completions":

@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 import torch
+from conftest import stream_pieces
 
 from workbench.serving.api import create_app, start_in_thread
 from workbench.serving.engine import MultiLoraModel
@@ -625,7 +626,7 @@ def test_split_characters_logprobs_bytes_offsets_and_streams(split_served):
 
     for path, body in [("/v1/completions", {"prompt": "Say:", "max_tokens": 40}),
                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Say it"}]})]:
-        pieces, finish = _stream_pieces(url, path, {"model": "base", **body})
+        pieces, finish = stream_pieces(url, path, {"model": "base", **body})
         assert "".join(pieces) == SPLIT_TEXT and finish == "stop", path
         assert not any("\ufffd" in p for p in pieces), pieces
 
@@ -634,18 +635,6 @@ def test_split_characters_logprobs_bytes_offsets_and_streams(split_served):
                                                   "echo": True, "logprobs": 1}, timeout=60).json()
     lp = r["choices"][0]["logprobs"]
     assert r["choices"][0]["text"] == SPLIT_TEXT and lp["text_offset"] == _char_offsets(SPLIT_TEXT, raws)
-
-
-def _stream_pieces(url: str, path: str, body: dict) -> tuple[list[str], str | None]:
-    pieces, finish = [], None
-    with httpx.stream("POST", f"{url}{path}", json={**body, "stream": True}, timeout=60) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                choice = json.loads(line[6:])["choices"][0]
-                pieces.append(choice["text"] if "text" in choice else choice["delta"].get("content") or "")
-                finish = choice["finish_reason"] or finish
-    return pieces, finish
 
 
 def test_detokenizer_and_token_bytes_on_smollm2_and_the_tiny_tokenizer():
