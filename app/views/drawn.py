@@ -1,0 +1,126 @@
+"""Per-task charts, Sweeps, Routing and Benchmarks: the views that draw."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from views.common import _fmt, _pools, pick_source, results_dir, source_view  # noqa: F401
+from workbench import catalog
+from workbench.errors import WorkbenchError
+from workbench.eval import charts
+
+
+def view_charts(cat: catalog.Catalog) -> None:
+    got = source_view(cat, "Per-task charts", "ch")
+    if got is None:
+        return
+    src, names = got
+    rows = st.multiselect("rows", names, default=names[: min(6, len(names))], key=f"ch-rows-{src.kind}-{src.name}")
+    board = src.board()
+    if rows:
+        st.altair_chart(charts.task_bars(board, rows), width="stretch")
+    ref_default = src.reference if src.reference in names else names[0]
+    ref = st.selectbox("difference against", names, index=names.index(ref_default), key=f"ch-ref-{src.kind}-{src.name}",
+                       help="base, multitask, the best expert or any method")
+    st.altair_chart(charts.diff_heatmap(board, ref), width="stretch")
+
+
+def view_sweeps(cat: catalog.Catalog) -> None:
+    st.header("Sweeps")
+    if cat.curves:
+        from workbench.eval.leaderboard import curve_chart
+
+        st.subheader("Merge-count curves")
+        cols = st.columns(min(len(cat.curves), 2))
+        for i, curve in enumerate(sorted(cat.curves, key=lambda c: str(c.get("name")))):
+            with cols[i % len(cols)]:
+                st.altair_chart(curve_chart(curve), width="stretch")
+                note = curve.get("note")
+                st.caption(f"{cat.rel(curve['_path'])}: mean over the merged experts' own accuracy-like tasks, %"
+                           + (f". {note[:1].upper()}{note[1:]}." if isinstance(note, str) and note else ""))
+        st.subheader("Validation sweeps")
+    if not cat.sweeps:
+        st.info("No sweep records yet: a recipe with a `sweep:` grid (e.g. `workbench merge merges/ta-full.yaml --eval`) "
+                "writes one under results/sweeps/.")
+        return
+    for rec in cat.sweeps:
+        st.altair_chart(charts.sweep_chart(rec), width="stretch")
+        best = rec.get("best") or {}
+        score = best.get("score")
+        chosen = (f"chosen {best.get('point')} (validation {100 * score:.1f}%)" if isinstance(score, (int, float))
+                  else "no point chosen yet (the sweep is running or was interrupted)")
+        st.caption(f"{cat.rel(rec['_path'])}: {chosen}, tasks {', '.join(map(str, rec.get('tasks') or []))}, "
+                   f"limit {rec.get('limit')}")
+
+
+@st.cache_resource(show_spinner="loading the routed model")
+def _routed_model(folder: str):
+    from workbench.artifacts import load_artifact
+
+    return load_artifact(Path(folder))
+
+
+@st.cache_data(show_spinner="tracing", max_entries=64)
+def _trace(folder: str, prompt: str) -> dict:
+    from workbench.methods.routing import trace_prompt
+
+    loaded = _routed_model(folder)
+    return trace_prompt(loaded.model, loaded.tokenizer, prompt)
+
+
+def view_routing(cat: catalog.Catalog) -> None:
+    st.header("Routing")
+    if cat.traces:
+        labels = [f"{t.get('recipe', '?')}: {t.get('prompt', '')[:60]!r} ({cat.rel(t['_path'])})" for t in cat.traces]
+        i = st.selectbox("saved trace", range(len(labels)), format_func=lambda j: labels[j], key="rt-saved")
+        st.altair_chart(charts.usage_chart(cat.traces[i]), width="stretch")
+        st.altair_chart(charts.token_chart(cat.traces[i]), width="stretch")
+    from workbench.pool import Pool
+    from workbench.serving.engine import routed_artifacts
+
+    found = []
+    for p in _pools():
+        try:
+            found += [(f"{p}: {n}", str(f)) for n, f in routed_artifacts(Pool.open(p))]
+        except WorkbenchError:
+            continue
+    if not found and not cat.traces:
+        st.info("No routed model yet. Build one (`workbench demo` builds PHATGOOSE, Arrow and avg-act over the demo "
+                "pool, or the Run view), then trace prompts here.")
+        return
+    if not found:
+        st.info("No routed model is built in this cache: saved traces only.")
+        return
+    st.subheader("Trace a prompt")
+    j = st.selectbox("routed model", range(len(found)), format_func=lambda k: found[k][0], key="rt-model")
+    prompt = st.text_input("prompt", value="What is 12 + 30?", key="rt-prompt")
+    if st.button("trace", key="rt-go") and prompt:
+        st.session_state["rt-last"] = (found[j][0], found[j][1], prompt)
+    if st.session_state.get("rt-last"):
+        label, folder, text = st.session_state["rt-last"]
+        st.caption(f"trace of {label} on {text!r} (traces are cached per model and prompt)")
+        try:
+            tr = _trace(folder, text)
+        except Exception as e:  # noqa: BLE001 - a model that fails to load or run is one line, not a crash
+            st.error(f"trace failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            return
+        st.altair_chart(charts.usage_chart(tr), width="stretch")
+        st.altair_chart(charts.token_chart(tr), width="stretch")
+
+
+def view_benchmarks(cat: catalog.Catalog) -> None:
+    st.header("Benchmarks")
+    if not cat.benches:
+        st.info("No benchmark records yet: `workbench bench kernels|merge|routing|serve` writes them under results/bench/.")
+        return
+    for rec in sorted(cat.benches, key=lambda r: str(r.get("benchmark", ""))):
+        ratios = catalog.bench_ratios(rec)
+        st.subheader(f"{rec.get('benchmark')} ({cat.rel(rec['_path'])})")
+        st.caption(f"machine: {catalog.machine_line(rec)}" + (f" · target: {rec['target']}" if rec.get("target") else ""))
+        if ratios:
+            st.altair_chart(charts.bench_chart(ratios, f"{rec.get('benchmark')}: ratios against peers"),
+                            width="stretch")
+        else:
+            st.caption("no ratios in this record")
