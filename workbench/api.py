@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -1008,20 +1008,19 @@ def build_demo_pool(pool: str = "demo", *, base: str = "smollm2-135m", device: s
 
 
 def serve(pool: Pool | str = "demo", *, host: str = "127.0.0.1", port: int = 8000, backend: str | None = None,
-          device: str = "cpu", max_batch: int = 32, max_body_mb: float = 4.0) -> None:
+          device: str = "cpu", max_batch: int = 32, max_body_mb: float = 4.0, allow_runtime_lora: bool = False,
+          max_loaded_adapters: int | None = None, recipes: Sequence[str] = ()) -> None:
     """Serve the pool over an OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions):
     every adapter, mix and built composition of the pool, batched together (continuous batching). Request bodies
-    over `max_body_mb` MB get a 413. Blocks until stopped."""
+    over `max_body_mb` MB get a 413. `recipes` (recipe files or names under merges/, or "all") are built first when
+    not cached; `max_loaded_adapters` caps the adapters resident in kernel slots (least recently used evicted);
+    `allow_runtime_lora` enables POST /v1/load_lora_adapter and /v1/unload_lora_adapter. Blocks until stopped.
+    Every argument is checked by the server (one-line errors)."""
     from .serving.api import serve as _serve
 
-    if not isinstance(port, int) or not 0 < port < 65536:
-        raise WorkbenchError(f"port = {port!r}: an integer in 1..65535")
-    if not isinstance(max_batch, int) or not 1 <= max_batch <= 1024:
-        raise WorkbenchError(f"max_batch = {max_batch!r}: an integer in 1..1024")
-    if isinstance(max_body_mb, bool) or not isinstance(max_body_mb, (int, float)) or not 0 < max_body_mb <= 1024:
-        raise WorkbenchError(f"max_body_mb = {max_body_mb!r}: a number of megabytes in (0, 1024]")
     _serve(str(_pool(pool).root), host=host, port=port, backend=backend, device=device, max_batch=max_batch,
-           max_body_mb=float(max_body_mb))
+           max_body_mb=max_body_mb, allow_runtime_lora=allow_runtime_lora, max_loaded_adapters=max_loaded_adapters,
+           recipes=tuple(recipes))
 
 
 BENCHMARKS = ("merge", "kernels", "kernels-profile", "routing", "serve", "app", "scale")

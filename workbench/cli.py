@@ -741,11 +741,21 @@ def serve_cmd(
     backend: Annotated[Optional[str], typer.Option(help="kernel backend (default: by device)")] = None,
     device: _Dev = "cpu", max_batch: int = 32,
     max_body_mb: Annotated[float, typer.Option(help="request bodies over this many MB get a 413")] = 4.0,
+    allow_runtime_lora: Annotated[bool, typer.Option(
+        "--allow-runtime-lora", help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (admin "
+                                     "operations; vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING)")] = False,
+    max_loaded_adapters: Annotated[Optional[int], typer.Option(
+        min=1, max=4096, help="adapters kept in kernel slots at once; the others wait on the CPU and are swapped in "
+                              "as requests need them, least recently used out (default: all)")] = None,
+    recipes: Annotated[Optional[list[str]], typer.Option(
+        help="recipes to build at start when not cached, then serve: recipe files or names of merges/, comma "
+             "separated or repeated; `all`: every routed or low-rank recipe of the pool")] = None,
 ):
     """OpenAI-compatible server: /v1/models, /v1/completions, /v1/chat/completions (streaming too)."""
     from . import serve
 
-    serve(pool, host=host, port=port, backend=backend, device=device, max_batch=max_batch, max_body_mb=max_body_mb)
+    serve(pool, host=host, port=port, backend=backend, device=device, max_batch=max_batch, max_body_mb=max_body_mb,
+          allow_runtime_lora=allow_runtime_lora, max_loaded_adapters=max_loaded_adapters, recipes=recipes or ())
 
 
 # ----------------------------------------------------------------------------- benchmarks

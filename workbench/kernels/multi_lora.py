@@ -70,6 +70,45 @@ class AdapterWeights:
             return None
         return torch.stack(self.a), torch.stack(self.b)
 
+    def set_slot(self, e: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        """Put another adapter's factors in slot `e` (a server's adapter cache swapping adapters in and out),
+        updating the derived tables for that slot alone: `ranks`, and `stacked` / `padded` in place where the new
+        rank fits them (else they are dropped, rebuilt on their next use); the dense path's cached
+        concatenations that hold slot `e` are dropped. The caller holds off every forward while it runs."""
+        self.a[e], self.b[e] = a, b
+        self.scale[e] = float(scale)
+        d, r = self.__dict__, a.shape[0]
+        if "ranks" in d:
+            d["ranks"][e] = r
+        if "stacked" in d:
+            st = d["stacked"]
+            if st is not None and st[0].shape[1] == r and len(set(d.get("ranks", self.ranks))) == 1:
+                st[0][e].copy_(a)
+                st[1][e].copy_(b)
+            else:
+                del d["stacked"]
+        if "padded" in d:
+            a_pad, b_pad, ranks = d["padded"]
+            if r <= a_pad.shape[1]:
+                a_pad[e].zero_()
+                a_pad[e, :r] = a
+                b_pad[e].zero_()
+                b_pad[e, :, :r] = b
+                ranks[e] = r
+            else:
+                del d["padded"]
+        for key in [k for k in d.get("_dense", {}) if e in k]:
+            del d["_dense"][key]
+
+    def add_slot(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> int:
+        """Append a slot holding (a, b, scale); returns its index. The derived tables are rebuilt on next use."""
+        self.a.append(a)
+        self.b.append(b)
+        self.scale = torch.cat([self.scale, self.scale.new_tensor([float(scale)])])
+        for name in ("ranks", "stacked", "padded", "_dense"):
+            self.__dict__.pop(name, None)
+        return len(self.a) - 1
+
 
 @dataclass
 class LoraMeta:

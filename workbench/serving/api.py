@@ -16,6 +16,12 @@ it when done, each with its own adapter, mix or router and its own sampling stat
 {"error": {"message", "type", "param", "code"}} on every path (unknown routes and unreadable bodies too);
 every 500 is logged with its traceback (a full model that cannot load: its traceback once, when the load fails,
 then each 503 in one line).
+
+Admin operations (only with `allow_runtime_lora`, the CLI's --allow-runtime-lora; else 403): POST
+/v1/load_lora_adapter {"lora_name", "lora_path"} serves a PEFT LoRA folder (validated as `workbench pool add`
+validates an expert) or a saved composition's artifact folder from then on; POST /v1/unload_lora_adapter
+{"lora_name"} stops serving an adapter: new requests for it get a 404, requests already accepted finish with it.
+Both answer vLLM's plain-text "Success: ..." or a one-line error in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -37,7 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import WorkbenchError
 from ..tasks.suite import ADD_SPECIAL_TOKENS
-from .engine import FullModel, MultiLoraModel, UnknownModel, saved_full_models
+from .engine import FullModel, ModelExists, MultiLoraModel, UnknownModel, saved_full_models
 from .metrics import Metrics
 from .protocol import (
     STREAM_CHUNKS,
@@ -48,9 +55,11 @@ from .protocol import (
     CompletionChunk,
     CompletionRequest,
     ErrorResponse,
+    LoadLoraAdapterRequest,
     Message,
     ModelCard,
     ModelList,
+    UnloadLoraAdapterRequest,
     _Common,
     sse_schema,
 )
@@ -70,7 +79,8 @@ log = logging.getLogger("workbench.serving")
 COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for completions (chat: the room left in the context)
 BIG_PROMPT_CHARS = 100_000  # prompts (a request's characters) over this are tokenised on their own threads
 
-__all__ = ["APIError", "ChatRequest", "CompletionRequest", "Message", "create_app", "serve", "start_in_thread"]
+__all__ = ["APIError", "ChatRequest", "CompletionRequest", "Message", "build_app", "create_app", "serve",
+           "start_in_thread"]
 
 
 class APIError(Exception):
@@ -98,14 +108,16 @@ def _sse_and_json(model, chunk) -> dict:
 
 def create_app(engine: MultiLoraModel, *, full_models: Sequence[FullModel] = (), max_batch: int = 32,
                window_s: float = 0.01, context_length: int | None = None, admission: str = "continuous",
-               max_prefill_tokens: int = 8192, max_body_mb: float = 4.0, tokenize_threads: int = 4) -> FastAPI:
+               max_prefill_tokens: int = 8192, max_body_mb: float = 4.0, tokenize_threads: int = 4,
+               allow_runtime_lora: bool = False) -> FastAPI:
     """The server's app over `engine` (and `full_models`, each its own engine and scheduler once requested).
     `max_batch`: rows decoded together; `window_s`: how long an idle scheduler waits for requests to prefill
     together; `admission`: continuous (join at any step) or static (join an empty batch only);
     `max_prefill_tokens`: left-padded prompt tokens per prefill (a longer single prompt is prefilled alone);
     `context_length`: overrides the model's; `max_body_mb`: larger request bodies get a 413 before they are read;
     `tokenize_threads`: threads tokenising prompts of up to BIG_PROMPT_CHARS characters (bigger ones: 2 threads of
-    their own)."""
+    their own); `allow_runtime_lora`: enable the admin endpoints POST /v1/load_lora_adapter and
+    /v1/unload_lora_adapter (else they answer 403)."""
     app = FastAPI(title="Expert Workbench", version="0.1",
                   description="OpenAI-compatible completions over a pool's adapters, mixes and compositions.")
     metrics = Metrics()
@@ -130,6 +142,13 @@ def create_app(engine: MultiLoraModel, *, full_models: Sequence[FullModel] = (),
     started = int(time.time())
     metrics.gauges["workbench_running_sequences"] = lambda: sum(len(s.running) for s in [sched, *full_scheds.values()])
     metrics.gauges["workbench_queued_sequences"] = lambda: sum(s.queued for s in [sched, *full_scheds.values()])
+    if hasattr(engine, "counters"):  # the adapter cache (an engine without one, e.g. a test's stub: none)
+        metrics.gauges["workbench_adapter_loads_total"] = lambda: engine.counters["loads"]
+        metrics.gauges["workbench_adapter_evictions_total"] = lambda: engine.counters["evictions"]
+        metrics.gauges["workbench_resident_adapters"] = lambda: len(engine.resident())
+        metrics.gauges["workbench_registered_adapters"] = lambda: len(engine.ids)
+        metrics.gauges["workbench_runtime_adapter_loads_total"] = lambda: engine.counters["runtime_loads"]
+        metrics.gauges["workbench_runtime_adapter_unloads_total"] = lambda: engine.counters["unloads"]
 
     def ctx_len_of(e: MultiLoraModel) -> int:
         return context_length or int(getattr(e.model.config, "max_position_embeddings", 2048))
@@ -209,6 +228,60 @@ def create_app(engine: MultiLoraModel, *, full_models: Sequence[FullModel] = (),
     async def prometheus():
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
+    # -- adapters at run time (admin operations, as vLLM's with VLLM_ALLOW_RUNTIME_LORA_UPDATING)
+    admin_lock = asyncio.Lock()  # one load or unload at a time
+
+    async def admin_only():
+        if not allow_runtime_lora:
+            raise APIError(403, "loading and unloading adapters at run time is disabled: start the server with "
+                                "--allow-runtime-lora", type_="permission_error", code="runtime_lora_disabled")
+
+    def json_error(description: str) -> dict:  # these routes answer text/plain when they succeed, JSON errors
+        return {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+                "description": description}
+
+    ADMIN = {400: json_error("an invalid request: a name that is taken or malformed, a folder that is not an adapter "
+                             "over this server's base"),
+             403: json_error("runtime LoRA updates are disabled (start the server with --allow-runtime-lora)"),
+             413: json_error("a request body over the server's limit (max_body_mb)")}
+
+    def text_ok(description: str) -> dict:
+        return {200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": description}}
+
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, dependencies=[Depends(admin_only)],
+              responses={**ADMIN, **text_ok("the adapter is loaded and listed by /v1/models")})
+    async def load_lora_adapter(req: LoadLoraAdapterRequest):
+        """Load a PEFT LoRA adapter folder (or a saved composition's artifact folder) under `lora_name`, validated
+        as `workbench pool add` validates an expert (same base, safetensors only, shapes, target modules)."""
+        async with admin_lock:
+            if req.lora_name in full:
+                raise APIError(400, f"model {req.lora_name!r} is already served; unload it first or pick another "
+                                    "name", param="lora_name", code="model_exists")
+            try:
+                await asyncio.to_thread(engine.load_adapter, req.lora_name, req.lora_path)
+            except ModelExists as e:
+                raise APIError(400, str(e), param="lora_name", code="model_exists") from None
+            except WorkbenchError as e:
+                raise APIError(400, _first_line(e), param="lora_path", code="invalid_adapter") from None
+        log.info("loaded adapter %r from %s", req.lora_name, req.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, dependencies=[Depends(admin_only)],
+              responses={**ADMIN, 404: json_error("no adapter of that name is served"),
+                         **text_ok("the adapter is no longer listed; requests already accepted for it finish")})
+    async def unload_lora_adapter(req: UnloadLoraAdapterRequest):
+        """Stop serving adapter `lora_name`: new requests for it get a 404; requests already accepted finish with it,
+        then its slot and memory are freed."""
+        async with admin_lock:
+            try:
+                await asyncio.to_thread(engine.unload_adapter, req.lora_name)
+            except UnknownModel as e:
+                raise APIError(404, str(e), param="lora_name", code="model_not_found") from None
+            except WorkbenchError as e:
+                raise APIError(400, _first_line(e), param="lora_name", code="invalid_unload") from None
+        log.info("unloaded adapter %r", req.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
+
     # -- requests to jobs
     async def target(model: str) -> tuple[MultiLoraModel, Scheduler]:
         """The engine and scheduler that serve `model`: a full model's own (loaded off the event loop on its
@@ -281,6 +354,17 @@ def create_app(engine: MultiLoraModel, *, full_models: Sequence[FullModel] = (),
         if failed:
             raise APIError(500, f"generation failed: {failed[0].error}", type_="server_error", code="generation_failed")
 
+    def submit(sch: Scheduler, jobs: list[Job]) -> None:
+        """Hand `jobs` to their scheduler; a model unloaded since the request named it is a 404 (jobs already
+        handed on are cancelled)."""
+        for i, j in enumerate(jobs):
+            try:
+                sch.submit(j)
+            except UnknownModel as e:
+                for done in jobs[:i]:
+                    done.cancelled.set()
+                raise APIError(404, f"{e}; see GET /v1/models", param="model", code="model_not_found") from None
+
     def usage(jobs: list[Job]) -> dict[str, int]:
         p, c = sum(len(j.prompt_ids) for j in jobs), sum(len(j.tokens) for j in jobs)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
@@ -351,8 +435,7 @@ def create_app(engine: MultiLoraModel, *, full_models: Sequence[FullModel] = (),
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
         extra = {"usage": None} if req.include_usage else {}
-        for j in jobs:
-            sch.submit(j)
+        submit(sch, jobs)
         if req.stream:
             job, prompt = jobs[0], echoed[0]
 
@@ -401,7 +484,7 @@ def create_app(engine: MultiLoraModel, *, full_models: Sequence[FullModel] = (),
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
         extra = {"usage": None} if req.include_usage else {}
-        sch.submit(job)
+        submit(sch, [job])
 
         def lp(lps):
             return {"content": [_chat_logprob(t) for t in lps]} if req.logprobs else None
@@ -584,16 +667,42 @@ def start_in_thread(app: FastAPI, host: str = "127.0.0.1"):
     return f"http://{host}:{port}", server, thread
 
 
-def serve(pool_spec: str, host: str = "127.0.0.1", port: int = 8000, backend: str | None = None,
-          device: str = "cpu", max_batch: int = 32, max_body_mb: float = 4.0) -> None:
-    import uvicorn
-
+def build_app(pool_spec: str, *, backend: str | None = None, device: str = "cpu", max_batch: int = 32,
+              max_body_mb: float = 4.0, allow_runtime_lora: bool = False, max_loaded_adapters: int | None = None,
+              recipes: Sequence[str] = (), recipes_folder=None, log: Callable[[str], Any] = print,
+              **app_kw: Any) -> FastAPI:
+    """The server's app over pool `pool_spec`: first the `recipes` built (when not cached; see
+    `startup.resolve_recipes`), then the engine over the pool's adapters and every composition built over it
+    (`max_loaded_adapters` of them in kernel slots at once, None: all), and the full-model artifacts."""
     from ..pool import Pool
+    from .startup import build_recipes, resolve_recipes
 
+    if not isinstance(max_batch, int) or isinstance(max_batch, bool) or not 1 <= max_batch <= 1024:
+        raise WorkbenchError(f"max_batch = {max_batch!r}: an integer in 1..1024")
+    if isinstance(max_body_mb, bool) or not isinstance(max_body_mb, (int, float)) or not 0 < max_body_mb <= 1024:
+        raise WorkbenchError(f"max_body_mb = {max_body_mb!r}: a number of megabytes in (0, 1024]")
     pool = Pool.open(pool_spec)
-    engine = MultiLoraModel.from_pool(pool, backend=backend, device=device)
+    if recipes:
+        resolved = resolve_recipes(pool, recipes, folder=recipes_folder, log=log)
+        log(f"compositions declared at start: {', '.join(r.recipe.name for r in resolved) or 'none'}")
+        build_recipes(resolved, device=device, log=log)
+    engine = MultiLoraModel.from_pool(pool, backend=backend, device=device, max_loaded_adapters=max_loaded_adapters,
+                                      log=log)
     full = saved_full_models(pool, set(engine.model_names()), backend=backend, device=device)
     if full:
-        print(f"full-model artifacts (loaded on first request): {', '.join(f.name for f in full)}")
-    uvicorn.run(create_app(engine, full_models=full, max_batch=max_batch, max_body_mb=max_body_mb), host=host,
-                port=port, log_level="info")
+        log(f"full-model artifacts (loaded on first request): {', '.join(f.name for f in full)}")
+    return create_app(engine, full_models=full, max_batch=max_batch, max_body_mb=float(max_body_mb),
+                      allow_runtime_lora=allow_runtime_lora, **app_kw)
+
+
+def serve(pool_spec: str, host: str = "127.0.0.1", port: int = 8000, backend: str | None = None,
+          device: str = "cpu", max_batch: int = 32, max_body_mb: float = 4.0, *, allow_runtime_lora: bool = False,
+          max_loaded_adapters: int | None = None, recipes: Sequence[str] = ()) -> None:
+    """Serve pool `pool_spec` (`build_app`) under uvicorn until stopped."""
+    import uvicorn
+
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise WorkbenchError(f"port = {port!r}: an integer in 1..65535")
+    app = build_app(pool_spec, backend=backend, device=device, max_batch=max_batch, max_body_mb=max_body_mb,
+                    allow_runtime_lora=allow_runtime_lora, max_loaded_adapters=max_loaded_adapters, recipes=recipes)
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -27,6 +27,7 @@ import inspect
 import logging
 import math
 import threading
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,18 +37,23 @@ import torch
 
 from ..errors import WorkbenchError, did_you_mean
 from ..kernels import LoraMeta, check_backend, default_backend, make_meta
-from ..modules.routed_lora import RoutedGroup, RoutedLoraLinear, wrap_model
+from ..modules.routed_lora import RoutedGroup, RoutedLoraLinear, routed_modules, wrap_model
 from ..pool import LoraLayout
 from ..tasks.suite import ADD_SPECIAL_TOKENS
 
 log = logging.getLogger("workbench.serving")
 
 Router = Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+MAX_LOADED_ADAPTERS = 4096  # --max-loaded-adapters: kernel slots for servable adapters
 MAX_MIX_WEIGHT = 100.0  # |w| of one adapter in a mix: larger weights overflow float32 activations into inf/nan
 
 
 class UnknownModel(WorkbenchError):
     """A request names a model this engine does not serve."""
+
+
+class ModelExists(WorkbenchError):
+    """A model of that name is already served."""
 
 
 @dataclass(frozen=True)
@@ -114,62 +120,430 @@ class TwinComposition:
 
 
 class MultiLoraModel:
-    """A base model with every adapter of a pool (and saved LoRA and routed compositions) loaded once."""
+    """A base model with every adapter of a pool (and saved LoRA and routed compositions) loaded once.
+
+    Adapters live in a registry (ids stable for the engine's life); the routed layers hold kernel *slots*.
+    Composition parts (Twin's shared and exclusive parts, SMoRA's ranks) are pinned: always in a slot. The
+    servable adapters (pool experts, saved LoRA compositions, adapters loaded at run time) are resident in a slot
+    while `max_loaded_adapters` allows (None: all of them); beyond it their factors stay on the CPU and a request
+    that needs one loads it into a slot at admission (`acquire`), evicting the least recently used adapter that no
+    admitted sequence uses. A slot's factors are rewritten in place, layer by layer (`AdapterWeights.set_slot`);
+    the per-batch pair metadata maps adapters to their slots once per forward (`_layout`)."""
 
     def __init__(self, base_model, tokenizer, adapters: list[Adapter], *, routed: Sequence[RoutedComposition] = (),
                  twins: Sequence[TwinComposition] = (), backend: str | None = None, device: str = "cpu",
-                 dtype=torch.float32):
+                 dtype=torch.float32, max_loaded_adapters: int | None = None, pool: Any = None,
+                 log: Callable[[str], Any] = print):
+        if max_loaded_adapters is not None and not (isinstance(max_loaded_adapters, int)
+                                                    and not isinstance(max_loaded_adapters, bool)
+                                                    and 1 <= max_loaded_adapters <= MAX_LOADED_ADAPTERS):
+            raise WorkbenchError(f"max_loaded_adapters = {max_loaded_adapters!r}: an integer in "
+                                 f"1..{MAX_LOADED_ADAPTERS} (or None: every adapter stays loaded)")
         self.model = base_model.to(device=device, dtype=dtype).eval()
         self.tokenizer = tokenizer
-        self.adapters = list(adapters)
-        self.ids = {a.name: i for i, a in enumerate(self.adapters)}  # what requests may name
-        self.routed = {c.name: c for c in routed}
+        self.pool = pool  # what adapters loaded at run time are validated against (None: no run-time loads)
+        self.max_loaded = max_loaded_adapters
         self.device, self.dtype = torch.device(device), dtype
-        self.twins = {c.name: c for c in twins}
+        self.adapters: list[Adapter] = []  # the registry: an adapter's id is its index, for the engine's life
+        self.ids: dict[str, int] = {}  # what requests may name
+        self.routed: dict[str, RoutedComposition] = {}
+        self.twins: dict[str, TwinComposition] = {}
+        self.pinned: set[int] = set()  # composition parts: always in a slot
+        self._twin_ids: dict[str, torch.Tensor] = {}  # twin -> adapter ids [shared, exclusive_1..E]
+        self._experts: dict[str, torch.Tensor] = {}  # routed composition -> [E_router] adapter ids of its experts
         from ..methods.twin import cache_kwarg
 
         self._cache_kw = cache_kwarg(self.model.base_model)  # the Twin pre-pass's decoder call
         self._lm_cache_kw = cache_kwarg(self.model)  # the model's own (`cache` in newer transformers)
         self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
-        self._twin_ids: dict[str, torch.Tensor] = {}  # twin -> adapter ids [shared, exclusive_1..E]
+        for a in adapters:
+            self._register_adapter(a)
         for c in twins:
-            c.router.to(self.device)
-            if c.name in self.ids or c.name in self.routed:
-                raise WorkbenchError(f"twin composition {c.name!r}: the name is taken")
-            first = len(self.adapters)
-            self.adapters.append(Adapter(f"{c.name}#shared", "twin_part", c.shared, c.source))
-            self.adapters += [Adapter(f"{c.name}#{e}", "twin_part", f, c.source)
-                              for e, f in zip(c.router.experts, c.exclusive)]
-            self._twin_ids[c.name] = torch.arange(first, len(self.adapters), device=self.device)
-        self._experts = {}  # routed composition -> [E_router] adapter ids of its router's experts
+            self._register_twin(c)
         for c in routed:
-            if c.adapters:  # its own experts (SMoRA's rank-1 adapters), appended like Twin's parts
-                if len(c.adapters) != len(c.router.experts):
-                    raise WorkbenchError(f"routed composition {c.name!r}: {len(c.adapters)} adapters for "
-                                         f"{len(c.router.experts)} router experts")
-                first = len(self.adapters)
-                self.adapters += c.adapters
-                self._experts[c.name] = torch.arange(first, len(self.adapters), device=self.device)
+            problem = self._cap_problem(c.name, [int(i) for i in self._routed_ids(c)]) if not c.adapters else None
+            if problem:
+                log(f"routed composition {c.name!r} not served: {problem}")
                 continue
-            missing = [e for e in c.router.experts if e not in self.ids]
-            if missing:
-                raise WorkbenchError(f"routed composition {c.name!r} routes over {missing}, which are not loaded")
-            self._experts[c.name] = torch.tensor([self.ids[e] for e in c.router.experts], device=self.device)
-        self.lock = threading.Lock()  # one forward at a time (the context is per model)
+            self._register_routed(c)
+        self.lock = threading.Lock()  # one forward (or slot change) at a time (the context is per model)
+        self._slots_lock = threading.RLock()  # the registry's counters (holds, uses, LRU order)
         self.active_sequences = 0  # sequences still decoding in running `generate` calls
         self._active_lock = threading.Lock()
+        # slots: every pinned part, then servable adapters in registry order while the cap allows
+        resident, dynamic = [], 0
+        for i in range(len(self.adapters)):
+            if i in self.pinned or self.max_loaded is None or dynamic < self.max_loaded:
+                resident.append(i)
+                dynamic += i not in self.pinned
+        self.slot_owner: list[int | None] = list(resident)  # slot -> adapter id (None: free)
+        self.slot_of: dict[int, int] = {i: s for s, i in enumerate(resident)}  # resident adapter id -> slot
+        self._slot_table = torch.full((max(len(self.adapters), 1),), -1, dtype=torch.long)  # id -> slot (-1: none)
+        for i, s_ in self.slot_of.items():
+            self._slot_table[i] = s_
+        self._slot_table_dev = self._slot_table.to(self.device)
+        self._lru: OrderedDict[int, None] = OrderedDict((i, None) for i in resident if i not in self.pinned)
+        self.in_use: Counter[int] = Counter()  # admitted sequences using each adapter (never evicted while > 0)
+        self.holds: Counter[int] = Counter()  # requests accepted for each adapter (kept after an unload while > 0)
+        self.retired: set[int] = set()  # unloaded adapters still held or in use
+        self.counters = {"loads": 0, "evictions": 0, "runtime_loads": 0, "unloads": 0}
         targets = sorted({t for a in self.adapters for t in a.factors})
-        self.ctx = wrap_model(self.model, targets, lambda t: [a.factors.get(t) for a in self.adapters],
-                              len(self.adapters),
-                              backend=check_backend(backend) if backend else default_backend(device))
+        self.ctx = wrap_model(self.model, targets, lambda t: [self.adapters[i].factors.get(t) for i in resident],
+                              len(resident), backend=check_backend(backend) if backend else default_backend(device))
+        self._layers = {name + ".weight": m for name, m in routed_modules(self.model).items()}
         self._layout_cache: dict[tuple, tuple[LoraMeta | None, list[RoutedGroup]]] = {}
+
+    # -- the registry
+    def _register_adapter(self, a: Adapter, pinned: bool = False) -> int:
+        if not pinned and (a.name in self.ids or a.name in self.routed or a.name in self.twins or a.name == "base"):
+            raise WorkbenchError(f"model {a.name!r}: the name is taken")
+        i = len(self.adapters)
+        self.adapters.append(a)
+        if hasattr(self, "_slot_table"):
+            self._set_table(i, -1)
+        if pinned:
+            self.pinned.add(i)
+        else:
+            self.ids[a.name] = i
+        return i
+
+    def _register_twin(self, c: TwinComposition) -> None:
+        c.router.to(self.device)
+        if c.name in self.ids or c.name in self.routed or c.name in self.twins or c.name == "base":
+            raise WorkbenchError(f"twin composition {c.name!r}: the name is taken")
+        ids = [self._register_adapter(Adapter(f"{c.name}#shared", "twin_part", c.shared, c.source), pinned=True)]
+        ids += [self._register_adapter(Adapter(f"{c.name}#{e}", "twin_part", f, c.source), pinned=True)
+                for e, f in zip(c.router.experts, c.exclusive)]
+        self._twin_ids[c.name] = torch.tensor(ids, device=self.device)
+        self.twins[c.name] = c
+
+    def _routed_ids(self, c: RoutedComposition) -> torch.Tensor:
+        missing = [e for e in c.router.experts if e not in self.ids]
+        if missing:
+            raise WorkbenchError(f"routed composition {c.name!r} routes over {missing}, which are not loaded")
+        return torch.tensor([self.ids[e] for e in c.router.experts], device=self.device)
+
+    def _register_routed(self, c: RoutedComposition) -> None:
+        if c.name in self.ids or c.name in self.routed or c.name in self.twins or c.name == "base":
+            raise WorkbenchError(f"routed composition {c.name!r}: the name is taken")
+        if c.adapters:  # its own experts (SMoRA's rank-1 adapters), pinned like Twin's parts
+            if len(c.adapters) != len(c.router.experts):
+                raise WorkbenchError(f"routed composition {c.name!r}: {len(c.adapters)} adapters for "
+                                     f"{len(c.router.experts)} router experts")
+            ids = [self._register_adapter(a, pinned=True) for a in c.adapters]
+            self._experts[c.name] = torch.tensor(ids, device=self.device)
+        else:
+            self._experts[c.name] = self._routed_ids(c)
+        self.routed[c.name] = c
+
+    def _cap_problem(self, model: str, ids: Sequence[int]) -> str | None:
+        """Why `model` (needing the adapters `ids` resident at once) cannot be served under the cap, or None."""
+        need = {i for i in ids if i not in self.pinned}
+        if self.max_loaded is not None and len(need) > self.max_loaded:
+            return (f"{model!r} needs {len(need)} adapters loaded at once, this server keeps at most "
+                    f"{self.max_loaded} (--max-loaded-adapters)")
+        return None
+
+    def needs(self, assignment: Assignment) -> set[int]:
+        """The servable (evictable) adapter ids `assignment` needs in a slot while it decodes."""
+        if isinstance(assignment, Routed):
+            ids = self._experts.get(assignment.name)
+            return {int(i) for i in ids.tolist() if int(i) not in self.pinned} if ids is not None else set()
+        return {e for e, _ in assignment if e not in self.pinned}
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.slot_owner)
+
+    def resident(self) -> list[str]:
+        """Names of the servable adapters in a slot now."""
+        with self._slots_lock:
+            return [self.adapters[i].name for i in self.slot_of if i not in self.pinned]
+
+    def _set_table(self, i: int, slot: int) -> None:
+        if i >= self._slot_table.numel():
+            grown = torch.full((max(2 * self._slot_table.numel(), i + 1),), -1, dtype=torch.long)
+            grown[: self._slot_table.numel()] = self._slot_table
+            self._slot_table = grown
+        self._slot_table[i] = slot
+        self._slot_table_dev = self._slot_table.to(self.device)
+        self._layout_cache.clear()
+
+    def _write_slot(self, slot: int | None, i: int) -> int:
+        """Adapter `i`'s factors into `slot` (None: a new slot) in every routed layer (a module it does not adapt
+        gets rank 0 there); returns the slot. Holds `self.lock` (no forward runs)."""
+        a = self.adapters[i]
+        missing = sorted(set(a.factors) - set(self._layers))
+        if missing:
+            self._wrap_more(missing)
+        p = next(self.model.parameters())
+        for t, layer in self._layers.items():
+            f = a.factors.get(t)
+            d_out, d_in = layer.base.weight.shape
+            fa, fb, sc = f if f is not None else (torch.zeros(0, d_in), torch.zeros(d_out, 0), 0.0)
+            fa = fa.to(device=p.device, dtype=p.dtype).contiguous()
+            fb = fb.to(device=p.device, dtype=p.dtype).contiguous()
+            if slot is None:
+                layer.weights.add_slot(fa, fb, sc)
+            else:
+                layer.weights.set_slot(slot, fa, fb, sc)
+        if slot is None:
+            self.slot_owner.append(i)
+            slot = len(self.slot_owner) - 1
+            self.ctx.num_adapters = len(self.slot_owner)
+        else:
+            self.slot_owner[slot] = i
+        self.slot_of[i] = slot
+        self._set_table(i, slot)
+        return slot
+
+    def _wrap_more(self, targets: list[str]) -> None:
+        """Wrap base linears no adapter adapted so far (an adapter loaded at run time targets them): every
+        current slot holds rank 0 there."""
+        from ..kernels import AdapterWeights
+        from ..modules.routed_lora import get_module, set_module
+
+        p = next(self.model.parameters())
+        for tensor in targets:
+            module = tensor[: -len(".weight")]
+            lin = get_module(self.model, module)
+            d_out, d_in = lin.weight.shape
+            n = self.num_slots
+            wts = AdapterWeights([p.new_zeros(0, d_in) for _ in range(n)], [p.new_zeros(d_out, 0) for _ in range(n)],
+                                 torch.zeros(n, dtype=torch.float32, device=p.device))
+            layer = RoutedLoraLinear(lin, wts, self.ctx, module)
+            set_module(self.model, module, layer)
+            self._layers[tensor] = layer
+
+    def _free_slot(self, i: int) -> None:
+        slot = self.slot_of.pop(i)
+        self.slot_owner[slot] = None
+        self._lru.pop(i, None)
+        self._set_table(i, -1)
+
+    def _make_resident(self, i: int, keep: set[int]) -> bool:
+        """Put adapter `i` in a slot: a free one, a new one (under the cap), or the least recently used idle
+        adapter's (not in `keep`). False when every slot is busy. Holds `self.lock` and `_slots_lock`."""
+        if i in self.slot_of:
+            return True
+        dynamic = sum(1 for j in self.slot_of if j not in self.pinned)
+        free = [s for s, o in enumerate(self.slot_owner) if o is None]
+        if self.max_loaded is None or dynamic < self.max_loaded:
+            slot = free[0] if free else None
+        else:
+            victim = next((j for j in self._lru if self.in_use[j] == 0 and j not in keep), None)
+            if victim is None:
+                return False
+            slot = self.slot_of[victim]
+            self._free_slot(victim)
+            self.counters["evictions"] += 1
+            log.info("adapter %r evicted from slot %d for %r", self.adapters[victim].name, slot, self.adapters[i].name)
+        self._write_slot(slot, i)
+        self.counters["loads"] += 1
+        self._lru[i] = None
+        return True
+
+    def acquire(self, assignment: Assignment) -> bool:
+        """Make every adapter `assignment` needs resident and mark it in use (never evicted until `release`);
+        False (nothing marked) when the slots are all used by running sequences: try again later."""
+        need = self.needs(assignment)
+        if not need:
+            return True
+        with self.lock, self._slots_lock:
+            for i in sorted(need, key=lambda j: j in self.slot_of, reverse=True):  # resident ones first: kept
+                if not self._make_resident(i, need):
+                    return False
+            for i in need:
+                self.in_use[i] += 1
+                self._lru.move_to_end(i)
+        return True
+
+    def release(self, assignment: Assignment) -> None:
+        """Undo one `acquire`: its adapters become evictable once no sequence uses them (least recently used
+        first); an unloaded one leaves its slot."""
+        need = self.needs(assignment)
+        if not need:
+            return
+        with self.lock, self._slots_lock:
+            for i in need:
+                self.in_use[i] -= 1
+                if self.in_use[i] <= 0:
+                    del self.in_use[i]
+                    self._finalize(i)
+
+    def hold(self, assignment: Assignment) -> None:
+        """Keep `assignment`'s adapters (their factors) until `unhold`, even if they are unloaded meanwhile: a
+        request accepted before an unload finishes with its adapter. UnknownModel when one is already gone."""
+        need = self.needs(assignment)
+        with self._slots_lock:
+            gone = [i for i in need if i in self.retired and not self.adapters[i].factors]
+            if gone:
+                raise UnknownModel(f"model {self.adapters[gone[0]].name!r} was unloaded")
+            for i in need:
+                self.holds[i] += 1
+
+    def unhold(self, assignment: Assignment) -> None:
+        need = self.needs(assignment)
+        if not need:
+            return
+        with self.lock, self._slots_lock:
+            for i in need:
+                self.holds[i] -= 1
+                if self.holds[i] <= 0:
+                    del self.holds[i]
+                    self._finalize(i)
+
+    def _finalize(self, i: int) -> None:
+        """An unloaded adapter nobody holds or uses any more leaves its slot and drops its factors."""
+        if i in self.retired and not self.in_use[i] and not self.holds[i]:
+            self.in_use.pop(i, None)
+            self.holds.pop(i, None)
+            if i in self.slot_of:
+                self._free_slot(i)
+            self.adapters[i].factors = {}
+            self.retired.discard(i)
+
+    def _slot_assignment(self, a: Assignment) -> Assignment:
+        if isinstance(a, Routed):
+            return a
+        out = []
+        for e, w in a:
+            slot = self.slot_of.get(e)
+            if slot is None:
+                raise WorkbenchError(f"adapter {self.adapters[e].name!r} is not loaded in a slot: requests load it "
+                                     "at admission (`acquire`)")
+            out.append((slot, w))
+        return tuple(out)
+
+    def _slots(self, ids: torch.Tensor) -> torch.Tensor:
+        slots = self._slot_table_dev[ids]
+        if bool((slots < 0).any()):
+            missing = [self.adapters[int(i)].name for i, s_ in zip(ids.tolist(), slots.tolist()) if s_ < 0]
+            raise WorkbenchError(f"adapters {missing} are not loaded in a slot: requests load them at admission")
+        return slots
+
+    # -- adapters loaded and unloaded at run time
+    def load_adapter(self, name: str, path: str | Path) -> dict[str, str]:
+        """Serve the adapter in `path` under `name` from now on: a PEFT LoRA folder, validated exactly as
+        `Pool.add` validates an expert (its folder, safetensors only, shapes and target modules against the base,
+        finite weights, the base it names), or a saved composition's artifact folder (merged_lora, routed_lora,
+        twin, smora) built over this base, checked as the server checks those it finds at start. Returns its
+        /v1/models card. ModelExists for a taken name, WorkbenchError (one line) for a folder it refuses; nothing
+        changes then."""
+        from ..artifacts import ARTIFACT_FILE, read_artifact_meta
+        from ..pool import check_name, detect_kind
+
+        if self.pool is None:
+            raise WorkbenchError("this engine was not made from a pool: there is no base to validate adapters against")
+        check_name(name, "model name")
+        self._check_free(name)
+        folder = Path(path).expanduser()
+        shown = str(path) if len(str(path)) <= 200 else str(path)[:197] + "..."
+        if not folder.is_dir():
+            raise WorkbenchError(f"lora_path {shown} is not a folder")
+        folder = folder.resolve()
+        what = f"adapter {shown}"
+        register: Callable[[], Any]
+        if (folder / ARTIFACT_FILE).is_file():
+            register = self._artifact_registration(name, folder, read_artifact_meta(folder), what)
+        else:
+            try:
+                if detect_kind(folder) != "lora":
+                    raise WorkbenchError(f"{what} is a full model folder (config.json), not a LoRA adapter: add it to "
+                                         "the pool, or build a composition of it")
+                self.pool._checked(folder, "lora", allow_distant=False)  # `workbench pool add`'s own checks
+                layout = LoraLayout(folder, self.pool.base.tensors.shapes, what)
+                factors = {t: (layout.weights.get(a).float(), layout.weights.get(b).float(), scale)
+                           for t, (a, b, scale) in layout.modules.items()}
+            except WorkbenchError as e:
+                msg = str(e).replace(f"expert source {folder}", what)
+                raise WorkbenchError(msg.replace("; add it anyway with allow_distant=True (CLI: --allow-distant-base)",
+                                                 "")) from None
+            adapter = Adapter(name, "lora", factors, str(folder))
+            register = lambda: self._register_dynamic(adapter)
+        with self.lock, self._slots_lock:
+            self._check_free(name)
+            register()
+            self.counters["runtime_loads"] += 1
+        return next(m for m in self.models() if m["id"] == name)
+
+    def _check_free(self, name: str) -> None:
+        if name == "base" or name in self.ids or name in self.routed or name in self.twins:
+            raise ModelExists(f"model {name!r} is already served: unload it first, or pick another name")
+
+    def _register_dynamic(self, adapter: Adapter) -> None:
+        """Register a servable adapter; into a slot now when the cap leaves room, else on its first request."""
+        i = self._register_adapter(adapter)
+        dynamic = sum(1 for j in self.slot_of if j not in self.pinned)
+        if self.max_loaded is None or dynamic < self.max_loaded:
+            self._make_resident(i, set())
+
+    def _artifact_registration(self, name: str, folder: Path, meta: dict[str, Any], what: str) -> Callable[[], Any]:
+        """What registers the saved composition in `folder` (validated here, registered under the locks)."""
+        kind = meta.get("type")
+        if meta.get("pool_fingerprint") not in (None, self.pool.manifest.base.fingerprint):
+            raise WorkbenchError(f"{what} was built over another base ({meta.get('base')!r}), this server's is "
+                                 f"{self.pool.manifest.base.spec!r}")
+        loaded = set(self.ids)
+        if kind == "merged_lora":
+            if meta.get("pool_fingerprint") is None:
+                raise WorkbenchError(f"{what} does not record the base it was built over: rebuild it")
+            adapter, reason = lora_composition(self.pool, name, folder)
+            if reason:
+                raise WorkbenchError(f"{what}: {reason}")
+            return lambda: self._register_dynamic(adapter)
+        if kind == "routed_lora":
+            comp, reason = routed_composition(self.pool, name, folder, meta, loaded, str(self.device))
+            reason = reason or self._cap_problem(name, [self.ids[e] for e in comp.router.experts])
+        elif kind == "smora":
+            comp, reason = smora_composition(self.pool, name, folder, meta, str(self.device))
+        elif kind == "twin":
+            comp, reason = twin_composition(self.pool, name, folder, meta, loaded)
+        else:
+            raise WorkbenchError(f"{what} is a {kind!r} artifact: only adapters and low-rank compositions (merged_lora, "
+                                 "routed_lora, twin, smora) load at run time; full models are served when built "
+                                 "before the server starts (--recipes)")
+        if reason:
+            raise WorkbenchError(f"{what}: {reason}")
+
+        def register():
+            first = len(self.adapters)
+            (self._register_twin if kind == "twin" else self._register_routed)(comp)
+            for i in range(first, len(self.adapters)):  # its own parts: pinned, each in a slot of its own
+                free = [s_ for s_, o in enumerate(self.slot_owner) if o is None]
+                self._write_slot(free[0] if free else None, i)
+
+        return register
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving adapter `name`: it leaves /v1/models and new requests for it are unknown at once; the
+        requests already accepted for it finish with it, then it leaves its slot and its factors are dropped.
+        UnknownModel when no adapter has that name; WorkbenchError for a composition, or an adapter a routed
+        composition routes over."""
+        with self.lock, self._slots_lock:
+            if name in self.routed or name in self.twins:
+                raise WorkbenchError(f"{name!r} is a routed composition: only adapters are unloaded at run time")
+            if name not in self.ids:
+                raise UnknownModel(f"The lora adapter {name!r} cannot be found"
+                                   f"{did_you_mean(name, list(self.ids))}")
+            i = self.ids[name]
+            users = sorted(c for c, ids in self._experts.items() if not self.routed[c].adapters and i in ids.tolist())
+            if users:
+                raise WorkbenchError(f"adapter {name!r} is routed over by {users}: it stays loaded while they are "
+                                     "served")
+            del self.ids[name]
+            self.retired.add(i)
+            self.counters["unloads"] += 1
+            self._finalize(i)
 
     @classmethod
     def from_pool(cls, pool, experts: list[str] | None = None, *, include_artifacts: bool = True,
                   backend: str | None = None, device: str = "cpu", dtype=torch.float32,
-                  log: Callable[[str], Any] = print) -> MultiLoraModel:
+                  log: Callable[[str], Any] = print, max_loaded_adapters: int | None = None) -> MultiLoraModel:
         """The pool's LoRA experts (all, or `experts`), and with `include_artifacts` the saved LoRA compositions
-        and routed compositions built over this pool (a routed one whose experts are not loaded is skipped: `log`)."""
+        and routed compositions built over this pool (a routed one whose experts are not loaded is skipped: `log`).
+        `max_loaded_adapters`: at most this many servable adapters in kernel slots at once (the others wait on the
+        CPU and are swapped in, least recently used out, as requests need them); None: all."""
         names = experts if experts is not None else pool.names("lora")
         adapters = []
         for n in names:
@@ -184,7 +558,7 @@ class MultiLoraModel:
             twins = saved_twin_compositions(pool, set(names), taken=taken, log=log)
             routed += saved_smora_compositions(pool, taken=taken, device=device, log=log)
         return cls(pool.base.load(), pool.base.tokenizer(), adapters, routed=routed, twins=twins, backend=backend,
-                   device=device, dtype=dtype)
+                   device=device, dtype=dtype, max_loaded_adapters=max_loaded_adapters, pool=pool, log=log)
 
     # -- specs
     def model_names(self) -> list[str]:
@@ -204,6 +578,9 @@ class MultiLoraModel:
         elif spec == "base":
             return ()
         elif spec in self.routed or spec in self.twins:
+            problem = self._cap_problem(spec, self.needs(Routed(spec)))
+            if problem:
+                raise WorkbenchError(problem)
             return Routed(spec)
         elif spec.startswith("mix:"):
             items = []
@@ -227,6 +604,9 @@ class MultiLoraModel:
             if name not in self.ids:
                 raise UnknownModel(f"unknown model {name!r}{did_you_mean(name, self.model_names())}")
             out.append((self.ids[name], float(w)))
+        problem = self._cap_problem(spec if isinstance(spec, str) else "mix", [e for e, _ in out])
+        if problem:
+            raise WorkbenchError(problem)
         return tuple(out)
 
     def _layout(self, assignments: Sequence[Assignment], seq_len: int) -> tuple[LoraMeta | None, list[RoutedGroup]]:
@@ -236,7 +616,8 @@ class MultiLoraModel:
         if key not in self._layout_cache:
             if len(self._layout_cache) > 64:
                 self._layout_cache.clear()
-            fixed = [() if isinstance(a, Routed) else a for a in assignments]  # routed sequences: no fixed pairs
+            # routed sequences: no fixed pairs; the others' adapters mapped to their slots
+            fixed = [() if isinstance(a, Routed) else self._slot_assignment(a) for a in assignments]
             k = max((len(a) for a in fixed), default=0)
             meta = None
             if k:
@@ -248,12 +629,12 @@ class MultiLoraModel:
                 # every token of sequence b carries its sequence's pairs ([B, S] flattened row-major)
                 idx = idx.repeat_interleave(seq_len, dim=0).to(self.device)
                 w = w.repeat_interleave(seq_len, dim=0).to(self.device)
-                meta = make_meta(idx, w, len(self.adapters), block=seq_len)
+                meta = make_meta(idx, w, self.num_slots, block=seq_len)
             groups = []
             for name in dict.fromkeys(a.name for a in assignments if isinstance(a, Routed) and a.name in self.routed):
                 seqs = torch.tensor([b for b, a in enumerate(assignments) if a == Routed(name)])
                 rows = (seqs[:, None] * seq_len + torch.arange(seq_len)).reshape(-1).to(self.device)  # [n * S]
-                groups.append(RoutedGroup(self.routed[name].router, rows, self._experts[name]))
+                groups.append(RoutedGroup(self.routed[name].router, rows, self._slots(self._experts[name])))
             self._layout_cache[key] = (meta, groups)
         return self._layout_cache[key]
 
@@ -265,7 +646,10 @@ class MultiLoraModel:
         KV caches and prefix sums across the decode steps of one `generate` (a fresh dict per batch)."""
         with self.lock:
             if router is not None:
-                meta, groups = None, [RoutedGroup(_CallbackRouter(router), None)]
+                n = len(self.adapters)  # the callback routes over adapter ids: mapped to their slots
+                table = self._slot_table_dev[:n]
+                same = n == self.num_slots and bool((table == torch.arange(n, device=table.device)).all())
+                meta, groups = None, [RoutedGroup(_CallbackRouter(router), None, None if same else table)]
             else:
                 assignments = assignments or [()] * input_ids.shape[0]
                 meta, groups = self._layout(assignments, input_ids.shape[1])
@@ -299,12 +683,12 @@ class MultiLoraModel:
 
                 states[name] = _Prefix(DynamicCache(config=self.model.config) if cache is not None else None)
             state = states[name]
-            ids = self._twin_ids[name]
+            ids = self._slots(self._twin_ids[name])
             n = len(seqs)
             sub_ids = input_ids.index_select(0, seqs)
             sub_mask = attention_mask.index_select(0, seqs) if attention_mask is not None else None
             sub_pos = position_ids.index_select(0, seqs) if position_ids is not None else None
-            shared = make_meta(ids[:1].expand(n * s), None, len(self.adapters), block=s)
+            shared = make_meta(ids[:1].expand(n * s), None, self.num_slots, block=s)
             with self.ctx.use(meta=shared):  # the shared model: base + the shared part
                 h = self.model.base_model(input_ids=sub_ids, attention_mask=sub_mask, position_ids=sub_pos,
                                           use_cache=state.cache is not None,
@@ -336,6 +720,14 @@ class MultiLoraModel:
         gen = torch.Generator(device=self.device).manual_seed(seed)
         out: list[list[int]] = [[] for _ in range(b)]
         done = [m <= 0 for m in max_new]
+        held = []
+        for a in assignments:  # with a cap on loaded adapters: every row's adapters in a slot for the whole batch
+            if not self.acquire(a):
+                for h in held:
+                    self.release(h)
+                raise WorkbenchError("this batch needs more adapters loaded at once than max_loaded_adapters allows "
+                                     "while other sequences use the slots: decode it in smaller batches")
+            held.append(a)
         live = self._count_active(done.count(False))
         step_ids = ids
         twin_states: dict[str, Any] = {}  # Twin pre-passes' own caches and prefix sums, for this batch only
@@ -366,6 +758,8 @@ class MultiLoraModel:
                 pos = pos[:, -1:] + 1
         finally:
             self._count_active(-live)
+            for h in held:
+                self.release(h)
         return out
 
     def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -589,79 +983,108 @@ def routed_artifacts(pool) -> list[tuple[str, Path]]:
     return [(name, folder) for name, folder, _ in _pool_artifacts(pool, "routed_lora", "pool_root", set())]
 
 
+def lora_composition(pool, name: str, folder: Path) -> tuple[Adapter | None, str | None]:
+    """(the merged_lora artifact in `folder` as an adapter, None), or (None, why it cannot be served)."""
+    # the pool's own LoRA parser: rsLoRA, rank and alpha patterns scale exactly as PEFT does
+    try:
+        layout = LoraLayout(folder, pool.base.tensors.shapes, f"saved composition {name!r} ({folder})")
+        factors = {t: (layout.weights.get(a).float(), layout.weights.get(b).float(), scale)
+                   for t, (a, b, scale) in layout.modules.items()}
+    except WorkbenchError as e:
+        return None, str(e)
+    return Adapter(name, "merged_lora", factors, str(folder)), None
+
+
 def saved_lora_compositions(pool, taken: set[str], log: Callable[[str], Any] = print) -> list[Adapter]:
     """merged_lora artifacts built over this pool (re-factored merges), servable as adapters; a folder that
     does not parse is skipped with its reason logged (one bad artifact never stops the server)."""
     out = []
     for name, folder, _ in _pool_artifacts(pool, "merged_lora", "pool", taken):
-        # the pool's own LoRA parser: rsLoRA, rank and alpha patterns scale exactly as PEFT does
-        try:
-            layout = LoraLayout(folder, pool.base.tensors.shapes, f"saved composition {name!r} ({folder})")
-        except WorkbenchError as e:
-            log(f"not served: {e}")
+        adapter, reason = lora_composition(pool, name, folder)
+        if reason:
+            log(f"not served: {reason}")
             continue
-        factors = {t: (layout.weights.get(a).float(), layout.weights.get(b).float(), scale)
-                   for t, (a, b, scale) in layout.modules.items()}
-        out.append(Adapter(name, "merged_lora", factors, str(folder)))
+        out.append(adapter)
         taken.add(name)
     return out
+
+
+def routed_composition(pool, name: str, folder: Path, meta: dict[str, Any], loaded: set[str],
+                       device: str = "cpu") -> tuple[RoutedComposition | None, str | None]:
+    """(the routed_lora artifact in `folder`, None) when its experts are all among the `loaded` LoRA experts,
+    unchanged since the router was built; else (None, why not)."""
+    from ..methods.routing import routed_problem
+    from ..modules.routers import load_router
+
+    experts = list(meta.get("experts") or [])
+    missing = [e for e in experts if e not in loaded]
+    router = None
+    if not experts or missing:
+        reason = f"its experts {missing or experts} are not LoRA experts loaded here"
+    else:
+        reason = routed_problem(pool, meta)
+        if not reason:
+            try:
+                router = load_router(folder, device)
+            except (WorkbenchError, OSError) as e:
+                reason = f"cannot load its router: {e}"
+            else:
+                reason = routed_problem(pool, meta, router)
+    if reason:
+        return None, reason
+    return RoutedComposition(name, router, meta.get("router_kind", router.name), str(folder)), None
 
 
 def saved_routed_compositions(pool, loaded: set[str], taken: set[str], device: str = "cpu",
                               log: Callable[[str], Any] = print) -> list[RoutedComposition]:
     """routed_lora artifacts built over this pool whose experts are all among the `loaded` LoRA experts,
     unchanged since the router was built; any other is skipped with its reason logged."""
-    from ..methods.routing import routed_problem
-    from ..modules.routers import load_router
-
     out = []
     for name, folder, meta in _pool_artifacts(pool, "routed_lora", "pool_root", taken):
-        experts = list(meta.get("experts") or [])
-        missing = [e for e in experts if e not in loaded]
-        router = None
-        if not experts or missing:
-            reason = f"its experts {missing or experts} are not LoRA experts loaded here"
-        else:
-            reason = routed_problem(pool, meta)
-            if not reason:
-                try:
-                    router = load_router(folder, device)
-                except (WorkbenchError, OSError) as e:
-                    reason = f"cannot load its router: {e}"
-                else:
-                    reason = routed_problem(pool, meta, router)
+        comp, reason = routed_composition(pool, name, folder, meta, loaded, device)
         if reason:
             log(f"routed composition {name!r} ({folder}) not served: {reason}")
             continue
-        out.append(RoutedComposition(name, router, meta.get("router_kind", router.name), str(folder)))
+        out.append(comp)
         taken.add(name)
     return out
+
+
+def smora_composition(pool, name: str, folder: Path, meta: dict[str, Any],
+                      device: str = "cpu") -> tuple[RoutedComposition | None, str | None]:
+    """(the SMoRA artifact in `folder`: a routed composition over its own rank-1 adapters, None), or (None, why
+    it does not fit this pool's base)."""
+    from ..methods.smora import smora_problem
+    from ..modules.routers import load_router
+
+    reason, router = smora_problem(pool, meta), None
+    if not reason:
+        try:
+            router = load_router(folder, device)
+        except (WorkbenchError, OSError) as e:
+            reason = f"cannot load its router: {e}"
+    parts: list[dict] = []
+    if router is not None and not reason:
+        per_module = {f"{m}.weight": router.lora_factors(m) for m in router.dims}
+        parts = [{t: f[j] for t, f in per_module.items()} for j in range(router.rank)]
+        reason = _factor_shape_problem(pool, parts[:1])
+    if reason:
+        return None, reason
+    adapters = [Adapter(f"{name}#rank{j}", "smora_rank", part, str(folder)) for j, part in enumerate(parts)]
+    return RoutedComposition(name, router, "smora", str(folder), adapters), None
 
 
 def saved_smora_compositions(pool, taken: set[str], device: str = "cpu",
                              log: Callable[[str], Any] = print) -> list[RoutedComposition]:
     """SMoRA artifacts trained over this pool's base: each a routed composition over its own R rank-1 adapters
     (the multi-LoRA op dispatches each token's k ranks); one that does not fit is skipped with its reason logged."""
-    from ..methods.smora import smora_problem
-    from ..modules.routers import load_router
-
     out = []
     for name, folder, meta in _pool_artifacts(pool, "smora", "pool_root", taken):
-        reason, router = smora_problem(pool, meta), None
-        if not reason:
-            try:
-                router = load_router(folder, device)
-            except (WorkbenchError, OSError) as e:
-                reason = f"cannot load its router: {e}"
-        if router is not None and not reason:
-            per_module = {f"{m}.weight": router.lora_factors(m) for m in router.dims}
-            parts = [{t: f[j] for t, f in per_module.items()} for j in range(router.rank)]
-            reason = _factor_shape_problem(pool, parts[:1])
+        comp, reason = smora_composition(pool, name, folder, meta, device)
         if reason:
             log(f"SMoRA composition {name!r} ({folder}) not served: {reason}")
             continue
-        adapters = [Adapter(f"{name}#rank{j}", "smora_rank", part, str(folder)) for j, part in enumerate(parts)]
-        out.append(RoutedComposition(name, router, "smora", str(folder), adapters))
+        out.append(comp)
         taken.add(name)
     return out
 
@@ -730,37 +1153,47 @@ def _factor_shape_problem(pool, parts: list[dict[str, tuple]]) -> str | None:
     return None
 
 
-def saved_twin_compositions(pool, loaded: set[str], taken: set[str],
-                            log: Callable[[str], Any] = print) -> list[TwinComposition]:
-    """Twin artifacts built over this pool from LoRA experts that are all among the `loaded` ones, unchanged
-    since the build; any other is skipped with its reason logged."""
+def twin_composition(pool, name: str, folder: Path, meta: dict[str, Any],
+                     loaded: set[str]) -> tuple[TwinComposition | None, str | None]:
+    """(the Twin artifact in `folder`, None) when built from LoRA experts all among the `loaded` ones, unchanged
+    since the build; else (None, why not)."""
     from ..methods.routing import routed_problem
     from ..methods.twin import twin_factors
     from ..modules.routers import load_router
 
+    experts = list(meta.get("experts") or [])
+    missing = [e for e in experts if e not in loaded]
+    if not experts or missing:
+        reason = f"its experts {missing or experts} are not LoRA experts loaded here"
+    elif meta.get("expert_files") is None:
+        reason = "built before artifacts recorded their experts' files; rebuild it (`workbench merge --force`)"
+    elif not (reason := routed_problem(pool, meta)):  # another base, or experts changed since the build
+        try:
+            router = load_router(folder)
+            shared, exclusive = twin_factors(folder)
+        except (WorkbenchError, OSError) as e:
+            reason = str(e)
+        else:
+            reason = (routed_problem(pool, meta, router)
+                      or (f"its exclusive parts are {len(exclusive)}, not one per expert {experts}"
+                          if len(exclusive) != len(experts) else None)
+                      or _factor_shape_problem(pool, [shared, *exclusive]))
+    if reason:
+        return None, reason
+    return TwinComposition(name, router, shared, exclusive, str(folder)), None
+
+
+def saved_twin_compositions(pool, loaded: set[str], taken: set[str],
+                            log: Callable[[str], Any] = print) -> list[TwinComposition]:
+    """Twin artifacts built over this pool from LoRA experts that are all among the `loaded` ones, unchanged
+    since the build; any other is skipped with its reason logged."""
     out = []
     for name, folder, meta in _pool_artifacts(pool, "twin", "pool", taken):
-        experts = list(meta.get("experts") or [])
-        missing = [e for e in experts if e not in loaded]
-        if not experts or missing:
-            reason = f"its experts {missing or experts} are not LoRA experts loaded here"
-        elif meta.get("expert_files") is None:
-            reason = "built before artifacts recorded their experts' files; rebuild it (`workbench merge --force`)"
-        elif not (reason := routed_problem(pool, meta)):  # another base, or experts changed since the build
-            try:
-                router = load_router(folder)
-                shared, exclusive = twin_factors(folder)
-            except (WorkbenchError, OSError) as e:
-                reason = str(e)
-            else:
-                reason = (routed_problem(pool, meta, router)
-                          or (f"its exclusive parts are {len(exclusive)}, not one per expert {experts}"
-                              if len(exclusive) != len(experts) else None)
-                          or _factor_shape_problem(pool, [shared, *exclusive]))
+        comp, reason = twin_composition(pool, name, folder, meta, loaded)
         if reason:
             log(f"twin composition {name!r} ({folder}) not served: {reason}")
             continue
-        out.append(TwinComposition(name, router, shared, exclusive, str(folder)))
+        out.append(comp)
         taken.add(name)
     return out
 
@@ -808,6 +1241,6 @@ def peft_alone(base, adapters: dict[str, str], requests: Sequence[tuple[str, str
     return [memo[r] for r in requests]
 
 
-__all__ = ["Adapter", "Assignment", "BatchState", "FullModel", "MultiLoraModel", "Routed", "RoutedComposition", "RoutedLoraLinear", "Router",
+__all__ = ["Adapter", "Assignment", "BatchState", "FullModel", "ModelExists", "MultiLoraModel", "Routed", "RoutedComposition", "RoutedLoraLinear", "Router",
            "TwinComposition", "UnknownModel", "peft_alone", "saved_full_models", "saved_lora_compositions", "saved_routed_compositions",
            "saved_smora_compositions", "saved_twin_compositions", "top_k_router"]

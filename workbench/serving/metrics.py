@@ -3,7 +3,9 @@
 Per model: requests by outcome (stop, length, error, cancelled), prompt and generated tokens, time in the
 scheduler's queue before the prefill, time to first token (from the request's arrival, tokenising included),
 inter-token latency; per server: HTTP responses by route and status,
-and the number of rows of each decode step (batch size). Model labels are the requested names (an adapter, a
+the number of rows of each decode step (batch size), and the adapter cache: loads into kernel slots, evictions
+(least recently used, under --max-loaded-adapters), resident and registered adapters, run-time loads and unloads.
+Model labels are the requested names (an adapter, a
 composition, `mix:...`); past `MAX_MODELS` distinct names new ones are counted as "other". Integral values
 (counters, counts, sums of integers) are written exactly, others with Python's shortest round-tripping repr;
 histogram buckets are cumulative (`le` is an upper bound, inclusive) and `+Inf` equals `_count`.
@@ -33,6 +35,13 @@ _HELP = {
     "workbench_batch_size": ("histogram", "rows decoded together in one decode step"),
     "workbench_running_sequences": ("gauge", "sequences decoding now"),
     "workbench_queued_sequences": ("gauge", "sequences waiting for a row"),
+    "workbench_adapter_loads_total": ("counter", "adapters put into a kernel slot (at start, at run time, on demand)"),
+    "workbench_adapter_evictions_total": ("counter", ("least recently used adapters taken out of their kernel slot "
+                                                      "for another (--max-loaded-adapters)")),
+    "workbench_resident_adapters": ("gauge", "servable adapters in a kernel slot now"),
+    "workbench_registered_adapters": ("gauge", "adapters served (resident or waiting on the CPU)"),
+    "workbench_runtime_adapter_loads_total": ("counter", "adapters loaded through POST /v1/load_lora_adapter"),
+    "workbench_runtime_adapter_unloads_total": ("counter", "adapters unloaded through POST /v1/unload_lora_adapter"),
 }
 
 
@@ -65,7 +74,7 @@ class Metrics:
         self._counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = defaultdict(int)
         self._hists: dict[tuple[str, tuple[tuple[str, str], ...]], list] = {}
         self._models: set[str] = set()
-        self.gauges: dict[str, callable] = {}  # name -> function returning its value now
+        self.gauges: dict[str, callable] = {}  # name -> function returning its value now (gauges, engine counters)
 
     def _model(self, name: str) -> str:
         if name not in self._models:
@@ -124,7 +133,7 @@ class Metrics:
         lines: list[str] = []
         for name, (kind, text) in _HELP.items():
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
-            if kind == "gauge" and name in gauges:
+            if name in gauges:  # a value read when rendered (gauges, and counters kept by the engine)
                 lines.append(f"{name} {number(gauges[name])}")
             for (n, labels), v in sorted(counters.items()):
                 if n == name:

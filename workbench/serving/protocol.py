@@ -285,6 +285,22 @@ def sse_schema(chunk: type[Schema]) -> dict:
     return {"type": "object", "required": ["data"], "properties": {"data": data, "event": {"type": "string"}}}
 
 
+class LoadLoraAdapterRequest(_Strict):
+    """POST /v1/load_lora_adapter (vLLM's): serve the adapter in `lora_path` under `lora_name`."""
+
+    lora_name: str = Field(min_length=1, max_length=200, description="the model name requests will use (an expert "
+                                                                      "name: letters, digits, _ . - ; not taken)")
+    lora_path: str = Field(min_length=1, max_length=4096, description="a PEFT LoRA adapter folder on the server "
+                                                                       "(safetensors), or a saved composition's "
+                                                                       "artifact folder, over the server's base")
+
+
+class UnloadLoraAdapterRequest(_Strict):
+    """POST /v1/unload_lora_adapter (vLLM's): stop serving adapter `lora_name`."""
+
+    lora_name: str = Field(min_length=1, max_length=200, description="a served adapter's name")
+
+
 class ModelCard(Schema):
     model_config = ConfigDict(extra="allow")
     id: str
@@ -300,4 +316,5 @@ class ModelList(Schema):
 
 
 __all__ = ["ChatCompletion", "ChatCompletionChunk", "ChatRequest", "Completion", "CompletionChunk",
-           "CompletionRequest", "ErrorResponse", "Message", "ModelCard", "ModelList", "sse_schema"]
+           "CompletionRequest", "ErrorResponse", "LoadLoraAdapterRequest", "Message", "ModelCard", "ModelList", "UnloadLoraAdapterRequest",
+           "sse_schema"]

@@ -154,6 +154,8 @@ class Job:
     admitted: float | None = None
     first_token: float | None = None
     last_token: float | None = None
+    held: bool = False  # the engine keeps its adapters (`MultiLoraModel.hold`) until it is closed
+    acquired: bool = False  # its adapters are in kernel slots, not evictable, until it is closed
 
     @property
     def finished(self) -> bool:
@@ -177,15 +179,21 @@ class Scheduler:
         # failed: sequences ended by an error; max_batch_seen: most rows decoded together; joined_running and
         # left_running: sequences that joined rows already decoding, that left while other rows went on decoding
         self.stats = {"batches": 0, "sequences": 0, "max_batch_seen": 0, "tokens": 0, "cancelled": 0, "failed": 0,
-                      "joined_running": 0, "left_running": 0}
+                      "joined_running": 0, "left_running": 0, "slot_waits": 0}
         self.running: list[Job] = []
         self.admitted: list[Job] = []
         self.state: BatchState | None = None
         self.eos = engine.tokenizer.eos_token_id
         self.texts = TokenTexts(engine.tokenizer)
+        # the engine's adapter cache (`MultiLoraModel`): an engine without one (a test's stub) skips these steps
+        self._hold, self._acquire = getattr(engine, "hold", None), getattr(engine, "acquire", None)
         threading.Thread(target=self._loop, daemon=True, name="workbench-scheduler").start()
 
     def submit(self, job: Job) -> None:
+        """Queue `job`; UnknownModel when its adapter was unloaded since its request resolved it."""
+        if self._hold is not None:
+            self._hold(job.assignment)
+            job.held = True
         job.submitted = time.monotonic()
         if job.arrived is None:
             job.arrived = job.submitted
@@ -251,8 +259,14 @@ class Scheduler:
             longest_then = max(longest, len(job.prompt_ids))
             if jobs and longest_then * (len(jobs) + 1) > self.max_prefill_tokens:  # left-padded prefill size
                 break
+            if self._acquire is not None and not self._acquire(job.assignment):  # every adapter slot is used by running sequences: it
+                self.stats["slot_waits"] += 1  # waits (first in line) until one of them leaves
+                break
+            job.acquired = self._acquire is not None
             jobs.append(self.waiting.popleft())
             longest = longest_then
+        if not jobs and not self.running and self.waiting:
+            time.sleep(0.002)  # slots held by another thread's `generate`: do not spin
         now = time.monotonic()
         for job in jobs:
             job.admitted = now
@@ -452,6 +466,12 @@ class Scheduler:
         self._close(job, Failed(message))
 
     def _close(self, job: Job, event: Done | Failed | None) -> None:
+        if job.acquired:
+            job.acquired = False
+            self.engine.release(job.assignment)
+        if job.held:
+            job.held = False
+            self.engine.unhold(job.assignment)
         if event is not None:
             self._put(job, event)
         if self.metrics is not None:
