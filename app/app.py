@@ -20,8 +20,9 @@ for _p in (ROOT, Path(__file__).resolve().parent):  # the checkout without `pip 
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from views.common import results_dir
+from views.common import results_dir, url_index, write_url
 from views.drawn import view_benchmarks, view_charts, view_routing, view_sweeps
+from views.examples import view_examples
 from views.playground import view_playground
 from views.run import view_run
 from views.tables import view_leaderboard, view_pairwise
@@ -29,25 +30,28 @@ from views.tables import view_leaderboard, view_pairwise
 from workbench import catalog
 from workbench.errors import WorkbenchError
 
-VIEWS = ["Leaderboard", "Per-task charts", "Pairwise", "Sweeps", "Routing", "Playground", "Run", "Benchmarks"]
+VIEWS = ["Leaderboard", "Per-task charts", "Pairwise", "Examples", "Sweeps", "Routing", "Playground", "Run",
+         "Benchmarks"]
 
 
 PAGES = {"Leaderboard": view_leaderboard, "Per-task charts": view_charts, "Pairwise": view_pairwise,
-         "Sweeps": view_sweeps, "Routing": view_routing, "Playground": view_playground, "Run": view_run,
-         "Benchmarks": view_benchmarks}
+         "Examples": view_examples, "Sweeps": view_sweeps, "Routing": view_routing, "Playground": view_playground,
+         "Run": view_run, "Benchmarks": view_benchmarks}
 
 
 def main() -> None:
     st.set_page_config(page_title="Expert Workbench", layout="wide")
     st.sidebar.title("Expert Workbench")
     root = results_dir()
-    view = st.sidebar.radio("view", VIEWS, key="view")
+    view = st.sidebar.radio("view", VIEWS, index=url_index("view", VIEWS), key="view")
     t0 = time.perf_counter()
     try:
         cat = catalog.scan(root)
     except WorkbenchError as e:
         st.error(str(e))
         return
+    if not root.exists():  # a mistyped folder is not an empty one
+        st.warning(f"The results folder `{root}` does not exist: check the path in the sidebar (nothing was read).")
     st.sidebar.caption(f"{cat.files} JSON files, {len(cat.runs)} runs, {len(cat.comparisons)} comparisons "
                        f"({1000 * (time.perf_counter() - t0):.0f} ms)")
     if cat.warnings:
@@ -55,6 +59,7 @@ def main() -> None:
             for path, problem in cat.warnings:
                 st.warning(f"{path}: {problem}")
     PAGES[view](cat)
+    write_url(view, root)
 
 
 main()

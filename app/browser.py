@@ -15,7 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VIEWS = ["Leaderboard", "Per-task charts", "Pairwise", "Sweeps", "Routing", "Playground", "Run", "Benchmarks"]
+VIEWS = ["Leaderboard", "Per-task charts", "Pairwise", "Examples", "Sweeps", "Routing", "Playground", "Run",
+         "Benchmarks"]
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage"]
 
 

@@ -368,6 +368,9 @@ def test_ranking_follows_what_the_board_has():
     drawn = {d["model"]: d["score"] for d in next(iter(spec["datasets"].values()))}
     assert drawn == {r["name"]: pytest.approx(r["tasks"]["python_code"]["mean"]) for r in ppl_only["rows"]}
     assert spec["layer"][0]["encoding"]["x"]["title"] == "py ppl: word_perplexity ↓"
+    # the 95% whiskers: black, never painted by the bars' colour encoding, offset with their bar
+    rule = next(layer for layer in spec["layer"] if layer["mark"]["type"] == "rule")
+    assert rule["mark"]["color"] == "black" and "color" not in rule["encoding"] and "yOffset" in rule["encoding"]
 
 
 def test_older_cells_and_unreadable_ones_never_break_the_board():

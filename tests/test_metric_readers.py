@@ -228,7 +228,7 @@ def test_merge_count_curve_averages_accuracy_like_tasks_only(tmp_path, monkeypat
 
 
 def test_curve_chart_says_accuracy_like_and_shows_the_curves_note():
-    from workbench.eval.leaderboard import curve_chart
+    from workbench.eval.charts import curve_chart
 
     curve = {"name": "mc", "pool": "demo", "points": [
         {"row": "two", "method": "ties", "experts": 2, "tasks": ["addition"], "mean": 0.75, "stderr": 0.25}],

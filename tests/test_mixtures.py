@@ -509,8 +509,12 @@ def test_mole_trace_records_every_expert_weight(two):
     ctx = wrap_experts(model, [two.expert(n) for n in names])
     ctx.groups = [RoutedGroup(_mole_router(model, names, seed=7), None)]
     model.routing = ctx
-    tr = trace_prompt(model, two.base.tokenizer(), "12+30=")
+    tok = two.base.tokenizer()
+    tr = trace_prompt(model, tok, "Add: 12 + 30")
     assert tr["experts"] == names and tr["modules"] == len(routed_modules(model))
+    # each token's text, decoded (no byte-level symbols such as "Ġ"), joins back into the prompt
+    assert len(tr["text"]) == len(tr["tokens"]) and "".join(tr["text"]) == tok.decode(tok("Add: 12 + 30")["input_ids"])
+    assert " 12" in tr["text"] or " " in "".join(tr["text"])
     for layer in tr["usage"]:
         assert sum(layer) == pytest.approx(1.0, abs=1e-4) and min(layer) > 0  # dense softmax over both experts
     json.dumps(tr)

@@ -16,7 +16,7 @@ pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parent.parent / "app" / "app.py")
-VIEWS = ["Leaderboard", "Per-task charts", "Pairwise", "Sweeps", "Routing", "Playground", "Run", "Benchmarks"]
+VIEWS = ["Leaderboard", "Per-task charts", "Pairwise", "Examples", "Sweeps", "Routing", "Playground", "Run", "Benchmarks"]
 
 # the comparison conftest's `app_world` ran (its keys are the ones in compare/small/plan.json)
 SMALL = {"name": "small", "pool": "demo", "tasks": ["addition", "sorting"], "eval": {"limit": 4, "batch_size": 8},

@@ -137,6 +137,8 @@ def scan(root: str | Path) -> Catalog:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # staging folders of live writers
         paths += [Path(dirpath) / f for f in sorted(filenames) if f.endswith(".json") and not f.startswith(".")]
     cat.files = len(paths)
+    bad_boards: dict[Path, str] = {}  # folder -> why its leaderboard.json does not count
+    plans: dict[Path, dict[str, Any]] = {}  # folder -> its plan.json
     for p in paths:
         try:
             d = _parse(p)
@@ -145,19 +147,24 @@ def scan(root: str | Path) -> Catalog:
             continue
         if isinstance(d, ValueError):
             cat.warnings.append((cat.rel(p), str(d)))
+            if p.name == "leaderboard.json":
+                bad_boards[p.parent] = str(d)
             continue
         rel = p.relative_to(root)
         kind = _kind(d, p, rel)
+        if kind == "plan" and p.name == "plan.json":
+            plans[p.parent] = d
         if kind is None:
             cat.warnings.append((cat.rel(p), _partial(d, p) or "not a workbench record (foreign JSON)"))
+            if p.name == "leaderboard.json":
+                bad_boards[p.parent] = _partial(d, p) or "not a leaderboard"
         elif kind == "run":
             if not isinstance(d["scores"], dict):
                 cat.warnings.append((cat.rel(p), "run manifest: scores is not a table"))
                 continue
             cat.runs.append(d | {"_path": str(p)})
         elif kind == "leaderboard":
-            # a comparison is named by its folder under the root (compare/demo -> demo; elsewhere its full path)
-            name = rel.parent.name if rel.parent.parent == Path("compare") else rel.parent.as_posix()
+            name = _comparison_name(rel.parent)
             if name in cat.comparisons:
                 cat.warnings.append((cat.rel(p), f"a second leaderboard named {name!r}: skipped"))
                 continue
@@ -176,15 +183,49 @@ def scan(root: str | Path) -> Catalog:
         elif kind == "check":
             cat.checks.append(d | {"_path": str(p)})
     cat.runs.sort(key=lambda r: r.get("run_id", ""))
+    for folder, why in bad_boards.items():
+        name = _comparison_name(folder.relative_to(root))
+        plan = plans.get(folder)
+        if name in cat.comparisons or plan is None or not _plan_shape(plan):
+            continue
+        cat.comparisons[name] = _board_of_plan(plan) | {
+            "_dir": str(folder), "rebuilt": f"leaderboard.json unreadable ({why}): rebuilt from plan.json and its cells"}
+        cat.warnings.append((cat.rel(folder), cat.comparisons[name]["rebuilt"]))
     warned = {w for w, _ in cat.warnings}
     for name, board in cat.comparisons.items():
         got = cat.cells[name] = cell_records.comparison_cells(Path(board["_dir"]), board, _load)
+        if board.get("rebuilt"):
+            board["cells"] = f"{len(got.cells)}/{got.planned}"
         if got.note:
             cat.warnings.append((cat.rel(board["_dir"]), got.note))
         for p, why in got.skipped:
             if cat.rel(p) not in warned:  # a file the walk could not read is listed once
                 cat.warnings.append((cat.rel(p), f"cell not counted: {why}"))
     return cat
+
+
+def _comparison_name(rel_folder: Path) -> str:
+    """A comparison is named by its folder under the root (compare/demo -> demo; elsewhere its full path)."""
+    return rel_folder.name if rel_folder.parent == Path("compare") else rel_folder.as_posix()
+
+
+def _plan_shape(plan: dict[str, Any]) -> bool:
+    """A plan.json a leaderboard can be rebuilt from: rows (each with a name), tasks (names) and a reference."""
+    rows, tasks = plan.get("rows"), plan.get("tasks")
+    return (isinstance(rows, list) and all(isinstance(r, dict) and isinstance(r.get("name"), str) for r in rows)
+            and isinstance(tasks, list) and all(isinstance(t, str) for t in tasks)
+            and isinstance(plan.get("reference"), str))
+
+
+def _board_of_plan(plan: dict[str, Any]) -> dict[str, Any]:
+    """What the catalog keeps of a leaderboard (rows, tasks, reference, eval, pool, skipped), from its plan.json: the
+    numbers come from the cells, read by `cells.comparison_cells` as always."""
+    rows = [{"name": r["name"], "method": str(r.get("method") or "?"), "expert_task": r.get("expert_task")}
+            for r in plan["rows"]]
+    return {"name": plan.get("name"), "pool": plan.get("pool"), "tasks": list(plan["tasks"]),
+            "reference": plan["reference"], "rows": rows, "eval": plan.get("eval") if isinstance(
+                plan.get("eval"), dict) else {}, "skipped": plan.get("skipped") if isinstance(
+                plan.get("skipped"), dict) else {}}
 
 
 def _load(path: Path) -> Any:
@@ -235,10 +276,22 @@ def model_settings(cat: Catalog, pool: str | None = None) -> dict[str, dict[str,
     return res
 
 
+def setting_extent(runs: list[dict[str, Any]]) -> tuple[int, bool, float]:
+    """How complete a setting's runs are: (tasks they scored, on the test split, examples per task: its limit, a
+    whole split counting as unbounded)."""
+    tasks = {t for r in runs for t, m in (r.get("scores") or {}).items() if isinstance(m, dict)}
+    limit = runs[0].get("limit") if runs else None
+    per_task = float(limit) if isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit else math.inf
+    return len(tasks), (runs[0].get("split", "test") if runs else "test") == "test", per_task
+
+
 def default_setting(settings: dict[str, list[dict[str, Any]]]) -> str:
-    """The setting a row shows unless the user picks another: the newest on whole test splits, else the newest."""
-    full = [k for k, rs in settings.items() if not rs[0].get("limit") and rs[0].get("split", "test") == "test"]
-    return (full or list(settings))[0]
+    """The setting a row shows unless the user picks another: the most complete one (`setting_extent`: the most tasks,
+    then the test split, then the most examples per task), the newest among equals. A partial run (one task of six,
+    a limit of 2) is never shown by default over a complete one, so a pair reads the same in every source that has
+    the complete runs."""
+    labels = list(settings)  # newest first
+    return max(labels, key=lambda k: (*setting_extent(settings[k]), -labels.index(k)))
 
 
 def display_name(run: dict[str, Any]) -> str:
@@ -279,6 +332,98 @@ class Source:
     reference: str
     runs: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     shown: dict[str, str] = field(default_factory=dict)  # row -> which run/settings it shows
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # cells that do not count: (path, why)
+    planned: int | None = None  # cells a comparison's plan expects (None: loose runs)
+    recorded: str | None = None  # the cell count its leaderboard.json states ("90/90"), when it has one
+
+    def facts(self, name: str) -> dict[str, Any]:
+        """What row `name` is made of: tasks it scored, examples (the sum of its cells' n), and the commits, limits
+        and splits of the lm-eval runs behind its cells (`dirty`: one was run from a tree with uncommitted changes)."""
+        from .eval.metrics import view
+
+        tasks, examples = [], 0
+        for t in self.tasks:
+            c = self.cells.get((name, t))
+            if c is None:
+                continue
+            tasks.append(t)
+            try:
+                examples += int(view(c).n or 0)
+            except (TypeError, ValueError, AttributeError):
+                pass
+        runs = [self.runs[(name, t)] for t in tasks if (name, t) in self.runs]
+        ids = [run_identity(r) for r in runs]
+        return {"tasks": tasks, "examples": examples, "commits": sorted({i["commit"] for i in ids}),
+                "dirty": any((r.get("git") or {}).get("dirty") for r in runs),
+                "limits": sorted({str(i["limit"]) if i["limit"] else "all" for i in ids}),
+                "splits": sorted({str(i["split"]) for i in ids})}
+
+    def pooled(self, a: str, b: str, level: float = 0.95) -> dict[str, Any] | None:
+        """The paired test of rows a and b pooled over every example both scored on the accuracy-like (0/1),
+        higher-is-better tasks both scored with one metric (`stats.pooled_test`: McNemar, and a `level` bootstrap
+        interval for the difference a − b); `tasks` the tasks pooled and `left_out` the others (other metrics cannot
+        be pooled with them). None when they share no such example."""
+        from .eval import stats
+        from .eval.leaderboard import pair_cells, paired_values
+
+        xs: list[float] = []
+        ys: list[float] = []
+        used, left = [], []
+        for t in self.tasks:
+            ca, cb = self.cells.get((a, t)), self.cells.get((b, t))
+            if not ca or not cb:
+                continue
+            try:
+                got = pair_cells(ca, cb)
+            except (TypeError, ValueError, AttributeError):
+                got = None
+            if got is None or got["kind"] != "accuracy" or not got["higher_is_better"]:
+                left.append(t)
+                continue
+            x, y = paired_values(ca, cb)
+            xs += x
+            ys += y
+            used.append(t)
+        if not xs:
+            return None
+        return stats.pooled_test(xs, ys, level) | {"tasks": used, "left_out": left}
+
+    def examples(self, task: str, rows: list[str] | None = None) -> list[dict[str, Any]]:
+        """Every example of `task` with each row's answer and score: doc_id, question, target, and per row
+        `<row>` (its per-example value from its cell: what the leaderboard counts) and `<row> answer` (the response
+        in its lm-eval per-sample output, None when not kept). Rows whose run kept no samples still give their values;
+        question and target come from the first row that kept samples. Sorted by doc_id."""
+        from .eval import metrics
+        from .eval.record import read_samples
+        from .eval.results import run_filter
+
+        names = rows if rows is not None else [r["name"] for r in self.rows]
+        docs: dict[Any, dict[str, Any]] = {}
+        for n in names:
+            cell = self.cells.get((n, task))
+            if not cell:
+                continue
+            for d, v in zip(cell.get("doc_ids") or [], cell.get("values") or []):
+                docs.setdefault(d, {"doc_id": d, "question": None, "target": None})[n] = v
+            run = self.runs.get((n, task))
+            if run is None:
+                continue
+            try:
+                samples = [x for x in read_samples(run) if isinstance(x, dict) and x.get("task") == task]
+            except (OSError, ValueError, KeyError, EOFError, zlib.error, RecursionError, MemoryError, WorkbenchError):
+                continue
+            for x in metrics.filter_rows(samples, run_filter(run, task, _run_results(run) or {}, samples)):
+                if x.get("doc_id") not in docs:
+                    continue
+                rec = docs[x["doc_id"]]
+                rec[f"{n} answer"] = x.get("response")
+                for k in ("question", "target"):
+                    if rec[k] is None and x.get(k) is not None:
+                        rec[k] = x[k]
+        try:
+            return sorted(docs.values(), key=lambda r: r["doc_id"])
+        except TypeError:  # doc ids of mixed types
+            return list(docs.values())
 
     def board(self, reference: str | None = None) -> dict[str, Any]:
         from .eval.leaderboard import build_leaderboard
@@ -337,8 +482,12 @@ def comparison_source(cat: Catalog, name: str) -> Source:
                 runs[key] = d | {"_path": str(p)}
     ev = board.get("eval") or {}
     setting = f"{ev.get('split', 'test')} · {'limit ' + str(ev['limit']) if ev.get('limit') else 'all examples'}"
+    got = cat.cells.get(name)
+    recorded = board.get("cells") if isinstance(board.get("cells"), str) and not board.get("rebuilt") else None
     return Source("comparison", name, rows, cells, list(board["tasks"]), board["reference"], runs,
-                  {r["name"]: setting for r in rows})
+                  {r["name"]: setting for r in rows},
+                  skipped=[(cat.rel(p), why) for p, why in (got.skipped if got else [])],
+                  planned=got.planned if got else None, recorded=recorded)
 
 
 def _run_results(run: dict[str, Any]) -> dict[str, Any] | None:
@@ -387,7 +536,7 @@ def run_cell(run: dict[str, Any], task: str, samples: list[dict[str, Any]],
 
 
 def runs_source(cat: Catalog, pool: str | None = None, picks: dict[str, str] | None = None,
-                reference: str | None = None) -> Source:
+                reference: str | None = None, only: set[str] | None = None) -> Source:
     """One row per model of `pool` at one setting (`default_setting`, or the label `picks[model_name]` chose):
     per task, the newest run at that setting that scored it, as a cell of its primary metric (`run_cell`: any
     metric lm-eval reports, in its direction; perplexities with their per-document weights). Tasks: the suite's in
@@ -401,6 +550,8 @@ def runs_source(cat: Catalog, pool: str | None = None, picks: dict[str, str] | N
         label = label if label in settings else default_setting(settings)
         chosen = settings[label]
         name = display_name(chosen[0]) if pool else model_name
+        if only is not None and name not in only:
+            continue
         info = chosen[0].get("model_info") or {}
         rows.append({"name": name, "method": chosen[0].get("method") or "?",
                      "expert_task": (info.get("tags") or {}).get("task") if chosen[0].get("method") == "expert-lora"
@@ -431,6 +582,60 @@ def runs_source(cat: Catalog, pool: str | None = None, picks: dict[str, str] | N
     names = [r["name"] for r in rows]
     ref = reference if reference in names else ("multitask" if "multitask" in names else names[0] if names else "")
     return Source("runs", pool or "all pools", rows, cells, tasks, ref, runs, shown)
+
+
+def _differences(fa: dict[str, Any], fb: dict[str, Any]) -> list[str]:
+    """What differs between one row's facts in two sources (`Source.facts`), as phrases."""
+    out = []
+    if set(fa["tasks"]) != set(fb["tasks"]):
+        out.append(f"tasks ({len(fa['tasks'])} vs {len(fb['tasks'])})")
+    if fa["examples"] != fb["examples"]:
+        out.append(f"examples ({fa['examples']} vs {fb['examples']})")
+    for k, what in (("limits", "limit"), ("splits", "split"), ("commits", "commit")):
+        if fa[k] and fb[k] and fa[k] != fb[k]:
+            out.append(f"{what} ({', '.join(fa[k])} vs {', '.join(fb[k])})")
+    return out
+
+
+def source_label(src: Source) -> str:
+    return f"{src.kind if src.kind == 'comparison' else 'runs'}: {src.name}"
+
+
+def other_readings(cat: Catalog, src: Source, a: str, b: str) -> list[dict[str, Any]]:
+    """The same pair (rows a and b) in the other sources of the results folder that have both rows: each comparison
+    (of the source's pool, for loose runs) and the loose runs of a comparison's pool. For each where the pooled test
+    (`Source.pooled`) reads differently: its label, both pooled tests, and `why`: what differs in each row (tasks,
+    examples, limit, split, commit: `Source.facts`), or that the same runs read differently."""
+    here = src.pooled(a, b)
+    others: list[Source] = []
+    if src.kind == "runs":
+        for name, board in sorted(cat.comparisons.items()):
+            names = {r.get("name") for r in board.get("rows") or [] if isinstance(r, dict)}
+            if {a, b} <= names and board.get("pool") == src.name:
+                others.append(comparison_source(cat, name))
+    else:
+        pool = cat.comparisons[src.name].get("pool")
+        if pool and any(r.get("pool") == pool for r in cat.runs):
+            others.append(runs_source(cat, pool, only={a, b}))
+    out = []
+    for o in others:
+        if not {a, b} <= {r["name"] for r in o.rows}:
+            continue
+        there = o.pooled(a, b)
+        if here is None and there is None:
+            continue
+        same = (here is not None and there is not None and here["n"] == there["n"]
+                and math.isclose(here["diff"], there["diff"], abs_tol=1e-12))
+        if same:
+            continue
+        why = []
+        for row in (a, b):
+            d = _differences(src.facts(row), o.facts(row))
+            if d:
+                why.append(f"{row}: {', '.join(d)}")
+        out.append({"source": source_label(o), "here": here, "there": there,
+                    "why": why or ["the same tasks and settings: the runs behind the rows differ (rerun or rebuilt)"]})
+    return out
 
 
 # ----------------------------------------------------------------------------- benchmarks
@@ -487,5 +692,5 @@ def machine_line(rec: dict[str, Any]) -> str:
 
 
 __all__ = ["Catalog", "Source", "bench_ratios", "comparison_cells", "comparison_source", "default_setting",
-           "display_name", "machine_line", "model_settings", "run_cell", "run_identity", "runs_source", "scan",
-           "setting_label"]
+           "display_name", "machine_line", "model_settings", "other_readings", "run_cell", "run_identity",
+           "runs_source", "scan", "setting_extent", "setting_label", "source_label"]

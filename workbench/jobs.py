@@ -20,9 +20,10 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .comparison import Comparison, Row, cell_key, comparison_dir, default_results_dir, parse_comparison
 from .errors import WorkbenchError
@@ -169,8 +170,8 @@ def cell_done(plan: Plan, row: Row, task: str) -> dict[str, Any] | None:
 def describe(plan: Plan) -> list[str]:
     """The plan as lines (`--dry-run`): each build and eval cell with its state, and the skipped rows."""
     c = plan.comparison
-    lines = [f"comparison {c.spec.name}: pool {c.pool.name}, {len(c.active_rows)} rows x {len(c.tasks)} tasks, "
-             f"split {c.spec.eval.split}, limit {c.spec.eval.limit or 'all'}; reference row {c.reference}"]
+    lines = [(f"comparison {c.spec.name}: pool {c.pool.name}, {len(c.active_rows)} rows x {len(c.tasks)} tasks, "
+              f"split {c.spec.eval.split}, limit {c.spec.eval.limit or 'all'}; reference row {c.reference}")]
     for r in plan.skipped:
         lines.append(f"  skip  {r.name}: {r.skip}")
     for r in plan.builds:
@@ -621,7 +622,7 @@ def merge_count_curve(plan: Plan) -> dict[str, Any]:
 
     from .eval import metrics
     from .eval.leaderboard import _kind as task_kind  # the leaderboard's own rule: one kind per task for every row
-    from .eval.leaderboard import curve_chart
+    from .eval.charts import curve_chart
 
     cells = collect_cells(plan)
     views: dict[tuple[str, str], metrics.CellView] = {}
@@ -706,42 +707,522 @@ __all__ = ["Plan", "Progress", "collect_cells", "describe", "eval_matrix", "expe
            "run_comparison", "run_row", "write_leaderboard"]
 
 
-# ----------------------------------------------------------------------------- background runs (the app)
+# ----------------------------------------------------------------------------- background jobs (the app)
+#
+# A background job runs one comparison in a thread of this process or (the app's) in a process of its own, and
+# keeps its state on disk, under `<results>/.jobs/<comparison>/` (dotted: the catalog's scan skips it):
+#   request.json  what to run (the comparison document or file, the results folder, the device)
+#   status.json   status (starting | running | done | failed | stopped | interrupted), pid, cell counts, the cell
+#                 in flight with its expected seconds, the step inside it (a progress bar: training steps, merged
+#                 tensors, ...), events, error and traceback; rewritten atomically as the job moves
+#   log.txt       the job's log lines; output.txt (process jobs) its stdout and stderr
+#   board.json    the leaderboard of the cells finished so far
+#   lock          held (flock) by the job while it runs, and removed as it ends; a lock that nobody holds under a
+#                 status still "running" is a job that died (killed, the machine restarted): the next listing
+#                 marks it interrupted and removes the lock.
+# So a job survives a restart of the app (a process job goes on running; either kind is listed from disk), and a
+# stop ends the job's process (SIGTERM, then SIGKILL after `STOP_WAIT_S`) and removes its lock.
+
+JOBS_FOLDER = ".jobs"
+LIVE = ("starting", "running")
+STOP_WAIT_S = 30.0
+_STATUS_EVERY_S = 0.5  # status.json is rewritten at most this often for progress-bar steps (always for cells)
+_MAX_EVENTS = 200
+_MAX_STEPS = 50  # finished progress-bar steps kept in status.json
+
+
+class JobStopped(BaseException):
+    """Raised inside a job asked to stop (SIGTERM in a process job, the stop flag in a thread job); a BaseException
+    so that no `except Exception` on the way swallows it."""
+
+
+def jobs_dir(results_dir: Path | str | None = None) -> Path:
+    return Path(results_dir or default_results_dir()) / JOBS_FOLDER
+
+
+def job_folder(results_dir: Path | str | None, name: str) -> Path:
+    return jobs_dir(results_dir) / name
+
+
+def _one_line(e: BaseException) -> str:
+    first = str(e).splitlines()[0] if str(e) else ""
+    return first if isinstance(e, WorkbenchError) else f"{type(e).__name__}: {first}"
+
+
+def _cost_key(current: str) -> str | None:
+    """'build ROW' -> 'build:ROW', 'ROW x TASK' -> 'eval:ROW:TASK' (row names have no spaces)."""
+    if current.startswith("build "):
+        return f"build:{current[len('build '):]}"
+    row, sep, task = current.partition(" x ")
+    return f"eval:{row}:{task}" if sep else None
+
+
+# -- the job's lock: flock on <folder>/lock, whose text is the holder's pid
+
+def _take_lock(folder: Path, name: str) -> int:
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "lock"
+    for _ in range(5):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            st = read_job(folder) or {}
+            p = st.get("progress") or {}
+            raise WorkbenchError(f"comparison {name!r} is already running (pid {st.get('pid')}, {p.get('done', 0)}/"
+                                 f"{p.get('total', 0)} cells): stop it, or give the new one another name") from None
+        try:  # a lister may have removed the file between our open and our flock: lock the file that is there
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    raise WorkbenchError(f"could not take the lock of job {name!r} ({path})")
+
+
+def _write_pid(fd: int, pid: int) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{pid}\n".encode(), 0)
+
+
+def _held(folder: Path) -> bool:
+    """Whether a live job holds the folder's lock (the kernel drops a flock when its holder dies, even by SIGKILL)."""
+    import fcntl
+
+    try:
+        fd = os.open(folder / "lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _release(fd: int, folder: Path) -> None:
+    (folder / "lock").unlink(missing_ok=True)  # removed while still held: nobody sees a free lock file
+    os.close(fd)
+
+
+def _pid_alive(pid: Any) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+# -- the job's records
+
+class _Recorder:
+    """Writes a running job's status.json, log.txt and board.json."""
+
+    def __init__(self, folder: Path, name: str, mode: str, stop: threading.Event | None = None):
+        self.folder, self.stop = folder, stop
+        self.plan: Plan | None = None
+        self.costs: dict[str, float] = {}
+        self.status: dict[str, Any] = {"name": name, "status": "running", "mode": mode, "pid": os.getpid(),
+                                       "started": time.time(), "updated": time.time(), "finished": None,
+                                       "progress": {"total": 0, "done": 0, "reused": 0, "current": "", "events": []},
+                                       "cell": None, "step": None, "steps": [], "error": None, "traceback": None}
+        prior = read_job(folder) or {}
+        if isinstance(prior.get("started"), (int, float)):
+            self.status["started"] = prior["started"]
+        self._last = 0.0
+        self._lock = threading.Lock()
+        self._log = open(folder / "log.txt", "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed by finish
+        self.write(force=True)
+
+    def _check_stop(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise JobStopped()
+
+    def log(self, msg: Any) -> None:
+        for line in str(msg).splitlines() or [""]:
+            self._log.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+        self._check_stop()
+
+    def progress(self, state: Progress) -> None:
+        old = self.status["progress"]
+        if state.current and state.current != old.get("current"):  # a cell started
+            key = _cost_key(state.current)
+            self.status["cell"] = {"name": state.current, "started": time.time(),
+                                   "expected_s": self.costs.get(key) if key else None}
+            self.status["step"] = None
+        self.status["progress"] = {"total": state.total, "done": state.done, "reused": state.reused,
+                                   "current": state.current, "cost_total": round(state.cost_total, 2),
+                                   "cost_done": round(state.cost_done, 2),
+                                   "eta_s": None if state.eta_s is None else round(state.eta_s, 1),
+                                   "events": state.events[-_MAX_EVENTS:]}
+        if state.done != old.get("done") and state.events and " x " in state.events[-1]:
+            self.write_board()
+        self.write(force=True)
+        self._check_stop()
+
+    def step(self, bar: dict[str, Any]) -> None:
+        self.status["step"] = {k: bar.get(k) for k in ("desc", "done", "total", "info", "started", "finished")}
+        if bar.get("finished"):  # the steps done so far, in the cell they belong to
+            self.status["steps"] = [*self.status["steps"], {
+                "cell": self.status["progress"].get("current"), "desc": bar.get("desc"), "done": bar.get("done"),
+                "total": bar.get("total"), "seconds": round(time.time() - (bar.get("started") or time.time()), 2),
+            }][-_MAX_STEPS:]
+        self.write(force=bool(bar.get("finished")) or not bar.get("done"))
+        self._check_stop()
+
+    def write_board(self) -> None:
+        if self.plan is None:
+            return
+        try:
+            atomic_write_json(self.folder / "board.json", leaderboard_of(self.plan))
+        except Exception as e:  # noqa: BLE001 - the partial board is a view: the job goes on without it
+            self.log(f"partial leaderboard not written: {_one_line(e)}")
+
+    def write(self, force: bool = False) -> None:
+        now = time.time()
+        with self._lock:
+            if not force and now - self._last < _STATUS_EVERY_S:
+                return
+            self._last = now
+            self.status["updated"] = now
+            atomic_write_json(self.folder / "status.json", self.status)
+
+    def finish(self, status: str, error: str | None = None, tb: str | None = None) -> None:
+        self.status.update(status=status, error=error, traceback=tb, finished=time.time())
+        if status != "done":
+            self.status["step"] = None
+        self.write_board()
+        if error:
+            self.log(f"{status}: {error}")
+        self.write(force=True)
+        self._log.close()
+
+
+def _run_job(rec: _Recorder, c: Comparison, results_dir: Path | None, device: str) -> dict[str, Any]:
+    from .progress import watch
+
+    rec.plan = make_plan(c, results_dir, device)
+    try:
+        rec.costs = expected_costs(rec.plan)
+    except Exception as e:  # noqa: BLE001 - no expected times: the app shows elapsed times only
+        rec.log(f"no expected times: {_one_line(e)}")
+    me = threading.get_ident()
+    # the progress bars of this job's thread only (a thread job shares its process with the app and other jobs)
+    with watch(lambda bar: rec.step(bar) if threading.get_ident() == me else None):
+        return run_comparison(c, results_dir=results_dir, device=device, log=rec.log, progress=rec.progress)
+
+
+def job_main(folder: str | Path | None = None) -> None:
+    """A process job's entry point (`start_background(..., process=True)` starts it): run the request in `folder`,
+    holding the lock the parent passed down (fd $WORKBENCH_JOB_LOCK_FD); SIGTERM stops it cleanly."""
+    import json
+    import signal
+    import sys
+    import traceback
+
+    folder = Path(folder or sys.argv[1])
+    fd = int(os.environ.pop("WORKBENCH_JOB_LOCK_FD"))
+
+    def on_term(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the clean-up below runs to its end
+        raise JobStopped()
+
+    signal.signal(signal.SIGTERM, on_term)
+    req = json.loads((folder / "request.json").read_text())
+    rec = _Recorder(folder, req["name"], "process")
+    code = 0
+    try:
+        if req["is_path"]:
+            c = parse_comparison(Path(req["comparison"]))
+        else:
+            c = parse_comparison(req["comparison"], "<app>", folder=Path(req["folder"]) if req.get("folder") else None)
+        _run_job(rec, c, Path(req["results_dir"]), req["device"])
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        rec.finish("done")
+    except JobStopped:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        rec.finish("stopped", "stopped on request; its finished cells are kept: launch it again to resume")
+        code = 143
+    except BaseException as e:  # noqa: BLE001 - recorded in one line and with its traceback
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        rec.finish("failed", _one_line(e), traceback.format_exc())
+        code = 1
+    finally:
+        _release(fd, folder)
+    sys.exit(code)
+
+
+def read_job(folder: Path) -> dict[str, Any] | None:
+    """A job's status.json as written (None: absent or unreadable)."""
+    from .cells import read_record
+
+    return read_record(Path(folder) / "status.json")
+
+
+def job_status(folder: Path) -> dict[str, Any] | None:
+    """A job's status, checked: a job recorded as live whose lock nobody holds died without finishing (killed, the
+    machine restarted): it is marked `interrupted` and its lock removed. Adds `folder` and `elapsed_s`."""
+    folder = Path(folder)
+    st = read_job(folder)
+    if st is None:
+        return None
+    if st.get("status") in LIVE and not _held(folder):
+        st = read_job(folder) or st  # the job may have finished between the two reads: its last status counts
+        if st.get("status") in LIVE:
+            pid = st.get("pid")
+            if not _pid_alive(pid) or st.get("mode") != "process" or not (folder / "lock").exists():
+                st.update(status="interrupted", finished=time.time(), step=None,
+                          error="its process ended without finishing (killed, or the machine restarted); its "
+                                "finished cells are kept: launch it again to resume")
+                atomic_write_json(folder / "status.json", st)
+                (folder / "lock").unlink(missing_ok=True)
+    elif st.get("status") not in LIVE and (folder / "lock").exists() and not _held(folder):
+        (folder / "lock").unlink(missing_ok=True)  # left by a job that died after writing its last status
+    end = st.get("finished") if isinstance(st.get("finished"), (int, float)) else time.time()
+    start = st.get("started") if isinstance(st.get("started"), (int, float)) else end
+    return st | {"folder": str(folder), "elapsed_s": round(end - start, 1)}
+
+
+def list_jobs(results_dir: Path | str | None = None) -> list[dict[str, Any]]:
+    """Every job recorded under the results folder (live or ended, started by this process or another one, before
+    a restart or after), newest first; see `job_status`."""
+    root = jobs_dir(results_dir)
+    out = []
+    for f in sorted(root.iterdir()) if root.is_dir() else []:
+        if f.is_dir() and not f.name.startswith("."):
+            st = job_status(f)
+            if st is not None:
+                out.append(st)
+    return sorted(out, key=lambda s: -(s.get("started") or 0))
+
+
+def job_log(folder: Path, lines: int = 40) -> list[str]:
+    """The last `lines` lines of a job's log (and, for a process job that failed to start, of its output)."""
+    out = []
+    for name in ("log.txt", "output.txt"):
+        p = Path(folder) / name
+        if p.is_file():
+            with open(p, "rb") as f:
+                f.seek(max(0, p.stat().st_size - 64 * lines * 4))
+                text = f.read().decode("utf-8", "replace").replace("\r", "\n")
+            got = [ln for ln in text.splitlines() if ln.strip()][-lines:]
+            out.append((name, got))
+    return [ln for name, got in out for ln in ([f"--- {name}"] + got if len(out) > 1 else got)]
+
+
+def job_board(folder: Path) -> dict[str, Any] | None:
+    """The leaderboard of a job's finished cells (board.json), or None."""
+    from .cells import read_record
+
+    return read_record(Path(folder) / "board.json")
 
 
 @dataclass
 class BackgroundRun:
-    """A comparison running in a thread of this process: its progress, log and outcome, for a UI to poll."""
+    """A job started by this process: its folder on disk holds its state (`job_status`); for a thread job its
+    thread, for a process job its process and the thread that waits for it."""
 
     name: str
     source: str
-    status: str = "running"  # running | done | failed
-    progress: Progress | None = None
-    log: list[str] = field(default_factory=list)
+    folder: Path
+    mode: str = "thread"  # thread | process
+    status: str = "running"
     error: str | None = None  # a failed run's one line
     traceback: str | None = None  # and its whole traceback, for whoever has to fix it
-    board: dict[str, Any] | None = None
     started: float = field(default_factory=time.time)
     finished: float | None = None
     thread: Any = None
+    proc: Any = None
+    stop_flag: threading.Event = field(default_factory=threading.Event)
+
+    def _sync(self, ended: bool = False) -> dict[str, Any]:
+        """This object's fields from the job's status (`job_status`; with `ended`, its process has exited: read as
+        it is, and a status still live is this object's `interrupted`, the disk left to the next listing)."""
+        st = (read_job(self.folder) if ended else job_status(self.folder)) or {}
+        if st.get("status") and st["status"] not in LIVE:
+            self.status, self.error, self.traceback = st["status"], st.get("error"), st.get("traceback")
+            self.finished = st.get("finished") or time.time()
+        elif ended:
+            code = self.proc.returncode if self.proc is not None else None
+            self.status, self.finished = "interrupted", time.time()
+            self.error = f"its process ended without finishing (exit code {code})"
+        return st
 
     def as_dict(self) -> dict[str, Any]:
-        p = self.progress
-        return {"name": self.name, "source": self.source, "status": self.status, "error": self.error,
-                "traceback": self.traceback,
-                "done": p.done if p else 0, "total": p.total if p else 0, "current": p.current if p else "",
-                "log": self.log[-50:], "elapsed_s": round((self.finished or time.time()) - self.started, 1)}
+        st = self._sync()
+        p = st.get("progress") or {}
+        return st | {"name": self.name, "source": self.source, "status": st.get("status", self.status),
+                     "error": st.get("error", self.error), "traceback": st.get("traceback", self.traceback),
+                     "done": p.get("done", 0), "total": p.get("total", 0), "current": p.get("current", ""),
+                     "log": job_log(self.folder, 50)}
 
 
 _RUNS: dict[str, BackgroundRun] = {}
 _RUNS_LOCK = threading.Lock()
 
 
+def start_background(comparison: dict[str, Any] | str | Path, *, results_dir: Path | None = None,
+                     device: str = "cpu", folder: Path | None = None, process: bool = False) -> BackgroundRun:
+    """Validate a comparison (a bad one raises its one-line RecipeError here, before any work) and run it as a job
+    (see above): in a thread of this process, or with `process` in a process of its own (what the app does: it
+    survives the app, and `stop_job` ends it at once). One job per comparison name and results folder at a time:
+    starting a live one is refused. `folder`: where a mapping's `recipe:` entries may live (besides merges/), e.g.
+    the recipe file's folder for `recipe_comparison`'s documents."""
+    import subprocess
+    import sys
+    import traceback
+
+    c = parse_comparison(comparison) if not isinstance(comparison, dict) else \
+        parse_comparison(comparison, "<app>", folder=folder)
+    name = c.spec.name
+    results_dir = Path(results_dir or default_results_dir()).expanduser().resolve()
+    where = job_folder(results_dir, name)
+    fd = _take_lock(where, name)
+    try:
+        for old in ("log.txt", "output.txt", "board.json"):
+            (where / old).unlink(missing_ok=True)
+        source = str(comparison if not isinstance(comparison, dict) else "<app>")
+        atomic_write_json(where / "request.json", {
+            "name": name, "is_path": not isinstance(comparison, dict),
+            "comparison": comparison if isinstance(comparison, dict) else str(Path(comparison).resolve()),
+            "folder": str(Path(folder).resolve()) if folder else None, "results_dir": str(results_dir),
+            "device": device, "source": source})
+        atomic_write_json(where / "status.json", {
+            "name": name, "status": "starting", "mode": "process" if process else "thread", "pid": None,
+            "started": time.time(), "finished": None, "source": source,
+            "progress": {"total": 0, "done": 0, "reused": 0, "current": "", "events": []}})
+    except BaseException:
+        _release(fd, where)
+        raise
+    run = BackgroundRun(name=name, source=source, folder=where, mode="process" if process else "thread")
+    with _RUNS_LOCK:
+        _RUNS[str(where)] = run
+    if process:
+        root = str(Path(__file__).resolve().parent.parent)  # the checkout, for a workbench not pip-installed
+        env = {**os.environ, "WORKBENCH_JOB_LOCK_FD": str(fd),
+               "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+        try:
+            with open(where / "output.txt", "wb") as out:
+                run.proc = subprocess.Popen(
+                    [sys.executable, "-c", "from workbench.jobs import job_main; job_main()", str(where)],
+                    env=env, pass_fds=(fd,), start_new_session=True, stdout=out, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL)
+            _write_pid(fd, run.proc.pid)
+        except BaseException:
+            _release(fd, where)
+            raise
+        os.close(fd)  # the child holds the lock now (the same open file, passed down)
+
+        def wait() -> None:
+            run.proc.wait()
+            run._sync(ended=True)
+
+        run.thread = threading.Thread(target=wait, name=f"job-{name}", daemon=True)
+        run.thread.start()
+        return run
+
+    _write_pid(fd, os.getpid())
+    rec = _Recorder(where, name, "thread", run.stop_flag)
+
+    def target() -> None:
+        try:
+            _run_job(rec, c, results_dir, device)
+            rec.finish("done")
+        except JobStopped:
+            rec.finish("stopped", "stopped on request; its finished cells are kept: launch it again to resume")
+        except BaseException as e:  # noqa: BLE001 - a failed run shows its one line (and keeps its traceback)
+            rec.finish("failed", _one_line(e), traceback.format_exc())
+        finally:
+            _release(fd, where)
+            run._sync()
+
+    run.thread = threading.Thread(target=target, name=f"compare-{name}", daemon=True)
+    run.thread.start()
+    return run
+
+
+def stop_job(name: str, results_dir: Path | str | None = None, *, wait_s: float = STOP_WAIT_S) -> dict[str, Any]:
+    """Stop a live job and return its status once it has ended: a process job gets SIGTERM (it records `stopped`
+    and removes its lock), then SIGKILL if it is still there after `wait_s`; a thread job stops at its next step
+    (cell, progress bar or log line). Its finished cells are kept. A job that is not live is a one-line error."""
+    import contextlib
+    import signal
+    import subprocess
+
+    results_dir = Path(results_dir or default_results_dir()).expanduser().resolve()
+    where = job_folder(results_dir, name)
+    st = job_status(where)
+    if st is None or st.get("status") not in LIVE:
+        raise WorkbenchError(f"job {name!r} is not running ({(st or {}).get('status', 'no such job')})")
+    run = _RUNS.get(str(where))
+    if st.get("mode") != "process":
+        if run is None or run.thread is None:
+            raise WorkbenchError(f"job {name!r} runs in another process's thread: stop it there")
+        run.stop_flag.set()
+        run.thread.join(wait_s)
+        if run.thread.is_alive():
+            raise WorkbenchError(f"job {name!r} did not reach a step where it can stop within {wait_s:.0f} s")
+        return job_status(where) or {}
+    pid = st.get("pid")
+    if not isinstance(pid, int):
+        try:
+            pid = int((where / "lock").read_text().strip())
+        except (OSError, ValueError):
+            raise WorkbenchError(f"job {name!r}: no process id recorded") from None
+
+    def gone(deadline: float) -> bool:
+        while time.time() < deadline:
+            if run is not None and run.proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):  # still running
+                    run.proc.wait(0.1)
+            if not _pid_alive(pid) and not _held(where):
+                return True
+            time.sleep(0.05)
+        return False
+
+    for sig, wait in ((signal.SIGTERM, wait_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            raise WorkbenchError(f"job {name!r}: not allowed to signal its process {pid}") from None
+        if gone(time.time() + wait):
+            break
+    if run is not None and run.thread is not None:
+        run.thread.join(5)
+    st = job_status(where) or {}  # a job killed before it could record its end is marked interrupted here
+    if st.get("status") == "interrupted":
+        st.update(status="stopped", error="stopped on request (killed: it did not end within "
+                                          f"{wait_s:.0f} s of SIGTERM); its finished cells are kept")
+        atomic_write_json(where / "status.json", {k: v for k, v in st.items() if k not in ("folder", "elapsed_s")})
+    return st
+
+
+def background_runs() -> list[BackgroundRun]:
+    """The jobs started by this process (`list_jobs` lists every job of a results folder, from disk)."""
+    return sorted(_RUNS.values(), key=lambda r: -r.started)
 def comparison_document(pool: str, method: str, parameters: dict[str, Any], *, experts: list[str] | None = None,
                         tasks: list[str] | None = None, limit: int | None = 20, name: str | None = None,
-                        reference: str | None = None) -> dict[str, Any]:
+                        reference: str | None = None, output: dict[str, Any] | None = None) -> dict[str, Any]:
     """A one-method comparison (base, the experts, the multitask row where the pool has one, and the method) as
-    a document `parse_comparison` validates: what the app's "build one" form launches."""
+    a document `parse_comparison` validates: what the app's "build one" form launches. `output`: the method row's
+    output ({kind: lora, rank: 16} or {kind: model}; None: the method's default)."""
     import re
 
     from .pool import Pool
@@ -754,6 +1235,8 @@ def comparison_document(pool: str, method: str, parameters: dict[str, Any], *, e
     row = {"name": method.replace("_", "-"), "method": method, "parameters": parameters}
     if experts is not None:  # an empty selection is refused in one line, never "the whole pool"
         row["experts"] = list(experts)
+    if output is not None:
+        row["output"] = dict(output)
     entries.append(row)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", name or f"{p.name}-{method}")[:100]
     doc = {"name": stem, "pool": pool, "entries": entries, "tasks": tasks or ["held_in"],
@@ -781,49 +1264,125 @@ def recipe_comparison(path: str | Path, *, limit: int | None = 20, tasks: list[s
             "eval": {"limit": limit, "batch_size": 32, "split": "test"}, "reference": "base"}
 
 
-def start_background(comparison: dict[str, Any] | str | Path, *, results_dir: Path | None = None,
-                     device: str = "cpu", folder: Path | None = None) -> BackgroundRun:
-    """Validate a comparison (a bad one raises its one-line RecipeError here, before any work) and run it in a
-    thread. One run per comparison name at a time in this process: starting a running one is refused (another
-    process running it waits on the comparison's lock). `folder`: where a mapping's `recipe:` entries may live
-    (besides merges/), e.g. the recipe file's folder for `recipe_comparison`'s documents."""
-
-    c = parse_comparison(comparison) if not isinstance(comparison, dict) else \
-        parse_comparison(comparison, "<app>", folder=folder)
-    name = c.spec.name
-    run = BackgroundRun(name=name, source=str(comparison if not isinstance(comparison, dict) else "<app>"))
-    with _RUNS_LOCK:
-        live = _RUNS.get(name)
-        if live is not None and live.status == "running":
-            raise WorkbenchError(f"comparison {name!r} is already running here ({live.as_dict()['done']}/"
-                                 f"{live.as_dict()['total']} cells): wait for it, or give the new one another name")
-        _RUNS[name] = run
-
-    def progress(state: Progress) -> None:
-        run.progress = state
-
-    def log(msg: Any) -> None:
-        run.log.append(str(msg))
-
-    def target() -> None:
-        try:
-            run.board = run_comparison(c, results_dir=results_dir, device=device, log=log, progress=progress)
-            run.status = "done"
-        except Exception as e:  # noqa: BLE001 - a failed run shows its one line (and keeps its traceback); the app goes on
-            import traceback
-
-            run.traceback = traceback.format_exc()
-            run.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}" \
-                if not isinstance(e, WorkbenchError) else str(e).splitlines()[0]
-            run.status = "failed"
-        finally:
-            run.finished = time.time()
-
-    run.progress = Progress(total=0)
-    run.thread = threading.Thread(target=target, name=f"compare-{name}", daemon=True)
-    run.thread.start()
-    return run
 
 
-def background_runs() -> list[BackgroundRun]:
-    return sorted(_RUNS.values(), key=lambda r: -r.started)
+# ----------------------------------------------------------------------------- the app's run form and cost preview
+
+def method_form(method: str) -> list[dict[str, Any]]:
+    """The parameters a form shows for `method`: its schema's fields (`methods.base.param_fields`), each with
+    `default` (where the form starts) and `implied` (what the method uses when the parameter is left out: send a
+    value only when it differs from `implied`), narrowed by the method's own `form_fields` (e.g. the task-arithmetic
+    family drops what its mergekit method ignores)."""
+    from .methods import METHODS
+    from .methods.base import param_fields
+
+    return METHODS.get(method).form_fields([f | {"implied": f["default"]} for f in param_fields(method)])
+
+
+def output_kinds(method: str, experts: list[Any]) -> list[str]:
+    """What `method` can write from `experts` (pool Expert objects): 'lora' (in adapter space: the merged task
+    vector re-factored as a LoRA by truncated SVD, megabytes) and/or 'model' (a full model folder: the base's size)."""
+    from .methods import METHODS
+
+    cls = METHODS.get(method)
+    kinds = [k for k in ("lora", "model") if k in cls.outputs]
+    if "lora" in kinds and any(e.kind == "full" for e in experts) and not cls.lora_from_full:
+        kinds.remove("lora")
+    return kinds
+
+
+def lora_rank(experts: list[Any]) -> int:
+    """The sum of the LoRA experts' ranks (at most MAX_RANK): the rank that holds plain task arithmetic exactly."""
+    import json
+
+    from .methods.base import MAX_RANK
+
+    total = 0
+    for e in experts:
+        if e.kind == "lora":
+            try:
+                total += int(json.loads((Path(e.path) / "adapter_config.json").read_text()).get("r", 8))
+            except (OSError, ValueError, TypeError):
+                total += 8
+    return max(1, min(total, MAX_RANK))
+
+
+def task_choices() -> list[str]:
+    """What a form offers as tasks: the suite's groups (held_in, held_out), then its tasks and domain corpora."""
+    from .tasks.suite import DOMAINS, TASKS
+
+    return ["held_in", "held_out", *TASKS, *DOMAINS]
+
+
+_MAX_PAST = 5000  # records read for a cost preview
+
+
+def past_times(results_dir: Path) -> dict[str, Any]:
+    """What earlier comparisons under `results_dir` recorded: seconds per evaluated example (the cells' `eval_s` over
+    their `n`, pooled) and build seconds by method (the build records' `build_s`)."""
+    from .cells import read_record
+
+    root = Path(results_dir) / "compare"
+    secs = n = cells = 0
+    builds: dict[str, list[float]] = {}
+    paths = sorted(root.glob("*/cells/*/*.json"))[:_MAX_PAST] if root.is_dir() else []
+    for p in paths:
+        rec = read_record(p) or {}
+        if isinstance(rec.get("eval_s"), (int, float)) and isinstance(rec.get("n"), int) and rec["n"] > 0:
+            secs, n, cells = secs + float(rec["eval_s"]), n + rec["n"], cells + 1
+    for p in sorted(root.glob("*/builds/*.json"))[:_MAX_PAST] if root.is_dir() else []:
+        rec = read_record(p) or {}
+        if isinstance(rec.get("build_s"), (int, float)) and isinstance(rec.get("method"), str):
+            builds.setdefault(rec["method"], []).append(float(rec["build_s"]))
+    return {"per_example_s": secs / n if n else None, "cells": cells,
+            "build_s": {m: sorted(v)[len(v) // 2] for m, v in builds.items()}, "builds": sum(map(len, builds.values()))}
+
+
+def _examples(task: str, limit: int | None, split: str) -> int | None:
+    from .tasks.suite import DOMAIN_SIZES, DOMAINS, TASKS, _split_size
+
+    if task in TASKS:
+        size = _split_size(task, split)
+    elif task in DOMAINS:
+        size = DOMAIN_SIZES[split]
+    else:
+        return limit
+    return size if limit is None else min(limit, size)
+
+
+def estimate(plan: Plan) -> dict[str, Any]:
+    """A launch's cost before it starts: its cells (builds and evaluations) and how many are still to run, the
+    examples those evaluations read, and the expected seconds from past runs (`past_times` under the plan's results
+    folder; a row's own earlier records first). `seconds` is None and `basis` says "no past runs" when nothing
+    recorded says; `unknown` names the cells no past run covers (left out of `seconds`)."""
+    c = plan.comparison
+    spec = c.spec.eval
+    builds = [r for r in plan.builds if needs_build(plan, r)]
+    evals = [(r, t) for r, t in plan.evals if not cell_done(plan, r, t)]
+    counts = {t: _examples(t, spec.limit, spec.split) for t in c.tasks}
+    examples = sum(counts[t] or 0 for _, t in evals)
+    past = past_times(plan.results_dir)
+    secs, known, unknown = 0.0, 0, []
+    for r in builds:
+        rec = _read(plan.build_path(r)) or {}
+        s = rec.get("build_s") if isinstance(rec.get("build_s"), (int, float)) else past["build_s"].get(r.method)
+        if s is None:
+            unknown.append(f"build {r.name}")
+        else:
+            secs, known = secs + s, known + 1
+    for r, t in evals:
+        rec = _read(plan.cell_path(r, t)) or {}
+        if isinstance(rec.get("eval_s"), (int, float)):
+            secs, known = secs + rec["eval_s"], known + 1
+        elif past["per_example_s"] is not None and counts.get(t):
+            secs, known = secs + past["per_example_s"] * counts[t], known + 1
+        else:
+            unknown.append(f"{r.name} x {t}")
+    if past["cells"] or past["builds"]:
+        rate = f"{1000 * past['per_example_s']:.0f} ms per example" if past["per_example_s"] is not None else "no cells"
+        basis = f"from {past['cells']} past cells ({rate}) and {past['builds']} past builds"
+    else:
+        basis = "no past runs"
+    return {"cells": len(plan.builds) + len(plan.evals), "todo": len(builds) + len(evals), "builds": len(builds),
+            "evals": len(evals), "examples": examples, "examples_per_task": counts,
+            "seconds": round(secs, 1) if known else None, "unknown": unknown, "basis": basis}

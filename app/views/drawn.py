@@ -20,23 +20,43 @@ def view_charts(cat: catalog.Catalog) -> None:
     rows = st.multiselect("rows", names, default=names[: min(6, len(names))], key=f"ch-rows-{src.kind}-{src.name}")
     board = src.board()
     if rows:
-        st.altair_chart(charts.task_bars(board, rows), width="stretch")
+        st.altair_chart(charts.task_bars(board, rows), width="content")
     ref_default = src.reference if src.reference in names else names[0]
     ref = st.selectbox("difference against", names, index=names.index(ref_default), key=f"ch-ref-{src.kind}-{src.name}",
                        help="base, multitask, the best expert or any method")
-    st.altair_chart(charts.diff_heatmap(board, ref), width="stretch")
+    st.altair_chart(charts.diff_heatmap(board, ref, rows or None), width="content")
+    if src.kind == "comparison" and st.toggle("cost vs quality and held-in vs held-out", key=f"ch-cost-{src.name}",
+                                              help="build time, extra active parameters and evaluation time per "
+                                                   "example against the held-in and held-out means"):
+        _costs(cat, src, board, rows)
+
+
+def _costs(cat: catalog.Catalog, src: catalog.Source, board: dict, rows: list[str]) -> None:
+    from workbench.eval.costs import row_costs
+
+    comp = cat.comparisons[src.name]
+    costs = [c for c in row_costs(board | {"pool": comp.get("pool")}, comp.get("_dir"), src.cells)
+             if not rows or c["model"] in rows]
+    if not costs:
+        st.info("No rows selected.")
+        return
+    st.altair_chart(charts.cost_chart(costs, f"{src.name}: cost vs quality"), width="content")
+    notes = charts.cost_note(costs)
+    st.caption("Costs as recorded: build time from the artifact manifests (cache), build records and the pool's "
+               "training records; extra active parameters per token from artifact manifests and LoRA tensors; "
+               "evaluation time per example from the cells' eval_s (lm-eval wall time, not a serving latency)."
+               + ("".join(f" {n}." for n in notes) if notes else " Every row has every cost."))
+    st.altair_chart(charts.generalization_chart(costs, f"{src.name}: held-in vs held-out"), width="content")
 
 
 def view_sweeps(cat: catalog.Catalog) -> None:
     st.header("Sweeps")
     if cat.curves:
-        from workbench.eval.leaderboard import curve_chart
-
         st.subheader("Merge-count curves")
         cols = st.columns(min(len(cat.curves), 2))
         for i, curve in enumerate(sorted(cat.curves, key=lambda c: str(c.get("name")))):
             with cols[i % len(cols)]:
-                st.altair_chart(curve_chart(curve), width="stretch")
+                st.altair_chart(charts.curve_chart(curve), width="stretch")
                 note = curve.get("note")
                 st.caption(f"{cat.rel(curve['_path'])}: mean over the merged experts' own accuracy-like tasks, %"
                            + (f". {note[:1].upper()}{note[1:]}." if isinstance(note, str) and note else ""))
@@ -67,7 +87,10 @@ def _trace(folder: str, prompt: str) -> dict:
     from workbench.methods.routing import trace_prompt
 
     loaded = _routed_model(folder)
-    return trace_prompt(loaded.model, loaded.tokenizer, prompt)
+    tr = trace_prompt(loaded.model, loaded.tokenizer, prompt)
+    # the tokenizer's own text of each token (byte-level BPE symbols such as Ġ, Ċ are bytes, not text)
+    tr["text"] = [loaded.tokenizer.convert_tokens_to_string([t]) for t in tr["tokens"]]
+    return tr
 
 
 def view_routing(cat: catalog.Catalog) -> None:
@@ -75,8 +98,8 @@ def view_routing(cat: catalog.Catalog) -> None:
     if cat.traces:
         labels = [f"{t.get('recipe', '?')}: {t.get('prompt', '')[:60]!r} ({cat.rel(t['_path'])})" for t in cat.traces]
         i = st.selectbox("saved trace", range(len(labels)), format_func=lambda j: labels[j], key="rt-saved")
-        st.altair_chart(charts.usage_chart(cat.traces[i]), width="stretch")
-        st.altair_chart(charts.token_chart(cat.traces[i]), width="stretch")
+        st.altair_chart(charts.usage_chart(cat.traces[i]), width="content")
+        st.altair_chart(charts.token_chart(cat.traces[i]), width="content")
     from workbench.pool import Pool
     from workbench.serving.engine import routed_artifacts
 
@@ -106,8 +129,8 @@ def view_routing(cat: catalog.Catalog) -> None:
         except Exception as e:  # noqa: BLE001 - a model that fails to load or run is one line, not a crash
             st.error(f"trace failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             return
-        st.altair_chart(charts.usage_chart(tr), width="stretch")
-        st.altair_chart(charts.token_chart(tr), width="stretch")
+        st.altair_chart(charts.usage_chart(tr), width="content")
+        st.altair_chart(charts.token_chart(tr), width="content")
 
 
 def view_benchmarks(cat: catalog.Catalog) -> None:
@@ -119,8 +142,12 @@ def view_benchmarks(cat: catalog.Catalog) -> None:
         ratios = catalog.bench_ratios(rec)
         st.subheader(f"{rec.get('benchmark')} ({cat.rel(rec['_path'])})")
         st.caption(f"machine: {catalog.machine_line(rec)}" + (f" · target: {rec['target']}" if rec.get("target") else ""))
+        times = charts.bench_times(rec)
         if ratios:
-            st.altair_chart(charts.bench_chart(ratios, f"{rec.get('benchmark')}: ratios against peers"),
-                            width="stretch")
+            st.altair_chart(charts.bench_chart(ratios, f"{rec.get('benchmark')}: ratios against peers", times),
+                            width="content")
+            st.caption("Each ratio is named with its direction: ↓ lower is better (times, memory), ↑ higher is "
+                       "better (speedups, throughput); its tooltip gives the two absolute times it divides where the "
+                       "record has them. Absolute times (s) beside: lower is better.")
         else:
             st.caption("no ratios in this record")

@@ -6,10 +6,12 @@ import math
 
 import streamlit as st
 
-from views.common import _fmt, _pools, pick_source, results_dir, source_view  # noqa: F401
+from views.common import cell_count, facts_columns, remember, source_view, url_index, view_url
 from workbench import catalog
 from workbench.errors import WorkbenchError
 from workbench.eval.leaderboard import short
+
+GROUPS = {"all": "all", "held-in": "held_in", "held-out": "held_out", "other": "other"}  # the app's name -> board's
 
 
 def pairwise_verdict(p: float, diff: float, metric: str, higher_is_better: bool = True) -> str:
@@ -40,7 +42,14 @@ def pairwise_frame(rows: list[dict], a: str, b: str):
         recs.append({"task": r["task"], "n": r["n"], "unit": "%" if pct else unit, f"{a} (A)": scale * r["a"],
                      f"{b} (B)": scale * r["b"], "A − B": scale * r["diff"], "p_value": r["p_value"],
                      "test": r["test"], "verdict": pairwise_verdict(r["p_value"], r["diff"], unit, hib)})
-    return pd.DataFrame(recs)
+    from workbench.eval.stats import holm, verdict
+
+    df = pd.DataFrame(recs)
+    if len(df):  # one family: every task of the pair; the verdict by the adjusted p
+        df.insert(df.columns.get_loc("p_value") + 1, "p Holm", holm(list(df.p_value)))
+        df["verdict (Holm)"] = [verdict(p, d, higher_is_better=bool(r.get("higher_is_better", True)))
+                                for p, d, r in zip(df["p Holm"], [r["diff"] for r in rows], rows)]
+    return df
 
 
 # ----------------------------------------------------------------------------- views
@@ -69,22 +78,22 @@ def disagreements_frame(diffs: list[dict], a: str, b: str, row: dict):
     return df.rename(columns=disagreement_columns(a, b, row))
 
 
-def leaderboard_table(board: dict, group: str = "all"):
-    """The leaderboard frame of `board` as the app shows it: the task columns of `group` (all, held-in, held-out,
-    other: every task outside the suite's held-in and held-out ones), short task names, p values as text; and the
-    column configuration that labels each task's value column with its metric's direction (↑ higher is better,
-    ↓ lower) and formats percent columns to 0.1 and other metrics to 4 significant digits."""
-    from workbench.eval.leaderboard import leaderboard_frame, task_columns, task_info
-    from workbench.tasks.suite import TASKS
+def leaderboard_table(board: dict, group: str = "all", rank: dict | None = None):
+    """The leaderboard frame of `board` as the app shows it for `group` (all, held-in, held-out, other: every task
+    outside the suite's held-in and held-out ones): only that group's columns (`leaderboard.group_columns`: its mean,
+    se and paired test, its tasks; never another group's or the test pooled over all tasks), only the rows that scored
+    a task of the group (all rows for "all"), in the order of `leaderboard.rank_shared` (over the tasks every row
+    shares, in the ranking metric's direction), short task names, p values as text; and the column configuration that
+    labels each task's value column with its metric's direction (↑ higher is better, ↓ lower) and formats percent
+    columns to 0.1 and other metrics to 4 significant digits."""
+    from workbench.eval.leaderboard import group_columns, leaderboard_frame, rank_shared, task_columns, task_info
 
-    def group_of(t: str) -> str:
-        return ("held-in" if TASKS[t].kind == "held_in" else "held-out") if t in TASKS else "other"
-
+    g = GROUPS[group]
+    rank = rank or rank_shared(board, g)
     df = leaderboard_frame(board)
-    drop = [c for t in board["tasks"] if group not in ("all", group_of(t)) for c in task_columns(board, t).values()]
-    if group == "other":  # the suite's group means say nothing about the other tasks
-        drop += ["held_in %", "held_in se", "held_out %", "held_out se"]
-    df = df.drop(columns=[c for c in drop if c in df.columns])
+    df = df[group_columns(board, g, list(df.columns))]
+    order = [n for n in rank["order"] if g == "all" or n not in rank["unranked"]]
+    df = df.set_index("model").loc[order].reset_index()
     names, config = {}, {}
     for t in board["tasks"]:
         i, cols = task_info(board, t), task_columns(board, t)
@@ -103,7 +112,10 @@ def leaderboard_table(board: dict, group: str = "all"):
                     f"{names[c]} (+ better)", format="%+.1f" if i["kind"] == "accuracy" else "%+.4g",
                     help="the row's gain over the reference: + = better, whatever the metric's direction")
             elif role == "se":
-                config[names[c]] = st.column_config.NumberColumn(format="%.1f" if i["kind"] == "accuracy" else "%.3g")
+                config[names[c]] = st.column_config.NumberColumn(
+                    format="%.1f" if i["kind"] == "accuracy" else "%.3g",
+                    help=f"standard error ({'%' if i['kind'] == 'accuracy' else i['metric']}); empty: "
+                         "no per-example values to estimate it from")
     df = df.rename(columns=names)
     for c in df.columns:
         if c in ("p (paired)", "p Holm") or c.endswith((" p", " p Holm")):
@@ -114,29 +126,78 @@ def leaderboard_table(board: dict, group: str = "all"):
 
 
 def view_leaderboard(cat: catalog.Catalog) -> None:
+    from workbench.eval.leaderboard import coverage, legend, rank_shared
+
     got = source_view(cat, "Leaderboard", "lb")
     if got is None:
         return
     src, names = got
     c1, c2, c3 = st.columns(3)
-    ref = c1.selectbox("reference row (paired test)", names, index=names.index(src.reference)
-                       if src.reference in names else 0, key=f"lb-ref-{src.kind}-{src.name}")
+    ref_default = names.index(src.reference) if src.reference in names else 0
+    ref = c1.selectbox("reference row (paired test)", names, index=url_index("ref", names, ref_default),
+                       key=f"lb-ref-{src.kind}-{src.name}")
     methods = sorted({r["method"] for r in src.rows})
     chosen = c2.multiselect("methods", methods, default=methods, key=f"lb-methods-{src.kind}-{src.name}")
-    group = c3.selectbox("task group", ["all", "held-in", "held-out", "other"], key="lb-group",
+    groups = list(GROUPS)
+    group = c3.selectbox("task group", groups, index=url_index("group", groups), key="lb-group",
                          help="other: tasks outside the built-in suite's held-in and held-out ones (perplexity "
                               "corpora, your own tasks)")
+    remember(ref=ref, group=group)
     board = src.board(ref)
-    df, config = leaderboard_table(board, group)
-    df = df[df.method.isin(chosen)]
-    df.insert(2, "shows", [src.shown.get(n, "") for n in df.model])
+    shown = {**board, "rows": [r for r in board["rows"] if r["method"] in chosen]}
+    rank = rank_shared(shown, GROUPS[group])
+    df, config = leaderboard_table(shown, group, rank)
+    cover = coverage(shown, GROUPS[group])
+    facts = facts_columns(src, list(df.model))
+    at = 2
+    for col, values in (("shows", [src.shown.get(n, "") for n in df.model]),
+                        ("tasks", [f"{cover[n]['tasks']}/{cover[n]['of']}" for n in df.model]),
+                        ("examples", [cover[n]["examples"] for n in df.model]), ("flags", facts["flags"])):
+        df.insert(at, col, values)
+        at += 1
+    config["tasks"] = st.column_config.TextColumn(help="tasks of this group the row scored, of the group's")
+    config["examples"] = st.column_config.NumberColumn(help="examples behind the row's numbers in this group")
+    config["flags"] = st.column_config.TextColumn(help="dirty tree: a run behind the row was made from uncommitted "
+                                                       "code: the commit alone does not say what ran")
+    if rank["subset"]:
+        col = f"shared {len(rank['shared'])} tasks {'%' if rank['percent'] else 'mean'}"
+        df.insert(at, col, [rank["score"].get(n, float("nan")) for n in df.model])
+        config[col] = st.column_config.NumberColumn(
+            f"{col} {'↑' if rank['higher_is_better'] else '↓'}", format="%.1f" if rank["percent"] else "%.4g",
+            help=f"the rank: the mean over {', '.join(rank['shared'])}, the tasks every row shown scored")
+    df["pairwise"] = [view_url("Pairwise", source=catalog.source_label(src), A=n, B=ref) if n != ref else None
+                      for n in df.model]
+    config["pairwise"] = st.column_config.LinkColumn(
+        "pairwise", display_text="vs reference →", help="this row against the reference, task by task, in Pairwise")
     st.dataframe(df, hide_index=True, width="stretch", column_config=config)
-    from workbench.eval.leaderboard import legend
-
-    st.caption(" ".join(legend(board)) + " Click a column to sort.")
-    csv = df.rename(columns={c: cfg.get("label") or c for c, cfg in config.items() if isinstance(cfg, dict)})
+    if rank["partial"]:
+        st.warning(f"These rows share no {GROUPS[group].replace('_', '-')} task: ranked by {rank['label']}.")
+    left = [n for n in rank["unranked"] if GROUPS[group] != "all"]
+    lines = [x for x in legend(shown) if not x.startswith("Ranked by")]
+    st.caption(" ".join(lines) + f" Ranked by {rank['label']}." + (
+        f" Not shown (no task of this group): {', '.join(left)}." if left else "") + " Click a column to sort.")
+    csv = df.drop(columns=["pairwise"]).rename(
+        columns={c: cfg.get("label") or c for c, cfg in config.items() if isinstance(cfg, dict)})
     st.download_button("download CSV", csv.to_csv(index=False).encode(), file_name=f"leaderboard-{src.name}.csv",
                        mime="text/csv", key="lb-csv")
+
+
+def pooled_line(pooled: dict, a: str, b: str) -> str:
+    """The pooled paired test as one sentence: A − B in points with its interval, McNemar's p, the tasks pooled."""
+    lvl = round(100 * pooled["level"])
+    left = (f"; left out (not accuracy-like, cannot be pooled): {', '.join(short(t) for t in pooled['left_out'])}"
+            if pooled["left_out"] else "")
+    return (f"**Pooled over {pooled['n']} examples of {len(pooled['tasks'])} accuracy-like tasks both scored:** "
+            f"{a} − {b} = {100 * pooled['diff']:+.1f} pp ({lvl}% CI {100 * pooled['ci_low']:+.1f} to "
+            f"{100 * pooled['ci_high']:+.1f}, bootstrap over examples), "
+            f"{'exact McNemar' if pooled['test'] == 'mcnemar' else 'paired bootstrap'} p = {pooled['p_value']:.3g}"
+            + (f" ({pooled['a_only']} examples only A got right, {pooled['b_only']} only B)" if "a_only" in pooled
+               else "") + f"{left}.")
+
+
+def _reading(p: dict | None) -> str:
+    return "no shared accuracy-like example" if p is None else (
+        f"{100 * p['diff']:+.1f} pp, p = {p['p_value']:.2g}, {p['n']} examples of {len(p['tasks'])} tasks")
 
 
 def view_pairwise(cat: catalog.Catalog) -> None:
@@ -145,18 +206,61 @@ def view_pairwise(cat: catalog.Catalog) -> None:
         return
     src, names = got
     c1, c2 = st.columns(2)
-    a = c1.selectbox("A", names, index=0, key=f"pw-a-{src.kind}-{src.name}")
-    b = c2.selectbox("B", names, index=names.index(src.reference) if src.reference in names and src.reference != a
-                     else (1 if names[0] == a else 0), key=f"pw-b-{src.kind}-{src.name}")
+    a = c1.selectbox("A", names, index=url_index("A", names), key=f"pw-a-{src.kind}-{src.name}")
+    b_default = names.index(src.reference) if src.reference in names and src.reference != a else (
+        1 if names[0] == a else 0)
+    b = c2.selectbox("B", names, index=url_index("B", names, b_default), key=f"pw-b-{src.kind}-{src.name}")
+    remember(A=a, B=b)
+    if a == b:
+        st.warning(f"A and B are both `{a}`: pick two different rows to compare.")
+        return
     st.caption(f"A shows {src.shown.get(a, '?')}; B shows {src.shown.get(b, '?')}")
+    for n in (a, b):
+        f = src.facts(n)
+        if f["dirty"]:
+            st.warning(f"`{n}` was evaluated from a tree with uncommitted changes "
+                       f"({', '.join(c for c in f['commits'] if c.endswith('+dirty'))}).")
+    mine = [(p, why) for p, why in src.skipped if any(f"/cells/{n}/" in f"/{p}" for n in (a, b))]
+    if mine:
+        with st.expander(f"{len(mine)} cells of A or B skipped (not counted, not shown)", expanded=True):
+            for p, why in mine:
+                st.warning(f"{p}: {why}")
     rows = src.pairwise(a, b)
     if not rows:
         st.info(f"{a} and {b} share no scored examples.")
         return
-    st.dataframe(pairwise_frame(rows, a, b), hide_index=True, width="stretch",
+    shown = {r["task"] for r in rows}
+    missing = [t for t in src.tasks if t not in shown]
+    n_examples = sum(r["n"] for r in rows)
+    head = f"{len(rows)} of {len(src.tasks)} tasks, {n_examples} paired examples"
+    if src.kind == "comparison":
+        head += f" · {cell_count(src)}"
+    if missing:
+        why = {t: ("no cell of " + " or ".join(n for n in (a, b) if (n, t) not in src.cells)
+                   if (a, t) not in src.cells or (b, t) not in src.cells else
+                   "no per-example values or different metrics") for t in missing}
+        head += " · not shown: " + "; ".join(f"{short(t)} ({w})" for t, w in why.items())
+    st.caption(head)
+    pooled = src.pooled(a, b)
+    if pooled is not None:
+        st.markdown(pooled_line(pooled, a, b))
+    for o in catalog.other_readings(cat, src, a, b):
+        st.info(f"`{o['source']}` reads this pair differently: {_reading(o['there'])} there, "
+                f"{_reading(o['here'])} here. Why: {'; '.join(o['why'])}.")
+    df = pairwise_frame(rows, a, b)
+    df["examples"] = [view_url("Examples", source=catalog.source_label(src), A=a, B=b, task=t, filter="differ")
+                      for t in df.task]
+    st.dataframe(df, hide_index=True, width="stretch",
                  column_config={"A − B": st.column_config.NumberColumn(
-                     "A − B", format="%+.4g", help="in the task's unit: points for accuracy-like metrics")})
-    task = st.selectbox("examples where they disagree, task", [r["task"] for r in rows], key=f"pw-task-{src.name}")
+                     "A − B", format="%+.4g", help="in the task's unit: points for accuracy-like metrics"),
+                     "p Holm": st.column_config.NumberColumn(
+                         format="%.3g", help="Holm-adjusted over this pair's tasks (one family)"),
+                     "examples": st.column_config.LinkColumn(
+                         "examples", display_text="examples →", help="this task's examples, A and B side by side")})
+    tasks = [r["task"] for r in rows]
+    task = st.selectbox("examples where they disagree, task", tasks, index=url_index("task", tasks),
+                        key=f"pw-task-{src.name}")
+    remember(task=task)
     try:
         diffs = src.disagreements(a, b, task)
     except WorkbenchError as e:
@@ -167,6 +271,8 @@ def view_pairwise(cat: catalog.Catalog) -> None:
         return
     row = next(r for r in rows if r["task"] == task)
     st.dataframe(disagreements_frame(diffs, a, b, row), hide_index=True, width="stretch")
+    st.markdown(f"[all examples of {short(task)}, every row →]"
+                f"({view_url('Examples', source=catalog.source_label(src), A=a, B=b, task=task, filter='differ')})")
     if row.get("kind") == "corpus":
         st.caption(f"{task}: each document's log-likelihood under each row (higher is better); {row['metric']} "
                    "aggregates them over the corpus (exp(−Σ log-likelihood / Σ weight) for a perplexity).")

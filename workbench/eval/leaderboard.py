@@ -295,6 +295,105 @@ def _normalize(rows: list[dict[str, Any]], out_rows: list[dict[str, Any]], info:
 # ----------------------------------------------------------------------------- views of a board
 
 
+def group_tasks(board: dict[str, Any], group: str = "all") -> list[str]:
+    """The board's tasks of `group` (all, or one of GROUPS: held_in, held_out, other), in the board's order."""
+    if group == "all":
+        return list(board["tasks"])
+    if group not in GROUPS:
+        raise ValueError(f"unknown task group {group!r}: all, {', '.join(GROUPS)}")
+    return [t for t in board["tasks"] if _group(t) == group]
+
+
+def _scored(entry: Any, info: dict[str, Any]) -> bool:
+    """A row's task entry that has a finite score in the task's metric."""
+    return (isinstance(entry, dict) and entry.get("metric") == info["metric"]
+            and isinstance(entry.get("mean"), (int, float)) and math.isfinite(entry["mean"]))
+
+
+def coverage(board: dict[str, Any], group: str = "all") -> dict[str, dict[str, int]]:
+    """Per row: how many of the group's tasks it scored (`tasks`, of `of`) and on how many examples in all
+    (`examples`: the sum of its cells' n), so a mean over 2 tasks is never read as one over 6."""
+    tasks = group_tasks(board, group)
+    infos = {t: task_info(board, t) for t in tasks}
+    out = {}
+    for r in board["rows"]:
+        got = [r["tasks"][t] for t in tasks if _scored(r["tasks"].get(t), infos[t])]
+        out[r["name"]] = {"tasks": len(got), "of": len(tasks),
+                          "examples": sum(int(e.get("n") or 0) for e in got)}
+    return out
+
+
+def rank_shared(board: dict[str, Any], group: str = "all") -> dict[str, Any]:
+    """How the rows of `group` rank, over the tasks they share only: the ranking tasks are the group's accuracy-like,
+    higher-is-better tasks (for "all": those the board is ranked by, `ranked_by`), else its first scored task in its
+    direction; `shared` the ranking tasks every ranked row scored. A row's `score` is its mean over `shared` (in % for
+    accuracy-like tasks), so a row scored on 2 easy tasks is not ranked above one scored on 6. When no task is shared
+    by all (`partial`), each row's own mean over its ranking tasks ranks it, and `partial` says the column mixes task
+    sets. Rows with none of the ranking tasks come last (`unranked`). Returns order, score, shared, tasks, partial,
+    subset (some row scored more ranking tasks than the shared ones), unranked, higher_is_better, percent and label."""
+    infos = {t: task_info(board, t) for t in board["tasks"]}
+    if group == "all":
+        key = (board.get("ranked_by") or {}).get("key")
+        if key == "held_in":
+            pool = group_tasks(board, "held_in")
+        elif isinstance(key, str) and key.startswith("task:"):
+            pool = [key[5:]] if key[5:] in infos else []
+        else:
+            pool = list(board["tasks"])
+    else:
+        pool = group_tasks(board, group)
+    tasks = [t for t in pool if infos[t]["kind"] == "accuracy" and infos[t]["higher_is_better"]]
+    if not tasks:  # no accuracy-like task: the first one anyone scored, in its own direction
+        tasks = next(([t] for t in pool if infos[t]["kind"] != "none"
+                      and any(_scored(r["tasks"].get(t), infos[t]) for r in board["rows"])), [])
+    hib = infos[tasks[0]]["higher_is_better"] if tasks else True
+    percent = bool(tasks) and infos[tasks[0]]["kind"] == "accuracy"
+    has = {r["name"]: [t for t in tasks if _scored(r["tasks"].get(t), infos[t])] for r in board["rows"]}
+    ranked = [r["name"] for r in board["rows"] if has[r["name"]]]
+    shared = [t for t in tasks if ranked and all(t in has[n] for n in ranked)]
+    partial = bool(ranked) and not shared
+    subset = bool(shared) and any(len(has[n]) > len(shared) for n in ranked)  # ranked on fewer tasks than some have
+    score: dict[str, float] = {}
+    for r in board["rows"]:
+        use = shared if shared else has[r["name"]]
+        if r["name"] in ranked and use:
+            score[r["name"]] = (100 if percent else 1) * sum(r["tasks"][t]["mean"] for t in use) / len(use)
+    sign = -1.0 if hib else 1.0
+    order = sorted(ranked, key=lambda n: sign * score[n]) + [r["name"] for r in board["rows"] if not has[r["name"]]]
+    what = ("accuracy-like tasks" if percent else
+            f"{short(tasks[0])} ({infos[tasks[0]]['metric']}, {'higher' if hib else 'lower'} is better)" if tasks
+            else "no scored task")
+    if not tasks:
+        label = "plan order (no scored task in this group)"
+    elif partial:
+        label = (f"each row's own mean over its {what}: no task is scored by every row, so rows over different task "
+                 "sets share one column (see `tasks`)")
+    elif subset:
+        label = (f"the mean over the {len(shared)} {what} every row scored ({', '.join(short(t) for t in shared)}); "
+                 "a row's own group mean covers the tasks in its `tasks` column")
+    else:
+        label = f"the mean over the {len(shared)} {what} of the group" if percent else what
+    return {"order": order, "score": score, "shared": shared, "tasks": tasks, "partial": partial, "subset": subset,
+            "unranked": [n for n in order if n not in ranked], "higher_is_better": hib, "percent": percent,
+            "label": label}
+
+
+def group_columns(board: dict[str, Any], group: str, columns: list[str]) -> list[str]:
+    """The columns of `leaderboard_frame(board)` (`columns`) that belong to the view of `group`: for "all" every one;
+    for a group its own mean, se and paired test, its tasks' columns, and the normalized score for held-in only (it
+    divides by the experts' own, held-in, tasks); never another group's columns nor the test pooled over all tasks."""
+    if group == "all":
+        return list(columns)
+    keep = {"model", "method", f"{group} %", f"{group} se", f"{group} Δ (pp)", f"{group} p", f"{group} p Holm"}
+    if group == "held_in":
+        keep.add("normalized %")
+    for t in group_tasks(board, group):
+        keep |= set(task_columns(board, t).values())
+    return [c for c in columns if c in keep]
+
+
+
+
 def task_info(board: dict[str, Any], task: str) -> dict[str, Any]:
     """A task's metric, direction, aggregate and kind: the board's `task_metrics`, or for a board written before
     them, what its first row's entry and the metric's name imply."""
@@ -518,33 +617,15 @@ def leaderboard_chart(board: dict[str, Any], title: str = ""):
         x_title = f"{short(t) if t else ''}: {i['metric']} {arrow(i['higher_is_better'])}"
         domain = None
     df = pd.DataFrame(recs, columns=["model", "group", "score", "lo", "hi"])
-    base = alt.Chart(df).encode(y=alt.Y("model:N", sort=order, title=None),
-                                yOffset=alt.YOffset("group:N"), color=alt.Color("group:N", title=None))
+    base = alt.Chart(df).encode(y=alt.Y("model:N", sort=order, title=None), yOffset=alt.YOffset("group:N"))
     x = alt.X("score:Q", scale=alt.Scale(domain=domain) if domain else alt.Scale(zero=False), title=x_title)
-    bars = base.mark_bar().encode(x=x, tooltip=["model", "group", alt.Tooltip("score:Q", format=".4g")])
+    # the colour on the bars only: a shared colour encoding would paint the whiskers in each bar's colour
+    bars = base.mark_bar().encode(x=x, color=alt.Color("group:N", title=None),
+                                  tooltip=["model", "group", alt.Tooltip("score:Q", format=".4g")])
     err = base.mark_rule(color="black").encode(x="lo:Q", x2="hi:Q")
     return (bars + err).properties(title=title or "leaderboard (95% intervals)", width=360, height=alt.Step(9))
 
 
-def curve_chart(curve: dict[str, Any]):
-    """Mean score over the merged experts' accuracy-like tasks vs their number, one line per method, ±1.96 se band;
-    the subtitle is the curve's `note` (the tasks of other metrics it leaves out), when it has one."""
-    import altair as alt
-    import pandas as pd
-
-    df = pd.DataFrame([{"method": p["method"], "experts": p["experts"], "score": 100 * p["mean"],
-                        "lo": 100 * max(0.0, p["mean"] - 1.96 * p["stderr"]),
-                        "hi": 100 * min(1.0, p["mean"] + 1.96 * p["stderr"])} for p in curve["points"]])
-    y_title = "accuracy-like % (their tasks)"
-    base = alt.Chart(df).encode(x=alt.X("experts:O", title="experts merged"), color=alt.Color("method:N", title=None))
-    line = base.mark_line(point=True).encode(y=alt.Y("score:Q", scale=alt.Scale(domain=[0, 100]), title=y_title))
-    band = base.mark_errorband(opacity=0.15).encode(y=alt.Y("lo:Q", title=y_title), y2="hi:Q")
-    text = f"{curve['name']}: pool {curve['pool']}"
-    note = curve.get("note")
-    title = alt.TitleParams(text, subtitle=[note]) if isinstance(note, str) and note else text
-    return (band + line).properties(title=title, width=320, height=320)
-
-
-__all__ = ["GROUPS", "KINDS", "arrow", "build_leaderboard", "curve_chart", "format_gain", "format_score",
-           "leaderboard_chart", "leaderboard_frame", "leaderboard_markdown", "legend", "pair_cells", "paired_values",
-           "task_columns", "task_info"]
+__all__ = ["GROUPS", "KINDS", "arrow", "build_leaderboard", "coverage", "format_gain", "format_score",
+           "group_columns", "group_tasks", "leaderboard_chart", "leaderboard_frame", "leaderboard_markdown", "legend",
+           "pair_cells", "paired_values", "rank_shared", "task_columns", "task_info"]

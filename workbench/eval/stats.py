@@ -15,6 +15,9 @@
   aggregate over resampled corpora), and the paired bootstrap over documents of the difference of two models'
   aggregates (both resampled with the same documents), p as above.
 - `compare`: McNemar or the paired bootstrap by the values' kind, with both means and the difference.
+- `paired_ci`, `pooled_test`: a percentile bootstrap confidence interval for the mean paired difference (examples
+  resampled jointly for both sides, seeded), and `compare` with that interval: the pooled test over every example two
+  rows share.
 
 Resampling runs in chunks of at most `MAX_DRAWS` indices, so memory stays bounded for any corpus size.
 """
@@ -159,6 +162,38 @@ def compare(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     return out
 
 
+MAX_ITERS = 1_000_000  # resamples: more buys no precision a table can show
+
+
+def paired_ci(a: Sequence[float], b: Sequence[float], level: float = 0.95, iters: int = SE_ITERS,
+              seed: int = 0) -> tuple[float, float]:
+    """A `level` percentile bootstrap interval for mean(a − b) over paired examples (resampled jointly, numpy's PCG64
+    seeded: the same inputs give the same interval). (NaN, NaN) without examples."""
+    import numpy as np
+
+    if len(a) != len(b):
+        raise ValueError(f"paired values differ in length: {len(a)} vs {len(b)}")
+    if not (isinstance(level, float) and 0.5 <= level < 1.0):
+        raise ValueError(f"level must be a fraction in [0.5, 1), got {level!r}")
+    if not (isinstance(iters, int) and 100 <= iters <= MAX_ITERS):
+        raise ValueError(f"iters must be an integer in [100, {MAX_ITERS}], got {iters!r}")
+    d = np.asarray([x - y for x, y in zip(a, b)], dtype=np.float64)
+    if len(d) == 0 or not np.isfinite(d).all():
+        return float("nan"), float("nan")
+    means = np.concatenate([d[idx].mean(1) for idx in _resamples(len(d), iters, seed)])
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def pooled_test(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict[str, Any]:
+    """`compare` of two rows' per-example values pooled over every example both scored (same order), with a `level`
+    bootstrap interval for the difference a − b (`ci_low`, `ci_high`)."""
+    out = compare(a, b)
+    lo, hi = paired_ci(a, b, level)
+    return out | {"ci_low": lo, "ci_high": hi, "level": level}
+
+
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm's step-down adjustment of a family of p-values (same order out): the i-th smallest of m is multiplied by
     m - i (i from 0), made monotone by a running maximum, capped at 1. Rejecting where the adjusted p < alpha keeps
@@ -182,5 +217,5 @@ def verdict(p_value: float, diff: float, *, higher_is_better: bool = True, alpha
     return "A better" if (diff > 0) == higher_is_better else "B better"
 
 
-__all__ = ["compare", "corpus_aggregate", "corpus_stderr", "holm", "mcnemar", "paired_bootstrap", "paired_corpus_bootstrap",
-           "stderr", "verdict"]
+__all__ = ["compare", "corpus_aggregate", "corpus_stderr", "holm", "mcnemar", "paired_bootstrap", "paired_ci",
+           "paired_corpus_bootstrap", "pooled_test", "stderr", "verdict"]

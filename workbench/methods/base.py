@@ -94,6 +94,12 @@ class Method:
     # model statistics); a `loss_curve` among them is drawn in the comparison's training.svg
     report: ClassVar[tuple[str, ...]] = ()
 
+    @classmethod
+    def form_fields(cls, fields: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The parameter fields (`param_fields`, each with `implied`: the value used when left out) a form shows for
+        this method: those it reads, starting where a user would start. Default: every field as declared."""
+        return fields
+
     def key_inputs(self, experts: list[Expert], params: MethodParams) -> dict[str, Any]:
         """Hashes of the data `build` reads beyond the experts' files (e.g. task data); part of the artifact key."""
         return {}

@@ -12,7 +12,7 @@ gamma (breadcrumbs), epsilon (della), and per-expert overrides like mergekit's p
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel as Schema
 from pydantic import ConfigDict, Field
@@ -73,6 +73,37 @@ class TaskArithmeticFamily(Method):
 
     Params = TAParams
     version = 2  # 2: random drops seeded per (seed, tensor) in adapter space (were one global seed)
+
+    # Where a form starts density: the schema's default, 1.0, keeps every entry (TIES without its trim step). TIES
+    # keeps the top 20% of each task vector (Yadav et al., 2023); random and outlier drops start at half (a middle
+    # value to sweep from).
+    FORM_DENSITY: ClassVar[dict[str, float]] = {"ties": 0.2}
+    FORM_DENSITY_OTHERS: ClassVar[float] = 0.5
+
+    @classmethod
+    def form_fields(cls, fields: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The shared schema narrowed by what this mergekit method reads: density and rescale only where it
+        sparsifies, gamma for breadcrumbs, epsilon for DELLA, int8_mask with a sign consensus, seed with random
+        drops; normalize/rescale shown at the method's own defaults."""
+        from mergekit.sparsify import SparsificationMethod
+
+        m = _mk_method(cls.name)
+        spec = {p.name for p in m.spec.parameters}
+        sparse = m.sparsification_method is not None
+        drops = m.sparsification_method in (SparsificationMethod.random, SparsificationMethod.della_magprune)
+        ignored = {"density": not sparse, "rescale": not sparse, "gamma": "gamma" not in spec,
+                   "epsilon": "epsilon" not in spec, "int8_mask": m.consensus_method is None, "seed": not drops}
+        own = {"normalize": m.default_normalize, "rescale": m.default_rescale}
+        out = []
+        for f in fields:
+            if ignored.get(f["name"]):
+                continue
+            if f["name"] in own:
+                f = f | {"type": "boolean", "nullable": False, "default": own[f["name"]], "implied": own[f["name"]]}
+            elif f["name"] == "density":
+                f = f | {"default": cls.FORM_DENSITY.get(cls.name, cls.FORM_DENSITY_OTHERS)}
+            out.append(f)
+        return out
 
     def validate(self, experts, params: TAParams, output) -> None:
         super().validate(experts, params, output)

@@ -296,7 +296,10 @@ def trace_prompt(model, tokenizer, prompt: str, experts: list[str] | None = None
         per_layer.setdefault(int(m.group(1)) if m else -1, []).append(dense)
     layers = sorted(per_layer)
     weights = torch.stack([torch.stack(per_layer[i]).mean(0) for i in layers], dim=1)  # [T, L, E]
-    return {"prompt": prompt, "tokens": tokenizer.convert_ids_to_tokens(ids[0].tolist()), "experts": experts,
+    tokens = tokenizer.convert_ids_to_tokens(ids[0].tolist())
+    # each token's own text (a byte-level BPE symbol such as "Ġthe" decodes to " the"): what charts show
+    return {"prompt": prompt, "tokens": tokens, "text": [tokenizer.convert_tokens_to_string([s]) for s in tokens],
+            "experts": experts,
             "layers": layers, "usage": weights.mean(0).round(decimals=4).tolist(),
             "choices": weights.round(decimals=4).tolist(), "modules": len(trace.modules)}
 
