@@ -532,3 +532,24 @@ class _Slow:
 
     def __len__(self):
         return len(self.tok)
+
+
+def test_ignore_eos_decodes_through_the_end_of_sequence_token_to_max_tokens(serve, engine, monkeypatch):
+    """vLLM's `ignore_eos` (what the open-loop benchmark sends for exact output lengths): with every step's argmax the
+    end-of-sequence token, a request stops at once without it and decodes max_tokens tokens with it."""
+    url, _ = serve()
+    forward = engine.forward
+    eos = engine.tokenizer.eos_token_id
+
+    def eos_first(*a, **k):
+        out = forward(*a, **k)
+        out.logits[..., eos] = out.logits.max() + 10.0
+        return out
+
+    monkeypatch.setattr(engine, "forward", eos_first)
+    body = {"model": "a", "prompt": "Add: 2+2\nAnswer:", "max_tokens": 6}
+    stop, through = post_all(url, [body, {**body, "ignore_eos": True}])
+    assert stop.json()["usage"]["completion_tokens"] == 0 and stop.json()["choices"][0]["finish_reason"] == "stop"
+    assert through.json()["usage"]["completion_tokens"] == 6 and through.json()["choices"][0]["finish_reason"] == "length"
+    bad = httpx.post(f"{url}/v1/completions", json={**body, "ignore_eos": "maybe"}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] in ("ignore_eos", None)

@@ -881,23 +881,86 @@ def bench_app_open(
 
 @bench_app.command("serve")
 def bench_serve(
-    pool: _Pool = "demo", requests: int = 64, adapters: int = 8, max_tokens: int = 16,
-    check: Annotated[bool, typer.Option(help="compare the mixed round with PEFT generating each request alone")] = True,
+    pool: _Pool = "demo",
+    requests: Annotated[Optional[int], typer.Option(help="closed loop: concurrent requests (default 64); open loop: "
+                                                         "requests per run at every rate (default: rate x --duration)")] = None,
+    adapters: Annotated[int, typer.Option(help="plain adapters in the mix (at most)")] = 8,
+    max_tokens: Annotated[Optional[int], typer.Option(help="closed loop: tokens per request (default 16); open loop: "
+                                                           "the longest output asked (default 256)")] = None,
+    check: Annotated[bool, typer.Option(help="closed loop: compare the mixed round with PEFT generating each request "
+                                             "alone")] = True,
+    open_loop: Annotated[bool, typer.Option("--open-loop", help="Poisson arrivals at several offered rates, streamed: "
+                                                                "continuous vs static batching vs the base, same run "
+                                                                "(results/bench/serve-open.json, .svg)")] = False,
+    rates: Annotated[Optional[str], typer.Option(help="open loop: offered loads in requests/s, comma-separated "
+                                                      "(default 0.5,1,2,4)")] = None,
+    duration: Annotated[float, typer.Option(help="open loop: seconds of arrivals per run (rate x duration "
+                                                 "requests)")] = 60.0,
+    reps: Annotated[int, typer.Option(help="open loop: rounds over every rate and arm")] = 2,
+    min_tokens: Annotated[int, typer.Option(help="open loop: the shortest output asked")] = 4,
+    short_tokens: Annotated[int, typer.Option(help="open loop: requests asking at most this many tokens are "
+                                                   "short")] = 16,
+    mixes: Annotated[int, typer.Option(help="open loop: mix: pairs of adapters in the mix")] = 2,
+    arms: Annotated[Optional[str], typer.Option(help="open loop: comma-separated, of continuous, static, base, "
+                                                     "adapters (default: all)")] = None,
+    max_batch: Annotated[Optional[int], typer.Option(help="rows decoded together (default: closed 64, "
+                                                          "open 32)")] = None,
+    seed: Annotated[int, typer.Option(help="open loop: the workload's seed (arrivals, lengths, models)")] = 0,
+    timeout: Annotated[float, typer.Option(help="open loop: a request not done in this many seconds fails")] = 600.0,
+    device: _Dev = "cpu",
+    backend: Annotated[Optional[str], typer.Option(help="open loop: kernel backend (default: by device)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="JSON record (default results/bench/serve.json, open loop: "
+                                                     "serve-open.json)")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="open loop: the chart (default: beside the JSON, .svg)")] = None,
+    raw: Annotated[bool, typer.Option(help="open loop: every request's timings beside the record "
+                                           "(NAME.raw.json.gz)")] = True,
 ):
-    """Requests/s and p50/p95 latency: 64 concurrent requests over 8 adapters vs 1 adapter vs base."""
+    """Closed loop (default): requests/s and p50/p95 latency of 64 concurrent requests over 8 adapters vs 1 adapter vs
+    base, outputs checked against PEFT. --open-loop: Poisson arrivals at several rates, streamed; throughput, p50/p95
+    TTFT and inter-token latency of continuous vs static batching vs the base, with a plot against offered load."""
     from . import benchmark
 
-    rec = benchmark("serve", pool_name=pool, n_requests=requests, n_adapters=adapters, max_tokens=max_tokens,
-                    check=check, log=console.print)
-    table = Table("mix", "requests/s", "p50 s", "p95 s", "wall s", title="bench serve")
-    for k, v in rec["rows"].items():
-        table.add_row(k, f"{v['requests_per_s']:.2f}", f"{v['p50_s']:.2f}", f"{v['p95_s']:.2f}", f"{v['wall_s']:.1f}")
+    if not open_loop:
+        rec = benchmark("serve", pool_name=pool, n_requests=64 if requests is None else requests, n_adapters=adapters,
+                        max_tokens=16 if max_tokens is None else max_tokens, check=check, out_file=out,
+                        log=console.print, **({} if max_batch is None else {"max_batch": max_batch}))
+        table = Table("mix", "requests/s", "p50 s", "p95 s", "wall s", title="bench serve")
+        for k, v in rec["rows"].items():
+            table.add_row(k, f"{v['requests_per_s']:.2f}", f"{v['p50_s']:.2f}", f"{v['p95_s']:.2f}", f"{v['wall_s']:.1f}")
+        console.print(table)
+        if rec["exact_vs_peft_alone"] is not None:
+            ex = rec["exact_vs_peft_alone"]
+            console.print(f"served == PEFT alone: {ex['identical']}/{ex['requests']} requests")
+            if ex["differing"]:
+                raise typer.Exit(1)
+        return
+    lists = {"rates": _split_list([rates] if rates else None), "arms": _split_list([arms] if arms else None)}
+    rec = benchmark("serve", mode="open", pool_name=pool, duration_s=duration, requests=requests, reps=reps,
+                    min_tokens=min_tokens, max_tokens=256 if max_tokens is None else max_tokens,
+                    short_tokens=short_tokens, n_adapters=adapters, n_mixes=mixes,
+                    max_batch=32 if max_batch is None else max_batch, seed=seed, request_timeout_s=timeout,
+                    device=device, backend=backend, out_file=out, plot=plot, raw=raw, log=console.print,
+                    **{k: v for k, v in lists.items() if v})
+
+    def num(v):
+        return "–" if v is None else f"{v:.3f}"
+
+    table = Table("offered", "arm", "tokens/s", "requests/s", "p95 TTFT s", "p95 TTFT short s", "p50 ITL s",
+                  "p95 ITL s", "p95 e2e s", "errors", title="bench serve, open loop (pooled over rounds)")
+    for key in rec["ratios"]:
+        for arm, by_rate in rec["summary"].items():
+            f = by_rate[key]
+            table.add_row(key, arm, f"{f['tokens_per_s']:.1f}", f"{f['requests_per_s']:.2f}", num(f["ttft_p95_s"]),
+                          num(f["short_ttft_p95_s"]), num(f["itl_p50_s"]), num(f["itl_p95_s"]), num(f["e2e_p95_s"]),
+                          str(f["errors"]))
     console.print(table)
-    if rec["exact_vs_peft_alone"] is not None:
-        ex = rec["exact_vs_peft_alone"]
-        console.print(f"served == PEFT alone: {ex['identical']}/{ex['requests']} requests")
-        if ex["differing"]:
-            raise typer.Exit(1)
+    for name, met in rec["targets_met"].items():
+        got = ", ".join(f"{k} {rec['ratios'][k][name]:.3f} ({'met' if ok else 'NOT met'})"
+                        for k, ok in met["per_rate"].items())
+        console.print(f"{name} (target {met['target']}): {got or 'not measured (its arms did not run)'}",
+                      highlight=False)
+    console.print(f"record: {out or 'results/bench/serve-open.json'}; chart: {rec['plot']}; raw per request: "
+                  f"{rec['raw']}", highlight=False)
 
 
 # ----------------------------------------------------------------------------- compare and demo

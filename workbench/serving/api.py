@@ -329,7 +329,8 @@ def create_app(engine: MultiLoraModel, *, full_models: Sequence[FullModel] = (),
                                 f"context length {ctx_len}", param="max_tokens", code="context_length_exceeded")
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                                stop=req.stops, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
+                                stop=req.stops, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None,
+                                ignore_eos=bool(req.ignore_eos))
         return Job(prompt_ids, assignment, params, asyncio.get_running_loop(), asyncio.Queue(), model=req.model,
                    arrived=arrived)
 

@@ -69,6 +69,8 @@ class _Common(_Strict):
     stream_options: StreamOptions | None = Field(None, description="with stream: include_usage")
     n: Annotated[int, Field(ge=1, le=1)] | None = Field(1, description="choices per prompt: 1 only (n > 1 is "
                                                                        "refused)")
+    ignore_eos: bool | None = Field(False, description="vLLM's extension: keep decoding past the end-of-sequence "
+                                                      "token up to max_tokens (benchmarks)")
 
     @model_validator(mode="before")
     @classmethod

@@ -54,6 +54,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # generation ends before the first occurrence of any of them (not included)
     logprobs: int | None = None  # per generated token its logprob and this many top alternatives; None: none
     prompt_logprobs: bool = False  # the prompt's tokens' logprobs too (echo)
+    ignore_eos: bool = False  # decode through the end-of-sequence token up to max_tokens (vLLM's; for benchmarks)
 
     def __post_init__(self):
         checks = [("max_tokens", isinstance(self.max_tokens, int) and 0 <= self.max_tokens <= 2**31 - 1,
@@ -67,7 +68,8 @@ class SamplingParams:
                   ("stop", len(self.stop) <= MAX_STOPS and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
                    f"at most {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters"),
                   ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
-                   f"an integer in [0, {MAX_TOP_LOGPROBS}]")]
+                   f"an integer in [0, {MAX_TOP_LOGPROBS}]"),
+                  ("ignore_eos", isinstance(self.ignore_eos, bool), "true or false")]
         for name, ok, want in checks:
             if not ok:
                 raise ValueError(f"{name} = {getattr(self, name)!r}: {want}")
@@ -408,7 +410,7 @@ class Scheduler:
         elif self.metrics is not None:
             self.metrics.inter_token(job, now - job.last_token)
         job.last_token = now
-        if tok == self.eos:
+        if tok == self.eos and not p.ignore_eos:
             self._finish(job, "stop")
             return
         job.tokens.append(tok)
