@@ -3,6 +3,7 @@ start (`--recipes`), on a real uvicorn over loopback with real PEFT adapters."""
 
 import asyncio
 import json
+import logging
 import shutil
 import threading
 import time
@@ -12,11 +13,18 @@ import httpx
 import pytest
 import torch
 import yaml
+from conftest import one_line, quiet
 
-from workbench.errors import RecipeError
+from workbench.errors import RecipeError, WorkbenchError
 from workbench.serving.api import build_app, create_app, start_in_thread
 from workbench.serving.engine import MultiLoraModel, peft_alone
 from workbench.testing import make_tiny_base, make_tiny_lora
+
+
+def slow_down(monkeypatch, engine, seconds: float) -> None:
+    """Every forward takes `seconds` longer: decoding spans long enough to see who waits for whom."""
+    forward = engine.forward
+    monkeypatch.setattr(engine, "forward", lambda *a, **k: (time.sleep(seconds), forward(*a, **k))[1])
 
 PROMPTS = ["Add: 12+30\nAnswer:", "Sort: 3 1 2\nAnswer:", "abc", "Count: a b c\nAnswer:"]
 # six adapters of different ranks over different modules (the slots' tables must follow each swap)
@@ -114,7 +122,7 @@ def test_two_slots_for_six_adapters_each_output_exact_and_evictions_counted(pool
         assert metric(url, "workbench_adapter_evictions_total") > 0
         assert metric(url, "workbench_adapter_loads_total") >= 6
         assert metric(url, "workbench_resident_adapters") == 2 and metric(url, "workbench_registered_adapters") == 6
-        assert app.state.scheduler.stats["slot_waits"] > 0  # requests waited for a slot, none failed
+        assert app.state.scheduler.stats["slot_waits"] > 0  # requests waited for a slot (each counted once), none failed
         assert len(layer.weights.a) == 2 and engine.in_use == {} and not engine.holds
         # a mix needs its adapters in slots at once: more than the cap is refused, not left waiting forever
         r = httpx.post(f"{url}/v1/completions", json={"model": "mix:e0=0.5,e1=0.3,e2=0.2", "prompt": "x"})
@@ -165,7 +173,10 @@ def test_unload_and_bad_loads_answer_one_line_errors_and_change_nothing(pool, ti
             r = httpx.post(f"{url}/v1/{path}_lora_adapter", json=body)
             assert "--allow-runtime-lora" in one_line_error(r, 403)
         assert ids(url) == ["base", "b", "a"]
-        schema = httpx.get(f"{url}/openapi.json").json()["paths"]
+        openapi = httpx.get(f"{url}/openapi.json").json()
+        schema = openapi["paths"]
+        described = openapi["components"]["schemas"]["LoadLoraAdapterRequest"]["properties"]["lora_path"]["description"]
+        assert "relative to the server's working directory" in described and "not expanded" in described
         for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
             assert {"200", "400", "403"} <= set(schema[path]["post"]["responses"])
             assert "text/plain" in schema[path]["post"]["responses"]["200"]["content"]
@@ -262,8 +273,15 @@ def test_recipes_declared_at_start_are_built_then_served(pool, tiny_dir, tmp_pat
             r = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "abc", "max_tokens": 3}, timeout=60)
             assert r.status_code == 200
     lines.clear()
-    build_app("demo", recipes=["arr"], recipes_folder=folder, log=lines.append)
+    declared = build_app("demo", recipes=["arr"], recipes_folder=folder, log=lines.append)
     assert lines[1] == "[1/1] arr (arrow): cached"
+    # --recipes declares the served set: the plain adapters and arr, not talora (cached too); without it, the cache
+    assert declared.state.scheduler.engine.model_names() == ["base", "a", "b", "arr"]
+    assert build_app("demo", log=quiet).state.scheduler.engine.model_names() == ["base", "a", "b", "talora", "arr"]
+    # a declared composition that cannot be served (arr needs both adapters at once, one slot) fails the start
+    with pytest.raises(WorkbenchError) as e:
+        build_app("demo", recipes=["arr"], recipes_folder=folder, max_loaded_adapters=1, log=quiet)
+    assert "'arr' needs 2 adapters loaded at once" in one_line(e)
 
 
 def test_schemathesis_on_the_admin_endpoints_when_enabled(pool, tiny_dir):
@@ -331,10 +349,292 @@ def test_a_request_waiting_for_a_slot_finishes_with_an_adapter_unloaded_meanwhil
         waiting.start()
         while app.state.scheduler.stats["slot_waits"] == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert app.state.scheduler.stats["slot_waits"] > 0 and "b" not in out  # b waits for the slot
+        assert app.state.scheduler.stats["slot_waits"] == 1 and "b" not in out  # b waits for the slot
         assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "b"}).status_code == 200
         long.join(60)
         waiting.join(60)
         assert out["a"].status_code == 200 and out["b"].status_code == 200
         assert out["b"].json()["choices"][0]["text"] == alone
         assert engine.adapters[1].factors == {} and not engine.holds and not engine.in_use
+
+
+# -- issue 25's review: an unload racing a request, head-of-line blocking, rebinding, malformed folders, composition
+#    unloads and bounds, declared recipes, freed memory, exact counters
+
+def test_an_unload_while_the_request_is_tokenised_answers_404_never_base_text(pool, tiny_dir, monkeypatch):
+    """The request resolved 'b', then 'b' is unloaded while its prompt is tokenised (deterministically: inside the
+    tokenising step): it was not accepted yet, so it is a 404 (never the base model's text under b's name), and no
+    empty adapter is left in a slot."""
+    pool.add(tiny_dir / "lora_a", "a")
+    pool.add(tiny_dir / "lora_b", "b")
+    engine = MultiLoraModel.from_pool(pool)
+    chat_ids = engine.chat_ids
+    monkeypatch.setattr(engine, "chat_ids", lambda messages: (engine.unload_adapter("b"), chat_ids(messages))[1])
+    with running(create_app(engine, max_batch=8, window_s=0.01, allow_runtime_lora=True)) as url:
+        r = httpx.post(f"{url}/v1/chat/completions", json={"model": "b", "max_tokens": 6,
+                                                           "messages": [{"role": "user", "content": "abc"}]}, timeout=60)
+        assert "'b' was unloaded" in one_line_error(r, 404) and r.json()["error"]["code"] == "model_not_found"
+        assert engine.adapters[1].factors == {} and 1 not in engine.slot_of and not engine.retired
+        assert not engine.holds and not engine.in_use and engine.resident() == ["a"]
+        assert metric(url, "workbench_resident_adapters") == 1 and metric(url, "workbench_registered_adapters") == 1
+
+
+def test_requests_for_resident_adapters_and_base_pass_one_waiting_for_a_slot(pool, six, monkeypatch):
+    """Two slots, both decoding long requests (e0, e1): a request for e2 waits for a slot; short requests for the
+    base and for resident e0 are admitted past it and finish while the long ones still run; a request queued
+    behind it whose client gives up leaves the queue and its hold at once; the waiting one then gets the first
+    slot that frees. Each output exact; slot waits, loads and evictions exactly as the order implies."""
+    for k, folder in enumerate(six[:4]):
+        pool.add(folder, f"e{k}")
+    engine = MultiLoraModel.from_pool(pool, max_loaded_adapters=2)
+    prompt = engine.tokenizer("abc", add_special_tokens=False)["input_ids"]
+    want = {m: engine.tokenizer.decode(engine.generate([prompt], [engine.resolve(m)], 4)[0], skip_special_tokens=True)
+            for m in ("base", "e0", "e2", "e1", "e0")}  # the last two: e0 and e1 back in the slots
+    assert sorted(engine.resident()) == ["e0", "e1"]
+    loads, evictions = engine.counters["loads"], engine.counters["evictions"]
+    app = create_app(engine, max_batch=8, window_s=0.01)
+    sched = app.state.scheduler
+    with running(app) as url:
+        slow_down(monkeypatch, engine, 0.03)  # 90 and 150 steps: several seconds
+        out: dict[str, tuple[float, httpx.Response]] = {}
+
+        def post(tag: str, model: str, n: int, timeout: float = 120):
+            try:
+                r = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "abc", "max_tokens": n,
+                                                              "ignore_eos": n > 4}, timeout=timeout)
+            except httpx.TimeoutException:
+                return
+            out[tag] = (time.monotonic(), r)
+
+        threads = [threading.Thread(target=post, args=(f"long-{m}", m, n)) for m, n in (("e0", 90), ("e1", 150))]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(sched.running) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        threads.append(threading.Thread(target=post, args=("wait-e2", "e2", 4)))
+        threads[-1].start()
+        while sched.stats["slot_waits"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sched.stats["slot_waits"] == 1
+        # behind it: a request for e3 (it needs a slot too) whose client gives up
+        gone = threading.Thread(target=post, args=("gone-e3", "e3", 4, 0.5))
+        gone.start()
+        for tag, model in (("short-base", "base"), ("short-e0", "e0")):
+            threads.append(threading.Thread(target=post, args=(tag, model, 4)))
+            threads[-1].start()
+        gone.join(30)
+        e3 = engine.ids["e3"]
+        while (engine.holds[e3] or "short-e0" not in out or "short-base" not in out) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        still_long = [t for t in ("long-e0", "long-e1", "wait-e2") if t not in out]
+        assert still_long == ["long-e0", "long-e1", "wait-e2"], still_long  # both short ones finished first
+        assert engine.holds[e3] == 0 and all(j.assignment != engine.resolve("e3") for j in sched.waiting)
+        for t in threads:
+            t.join(120)
+    assert [out[t][1].status_code for t in ("short-base", "short-e0", "wait-e2", "long-e0", "long-e1")] == [200] * 5
+    assert {m: out[t][1].json()["choices"][0]["text"] for m, t in (("base", "short-base"), ("e0", "short-e0"),
+                                                                  ("e2", "wait-e2"))} == {m: want[m] for m in
+                                                                                          ("base", "e0", "e2")}
+    assert out["long-e0"][0] < out["wait-e2"][0] < out["long-e1"][0]  # it took the first slot that freed (e0's)
+    assert "gone-e3" not in out and sched.stats["cancelled"] == 1
+    assert sched.stats["slot_waits"] == 2  # e2, and e3 behind it: each request counted once
+    assert engine.counters["evictions"] == evictions + 1 and engine.counters["loads"] == loads + 1
+
+
+def test_evictions_and_loads_are_counted_exactly_in_lru_order(pool, six):
+    """Two slots, requests one at a time over e0 e1 e2 e0 e3: LRU evicts e0 (for e2), e1 (for e0), e2 (for e3).
+    Loads count the adapters resident from the start too."""
+    for k, folder in enumerate(six[:4]):
+        pool.add(folder, f"e{k}")
+    engine = MultiLoraModel.from_pool(pool, max_loaded_adapters=2)
+    app = create_app(engine, max_batch=4, window_s=0.01)
+    with running(app) as url:
+        assert metric(url, "workbench_adapter_loads_total") == 2  # e0 and e1, in their slots from the start
+        for m in ("e0", "e1", "e2", "e0", "e3"):
+            assert httpx.post(f"{url}/v1/completions", json={"model": m, "prompt": "abc", "max_tokens": 2},
+                              timeout=60).status_code == 200
+        assert metric(url, "workbench_adapter_evictions_total") == 3
+        assert metric(url, "workbench_adapter_loads_total") == 5
+        assert app.state.scheduler.stats["slot_waits"] == 0 and engine.resident() == ["e0", "e3"]
+
+
+@pytest.fixture(scope="module")
+def routed_pool(tmp_path_factory, tiny_dir):
+    """A pool of two LoRA experts with an Arrow and a small Twin artifact built over it (not served at start)."""
+    from conftest import suite_data
+
+    from workbench.pool import Pool
+    from workbench.recipes import build, parse_recipe
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WORKBENCH_POOLS", str(tmp_path_factory.mktemp("routed25") / "adapters"))
+    pool = Pool.create("routed25", base=str(tiny_dir / "base"))
+    pool.add(tiny_dir / "lora_a", "a", tags={"task": "addition"}, data=suite_data("addition"))
+    pool.add(tiny_dir / "lora_b", "b", tags={"task": "sorting"}, data=suite_data("sorting"))
+    recipes = {"arr": ("arrow", {"k": 2}),
+               "tw": ("twin", {"rank": 2, "router_examples": 32, "router_epochs": 2, "temperature": 1.0})}
+    arts = {name: build(parse_recipe({"name": name, "method": method, "pool": "routed25", "experts": ["a", "b"],
+                                      "parameters": params}), log=lambda *a: None)
+            for name, (method, params) in recipes.items()}
+    yield pool, arts
+    mp.undo()
+
+
+def test_a_routed_composition_loads_only_over_the_adapters_its_router_was_built_over(routed_pool, tiny_dir, tmp_path):
+    """'b' unloaded, another adapter loaded as 'b': Arrow's router was built over the pool's b, so loading the Arrow
+    artifact is refused (one line) rather than routing over the wrong adapter; with b's own files back, it loads."""
+    pool, arts = routed_pool
+    other = make_tiny_lora(tiny_dir / "base", tmp_path / "other", seed=11, r=2, alpha=4,
+                           target_modules=("q_proj", "o_proj", "up_proj"))
+    engine = MultiLoraModel.from_pool(pool, include_artifacts=False)
+    with running(create_app(engine, max_batch=8, allow_runtime_lora=True)) as url:
+        load, unload = f"{url}/v1/load_lora_adapter", f"{url}/v1/unload_lora_adapter"
+        assert httpx.post(unload, json={"lora_name": "b"}).status_code == 200
+        assert httpx.post(load, json={"lora_name": "b", "lora_path": str(other)}, timeout=60).status_code == 200
+        r = httpx.post(load, json={"lora_name": "arr", "lora_path": str(arts["arr"])}, timeout=60)
+        assert "not the ones its router was built over" in one_line_error(r, 400) and "arr" not in ids(url)
+        assert httpx.post(unload, json={"lora_name": "b"}).status_code == 200
+        assert httpx.post(load, json={"lora_name": "b", "lora_path": str(tiny_dir / "lora_b")},
+                          timeout=60).status_code == 200
+        assert httpx.post(load, json={"lora_name": "arr", "lora_path": str(arts["arr"])}, timeout=60).status_code == 200
+        r = httpx.post(f"{url}/v1/completions", json={"model": "arr", "prompt": "abc", "max_tokens": 3}, timeout=60)
+        assert r.status_code == 200
+
+
+def test_saved_compositions_unload_at_run_time_within_a_bound_on_pinned_parts(routed_pool, monkeypatch):
+    """Twin pins 3 parts (shared + 2 exclusive): with max_composition_parts=3 a second copy is a 400 until the first
+    is unloaded. Unloading a composition finishes its stream in flight exactly, then frees its parts; an adapter it
+    routes over is refused until it is unloaded; `base` cannot be unloaded."""
+    pool, arts = routed_pool
+    engine = MultiLoraModel.from_pool(pool, include_artifacts=False, max_composition_parts=3)
+    with running(create_app(engine, max_batch=8, window_s=0.01, allow_runtime_lora=True)) as url:
+        load, unload = f"{url}/v1/load_lora_adapter", f"{url}/v1/unload_lora_adapter"
+        for name in ("arr", "tw"):
+            assert httpx.post(load, json={"lora_name": name, "lora_path": str(arts[name])}, timeout=60).status_code == 200
+        assert "max_composition_parts" in one_line_error(
+            httpx.post(load, json={"lora_name": "tw2", "lora_path": str(arts["tw"])}, timeout=60), 400)
+        prompt = engine.tokenizer("abc", add_special_tokens=False)["input_ids"]
+        alone = engine.tokenizer.decode(engine.generate([prompt], [engine.resolve("tw")], 30)[0],
+                                        skip_special_tokens=True)
+        parts = list(engine._parts["tw"])
+        slow_down(monkeypatch, engine, 0.02)
+        pieces, first = [], threading.Event()
+
+        def stream():
+            body = {"model": "tw", "prompt": "abc", "max_tokens": 30, "stream": True}
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        pieces.append(json.loads(line[6:])["choices"][0]["text"])
+                        first.set()
+
+        t = threading.Thread(target=stream)
+        t.start()
+        assert first.wait(30)
+        assert httpx.post(unload, json={"lora_name": "tw"}).status_code == 200
+        assert "tw" not in ids(url)
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tw", "prompt": "abc", "max_tokens": 2})
+        assert r.json()["error"]["code"] == "model_not_found" and one_line_error(r, 404)
+        assert "still finishes" in one_line_error(
+            httpx.post(load, json={"lora_name": "tw", "lora_path": str(arts["tw"])}, timeout=60), 400)
+        t.join(60)
+        assert "".join(pieces) == alone and alone
+        deadline = time.monotonic() + 10
+        while "tw" in engine.twins and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "tw" not in engine.twins and not engine.pinned and not engine.composition_holds
+        assert all(engine.adapters[i].factors == {} and i not in engine.slot_of for i in parts)
+        assert httpx.post(load, json={"lora_name": "tw2", "lora_path": str(arts["tw"])}, timeout=60).status_code == 200
+        assert "routed over by ['arr']" in one_line_error(httpx.post(unload, json={"lora_name": "b"}), 400)
+        assert httpx.post(unload, json={"lora_name": "arr"}).status_code == 200
+        assert httpx.post(unload, json={"lora_name": "b"}).status_code == 200
+        assert "cannot be unloaded" in one_line_error(httpx.post(unload, json={"lora_name": "base"}), 400)
+        assert ids(url) == ["base", "a", "tw2"]
+
+
+def _lora_variant(src, dst, config=None, raw: bytes | None = None):
+    shutil.copytree(src, dst)
+    if raw is not None:
+        (dst / "adapter_config.json").write_bytes(raw)
+    else:
+        cfg = json.loads((src / "adapter_config.json").read_text())
+        (dst / "adapter_config.json").write_text(json.dumps({**cfg, **config}))
+    return dst
+
+
+def test_malformed_folders_are_one_line_400s_and_pool_add_errors(pool, tiny_dir, tmp_path, caplog):
+    from workbench.errors import WorkbenchError
+
+    pool.add(tiny_dir / "lora_a", "a")
+    src = tiny_dir / "lora_b"
+    bad_loras = [_lora_variant(src, tmp_path / "list", raw=b"[]"), _lora_variant(src, tmp_path / "null", raw=b"null"),
+                 _lora_variant(src, tmp_path / "utf8", raw=b'{"peft_type": "LORA", "r": 2, "x": "\xff\xfe"}'),
+                 _lora_variant(src, tmp_path / "alphastr", {"alpha_pattern": {"q_proj": "x"}}),
+                 _lora_variant(src, tmp_path / "alphanan", {"lora_alpha": "nan"}),
+                 _lora_variant(src, tmp_path / "r0", {"r": 0}),
+                 _lora_variant(src, tmp_path / "regex", {"rank_pattern": {"(": 2}}),
+                 _lora_variant(src, tmp_path / "targets", {"target_modules": 5})]
+    bad_arts = []
+    for name, raw in (("artlist", b"[]"), ("artutf8", b'{"type": "routed_lora", "name": "\xff"}'),
+                      ("artexp", b'{"type": "routed_lora", "experts": 5, "pool_fingerprint": null}'),
+                      ("artexp2", b'{"type": "routed_lora", "experts": {"a": 1}}'), ("arttype", b'{"type": ["x"]}')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "artifact.json").write_bytes(raw)
+        bad_arts.append(tmp_path / name)
+    engine = MultiLoraModel.from_pool(pool)
+    with running(create_app(engine, max_batch=4, allow_runtime_lora=True)) as url:
+        for k, folder in enumerate(bad_loras + bad_arts):
+            r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": f"x{k}", "lora_path": str(folder)},
+                           timeout=60)
+            one_line_error(r, 400)
+        r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "h", "lora_path": "~/x"})
+        assert "not expanded" in one_line_error(r, 400)
+        assert ids(url) == ["base", "a"]
+        # an internal error is a 500 logged once with its traceback (not again by Starlette and uvicorn)
+        monkey = pytest.MonkeyPatch()
+        monkey.setattr(engine, "load_adapter", lambda *a: 1 / 0)
+        records: list[logging.LogRecord] = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        loggers = [logging.getLogger(n) for n in ("uvicorn.error", "workbench.serving")]
+        for lg in loggers:
+            lg.addHandler(handler)
+        try:
+            r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "z", "lora_path": str(src)})
+        finally:
+            for lg in loggers:
+                lg.removeHandler(handler)
+            monkey.undo()
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert len([x for x in records if x.exc_info]) == 1, [x.getMessage() for x in records]
+    for folder in bad_loras:  # `workbench pool add` refuses them the same way
+        with pytest.raises(WorkbenchError) as e:
+            pool.add(folder, "bad")
+        assert "\n" not in str(e.value), str(e.value)
+    assert pool.names() == ["a"]
+
+
+def test_bounded_registry_and_an_unloaded_adapter_releases_its_memory(pool, tiny_dir, six):
+    import gc
+    import weakref
+
+    pool.add(tiny_dir / "lora_a", "a")
+    pool.add(tiny_dir / "lora_b", "b")
+    engine = MultiLoraModel.from_pool(pool, max_registered_adapters=3)
+    with running(create_app(engine, max_batch=4, allow_runtime_lora=True)) as url:
+        load = f"{url}/v1/load_lora_adapter"
+        assert httpx.post(load, json={"lora_name": "c", "lora_path": str(six[0])}, timeout=60).status_code == 200
+        assert "max_registered_adapters" in one_line_error(
+            httpx.post(load, json={"lora_name": "d", "lora_path": str(six[1])}, timeout=60), 400)
+        i, slot = engine.ids["a"], engine.slot_of[engine.ids["a"]]
+        tensor = next(iter(engine.adapters[i].factors))
+        layer = engine._layers[tensor]
+        refs = [weakref.ref(engine.adapters[i].factors[tensor][0]), weakref.ref(layer.weights.a[slot]),
+                weakref.ref(layer.weights.b[slot])]
+        assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "a"}).status_code == 200
+        gc.collect()
+        assert [r() for r in refs] == [None, None, None]  # no slot still references its factors
+        assert all(x.weights.a[slot].numel() == 0 and x.weights.b[slot].numel() == 0 for x in engine._layers.values())
+        assert httpx.post(load, json={"lora_name": "d", "lora_path": str(six[1])}, timeout=60).status_code == 200
+        assert ids(url) == ["base", "b", "c", "d"]

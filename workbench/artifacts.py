@@ -32,11 +32,18 @@ def artifact_ref(path: Path) -> str:
 
 
 def read_artifact_meta(path: Path) -> dict[str, Any]:
+    """An artifact's `artifact.json` (a JSON object); WorkbenchError (one line) when it is unreadable, not UTF-8,
+    not JSON, or not an object."""
     f = Path(path) / ARTIFACT_FILE
     try:
-        return json.loads(f.read_text())
+        meta = json.loads(f.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise WorkbenchError(f"cannot read artifact {f}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except (OSError, json.JSONDecodeError) as e:
         raise WorkbenchError(f"cannot read artifact {f}: {e}") from None
+    if not isinstance(meta, dict):
+        raise WorkbenchError(f"cannot read artifact {f}: a JSON {type(meta).__name__}, not an object")
+    return meta
 
 
 def load_artifact(path: Path, device: str | None = None):

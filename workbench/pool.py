@@ -13,6 +13,7 @@ gives one tensor's task vector (exact `scale·B·A` for LoRA, `W_expert − W_ba
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -211,12 +212,55 @@ def detect_kind(folder: Path) -> Literal["lora", "full"]:
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object file of a candidate expert; ExpertValidationError (one line) when missing, unreadable, not
+    UTF-8, not JSON, or not an object."""
     if not path.is_file():
         raise ExpertValidationError(f"{what}: missing {path}")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ExpertValidationError(f"{what}: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ExpertValidationError(f"{what}: {path} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise ExpertValidationError(f"{what}: cannot read {path}: {e.strerror or e}") from None
+    if not isinstance(data, dict):
+        raise ExpertValidationError(f"{what}: {path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _config_rank(value: Any, what: str, field: str) -> int:
+    """A LoRA rank from adapter_config.json: a positive integer (an integral float is taken as one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value) or not 1 <= value <= 2**20:
+        raise ExpertValidationError(f"{what}: adapter_config.json {field} is {value!r}, not a positive integer rank")
+    return int(value)
+
+
+def _config_alpha(value: Any, what: str, field: str) -> float:
+    """A LoRA alpha from adapter_config.json: a finite number (a numeric string is read as before)."""
+    try:
+        alpha = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        alpha = math.nan
+    if not math.isfinite(alpha) or abs(alpha) > 1e6:
+        raise ExpertValidationError(f"{what}: adapter_config.json {field} is {value!r}, not a finite number "
+                                    "of at most 1e6")
+    return alpha
+
+
+def _config_patterns(cfg: dict[str, Any], key: str, what: str) -> dict[str, Any]:
+    """rank_pattern / alpha_pattern: an object of module-name patterns (regular expressions, as PEFT reads them)."""
+    patterns = cfg.get(key) or {}
+    if not isinstance(patterns, dict):
+        raise ExpertValidationError(f"{what}: adapter_config.json {key} is a {type(patterns).__name__}, not an object")
+    for k in patterns:
+        try:
+            re.compile(k)
+        except re.error as e:
+            raise ExpertValidationError(f"{what}: adapter_config.json {key} key {k[:60]!r} is not a valid pattern "
+                                        f"({e})") from None
+    return patterns
 
 
 def refuse_outside_links(folder: Path, what: str) -> None:
@@ -254,12 +298,17 @@ class LoraLayout:
         if not (self.folder / "adapter_model.safetensors").is_file():
             raise ExpertValidationError(f"{what}: missing {self.folder / 'adapter_model.safetensors'}")
         self.config = cfg
-        self.weights = SafetensorsDir(self.folder, ["adapter_model.safetensors"])
-        self.r = int(cfg.get("r", 8))
-        self.alpha = float(cfg.get("lora_alpha", 8))  # PEFT's LoraConfig default, whatever r is
+        self.r = _config_rank(cfg.get("r", 8), what, "r")
+        self.alpha = _config_alpha(cfg.get("lora_alpha", 8), what, "lora_alpha")  # PEFT's default, whatever r is
         self.use_rslora = bool(cfg.get("use_rslora", False))
         targets = cfg.get("target_modules") or []
+        if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+            raise ExpertValidationError(f"{what}: adapter_config.json target_modules is {str(targets)[:80]}, not a "
+                                        "module name or a list of them")
         self.target_modules = [targets] if isinstance(targets, str) else sorted(targets)
+        rank_pattern = _config_patterns(cfg, "rank_pattern", what)
+        alpha_pattern = _config_patterns(cfg, "alpha_pattern", what)
+        self.weights = SafetensorsDir(self.folder, ["adapter_model.safetensors"])
 
         pairs: dict[str, dict[str, str]] = {}
         for key in self.weights.keys():
@@ -295,13 +344,14 @@ class LoraLayout:
                     f"{what}: shape mismatch at {module!r}: A {list(wshapes[ab['A']])}, B {list(wshapes[ab['B']])} "
                     f"vs base weight {[out_f, in_f]} (adapter trained on another base?)"
                 )
-            r = int(_pattern_value(cfg.get("rank_pattern") or {}, module, self.r))
+            r = _config_rank(_pattern_value(rank_pattern, module, self.r), what, f"rank_pattern (for {module!r})")
             if ra != r:  # PEFT would build rank-r layers and fail to load these tensors (size mismatch)
                 raise ExpertValidationError(
                     f"{what}: module {module!r} has rank-{ra} LoRA tensors but adapter_config.json gives it r={r}"
                     f"{' (rank_pattern)' if r != self.r else ''}"
                 )
-            alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, self.alpha))
+            alpha = _config_alpha(_pattern_value(alpha_pattern, module, self.alpha), what,
+                                  f"alpha_pattern (for {module!r})")
             scale = alpha / (r ** 0.5) if self.use_rslora else alpha / r
             self.modules[module + ".weight"] = (ab["A"], ab["B"], scale)
 

@@ -19,8 +19,9 @@ then each 503 in one line).
 
 Admin operations (only with `allow_runtime_lora`, the CLI's --allow-runtime-lora; else 403): POST
 /v1/load_lora_adapter {"lora_name", "lora_path"} serves a PEFT LoRA folder (validated as `workbench pool add`
-validates an expert) or a saved composition's artifact folder from then on; POST /v1/unload_lora_adapter
-{"lora_name"} stops serving an adapter: new requests for it get a 404, requests already accepted finish with it.
+validates an expert) or a saved composition's artifact folder from then on (`lora_path` absolute or relative to the
+server's working directory); POST /v1/unload_lora_adapter {"lora_name"} stops serving an adapter or composition: new
+requests for it get a 404, requests already accepted (handed to the scheduler) finish with it.
 Both answer vLLM's plain-text "Success: ..." or a one-line error in OpenAI's shape.
 """
 
@@ -34,6 +35,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -185,11 +187,9 @@ def create_app(engine: MultiLoraModel, *, full_models: Sequence[FullModel] = (),
             return err(400, f"unreadable request body: {e.detail}; send UTF-8 JSON", code="invalid_json")
         return err(e.status_code, str(e.detail))
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, e: Exception):
-        log.error("%s %s failed", request.method, request.url.path, exc_info=e)
-        return err(500, f"internal error: {type(e).__name__}", type_="server_error")
-
+    # any other exception: a 500 logged once with its traceback (`_Internal`, inside Starlette's
+    # ServerErrorMiddleware, which would log it a second time and re-raise it to uvicorn, which logs it again)
+    app.add_middleware(_Internal)
     app.add_middleware(_BodyLimit, limit=int(max_body_mb * 2**20))
     app.add_middleware(_CountResponses, metrics=metrics)
 
@@ -241,7 +241,7 @@ def create_app(engine: MultiLoraModel, *, full_models: Sequence[FullModel] = (),
                 "description": description}
 
     ADMIN = {400: json_error("an invalid request: a name that is taken or malformed, a folder that is not an adapter "
-                             "over this server's base"),
+                             "over this server's base, a load past the server's bounds, an unload of `base`"),
              403: json_error("runtime LoRA updates are disabled (start the server with --allow-runtime-lora)"),
              413: json_error("a request body over the server's limit (max_body_mb)")}
 
@@ -252,7 +252,9 @@ def create_app(engine: MultiLoraModel, *, full_models: Sequence[FullModel] = (),
               responses={**ADMIN, **text_ok("the adapter is loaded and listed by /v1/models")})
     async def load_lora_adapter(req: LoadLoraAdapterRequest):
         """Load a PEFT LoRA adapter folder (or a saved composition's artifact folder) under `lora_name`, validated
-        as `workbench pool add` validates an expert (same base, safetensors only, shapes, target modules)."""
+        as `workbench pool add` validates an expert (same base, safetensors only, shapes, target modules).
+        `lora_path` is a path on the server: absolute, or relative to the server's working directory (`~` is not
+        expanded). Past the server's bounds (registered adapters, pinned composition parts) a load is a 400."""
         async with admin_lock:
             if req.lora_name in full:
                 raise APIError(400, f"model {req.lora_name!r} is already served; unload it first or pick another "
@@ -270,9 +272,13 @@ def create_app(engine: MultiLoraModel, *, full_models: Sequence[FullModel] = (),
               responses={**ADMIN, 404: json_error("no adapter of that name is served"),
                          **text_ok("the adapter is no longer listed; requests already accepted for it finish")})
     async def unload_lora_adapter(req: UnloadLoraAdapterRequest):
-        """Stop serving adapter `lora_name`: new requests for it get a 404; requests already accepted finish with it,
-        then its slot and memory are freed."""
+        """Stop serving adapter or saved composition `lora_name`: new requests for it get a 404; requests already
+        accepted finish with it, then its slots and memory are freed. `base`, a full-model artifact, or an adapter a
+        served routed composition routes over (unload that first) is a 400."""
         async with admin_lock:
+            if req.lora_name in full:
+                raise APIError(400, f"model {req.lora_name!r} is a full-model artifact: those are not unloaded at run "
+                                    "time", param="lora_name", code="invalid_unload")
             try:
                 await asyncio.to_thread(engine.unload_adapter, req.lora_name)
             except UnknownModel as e:
@@ -349,6 +355,7 @@ def create_app(engine: MultiLoraModel, *, full_models: Sequence[FullModel] = (),
         finally:
             if not waiting.done():
                 waiting.cancel()
+                waiting.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: not logged
                 for j in jobs:
                     j.cancelled.set()
         failed = [j for j in jobs if j.error]
@@ -572,6 +579,37 @@ class _BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+class _Internal:
+    """ASGI middleware answering an exception no handler took with a 500 in OpenAI's shape, logged once with its
+    traceback (where the response had started, e.g. a stream, the connection just ends: logged once too)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = [False]
+
+        async def send_(message):
+            if message["type"] == "http.response.start":
+                started[0] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_)
+        except Exception as e:  # every 500, logged here once
+            log.error("%s %s failed", scope.get("method"), scope.get("path"), exc_info=e)
+            if started[0]:
+                return
+            body = json.dumps({"error": {"message": f"internal error: {type(e).__name__}", "type": "server_error",
+                                         "param": None, "code": None}}).encode()
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+
 class _CountResponses:
     """ASGI middleware counting responses by route and status (a pure ASGI one: it leaves disconnects and
     streaming alone)."""
@@ -671,10 +709,15 @@ def start_in_thread(app: FastAPI, host: str = "127.0.0.1"):
 def build_app(pool_spec: str, *, backend: str | None = None, device: str = "cpu", max_batch: int = 32,
               max_body_mb: float = 4.0, allow_runtime_lora: bool = False, max_loaded_adapters: int | None = None,
               recipes: Sequence[str] = (), recipes_folder=None, log: Callable[[str], Any] = print,
+              max_registered_adapters: int | None = None, max_composition_parts: int | None = None,
               **app_kw: Any) -> FastAPI:
-    """The server's app over pool `pool_spec`: first the `recipes` built (when not cached; see
-    `startup.resolve_recipes`), then the engine over the pool's adapters and every composition built over it
-    (`max_loaded_adapters` of them in kernel slots at once, None: all), and the full-model artifacts."""
+    """The server's app over pool `pool_spec`: the engine over the pool's adapters (`max_loaded_adapters` of them
+    in kernel slots at once, None: all) and its compositions. With `recipes`, the compositions served are exactly
+    those recipes' artifacts (built first when not cached; see `startup.resolve_recipes`), and one that cannot be
+    served (over the cap, ...) fails the start with a one-line WorkbenchError; without, every composition and
+    full-model artifact built over the pool (whatever the cache holds). `max_registered_adapters`,
+    `max_composition_parts`: the engine's bounds (None: its defaults)."""
+    from ..artifacts import ARTIFACT_FILE, read_artifact_meta
     from ..pool import Pool
     from .startup import build_recipes, resolve_recipes
 
@@ -683,13 +726,30 @@ def build_app(pool_spec: str, *, backend: str | None = None, device: str = "cpu"
     if isinstance(max_body_mb, bool) or not isinstance(max_body_mb, (int, float)) or not 0 < max_body_mb <= 1024:
         raise WorkbenchError(f"max_body_mb = {max_body_mb!r}: a number of megabytes in (0, 1024]")
     pool = Pool.open(pool_spec)
+    declared = None
     if recipes:
         resolved = resolve_recipes(pool, recipes, folder=recipes_folder, log=log)
         log(f"compositions declared at start: {', '.join(r.recipe.name for r in resolved) or 'none'}")
-        build_recipes(resolved, device=device, log=log)
+        declared = {Path(f).resolve(): r.recipe.name
+                    for f, r in zip(build_recipes(resolved, device=device, log=log), resolved)}
+    bounds = {k: v for k, v in (("max_registered_adapters", max_registered_adapters),
+                                ("max_composition_parts", max_composition_parts)) if v is not None}
     engine = MultiLoraModel.from_pool(pool, backend=backend, device=device, max_loaded_adapters=max_loaded_adapters,
-                                      log=log)
-    full = saved_full_models(pool, set(engine.model_names()), backend=backend, device=device)
+                                      log=log, declared=declared, **bounds)
+    full = saved_full_models(pool, set(engine.model_names()), backend=backend, device=device, only=declared)
+    if declared is not None:  # the served set is the declared one: each declared artifact must be served
+        served = {Path(str(c.source)).resolve() for c in [*engine.routed.values(), *engine.twins.values()] if c.source}
+        served |= {Path(engine.adapters[i].source).resolve() for i in engine.ids.values() if engine.adapters[i].source}
+        served |= {Path(f.folder).resolve() for f in full}
+        for folder, recipe in declared.items():
+            if folder in served:
+                continue
+            try:
+                kind = read_artifact_meta(folder).get("type") if (folder / ARTIFACT_FILE).is_file() else None
+            except WorkbenchError:
+                kind = None
+            raise WorkbenchError(f"--recipes: recipe {recipe!r} built a {kind or 'unreadable'!s} artifact ({folder}) "
+                                 "that this server does not serve (another name took it, or its type is not served)")
     if full:
         log(f"full-model artifacts (loaded on first request): {', '.join(f.name for f in full)}")
     return create_app(engine, full_models=full, max_batch=max_batch, max_body_mb=float(max_body_mb),
@@ -698,12 +758,14 @@ def build_app(pool_spec: str, *, backend: str | None = None, device: str = "cpu"
 
 def serve(pool_spec: str, host: str = "127.0.0.1", port: int = 8000, backend: str | None = None,
           device: str = "cpu", max_batch: int = 32, max_body_mb: float = 4.0, *, allow_runtime_lora: bool = False,
-          max_loaded_adapters: int | None = None, recipes: Sequence[str] = ()) -> None:
-    """Serve pool `pool_spec` (`build_app`) under uvicorn until stopped."""
+          max_loaded_adapters: int | None = None, recipes: Sequence[str] = (), **bounds: int | None) -> None:
+    """Serve pool `pool_spec` (`build_app`) under uvicorn until stopped. `bounds`: max_registered_adapters,
+    max_composition_parts (the engine's defaults when unset)."""
     import uvicorn
 
     if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
         raise WorkbenchError(f"port = {port!r}: an integer in 1..65535")
     app = build_app(pool_spec, backend=backend, device=device, max_batch=max_batch, max_body_mb=max_body_mb,
-                    allow_runtime_lora=allow_runtime_lora, max_loaded_adapters=max_loaded_adapters, recipes=recipes)
+                    allow_runtime_lora=allow_runtime_lora, max_loaded_adapters=max_loaded_adapters, recipes=recipes,
+                    **bounds)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -28,7 +28,7 @@ import logging
 import math
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,15 @@ log = logging.getLogger("workbench.serving")
 
 Router = Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 MAX_LOADED_ADAPTERS = 4096  # --max-loaded-adapters: kernel slots for servable adapters
+MAX_REGISTERED_ADAPTERS = 4096  # servable adapters registered at once (loaded at start or at run time)
+DEFAULT_REGISTERED_ADAPTERS = 1024  # the default bound on them (--max-registered-adapters)
+MAX_COMPOSITION_PARTS = 65536  # pinned composition parts (Twin's, SMoRA's) in kernel slots at once
+DEFAULT_COMPOSITION_PARTS = 1024  # the default bound on them (a SMoRA composition pins 64)
 MAX_MIX_WEIGHT = 100.0  # |w| of one adapter in a mix: larger weights overflow float32 activations into inf/nan
+
+
+def _int_in(v: Any, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
 
 
 class UnknownModel(WorkbenchError):
@@ -94,6 +102,8 @@ class Adapter:
     kind: str  # lora | merged_lora
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(repr=False)  # tensor -> (A, B, scale)
     source: str | None = None  # the PEFT adapter folder it was read from
+    files: dict[str, str] | None = None  # file -> sha256 of the folder's kept files (a pool entry's `files`): what
+    # a routed composition's `expert_files` must match for it to route over this adapter
 
 
 @dataclass
@@ -133,12 +143,21 @@ class MultiLoraModel:
     def __init__(self, base_model, tokenizer, adapters: list[Adapter], *, routed: Sequence[RoutedComposition] = (),
                  twins: Sequence[TwinComposition] = (), backend: str | None = None, device: str = "cpu",
                  dtype=torch.float32, max_loaded_adapters: int | None = None, pool: Any = None,
-                 log: Callable[[str], Any] = print):
-        if max_loaded_adapters is not None and not (isinstance(max_loaded_adapters, int)
-                                                    and not isinstance(max_loaded_adapters, bool)
-                                                    and 1 <= max_loaded_adapters <= MAX_LOADED_ADAPTERS):
+                 log: Callable[[str], Any] = print, max_registered_adapters: int = DEFAULT_REGISTERED_ADAPTERS,
+                 max_composition_parts: int = DEFAULT_COMPOSITION_PARTS):
+        if max_loaded_adapters is not None and not _int_in(max_loaded_adapters, 1, MAX_LOADED_ADAPTERS):
             raise WorkbenchError(f"max_loaded_adapters = {max_loaded_adapters!r}: an integer in "
                                  f"1..{MAX_LOADED_ADAPTERS} (or None: every adapter stays loaded)")
+        if not _int_in(max_registered_adapters, 1, MAX_REGISTERED_ADAPTERS):
+            raise WorkbenchError(f"max_registered_adapters = {max_registered_adapters!r}: an integer in "
+                                 f"1..{MAX_REGISTERED_ADAPTERS}")
+        if not _int_in(max_composition_parts, 0, MAX_COMPOSITION_PARTS):
+            raise WorkbenchError(f"max_composition_parts = {max_composition_parts!r}: an integer in "
+                                 f"0..{MAX_COMPOSITION_PARTS}")
+        if len(adapters) > max_registered_adapters:
+            raise WorkbenchError(f"{len(adapters)} adapters to serve, at most {max_registered_adapters} "
+                                 "(max_registered_adapters)")
+        self.max_registered, self.max_parts = max_registered_adapters, max_composition_parts
         self.model = base_model.to(device=device, dtype=dtype).eval()
         self.tokenizer = tokenizer
         self.pool = pool  # what adapters loaded at run time are validated against (None: no run-time loads)
@@ -149,6 +168,9 @@ class MultiLoraModel:
         self.routed: dict[str, RoutedComposition] = {}
         self.twins: dict[str, TwinComposition] = {}
         self.pinned: set[int] = set()  # composition parts: always in a slot
+        self._parts: dict[str, list[int]] = {}  # composition -> the ids of its own (pinned) parts
+        self.retired_compositions: set[str] = set()  # unloaded compositions still held by accepted requests
+        self.composition_holds: Counter[str] = Counter()  # accepted requests for each composition
         self._twin_ids: dict[str, torch.Tensor] = {}  # twin -> adapter ids [shared, exclusive_1..E]
         self._experts: dict[str, torch.Tensor] = {}  # routed composition -> [E_router] adapter ids of its experts
         from ..methods.twin import cache_kwarg
@@ -159,9 +181,14 @@ class MultiLoraModel:
         for a in adapters:
             self._register_adapter(a)
         for c in twins:
+            problem = self._parts_problem(c.name, 1 + len(c.exclusive))
+            if problem:
+                log(f"twin composition {c.name!r} not served: {problem}")
+                continue
             self._register_twin(c)
         for c in routed:
-            problem = self._cap_problem(c.name, [int(i) for i in self._routed_ids(c)]) if not c.adapters else None
+            problem = (self._parts_problem(c.name, len(c.adapters)) if c.adapters
+                       else self._cap_problem(c.name, [int(i) for i in self._routed_ids(c)]))
             if problem:
                 log(f"routed composition {c.name!r} not served: {problem}")
                 continue
@@ -186,7 +213,8 @@ class MultiLoraModel:
         self.in_use: Counter[int] = Counter()  # admitted sequences using each adapter (never evicted while > 0)
         self.holds: Counter[int] = Counter()  # requests accepted for each adapter (kept after an unload while > 0)
         self.retired: set[int] = set()  # unloaded adapters still held or in use
-        self.counters = {"loads": 0, "evictions": 0, "runtime_loads": 0, "unloads": 0}
+        # loads: servable adapters written into a slot (those resident from the start included)
+        self.counters = {"loads": len(self._lru), "evictions": 0, "runtime_loads": 0, "unloads": 0}
         targets = sorted({t for a in self.adapters for t in a.factors})
         self.ctx = wrap_model(self.model, targets, lambda t: [self.adapters[i].factors.get(t) for i in resident],
                               len(resident), backend=check_backend(backend) if backend else default_backend(device))
@@ -215,6 +243,7 @@ class MultiLoraModel:
         ids += [self._register_adapter(Adapter(f"{c.name}#{e}", "twin_part", f, c.source), pinned=True)
                 for e, f in zip(c.router.experts, c.exclusive)]
         self._twin_ids[c.name] = torch.tensor(ids, device=self.device)
+        self._parts[c.name] = ids
         self.twins[c.name] = c
 
     def _routed_ids(self, c: RoutedComposition) -> torch.Tensor:
@@ -232,6 +261,7 @@ class MultiLoraModel:
                                      f"{len(c.router.experts)} router experts")
             ids = [self._register_adapter(a, pinned=True) for a in c.adapters]
             self._experts[c.name] = torch.tensor(ids, device=self.device)
+            self._parts[c.name] = ids
         else:
             self._experts[c.name] = self._routed_ids(c)
         self.routed[c.name] = c
@@ -242,6 +272,13 @@ class MultiLoraModel:
         if self.max_loaded is not None and len(need) > self.max_loaded:
             return (f"{model!r} needs {len(need)} adapters loaded at once, this server keeps at most "
                     f"{self.max_loaded} (--max-loaded-adapters)")
+        return None
+
+    def _parts_problem(self, model: str, parts: int) -> str | None:
+        """Why a composition of `parts` pinned parts cannot be added (the bound on pinned parts), or None."""
+        if len(self.pinned) + parts > self.max_parts:
+            return (f"{model!r} pins {parts} composition parts in kernel slots, {len(self.pinned)} are pinned and "
+                    f"this server pins at most {self.max_parts} (max_composition_parts)")
         return None
 
     def needs(self, assignment: Assignment) -> set[int]:
@@ -315,11 +352,19 @@ class MultiLoraModel:
             set_module(self.model, module, layer)
             self._layers[tensor] = layer
 
-    def _free_slot(self, i: int) -> None:
+    def _free_slot(self, i: int, release: bool = False) -> None:
+        """Take adapter `i` out of its slot; with `release` the slot's factors become rank 0 in every layer (the
+        slot no longer references the adapter's tensors: an unloaded adapter's memory is freed at once, not when
+        the slot is reused). Holds `self.lock`."""
         slot = self.slot_of.pop(i)
         self.slot_owner[slot] = None
         self._lru.pop(i, None)
         self._set_table(i, -1)
+        if release:
+            p = next(self.model.parameters())
+            for layer in self._layers.values():
+                d_out, d_in = layer.base.weight.shape
+                layer.weights.set_slot(slot, p.new_zeros(0, d_in), p.new_zeros(d_out, 0), 0.0)
 
     def _make_resident(self, i: int, keep: set[int]) -> bool:
         """Put adapter `i` in a slot: a free one, a new one (under the cap), or the least recently used idle
@@ -343,13 +388,16 @@ class MultiLoraModel:
         self._lru[i] = None
         return True
 
-    def acquire(self, assignment: Assignment) -> bool:
+    def acquire(self, assignment: Assignment, load: bool = True) -> bool:
         """Make every adapter `assignment` needs resident and mark it in use (never evicted until `release`);
-        False (nothing marked) when the slots are all used by running sequences: try again later."""
+        False (nothing marked) when the slots are all used by running sequences: try again later. Without `load`,
+        False unless they are all resident already (nothing is loaded or evicted)."""
         need = self.needs(assignment)
         if not need:
             return True
         with self.lock, self._slots_lock:
+            if not load and any(i not in self.slot_of for i in need):
+                return False
             for i in sorted(need, key=lambda j: j in self.slot_of, reverse=True):  # resident ones first: kept
                 if not self._make_resident(i, need):
                     return False
@@ -371,20 +419,31 @@ class MultiLoraModel:
                     del self.in_use[i]
                     self._finalize(i)
 
+    def _served(self, i: int) -> bool:
+        """Whether servable adapter `i` is still served (not unloaded since a request resolved it)."""
+        return self.ids.get(self.adapters[i].name) == i
+
     def hold(self, assignment: Assignment) -> None:
-        """Keep `assignment`'s adapters (their factors) until `unhold`, even if they are unloaded meanwhile: a
-        request accepted before an unload finishes with its adapter. UnknownModel when one is already gone."""
+        """Accept a request: keep `assignment`'s adapters (their factors) and composition until `unhold`, even if
+        they are unloaded meanwhile (a request accepted before an unload finishes with its adapter). UnknownModel
+        when one was unloaded since the request resolved it (it is not accepted: nothing is held)."""
         need = self.needs(assignment)
         with self._slots_lock:
-            gone = [i for i in need if i in self.retired and not self.adapters[i].factors]
+            gone = [self.adapters[i].name for i in need if not self._served(i)]
+            if isinstance(assignment, Routed) and (assignment.name in self.retired_compositions or
+                                                   (assignment.name not in self.routed
+                                                    and assignment.name not in self.twins)):
+                gone.insert(0, assignment.name)
             if gone:
-                raise UnknownModel(f"model {self.adapters[gone[0]].name!r} was unloaded")
+                raise UnknownModel(f"model {gone[0]!r} was unloaded")
             for i in need:
                 self.holds[i] += 1
+            if isinstance(assignment, Routed):
+                self.composition_holds[assignment.name] += 1
 
     def unhold(self, assignment: Assignment) -> None:
         need = self.needs(assignment)
-        if not need:
+        if not need and not isinstance(assignment, Routed):
             return
         with self.lock, self._slots_lock:
             for i in need:
@@ -392,16 +451,40 @@ class MultiLoraModel:
                 if self.holds[i] <= 0:
                     del self.holds[i]
                     self._finalize(i)
+            if isinstance(assignment, Routed):
+                name = assignment.name
+                self.composition_holds[name] -= 1
+                if self.composition_holds[name] <= 0:
+                    del self.composition_holds[name]
+                    self._finalize_composition(name)
 
     def _finalize(self, i: int) -> None:
-        """An unloaded adapter nobody holds or uses any more leaves its slot and drops its factors."""
+        """An unloaded adapter nobody holds or uses any more leaves its slot (released) and drops its factors."""
         if i in self.retired and not self.in_use[i] and not self.holds[i]:
             self.in_use.pop(i, None)
             self.holds.pop(i, None)
             if i in self.slot_of:
-                self._free_slot(i)
+                self._free_slot(i, release=True)
             self.adapters[i].factors = {}
             self.retired.discard(i)
+
+    def _finalize_composition(self, name: str) -> None:
+        """An unloaded composition no accepted request holds any more: its router goes, its own parts leave their
+        slots (released) and drop their factors."""
+        if name not in self.retired_compositions or self.composition_holds[name]:
+            return
+        self.composition_holds.pop(name, None)
+        self.retired_compositions.discard(name)
+        self.routed.pop(name, None)
+        self.twins.pop(name, None)
+        self._experts.pop(name, None)
+        self._twin_ids.pop(name, None)
+        for i in self._parts.pop(name, []):
+            if i in self.slot_of:
+                self._free_slot(i, release=True)
+            self.pinned.discard(i)
+            self.adapters[i].factors = {}
+        self._layout_cache.clear()
 
     def _slot_assignment(self, a: Assignment) -> Assignment:
         if isinstance(a, Routed):
@@ -427,40 +510,55 @@ class MultiLoraModel:
         """Serve the adapter in `path` under `name` from now on: a PEFT LoRA folder, validated exactly as
         `Pool.add` validates an expert (its folder, safetensors only, shapes and target modules against the base,
         finite weights, the base it names), or a saved composition's artifact folder (merged_lora, routed_lora,
-        twin, smora) built over this base, checked as the server checks those it finds at start. Returns its
-        /v1/models card. ModelExists for a taken name, WorkbenchError (one line) for a folder it refuses; nothing
-        changes then."""
+        twin, smora) built over this base, checked as the server checks those it finds at start (a routed one only
+        over the very adapters its router was built over: their files' digests). `path` is absolute or relative to
+        the server's working directory (`~` is not expanded). Returns its /v1/models card. ModelExists for a taken
+        name, WorkbenchError (one line) for a folder it refuses or a bound it would pass (max_registered_adapters,
+        max_composition_parts); nothing changes then."""
         from ..artifacts import ARTIFACT_FILE, read_artifact_meta
+        from ..io import sha256_file
         from ..pool import check_name, detect_kind
 
         if self.pool is None:
             raise WorkbenchError("this engine was not made from a pool: there is no base to validate adapters against")
         check_name(name, "model name")
         self._check_free(name)
-        folder = Path(path).expanduser()
         shown = str(path) if len(str(path)) <= 200 else str(path)[:197] + "..."
+        if str(path).startswith("~"):
+            raise WorkbenchError(f"lora_path {shown}: `~` is not expanded by the server; give an absolute path, or "
+                                 "one relative to the server's working directory")
+        folder = Path(path)
         if not folder.is_dir():
             raise WorkbenchError(f"lora_path {shown} is not a folder")
         folder = folder.resolve()
         what = f"adapter {shown}"
         register: Callable[[], Any]
-        if (folder / ARTIFACT_FILE).is_file():
-            register = self._artifact_registration(name, folder, read_artifact_meta(folder), what)
-        else:
-            try:
-                if detect_kind(folder) != "lora":
-                    raise WorkbenchError(f"{what} is a full model folder (config.json), not a LoRA adapter: add it to "
-                                         "the pool, or build a composition of it")
-                self.pool._checked(folder, "lora", allow_distant=False)  # `workbench pool add`'s own checks
-                layout = LoraLayout(folder, self.pool.base.tensors.shapes, what)
-                factors = {t: (layout.weights.get(a).float(), layout.weights.get(b).float(), scale)
-                           for t, (a, b, scale) in layout.modules.items()}
-            except WorkbenchError as e:
-                msg = str(e).replace(f"expert source {folder}", what)
-                raise WorkbenchError(msg.replace("; add it anyway with allow_distant=True (CLI: --allow-distant-base)",
-                                                 "")) from None
-            adapter = Adapter(name, "lora", factors, str(folder))
-            register = lambda: self._register_dynamic(adapter)
+        try:
+            if (folder / ARTIFACT_FILE).is_file():
+                register = self._artifact_registration(name, folder, read_artifact_meta(folder), what)
+            else:
+                try:
+                    if detect_kind(folder) != "lora":
+                        raise WorkbenchError(f"{what} is a full model folder (config.json), not a LoRA adapter: add "
+                                             "it to the pool, or build a composition of it")
+                    checked = self.pool._checked(folder, "lora", allow_distant=False)  # `workbench pool add`'s checks
+                    layout = LoraLayout(folder, self.pool.base.tensors.shapes, what)
+                    factors = {t: (layout.weights.get(a).float(), layout.weights.get(b).float(), scale)
+                               for t, (a, b, scale) in layout.modules.items()}
+                    files = {f: sha256_file(checked.source / f) for f in checked.files}
+                except WorkbenchError as e:
+                    msg = str(e).replace(f"expert source {folder}", what)
+                    raise WorkbenchError(msg.replace("; add it anyway with allow_distant=True (CLI: "
+                                                     "--allow-distant-base)", "")) from None
+                adapter = Adapter(name, "lora", factors, str(folder), files)
+                register = lambda: self._register_dynamic(adapter)
+        except WorkbenchError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError, OSError, RuntimeError) as e:
+            # a malformed folder that one of the libraries reading it rejects in its own way: the caller's 400
+            log.debug("%s refused", what, exc_info=e)
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise WorkbenchError(f"{what} is malformed: {type(e).__name__}: {first}") from None
         with self.lock, self._slots_lock:
             self._check_free(name)
             register()
@@ -468,11 +566,20 @@ class MultiLoraModel:
         return next(m for m in self.models() if m["id"] == name)
 
     def _check_free(self, name: str) -> None:
+        if name in self.retired_compositions:
+            raise ModelExists(f"model {name!r} was unloaded and still finishes the requests accepted for it: "
+                              "retry once they are done, or pick another name")
         if name == "base" or name in self.ids or name in self.routed or name in self.twins:
             raise ModelExists(f"model {name!r} is already served: unload it first, or pick another name")
 
+    def _check_registry_room(self) -> None:
+        if len(self.ids) >= self.max_registered:
+            raise WorkbenchError(f"this server serves {len(self.ids)} adapters, at most {self.max_registered} "
+                                 "(max_registered_adapters): unload one first")
+
     def _register_dynamic(self, adapter: Adapter) -> None:
         """Register a servable adapter; into a slot now when the cap leaves room, else on its first request."""
+        self._check_registry_room()
         i = self._register_adapter(adapter)
         dynamic = sum(1 for j in self.slot_of if j not in self.pinned)
         if self.max_loaded is None or dynamic < self.max_loaded:
@@ -480,6 +587,9 @@ class MultiLoraModel:
 
     def _artifact_registration(self, name: str, folder: Path, meta: dict[str, Any], what: str) -> Callable[[], Any]:
         """What registers the saved composition in `folder` (validated here, registered under the locks)."""
+        problem = _meta_problem(meta)
+        if problem:
+            raise WorkbenchError(f"{what}: artifact.json {problem}")
         kind = meta.get("type")
         if meta.get("pool_fingerprint") not in (None, self.pool.manifest.base.fingerprint):
             raise WorkbenchError(f"{what} was built over another base ({meta.get('base')!r}), this server's is "
@@ -494,11 +604,15 @@ class MultiLoraModel:
             return lambda: self._register_dynamic(adapter)
         if kind == "routed_lora":
             comp, reason = routed_composition(self.pool, name, folder, meta, loaded, str(self.device))
-            reason = reason or self._cap_problem(name, [self.ids[e] for e in comp.router.experts])
+            reason = (reason or self._binding_problem(meta)
+                      or self._cap_problem(name, [self.ids[e] for e in comp.router.experts]))
+            parts = 0
         elif kind == "smora":
             comp, reason = smora_composition(self.pool, name, folder, meta, str(self.device))
+            parts = len(comp.adapters) if comp is not None else 0
         elif kind == "twin":
             comp, reason = twin_composition(self.pool, name, folder, meta, loaded)
+            parts = 1 + len(comp.exclusive) if comp is not None else 0
         else:
             raise WorkbenchError(f"{what} is a {kind!r} artifact: only adapters and low-rank compositions (merged_lora, "
                                  "routed_lora, twin, smora) load at run time; full models are served when built "
@@ -507,6 +621,9 @@ class MultiLoraModel:
             raise WorkbenchError(f"{what}: {reason}")
 
         def register():
+            problem = self._parts_problem(name, parts)
+            if problem:
+                raise WorkbenchError(problem)
             first = len(self.adapters)
             (self._register_twin if kind == "twin" else self._register_routed)(comp)
             for i in range(first, len(self.adapters)):  # its own parts: pinned, each in a slot of its own
@@ -515,22 +632,42 @@ class MultiLoraModel:
 
         return register
 
+    def _binding_problem(self, meta: dict[str, Any]) -> str | None:
+        """Why a routed_lora artifact's experts are not the adapters this engine serves under their names (an
+        adapter unloaded, then another loaded under its name), or None: each must have the files the router was
+        built over (`expert_files`, as `Pool` records them)."""
+        recorded = meta.get("expert_files")
+        if recorded is None:
+            return "it was built before artifacts recorded their experts' files; rebuild it (`workbench merge --force`)"
+        other = [e for e in meta.get("experts") or [] if e in self.ids
+                 and (self.adapters[self.ids[e]].files is None or self.adapters[self.ids[e]].files != recorded.get(e))]
+        if other:
+            return (f"the adapters served here as {other} are not the ones its router was built over (their files "
+                    "differ); load those adapters under these names first")
+        return None
+
     def unload_adapter(self, name: str) -> None:
-        """Stop serving adapter `name`: it leaves /v1/models and new requests for it are unknown at once; the
-        requests already accepted for it finish with it, then it leaves its slot and its factors are dropped.
-        UnknownModel when no adapter has that name; WorkbenchError for a composition, or an adapter a routed
-        composition routes over."""
+        """Stop serving adapter or composition `name`: it leaves /v1/models and new requests for it are unknown at
+        once; the requests already accepted for it finish with it, then its slots are released and its factors (a
+        composition's router and own parts) dropped. UnknownModel when nothing of that name is served;
+        WorkbenchError for `base`, or an adapter a served routed composition routes over (unload that first)."""
         with self.lock, self._slots_lock:
-            if name in self.routed or name in self.twins:
-                raise WorkbenchError(f"{name!r} is a routed composition: only adapters are unloaded at run time")
+            if name == "base":
+                raise WorkbenchError("'base' is the base model: it cannot be unloaded")
+            if (name in self.routed or name in self.twins) and name not in self.retired_compositions:
+                self.retired_compositions.add(name)
+                self.counters["unloads"] += 1
+                self._finalize_composition(name)
+                return
             if name not in self.ids:
                 raise UnknownModel(f"The lora adapter {name!r} cannot be found"
-                                   f"{did_you_mean(name, list(self.ids))}")
+                                   f"{did_you_mean(name, [m for m in self.model_names() if m != 'base'])}")
             i = self.ids[name]
-            users = sorted(c for c, ids in self._experts.items() if not self.routed[c].adapters and i in ids.tolist())
+            users = sorted(c for c, ids in self._experts.items() if not self.routed[c].adapters
+                           and c not in self.retired_compositions and i in ids.tolist())
             if users:
                 raise WorkbenchError(f"adapter {name!r} is routed over by {users}: it stays loaded while they are "
-                                     "served")
+                                     "served (unload them first)")
             del self.ids[name]
             self.retired.add(i)
             self.counters["unloads"] += 1
@@ -539,36 +676,49 @@ class MultiLoraModel:
     @classmethod
     def from_pool(cls, pool, experts: list[str] | None = None, *, include_artifacts: bool = True,
                   backend: str | None = None, device: str = "cpu", dtype=torch.float32,
-                  log: Callable[[str], Any] = print, max_loaded_adapters: int | None = None) -> MultiLoraModel:
+                  log: Callable[[str], Any] = print, max_loaded_adapters: int | None = None,
+                  declared: Collection[Path] | None = None, **bounds: int) -> MultiLoraModel:
         """The pool's LoRA experts (all, or `experts`), and with `include_artifacts` the saved LoRA compositions
         and routed compositions built over this pool (a routed one whose experts are not loaded is skipped: `log`).
-        `max_loaded_adapters`: at most this many servable adapters in kernel slots at once (the others wait on the
-        CPU and are swapped in, least recently used out, as requests need them); None: all."""
+        `declared`: only the artifacts in these folders (the compositions declared at start, `--recipes`), and one
+        that cannot be served is a WorkbenchError, not a logged skip. `max_loaded_adapters`: at most this many
+        servable adapters in kernel slots at once (the others wait on the CPU and are swapped in, least recently
+        used out, as requests need them); None: all. `bounds`: max_registered_adapters, max_composition_parts."""
         names = experts if experts is not None else pool.names("lora")
         adapters = []
         for n in names:
             e = pool.expert(n)
-            adapters.append(Adapter(n, "lora", {t: e.lora_factors(t) for t in e.delta_names()}, str(e.path)))
+            adapters.append(Adapter(n, "lora", {t: e.lora_factors(t) for t in e.delta_names()}, str(e.path),
+                                    dict(e.entry.files)))
         routed: list[RoutedComposition] = []
         twins: list[TwinComposition] = []
+        skip = log
+        if declared is not None:
+            def skip(message: str):
+                raise WorkbenchError(f"a declared composition cannot be served: {message}")
+
         if include_artifacts:
             taken = {a.name for a in adapters}
-            adapters += saved_lora_compositions(pool, taken=taken, log=log)
-            routed = saved_routed_compositions(pool, set(names), taken=taken, device=device, log=log)
-            twins = saved_twin_compositions(pool, set(names), taken=taken, log=log)
-            routed += saved_smora_compositions(pool, taken=taken, device=device, log=log)
+            only = {Path(f).resolve() for f in declared} if declared is not None else None
+            adapters += saved_lora_compositions(pool, taken=taken, log=skip, only=only)
+            routed = saved_routed_compositions(pool, set(names), taken=taken, device=device, log=skip, only=only)
+            twins = saved_twin_compositions(pool, set(names), taken=taken, log=skip, only=only)
+            routed += saved_smora_compositions(pool, taken=taken, device=device, log=skip, only=only)
         return cls(pool.base.load(), pool.base.tokenizer(), adapters, routed=routed, twins=twins, backend=backend,
-                   device=device, dtype=dtype, max_loaded_adapters=max_loaded_adapters, pool=pool, log=log)
+                   device=device, dtype=dtype, max_loaded_adapters=max_loaded_adapters, pool=pool, log=skip, **bounds)
 
     # -- specs
     def model_names(self) -> list[str]:
-        return ["base", *self.ids, *self.routed, *self.twins]
+        return ["base", *self.ids, *(n for n in [*self.routed, *self.twins] if n not in self.retired_compositions)]
 
     def models(self) -> list[dict[str, str]]:
         """What /v1/models lists: id and kind (and a routed composition's router kind) of every servable model."""
+        gone = self.retired_compositions
         return ([{"id": "base", "kind": "base"}] + [{"id": n, "kind": self.adapters[i].kind} for n, i in self.ids.items()]
-                + [{"id": c.name, "kind": "routed_lora", "router": c.kind} for c in self.routed.values()]
-                + [{"id": c.name, "kind": "routed_lora", "router": "twin"} for c in self.twins.values()])
+                + [{"id": c.name, "kind": "routed_lora", "router": c.kind} for c in self.routed.values()
+                   if c.name not in gone]
+                + [{"id": c.name, "kind": "routed_lora", "router": "twin"} for c in self.twins.values()
+                   if c.name not in gone])
 
     def resolve(self, spec: str | dict[str, float]) -> Assignment:
         """'base', an adapter name, a routed composition's name, 'mix:a=0.5,b=0.5', or {name: weight}; each mix
@@ -577,7 +727,7 @@ class MultiLoraModel:
             items = list(spec.items())
         elif spec == "base":
             return ()
-        elif spec in self.routed or spec in self.twins:
+        elif (spec in self.routed or spec in self.twins) and spec not in self.retired_compositions:
             problem = self._cap_problem(spec, self.needs(Routed(spec)))
             if problem:
                 raise WorkbenchError(problem)
@@ -599,7 +749,7 @@ class MultiLoraModel:
                                      f"[-{MAX_MIX_WEIGHT:g}, {MAX_MIX_WEIGHT:g}]")
             if not name:
                 raise WorkbenchError(f"a mix names no adapter in {spec!r}: write 'mix:a=0.5,b=0.5'")
-            if name in self.routed or name in self.twins:
+            if (name in self.routed or name in self.twins) and name not in self.retired_compositions:
                 raise WorkbenchError(f"routed composition {name!r} cannot be part of a mix: request it alone")
             if name not in self.ids:
                 raise UnknownModel(f"unknown model {name!r}{did_you_mean(name, self.model_names())}")
@@ -935,6 +1085,33 @@ def _concat_caches(caches: Sequence[Any], pads: Sequence[int]):
                                         for ls in layers])
 
 
+_META_FIELDS = {"type": str, "name": str, "router_kind": str, "pool_fingerprint": str, "pool": str, "pool_root": str,
+                "base": str}
+
+
+def _meta_problem(meta: Any) -> str | None:
+    """Why an artifact.json's content is malformed for the server (not an object, a field of the wrong type), or
+    None."""
+    if not isinstance(meta, dict):
+        return f"is a JSON {type(meta).__name__}, not an object"
+    for key, want in _META_FIELDS.items():
+        if meta.get(key) is not None and not isinstance(meta[key], want):
+            return f"field {key!r} is {type(meta[key]).__name__}, not a string"
+    for key in ("experts", "names"):
+        v = meta.get(key)
+        if v is not None and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+            return f"field {key!r} is not a list of names"
+    files = meta.get("expert_files")
+    if files is not None and not (isinstance(files, dict) and all(
+            isinstance(v, dict) and all(isinstance(a, str) and isinstance(b, str) for a, b in v.items())
+            for v in files.values())):
+        return "field 'expert_files' is not an object of {file: sha256} per expert"
+    recipe = meta.get("recipe")
+    if recipe is not None and not isinstance(recipe, dict):
+        return "field 'recipe' is not an object"
+    return None
+
+
 def _built_over(meta: dict[str, Any], pool, pool_key: str) -> bool:
     """Whether an artifact was built over this pool: at this path, or (the cache is shared by checkouts) over
     this pool in another checkout: a pool of the same name and base whose experts it was built from have the
@@ -948,11 +1125,13 @@ def _built_over(meta: dict[str, Any], pool, pool_key: str) -> bool:
     return all(e in pool and pool.expert(e).entry.files == f for e, f in files.items())
 
 
-def _pool_artifacts(pool, type_: str, pool_key: str, taken: set[str]) -> Iterator[tuple[str, Path, dict[str, Any]]]:
+def _pool_artifacts(pool, type_: str, pool_key: str, taken: set[str],
+                    only: Collection[Path] | None = None) -> Iterator[tuple[str, Path, dict[str, Any]]]:
     """(served name, folder, meta) of each `type_` artifact built over this pool (here or in another checkout:
     `_built_over`), in name order: a recipe's artifact by its latest recipe name; where several carry one name
     (a recipe rebuilt with other parameters, here or in another checkout) the one built here, then the newest;
-    bare sweep points ("name@point") and taken names stay out."""
+    bare sweep points ("name@point") and taken names stay out; with `only`, the artifacts in those folders alone
+    (malformed artifact.json files are skipped)."""
     import json
 
     from ..io import artifacts_dir
@@ -966,9 +1145,11 @@ def _pool_artifacts(pool, type_: str, pool_key: str, taken: set[str]) -> Iterato
         try:
             meta = json.loads(meta_path.read_text())
             mtime = meta_path.stat().st_mtime
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):  # unreadable, invalid UTF-8 or JSON
             continue
-        if not isinstance(meta, dict) or meta.get("type") != type_ or not _built_over(meta, pool, pool_key):
+        if only is not None and meta_path.parent.resolve() not in only:
+            continue
+        if _meta_problem(meta) or meta.get("type") != type_ or not _built_over(meta, pool, pool_key):
             continue
         built = (meta.get(pool_key) == here, mtime)
         names = [n for n in (meta.get("names") or [meta.get("name", meta_path.parent.name)]) if "@" not in n]
@@ -995,11 +1176,12 @@ def lora_composition(pool, name: str, folder: Path) -> tuple[Adapter | None, str
     return Adapter(name, "merged_lora", factors, str(folder)), None
 
 
-def saved_lora_compositions(pool, taken: set[str], log: Callable[[str], Any] = print) -> list[Adapter]:
+def saved_lora_compositions(pool, taken: set[str], log: Callable[[str], Any] = print,
+                            only: Collection[Path] | None = None) -> list[Adapter]:
     """merged_lora artifacts built over this pool (re-factored merges), servable as adapters; a folder that
     does not parse is skipped with its reason logged (one bad artifact never stops the server)."""
     out = []
-    for name, folder, _ in _pool_artifacts(pool, "merged_lora", "pool", taken):
+    for name, folder, _ in _pool_artifacts(pool, "merged_lora", "pool", taken, only):
         adapter, reason = lora_composition(pool, name, folder)
         if reason:
             log(f"not served: {reason}")
@@ -1036,11 +1218,12 @@ def routed_composition(pool, name: str, folder: Path, meta: dict[str, Any], load
 
 
 def saved_routed_compositions(pool, loaded: set[str], taken: set[str], device: str = "cpu",
-                              log: Callable[[str], Any] = print) -> list[RoutedComposition]:
+                              log: Callable[[str], Any] = print,
+                              only: Collection[Path] | None = None) -> list[RoutedComposition]:
     """routed_lora artifacts built over this pool whose experts are all among the `loaded` LoRA experts,
     unchanged since the router was built; any other is skipped with its reason logged."""
     out = []
-    for name, folder, meta in _pool_artifacts(pool, "routed_lora", "pool_root", taken):
+    for name, folder, meta in _pool_artifacts(pool, "routed_lora", "pool_root", taken, only):
         comp, reason = routed_composition(pool, name, folder, meta, loaded, device)
         if reason:
             log(f"routed composition {name!r} ({folder}) not served: {reason}")
@@ -1074,12 +1257,12 @@ def smora_composition(pool, name: str, folder: Path, meta: dict[str, Any],
     return RoutedComposition(name, router, "smora", str(folder), adapters), None
 
 
-def saved_smora_compositions(pool, taken: set[str], device: str = "cpu",
-                             log: Callable[[str], Any] = print) -> list[RoutedComposition]:
+def saved_smora_compositions(pool, taken: set[str], device: str = "cpu", log: Callable[[str], Any] = print,
+                             only: Collection[Path] | None = None) -> list[RoutedComposition]:
     """SMoRA artifacts trained over this pool's base: each a routed composition over its own R rank-1 adapters
     (the multi-LoRA op dispatches each token's k ranks); one that does not fit is skipped with its reason logged."""
     out = []
-    for name, folder, meta in _pool_artifacts(pool, "smora", "pool_root", taken):
+    for name, folder, meta in _pool_artifacts(pool, "smora", "pool_root", taken, only):
         comp, reason = smora_composition(pool, name, folder, meta, device)
         if reason:
             log(f"SMoRA composition {name!r} ({folder}) not served: {reason}")
@@ -1128,12 +1311,14 @@ class FullModel:
 
 
 def saved_full_models(pool, taken: set[str], *, backend: str | None = None, device: str = "cpu",
-                      dtype=torch.float32) -> list[FullModel]:
-    """The full-model artifacts (merged models, upcycled MoEs) built over this pool, by recipe name; names
-    already taken (experts, compositions) stay out. Nothing is loaded until a request names one."""
+                      dtype=torch.float32, only: Collection[Path] | None = None) -> list[FullModel]:
+    """The full-model artifacts (merged models, upcycled MoEs) built over this pool, by recipe name (with `only`:
+    those in these folders alone); names already taken (experts, compositions) stay out. Nothing is loaded until a
+    request names one."""
     out = []
+    only = {Path(f).resolve() for f in only} if only is not None else None
     for kind in FullModel.FULL_TYPES:
-        for name, folder, meta in _pool_artifacts(pool, kind, "pool", taken):
+        for name, folder, meta in _pool_artifacts(pool, kind, "pool", taken, only):
             out.append(FullModel(name, kind, folder, meta, backend=backend, device=device, dtype=dtype))
             taken.add(name)
     return sorted(out, key=lambda f: f.name)
@@ -1183,12 +1368,12 @@ def twin_composition(pool, name: str, folder: Path, meta: dict[str, Any],
     return TwinComposition(name, router, shared, exclusive, str(folder)), None
 
 
-def saved_twin_compositions(pool, loaded: set[str], taken: set[str],
-                            log: Callable[[str], Any] = print) -> list[TwinComposition]:
+def saved_twin_compositions(pool, loaded: set[str], taken: set[str], log: Callable[[str], Any] = print,
+                            only: Collection[Path] | None = None) -> list[TwinComposition]:
     """Twin artifacts built over this pool from LoRA experts that are all among the `loaded` ones, unchanged
     since the build; any other is skipped with its reason logged."""
     out = []
-    for name, folder, meta in _pool_artifacts(pool, "twin", "pool", taken):
+    for name, folder, meta in _pool_artifacts(pool, "twin", "pool", taken, only):
         comp, reason = twin_composition(pool, name, folder, meta, loaded)
         if reason:
             log(f"twin composition {name!r} ({folder}) not served: {reason}")

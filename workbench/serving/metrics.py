@@ -35,13 +35,17 @@ _HELP = {
     "workbench_batch_size": ("histogram", "rows decoded together in one decode step"),
     "workbench_running_sequences": ("gauge", "sequences decoding now"),
     "workbench_queued_sequences": ("gauge", "sequences waiting for a row"),
-    "workbench_adapter_loads_total": ("counter", "adapters put into a kernel slot (at start, at run time, on demand)"),
+    "workbench_adapter_loads_total": ("counter", ("servable adapters written into a kernel slot: those resident from "
+                                                  "the start, run-time loads with room, on-demand loads under "
+                                                  "--max-loaded-adapters (composition parts not counted)")),
     "workbench_adapter_evictions_total": ("counter", ("least recently used adapters taken out of their kernel slot "
                                                       "for another (--max-loaded-adapters)")),
     "workbench_resident_adapters": ("gauge", "servable adapters in a kernel slot now"),
     "workbench_registered_adapters": ("gauge", "adapters served (resident or waiting on the CPU)"),
-    "workbench_runtime_adapter_loads_total": ("counter", "adapters loaded through POST /v1/load_lora_adapter"),
-    "workbench_runtime_adapter_unloads_total": ("counter", "adapters unloaded through POST /v1/unload_lora_adapter"),
+    "workbench_runtime_adapter_loads_total": ("counter", ("adapters and compositions loaded through POST "
+                                                          "/v1/load_lora_adapter")),
+    "workbench_runtime_adapter_unloads_total": ("counter", ("adapters and compositions unloaded through POST "
+                                                            "/v1/unload_lora_adapter")),
 }
 
 

@@ -294,13 +294,17 @@ class LoadLoraAdapterRequest(_Strict):
                                                                       "name: letters, digits, _ . - ; not taken)")
     lora_path: str = Field(min_length=1, max_length=4096, description="a PEFT LoRA adapter folder on the server "
                                                                        "(safetensors), or a saved composition's "
-                                                                       "artifact folder, over the server's base")
+                                                                       "artifact folder, over the server's base: an "
+                                                                       "absolute path, or one relative to the "
+                                                                       "server's working directory (`~` is not "
+                                                                       "expanded)")
 
 
 class UnloadLoraAdapterRequest(_Strict):
-    """POST /v1/unload_lora_adapter (vLLM's): stop serving adapter `lora_name`."""
+    """POST /v1/unload_lora_adapter (vLLM's): stop serving adapter or saved composition `lora_name`."""
 
-    lora_name: str = Field(min_length=1, max_length=200, description="a served adapter's name")
+    lora_name: str = Field(min_length=1, max_length=200, description="a served adapter's or saved composition's name "
+                                                                      "(not `base`)")
 
 
 class ModelCard(Schema):

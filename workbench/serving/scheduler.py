@@ -158,6 +158,8 @@ class Job:
     last_token: float | None = None
     held: bool = False  # the engine keeps its adapters (`MultiLoraModel.hold`) until it is closed
     acquired: bool = False  # its adapters are in kernel slots, not evictable, until it is closed
+    waited_for_slot: bool = False  # it could not be admitted at once: its adapters' slots were all in use
+    passed: int = 0  # jobs admitted past it while it waited for a slot (bounded: `Scheduler._admit`)
 
     @property
     def finished(self) -> bool:
@@ -179,7 +181,8 @@ class Scheduler:
         self.waiting: deque[Job] = deque()  # taken from `q`, not admitted yet (batch full, prefill budget spent)
         # batches: prefills; sequences: admitted; tokens: generated for clients; cancelled: left (client gone);
         # failed: sequences ended by an error; max_batch_seen: most rows decoded together; joined_running and
-        # left_running: sequences that joined rows already decoding, that left while other rows went on decoding
+        # left_running: sequences that joined rows already decoding, that left while other rows went on decoding;
+        # slot_waits: sequences that waited for an adapter slot (each counted once)
         self.stats = {"batches": 0, "sequences": 0, "max_batch_seen": 0, "tokens": 0, "cancelled": 0, "failed": 0,
                       "joined_running": 0, "left_running": 0, "slot_waits": 0}
         self.running: list[Job] = []
@@ -251,22 +254,34 @@ class Scheduler:
                 break
         jobs: list[Job] = []
         longest = 0
-        while self.waiting and len(jobs) < room:
-            job = self.waiting[0]
-            if job.cancelled.is_set():
-                self.waiting.popleft()
+        blocked: Job | None = None  # the first job waiting for a slot: it takes the next one that frees
+        keep: deque[Job] = deque()
+        for job in self.waiting:
+            if job.cancelled.is_set():  # anywhere in the line: it leaves it, its holds released
                 self.stats["cancelled"] += 1
                 self._close(job, None)
                 continue
+            if len(jobs) >= room:
+                keep.append(job)
+                continue
             longest_then = max(longest, len(job.prompt_ids))
             if jobs and longest_then * (len(jobs) + 1) > self.max_prefill_tokens:  # left-padded prefill size
-                break
-            if self._acquire is not None and not self._acquire(job.assignment):  # every adapter slot is used by running sequences: it
-                self.stats["slot_waits"] += 1  # waits (first in line) until one of them leaves
-                break
+                room = len(jobs)  # the prefill is full: the rest wait in order
+                keep.append(job)
+                continue
+            if self._acquire is not None and not (self._pass(job, blocked) if blocked is not None
+                                                  else self._acquire(job.assignment)):
+                # every slot it could use is used by running sequences (or is the first waiting job's next)
+                if not job.waited_for_slot:
+                    job.waited_for_slot = True
+                    self.stats["slot_waits"] += 1
+                blocked = blocked or job
+                keep.append(job)
+                continue
             job.acquired = self._acquire is not None
-            jobs.append(self.waiting.popleft())
+            jobs.append(job)
             longest = longest_then
+        self.waiting = keep
         if not jobs and not self.running and self.waiting:
             time.sleep(0.002)  # slots held by another thread's `generate`: do not spin
         now = time.monotonic()
@@ -275,6 +290,19 @@ class Scheduler:
             if self.metrics is not None:
                 self.metrics.admitted(job, now - job.submitted)
         return jobs
+
+    def _pass(self, job: Job, blocked: Job) -> bool:
+        """Admit `job` before `blocked` (an earlier job waiting for a slot), its adapters acquired, when it takes no
+        slot (the base, a composition's pinned parts), or uses adapters already resident only and `blocked` has
+        been passed fewer than `max_batch` times; never when it would load an adapter (the next slot that frees
+        is `blocked`'s: slot loads keep their order). So base and resident-adapter requests do not wait behind a
+        request for a slot, and the bound lets the resident adapters drain so that the waiting one gets its slot."""
+        if not self.engine.needs(job.assignment):
+            return self._acquire(job.assignment)
+        if blocked.passed >= self.max_batch or not self._acquire(job.assignment, load=False):
+            return False
+        blocked.passed += 1
+        return True
 
     def _prefill(self, jobs: list[Job]) -> None:
         """Prefill `jobs` (those asking for prompt logprobs each alone: every position's logits), sample their

@@ -2,8 +2,9 @@
 cached) before the engine loads, so the server serves them.
 
 The recipes go through the library's own path: `recipes.parse_recipe` validates each, `recipes.build` builds it
-once per key into the artifact cache (a cached artifact is reused), and the engine then finds the artifacts built
-over its pool as it does at every start (`engine._pool_artifacts`). `all` is every recipe of the recipes folder
+once per key into the artifact cache (a cached artifact is reused), and the engine then serves exactly those
+artifacts beside the pool's plain adapters (`api.build_app`: `MultiLoraModel.from_pool(declared=...)`; one that
+cannot be served fails the start). `all` is every recipe of the recipes folder
 over this pool whose artifact the adapter engine serves (routed or low-rank): decided from what the method
 declares (`Method.artifact_types` where a method declares it; else an output of kind `lora`, or a method that
 takes LoRA experts only, which composes them in adapter space), never by the method's name.
