@@ -37,6 +37,7 @@ VIEWS = ["Leaderboard", "Per-task charts", "Pairwise", "Examples", "Sweeps", "Ro
 PAGES = {"Leaderboard": view_leaderboard, "Per-task charts": view_charts, "Pairwise": view_pairwise,
          "Examples": view_examples, "Sweeps": view_sweeps, "Routing": view_routing, "Playground": view_playground,
          "Run": view_run, "Benchmarks": view_benchmarks}
+NO_RESULTS_NEEDED = ("Playground",)  # views that read the pools, not the results folder
 
 
 def main() -> None:
@@ -50,15 +51,18 @@ def main() -> None:
     except WorkbenchError as e:
         st.error(str(e))
         return
-    if not root.exists():  # a mistyped folder is not an empty one
-        st.warning(f"The results folder `{root}` does not exist: check the path in the sidebar (nothing was read).")
+    missing = not root.exists()
+    if missing:  # a mistyped folder is not an empty one: said once, and no view adds "no results yet"
+        st.warning(f"The results folder `{root}` does not exist: check the path in the sidebar (nothing was read)."
+                   + ("" if view in NO_RESULTS_NEEDED else f" {view} reads it: nothing to show."))
     st.sidebar.caption(f"{cat.files} JSON files, {len(cat.runs)} runs, {len(cat.comparisons)} comparisons "
                        f"({1000 * (time.perf_counter() - t0):.0f} ms)")
     if cat.warnings:
         with st.sidebar.expander(f"{len(cat.warnings)} files skipped"):
             for path, problem in cat.warnings:
                 st.warning(f"{path}: {problem}")
-    PAGES[view](cat)
+    if not missing or view in NO_RESULTS_NEEDED:
+        PAGES[view](cat)
     write_url(view, root)
 
 

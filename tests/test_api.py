@@ -375,7 +375,7 @@ def test_leaderboard_paired_pools_accuracy_like_tasks_and_tests_one_task_by_its_
     assert board.paired("merged", "base", ["my_cls"])["n"] == 4
     ppl = board.paired("merged", "base", task="python_code")
     assert (ppl["a"], ppl["b"], ppl["task"], ppl["kind"], ppl["test"]) == (
-        "merged", "base", "python_code", "corpus", "paired_bootstrap_corpus")
+        "merged", "base", "python_code", "corpus", "sign_flip_corpus")
     assert ppl["mean_a"] == pytest.approx(_ppl(4.0)) and ppl["mean_b"] == pytest.approx(_ppl(0.0))
     assert ppl["diff"] < 0 and ppl["gain"] == pytest.approx(-ppl["diff"]) and ppl["higher_is_better"] is False
     row = next(r for r in board.board["rows"] if r["name"] == "merged")["tasks"]["python_code"]["paired"]
@@ -390,7 +390,7 @@ def test_leaderboard_paired_pools_accuracy_like_tasks_and_tests_one_task_by_its_
     # a board read from leaderboard.json alone answers its own tests against the reference, per task too
     read = wb.Leaderboard(board.board)
     got = read.paired("merged", "base", task="python_code")
-    assert (got["test"], got["p_value"], got["kind"]) == ("paired_bootstrap_corpus", ppl["p_value"], "corpus")
+    assert (got["test"], got["p_value"], got["kind"]) == ("sign_flip_corpus", ppl["p_value"], "corpus")
     assert read.paired("merged", "base")["tasks"] == ["addition", "my_cls"]
 
 

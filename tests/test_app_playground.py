@@ -33,6 +33,9 @@ def open_playground(query: dict[str, str] | None = None) -> AppTest:
     if at.sidebar.radio(key="view").value != "Playground":
         at.sidebar.radio(key="view").set_value("Playground").run()
     assert not at.exception, [e.value for e in at.exception]
+    if any(b.key == "pg-load" for b in at.button):  # the pool loads on a click (once per process)
+        at.button(key="pg-load").click().run()
+    assert not at.exception and any(m.key == "pg-models" for m in at.multiselect)
     return at
 
 
@@ -119,6 +122,9 @@ def test_answers_stream_without_blocking_the_session_and_cancel_stops_them(world
     partial = [t.value for t in at.text]
     assert any(p not in ("…", "") for p in partial) and not gen.finished
     at.button(key="pg-cancel").click().run()
+    deadline = time.time() + 10  # each answer's drain sees the cancel within 0.1 s (longer on a loaded machine)
+    while not gen.finished and time.time() < deadline:
+        time.sleep(0.05)
     assert gen.finished and {a.state for a in gen.answers} == {"cancelled"}
     counts = [len(j.tokens) for j in gen.jobs]
     time.sleep(1.0)
@@ -135,3 +141,25 @@ def test_a_link_preselects_models_and_prompt(world):
     assert at.multiselect(key="pg-models").value == ["sorting", "addition"]
     assert at.text_area(key="pg-prompt").value == "Sort: 3 1 2\nAnswer:"
     assert any("ghost" in w.value for w in at.warning)
+
+
+def test_opening_the_playground_loads_nothing_until_asked(world):
+    """Opening the view is fast: the pool loads into the serving engine on "load pool" (or on a link naming models),
+    and once loaded it stays for the process."""
+    import sys
+
+    sys.path.insert(0, str(Path(APP).parent))
+    import views.playground as pg
+
+    pg._LOADED.clear()
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.query_params["view"] = "Playground"
+    at.run()
+    assert not at.exception and any(b.key == "pg-load" for b in at.button)
+    assert not any(m.key == "pg-models" for m in at.multiselect)  # nothing loaded, no model list yet
+    at.button(key="pg-load").click().run()
+    assert any(m.key == "pg-models" for m in at.multiselect) and pg._LOADED
+    again = AppTest.from_file(APP, default_timeout=120)
+    again.query_params["view"] = "Playground"
+    again.run()
+    assert not any(b.key == "pg-load" for b in again.button)  # loaded once for every session

@@ -44,7 +44,8 @@ def write_run(folder: Path, run_id: str, row: str, task_values: dict[str, list[f
 
 def write_comparison(root: Path, name: str, table: dict[str, dict[str, list[float]]], reference: str, *,
                      limit: int = 4, dirty: set[str] = frozenset(), ppl: dict[str, float] | None = None,
-                     answers: dict[str, dict[str, list[str]]] | None = None) -> dict:
+                     answers: dict[str, dict[str, list[str]]] | None = None,
+                     methods: dict[str, str] | None = None) -> dict:
     """A comparison as `workbench compare` leaves it: per (row, task) a cell (exact match per example, its run inside
     the folder), plan.json with every planned cell's key, leaderboard.json from the library. `ppl`: row -> a shift of
     a perplexity task's per-document log-likelihoods (python_code, lower perplexity is better)."""
@@ -53,7 +54,7 @@ def write_comparison(root: Path, name: str, table: dict[str, dict[str, list[floa
     out = root / "compare" / name
     tasks = sorted({t for v in table.values() for t in v}, key=lambda t: (t not in HELD_IN, t))
     tasks += ["python_code"] if ppl else []
-    rows = [{"name": r, "method": "m", "expert_task": None} for r in table]
+    rows = [{"name": r, "method": (methods or {}).get(r, "m"), "expert_task": None} for r in table]
     cells = {}
     for i, (row, per_task) in enumerate(table.items()):
         run = write_run(out / "lm-eval" / f"demo__{row}", f"2026-01-0{1 + i % 9}T00-00-0{i % 10}", row, per_task,
@@ -109,7 +110,7 @@ def sidebar_warnings(at: AppTest) -> list[str]:
 
 
 def link_params(url: str) -> dict[str, str]:
-    return {k: v[0] for k, v in parse_qs(urlparse(url).query).items()}
+    return {k: v[0] for k, v in parse_qs(urlparse(url).query, keep_blank_values=True).items()}  # as Streamlit reads it
 
 
 # ----------------------------------------------------------------------------- leaderboard
@@ -411,3 +412,138 @@ def test_stale_ghost_deep_and_huge_files_every_view_renders_and_agrees_with_lead
                 assert df.loc[m, "sort %"] == pytest.approx(lib.loc[m, "sorting %"], nan_ok=True)
         if view == "Examples":
             assert at.dataframe and "examples of addition" in texts(at)
+
+
+# ----------------------------------------------------------------------------- the review of issue 28 (second round)
+
+
+def test_examples_with_a_equal_to_b_is_a_warning_not_a_crash(tmp_path):
+    """A = B by URL, and a task only one row scored (A and B can only be that row): no duplicate columns."""
+    res = tmp_path / "results"
+    write_comparison(res, "ab", {"base": {"addition": [0, 1, 0, 0], "sorting": [1, 1, 0, 0]},
+                                 "x": {"addition": [1, 1, 0, 1]}}, "base")
+    at = open_app(res, "Examples", A="base", B="base", task="addition")
+    df = at.dataframe[0].value
+    assert len(set(df.columns)) == len(df.columns) and "base (A = B) ok" in df.columns and "x ok" in df.columns
+    assert any("A and B are both `base`" in w.value for w in at.warning)
+    assert at.selectbox(key="ex-filter").options == ["all examples", "every row wrong", "every row right"]
+    at = open_app(res, "Examples", task="sorting")  # only base scored sorting
+    assert not at.exception and "only `base` scored sort" in " ".join(w.value for w in at.warning)
+    assert list(at.dataframe[0].value.doc_id) == [0, 1, 2, 3]
+
+
+def test_leaderboard_with_every_method_deselected_is_an_empty_state(tmp_path):
+    res = tmp_path / "results"
+    write_comparison(res, "m0", {"base": {"addition": [0, 1, 0, 0]}, "x": {"addition": [1, 1, 0, 1]}}, "base")
+    at = open_app(res, "Leaderboard")
+    at.multiselect(key="lb-methods-comparison-m0").set_value([]).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.dataframe and any("No method selected" in i.value for i in at.info)
+    assert at.query_params["methods"] == ""
+    again = open_url("?" + urlencode(dict(at.query_params)))  # the empty selection travels in the URL too
+    assert again.multiselect(key="lb-methods-comparison-m0").value == [] and not again.dataframe
+
+    import sys
+
+    sys.path.insert(0, str(Path(APP).parent))
+    from views.tables import leaderboard_table
+
+    from workbench.catalog import comparison_source, scan
+
+    board = comparison_source(scan(res), "m0").board()
+    df, _ = leaderboard_table({**board, "rows": []})
+    assert list(df.columns[:2]) == ["model", "method"] and len(df) == 0
+
+
+def test_examples_of_a_perplexity_task_filter_by_log_likelihood_higher_is_better(tmp_path):
+    """Per-document log-likelihoods are higher-is-better though the perplexity is lower-is-better: `a` (every
+    document 4 nats more likely, a lower perplexity) is better than `b` on every document."""
+    res = tmp_path / "results"
+    write_comparison(res, "pp", {"a": {"addition": [1, 0, 1, 0]}, "b": {"addition": [0, 0, 1, 0]}}, "b",
+                     ppl={"a": 4.0, "b": 0.0})
+    at = open_app(res, "Examples", task="python_code", A="a", B="b", filter="a-only")
+    assert list(at.dataframe[0].value.doc_id) == [0, 1, 2, 3]
+    caption = texts(at)
+    assert "the document's log-likelihood (higher is better; the task's word_perplexity aggregates them over the " \
+           "corpus, lower is better)" in caption
+    at.selectbox(key="ex-filter").set_value("b-only").run()
+    assert not at.dataframe and any("No example matches" in i.value for i in at.info)
+
+
+def test_a_perplexity_only_comparison_shows_no_accuracy_columns_and_empty_groups_say_so(tmp_path):
+    res = tmp_path / "results"
+    write_comparison(res, "po", {"base": {}, "good": {}}, "base", ppl={"base": 0.0, "good": 8.0})
+    at = open_app(res, "Leaderboard")
+    cols = set(at.dataframe[0].value.columns)
+    assert {"py ppl word_perplexity", "py ppl se", "py ppl p"} <= cols
+    empty = {"held_in %", "held_out %", "held_in se", "normalized %", "diff vs ref (pp)", "p (paired)", "p Holm",
+             "paired n", "held_in Δ (pp)", "held_in p", "held_out p Holm"}
+    assert not cols & empty, cols & empty
+    for group in ("held-in", "held-out"):
+        at.selectbox(key="lb-group").set_value(group).run()
+        assert not at.dataframe and any(f"No row shown scored a {group} task" in i.value for i in at.info), group
+
+
+def test_the_heatmap_with_no_row_selected_is_an_empty_state(tmp_path):
+    res = tmp_path / "results"
+    _browsable(res)
+    at = open_app(res, "Per-task charts", rows="")
+    assert at.multiselect(key="ch-rows-comparison-ex").value == []
+    assert not at.get("vega_lite_chart") and any("No rows selected" in i.value for i in at.info)
+
+
+def test_wording_no_shared_task_missing_folder_and_no_disagreement(tmp_path):
+    res = tmp_path / "results"
+    write_comparison(res, "w", {"base": {"addition": [0, 1, 0, 0]}, "x": {"sorting": [1, 1, 0, 1]},
+                                "same": {"addition": [0, 1, 0, 0]}}, "base")
+    at = open_app(res, "Leaderboard")
+    warned = " ".join(w.value for w in at.warning)
+    assert "These rows share no task: ranked by" in warned and "no all task" not in warned
+    at = open_app(res, "Pairwise", A="same", B="base", task="addition")
+    info = " ".join(i.value for i in at.info)
+    assert "No disagreement: A and B score each of the 4 paired examples of add alike (A − B = 0)" in info
+    assert "per-sample outputs" not in info
+    for view in ("Leaderboard", "Sweeps", "Routing", "Benchmarks", "Run"):  # a typo: said once, never "no results yet"
+        at = open_app(tmp_path / "typo", view)
+        said = [x.value for kind in ("info", "warning") for x in at.get(kind)]
+        assert len(said) == 1 and "does not exist" in said[0], (view, said)
+
+
+def test_every_views_selection_round_trips_through_the_url(tmp_path):
+    """Leaderboard's methods, Per-task charts' rows, reference and scatters, Examples' opened example: set by hand,
+    read back from the URL into a fresh session, the same widgets and the same tables."""
+    res = tmp_path / "results"
+    write_comparison(res, "u", {"base": {"addition": [0, 1, 0, 0], "sorting": [0, 0, 1, 0]},
+                                "x": {"addition": [1, 1, 0, 1], "sorting": [1, 0, 1, 0]},
+                                "y": {"addition": [1, 0, 0, 0], "sorting": [1, 1, 1, 1]}}, "base",
+                     methods={"base": "base", "x": "ties", "y": "dare"})
+
+    def again(at):
+        return open_url("?" + urlencode(dict(at.query_params)))
+
+    at = open_app(res, "Leaderboard")
+    assert "methods" not in at.query_params  # every method: no list in the URL
+    at.multiselect(key="lb-methods-comparison-u").set_value(["base", "dare"]).run()
+    assert at.query_params["methods"] == "base,dare"
+    two = again(at)
+    assert two.multiselect(key="lb-methods-comparison-u").value == ["base", "dare"]
+    assert list(two.dataframe[0].value.model) == list(at.dataframe[0].value.model) and set(
+        at.dataframe[0].value.model) == {"base", "y"}
+
+    at = open_app(res, "Per-task charts")
+    at.multiselect(key="ch-rows-comparison-u").set_value(["y", "x"]).run()
+    at.selectbox(key="ch-ref-comparison-u").set_value("y").run()
+    at.toggle(key="ch-cost-u").set_value(False).run()
+    assert (at.query_params["rows"], at.query_params["ref"], at.query_params["costs"]) == ("y,x", "y", "off")
+    two = again(at)
+    assert two.multiselect(key="ch-rows-comparison-u").value == ["y", "x"]
+    assert two.selectbox(key="ch-ref-comparison-u").value == "y" and two.toggle(key="ch-cost-u").value is False
+    assert [c.proto.spec for c in two.get("vega_lite_chart")] == [c.proto.spec for c in at.get("vega_lite_chart")]
+
+    at = open_app(res, "Examples", task="sorting", A="y", B="x", filter="differ")
+    key = "ex-doc-comparison-u-sorting"
+    at.selectbox(key=key).set_value(3).run()
+    assert at.query_params["doc"] == "3" and at.query_params["filter"] == "differ"
+    two = again(at)
+    assert two.selectbox(key=key).value == 3
+    assert [t.value for t in two.text] == [t.value for t in at.text]  # the same example opened in full

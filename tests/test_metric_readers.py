@@ -98,7 +98,7 @@ def test_runs_source_makes_cells_of_each_tasks_primary_metric(loose_runs):
     row = next(r for r in board["rows"] if r["name"] == "multitask")
     ppl = row["tasks"]["python_code"]
     assert ppl["mean"] == pytest.approx(_ppl([x + 4.0 for x in LLS], WORDS)) and ppl["stderr"] > 0
-    assert ppl["paired"]["test"] == "paired_bootstrap_corpus" and ppl["paired"]["gain"] > 0  # lower perplexity
+    assert ppl["paired"]["test"] == "sign_flip_corpus" and ppl["paired"]["gain"] > 0  # lower perplexity
     assert row["tasks"]["my_qa"]["paired"]["test"] == "paired_bootstrap"
     assert row["tasks"]["addition"]["paired"]["test"] == "mcnemar"
 
@@ -111,7 +111,7 @@ def test_pairwise_pairs_each_task_with_its_metrics_test(loose_runs):
     assert set(got) == {"addition", "python_code", "my_qa"}  # my_cls: no per-example values, no test
     ppl = got["python_code"]
     assert (ppl["kind"], ppl["metric"], ppl["higher_is_better"]) == ("corpus", "word_perplexity", False)
-    assert ppl["test"] == "paired_bootstrap_corpus"
+    assert ppl["test"] == "sign_flip_corpus"
     # A and B are the corpus perplexities (never mean log-likelihoods), the gain + when A's is lower
     assert ppl["a"] == pytest.approx(_ppl([x + 4.0 for x in LLS], WORDS)) and ppl["b"] == pytest.approx(_ppl(LLS, WORDS))
     assert ppl["diff"] < 0 and ppl["gain"] == pytest.approx(-ppl["diff"])
@@ -132,7 +132,7 @@ def test_pairwise_of_a_comparisons_perplexity_cells_is_over_documents():
     src = Source("comparison", "c", rows, {("a", "python_code"): cell(4.0), ("b", "python_code"): cell(0.0)},
                  ["python_code"], "b")
     (r,) = src.pairwise("a", "b")
-    assert r["kind"] == "corpus" and r["test"] == "paired_bootstrap_corpus"
+    assert r["kind"] == "corpus" and r["test"] == "sign_flip_corpus"
     assert r["a"] == pytest.approx(_ppl([x + 4.0 for x in LLS], WORDS)) and r["gain"] > 0
 
 

@@ -177,7 +177,7 @@ def test_leaderboard_has_every_metric_with_direction_se_and_paired_test(own_worl
             if r["name"] != "base":
                 p = c["paired"]
                 assert p["n"] == 8 and 0 <= p["p_value"] <= 1, (r["name"], t, p)
-                assert p["test"] == ("mcnemar" if t != "notes" else "paired_bootstrap_corpus")
+                assert p["test"] == ("mcnemar" if t != "notes" else "sign_flip_corpus")
     ppl = {r["name"]: r["tasks"]["notes"]["mean"] for r in board["rows"]}
     assert all(v > 1 for v in ppl.values())  # a perplexity, not a percentage or a log-likelihood
     md = (out / "leaderboard.md").read_text()

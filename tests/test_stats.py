@@ -11,6 +11,7 @@ from workbench.eval.stats import (
     mcnemar,
     paired_bootstrap,
     paired_corpus_bootstrap,
+    paired_corpus_test,
     stderr,
 )
 
@@ -124,3 +125,69 @@ def test_paired_corpus_bootstrap_on_the_aggregate_difference():
     assert paired_corpus_bootstrap(mixed, w, ll, w, "perplexity")["p_value"] > 0.3
     with pytest.raises(ValueError, match="differ in length"):
         paired_corpus_bootstrap(ll, w, ll[:3], w[:3], "perplexity")
+
+
+def test_paired_corpus_test_is_an_exact_sign_flip_on_few_documents():
+    """4 documents, every one better under A: the bootstrap said p = 0.0002; an exact permutation test can say no
+    less than 2 / 2^4 = 0.125 (only the observed assignment and its mirror are as extreme)."""
+    ll = [-40.0, -90.0, -25.0, -60.0]
+    w = [10.0, 20.0, 5.0, 15.0]
+    better = [x + 4.0 for x in ll]
+    assert paired_corpus_bootstrap(better, w, ll, w, "perplexity")["p_value"] < 0.001  # the old, untrustworthy p
+    r = paired_corpus_test(better, w, ll, w, "perplexity")
+    assert r["test"] == "sign_flip_corpus" and r["exact"] and r["n"] == 4
+    assert r["diff"] == pytest.approx(corpus_aggregate(better, w, "perplexity") - corpus_aggregate(ll, w, "perplexity"))
+    assert r["p_value"] == pytest.approx(2 / 16)
+    # by hand: every one of the 16 swaps of A and B per document, the aggregate difference recomputed
+    import itertools
+
+    def diff(xa, xb):
+        return corpus_aggregate(xa, w, "perplexity") - corpus_aggregate(xb, w, "perplexity")
+
+    obs = abs(diff(better, ll))
+    extreme = 0
+    for s in itertools.product([0, 1], repeat=4):
+        xa = [b if f else a for a, b, f in zip(better, ll, s)]
+        xb = [a if f else b for a, b, f in zip(better, ll, s)]
+        extreme += abs(diff(xa, xb)) >= obs * (1 - 1e-9)
+    assert r["p_value"] == pytest.approx(extreme / 16)
+    # the floor falls with more documents: 10 documents all better reach 2 / 1024
+    ll10 = [-float(20 + 3 * i) for i in range(10)]
+    assert paired_corpus_test([x + 2 for x in ll10], [5.0] * 10, ll10, [5.0] * 10, "perplexity")["p_value"] == \
+        pytest.approx(2 / 1024)
+    assert paired_corpus_test(ll, w, ll, w, "perplexity")["p_value"] == 1.0
+    assert paired_corpus_test(better, w, ll, w, "bits_per_byte")["p_value"] == pytest.approx(2 / 16)
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_corpus_test(ll, w, ll[:3], w[:3], "perplexity")
+    with pytest.raises(ValueError, match="iters must be an integer"):
+        paired_corpus_test(ll, w, ll, w, "perplexity", iters=10**9)
+
+
+def test_paired_corpus_test_beyond_exact_is_seeded_monte_carlo():
+    ll = [-float(20 + (5 * i) % 17) for i in range(40)]
+    w = [10.0] * 40
+    better = [x + 2.0 for x in ll]
+    r = paired_corpus_test(better, w, ll, w, "perplexity")
+    assert not r["exact"] and r["p_value"] == pytest.approx(1 / 10_001)  # no random swap is as extreme
+    assert paired_corpus_test(better, w, ll, w, "perplexity") == r  # seeded
+    mixed = list(ll)
+    mixed[0] += 30
+    mixed[1] -= 29
+    assert paired_corpus_test(mixed, w, ll, w, "perplexity")["p_value"] > 0.3  # within the documents' noise
+
+
+def test_leaderboard_perplexity_p_values_come_from_the_permutation_test():
+    """The leaderboard's per-task test of a perplexity over 4 documents (issue 28: p = 0.0002 before)."""
+    from workbench.eval.leaderboard import build_leaderboard
+
+    ll = [-40.0, -90.0, -25.0, -60.0]
+    words = [10.0, 20.0, 5.0, 15.0]
+
+    def cell(shift):
+        return {"metric": "word_perplexity", "higher_is_better": False, "aggregate": "perplexity", "n": 4,
+                "doc_ids": [0, 1, 2, 3], "values": [x + shift for x in ll], "weights": words}
+
+    board = build_leaderboard([{"name": "a", "method": "m"}, {"name": "b", "method": "m"}],
+                              {("a", "python_code"): cell(4.0), ("b", "python_code"): cell(0.0)}, ["python_code"], "b")
+    p = next(r for r in board["rows"] if r["name"] == "a")["tasks"]["python_code"]["paired"]
+    assert p["test"] == "sign_flip_corpus" and p["p_value"] == pytest.approx(0.125) and p["gain"] > 0

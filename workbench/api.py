@@ -723,8 +723,8 @@ class Leaderboard:
         per-example f1 ...) are never pooled with them: test them one at a time.
 
         With `task=`: that task alone, by its metric (`leaderboard.pair_cells`): McNemar for accuracy-like metrics, a
-        paired bootstrap over examples for other per-example metrics, over documents for perplexity-like ones (their
-        corpus aggregates). a, b, task, n, mean_a, mean_b (the metric on the shared examples: a perplexity for a
+        paired bootstrap over examples for other per-example metrics, a sign-flip test over documents for
+        perplexity-like ones (their corpus aggregates; exact up to 16 documents). a, b, task, n, mean_a, mean_b (the metric on the shared examples: a perplexity for a
         perplexity task), diff (a − b in the metric's units), gain (+ = a better, whatever the direction), p_value,
         test, metric, higher_is_better, kind (and a_only / b_only for McNemar)."""
         for r in (a, b):

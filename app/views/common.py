@@ -1,10 +1,19 @@
 """What every view shares: the results folder, the source picker, the view header, and the URL that reproduces the
 current view.
 
-The URL: the query parameters `view`, `results`, `source`, `ref`, `group`, `A`, `B`, `task`, `filter` and `q` are
-read when a session starts (`url_index`, `url_value`: a widget's first value) and written at the end of every run
-(`remember`, `write_url`), so a copied address opens the same view with the same selection. Links between views
-(`view_url`) are such addresses.
+The URL: the query parameters in `URL_KEYS` are read when a session starts (`url_index`, `url_value`, `url_list`: a
+widget's first value) and written at the end of every run (`remember`, `write_url`), so a copied address opens the
+same view with the same selection. Per view:
+
+- every view: `view`, `results`; a view with a source picker: `source`;
+- Leaderboard: `ref` (reference row), `group` (task group), `methods` (comma list; absent: every method);
+- Per-task charts: `rows` (comma list, empty: none), `ref` (difference against), `costs` (on/off: the scatters);
+- Pairwise: `A`, `B`, `task` (the disagreements' task);
+- Examples: `task`, `A`, `B`, `filter`, `q` (search), `doc` (the example opened in full);
+- Routing: `trace` (the saved trace's file), `live` (on: trace a prompt live), `model` (the routed model), `tprompt`;
+- Playground: `pool`, `models`, `prompt` (`PLAYGROUND_KEYS`, kept only while it is open).
+
+Links between views (`view_url`) are such addresses.
 """
 
 from __future__ import annotations
@@ -22,7 +31,8 @@ from workbench import catalog
 
 ROOT = Path(__file__).resolve().parents[2]
 
-URL_KEYS = ("view", "results", "source", "ref", "group", "A", "B", "task", "filter", "q")
+URL_KEYS = ("view", "results", "source", "ref", "group", "methods", "rows", "costs", "A", "B", "task", "filter", "q",
+            "doc", "trace", "live", "model", "tprompt")
 PLAYGROUND_KEYS = ("pool", "models", "prompt")  # what a link to the Playground carries (the Playground reads them)
 
 
@@ -39,6 +49,20 @@ def url_start() -> dict[str, str]:
 def url_value(name: str, default: str | None = None) -> str | None:
     v = url_start().get(name)
     return v if isinstance(v, str) and v else default
+
+
+def url_list(name: str) -> list[str] | None:
+    """The start URL's comma list `name` (`rows=a,b`; present but empty: []), None when the URL does not carry it."""
+    v = url_start().get(name)
+    if not isinstance(v, str):
+        return None
+    return [x for x in (p.strip() for p in v.split(",")) if x]
+
+
+def url_flag(name: str, default: bool = False) -> bool:
+    """The start URL's on/off `name` (`costs=on`), else `default`."""
+    v = url_value(name)
+    return default if v not in ("on", "off") else v == "on"
 
 
 def url_index(name: str, options: list, default: int = 0) -> int:
@@ -99,8 +123,9 @@ def pick_source(cat: catalog.Catalog, key: str) -> catalog.Source | None:
     pools = sorted({r.get("pool") for r in cat.runs if r.get("pool")})
     options = [f"comparison: {n}" for n in sorted(cat.comparisons)] + [f"runs: {p}" for p in pools]
     if not options:
-        st.info(f"No results in `{cat.root}` yet: run `workbench demo` or `workbench compare RECIPE`, "
-                "or start one in the Run view.")
+        if Path(cat.root).exists():  # a missing folder is said once, by the app: not called empty here
+            st.info(f"No results in `{cat.root}` yet: run `workbench demo` or `workbench compare RECIPE`, "
+                    "or start one in the Run view.")
         return None
     last = st.session_state.get("_source")  # the source picked in another view of this session
     choice = st.selectbox("source", options, index=url_index("source", options, options.index(last) if last in options

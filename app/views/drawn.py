@@ -6,7 +6,18 @@ from pathlib import Path
 
 import streamlit as st
 
-from views.common import _fmt, _pools, pick_source, results_dir, source_view  # noqa: F401
+from views.common import (  # noqa: F401
+    _fmt,
+    _pools,
+    pick_source,
+    remember,
+    results_dir,
+    source_view,
+    url_flag,
+    url_index,
+    url_list,
+    url_value,
+)
 from workbench import catalog
 from workbench.errors import WorkbenchError
 from workbench.eval import charts
@@ -17,17 +28,24 @@ def view_charts(cat: catalog.Catalog) -> None:
     if got is None:
         return
     src, names = got
-    rows = st.multiselect("rows", names, default=names[: min(6, len(names))], key=f"ch-rows-{src.kind}-{src.name}")
-    board = src.board()
-    if rows:
-        st.altair_chart(charts.task_bars(board, rows), width="content")
+    linked = url_list("rows")
+    rows = st.multiselect("rows", names, default=names[: min(6, len(names))] if linked is None else
+                          [n for n in linked if n in names], key=f"ch-rows-{src.kind}-{src.name}")
     ref_default = src.reference if src.reference in names else names[0]
-    ref = st.selectbox("difference against", names, index=names.index(ref_default), key=f"ch-ref-{src.kind}-{src.name}",
-                       help="base, multitask, the best expert or any method")
-    st.altair_chart(charts.diff_heatmap(board, ref, rows or None), width="content")
-    if src.kind == "comparison" and st.toggle("cost vs quality and held-in vs held-out", key=f"ch-cost-{src.name}",
-                                              help="build time, extra active parameters and evaluation time per "
-                                                   "example against the held-in and held-out means"):
+    ref = st.selectbox("difference against", names, index=url_index("ref", names, names.index(ref_default)),
+                       key=f"ch-ref-{src.kind}-{src.name}", help="base, multitask, the best expert or any method")
+    costs = src.kind == "comparison" and st.toggle(
+        "cost vs quality and held-in vs held-out", value=url_flag("costs", True), key=f"ch-cost-{src.name}",
+        help="build time, extra active parameters and evaluation time per example against the held-in and held-out "
+             "means")
+    remember(rows=",".join(rows), ref=ref, costs=("on" if costs else "off") if src.kind == "comparison" else None)
+    if not rows:
+        st.info("No rows selected: pick rows above to draw the per-task bars, the difference heatmap and the scatters.")
+        return
+    board = src.board()
+    st.altair_chart(charts.task_bars(board, rows), width="content")
+    st.altair_chart(charts.diff_heatmap(board, ref, rows), width="content")
+    if costs:
         _costs(cat, src, board, rows)
 
 
@@ -93,13 +111,8 @@ def _trace(folder: str, prompt: str) -> dict:
     return tr
 
 
-def view_routing(cat: catalog.Catalog) -> None:
-    st.header("Routing")
-    if cat.traces:
-        labels = [f"{t.get('recipe', '?')}: {t.get('prompt', '')[:60]!r} ({cat.rel(t['_path'])})" for t in cat.traces]
-        i = st.selectbox("saved trace", range(len(labels)), format_func=lambda j: labels[j], key="rt-saved")
-        st.altair_chart(charts.usage_chart(cat.traces[i]), width="content")
-        st.altair_chart(charts.token_chart(cat.traces[i]), width="content")
+def _routed_models() -> list[tuple[str, str]]:
+    """(pool: name, folder) of every routed composition built over the pools (imports the serving engine: torch)."""
     from workbench.pool import Pool
     from workbench.serving.engine import routed_artifacts
 
@@ -109,16 +122,38 @@ def view_routing(cat: catalog.Catalog) -> None:
             found += [(f"{p}: {n}", str(f)) for n, f in routed_artifacts(Pool.open(p))]
         except WorkbenchError:
             continue
-    if not found and not cat.traces:
+    return found
+
+
+def view_routing(cat: catalog.Catalog) -> None:
+    st.header("Routing")
+    if cat.traces:
+        paths = [cat.rel(t["_path"]) for t in cat.traces]
+        labels = [f"{t.get('recipe', '?')}: {t.get('prompt', '')[:60]!r} ({p})" for t, p in zip(cat.traces, paths)]
+        i = st.selectbox("saved trace", range(len(labels)), format_func=lambda j: labels[j], key="rt-saved",
+                         index=url_index("trace", paths))
+        remember(trace=paths[i])
+        st.altair_chart(charts.usage_chart(cat.traces[i]), width="content")
+        st.altair_chart(charts.token_chart(cat.traces[i]), width="content")
+    else:
+        st.info("No saved trace in this results folder (`traces/*.json`): trace a prompt live below.")
+    # live tracing imports the serving engine (torch) and loads a model: only when asked, so the view opens fast
+    live = st.toggle("trace a prompt live", value=url_flag("live"), key="rt-live",
+                     help="lists the routed models built over your pools and traces a prompt through one (the model "
+                          "loads on the first trace)")
+    remember(live="on" if live else None)
+    if not live:
+        return
+    found = _routed_models()
+    if not found:
         st.info("No routed model yet. Build one (`workbench demo` builds PHATGOOSE, Arrow and avg-act over the demo "
                 "pool, or the Run view), then trace prompts here.")
         return
-    if not found:
-        st.info("No routed model is built in this cache: saved traces only.")
-        return
     st.subheader("Trace a prompt")
-    j = st.selectbox("routed model", range(len(found)), format_func=lambda k: found[k][0], key="rt-model")
-    prompt = st.text_input("prompt", value="What is 12 + 30?", key="rt-prompt")
+    j = st.selectbox("routed model", range(len(found)), format_func=lambda k: found[k][0], key="rt-model",
+                     index=url_index("model", [f[0] for f in found]))
+    prompt = st.text_input("prompt", value=url_value("tprompt", "What is 12 + 30?"), key="rt-prompt")
+    remember(model=found[j][0], tprompt=prompt or None)
     if st.button("trace", key="rt-go") and prompt:
         st.session_state["rt-last"] = (found[j][0], found[j][1], prompt)
     if st.session_state.get("rt-last"):

@@ -37,6 +37,27 @@ def keep(rec: dict, how: str, a: str, b: str, names: list[str], higher_is_better
     return better if how == "a-only" else worse
 
 
+def value_higher_is_better(info: dict) -> bool:
+    """The direction of the per-example values the browser compares (`task_info`): for a perplexity-like task they
+    are per-document log-likelihoods, higher is better whatever the aggregate's direction (a lower perplexity comes
+    from higher log-likelihoods); else the metric's own."""
+    return True if info["kind"] == "corpus" else bool(info["higher_is_better"])
+
+
+def value_name(info: dict) -> str:
+    return "ok" if info["kind"] == "accuracy" else ("log-likelihood" if info["kind"] == "corpus" else info["metric"])
+
+
+def value_caption(info: dict) -> str:
+    """What the value per row is, and its direction."""
+    if info["kind"] == "accuracy":
+        return "value per row: ok (1 right, 0 wrong)"
+    if info["kind"] == "corpus":
+        return (f"value per row: the document's log-likelihood (higher is better; the task's {info['metric']} "
+                f"aggregates them over the corpus, {'higher' if info['higher_is_better'] else 'lower'} is better)")
+    return f"value per row: {info['metric']} ({'higher' if info['higher_is_better'] else 'lower'} is better)"
+
+
 def matches(rec: dict, text: str) -> bool:
     """Case-insensitive search in the prompt, the target and every answer."""
     t = text.strip().lower()
@@ -63,7 +84,12 @@ def view_examples(cat: catalog.Catalog) -> None:
     b = c3.selectbox("B", have, index=url_index("B", have, b_default), key=f"ex-b-{src.kind}-{src.name}")
     info = task_info(src.board(), task)
     accuracy = info["kind"] == "accuracy"
-    options = [k for k, labels in FILTERS.items() if labels[0 if accuracy else 1] is not None]
+    same = a == b  # one row scored the task, or A = B picked: nothing to compare A with
+    if same:
+        st.warning(f"A and B are both `{a}`: the A/B filters compare nothing"
+                   + (f" (only `{a}` scored {short(task)})." if len(have) == 1 else "; pick two different rows."))
+    options = [k for k, labels in FILTERS.items() if labels[0 if accuracy else 1] is not None
+               and not (same and k in ("a-only", "b-only", "differ"))]
     c4, c5 = st.columns([1, 2])
     how = c4.selectbox("show", options, index=url_index("filter", options),
                        format_func=lambda k: FILTERS[k][0 if accuracy else 1], key="ex-filter",
@@ -80,34 +106,36 @@ def view_examples(cat: catalog.Catalog) -> None:
         st.info(f"No per-example values for {task}: lm-eval gives none for {info['metric']} (score only).")
         return
     others = [n for n in have if n not in (a, b)]
-    hib = bool(info["higher_is_better"])
+    hib = value_higher_is_better(info)
     got_recs = [r for r in recs if keep(r, how, a, b, names, hib) and matches(r, text)]
-    value = "ok" if accuracy else ("log-likelihood" if info["kind"] == "corpus" else info["metric"])
-    st.caption(f"{len(got_recs)} of {len(recs)} examples of {task} · value per row: {value} "
-               f"({'1 right, 0 wrong' if accuracy else ('higher' if hib else 'lower') + ' is better'}), from the "
-               "cells the leaderboard counts; answers from the runs' per-sample outputs (empty: not kept)"
+    st.caption(f"{len(got_recs)} of {len(recs)} examples of {task} · {value_caption(info)}, from the cells the "
+               "leaderboard counts; answers from the runs' per-sample outputs (empty: not kept)"
                + (f" · the first {MAX_ROWS_SHOWN} shown" if len(got_recs) > MAX_ROWS_SHOWN else ""))
+    value = value_name(info)
     if not got_recs:
         st.info("No example matches this filter and search.")
         return
     import pandas as pd
 
+    shown = list(dict.fromkeys((a, b, *others)))  # A = B: its columns once
     cols = ["doc_id", "question", "target"]
-    for n in (a, b, *others):
+    for n in shown:
         cols += [f"{n} answer", n]
     df = pd.DataFrame(got_recs[:MAX_ROWS_SHOWN]).reindex(columns=cols)
-    df = df.rename(columns={a: f"{a} (A) {value}", b: f"{b} (B) {value}",
-                            **{n: f"{n} {value}" for n in others}})
+    role = {a: " (A = B)"} if same else {a: " (A)", b: " (B)"}
+    df = df.rename(columns={n: f"{n}{role.get(n, '')} {value}" for n in shown})
     st.dataframe(df, hide_index=True, width="stretch")
     ids = [r["doc_id"] for r in got_recs[:MAX_ROWS_SHOWN]]
-    doc = st.selectbox("open one example in full", ids, key=f"ex-doc-{src.kind}-{src.name}-{task}")
+    doc = st.selectbox("open one example in full", ids, index=url_index("doc", ids),
+                       key=f"ex-doc-{src.kind}-{src.name}-{task}")
+    remember(doc=doc)
     rec = next(r for r in got_recs if r["doc_id"] == doc)
     with st.container(border=True):
         st.markdown("**prompt**")
         st.text(str(rec.get("question") or "(not kept)"))
         st.markdown("**target**")
         st.text(str(rec.get("target") or "(not kept)"))
-        for n in (a, b, *others):
+        for n in shown:
             if n in rec or f"{n} answer" in rec:
                 st.markdown(f"**{n}** · {value} {rec.get(n)}")
                 st.text(str(rec.get(f"{n} answer") if rec.get(f"{n} answer") is not None else "(no answer kept)"))

@@ -5,7 +5,8 @@ the answer follows after " " and ends at a newline, read with surrounding whites
 answers here as it does in its evaluation; the chat template is a toggle. The models decode together through the
 serving engine's continuous-batching scheduler (the server's own path): each answer streams in as its tokens come,
 with its time to first token and its total time, while the session stays free (a fragment polls); "cancel" ends
-every sequence still decoding. A link `?view=Playground&models=a,b&prompt=...` preselects models and prompt."""
+every sequence still decoding. Opening the view loads nothing: the pool loads into the engine on "load pool" (once
+per app process), or at once on a link `?view=Playground&models=a,b&prompt=...`, which preselects models and prompt."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ except ImportError:  # pragma: no cover - an older views.common
         return v if isinstance(v, str) and v else default
 
 DEFAULT_PROMPT = "Add: 12+34\nAnswer:"  # a question as the suite's addition task asks it
+_LOADED: set[tuple[str, int]] = set()  # (pool root, manifest mtime) whose engine this process has loaded
 MAX_NEW_TOKENS = 1024
 POLL_S = 0.25  # how often a running generation is redrawn
 
@@ -186,10 +188,22 @@ def view_playground(cat: catalog.Catalog) -> None:
     try:
         root = Pool.open(pool).root.resolve()
         mtime = (root / "pool.json").stat().st_mtime_ns
+    except (WorkbenchError, OSError) as e:
+        st.error(str(e).splitlines()[0])
+        return
+    # loading the pool (the base model, every adapter) takes seconds: on a click, or on a link that names models;
+    # once loaded it stays for every session of this app (`_engine` is a shared resource)
+    if (str(root), mtime) not in _LOADED and not url_value("models"):
+        st.caption(f"The Playground decodes through the serving engine: loading pool `{pool}` reads the base model and "
+                   "every adapter, mix and routed composition of the pool (a few seconds, once for every session).")
+        if not st.button(f"load pool {pool}", key="pg-load", type="primary"):
+            return
+    try:
         engine = _engine(str(root), mtime)
     except WorkbenchError as e:
         st.error(str(e))
         return
+    _LOADED.add((str(root), mtime))
     names = engine.model_names()
     linked, unknown = _preselected(names)
     if unknown and "pg-models" not in st.session_state:

@@ -6,7 +6,7 @@ import math
 
 import streamlit as st
 
-from views.common import cell_count, facts_columns, remember, source_view, url_index, view_url
+from views.common import cell_count, facts_columns, remember, source_view, url_index, url_list, view_url
 from workbench import catalog
 from workbench.errors import WorkbenchError
 from workbench.eval.leaderboard import short
@@ -60,7 +60,7 @@ def disagreement_columns(a: str, b: str, row: dict) -> dict[str, str]:
     per-example value named by what it is: "ok" (1 right, 0 wrong) for an accuracy-like metric, the per-document
     log-likelihood for a perplexity-like one (the perplexity aggregates them over the corpus), else the metric."""
     kind = row.get("kind") or ("accuracy" if row.get("test") == "mcnemar" else
-                               "corpus" if row.get("test") == "paired_bootstrap_corpus" else "continuous")
+                               "corpus" if row.get("test") in ("sign_flip_corpus", "paired_bootstrap_corpus") else "continuous")
     what = {"accuracy": "ok", "corpus": "log-likelihood"}.get(kind, str(row.get("metric") or "value"))
     return {"response_a": f"{a} answer", "response_b": f"{b} answer", "value_a": f"{a} {what}",
             "value_b": f"{b} {what}"}
@@ -81,19 +81,24 @@ def disagreements_frame(diffs: list[dict], a: str, b: str, row: dict):
 def leaderboard_table(board: dict, group: str = "all", rank: dict | None = None):
     """The leaderboard frame of `board` as the app shows it for `group` (all, held-in, held-out, other: every task
     outside the suite's held-in and held-out ones): only that group's columns (`leaderboard.group_columns`: its mean,
-    se and paired test, its tasks; never another group's or the test pooled over all tasks), only the rows that scored
+    se and paired test, its tasks; never another group's or the test pooled over all tasks; none that no row shown
+    has a value in), only the rows that scored
     a task of the group (all rows for "all"), in the order of `leaderboard.rank_shared` (over the tasks every row
     shares, in the ranking metric's direction), short task names, p values as text; and the column configuration that
     labels each task's value column with its metric's direction (↑ higher is better, ↓ lower) and formats percent
     columns to 0.1 and other metrics to 4 significant digits."""
+    import pandas as pd
+
     from workbench.eval.leaderboard import group_columns, leaderboard_frame, rank_shared, task_columns, task_info
 
     g = GROUPS[group]
     rank = rank or rank_shared(board, g)
     df = leaderboard_frame(board)
-    df = df[group_columns(board, g, list(df.columns))]
+    if not len(df):  # no row (every method filtered out): an empty table with the frame's first columns
+        return pd.DataFrame(columns=["model", "method"]), {}
     order = [n for n in rank["order"] if g == "all" or n not in rank["unranked"]]
     df = df.set_index("model").loc[order].reset_index()
+    df = df[group_columns(board, g, list(df.columns), df)]  # this group's columns that have a value
     names, config = {}, {}
     for t in board["tasks"]:
         i, cols = task_info(board, t), task_columns(board, t)
@@ -137,16 +142,31 @@ def view_leaderboard(cat: catalog.Catalog) -> None:
     ref = c1.selectbox("reference row (paired test)", names, index=url_index("ref", names, ref_default),
                        key=f"lb-ref-{src.kind}-{src.name}")
     methods = sorted({r["method"] for r in src.rows})
-    chosen = c2.multiselect("methods", methods, default=methods, key=f"lb-methods-{src.kind}-{src.name}")
+    linked = url_list("methods")
+    chosen = c2.multiselect("methods", methods, default=methods if linked is None else [m for m in linked if m in methods],
+                            key=f"lb-methods-{src.kind}-{src.name}")
     groups = list(GROUPS)
     group = c3.selectbox("task group", groups, index=url_index("group", groups), key="lb-group",
                          help="other: tasks outside the built-in suite's held-in and held-out ones (perplexity "
                               "corpora, your own tasks)")
-    remember(ref=ref, group=group)
+    # the methods only when some are left out: a link with every method keeps every method, new ones included
+    remember(ref=ref, group=group, methods=None if set(chosen) == set(methods) else ",".join(chosen))
+    if not chosen:
+        st.info("No method selected: pick at least one in `methods` to show its rows.")
+        return
     board = src.board(ref)
     shown = {**board, "rows": [r for r in board["rows"] if r["method"] in chosen]}
     rank = rank_shared(shown, GROUPS[group])
     df, config = leaderboard_table(shown, group, rank)
+    if not len(df):
+        from workbench.eval.leaderboard import group_tasks
+
+        label = group.replace("_", "-")
+        tasks = group_tasks(shown, GROUPS[group])
+        st.info(f"No row shown scored a {label} task" + (f" ({', '.join(short(t) for t in tasks)})." if tasks else
+                f": this source has no {label} task (its tasks: {', '.join(short(t) for t in shown['tasks'])}).")
+                + " Pick another task group.")
+        return
     cover = coverage(shown, GROUPS[group])
     facts = facts_columns(src, list(df.model))
     at = 2
@@ -169,9 +189,10 @@ def view_leaderboard(cat: catalog.Catalog) -> None:
                       for n in df.model]
     config["pairwise"] = st.column_config.LinkColumn(
         "pairwise", display_text="vs reference →", help="this row against the reference, task by task, in Pairwise")
-    st.dataframe(df, hide_index=True, width="stretch", column_config=config)
+    st.dataframe(df, hide_index=True, width="stretch", height="content", column_config=config)  # every row
     if rank["partial"]:
-        st.warning(f"These rows share no {GROUPS[group].replace('_', '-')} task: ranked by {rank['label']}.")
+        what = "task" if group == "all" else f"{group} task"
+        st.warning(f"These rows share no {what}: ranked by {rank['label']}.")
     left = [n for n in rank["unranked"] if GROUPS[group] != "all"]
     lines = [x for x in legend(shown) if not x.startswith("Ranked by")]
     st.caption(" ".join(lines) + f" Ranked by {rank['label']}." + (
@@ -250,7 +271,7 @@ def view_pairwise(cat: catalog.Catalog) -> None:
     df = pairwise_frame(rows, a, b)
     df["examples"] = [view_url("Examples", source=catalog.source_label(src), A=a, B=b, task=t, filter="differ")
                       for t in df.task]
-    st.dataframe(df, hide_index=True, width="stretch",
+    st.dataframe(df, hide_index=True, width="stretch", height="content",
                  column_config={"A − B": st.column_config.NumberColumn(
                      "A − B", format="%+.4g", help="in the task's unit: points for accuracy-like metrics"),
                      "p Holm": st.column_config.NumberColumn(
@@ -266,10 +287,16 @@ def view_pairwise(cat: catalog.Catalog) -> None:
     except WorkbenchError as e:
         st.warning(str(e))
         return
-    if not diffs:
-        st.info("No per-sample disagreements (or no per-sample outputs were kept for one of the runs).")
-        return
     row = next(r for r in rows if r["task"] == task)
+    if not diffs:
+        lost = [n for n in (a, b) if (n, task) not in src.runs]
+        if lost:
+            st.info(f"No per-sample outputs were kept for {' or '.join(f'`{n}`' for n in lost)} on {short(task)}: "
+                    "the disagreements cannot be listed (the values above come from the cells).")
+        else:
+            st.info(f"No disagreement: A and B score each of the {row['n']} paired examples of {short(task)} "
+                    "alike (A − B = 0).")
+        return
     st.dataframe(disagreements_frame(diffs, a, b, row), hide_index=True, width="stretch")
     st.markdown(f"[all examples of {short(task)}, every row →]"
                 f"({view_url('Examples', source=catalog.source_label(src), A=a, B=b, task=task, filter='differ')})")

@@ -20,7 +20,7 @@ def cell(row, task):
 
 tests = []
 for a, b, tasks in CLAIMS:
-    if tasks == ["notes"]:  # word perplexity, lower is better: paired bootstrap over documents
+    if tasks == ["notes"]:  # word perplexity, lower is better: paired sign-flip test over documents
         t = pair_cells(cell(a, "notes"), cell(b, "notes"))
         tests.append({"a": a, "b": b, "tasks": tasks, "metric": t["metric"], "value_a": t["a"], "value_b": t["b"],
                       "n": t["n"], "test": t["test"], "p_value": t["p_value"], "a_better": t["gain"] > 0})

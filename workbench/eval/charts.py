@@ -132,15 +132,17 @@ def ordered_tasks(tasks: list[str]) -> list[str]:
     return [t for g in GROUPS for t in tasks if _group(t) == g]
 
 
-def _facet_groups(chart, groups: list[str]):
-    """`chart` faceted into one column per task group present (a visible split), each with its own tasks."""
+def _facet_groups(chart, groups: list[str], direction: str = "column"):
+    """`chart` faceted into one column (or, `direction="row"`, one row) per task group present (a visible split), each
+    with its own tasks."""
     import altair as alt
 
     if len(groups) < 2:
         return chart
-    return chart.facet(column=alt.Column("group:N", sort=groups, title=None,
-                                         header=alt.Header(labelFontWeight="bold", labelFontSize=12)),
-                       spacing=14).resolve_scale(x="independent")
+    header = alt.Header(labelFontWeight="bold", labelFontSize=12, **({"labelAngle": 0, "labelAlign": "left"}
+                                                                     if direction == "row" else {}))
+    field = (alt.Row if direction == "row" else alt.Column)("group:N", sort=groups, title=None, header=header)
+    return chart.facet(**{direction: field}, spacing=14).resolve_scale(x="independent")
 
 
 def wilson(k: float, n: float, z: float = 1.96) -> tuple[float, float]:
@@ -185,7 +187,7 @@ def _groups_of(tasks: list[str]) -> list[str]:
 
 
 def task_bars(board: dict[str, Any], rows: list[str] | None = None):
-    """Grouped bars: one group per accuracy-like task (held-in, then held-out, then other, one facet each), one bar
+    """Grouped bars: one group per accuracy-like task (held-in, then held-out, then other, one facet row each), one bar
     per model in its own colour, with black 95% error bars (±1.96 se) centred on their bars; every task label shown;
     the subtitle names the tasks of other metrics left out."""
     import altair as alt
@@ -193,23 +195,28 @@ def task_bars(board: dict[str, Any], rows: list[str] | None = None):
     df = task_frame(board, rows)
     order = ordered_tasks([t for t in board["tasks"] if t in set(df.task)])
     models = [r["name"] for r in board["rows"] if r["name"] in set(df.model)]
-    step = max(4, min(12, 72 // max(1, len(models))))  # px per bar (the width step is the offset's): ~72 per task
+    widest = max((sum(1 for t in order if task_group(t) == g) for g in _groups_of(order)), default=1)
+    # px per bar (the width step is the offset's): ~72 per task, and a group's row at most ~640 px wide
+    step = max(3, min(12, 72 // max(1, len(models)), 640 // max(1, widest * len(models))))
     x = alt.X("task:N", sort=order, title=None, axis=names_axis(order, -45))
     base = alt.Chart(df).encode(x=x, xOffset=alt.XOffset("model:N", sort=models))
-    bars = base.mark_bar().encode(
+    # an explicit width in px: a bar sized relative to its band (Streamlit's theme sets bar.discreteBandSize to
+    # {band: 0.85}) is misplaced by Vega-Lite under an xOffset (shifted by a share of the task's band, not the
+    # model's), and the whiskers then sit at the bars' left edges. A bar of a fixed width is centred in its offset
+    # band, where a rule is drawn (at the band's centre with bandPosition 0.5).
+    bars = base.mark_bar(width=max(2, step - 2)).encode(
         y=alt.Y("score:Q", scale=alt.Scale(domain=[0, 100]), title="accuracy-like metrics, % ↑"),
-        color=series_color("model", models),
+        color=series_color("model", models, orient="top", direction="horizontal", columns=4),
         tooltip=["model", "task", "group", "metric", alt.Tooltip("score:Q", format=".1f"),
                  alt.Tooltip("se:Q", format=".1f"), alt.Tooltip("lo:Q", title="95% low", format=".1f"),
                  alt.Tooltip("hi:Q", title="95% high", format=".1f"), "n"])
-    # a rule sits at its band's start unless told otherwise: centre it on the task's band and on the model's offset
     err = base.mark_rule(color="black", strokeWidth=1.5).encode(
         x=alt.X("task:N", sort=order, title=None, axis=names_axis(order, -45), bandPosition=0.5),
         xOffset=alt.XOffset("model:N", sort=models, bandPosition=0.5), y="lo:Q", y2="hi:Q")
     chart = (bars + err).properties(width=alt.Step(step), height=300)
     groups = _groups_of(order)
-    if len(groups) > 1:
-        return _facet_groups(chart, groups).properties(title=_title("per task (95% intervals)", board))
+    if len(groups) > 1:  # one row per group: 15 tasks x 6 rows side by side overflow a page's width
+        return _facet_groups(chart, groups, "row").properties(title=_title("per task (95% intervals)", board))
     return chart.properties(title=_title("per task (95% intervals)", board))
 
 

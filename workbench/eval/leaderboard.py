@@ -11,8 +11,9 @@ board, decided once per task so every row treats it alike):
 - continuous: any other mean metric (a per-example f1 ..., even when its values happen to be all 0 or 1): shown as
   it is, standard error of the mean, paired bootstrap over examples;
 - corpus: perplexity-like aggregates of `loglikelihood_rolling` tasks (word/byte perplexity exp(-Σll/Σw), bits per
-  byte -Σll/Σw/ln 2): shown as the aggregate, never in %, standard error by bootstrap over documents, paired
-  bootstrap over documents of the aggregate difference;
+  byte -Σll/Σw/ln 2): shown as the aggregate, never in %, standard error by bootstrap over documents, a paired
+  permutation (sign-flip) test over documents of the aggregate difference (`stats.paired_corpus_test`: exact up to
+  16 documents, so 4 documents never give p below 0.125);
 - none: lm-eval gives no per-example numbers (corpus BLEU ...): the score only, and the task's `note` says why.
 
 Per group (held-in, held-out of the built-in suite; every other task: "other") the mean of the accuracy-like,
@@ -82,7 +83,7 @@ def _pair(a: metrics.CellView, b: metrics.CellView, kind: str) -> dict[str, Any]
     if not idx:
         return None
     if kind == "corpus":
-        c = stats.paired_corpus_bootstrap([a.values[i] for i, _ in idx], [a.weights[i] for i, _ in idx],
+        c = stats.paired_corpus_test([a.values[i] for i, _ in idx], [a.weights[i] for i, _ in idx],
                                           [b.values[j] for _, j in idx], [b.weights[j] for _, j in idx], a.aggregate)
     elif kind == "continuous":  # the bootstrap, even when a continuous metric's values happen to be all 0 or 1
         xs, ys = [a.values[i] for i, _ in idx], [b.values[j] for _, j in idx]
@@ -100,7 +101,7 @@ def _pair(a: metrics.CellView, b: metrics.CellView, kind: str) -> dict[str, Any]
 
 def pair_cells(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
     """Two cells of one task (rows a and b): the paired test fitting their metric (McNemar, paired bootstrap over
-    examples, or over documents for perplexity-like metrics) with metric, higher_is_better and kind; None when their
+    examples, or a permutation test over documents for perplexity-like metrics) with metric, higher_is_better and kind; None when their
     metrics differ or either lacks per-example values."""
     va, vb = metrics.view(a), metrics.view(b)
     if (va.metric, va.aggregate) != (vb.metric, vb.aggregate):
@@ -378,20 +379,32 @@ def rank_shared(board: dict[str, Any], group: str = "all") -> dict[str, Any]:
             "label": label}
 
 
-def group_columns(board: dict[str, Any], group: str, columns: list[str]) -> list[str]:
+def group_columns(board: dict[str, Any], group: str, columns: list[str], frame: Any = None) -> list[str]:
     """The columns of `leaderboard_frame(board)` (`columns`) that belong to the view of `group`: for "all" every one;
     for a group its own mean, se and paired test, its tasks' columns, and the normalized score for held-in only (it
-    divides by the experts' own, held-in, tasks); never another group's columns nor the test pooled over all tasks."""
+    divides by the experts' own, held-in, tasks); never another group's columns nor the test pooled over all tasks.
+    With the `frame` itself, a column no row has a value in (all NaN: a perplexity-only comparison's held-in %,
+    normalized % and pooled test) is left out too, and so is `paired n` without a pooled test."""
     if group == "all":
-        return list(columns)
-    keep = {"model", "method", f"{group} %", f"{group} se", f"{group} Δ (pp)", f"{group} p", f"{group} p Holm"}
-    if group == "held_in":
-        keep.add("normalized %")
-    for t in group_tasks(board, group):
-        keep |= set(task_columns(board, t).values())
-    return [c for c in columns if c in keep]
+        keep = set(columns)
+    else:
+        keep = {"model", "method", f"{group} %", f"{group} se", f"{group} Δ (pp)", f"{group} p", f"{group} p Holm"}
+        if group == "held_in":
+            keep.add("normalized %")
+        for t in group_tasks(board, group):
+            keep |= set(task_columns(board, t).values())
+    out = [c for c in columns if c in keep]
+    if frame is None or not len(frame):
+        return out
 
+    def empty(c: str) -> bool:
+        col = frame[c]
+        return col.dtype.kind == "f" and bool(col.isna().all())
 
+    out = [c for c in out if c in ("model", "method") or not empty(c)]
+    if "paired n" in out and "p (paired)" not in out:
+        out.remove("paired n")
+    return out
 
 
 def task_info(board: dict[str, Any], task: str) -> dict[str, Any]:
@@ -525,7 +538,8 @@ def legend(board: dict[str, Any]) -> list[str]:
             continue
         a = arrow(i["higher_is_better"])
         what = (f"{_AGG_TEXT[i['aggregate']]} shown as it is, never as a % (lower is better for perplexities); ± "
-                "bootstrap se over documents; paired test: bootstrap over documents of the aggregate difference"
+                "bootstrap se over documents; paired test: permutation (A and B swapped per document, exact up to 16 "
+                "documents) of the aggregate difference"
                 if i["kind"] == "corpus" else
                 "mean over examples as it is ± its se; paired test: bootstrap over examples"
                 if i["kind"] == "continuous" else
