@@ -311,7 +311,8 @@ def test_training_config_bounds():
                     (FullConfig, {"lr": 2.0}), (LoraConfigModel, {"r": 10**6})]:
         with pytest.raises(ValidationError):
             cfg(**kw)
-    assert LoraConfigModel(steps=3).warmup == 10  # a default warm-up is left as it is (as before)
+    assert LoraConfigModel(steps=3).warmup == 2  # a default warm-up longer than the training: clamped to steps - 1
+    assert LoraConfigModel(steps=30).warmup == 10  # a default that fits is left as it is
     assert LoraConfigModel(steps=3, warmup=2).warmup == 2
 
 
@@ -411,3 +412,109 @@ def test_validation_errors_echo_at_most_40_characters_of_input(two):
             parse_recipe({"name": "x", "method": "ties", "pool": "demo", "parameters": params})
         msg = one_line(e)
         assert "..." in msg and max(len(m) for m in re.findall(r"z+|q+", msg)) <= 40, msg
+
+
+# ----------------------------------------------------------------------------- issue 26's review: minor bounds
+
+
+@pytest.mark.parametrize("text,what", [
+    ("name: x\nmethod: ties\nparameters: {<<: {density: 0.3}, density: 0.7}\n", "recipe"),
+    ("name: x\nmethod: ties\nbase: &b {density: 0.3}\nparameters:\n  <<: {density: 0.3}\n", "recipe"),
+])
+def test_yaml_merge_keys_are_refused(two, tmp_path, text, what):
+    """`<<: {lambda: 0.3}` beside `lambda: 0.7` was silently 0.7 (the duplicate check skipped merge keys)."""
+    from workbench.recipes import parse_recipe
+
+    f = tmp_path / "merge.yaml"
+    f.write_text(text)
+    with pytest.raises(RecipeError, match=r"merge\.yaml is not valid YAML: (merge keys \(<<\) are not allowed|aliases)") \
+            as e:
+        parse_recipe(f)
+    one_line(e)
+
+
+def test_a_comparisons_duplicate_key_error_says_comparison(two, tmp_path):
+    from workbench.comparison import parse_comparison
+
+    f = tmp_path / "c.yaml"
+    f.write_text("name: c\npool: demo\nentries: [base]\ntasks: [addition]\nname: d\n")
+    with pytest.raises(RecipeError, match=r"^comparison .*c\.yaml is not valid YAML: duplicate key 'name'") as e:
+        parse_comparison(f)
+    one_line(e)
+
+
+@pytest.mark.parametrize("method,params,bad", [("task_arithmetic", {"lambda": True}, "lambda"),
+                                               ("ties", {"density": False}, "density"), ("twin", {"rank": True}, "rank")])
+def test_true_or_false_is_not_a_number(two, method, params, bad):
+    """Pydantic's lax mode read `lambda: true` as 1.0; numeric parameters are strict numbers, in the recipe and in a
+    sweep point (every shipped recipe still parses: test_demo_shipped)."""
+    from workbench.recipes import parse_recipe
+
+    with pytest.raises(RecipeError, match=rf"parameters\.{bad}: a number is needed, got .*true/false is not a number")\
+            as e:
+        parse_recipe({"name": "x", "method": method, "pool": "demo", "parameters": params})
+    one_line(e)
+    with pytest.raises(RecipeError, match=rf"sweep point .*parameters\.{bad}: a number is needed") as e:
+        parse_recipe({"name": "x", "method": method, "pool": "demo", "sweep": {"parameters": {k: [v] for k, v in
+                                                                                             params.items()}}})
+    assert parse_recipe({"name": "x", "method": "ties", "pool": "demo", "parameters": {"density": 1}}).params.density == 1
+
+
+def test_a_default_warmup_longer_than_the_training_is_clamped_in_the_validated_params(two):
+    """MoLE with `steps: 3` and its default warm-up (8) never reached its learning rate; the default is clamped to
+    steps - 1 while validating (the key says what trains); an explicit warm-up is still refused in one line."""
+    from workbench.recipes import parse_recipe
+
+    r = parse_recipe({"name": "m", "method": "mole", "pool": "demo", "parameters": {"steps": 3}})
+    assert r.params.warmup == 2 and r.key_body["params"]["warmup"] == 2
+    assert parse_recipe({"name": "m", "method": "mole", "pool": "demo", "parameters": {"steps": 30}}).params.warmup == 8
+    assert parse_recipe({"name": "s", "method": "smora", "pool": "demo", "parameters": {"steps": 1}}).params.warmup == 0
+    with pytest.raises(RecipeError, match=r"warmup 5 is not below steps 3") as e:
+        parse_recipe({"name": "m", "method": "mole", "pool": "demo", "parameters": {"steps": 3, "warmup": 5}})
+    one_line(e)
+
+
+def test_route_trace_reads_at_most_1_mib_of_a_device_or_standard_input(run_cli, two, tmp_path, monkeypatch):
+    """--prompt-file /dev/zero (st_size 0) was read without bound, and `-` read all of standard input first: at most
+    1 MiB + 1 byte is read, then one line refuses it, before any build."""
+    import io
+    import sys
+
+    from workbench.tracing import MAX_PROMPT_CHARS, read_prompt
+
+    recipe = tmp_path / "arrow.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "arrow-t", "method": "arrow", "pool": "demo", "parameters": {"k": 1}}))
+    code, _out, err = run_cli("route", "trace", str(recipe), "--prompt-file", "/dev/zero")
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and "--prompt-file /dev/zero: over 1,048,576 bytes" in lines[0], err
+
+    class Counting(io.BytesIO):
+        asked: list[int]
+
+        def read(self, n=-1):
+            self.asked.append(n)
+            return super().read(n)
+
+    stdin = Counting(b"1+1=" * (MAX_PROMPT_CHARS // 2))  # 2 MiB
+    stdin.asked = []
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(stdin, encoding="utf-8"))
+    code, _out, err = run_cli("route", "trace", str(recipe), "--prompt-file", "-")
+    assert code == 2 and "standard input: over 1,048,576 bytes" in err, err
+    assert stdin.asked == [MAX_PROMPT_CHARS + 1] and stdin.tell() == MAX_PROMPT_CHARS + 1  # never read to the end
+    assert read_prompt("-", io.BytesIO(b"2+2=\n")) == "2+2=\n"
+    assert not list((tmp_path).glob("*.json"))
+
+
+def test_replacing_older_runs_skips_a_deeply_nested_manifest(tmp_path):
+    """A 100,000-deep run_*.json beside a model's runs raised RecursionError out of every evaluate writing there;
+    it is skipped (left alone), and an older run of the same settings is still replaced."""
+    import json
+
+    from workbench.eval.record import replace_older_runs
+
+    manifest = {"run_id": "2026-01-03", "model": "m", "model_name": "p__m", "tasks": ["addition"], "limit": 2}
+    (tmp_path / "run_2026-01-01.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "run_2026-01-02.json").write_text(json.dumps({**manifest, "run_id": "2026-01-02"}))
+    (tmp_path / "results_2026-01-02.json").write_text("{}")
+    assert replace_older_runs(tmp_path, manifest) == ["2026-01-02"]
+    assert (tmp_path / "run_2026-01-01.json").is_file() and not (tmp_path / "results_2026-01-02.json").exists()

@@ -283,3 +283,62 @@ def test_a_failed_background_run_keeps_its_traceback(res, monkeypatch):
     assert any(e.value == "will-fail: RuntimeError: disk full" for e in at.error)
     exp = next(e for e in at.expander if e.label == "will-fail traceback")
     assert any("deep_inside" in c.value and "more detail" in c.value for c in exp.code)
+
+
+# ----------------------------------------------------------------------------- issue 26's review: malformed records
+
+
+def test_a_malformed_leaderboard_json_is_rebuilt_from_plan_and_cells_in_every_view(res):
+    """leaderboard.json with a row that is not an object and `tasks` a string: a sidebar warning, the comparison
+    rebuilt from plan.json and its cells (the same cells as before), and every view renders (the Pairwise view
+    raised on it)."""
+    from workbench.catalog import comparison_source, scan
+
+    out = res / "compare" / "small"
+    before = comparison_source(scan(res), "small")
+    board = json.loads((out / "leaderboard.json").read_text())
+    (out / "leaderboard.json").write_text(json.dumps(board | {"rows": [{"name": "base"}, "junk"], "tasks": "addition"}))
+    cat = scan(res)
+    warned = dict(cat.warnings)
+    assert warned["compare/small/leaderboard.json"].startswith("malformed leaderboard: rows[0] ('base') has no method")
+    assert "rebuilt from plan.json" in warned["compare/small"]
+    src = comparison_source(cat, "small")  # no KeyError: 'method'
+    assert [r["name"] for r in src.rows] == [r["name"] for r in before.rows] and src.tasks == before.tasks
+    assert set(src.cells) == set(before.cells)
+    (out / "leaderboard.json").write_text(json.dumps(board | {"tasks": "addition"}))  # rows fine, tasks a string
+    assert "tasks is not a list" in dict(scan(res).warnings)["compare/small/leaderboard.json"]
+    for view in VIEWS:
+        at = open_view(view, res)
+        shown = sidebar_warnings(at)
+        assert any(w.startswith("compare/small/leaderboard.json: malformed leaderboard") for w in shown), view
+    at = open_view("Pairwise", res)
+    assert not at.exception
+
+
+def test_a_fifo_named_json_is_skipped_with_a_warning_not_read(res):
+    """A FIFO (or any file that is not a regular file) named *.json under the results folder: the scan does not
+    block on it (opening a FIFO to read waits for a writer), it lists it as a warning and reads everything else."""
+    import os
+    import threading
+
+    from workbench.catalog import scan
+
+    before = scan(res)
+    os.mkfifo(res / "compare" / "small" / "cells" / "base" / "pipe.json")
+    os.mkfifo(res / "stuck.json")
+    got = {}
+    worker = threading.Thread(target=lambda: got.update(cat=scan(res)), daemon=True)
+    worker.start()
+    worker.join(60)
+    if worker.is_alive():  # unblock the reader, so that the test session ends
+        for fifo in (res / "stuck.json", res / "compare" / "small" / "cells" / "base" / "pipe.json"):
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # no reader on this one (yet)
+                pass
+        pytest.fail("catalog.scan blocked on a FIFO named *.json")
+    warned = dict(got["cat"].warnings)
+    assert warned["stuck.json"] == "not a regular file (a FIFO): not read"
+    assert "not a regular file" in warned["compare/small/cells/base/pipe.json"]
+    assert {n: set(c.cells) for n, c in got["cat"].cells.items()} == {n: set(c.cells) for n, c in before.cells.items()}
+    assert len(got["cat"].runs) == len(before.runs)

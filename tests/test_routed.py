@@ -664,3 +664,53 @@ def test_usage_reports_per_task_entropy_and_the_own_experts_share(two):
         shares[name] = usage_stats(model, tok, {name: rows[name]}, n=2)
     assert shares["a"]["per_task_weight_entropy"] == {"a": 0.0} and shares["a"]["own_weight_share"] == {"a": 1.0}
     assert shares["b"]["own_weight_share"] == {"b": 1.0}
+
+
+def test_routed_output_by_hand_with_temperature_and_top2_on_a_module_only_some_experts_adapt(pool, tiny_dir):
+    """Issue 26's review: the prototype router's "present" path (32+ experts, a module adapted by some of them only:
+    scored over those) ignored no temperature test. Arrow with k = 2 and T = 0.25 over 32 synthesized adapters of
+    varied target modules: a module's output equals W0 x + sum_j softmax(top2(|x . p|) / T)_j s_j B_j A_j x over the
+    experts that adapt it, computed by hand from the artifact's prototypes and the experts' own LoRA files."""
+    from safetensors.torch import load_file
+
+    from workbench.artifacts import load_artifact
+    from workbench.modules.routed_lora import RoutedLoraLinear
+    from workbench.modules.routers import COMPACT_MIN_EXPERTS
+    from workbench.pool import Pool
+    from workbench.recipes import build, parse_recipe
+    from workbench.synth import synthesize
+
+    pool.add(tiny_dir / "lora_a", "addition", tags={"task": "addition"}, data=suite_data("addition"))
+    pool.add(tiny_dir / "lora_b", "sorting", tags={"task": "sorting"}, data=suite_data("sorting"))
+    synthesize("many", COMPACT_MIN_EXPERTS, source="demo")
+    many = Pool.open("many")
+    temperature = 0.25
+    art = build(parse_recipe({"name": "arrow-many", "method": "arrow", "pool": "many",
+                              "parameters": {"k": 2, "temperature": temperature}}), log=lambda *a: None)
+    router = load_router(art)
+    protos_all = load_file(str(art / "router.safetensors"))
+    # a module adapted by some experts only, and by at least 3 (so that top-2 chooses among them)
+    name = next(m for m in sorted(router._present) if 3 <= len(router._present[m]) < COMPACT_MIN_EXPERTS)
+    present = router._present[name]
+    loaded = load_artifact(art)
+    layer = next(m for n, m in loaded.model.named_modules() if n.endswith(name) and isinstance(m, RoutedLoraLinear))
+    seen = {}
+    hook = layer.register_forward_hook(lambda m, args, out: seen.update(x=args[0].detach(), y=out.detach()))
+    ids = loaded.tokenizer("12+30=7 and 5+5=10", return_tensors="pt").input_ids
+    with torch.no_grad():
+        loaded.model(input_ids=ids)
+    hook.remove()
+    x = seen["x"].reshape(-1, seen["x"].shape[-1]).float()
+    protos = protos_all[name][present]  # the adapting experts' rows, in the router's order
+    top = (x @ protos.T).abs().topk(2, dim=-1)  # Arrow: |x . p|, no standardisation, no scaling
+    w = torch.exp(top.values / temperature)
+    w = w / w.sum(-1, keepdim=True)
+    y = x @ layer.base.weight.float().T
+    names = router.experts
+    for slot in range(2):
+        for j, e in enumerate(present.tolist()):
+            a, b, s = many.expert(names[e]).lora_factors(f"{name}.weight")
+            chosen = (top.indices[:, slot] == j).float()[:, None]
+            y = y + chosen * w[:, slot:slot + 1] * s * (x @ a.T) @ b.T
+    assert torch.allclose(seen["y"].reshape(y.shape).float(), y, atol=1e-5, rtol=1e-4)
+    assert (w - torch.softmax(top.values, dim=-1)).abs().max() > 0.02  # T matters for these tokens

@@ -1009,7 +1009,8 @@ def build_demo_pool(pool: str = "demo", *, base: str = "smollm2-135m", device: s
 
 def serve(pool: Pool | str = "demo", *, host: str = "127.0.0.1", port: int = 8000, backend: str | None = None,
           device: str = "cpu", max_batch: int = 32, max_body_mb: float = 4.0, allow_runtime_lora: bool = False,
-          max_loaded_adapters: int | None = None, recipes: Sequence[str] = ()) -> None:
+          max_loaded_adapters: int | None = None, recipes: Sequence[str] = (),
+          max_registered_adapters: int | None = None, max_composition_parts: int | None = None) -> None:
     """Serve the pool over an OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions):
     every adapter, mix and built composition of the pool, batched together (continuous batching). Request bodies
     over `max_body_mb` MB get a 413. `recipes` (recipe files or names under merges/, or "all") are built first when
@@ -1020,7 +1021,8 @@ def serve(pool: Pool | str = "demo", *, host: str = "127.0.0.1", port: int = 800
 
     _serve(str(_pool(pool).root), host=host, port=port, backend=backend, device=device, max_batch=max_batch,
            max_body_mb=max_body_mb, allow_runtime_lora=allow_runtime_lora, max_loaded_adapters=max_loaded_adapters,
-           recipes=tuple(recipes))
+           recipes=tuple(recipes), max_registered_adapters=max_registered_adapters,
+           max_composition_parts=max_composition_parts)
 
 
 BENCHMARKS = ("merge", "kernels", "kernels-profile", "routing", "serve", "app", "scale")

@@ -39,6 +39,12 @@ ALIASES: dict[str, GGUFAlias] = {
     ),
 }
 
+# The files a Hugging Face tokenizer (and its chat template) is read from: what `BaseModel.tokenizer_sha256` hashes.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+    "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "chat_template.jinja", "chat_template.json",
+)
+
 # Config fields that decide whether two checkpoints are weight-compatible.
 _FINGERPRINT_FIELDS = (
     "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -165,6 +171,29 @@ class BaseModel:
         from .io import sha256_file_cached
 
         return sha256_json([(f, sha256_file_cached(self.path / f)) for f in self.tensors.files])[:16]
+
+    @cached_property
+    def from_gguf(self) -> bool:
+        """Whether this folder is a GGUF alias's dequantised copy (`_fetch_alias`): its tokenizer files were written
+        from the same GGUF file as its weights."""
+        try:
+            meta = json.loads((self.path / "workbench-base.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(meta, dict) and meta.get("alias") in ALIASES and str(meta.get("source", "")).endswith(".gguf")
+
+    @cached_property
+    def tokenizer_sha256(self) -> str | None:
+        """A hash of the tokenizer's files (vocabulary, merges, special tokens, chat template), for the keys of what
+        is built or scored over this base: a base folder with another chat template or vocabulary and the same
+        weights is another base. None for a GGUF alias's copy (its tokenizer comes from the GGUF file, as its
+        weights do: `weights_sha256` sees it) and for a folder without tokenizer files, so their keys are as before."""
+        if self.from_gguf:
+            return None
+        from .io import sha256_file_cached
+
+        found = [(f, sha256_file_cached(self.path / f)) for f in TOKENIZER_FILES if (self.path / f).is_file()]
+        return sha256_json(found)[:16] if found else None
 
     @cached_property
     def fingerprint(self) -> str:

@@ -50,16 +50,41 @@ class Catalog:
             return Path(p).as_posix()
 
 
+def load_json(path: Path) -> Any:
+    """`cells.load_json` for a folder anyone may write into: a regular file only (a FIFO, socket or device named
+    `*.json` is a ValueError, opened without blocking and never read: `io.read_regular_file`), at most
+    `cells.MAX_JSON_BYTES`, nested at most `cells.MAX_JSON_DEPTH` deep. Raises ValueError (why, one line) or OSError."""
+    import json
+
+    from .io import read_regular_file
+
+    data = read_regular_file(path, cell_records.MAX_JSON_BYTES)
+    if not data.strip():
+        raise ValueError("not valid JSON (empty file)")
+    depth = cell_records.MAX_JSON_DEPTH
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not valid JSON (not UTF-8: {e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise ValueError(f"nested too deeply (over {depth} levels)") from None
+    if cell_records.json_depth(value) > depth:
+        raise ValueError(f"nested too deeply (over {depth} levels)")
+    return value
+
+
 def _parse(path: Path) -> Any:
-    """The file's JSON (cached by mtime and size), or a ValueError saying why not (not JSON, over
-    `cells.MAX_JSON_BYTES`: not read, nested deeper than `cells.MAX_JSON_DEPTH`)."""
+    """The file's JSON (cached by mtime and size), or a ValueError saying why not (not a regular file, not JSON, over
+    `cells.MAX_JSON_BYTES`: not read, nested deeper than `cells.MAX_JSON_DEPTH`: `load_json`)."""
     st = path.stat()
     key = str(path)
     hit = _PARSED.get(key)
     if hit and hit[0] == st.st_mtime_ns and hit[1] == st.st_size:
         return hit[2]
     try:
-        value: Any = cell_records.load_json(path)
+        value: Any = load_json(path)
     except ValueError as e:
         value = e
     if len(_PARSED) > _CACHE_LIMIT:
@@ -114,6 +139,35 @@ def trace_problem(d: dict[str, Any]) -> str | None:
     return None
 
 
+def board_problem(d: dict[str, Any]) -> str | None:
+    """Why a leaderboard.json cannot be shown as it is (None: it can): rows a list of objects, each with a name
+    (text, unique) and a method (text); tasks a list of names; reference a name; eval, skipped objects and cells a
+    text where present. A malformed one is read as unreadable: the comparison is rebuilt from plan.json and cells."""
+    rows, tasks = d.get("rows"), d.get("tasks")
+    if not isinstance(rows, list):
+        return "rows is not a list"
+    names = set()
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            return f"rows[{i}] is not an object"
+        if not isinstance(r.get("name"), str) or not r["name"]:
+            return f"rows[{i}] has no name"
+        if not isinstance(r.get("method"), str):
+            return f"rows[{i}] ({r['name'][:40]!r}) has no method"
+        if r["name"] in names:
+            return f"row {r['name'][:40]!r} is listed twice"
+        names.add(r["name"])
+    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+        return "tasks is not a list of task names"
+    if not isinstance(d.get("reference"), str):
+        return "reference is not a row name"
+    for k, kind, what in (("eval", dict, "an object"), ("skipped", dict, "an object"), ("cells", str, "text"),
+                          ("pool", str, "text"), ("name", str, "text")):
+        if d.get(k) is not None and not isinstance(d[k], kind):
+            return f"{k} is not {what}"
+    return None
+
+
 def _partial(d: Any, path: Path) -> str | None:
     """A record that is named like one of ours but lacks what readers need."""
     if isinstance(d, dict) and path.name.startswith("run_"):
@@ -164,6 +218,12 @@ def scan(root: str | Path) -> Catalog:
                 continue
             cat.runs.append(d | {"_path": str(p)})
         elif kind == "leaderboard":
+            if problem := board_problem(d):
+                why = f"malformed leaderboard: {problem}"
+                cat.warnings.append((cat.rel(p), why))
+                if p.name == "leaderboard.json":
+                    bad_boards[p.parent] = why
+                continue
             name = _comparison_name(rel.parent)
             if name in cat.comparisons:
                 cat.warnings.append((cat.rel(p), f"a second leaderboard named {name!r}: skipped"))

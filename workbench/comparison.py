@@ -183,8 +183,10 @@ class Comparison:
 
 
 def _fingerprint_base(pool: Pool) -> str:
-    """The base as base and expert rows' keys see it: its config and shapes, and its weights' bytes."""
-    return f"{pool.manifest.base.fingerprint}+{pool.base.weights_sha256}"
+    """The base as base and expert rows' keys see it: its config and shapes, its weights' bytes, and its tokenizer's
+    files when they are its own (`BaseModel.tokenizer_sha256`; a GGUF base's keys are as before)."""
+    tokenizer = pool.base.tokenizer_sha256
+    return f"{pool.manifest.base.fingerprint}+{pool.base.weights_sha256}" + (f"+tok:{tokenizer}" if tokenizer else "")
 
 
 def _is_multitask(expert) -> bool:
@@ -213,7 +215,7 @@ def parse_comparison(data: dict[str, Any] | str | Path, source: str | None = Non
         path = Path(data)
         source = source or str(path)
         folder = folder or path.parent
-        data = _load_yaml(path)
+        data = _load_yaml(path, "comparison")
     source = source or "<comparison>"
     folder = Path(folder or ".")
     spec = validate_document(data, ComparisonSpec, "comparison", source)
@@ -389,11 +391,10 @@ def task_data_hash(task: str, ref: TaskRef | None = None) -> str:
     return data_hash(task)
 
 
-def cell_key(comparison: Comparison, model_key: dict[str, Any], task: str, device: str = "cpu") -> str:
-    """The key of one (row, task) result: the row's model, the task's data and configuration, the eval settings,
-    lm-eval's version and the device. Suite tasks' keys are what they always were (committed results hold them);
-    another task's data and configuration are `tasks.lmeval.task_key_inputs`': an edit of its YAML or data files
-    changes the key."""
+def cell_key_body(comparison: Comparison, model_key: dict[str, Any], task: str, device: str = "cpu") -> dict[str, Any]:
+    """What `cell_key` hashes, spelled out: `model` (the row's model), `task`, `data` and `config` (the task's data and
+    lm-eval configuration), `lm_eval` (its version), `device` (its kind) and `eval` (limit, batch size, split, chat
+    template...). A cell records it as `key_inputs`, so `compare --dry-run` can name what changed."""
     from importlib.metadata import version
 
     from .tasks.suite import effective_limit
@@ -401,9 +402,16 @@ def cell_key(comparison: Comparison, model_key: dict[str, Any], task: str, devic
     ref = comparison.task_refs.get(task)
     settings = comparison.settings()
     settings["eval"]["limit"] = effective_limit(settings["eval"]["limit"], [task], comparison.spec.eval.split)
-    return sha256_json({"model": model_key, "task": task, "data": task_data_hash(task, ref),
-                        "config": task_config_hash(task, ref), "lm_eval": version("lm-eval"),
-                        "device": device.split(":")[0], **settings})[:16]
+    return {"model": model_key, "task": task, "data": task_data_hash(task, ref), "config": task_config_hash(task, ref),
+            "lm_eval": version("lm-eval"), "device": device.split(":")[0], **settings}
+
+
+def cell_key(comparison: Comparison, model_key: dict[str, Any], task: str, device: str = "cpu") -> str:
+    """The key of one (row, task) result: the hash of `cell_key_body` (the row's model, the task's data and
+    configuration, the eval settings, lm-eval's version and the device). Suite tasks' keys are what they always were
+    (committed results hold them); another task's data and configuration are `tasks.lmeval.task_key_inputs`': an edit
+    of its YAML or data files changes the key."""
+    return sha256_json(cell_key_body(comparison, model_key, task, device))[:16]
 
 
 def comparison_dir(results_dir: Path, name: str) -> Path:
@@ -417,5 +425,5 @@ def default_results_dir() -> Path:
     return results_root()
 
 
-__all__ = ["Comparison", "ComparisonSpec", "Row", "cell_key", "comparison_dir", "default_results_dir",
+__all__ = ["Comparison", "ComparisonSpec", "Row", "cell_key", "cell_key_body", "comparison_dir", "default_results_dir",
            "include_folders", "parse_comparison", "task_config_hash", "task_data_hash"]

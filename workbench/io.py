@@ -91,12 +91,13 @@ def staging_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
 def file_lock(path: Path, waiting=None) -> Iterator[None]:
     """An exclusive advisory lock on `path` (created if missing) for the block: read-modify-write of a shared
     record by one process at a time. The kernel drops it when the holder dies (even by SIGKILL). `waiting()` is
-    called once if another process holds it (to say so before blocking)."""
+    called once if another process holds it (to say so before blocking). A folder is locked itself (its directory
+    inode: nothing is written into it)."""
     import fcntl
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
+    with _lock_handle(path) as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -109,10 +110,148 @@ def file_lock(path: Path, waiting=None) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+class _Fd:
+    """An open file descriptor, closed on exit (Python's file objects refuse folders)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
+
+
+def _lock_handle(path: Path, create: bool = True):
+    """An open handle to lock: the folder itself when `path` is one, else the lock file (created if missing unless
+    `create` is False: then FileNotFoundError)."""
+    if path.is_dir():
+        return _Fd(os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)))
+    return open(path, "a+" if create else "rb")  # the caller's `with` closes it
+
+
+POOL_MANIFEST = "pool.json"  # `pool.MANIFEST` (io cannot import pool): its lock is the pool folder itself
+
+
 def lock_for(path: Path) -> Path:
-    """The lock file guarding `path` (a record in results/): kept in the cache, never beside the record."""
-    digest = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:20]
-    return cache_dir() / "locks" / f"{digest}.lock"
+    """What to lock to guard `path`, beside it (symlinks resolved first), so every writer of `path` takes the same
+    lock whatever its $WORKBENCH_CACHE, user or machine sharing the folder: a pool's manifest is guarded by the pool
+    folder itself (`file_lock` locks a folder's own inode: nothing is written into a pool); anything else (a results
+    record or folder, a cache folder) by an empty `.<name>.lock` file beside it, left in place (deleting one while
+    another process waits on it would let two holders in)."""
+    p = Path(path).resolve()
+    if p.name == POOL_MANIFEST and p.parent.is_dir():
+        return p.parent
+    return p.parent / f".{p.name}.lock"
+
+
+@contextmanager
+def try_file_lock(path: Path) -> Iterator[bool]:
+    """`file_lock` without waiting: yields True holding the lock, False when another holder has it (another process,
+    or another open of the same file in this one). A missing lock file is not created: nobody holds it, yields True."""
+    import fcntl
+
+    try:
+        f = _lock_handle(Path(path), create=False)
+    except FileNotFoundError:
+        yield True
+        return
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _staged_name(folder: str, prefix: str) -> str | None:
+    """The final name a `.staging-<name>-XXXXXXXX` / `.old-<name>-XXXXXXXX` folder (`staging_dir`) was made for."""
+    if not folder.startswith(prefix):
+        return None
+    name, sep, _ = folder[len(prefix):].rpartition("-")  # mkdtemp's suffix has no '-'
+    return name if sep and name else None
+
+
+def clean_stale_staging(root: Path) -> list[Path]:
+    """Leftovers of killed builds in `root` (an artifacts folder whose builds lock `.<name>.lock` beside `<name>`,
+    as `recipes.build` does): `.staging-<name>-*` folders (a build's files, with anything it staged inside) and
+    `.old-<name>-*` folders (a replace killed between its renames: put back when nothing took its place, else
+    deleted), each only while nobody holds `<name>`'s lock (a live build keeps its own). Also `wb-mergekit-moe-*`
+    temp folders an older version made beside the artifacts, while no mergekit_moe build holds its lock. Returns
+    what it removed or put back."""
+    root = Path(root)
+    done: list[Path] = []
+    if not root.is_dir():
+        return done
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return done
+    for p in entries:
+        if p.is_symlink() or not p.is_dir():
+            continue
+        name = _staged_name(p.name, ".staging-") or _staged_name(p.name, ".old-")
+        if name is None:
+            continue
+        with try_file_lock(root / f".{name}.lock") as free:
+            if not free or not p.exists():
+                continue
+            final = root / name
+            if p.name.startswith(".old-") and not final.exists() and (p / name).is_dir():
+                os.replace(p / name, final)  # the old artifact, whole: nothing replaced it
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(p)
+    legacy = [p for p in entries if p.name.startswith("wb-mergekit-moe-") and p.is_dir() and not p.is_symlink()]
+    if legacy:
+        locks = [q for q in entries if q.name.startswith(".mergekit_moe-") and q.name.endswith(".lock")]
+        with _all_free(locks) as free:
+            if free:
+                for p in legacy:
+                    shutil.rmtree(p, ignore_errors=True)
+                    done.append(p)
+    return done
+
+
+@contextmanager
+def _all_free(locks: list[Path]) -> Iterator[bool]:
+    """Every lock in `locks` taken without waiting (True), or none held (False: someone holds one)."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        for lock in locks:
+            if not stack.enter_context(try_file_lock(lock)):
+                yield False
+                return
+        yield True
+
+
+def read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`: raises ValueError (one line) for anything else (a FIFO,
+    socket or device: opened without blocking and never read; a file over `max_bytes`: not read past its cap) and
+    OSError when it cannot be opened. A reader of a folder of records (the app's scan) never hangs on a name."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                    else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a file")
+            raise ValueError(f"not a regular file ({kind}): not read")
+        if st.st_size > max_bytes:
+            raise ValueError(f"too large to read ({st.st_size / 2**20:.1f} MiB; the limit is {max_bytes / 2**20:.0f} MiB)")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # grew while read
+        raise ValueError(f"too large to read (over {max_bytes / 2**20:.0f} MiB)")
+    return data
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

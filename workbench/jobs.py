@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .comparison import Comparison, Row, cell_key, comparison_dir, default_results_dir, parse_comparison
+from .comparison import Comparison, Row, cell_key, cell_key_body, comparison_dir, default_results_dir, parse_comparison
 from .errors import WorkbenchError
 from .faults import fault_point
 from .io import atomic_write_json, atomic_write_text, file_lock, lock_for, sha256_json
@@ -182,8 +182,83 @@ def describe(plan: Plan) -> list[str]:
     lines.append(f"  eval  {len(plan.evals)} cells ({done} done, {len(plan.evals) - done} to run)")
     for r in c.active_rows:
         todo = [t for t in r.tasks if not cell_done(plan, r, t)]
-        lines.append(f"    {r.name}: {len(r.tasks) - len(todo)}/{len(r.tasks)} done")
+        line = f"    {r.name}: {len(r.tasks) - len(todo)}/{len(r.tasks)} done"
+        why: dict[str, list[str]] = {}  # reason -> its tasks, in the row's order
+        for t in todo:
+            why.setdefault(why_cell(plan, r, t), []).append(t)
+        if why:
+            line += "; to run: " + "; ".join(
+                f"{', '.join(ts[:4])}{f' +{len(ts) - 4}' if len(ts) > 4 else ''} ({reason})" for reason, ts in why.items())
+        lines.append(line)
     return lines
+
+
+def why_cell(plan: Plan, row: Row, task: str) -> str:
+    """For a cell to run: why its recorded cell does not count. Never run; its row not built; or which key input
+    differs from the recorded cell's: its recorded `key_inputs` against this plan's (`comparison.cell_key_body`), or
+    for a cell written before they were recorded, what its lm-eval run manifest says (eval settings, data, device,
+    the artifact's key, lm-eval's version); else the reason `cells.read_cell` gives (malformed, misplaced ...)."""
+    from .cells import read_cell
+
+    key = expected_key(plan, row, task)
+    if key is None:
+        return "its row is not built yet"
+    path = plan.cell_path(row, task)
+    if not path.exists():
+        return "never run"
+    rec = _read(path)
+    if rec is None:
+        return "its record is unreadable"
+    if rec.get("key") == key:
+        _, problem = read_cell(plan.out, row.name, task, key)
+        return problem or "recorded"
+    new = cell_key_body(plan.comparison, model_key(plan, row), task, plan.device)
+    old = rec.get("key_inputs")
+    if isinstance(old, dict):
+        diff = changed_inputs(old, new)
+    else:
+        diff = _changed_since_run(plan, row, rec, new)
+    if not diff:
+        return "the key changed (the row's model, the task's configuration or lm-eval: not recorded with the cell)"
+    return f"changed: {', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}"
+
+
+def _changed_since_run(plan: Plan, row: Row, rec: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The key inputs (as `cell_key_body` names them) that differ between a cell recorded without `key_inputs` and
+    `new`, as far as its lm-eval run manifest (and results JSON) recorded them; [] when none can be told."""
+    run_ref = rec.get("run")
+    if not isinstance(run_ref, str):
+        return []
+    base = plan.out.resolve()
+    run_path = (base / run_ref).resolve()
+    if base not in run_path.parents:
+        return []
+    run = _read(run_path)
+    if run is None:
+        return []
+    spec, out = plan.comparison.spec.eval, []
+    for k, now in spec.model_dump(mode="json").items():
+        if k in run or k == "apply_chat_template":
+            then = bool(run.get(k)) if k == "apply_chat_template" else run.get(k)
+            if then != now:
+                out.append(f"eval.{k}")
+    data, task = run.get("data_sha256"), rec.get("task")
+    if isinstance(data, dict) and isinstance(task, str) and task in data and data[task] != new["data"]:
+        out.append("data")
+    device = (run.get("machine") or {}).get("device") if isinstance(run.get("machine"), dict) else None
+    if isinstance(device, str) and device.split(":")[0] != new["device"]:
+        out.append("device")
+    model = new.get("model") or {}
+    if row.kind == "artifact" and run.get("artifact_key") is not None and run.get("artifact_key") != model.get("artifact"):
+        out.append("model.artifact")
+    results_file = run.get("results_file")
+    if isinstance(results_file, str):
+        results = _read(base / results_file) if (base / results_file).resolve().is_relative_to(base) else None
+        version = (results or {}).get("lm_eval_version")
+        if isinstance(version, str) and version != new["lm_eval"]:
+            out.append("lm_eval")
+    return out
+
 
 
 def _sweep_points(row: Row) -> list[dict[str, Any]]:
@@ -288,7 +363,8 @@ def run_row(plan: Plan, row: Row, *, device: str = "cpu", log: Log = print,
             raise WorkbenchError(f"{row.name} x {task}: lm-eval reported no metric for the task")
         fields = cell_fields(samples, metric, scores.get(metric.name), flt)
         fault_point("eval")
-        rec = {"key": cell_key(c, mk, task, plan.device), "row": row.name, "task": task, **fields,
+        rec = {"key": cell_key(c, mk, task, plan.device), "key_inputs": cell_key_body(c, mk, task, plan.device),
+               "row": row.name, "task": task, **fields,
                "run": Path(run_path).relative_to(plan.out).as_posix(), "eval_s": round(time.perf_counter() - t0, 2)}
         atomic_write_json(plan.cell_path(row, task), rec)
         out.append(rec)

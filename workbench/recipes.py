@@ -15,7 +15,7 @@ import shutil
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,7 +30,16 @@ from yaml.constructor import ConstructorError
 from .artifacts import ARTIFACT_FILE, artifact_ref, read_artifact_meta
 from .errors import RecipeError, WorkbenchError
 from .faults import fault_point
-from .io import artifacts_dir, atomic_write_json, file_lock, lock_for, sha256_file_cached, sha256_json, staging_dir
+from .io import (
+    artifacts_dir,
+    atomic_write_json,
+    clean_stale_staging,
+    file_lock,
+    lock_for,
+    sha256_file_cached,
+    sha256_json,
+    staging_dir,
+)
 from .methods import METHODS, BuildContext, Method, MethodParams, OutputSpec
 from .methods.base import MAX_BATCH, MAX_LIMIT, write_artifact_meta
 from .pool import Expert, Pool
@@ -102,6 +111,7 @@ class ResolvedRecipe:
     method: Method
     params: MethodParams
     folder: Path = Path(".")  # the recipe file's folder: eval.include_path is relative to it
+    device: str = "cpu"  # what builds it: a device other than the CPU is in the key (`build` sets it)
 
     @property
     def include_path(self) -> list[Path]:
@@ -118,7 +128,10 @@ class ResolvedRecipe:
     def key_body(self) -> dict[str, Any]:
         """Everything that determines the artifact, as hashed into `key`: the method and output, the experts' file
         hashes, the base's weights, the validated parameters (a default spelled out or left out is one key), the
-        method's version, the data its build reads and the threads a CPU build runs on."""
+        method's version, the data its build reads and the threads a CPU build runs on; the base's tokenizer files when
+        they are its own (`BaseModel.tokenizer_sha256`: a GGUF base's tokenizer is in its weights' file) and the device
+        kind when it is not the CPU (a GPU's kernels give other bytes), each left out otherwise so that CPU keys of
+        GGUF bases stay as committed results hold them."""
         from .methods.base import BUILD_THREADS
 
         # The name is not part of the key: a sweep's best point reuses that point's artifact.
@@ -129,6 +142,10 @@ class ResolvedRecipe:
         body["method_version"] = self.method.version
         body["inputs"] = self.inputs
         body["build_threads"] = BUILD_THREADS
+        if tokenizer := self.pool.base.tokenizer_sha256:
+            body["base_tokenizer"] = tokenizer
+        if (kind := device_kind(self.device)) != "cpu":
+            body["device"] = kind
         return body
 
     @property
@@ -141,9 +158,54 @@ class ResolvedRecipe:
         return artifacts_dir() / f"{self.recipe.method}-{self.key}"
 
 
+def device_kind(device: str) -> str:
+    """`cuda:1` -> `cuda`: what a key records of a device (its kind; which card of a kind gives the same bytes)."""
+    return str(device or "cpu").split(":")[0]
+
+
 def _clip(text: str, limit: int = ECHO) -> str:
     """`text` cut to `limit` characters: errors never echo unbounded input."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _BoolForNumber(ValueError):
+    """A true/false where a number belongs (pydantic's lax mode reads `lambda: true` as 1.0)."""
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a field's type takes numbers and nothing else (int, float, their Optional/Annotated forms)."""
+    import types
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _numeric(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return bool(args) and all(_numeric(a) for a in args)
+    return annotation in (int, float)
+
+
+def _refuse_bools(schema: type, values: Any) -> None:
+    """Refuse true/false given for a numeric parameter (a list of numbers' items too): strict numbers."""
+    import typing
+
+    if not isinstance(values, dict):
+        return
+    fields = {**{f.alias: f for f in schema.model_fields.values() if f.alias}, **schema.model_fields}
+    for name, value in values.items():
+        field = fields.get(name) if isinstance(name, str) else None
+        if field is None:
+            continue
+        ann = field.annotation
+        items = [value] if not isinstance(value, list) else value
+        if isinstance(value, list):
+            args = [a for a in typing.get_args(ann) if a is not type(None)] if typing.get_origin(ann) else []
+            lists = [a for a in args if typing.get_origin(a) is list] or ([ann] if typing.get_origin(ann) is list else [])
+            ann = typing.get_args(lists[0])[0] if lists and typing.get_args(lists[0]) else None
+        if ann is not None and _numeric(ann) and any(isinstance(v, bool) for v in items):
+            raise _BoolForNumber(f"{_clip(name)}: a number is needed, got {_clip(repr(value))} (true/false is not a "
+                                 "number)")
 
 
 def _first_error(e: ValidationError, prefix: str) -> str:
@@ -179,7 +241,11 @@ class _RecipeLoader(yaml.SafeLoader):
         if isinstance(node, yaml.MappingNode):
             seen: set[Any] = set()
             for key_node, _ in node.value:
-                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag == "tag:yaml.org,2002:merge":
+                    # `<<: {...}` would let a key appear twice unnoticed (the mapping's own value silently wins)
+                    raise ConstructorError(None, None, "merge keys (<<) are not allowed (write each key once)",
+                                           key_node.start_mark)
+                if not isinstance(key_node, yaml.ScalarNode):
                     continue
                 key = self.construct_object(key_node, deep=deep)
                 try:
@@ -193,24 +259,25 @@ class _RecipeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _load_yaml(path: Path) -> Any:
-    """A recipe file's YAML, refusing what a recipe never is: over 1 MiB, not UTF-8, aliases, deep nesting."""
+def _load_yaml(path: Path, what: str = "recipe") -> Any:
+    """A recipe file's YAML (or a comparison's: `what` names it in errors), refusing what a recipe never is: over 1 MiB,
+    not UTF-8, aliases, merge keys, duplicate keys, deep nesting."""
     if not path.is_file():
-        raise RecipeError(f"no recipe at {path}")
+        raise RecipeError(f"no {what} at {path}")
     with open(path, "rb") as f:
         raw = f.read(MAX_RECIPE_BYTES + 1)  # never more, whatever the file's size
     if len(raw) > MAX_RECIPE_BYTES:
-        raise RecipeError(f"recipe {path} is over {MAX_RECIPE_BYTES >> 20} MiB ({path.stat().st_size:,} bytes)")
+        raise RecipeError(f"{what} {path} is over {MAX_RECIPE_BYTES >> 20} MiB ({path.stat().st_size:,} bytes)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise RecipeError(f"recipe {path} is not UTF-8 text (invalid byte at offset {e.start})") from None
+        raise RecipeError(f"{what} {path} is not UTF-8 text (invalid byte at offset {e.start})") from None
     try:
         return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader subclass
     except yaml.YAMLError as e:
         mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark and problem else ""
-        raise RecipeError(f"recipe {path} is not valid YAML: {_clip(problem or str(e).splitlines()[0], 80)}{where}") \
+        raise RecipeError(f"{what} {path} is not valid YAML: {_clip(problem or str(e).splitlines()[0], 80)}{where}") \
             from None
 
 
@@ -289,9 +356,12 @@ def parse_recipe(data: dict[str, Any] | str | Path, source: str | None = None, *
     if require_files:
         _check_files_present(source, experts)
     try:
+        _refuse_bools(method_cls.Params, recipe.parameters)
         params = method_cls.Params.model_validate(recipe.parameters)
     except ValidationError as e:
         raise RecipeError(_first_error(e, f"recipe {source}: parameters.")) from None
+    except _BoolForNumber as e:
+        raise RecipeError(f"recipe {source}: parameters.{e}") from None
     method = method_cls()
     try:
         method.validate(experts, params, recipe.output)
@@ -331,10 +401,13 @@ def variant(resolved: ResolvedRecipe, point: dict[str, Any]) -> ResolvedRecipe:
     suffix = "-".join(f"{k}{v}" for k, v in point.items())
     params_dict = {**r.parameters, **point}
     try:
+        _refuse_bools(resolved.method.Params, params_dict)
         params = resolved.method.Params.model_validate(params_dict)
     except ValidationError as e:
         raise RecipeError(_first_error(e, f"recipe {resolved.source}: sweep point {_clip(repr(point))}: "
                                           "parameters.")) from None
+    except _BoolForNumber as e:
+        raise RecipeError(f"recipe {resolved.source}: sweep point {_clip(repr(point))}: parameters.{e}") from None
     resolved.method.validate(resolved.experts, params, r.output)
     recipe = r.model_copy(update={"parameters": params_dict, "name": f"{r.name}@{suffix}"})
     return ResolvedRecipe(recipe, resolved.source, resolved.pool, resolved.experts, resolved.method, params,
@@ -377,8 +450,12 @@ def build(resolved: ResolvedRecipe, *, force: bool = False, device: str = "cpu",
 
     The experts' files are checked against the manifest's hashes first: the key trusts them.
     """
+    if device_kind(device) != device_kind(resolved.device):  # a GPU's bytes are another artifact (`key_body`)
+        resolved = replace(resolved, device=device)
     check_expert_files(resolved.experts)
     out = resolved.artifact_dir
+    for p in clean_stale_staging(out.parent):  # any key's, whose builder died (a live build holds its key's lock)
+        log(f"removed {p.name} from {out.parent}: left by a build that was killed")
     # One builder per key at a time: a second process (a Ray worker, another compare) waits, then reuses.
     with file_lock(out.parent / f".{out.name}.lock"):
         if (out / "artifact.json").is_file() and not force:

@@ -41,6 +41,32 @@ def check_prompt(prompt: str) -> str:
     return prompt
 
 
+def read_prompt(source: str | Path, stdin=None, limit: int = MAX_PROMPT_CHARS) -> str:
+    """A prompt from a file, or from standard input for `-` (`stdin`: a stream, default sys.stdin's bytes): at most
+    `limit` bytes are read, whatever the source says of its size (a device like /dev/zero, a pipe, a FIFO report none),
+    and a longer one is refused in one line. Raises WorkbenchError: too long, unreadable, not UTF-8."""
+    import sys
+
+    name = "standard input" if str(source) == "-" else f"--prompt-file {source}"
+    try:
+        if str(source) == "-":
+            stream = stdin if stdin is not None else getattr(sys.stdin, "buffer", sys.stdin)  # text when replaced
+            data = stream.read(limit + 1)
+            if isinstance(data, str):
+                data = data.encode("utf-8")[: limit + 1]
+        else:
+            with open(source, "rb") as f:
+                data = f.read(limit + 1)
+    except OSError as e:
+        raise WorkbenchError(f"{name}: cannot read it ({e.strerror or type(e).__name__})") from None
+    if len(data) > limit:
+        raise WorkbenchError(f"{name}: over {limit:,} bytes (a prompt is at most {limit >> 20} MiB): not read further")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise WorkbenchError(f"{name}: not UTF-8 text (invalid byte at offset {e.start})") from None
+
+
 def _load(recipe, device: str, log: Log):
     from .artifacts import load_artifact
     from .recipes import build, parse_recipe
@@ -49,13 +75,19 @@ def _load(recipe, device: str, log: Log):
     return resolved, load_artifact(build(resolved, device=device, log=log), device=device)
 
 
-def route_trace(recipe: str | Path | dict, prompt: str, *, out: Path | None = None, device: str = "cpu", log: Log = print) -> dict[str, Any]:
+def route_trace(recipe: str | Path | dict, prompt: str | None = None, *, prompt_file: str | Path | None = None,
+                out: Path | None = None, device: str = "cpu", log: Log = print) -> dict[str, Any]:
     """Which experts each token of `prompt` chose at each layer, with what weight. The prompt is checked (not
-    empty, at most the model's context) before the model runs; with `out` the trace is written there as JSON."""
+    empty, at most the model's context) before the model runs; with `out` the trace is written there as JSON.
+    `prompt_file` (instead of `prompt`; `-` for standard input) is read by `read_prompt`: at most 1 MiB."""
     from .methods.routing import trace_prompt
 
     from .recipes import parse_recipe
 
+    if prompt_file is not None:
+        if prompt is not None:
+            raise WorkbenchError("give the prompt or a prompt file, not both")
+        prompt = read_prompt(prompt_file)
     check_prompt(prompt)
     resolved = parse_recipe(recipe) if not hasattr(recipe, "recipe") else recipe
     base = resolved.pool.base  # checked before any build: the base's tokenizer and context

@@ -1,10 +1,14 @@
 """Paired tests behind the docs' "beats" claims, from the committed cells (nothing is run): per claim, exact McNemar
 over the examples both rows scored (cells/<row>/<task>.json, aligned by doc id, pooled over the claim's tasks),
-Holm-corrected within each comparison's family. Usage: python results/checks/paired-claims.py > paired-claims.json"""
+Holm-corrected within each comparison's family. Cells are read by the workbench's one checked reader
+(`workbench.cells`): only cells the comparison's plan.json expects, with its keys, count; a cell from an older commit
+(git show) is checked for its place and shape. Usage: python results/checks/paired-claims.py > paired-claims.json"""
 import json
 import subprocess
+import sys
 from pathlib import Path
 
+from workbench.cells import ANY_KEY, cell_problem, comparison_cells
 from workbench.eval.stats import compare, holm
 from workbench.tasks.suite import task_names
 
@@ -41,12 +45,26 @@ def _test(pairs: list[tuple[dict, dict]], a: str, b: str, used: list[str]) -> di
             "tasks": used}
 
 
+_CELLS: dict[Path, dict] = {}
+
+
+def counted(folder: Path) -> dict:
+    """(row, task) -> cell of the comparison in `folder` that counts (`cells.comparison_cells`); the others are named
+    on stderr."""
+    if folder not in _CELLS:
+        got = comparison_cells(folder)
+        for path, why in got.skipped:
+            print(f"{path}: not counted: {why}", file=sys.stderr)
+        _CELLS[folder] = got.cells
+    return _CELLS[folder]
+
+
 def paired(folder: Path, a: str, b: str, tasks: list[str]) -> dict | None:
     pairs, used = [], []
+    cells = counted(folder)
     for t in tasks:
-        fa, fb = folder / "cells" / a / f"{t}.json", folder / "cells" / b / f"{t}.json"
-        if fa.is_file() and fb.is_file():
-            pairs.append((json.loads(fa.read_text()), json.loads(fb.read_text())))
+        if (a, t) in cells and (b, t) in cells:
+            pairs.append((cells[(a, t)], cells[(b, t)]))
             used.append(t)
     return _test(pairs, a, b, used)
 
@@ -59,12 +77,13 @@ before_after = [(r, g) for r in ("phatgoose-lora", "mole-lora", "smora-lora", "t
 
 def paired_before(row: str, tasks: list[str]) -> dict | None:
     pairs, used = [], []
+    cells = counted(ROOT / "routing")
     for t in tasks:
-        f = ROOT / "routing" / "cells" / row / f"{t}.json"
         old = subprocess.run(["git", "show", f"{BEFORE}:results/compare/routing/cells/{row}/{t}.json"],
                              capture_output=True, text=True, cwd=ROOT)
-        if f.is_file() and old.returncode == 0:
-            pairs.append((json.loads(f.read_text()), json.loads(old.stdout)))
+        then = json.loads(old.stdout) if old.returncode == 0 else None
+        if (row, t) in cells and then is not None and cell_problem(then, row, t, ANY_KEY, ROOT / "routing") is None:
+            pairs.append((cells[(row, t)], then))
             used.append(t)
     return _test(pairs, f"{row} (now)", f"{row} at {BEFORE}", used)
 

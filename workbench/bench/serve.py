@@ -689,7 +689,12 @@ def run(mode: str = "closed", log: Callable[..., Any] = print, **options: Any) -
         choices = sorted(known - {"log", "settings"})
         raise WorkbenchError(f"bench serve ({mode}): unknown option {unknown[0]!r}"
                              f"{did_you_mean(unknown[0], choices)}; known: {', '.join(choices)}")
-    return fn(log=log, **options)
+    rec = fn(log=log, **options)
+    if mode == "open":
+        print_open_loop(rec, log, options.get("out_file"))
+    else:
+        print_closed_loop(rec, log)
+    return rec
 
 
 async def _fire(url: str, models: list[str], prompts: list[str], max_tokens: int) -> tuple[float, list[float], list[str]]:
@@ -743,3 +748,43 @@ def closed_loop(pool_name: str = "demo", n_requests: int = 64, n_adapters: int =
               "machine": machine_info("cpu"), "git": git_state(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     atomic_write_json(out_file or results_root() / "bench" / "serve.json", record)
     return record
+
+
+def print_open_loop(rec: dict[str, Any], log: Callable[..., Any] = print, out=None) -> None:
+    """The open-loop record as the CLI prints it: a table per offered load and arm, then each target per rate."""
+    from rich.table import Table
+
+    def num(v):
+        return "–" if v is None else f"{v:.3f}"
+
+    table = Table("offered", "arm", "tokens/s", "requests/s", "p95 TTFT s", "p95 TTFT short s", "p50 ITL s",
+                  "p95 ITL s", "p95 e2e s", "errors", title="bench serve, open loop (pooled over rounds)")
+    for key in rec["ratios"]:
+        for arm, by_rate in rec["summary"].items():
+            f = by_rate[key]
+            table.add_row(key, arm, f"{f['tokens_per_s']:.1f}", f"{f['requests_per_s']:.2f}", num(f["ttft_p95_s"]),
+                          num(f["short_ttft_p95_s"]), num(f["itl_p50_s"]), num(f["itl_p95_s"]), num(f["e2e_p95_s"]),
+                          str(f["errors"]))
+    log(table)
+    for name, met in rec["targets_met"].items():
+        got = ", ".join(f"{k} {rec['ratios'][k][name]:.3f} ({'met' if ok else 'NOT met'})"
+                        for k, ok in met["per_rate"].items())
+        log(f"{name} (target {met['target']}): {got or 'not measured (its arms did not run)'}")
+    log(f"record: {out or 'results/bench/serve-open.json'}; chart: {rec['plot']}; raw per request: "
+                  f"{rec['raw']}")
+
+
+def print_closed_loop(rec: dict[str, Any], log: Callable[..., Any] = print) -> bool:
+    """The closed-loop record as the CLI prints it; False when a served output differed from PEFT alone."""
+    from rich.table import Table
+
+    table = Table("mix", "requests/s", "p50 s", "p95 s", "wall s", title="bench serve")
+    for k, v in rec["rows"].items():
+        table.add_row(k, f"{v['requests_per_s']:.2f}", f"{v['p50_s']:.2f}", f"{v['p95_s']:.2f}", f"{v['wall_s']:.1f}")
+    log(table)
+    if rec["exact_vs_peft_alone"] is not None:
+        ex = rec["exact_vs_peft_alone"]
+        log(f"served == PEFT alone: {ex['identical']}/{ex['requests']} requests")
+        if ex["differing"]:
+            return False
+    return True

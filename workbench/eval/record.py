@@ -197,18 +197,22 @@ def run_files(folder: Path, run_id: str) -> list[Path]:
 def replace_older_runs(folder: Path, manifest: dict[str, Any]) -> list[str]:
     """Delete earlier runs in `folder` with `manifest`'s settings; call once the new run is fully written.
 
-    Only runs older than this one go, so concurrent reruns never delete a newer run.
+    Only runs older than this one go, so concurrent reruns never delete a newer run. A manifest that cannot be read
+    (`cells.read_record`: over its size or depth caps, not JSON, not an object) is left alone.
     """
+    from ..cells import read_record  # bounded: a huge or 100,000-deep file is skipped, never a RecursionError
+
     want, removed = run_settings(manifest), []
     for p in sorted(Path(folder).glob("run_*.json")):
         run_id = p.stem[4:]
         if run_id >= manifest["run_id"]:
             continue
+        old = read_record(p)
         try:
-            old = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if run_settings(old) != want:
+            same = old is not None and run_settings(old) == want
+        except TypeError:  # a manifest with malformed fields (tasks not a list of names): not ours to delete
+            same = False
+        if not same:
             continue
         p.unlink(missing_ok=True)  # the manifest first: a crash leaves orphan files, never a run without them
         for f in run_files(Path(folder), run_id):

@@ -46,10 +46,16 @@ MAX_LR = 1.0  # learning rates: (0, 1]
 
 
 def check_warmup(params: Schema, *, steps_field: str = "steps", zero_steps_ok: bool = False) -> None:
-    """Cross-field check: a warm-up as long as the training never reaches the learning rate (at 10**12 it trains
-    nothing). An explicitly given `warmup` must be below `steps` (a default warm-up is left as it is)."""
+    """Cross-field check (a model validator's): a warm-up as long as the training never reaches the learning rate (at
+    10**12 it trains nothing). An explicitly given `warmup` must be below `steps`; a default one longer than a short
+    training is clamped to `steps - 1` while validating (`steps: 3` with MoLE's default warm-up of 8 warms up 2 steps,
+    then decays), so the validated parameters (and the key) say what the training does."""
     steps, warmup = getattr(params, steps_field), params.warmup
-    if "warmup" not in params.model_fields_set or (zero_steps_ok and steps == 0):
+    if zero_steps_ok and steps == 0:
+        return
+    if "warmup" not in params.model_fields_set:
+        if steps > 0 and warmup >= steps:
+            object.__setattr__(params, "warmup", steps - 1)  # still validating: the model is not frozen to anyone yet
         return
     if warmup >= steps:
         raise PydanticCustomError("wb_warmup", "warmup {warmup} is not below steps {steps} (the learning rate would "

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from ..errors import RecipeError, WorkbenchError
+from ..faults import fault_point
 from .base import BuildContext, register_method
 from .merge_io import write_merged_model
 from .upcycle import MoeTrainParams, Sources, UpcycleMethod
@@ -69,7 +70,9 @@ class MergekitMoe(UpcycleMethod):
 
         p: MergekitMoeParams = ctx.params
         base = src.base
-        with tempfile.TemporaryDirectory(prefix="wb-mergekit-moe-", dir=ctx.out_dir.parent) as tmp:
+        # inside the build's own staging folder: a killed build's leftovers go with it (`recipes.build` removes a dead
+        # build's `.staging-*` folders), never a folder of its own beside the artifacts
+        with tempfile.TemporaryDirectory(prefix="wb-mergekit-moe-", dir=ctx.out_dir) as tmp:
             tmp = Path(tmp)
             folders = []
             for i, e in enumerate(ctx.experts):
@@ -82,6 +85,7 @@ class MergekitMoe(UpcycleMethod):
                 write_merged_model(base, ((n, src.mean(n)) for n in base.tensors.keys()), base_dir, absolute=True)
             else:
                 base_dir = base.path
+            fault_point("mergekit_moe")  # the kill tests: experts materialised, mergekit not yet run
             config = MoEMergeConfig.model_validate({
                 "base_model": str(base_dir), "gate_mode": "hidden", "dtype": "float32",
                 "experts_per_token": p.top_k, "architecture": "Mixtral",
