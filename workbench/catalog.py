@@ -54,25 +54,7 @@ def load_json(path: Path) -> Any:
     """`cells.load_json` for a folder anyone may write into: a regular file only (a FIFO, socket or device named
     `*.json` is a ValueError, opened without blocking and never read: `io.read_regular_file`), at most
     `cells.MAX_JSON_BYTES`, nested at most `cells.MAX_JSON_DEPTH` deep. Raises ValueError (why, one line) or OSError."""
-    import json
-
-    from .io import read_regular_file
-
-    data = read_regular_file(path, cell_records.MAX_JSON_BYTES)
-    if not data.strip():
-        raise ValueError("not valid JSON (empty file)")
-    depth = cell_records.MAX_JSON_DEPTH
-    try:
-        value = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"not valid JSON (not UTF-8: {e.reason})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({str(e).splitlines()[0]})") from None
-    except RecursionError:
-        raise ValueError(f"nested too deeply (over {depth} levels)") from None
-    if cell_records.json_depth(value) > depth:
-        raise ValueError(f"nested too deeply (over {depth} levels)")
-    return value
+    return cell_records.load_json(path, max_bytes=cell_records.MAX_JSON_BYTES, max_depth=cell_records.MAX_JSON_DEPTH)
 
 
 def _parse(path: Path) -> Any:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -53,15 +52,16 @@ def json_depth(value: Any) -> int:
 
 
 def load_json(path: str | Path, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """The file's JSON; raises ValueError (why, in one line) when it is too large, nested too deeply, not UTF-8 or
-    not JSON, and OSError when it cannot be read. A file over `max_bytes` is not read at all."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > max_bytes:
-            raise ValueError(f"too large to read ({size / 2**20:.1f} MiB; the limit is {max_bytes / 2**20:.0f} MiB)")
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:  # grew while read
-        raise ValueError(f"too large to read (over {max_bytes / 2**20:.0f} MiB)")
+    """The file's JSON; raises ValueError (why, in one line) when it is not a regular file (a FIFO, socket or device:
+    opened without blocking and never read), too large (a file over `max_bytes` is not read past its cap), nested
+    too deeply, not UTF-8 or not JSON, and OSError when it cannot be read."""
+    from .io import read_regular_file
+
+    return parse_json(read_regular_file(Path(path), max_bytes), max_depth)
+
+
+def parse_json(data: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """JSON from bytes, nested at most `max_depth` deep; ValueError (one line) otherwise."""
     if not data.strip():
         raise ValueError("not valid JSON (empty file)")
     try:
@@ -242,4 +242,4 @@ def comparison_cells(folder: str | Path, board: dict[str, Any] | None = None,
 
 
 __all__ = ["ANY_KEY", "ComparisonCells", "MAX_JSON_BYTES", "MAX_JSON_DEPTH", "cell_path", "cell_problem",
-           "comparison_cells", "json_depth", "load_json", "planned_keys", "read_cell", "read_record"]
+           "comparison_cells", "json_depth", "load_json", "parse_json", "planned_keys", "read_cell", "read_record"]

@@ -51,7 +51,6 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -65,7 +64,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 
 from ..errors import WorkbenchError, did_you_mean
 from ..eval.harness import git_state, machine_info, results_root
-from ..io import atomic_write_json
+from ..io import atomic_write_bytes, atomic_write_json
 from ..pool import Pool
 from ..serving.api import create_app, start_in_thread
 from ..serving.engine import MultiLoraModel, peft_alone
@@ -471,18 +470,7 @@ def open_loop_chart(record: dict[str, Any]):
 
 
 def _write_gz_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(gzip.compress(json.dumps(obj).encode(), mtime=0))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, gzip.compress(json.dumps(obj).encode(), mtime=0))
 
 
 def read_raw(path: str | os.PathLike) -> dict[str, Any]:

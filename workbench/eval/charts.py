@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..tokens import byte_of
 from .leaderboard import GROUP_LABEL, GROUPS, _group, arrow, short, task_info
 
 MAX_EXPERTS = 8  # a trace of more experts (SMoRA's 64 ranks) shows the top MAX_EXPERTS - 1 and "other"
@@ -394,20 +395,7 @@ def sweep_chart(rec: dict[str, Any]):
 # ----------------------------------------------------------------------------- routing traces
 
 
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level BPE alphabet, reversed: the character a tokenizer shows for each byte -> the byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
-_BYTES = _byte_decoder()
+_BYTES = byte_of()
 _VISIBLE = {" ": "␣", "\n": "⏎", "\t": "⇥", "\r": "␍"}
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import re
 import tempfile
 from collections import defaultdict
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import WorkbenchError
-from ..io import atomic_write_json, cache_dir
+from ..io import atomic_write_bytes, atomic_write_json, cache_dir
 
 DROPPED_KEYS = ("pretty_env_info",)  # lm-eval's dump of the machine (the manifest keeps a short `machine`)
 _CHECKOUT = Path(__file__).resolve().parents[2]
@@ -124,19 +123,7 @@ def write_samples(path: Path, rows: list[dict[str, Any]]) -> None:
     equal rows, written atomically."""
     rows = sorted(rows, key=lambda r: (r["task"], r["doc_id"]))
     data = gzip.compress("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode(), mtime=0)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(Path(path), data)
 
 
 def read_samples(source: dict[str, Any] | str | Path) -> list[dict[str, Any]]:

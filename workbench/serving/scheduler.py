@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ..tokens import byte_of
 from .engine import Assignment, BatchState, MultiLoraModel
 
 log = logging.getLogger("workbench.serving")
@@ -586,20 +587,7 @@ class Detokenizer:
         return piece
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte-level BPE alphabet: byte -> the printable character that stands for it in the vocabulary."""
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))  # printable Latin-1 stands for itself
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-_BYTE_OF = {c: b for b, c in _bytes_to_unicode().items()}
+_BYTE_OF = byte_of()
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback tokens
 
 
