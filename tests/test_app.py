@@ -85,8 +85,8 @@ def test_leaderboard_matches_the_library(world):
             assert shown.loc[r["name"], f"{short(t)} %"] == pytest.approx(100 * c["mean"]), (r["name"], t)
         if r["paired"]:
             assert shown.loc[r["name"], "diff vs ref (pp)"] == pytest.approx(100 * r["paired"]["diff"])
-            # p is shown with two significant digits
-            assert float(shown.loc[r["name"], "p (paired)"]) == pytest.approx(r["paired"]["p_value"], rel=0.05)
+            # p is a number (shown with three significant digits), so that a click sorts it by value
+            assert shown.loc[r["name"], "p (paired)"] == pytest.approx(r["paired"]["p_value"])
     assert shown.loc["base", "diff vs ref (pp)"] != shown.loc["base", "diff vs ref (pp)"]  # the reference: NaN
     # another reference re-pairs every row against it
     at.selectbox(key="lb-ref-comparison-small").set_value("ta").run()
@@ -117,9 +117,10 @@ def test_leaderboard_shows_normalized_scores_and_the_comparison_record(world):
     assert not at.sidebar.expander  # every file of the fixture is read as what it is: nothing skipped
 
 
-def _mixed_comparison(root: Path) -> dict:
+def _mixed_comparison(root: Path, docs: int = 4) -> dict:
     """A comparison folder with an exact-match task, a perplexity corpus and a user's BLEU task: cells as run_row
-    writes them, plan.json with their keys, and the leaderboard the jobs would write."""
+    writes them, plan.json with their keys, and the leaderboard the jobs would write. `docs` (4 to 7): examples per
+    task; `merged` is 4 nats more likely than `base` on every document of the corpus."""
     import math
 
     from workbench.eval.leaderboard import build_leaderboard
@@ -128,25 +129,30 @@ def _mixed_comparison(root: Path) -> dict:
     tasks = ["addition", "python_code", "my_bleu"]
     rows = [{"name": n, "method": "m", "expert_task": None} for n in ("base", "merged")]
     cells = {}
+    ids = list(range(docs))
     for name, em, shift, bleu in (("base", [1, 0, 0, 0], 0.0, 20.0), ("merged", [1, 1, 0, 1], 4.0, 30.0)):
-        lls, words = [-40.0 + shift, -90.0 + shift, -25.0 + shift, -60.0 + shift], [10.0, 20.0, 5.0, 15.0]
+        em = em + [0] * (docs - 4)
+        lls = [x + shift for x in [-40.0, -90.0, -25.0, -60.0, -35.0, -70.0, -50.0][:docs]]
+        words = [10.0, 20.0, 5.0, 15.0, 8.0, 18.0, 12.0][:docs]
         cells[(name, "addition")] = {"metric": "exact_match", "higher_is_better": True, "aggregate": "mean",
-                                     "score": sum(em) / 4, "n": 4, "doc_ids": [0, 1, 2, 3], "values": [float(v) for v in em]}
+                                     "score": sum(em) / docs, "n": docs, "doc_ids": ids,
+                                     "values": [float(v) for v in em]}
         cells[(name, "python_code")] = {"metric": "word_perplexity", "higher_is_better": False, "aggregate": "perplexity",
-                                        "score": math.exp(-sum(lls) / sum(words)), "n": 4, "doc_ids": [0, 1, 2, 3],
+                                        "score": math.exp(-sum(lls) / sum(words)), "n": docs, "doc_ids": ids,
                                         "values": lls, "weights": words}
         cells[(name, "my_bleu")] = {"metric": "bleu", "higher_is_better": True, "aggregate": "none", "score": bleu,
-                                    "n": 4, "doc_ids": [], "values": [], "note": "bleu is aggregated over the corpus"}
+                                    "n": docs, "doc_ids": [], "values": [],
+                                    "note": "bleu is aggregated over the corpus"}
     for (row, task), c in cells.items():
         c |= {"key": f"k-{row}-{task}", "row": row, "task": task}
         (out / "cells" / row).mkdir(parents=True, exist_ok=True)
         (out / "cells" / row / f"{task}.json").write_text(json.dumps(c))
     (out / "plan.json").write_text(json.dumps({
         "name": "mixed", "source": "mixed.yaml", "pool": "demo", "tasks": tasks, "reference": "base",
-        "eval": {"limit": 4, "split": "test"}, "rows": rows, "skipped": {},
+        "eval": {"limit": docs, "split": "test"}, "rows": rows, "skipped": {},
         "cells": {r["name"]: {t: f"k-{r['name']}-{t}" for t in tasks} for r in rows}}))
     board = build_leaderboard(rows, cells, tasks, "base") | {"name": "mixed", "pool": "demo", "skipped": {},
-                                                             "eval": {"limit": 4, "split": "test"}, "cells": "6/6"}
+                                                             "eval": {"limit": docs, "split": "test"}, "cells": "6/6"}
     (out / "leaderboard.json").write_text(json.dumps(board))
     return board
 
@@ -163,7 +169,7 @@ def test_leaderboard_shows_each_metric_in_its_units_and_direction(world, tmp_pat
     assert df.loc["merged", "py ppl se"] == pytest.approx(ppl["stderr"]) and ppl["stderr"] > 0
     assert df.loc["merged", "py ppl Δ"] == pytest.approx(-ppl["paired"]["diff"]) and ppl["paired"]["diff"] < 0
     assert df.loc["merged", "add %"] == pytest.approx(75.0) and df.loc["merged", "my_bleu bleu"] == 30.0
-    assert df.loc["merged", "py ppl p"] == f"{ppl['paired']['p_value']:.3g}"
+    assert df.loc["merged", "py ppl p"] == pytest.approx(ppl["paired"]["p_value"])  # a number: sorts by value
     assert "my_bleu p" not in df.columns and "my_bleu se" not in df.columns  # no row has one: no empty column
     labels = {c["label"] for c in json.loads(at.dataframe[0].proto.columns).values() if c.get("label")}
     assert {"add % ↑", "py ppl word_perplexity ↓", "my_bleu bleu ↑", "py ppl Δ (+ better)"} <= labels
@@ -204,6 +210,26 @@ def test_charts_and_pairwise_of_other_metrics(world, tmp_path):
     assert pw.loc["python_code", "merged (A)"] == pytest.approx(ppl["mean"])
     assert pw.loc["python_code", "verdict"] != "B better"  # lower perplexity is never read as worse
     assert pw.loc["addition", "test"] == "mcnemar"
+
+
+def test_pairwise_reads_a_lower_perplexity_as_a_better(tmp_path):
+    """Pairwise's verdicts in a lower-is-better metric's direction: over 7 documents, every one 4 nats more likely
+    under `merged` (a lower perplexity), the exact sign-flip test gives p = 2/128 (p Holm 2/64 over the pair's two
+    tasks), below 0.05 both: A (merged) better, never B. (Over 4 documents the exact test cannot go below p = 0.125:
+    every verdict there is noise, whichever way the direction is read.)"""
+    board = _mixed_comparison(tmp_path / "results", docs=7)
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.query_params.update({"results": str(tmp_path / "results"), "view": "Pairwise", "A": "merged", "B": "base"})
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    pw = at.dataframe[0].value.set_index("task")
+    ppl = next(r for r in board["rows"] if r["name"] == "merged")["tasks"]["python_code"]
+    assert pw.loc["python_code", "test"] == "sign_flip_corpus" and pw.loc["python_code", "n"] == 7
+    assert pw.loc["python_code", "merged (A)"] == pytest.approx(ppl["mean"]) and pw.loc["python_code", "A − B"] < 0
+    assert pw.loc["python_code", "p_value"] == pytest.approx(2 / 128)
+    assert pw.loc["python_code", "p Holm"] == pytest.approx(2 / 64)
+    assert pw.loc["python_code", "verdict"] == "A better"
+    assert pw.loc["python_code", "verdict (Holm)"] == "A better"
 
 
 def test_disagreements_name_values_by_kind_and_curves_show_their_note(world, tmp_path):

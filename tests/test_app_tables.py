@@ -23,9 +23,11 @@ HELD_IN = ["addition", "sorting", "unit_conversion", "word_count", "repeat_word"
 
 
 def write_run(folder: Path, run_id: str, row: str, task_values: dict[str, list[float]], *, limit: int | None,
-              commit: str = "a" * 40, dirty: bool = False, answers: dict[str, list[str]] | None = None) -> Path:
+              commit: str = "a" * 40, dirty: bool = False, answers: dict[str, list[str]] | None = None,
+              doc_ids: dict[str, list[int]] | None = None) -> Path:
     """An lm-eval run as run_eval writes it (manifest with git and settings, per-sample outputs): exact match per
-    example, prompts `q<task>-<i>`, targets `t<i>`, answers `answers[task]` (else `a<row>-<i>`). Returns the manifest."""
+    example, prompts `q<task>-<i>`, targets `t<i>`, answers `answers[task]` (else `a<row>-<i>`), doc ids
+    `doc_ids[task]` (else 0, 1, ...). Returns the manifest."""
     from workbench.eval.record import write_samples
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -35,8 +37,9 @@ def write_run(folder: Path, run_id: str, row: str, task_values: dict[str, list[f
         "model_info": {}, "tasks": list(task_values), "limit": limit, "split": "test",
         "scores": {t: {"exact_match": sum(v) / len(v)} for t, v in task_values.items()},
         "filters": {t: "none" for t in task_values}, "git": {"commit": commit, "dirty": dirty}}))
-    rows = [{"task": t, "doc_id": i, "filter": "none", "question": f"q{t}-{i}", "target": f"t{i}",
-             "response": (answers or {}).get(t, [f"a{row}-{i}"] * len(v))[i], "metrics": {"exact_match": float(x)}}
+    rows = [{"task": t, "doc_id": (doc_ids or {}).get(t, range(len(v)))[i], "filter": "none",
+             "question": f"q{t}-{i}", "target": f"t{i}", "response": (answers or {}).get(t, [f"a{row}-{i}"] * len(v))[i],
+             "metrics": {"exact_match": float(x)}}
             for t, v in task_values.items() for i, x in enumerate(v)]
     write_samples(folder / f"samples_{run_id}.jsonl.gz", rows)
     return manifest
@@ -45,10 +48,12 @@ def write_run(folder: Path, run_id: str, row: str, task_values: dict[str, list[f
 def write_comparison(root: Path, name: str, table: dict[str, dict[str, list[float]]], reference: str, *,
                      limit: int = 4, dirty: set[str] = frozenset(), ppl: dict[str, float] | None = None,
                      answers: dict[str, dict[str, list[str]]] | None = None,
-                     methods: dict[str, str] | None = None) -> dict:
+                     methods: dict[str, str] | None = None,
+                     doc_ids: dict[str, dict[str, list[int]]] | None = None) -> dict:
     """A comparison as `workbench compare` leaves it: per (row, task) a cell (exact match per example, its run inside
     the folder), plan.json with every planned cell's key, leaderboard.json from the library. `ppl`: row -> a shift of
-    a perplexity task's per-document log-likelihoods (python_code, lower perplexity is better)."""
+    a perplexity task's per-document log-likelihoods (python_code, lower perplexity is better). `doc_ids`: row ->
+    task -> the doc id of each value (else 0, 1, ...)."""
     from workbench.eval.leaderboard import build_leaderboard
 
     out = root / "compare" / name
@@ -58,10 +63,12 @@ def write_comparison(root: Path, name: str, table: dict[str, dict[str, list[floa
     cells = {}
     for i, (row, per_task) in enumerate(table.items()):
         run = write_run(out / "lm-eval" / f"demo__{row}", f"2026-01-0{1 + i % 9}T00-00-0{i % 10}", row, per_task,
-                        limit=limit, dirty=row in dirty, answers=(answers or {}).get(row))
+                        limit=limit, dirty=row in dirty, answers=(answers or {}).get(row),
+                        doc_ids=(doc_ids or {}).get(row))
         for t, v in per_task.items():
+            ids = list((doc_ids or {}).get(row, {}).get(t, range(len(v))))
             cells[(row, t)] = {"metric": "exact_match", "higher_is_better": True, "aggregate": "mean",
-                               "score": sum(v) / len(v), "n": len(v), "doc_ids": list(range(len(v))),
+                               "score": sum(v) / len(v), "n": len(v), "doc_ids": ids,
                                "values": [float(x) for x in v], "run": run.relative_to(out).as_posix()}
         if ppl and row in ppl:
             lls = [-40.0 + ppl[row], -90.0 + ppl[row], -25.0 + ppl[row], -60.0 + ppl[row]]
@@ -137,7 +144,7 @@ def test_rows_over_different_task_sets_rank_over_the_tasks_they_share(tmp_path):
     assert shown.loc["narrow", "shared 2 tasks %"] == pytest.approx(75.0)
     for name, r in by.items():  # the row's own numbers are leaderboard.json's
         assert shown.loc[name, "held_in %"] == pytest.approx(100 * r["summary"]["held_in"]["mean"])
-    assert "the mean over the 2 accuracy-like tasks every row scored (add, sort)" in texts(at)
+    assert "the mean over the 2 held-in accuracy-like tasks every row scored (add, sort)" in texts(at)
 
 
 def test_each_group_shows_its_own_columns_test_and_order(tmp_path):
@@ -547,3 +554,71 @@ def test_every_views_selection_round_trips_through_the_url(tmp_path):
     two = again(at)
     assert two.selectbox(key=key).value == 3
     assert [t.value for t in two.text] == [t.value for t in at.text]  # the same example opened in full
+
+
+# ----------------------------------------------------------------------------- the review of issue 28 (third round)
+
+
+def test_leaderboard_p_values_are_numbers_that_sort_by_value(tmp_path):
+    """Every p column (`p (paired)`, `p Holm`, `<group> p`, `<task> p`, their Holm) is a float column formatted to 3
+    significant digits, never text (as text, a click sorted 1.11e-46 after 0.000307); the reference's is NaN (empty)."""
+    import pandas as pd
+
+    res = tmp_path / "results"
+    write_comparison(res, "pn", {
+        "base": {"addition": [0, 0, 0, 0, 0, 0, 1, 0], "sorting": [0, 0, 0, 1, 0, 0, 0, 0]},
+        "x": {"addition": [1, 1, 1, 1, 1, 1, 1, 1], "sorting": [1, 1, 1, 1, 1, 1, 1, 0]},
+        "y": {"addition": [1, 0, 0, 0, 0, 0, 1, 0], "sorting": [0, 1, 0, 1, 0, 0, 0, 0]}}, "base", limit=8,
+        ppl={"base": 0.0, "x": 4.0, "y": 1.0})
+    for group in ("all", "held-in", "other"):
+        at = open_app(res, "Leaderboard", group=group)
+        df = at.dataframe[0].value
+        ps = [c for c in df.columns if c in ("p (paired)", "p Holm") or c.endswith((" p", " p Holm"))]
+        assert ps, (group, list(df.columns))
+        for c in ps:
+            assert pd.api.types.is_float_dtype(df[c]), (group, c, df[c].dtype)
+            assert math.isnan(df.set_index("model").loc["base", c]), (group, c)  # the reference: empty
+        formats = {k: (v.get("type_config") or {}).get("format") for k, v in json.loads(at.dataframe[0].proto.columns).items()}
+        assert all(formats.get(c) == "%.3g" for c in ps), (group, formats)
+    at = open_app(res, "Leaderboard")
+    df = at.dataframe[0].value.set_index("model")
+    assert df.loc["x", "p (paired)"] < df.loc["y", "p (paired)"]  # x: 14 vs 0 discordant, y: 2 vs 0
+    assert list(df["p (paired)"].sort_values().index[:2]) == ["x", "y"]  # by value, the reference (NaN) last
+
+
+def test_all_view_ranked_by_held_in_tasks_says_so_and_names_them(tmp_path):
+    """"all" shows every task but the board is ranked by the held-in ones: the caption says "held-in" and names the
+    tasks, never "the mean over the N accuracy-like tasks of the group" (that read as every task of the view)."""
+    res = tmp_path / "results"
+    write_comparison(res, "hi", {
+        "base": {"addition": [0, 1, 0, 0], "sorting": [0, 0, 1, 0], "subtraction": [1, 1, 1, 1]},
+        "x": {"addition": [1, 1, 0, 0], "sorting": [0, 0, 1, 1], "subtraction": [0, 0, 0, 0]}}, "base")
+    at = open_app(res, "Leaderboard")
+    caption = texts(at)
+    assert "Ranked by the mean over the 2 held-in accuracy-like tasks (add, sort)." in caption
+    assert "of the group" not in caption
+    assert list(at.dataframe[0].value.model) == ["x", "base"]  # held-in 50 vs 25 (over every task: 33 vs 50)
+    at.selectbox(key="lb-group").set_value("held-out").run()  # a group's own view keeps its wording
+    assert "Ranked by the mean over the 1 accuracy-like tasks of the group." in texts(at)
+
+
+def test_pooled_pairs_by_doc_id_when_the_rows_example_sets_differ(tmp_path):
+    """A scored addition docs 0-5, B docs 7, 6, 5, 4, 3, 2 (another limit, reversed order); both sorting docs 0-2.
+    By doc id they share 4 + 3 = 7 examples: on docs 2-5 of addition A is right and B wrong, sorting alike: n = 7,
+    A − B = 4/7, McNemar 4 vs 0: p = 0.125 (by position they would pair 6 + 3 = 9 examples, 4 vs 2)."""
+    from workbench.catalog import comparison_source, scan
+
+    res = tmp_path / "results"
+    write_comparison(res, "ids", {"a": {"addition": [0, 0, 1, 1, 1, 1], "sorting": [1, 0, 1]},
+                                  "b": {"addition": [1, 1, 0, 0, 0, 0], "sorting": [1, 0, 1]}}, "b", limit=6,
+                     doc_ids={"a": {"addition": [0, 1, 2, 3, 4, 5]}, "b": {"addition": [7, 6, 5, 4, 3, 2]}})
+    got = comparison_source(scan(res), "ids").pooled("a", "b")
+    assert got["n"] == 7 and got["tasks"] == ["addition", "sorting"]
+    assert got["diff"] == pytest.approx(4 / 7) and (got["a_only"], got["b_only"]) == (4, 0)
+    assert got["p_value"] == pytest.approx(0.125)
+    at = open_app(res, "Pairwise", A="a", B="b")
+    line = next(m.value for m in at.markdown if m.value.startswith("**Pooled"))
+    assert "Pooled over 7 examples of 2 accuracy-like tasks" in line and f"a − b = {100 * 4 / 7:+.1f} pp" in line
+    assert "exact McNemar p = 0.125 (4 examples only A got right, 0 only B)" in line
+    pw = at.dataframe[0].value.set_index("task")
+    assert pw.loc["addition", "n"] == 4 and pw.loc["addition", "A − B"] == pytest.approx(100.0)

@@ -191,3 +191,25 @@ def test_leaderboard_perplexity_p_values_come_from_the_permutation_test():
                               {("a", "python_code"): cell(4.0), ("b", "python_code"): cell(0.0)}, ["python_code"], "b")
     p = next(r for r in board["rows"] if r["name"] == "a")["tasks"]["python_code"]["paired"]
     assert p["test"] == "sign_flip_corpus" and p["p_value"] == pytest.approx(0.125) and p["gain"] > 0
+
+
+def test_pooled_interval_is_the_percentile_bootstrap_at_its_level():
+    """The pooled CI against a hand-written percentile bootstrap of mean(a − b): 1,000 resamples of the 18 examples
+    with replacement from numpy's PCG64 seeded 0 (as the library draws them), cut at (1 − level) / 2 on each side.
+    At 0.95 that is (5/18, 13/18) = (0.2778, 0.7222); a tail of 1 − level on each side (a 90% interval) gives
+    (0.3333, 0.6667)."""
+    import numpy as np
+
+    from workbench.eval.stats import paired_ci, pooled_test
+
+    a = [1, 1, 1, 1, 0, 1] + [1, 1, 1, 0, 1, 1] + [1, 0, 1, 1, 1, 1]
+    b = [0, 0, 1, 0, 0, 1] + [0, 1, 0, 0, 1, 0] + [0, 0, 1, 1, 0, 0]
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    means = d[np.random.Generator(np.random.PCG64(0)).integers(0, len(d), size=(1000, len(d)))].mean(1)
+    got = pooled_test(a, b)
+    assert got["level"] == 0.95 and got["diff"] == pytest.approx(0.5)
+    assert (got["ci_low"], got["ci_high"]) == pytest.approx(tuple(np.percentile(means, [2.5, 97.5])))
+    assert (got["ci_low"], got["ci_high"]) == pytest.approx((5 / 18, 13 / 18))
+    for level in (0.8, 0.99):
+        tail = 100 * (1 - level) / 2
+        assert paired_ci(a, b, level) == pytest.approx(tuple(np.percentile(means, [tail, 100 - tail]))), level

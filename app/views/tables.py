@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import streamlit as st
 
 from views.common import cell_count, facts_columns, remember, source_view, url_index, url_list, view_url
@@ -84,7 +82,8 @@ def leaderboard_table(board: dict, group: str = "all", rank: dict | None = None)
     se and paired test, its tasks; never another group's or the test pooled over all tasks; none that no row shown
     has a value in), only the rows that scored
     a task of the group (all rows for "all"), in the order of `leaderboard.rank_shared` (over the tasks every row
-    shares, in the ranking metric's direction), short task names, p values as text; and the column configuration that
+    shares, in the ranking metric's direction), short task names, p values as numbers (formatted to 3
+    significant digits, so that a click sorts them by value); and the column configuration that
     labels each task's value column with its metric's direction (↑ higher is better, ↓ lower) and formats percent
     columns to 0.1 and other metrics to 4 significant digits."""
     import pandas as pd
@@ -124,7 +123,11 @@ def leaderboard_table(board: dict, group: str = "all", rank: dict | None = None)
     df = df.rename(columns=names)
     for c in df.columns:
         if c in ("p (paired)", "p Holm") or c.endswith((" p", " p Holm")):
-            df[c] = ["–" if math.isnan(p) else f"{p:.3g}" for p in df[c]]
+            # numbers, so that a click sorts them by value (as text 1.11e-46 sorted after 0.000307); NaN shows empty
+            df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
+            config[c] = st.column_config.NumberColumn(format="%.3g", help=(
+                "Holm-adjusted over the rows tested against the reference (one family per column)" if c.endswith("Holm")
+                else "paired test against the reference; empty: no test (the reference itself, or no shared example)"))
         elif c not in config and df[c].dtype.kind == "f":
             config[c] = st.column_config.NumberColumn(format="%.1f")
     return df, config

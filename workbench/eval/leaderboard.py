@@ -327,12 +327,14 @@ def coverage(board: dict[str, Any], group: str = "all") -> dict[str, dict[str, i
 def rank_shared(board: dict[str, Any], group: str = "all") -> dict[str, Any]:
     """How the rows of `group` rank, over the tasks they share only: the ranking tasks are the group's accuracy-like,
     higher-is-better tasks (for "all": those the board is ranked by, `ranked_by`), else its first scored task in its
-    direction; `shared` the ranking tasks every ranked row scored. A row's `score` is its mean over `shared` (in % for
+    direction; `shared` the ranking tasks every ranked row scored (for "all" ranked by held-in tasks, `label` says
+    so and names them: the view shows every task). A row's `score` is its mean over `shared` (in % for
     accuracy-like tasks), so a row scored on 2 easy tasks is not ranked above one scored on 6. When no task is shared
     by all (`partial`), each row's own mean over its ranking tasks ranks it, and `partial` says the column mixes task
     sets. Rows with none of the ranking tasks come last (`unranked`). Returns order, score, shared, tasks, partial,
     subset (some row scored more ranking tasks than the shared ones), unranked, higher_is_better, percent and label."""
     infos = {t: task_info(board, t) for t in board["tasks"]}
+    key = None
     if group == "all":
         key = (board.get("ranked_by") or {}).get("key")
         if key == "held_in":
@@ -361,7 +363,8 @@ def rank_shared(board: dict[str, Any], group: str = "all") -> dict[str, Any]:
             score[r["name"]] = (100 if percent else 1) * sum(r["tasks"][t]["mean"] for t in use) / len(use)
     sign = -1.0 if hib else 1.0
     order = sorted(ranked, key=lambda n: sign * score[n]) + [r["name"] for r in board["rows"] if not has[r["name"]]]
-    what = ("accuracy-like tasks" if percent else
+    held_in = group == "all" and key == "held_in"  # "all" shows every task but ranks by the held-in ones only
+    what = (f"{'held-in ' if held_in else ''}accuracy-like tasks" if percent else
             f"{short(tasks[0])} ({infos[tasks[0]]['metric']}, {'higher' if hib else 'lower'} is better)" if tasks
             else "no scored task")
     if not tasks:
@@ -373,7 +376,8 @@ def rank_shared(board: dict[str, Any], group: str = "all") -> dict[str, Any]:
         label = (f"the mean over the {len(shared)} {what} every row scored ({', '.join(short(t) for t in shared)}); "
                  "a row's own group mean covers the tasks in its `tasks` column")
     else:
-        label = f"the mean over the {len(shared)} {what} of the group" if percent else what
+        label = (f"the mean over the {len(shared)} {what} ({', '.join(short(t) for t in shared)})" if held_in else
+                 f"the mean over the {len(shared)} {what} of the group") if percent else what
     return {"order": order, "score": score, "shared": shared, "tasks": tasks, "partial": partial, "subset": subset,
             "unranked": [n for n in order if n not in ranked], "higher_is_better": hib, "percent": percent,
             "label": label}
