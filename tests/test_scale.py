@@ -457,14 +457,45 @@ def test_scale_benchmark_quick_on_the_tiny_model(src, tmp_path, monkeypatch):
     assert saved["ns"] == [4, 8, 16]
     ops = saved["operations"]
     assert set(ops) == {"pool_add", "verify", "verify_again", "ties_merge_lora", "arrow_build",
-                        "routed_forward_top2"}
+                        "routed_forward_top2", "server_start", "server_start_all_resident", "zipf_serving"}
     for op, rows in ops.items():
         assert [r["n"] for r in rows] == [4, 8, 16], op
         assert all(r["wall_s"] > 0 and r["peak_rss_anon_mb"] > 0 for r in rows), op
         assert isinstance(saved["exponents"][op]["wall_s"], float)
     assert all(r["ratio_to_base"] > 0 for r in ops["routed_forward_top2"])
     assert (tmp_path / "scale.svg").stat().st_size > 1000
-    assert saved["not_measured"]["server_start"] and saved["not_measured"]["zipf_serving"]
+    # the servers: the paged one reads only its slots' adapters at start (all 4..16 fit in 64: all of them here)
+    assert [r["adapters_read_at_start"] for r in ops["server_start"]] == [4, 8, 16]
+    assert [r["adapters_read_at_start"] for r in ops["server_start_all_resident"]] == [4, 8, 16]
+    for r in ops["zipf_serving"]:
+        assert r["arms"]["paged"]["failed"] == 0 and r["arms"]["resident"]["failed"] == 0
+        assert r["throughput_ratio"] > 0 and r["p95_ttft_ratio"] > 0 and r["requests"] == 12
+        assert 0 < r["adapter_memory_mb"]["paged"] <= r["adapter_memory_mb"]["resident"]
+        assert r["distinct_adapters"] <= r["n"]
+    zipf = saved["figures"]["zipf_serving (64 resident / all resident)"]
+    assert sorted(zipf) == ["16", "4", "8"] and zipf["16"]["throughput_ratio"] == ops["zipf_serving"][2]["throughput_ratio"]
+
+
+def test_zipf_draws_follow_one_over_k_and_the_paged_server_reads_only_its_slots(src, tmp_path):
+    """Zipf(1.0): adapter 1 about twice as often as adapter 2 and ten times adapter 10; a server over 12 adapters
+    with 4 slots (the scale benchmark's paged arm, scaled down) reads 4 at start and answers."""
+    from workbench.bench import scale_serve
+    from workbench.synth import synthesize
+
+    names = [f"a{k}" for k in range(50)]
+    draws = scale_serve.zipf_models(50, 20000, 0, names)
+    c = {n: draws.count(n) for n in names}
+    assert 1.8 < c["a0"] / c["a1"] < 2.2 and 8 < c["a0"] / c["a9"] < 12.5
+    assert scale_serve.zipf_models(50, 100, 0, names) == scale_serve.zipf_models(50, 100, 0, names)  # seeded
+    assert scale_serve.zipf_models(50, 100, 0, names) != scale_serve.zipf_models(50, 100, 1, names)
+    synthesize(str(tmp_path / "p12"), 12, source=src, seed=0)
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(scale_serve, "RESIDENT_SLOTS", 4)
+    try:
+        row = scale_serve.server_start({"n": 12, "pool": str(tmp_path / "p12")})
+    finally:
+        monkey.undo()
+    assert row == {"adapters_read_at_start": 4, "slots": 4}
 
 
 def test_pool_list_show_verify_read_the_manifest_once(big, run_cli, monkeypatch):

@@ -451,9 +451,14 @@ def test_evictions_and_loads_are_counted_exactly_in_lru_order(pool, six):
     app = create_app(engine, max_batch=4, window_s=0.01)
     with running(app) as url:
         assert metric(url, "workbench_adapter_loads_total") == 2  # e0 and e1, in their slots from the start
+        texts = []
         for m in ("e0", "e1", "e2", "e0", "e3"):
-            assert httpx.post(f"{url}/v1/completions", json={"model": m, "prompt": "abc", "max_tokens": 2},
-                              timeout=60).status_code == 200
+            r = httpx.post(f"{url}/v1/completions", json={"model": m, "prompt": "abc", "max_tokens": 4}, timeout=60)
+            assert r.status_code == 200
+            texts.append(r.json()["choices"][0]["text"])
+        # each output its adapter's, e0 back in another slot included (stale pair metadata would give e2's text)
+        assert texts == peft_alone(pool.base, {f"e{k}": str(f) for k, f in enumerate(six[:4])},
+                                   [(m, "abc") for m in ("e0", "e1", "e2", "e0", "e3")], 4)
         assert metric(url, "workbench_adapter_evictions_total") == 3
         assert metric(url, "workbench_adapter_loads_total") == 5
         assert app.state.scheduler.stats["slot_waits"] == 0 and engine.resident() == ["e0", "e3"]
@@ -638,3 +643,178 @@ def test_bounded_registry_and_an_unloaded_adapter_releases_its_memory(pool, tiny
         assert all(x.weights.a[slot].numel() == 0 and x.weights.b[slot].numel() == 0 for x in engine._layers.values())
         assert httpx.post(load, json={"lora_name": "d", "lora_path": str(six[1])}, timeout=60).status_code == 200
         assert ids(url) == ["base", "b", "c", "d"]
+
+
+# -- issue 27: paged adapters (a pool larger than memory): read ahead of their requests, staged in host memory
+
+# twelve adapters of ranks 2/4/8 over varied modules
+TWELVE = [(40 + k, (2, 4, 8)[k % 3], 8, [("q_proj", "v_proj"), ("o_proj", "up_proj"), ("k_proj", "down_proj"),
+                                         ("v_proj", "gate_proj")][k % 4]) for k in range(12)]
+
+
+@pytest.fixture(scope="module")
+def twelve(tmp_path_factory, tiny_dir):
+    d = tmp_path_factory.mktemp("twelve")
+    return [make_tiny_lora(tiny_dir / "base", d / f"p{k}", seed=seed, r=r, alpha=alpha, target_modules=targets)
+            for k, (seed, r, alpha, targets) in enumerate(TWELVE)]
+
+
+def test_three_slots_for_twelve_paged_adapters_48_requests_exact_each_file_read_once(pool, twelve):
+    """The acceptance of issue 27: 3 resident slots, 12 adapters requested in random order by 48 concurrent
+    requests: every output equals PEFT alone; only the 3 adapters of the first slots are read at start, each other
+    is read from disk once (by the prefetch thread, while its requests queue); every load after the start evicts
+    exactly one adapter (the slots stay full)."""
+    import random
+
+    for k, folder in enumerate(twelve):
+        pool.add(folder, f"p{k}")
+    engine = MultiLoraModel.from_pool(pool, max_loaded_adapters=3)
+    assert engine.counters["host_reads"] == 3 and engine.counters["loads"] == 3
+    assert [bool(engine.adapters[engine.ids[f"p{k}"]].factors) for k in range(12)] == [True] * 3 + [False] * 9
+    app = create_app(engine, max_batch=8, window_s=0.02)
+    rng = random.Random(27)
+    pairs = [(f"p{k % 12}", PROMPTS[k % 4]) for k in range(48)]
+    rng.shuffle(pairs)
+    with running(app) as url:
+        got = post_all(url, pairs, 5)
+        assert all(x.status_code == 200 for x in got), [x.text for x in got if x.status_code != 200]
+        want = peft_alone(pool.base, {f"p{k}": str(f) for k, f in enumerate(twelve)}, pairs, 5)
+        assert [x.json()["choices"][0]["text"] for x in got] == want
+        loads, evictions = metric(url, "workbench_adapter_loads_total"), metric(url, "workbench_adapter_evictions_total")
+        assert loads >= 12 and evictions == loads - 3
+        assert metric(url, "workbench_adapter_host_reads_total") == 12  # no host cap: each file read once
+        assert metric(url, "workbench_adapter_staged_drops_total") == 0
+        assert metric(url, "workbench_resident_adapters") == 3
+        assert metric(url, "workbench_staged_adapters") == 9  # read and not in a slot: all kept (no --max-host-adapters)
+        assert engine.in_use == {} and not engine.holds
+
+
+def test_a_host_cap_drops_the_least_recently_used_read_adapters_and_rereads_them(pool, twelve):
+    """One slot, at most one staged adapter: requests one at a time for p1 p0 p2 p1. p1 is read (p0, evicted, is
+    staged); p0 comes from host memory (no read; p1 staged); p2 is read and p1, least recently used, dropped; p1 is
+    read again. Every output exact."""
+    for k, folder in enumerate(twelve[:3]):
+        pool.add(folder, f"p{k}")
+    engine = MultiLoraModel.from_pool(pool, max_loaded_adapters=1, max_host_adapters=1)
+    app = create_app(engine, max_batch=4, window_s=0.01)
+    order = ["p1", "p0", "p2", "p1"]
+    with running(app) as url:
+        texts = []
+        for m in order:
+            r = httpx.post(f"{url}/v1/completions", json={"model": m, "prompt": "abc", "max_tokens": 4}, timeout=60)
+            assert r.status_code == 200, r.text
+            texts.append(r.json()["choices"][0]["text"])
+        assert texts == peft_alone(pool.base, {f"p{k}": str(f) for k, f in enumerate(twelve[:3])},
+                                   [(m, "abc") for m in order], 4)
+        assert metric(url, "workbench_adapter_host_reads_total") == 1 + 3  # p0 at start; p1, p2, p1 again
+        assert metric(url, "workbench_adapter_staged_drops_total") == 2  # p1 (for p2), then p0 (for p1)
+        assert metric(url, "workbench_staged_adapters") == 1 and engine.resident() == ["p1"]
+        assert metric(url, "workbench_adapter_evictions_total") == 4
+
+
+def test_an_unreadable_paged_adapter_fails_only_its_requests_and_is_read_again_once_fixed(pool, twelve, caplog):
+    """p2's file is moved away after the start: its request is a one-line 500 (logged with the traceback); the
+    requests beside it finish exactly; once the file is back, p2 is read and served (a failed read is not sticky)."""
+    for k, folder in enumerate(twelve[:3]):
+        pool.add(folder, f"p{k}")
+    engine = MultiLoraModel.from_pool(pool, max_loaded_adapters=1)
+    weights = pool.expert("p2").path / "adapter_model.safetensors"
+    app = create_app(engine, max_batch=8, window_s=0.05)
+    with running(app) as url, caplog.at_level(logging.ERROR):
+        weights.rename(weights.with_suffix(".away"))
+        pairs = [("p0", "abc"), ("p2", "abc"), ("p1", "Sort: 3 1 2\nAnswer:"), ("base", "abc")]
+        got = post_all(url, pairs, 4)
+        assert "could not be read" in one_line_error(got[1], 500)
+        assert "Traceback" in caplog.text or any(r.exc_info for r in caplog.records)
+        ok = [0, 2, 3]
+        assert all(got[i].status_code == 200 for i in ok)
+        want = peft_alone(pool.base, {f"p{k}": str(f) for k, f in enumerate(twelve[:3])}, [pairs[i] for i in ok], 4)
+        assert [got[i].json()["choices"][0]["text"] for i in ok] == want
+        weights.with_suffix(".away").rename(weights)
+        r = httpx.post(f"{url}/v1/completions", json={"model": "p2", "prompt": "abc", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["text"] == peft_alone(pool.base, {"p2": str(twelve[2])}, [("p2", "abc")], 4)[0]
+        assert engine.in_use == {} and not engine.holds
+
+
+def test_queued_requests_adapters_are_read_while_they_wait_and_kept_over_the_host_cap(pool, twelve, monkeypatch):
+    """One slot, no staged adapter allowed beyond it (max_host_adapters=0): while a long p0 request decodes, requests
+    for p1 and p2 queue; both files are read during that wait (prefetch at submit, not at admission: p2 is behind
+    p1) and stay in host memory while their requests need them (the cap never drops an adapter a queued request
+    needs, else it would be read forever); both then finish exactly, and nothing stays staged."""
+    for k, folder in enumerate(twelve[:3]):
+        pool.add(folder, f"p{k}")
+    engine = MultiLoraModel.from_pool(pool, max_loaded_adapters=1, max_host_adapters=0)
+    slow_down(monkeypatch, engine, 0.03)
+    app = create_app(engine, max_batch=8, window_s=0.01)
+    with running(app) as url:
+        out: dict[str, httpx.Response] = {}
+
+        def post(model: str, n: int):
+            out[model] = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "abc", "max_tokens": n},
+                                    timeout=60)
+
+        threads = [threading.Thread(target=post, args=("p0", 60))]
+        threads[0].start()
+        deadline = time.monotonic() + 30
+        while not app.state.scheduler.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for m in ("p1", "p2"):
+            threads.append(threading.Thread(target=post, args=(m, 4)))
+            threads[-1].start()
+        p1, p2 = (engine.adapters[engine.ids[m]] for m in ("p1", "p2"))
+        while not (p1.factors and p2.factors) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert p1.factors and p2.factors and "p0" not in out  # read while p0 still decodes
+        for t in threads:
+            t.join(60)
+        want = peft_alone(pool.base, {"p0": str(twelve[0])}, [("p0", "abc")], 60)
+        assert out["p0"].json()["choices"][0]["text"] == want[0]
+        short = peft_alone(pool.base, {f"p{k}": str(f) for k, f in enumerate(twelve[:3])},
+                           [("p1", "abc"), ("p2", "abc")], 4)
+        assert [out[m].json()["choices"][0]["text"] for m in ("p1", "p2")] == short
+        assert engine.counters["host_reads"] == 3 and metric(url, "workbench_staged_adapters") == 0
+
+
+def test_a_failure_loading_one_requests_adapter_fails_that_request_only(pool, six, monkeypatch):
+    """Two slots: long requests on e0 and base decode; writing e2 into a slot raises (once, then always): only the
+    e2 request fails, with a one-line 500; the long ones finish exactly; once the write works again e2 is served.
+    The other requests' adapters stay evictable (no acquire counted twice)."""
+    for k, folder in enumerate(six[:3]):
+        pool.add(folder, f"e{k}")
+    engine = MultiLoraModel.from_pool(pool, max_loaded_adapters=2)
+    slow_down(monkeypatch, engine, 0.02)
+    write = engine._write_slot
+    broken = {"on": True}
+
+    def flaky(slot, i):
+        if broken["on"] and engine.adapters[i].name == "e2":
+            raise RuntimeError("out of memory (planted)")
+        return write(slot, i)
+
+    monkeypatch.setattr(engine, "_write_slot", flaky)
+    app = create_app(engine, max_batch=8, window_s=0.01)
+    with running(app) as url:
+        out: dict[str, httpx.Response] = {}
+
+        def post(model: str, n: int):
+            out[model] = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "abc", "max_tokens": n},
+                                    timeout=60)
+
+        longs = [threading.Thread(target=post, args=(m, 30)) for m in ("e0", "base")]
+        for t in longs:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(app.state.scheduler.running) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        post("e2", 4)
+        assert "could not be loaded" in one_line_error(out["e2"], 500)
+        for t in longs:
+            t.join(60)
+        want = peft_alone(pool.base, {"e0": str(six[0])}, [("e0", "abc"), ("base", "abc")], 30)
+        assert [out[m].json()["choices"][0]["text"] for m in ("e0", "base")] == want
+        broken["on"] = False
+        post("e2", 4)
+        assert out["e2"].status_code == 200
+        assert out["e2"].json()["choices"][0]["text"] == peft_alone(pool.base, {"e2": str(six[2])}, [("e2", "abc")], 4)[0]
+        assert engine.in_use == {} and not engine.holds

@@ -651,3 +651,53 @@ def test_detokenizer_and_token_bytes_on_smollm2_and_the_tiny_tokenizer():
         assert "".join(pieces) + detok.flush() == text == tok.decode(ids)
         assert not any("\ufffd" in p for p in pieces)
         assert b"".join(texts[t][1] for t in ids) == text.encode()
+
+
+def test_sdk_streamed_logprobs_equal_the_non_streamed_ones(served, client):
+    """Completions with logprobs=3 and echo, chat with top_logprobs=3 and a stop string: the streamed chunks'
+    logprobs, concatenated, are the non-streamed response's (review of issue 25: no test streamed logprobs)."""
+    kw = {"model": "a", "prompt": PROMPT, "max_tokens": 6, "logprobs": 3, "echo": True}
+    whole = client.completions.create(**kw).choices[0]
+    tokens, lps, tops, text = [], [], [], ""
+    for chunk in client.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            text += ch.text
+            if ch.logprobs is not None:
+                tokens += ch.logprobs.tokens
+                lps += ch.logprobs.token_logprobs
+                tops += ch.logprobs.top_logprobs
+    assert text == whole.text and tokens == whole.logprobs.tokens and len(tokens) > 6
+    assert [x is None for x in lps] == [x is None for x in whole.logprobs.token_logprobs]
+    assert [x for x in lps if x is not None] == pytest.approx([x for x in whole.logprobs.token_logprobs
+                                                                if x is not None], abs=1e-6)
+    assert tops == whole.logprobs.top_logprobs
+
+    msgs = [{"role": "user", "content": "Sort: 3 1 2"}]
+    ckw = {"model": "b", "messages": msgs, "max_tokens": 8, "logprobs": True, "top_logprobs": 3, "stop": ["\n\n"]}
+    one = client.chat.completions.create(**ckw).choices[0]
+    content, streamed = "", []
+    for chunk in client.chat.completions.create(stream=True, **ckw):
+        for ch in chunk.choices:
+            content += ch.delta.content or ""
+            if ch.logprobs is not None and ch.logprobs.content:
+                streamed += ch.logprobs.content
+    assert content == one.message.content
+    assert [(t.token, round(t.logprob, 5), [(x.token, round(x.logprob, 5)) for x in t.top_logprobs])
+            for t in streamed] == [(t.token, round(t.logprob, 5), [(x.token, round(x.logprob, 5))
+                                                                     for x in t.top_logprobs])
+                                   for t in one.logprobs.content]
+    assert len(streamed) >= 1
+
+
+def test_a_lone_surrogate_in_chat_content_is_a_400(served):
+    """Chat content (a string or text parts) holding a lone UTF-16 surrogate: a 400 like completions' prompt, not a
+    500 from the tokenizer."""
+    url = served[0]
+    for content in ('"\\ud800"', '[{"type": "text", "text": "\\udfff"}]'):
+        body = '{"model": "a", "max_tokens": 2, "messages": [{"role": "user", "content": ' + content + '}]}'
+        r = httpx.post(f"{url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400, (content, r.status_code, r.text)
+        assert r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(f"{url}/v1/completions", content='{"model": "a", "prompt": "\\ud800", "max_tokens": 2}',
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400

@@ -744,6 +744,10 @@ def serve_cmd(
         min=1, max=4096, help="adapters registered at once, loaded at start or run time (default 1024)")] = None,
     max_composition_parts: Annotated[Optional[int], typer.Option(
         min=1, help="kernel slots pinned by saved compositions' parts, all together (default 1024)")] = None,
+    max_host_adapters: Annotated[Optional[int], typer.Option(
+        min=0, max=65536, help="with --max-loaded-adapters: adapters kept in host memory beyond the slots (read "
+                               "from disk ahead of their requests, least recently used dropped; default: all once "
+                               "read)")] = None,
     recipes: Annotated[Optional[list[str]], typer.Option(
         help="recipes to build at start when not cached, then serve: recipe files or names of merges/, comma "
              "separated or repeated; `all`: every routed or low-rank recipe of the pool")] = None,
@@ -753,7 +757,8 @@ def serve_cmd(
 
     serve(pool, host=host, port=port, backend=backend, device=device, max_batch=max_batch, max_body_mb=max_body_mb,
           allow_runtime_lora=allow_runtime_lora, max_loaded_adapters=max_loaded_adapters, recipes=recipes or (),
-          max_registered_adapters=max_registered_adapters, max_composition_parts=max_composition_parts)
+          max_registered_adapters=max_registered_adapters, max_composition_parts=max_composition_parts,
+          max_host_adapters=max_host_adapters)
 
 
 # ----------------------------------------------------------------------------- benchmarks
@@ -826,17 +831,22 @@ def bench_scale(
     rank: Annotated[int, typer.Option(help="rank of the merged LoRA")] = 16,
     density: Annotated[float, typer.Option(help="TIES density")] = 0.2,
     seed: int = 0,
+    zipf_requests: Annotated[Optional[int], typer.Option(help="requests of the Zipf serving workload (default 192)")]
+    = None,
+    zipf_rate: Annotated[float, typer.Option(help="their Poisson arrival rate, requests/s")] = 6.0,
+    zipf_tokens: Annotated[Optional[int], typer.Option(help="output tokens of each (default 16)")] = None,
     workdir: Annotated[Optional[Path], typer.Option(help="scratch folder (default: the system's temp)")] = None,
     out: Annotated[Optional[Path], typer.Option(help="JSON record (default results/bench/scale-cpu.json)")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="log-log chart (default: beside the JSON, .svg)")] = None,
 ):
     """Cost against the number of experts N: pool add, verify, a TIES merge of N LoRAs, Arrow build, routed forward
-    top-2 over N vs the base; time and peak memory per N, fitted exponents, a log-log plot."""
+    top-2 over N vs the base, server start, Zipf serving with 64 adapters resident vs all; time and peak memory per
+    N, fitted exponents, a log-log plot."""
     from . import benchmark
 
     rec = benchmark("scale", base_spec=base, source=source, ns=n, quick=quick, reps=reps, seqs=seqs, tokens=tokens,
-                    rank=rank, density=density, seed=seed, workdir=workdir, out_file=out, plot=plot,
-                    log=console.print)
+                    rank=rank, density=density, seed=seed, zipf_requests=zipf_requests, zipf_rate=zipf_rate,
+                    zipf_tokens=zipf_tokens, workdir=workdir, out_file=out, plot=plot, log=console.print)
     fits = rec.get("exponents") or {}
     cols = sorted({k for e in fits.values() for k in (e or {})})
     table = Table("operation", *[f"exponent of {c}" for c in cols], title="bench scale: cost ~ N^exponent")

@@ -15,9 +15,12 @@ operation's own). A least-squares line through log(cost) against log(N) gives ea
 (1: linear in N), for time and for the operation's own memory. JSON under results/bench/ (scale-cpu.json; quick
 runs: scale-cpu-quick.json) and one log-log chart of time against N per operation beside it (.svg).
 
-Serving (server start, Zipf(1.0) serving with a resident-adapter cap) is measured by the serving work: an
-operation registered in `EXTRA_OPERATIONS` ("name" -> "module:function", called in the child with the same spec
-as the others) is measured for every N like the rest; until then the record names it under `not_measured`.
+- server_start, server_start_all_resident, zipf_serving (`workbench.bench.scale_serve`): a real server over the
+  N-adapter pool with 64 adapters in kernel slots (the rest paged from disk) started until it answers, its peer
+  with every adapter read at start, and a Zipf(1.0) workload served by both (throughput and p95 TTFT ratios, the
+  adapters' host memory of each).
+Operations live in `_CHILD_OPS` or, by "module:function", in `EXTRA_OPERATIONS` (called in the child with the same
+spec as the others).
 """
 
 from __future__ import annotations
@@ -43,12 +46,15 @@ QUICK_NS = (4, 8, 16)
 MAX_N = 4096
 OPERATIONS = ("pool_add", "verify", "verify_again", "ties_merge_lora", "arrow_build", "routed_forward_top2")
 # Operations measured by other parts of the workbench: name -> "module:function(spec) -> dict" (see the module doc).
-EXTRA_OPERATIONS: dict[str, str] = {}
-SERVING = {"server_start": "a server over the N-adapter pool, started until it answers (the serving work's hook)",
-           "zipf_serving": "Zipf(1.0) requests over the N adapters, 64 resident slots vs all resident: throughput and "
-                           "p95 TTFT ratios (the serving work's hook)"}
+EXTRA_OPERATIONS: dict[str, str] = {
+    "server_start": "workbench.bench.scale_serve:server_start",
+    "server_start_all_resident": "workbench.bench.scale_serve:server_start_all_resident",
+    "zipf_serving": "workbench.bench.scale_serve:zipf_serving"}
 TARGETS = {"routed_forward_top2 ratio_to_base at N=256": "<= 1.3", "routed_forward_top2 ratio_to_base at N=1024": "<= 1.5",
-           "pool operations and merge: wall exponent": "<= 1.1", "ties_merge_lora: own anonymous memory": "flat in N"}
+           "pool operations and merge: wall exponent": "<= 1.1", "ties_merge_lora: own anonymous memory": "flat in N",
+           "zipf_serving throughput_ratio at N=1024 (64 resident / all)": ">= 0.8",
+           "zipf_serving p95_ttft_ratio at N=1024": "<= 2", "zipf_serving paged adapter memory": "< 4096 MB"}
+POOL_OPERATIONS = ("pool_add", "verify", "verify_again", "ties_merge_lora", "arrow_build")
 SAMPLE_S = 0.01
 
 
@@ -167,7 +173,8 @@ def _preload() -> None:
     from .. import artifacts, recipes  # noqa: F401
     from ..methods import arrow, merge_ta, routing  # noqa: F401
     from ..modules import routed_lora, routers  # noqa: F401
-    from . import kernels  # noqa: F401
+    from ..serving import api  # noqa: F401
+    from . import kernels, scale_serve, serve  # noqa: F401
 
 
 def _child(spec_path: str) -> None:
@@ -253,14 +260,17 @@ def _check(ns: Sequence[int], reps: int, seqs: int, tokens: int, rank: int, dens
 
 def run(base_spec: str | None = None, source: str | None = "demo", ns: Sequence[int] | None = None, *,
         quick: bool = False, reps: int | None = None, seqs: int | None = None, tokens: int | None = None,
-        rank: int = 16, density: float = 0.2, seed: int = 0, workdir: str | os.PathLike | None = None,
+        rank: int = 16, density: float = 0.2, seed: int = 0, zipf_requests: int | None = None,
+        zipf_rate: float = 6.0, zipf_tokens: int | None = None, workdir: str | os.PathLike | None = None,
         out_file: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
         log=print) -> dict[str, Any]:
     """Measure every operation for each N (see the module doc); returns the record written to `out_file` (default
     results/bench/scale-cpu.json, quick: scale-cpu-quick.json) and draws the chart to `plot` (default: beside it,
     .svg). `source`: the pool whose LoRA experts the synthetic adapters perturb (None: random factors over
     `base_spec`); `base_spec` defaults to the source pool's base. `quick`: N = 4, 8, 16, one round, 2 x 8 tokens
-    (a check that the benchmark runs, e.g. on the tiny test model; no figure of interest). Scratch pools,
+    (a check that the benchmark runs, e.g. on the tiny test model; no figure of interest). `zipf_*`: the Zipf
+    serving workload (requests, Poisson rate per second, output tokens each; default 192 x 16 tokens, quick 12 x 4,
+    `reps` rounds of each arm, at most 2). Scratch pools,
     artifacts and logs go to a temporary folder under `workdir` (default: the system's), removed at the end."""
     from ..eval.harness import git_state, machine_info, results_root
     from ..io import RACY_NS, atomic_write_json
@@ -272,6 +282,14 @@ def run(base_spec: str | None = None, source: str | None = "demo", ns: Sequence[
     seqs = seqs if seqs is not None else (2 if quick else 8)
     tokens = tokens if tokens is not None else (8 if quick else 64)
     ns = _check(list(ns) if ns is not None else list(QUICK_NS if quick else NS), reps, seqs, tokens, rank, density)
+    zipf_requests = zipf_requests if zipf_requests is not None else (12 if quick else 192)
+    zipf_tokens = zipf_tokens if zipf_tokens is not None else (4 if quick else 16)
+    for name, v, lo, hi in (("zipf_requests", zipf_requests, 1, 10_000), ("zipf_tokens", zipf_tokens, 1, 1024)):
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise WorkbenchError(f"bench scale: {name} must be an integer from {lo} to {hi} (got {v!r:.40})")
+    if isinstance(zipf_rate, bool) or not isinstance(zipf_rate, (int, float)) or not 0.01 <= zipf_rate <= 1000:
+        raise WorkbenchError(f"bench scale: zipf_rate must be a number of requests/s from 0.01 to 1000 (got "
+                             f"{zipf_rate!r:.40})")
     src = Pool.open(source) if source is not None else None
     base_spec = base_spec or (src.manifest.base.spec if src is not None else None)
     if base_spec is None:
@@ -288,7 +306,9 @@ def run(base_spec: str | None = None, source: str | None = "demo", ns: Sequence[
         for n in ns:
             pool = tmp / "pools" / f"n{n}"
             spec = {"n": n, "master": str(tmp / "pools" / "master"), "pool": str(pool), "rank": rank,
-                    "density": density, "seqs": seqs, "tokens": tokens, "reps": reps, "base": base_spec}
+                    "density": density, "seqs": seqs, "tokens": tokens, "reps": reps, "base": base_spec,
+                    "seed": seed, "zipf_requests": zipf_requests, "zipf_rate": float(zipf_rate),
+                    "zipf_tokens": zipf_tokens, "zipf_reps": min(reps, 2)}
             for op in ops:
                 env = {"WORKBENCH_CACHE_ARTIFACTS": str(tmp / f"artifacts-{op}-{n}")}
                 if op == "verify":  # digests are remembered only for files older than RACY_NS: wait that long
@@ -297,7 +317,8 @@ def run(base_spec: str | None = None, source: str | None = "demo", ns: Sequence[
                     spec["artifact"] = results["arrow_build"][-1]["artifact"]
                 row = _measure({**spec, "op": op}, tmp, env)
                 results[op].append(row)
-                shown = {k: v for k, v in row.items() if k in ("wall_s", "own_anon_mb", "ratio_to_base")}
+                shown = {k: v for k, v in row.items() if k in ("wall_s", "own_anon_mb", "ratio_to_base",
+                                                                "throughput_ratio", "p95_ttft_ratio")}
                 log(f"  N={n} {op}: {shown}")
             shutil.rmtree(pool, ignore_errors=True)  # the next N's pool is a new copy: keep the disk bounded
             for f in tmp.glob("artifacts-*"):
@@ -308,6 +329,11 @@ def run(base_spec: str | None = None, source: str | None = "demo", ns: Sequence[
                       "own_anon_mb": fit_exponent(ns, [r["own_anon_mb"] for r in rows], floor=1.0)}
                  for op, rows in results.items()}
     ratio = {r["n"]: r["ratio_to_base"] for r in results["routed_forward_top2"]}
+    zipf = {r["n"]: {k: r.get(k) for k in ("throughput_ratio", "p95_ttft_ratio", "adapter_memory_mb",
+                                           "distinct_adapters")} for r in results.get("zipf_serving", [])}
+    starts = {r["n"]: {"paged_s": r["wall_s"], "all_resident_s": a["wall_s"]}
+              for r, a in zip(results.get("server_start", []), results.get("server_start_all_resident", []))}
+    not_scaling = [op for op in ops if (exponents[op]["wall_s"] or 0) > 1.1]
     device = "cpu"
     record = {"benchmark": "scale", "quick": quick, "base": base_spec, "source": source, "ns": ns, "reps": reps,
               "shape": {"sequences": seqs, "tokens": tokens}, "merge": {"method": "ties", "density": density,
@@ -316,8 +342,10 @@ def run(base_spec: str | None = None, source: str | None = "demo", ns: Sequence[
               "targets": TARGETS,
               "figures": {"routed_forward_top2 ratio_to_base": ratio,
                           "largest wall exponent": max(((op, e["wall_s"]) for op, e in exponents.items()
-                                                        if e["wall_s"] is not None), key=lambda x: x[1], default=None)},
-              "not_measured": {op: why for op, why in SERVING.items() if op not in EXTRA_OPERATIONS},
+                                                        if e["wall_s"] is not None), key=lambda x: x[1], default=None),
+                          "zipf_serving (64 resident / all resident)": zipf, "server start": starts,
+                          "pool operations over 1.1": [op for op in POOL_OPERATIONS if op in not_scaling],
+                          "operations over 1.1": not_scaling},
               "title": f"bench scale ({'quick, ' if quick else ''}{device}): wall time against the number of experts",
               "machine": machine_info(device), "git": git_state(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     out = Path(out_file) if out_file else results_root() / "bench" / f"scale-{device}{'-quick' if quick else ''}.json"
@@ -331,4 +359,5 @@ def run(base_spec: str | None = None, source: str | None = "demo", ns: Sequence[
     return record
 
 
-__all__ = ["EXTRA_OPERATIONS", "NS", "OPERATIONS", "QUICK_NS", "fit_exponent", "run", "scale_chart"]
+__all__ = ["EXTRA_OPERATIONS", "NS", "OPERATIONS", "POOL_OPERATIONS", "QUICK_NS", "fit_exponent", "run",
+           "scale_chart"]

@@ -149,6 +149,9 @@ def create_app(engine: MultiLoraModel, *, full_models: Sequence[FullModel] = (),
         metrics.gauges["workbench_adapter_evictions_total"] = lambda: engine.counters["evictions"]
         metrics.gauges["workbench_resident_adapters"] = lambda: len(engine.resident())
         metrics.gauges["workbench_registered_adapters"] = lambda: len(engine.ids)
+        metrics.gauges["workbench_adapter_host_reads_total"] = lambda: engine.counters["host_reads"]
+        metrics.gauges["workbench_adapter_staged_drops_total"] = lambda: engine.counters["staged_drops"]
+        metrics.gauges["workbench_staged_adapters"] = lambda: len(engine._staged)
         metrics.gauges["workbench_runtime_adapter_loads_total"] = lambda: engine.counters["runtime_loads"]
         metrics.gauges["workbench_runtime_adapter_unloads_total"] = lambda: engine.counters["unloads"]
 
@@ -710,12 +713,14 @@ def build_app(pool_spec: str, *, backend: str | None = None, device: str = "cpu"
               max_body_mb: float = 4.0, allow_runtime_lora: bool = False, max_loaded_adapters: int | None = None,
               recipes: Sequence[str] = (), recipes_folder=None, log: Callable[[str], Any] = print,
               max_registered_adapters: int | None = None, max_composition_parts: int | None = None,
-              **app_kw: Any) -> FastAPI:
+              max_host_adapters: int | None = None, **app_kw: Any) -> FastAPI:
     """The server's app over pool `pool_spec`: the engine over the pool's adapters (`max_loaded_adapters` of them
     in kernel slots at once, None: all) and its compositions. With `recipes`, the compositions served are exactly
     those recipes' artifacts (built first when not cached; see `startup.resolve_recipes`), and one that cannot be
     served (over the cap, ...) fails the start with a one-line WorkbenchError; without, every composition and
-    full-model artifact built over the pool (whatever the cache holds). `max_registered_adapters`,
+    full-model artifact built over the pool (whatever the cache holds). Under `max_loaded_adapters` the pool's
+    adapters are paged: none is read at start, each is read ahead of its queued requests and kept in host memory
+    (`max_host_adapters` beyond the slots, least recently used dropped; None: all once read). `max_registered_adapters`,
     `max_composition_parts`: the engine's bounds (None: its defaults)."""
     from ..artifacts import ARTIFACT_FILE, read_artifact_meta
     from ..pool import Pool
@@ -733,7 +738,8 @@ def build_app(pool_spec: str, *, backend: str | None = None, device: str = "cpu"
         declared = {Path(f).resolve(): r.recipe.name
                     for f, r in zip(build_recipes(resolved, device=device, log=log), resolved)}
     bounds = {k: v for k, v in (("max_registered_adapters", max_registered_adapters),
-                                ("max_composition_parts", max_composition_parts)) if v is not None}
+                                ("max_composition_parts", max_composition_parts),
+                                ("max_host_adapters", max_host_adapters)) if v is not None}
     engine = MultiLoraModel.from_pool(pool, backend=backend, device=device, max_loaded_adapters=max_loaded_adapters,
                                       log=log, declared=declared, **bounds)
     full = saved_full_models(pool, set(engine.model_names()), backend=backend, device=device, only=declared)
@@ -760,7 +766,7 @@ def serve(pool_spec: str, host: str = "127.0.0.1", port: int = 8000, backend: st
           device: str = "cpu", max_batch: int = 32, max_body_mb: float = 4.0, *, allow_runtime_lora: bool = False,
           max_loaded_adapters: int | None = None, recipes: Sequence[str] = (), **bounds: int | None) -> None:
     """Serve pool `pool_spec` (`build_app`) under uvicorn until stopped. `bounds`: max_registered_adapters,
-    max_composition_parts (the engine's defaults when unset)."""
+    max_composition_parts, max_host_adapters (the engine's defaults when unset)."""
     import uvicorn
 
     if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:

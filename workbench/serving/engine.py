@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import queue
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -49,11 +50,16 @@ MAX_REGISTERED_ADAPTERS = 4096  # servable adapters registered at once (loaded a
 DEFAULT_REGISTERED_ADAPTERS = 1024  # the default bound on them (--max-registered-adapters)
 MAX_COMPOSITION_PARTS = 65536  # pinned composition parts (Twin's, SMoRA's) in kernel slots at once
 DEFAULT_COMPOSITION_PARTS = 1024  # the default bound on them (a SMoRA composition pins 64)
+MAX_HOST_ADAPTERS = 65536  # paged adapters staged in host memory at once (--max-host-adapters)
 MAX_MIX_WEIGHT = 100.0  # |w| of one adapter in a mix: larger weights overflow float32 activations into inf/nan
 
 
 def _int_in(v: Any, lo: int, hi: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+class AdapterUnavailable(WorkbenchError):
+    """A paged adapter's files could not be read when a request needed it (that request fails; a later one retries)."""
 
 
 class UnknownModel(WorkbenchError):
@@ -104,6 +110,9 @@ class Adapter:
     source: str | None = None  # the PEFT adapter folder it was read from
     files: dict[str, str] | None = None  # file -> sha256 of the folder's kept files (a pool entry's `files`): what
     # a routed composition's `expert_files` must match for it to route over this adapter
+    loader: Callable[[], dict[str, tuple[torch.Tensor, torch.Tensor, float]]] | None = field(default=None, repr=False)
+    # a paged adapter (a pool served under a slot cap): reads its factors from disk; `factors` is empty while it is
+    # neither in a kernel slot nor staged in host memory
 
 
 @dataclass
@@ -144,7 +153,10 @@ class MultiLoraModel:
                  twins: Sequence[TwinComposition] = (), backend: str | None = None, device: str = "cpu",
                  dtype=torch.float32, max_loaded_adapters: int | None = None, pool: Any = None,
                  log: Callable[[str], Any] = print, max_registered_adapters: int = DEFAULT_REGISTERED_ADAPTERS,
-                 max_composition_parts: int = DEFAULT_COMPOSITION_PARTS):
+                 max_composition_parts: int = DEFAULT_COMPOSITION_PARTS, max_host_adapters: int | None = None):
+        if max_host_adapters is not None and not _int_in(max_host_adapters, 0, MAX_HOST_ADAPTERS):
+            raise WorkbenchError(f"max_host_adapters = {max_host_adapters!r}: an integer in 0..{MAX_HOST_ADAPTERS} "
+                                 "(or None: paged adapters stay in host memory once read)")
         if max_loaded_adapters is not None and not _int_in(max_loaded_adapters, 1, MAX_LOADED_ADAPTERS):
             raise WorkbenchError(f"max_loaded_adapters = {max_loaded_adapters!r}: an integer in "
                                  f"1..{MAX_LOADED_ADAPTERS} (or None: every adapter stays loaded)")
@@ -197,10 +209,23 @@ class MultiLoraModel:
         self._slots_lock = threading.RLock()  # the registry's counters (holds, uses, LRU order)
         self.active_sequences = 0  # sequences still decoding in running `generate` calls
         self._active_lock = threading.Lock()
-        # slots: every pinned part, then servable adapters in registry order while the cap allows
-        resident, dynamic = [], 0
+        # paged adapters (a `loader`): read from disk by a prefetch thread when a request for them is queued, kept
+        # in host memory (staged) up to `max_host` of them beyond those in slots, least recently used dropped
+        self.max_host = max_host_adapters
+        self._staged: OrderedDict[int, None] = OrderedDict()  # paged adapters read, not in a slot: LRU order
+        self._reading: set[int] = set()  # paged adapters being read by the prefetch thread
+        self._read_errors: dict[int, str] = {}  # a failed read, told to the next request that needs it
+        self._prefetch_q: queue.Queue[int] = queue.Queue()
+        self._prefetcher: threading.Thread | None = None
+        # slots: every pinned part, then servable adapters in registry order while the cap allows (paged ones
+        # among them read now; the rest of a paged pool is read when requested: a large pool starts at once)
+        resident, dynamic, start_reads = [], 0, 0
         for i in range(len(self.adapters)):
             if i in self.pinned or self.max_loaded is None or dynamic < self.max_loaded:
+                a = self.adapters[i]
+                if a.loader is not None and not a.factors:
+                    a.factors = a.loader()
+                    start_reads += 1
                 resident.append(i)
                 dynamic += i not in self.pinned
         self.slot_owner: list[int | None] = list(resident)  # slot -> adapter id (None: free)
@@ -214,7 +239,9 @@ class MultiLoraModel:
         self.holds: Counter[int] = Counter()  # requests accepted for each adapter (kept after an unload while > 0)
         self.retired: set[int] = set()  # unloaded adapters still held or in use
         # loads: servable adapters written into a slot (those resident from the start included)
-        self.counters = {"loads": len(self._lru), "evictions": 0, "runtime_loads": 0, "unloads": 0}
+        # host_reads: paged adapters read from disk; staged_drops: read ones dropped from host memory (the cap)
+        self.counters = {"loads": len(self._lru), "evictions": 0, "runtime_loads": 0, "unloads": 0,
+                         "host_reads": start_reads, "staged_drops": 0}
         targets = sorted({t for a in self.adapters for t in a.factors})
         self.ctx = wrap_model(self.model, targets, lambda t: [self.adapters[i].factors.get(t) for i in resident],
                               len(resident), backend=check_backend(backend) if backend else default_backend(device))
@@ -360,17 +387,22 @@ class MultiLoraModel:
         self.slot_owner[slot] = None
         self._lru.pop(i, None)
         self._set_table(i, -1)
+        if self.adapters[i].loader is not None and not release:
+            self._stage(i)
         if release:
             p = next(self.model.parameters())
             for layer in self._layers.values():
                 d_out, d_in = layer.base.weight.shape
                 layer.weights.set_slot(slot, p.new_zeros(0, d_in), p.new_zeros(d_out, 0), 0.0)
 
-    def _make_resident(self, i: int, keep: set[int]) -> bool:
+    def _make_resident(self, i: int, keep: set[int], read: bool = False) -> bool:
         """Put adapter `i` in a slot: a free one, a new one (under the cap), or the least recently used idle
         adapter's (not in `keep`). False when every slot is busy. Holds `self.lock` and `_slots_lock`."""
         if i in self.slot_of:
             return True
+        if not self._readable(i, read):
+            return False
+        self._staged.pop(i, None)  # going into a slot: not staged (a victim staged below does not count it)
         dynamic = sum(1 for j in self.slot_of if j not in self.pinned)
         free = [s for s, o in enumerate(self.slot_owner) if o is None]
         if self.max_loaded is None or dynamic < self.max_loaded:
@@ -388,18 +420,21 @@ class MultiLoraModel:
         self._lru[i] = None
         return True
 
-    def acquire(self, assignment: Assignment, load: bool = True) -> bool:
+    def acquire(self, assignment: Assignment, load: bool = True, read: bool = False) -> bool:
         """Make every adapter `assignment` needs resident and mark it in use (never evicted until `release`);
         False (nothing marked) when the slots are all used by running sequences: try again later. Without `load`,
-        False unless they are all resident already (nothing is loaded or evicted)."""
+        False unless they are all resident already (nothing is loaded or evicted). A paged adapter not in host memory:
+        False while the prefetch thread reads it (the caller tries again), or with `read` it is read here, now."""
         need = self.needs(assignment)
         if not need:
             return True
         with self.lock, self._slots_lock:
             if not load and any(i not in self.slot_of for i in need):
                 return False
+            if not all(self._readable(i, read) for i in need if i not in self.slot_of):
+                return False  # a paged adapter is being read: the request waits for it (never fails for it)
             for i in sorted(need, key=lambda j: j in self.slot_of, reverse=True):  # resident ones first: kept
-                if not self._make_resident(i, need):
+                if not self._make_resident(i, need, read):
                     return False
             for i in need:
                 self.in_use[i] += 1
@@ -457,6 +492,94 @@ class MultiLoraModel:
                 if self.composition_holds[name] <= 0:
                     del self.composition_holds[name]
                     self._finalize_composition(name)
+            self._trim_staged()
+
+    # -- paged adapters: read ahead of their requests, staged in host memory
+    def prefetch(self, assignment: Assignment) -> None:
+        """Start reading the paged adapters `assignment` needs that are neither in a slot nor in host memory (the
+        scheduler calls it when a request is queued: its adapter is read while it waits, not when it is admitted)."""
+        need = self.needs(assignment)
+        with self._slots_lock:
+            todo = [i for i in need if self.adapters[i].loader is not None and not self.adapters[i].factors
+                    and i not in self._reading and i not in self.slot_of]
+            for i in todo:
+                self._start_read(i)
+
+    def _start_read(self, i: int) -> None:
+        """Queue paged adapter `i` for the prefetch thread (started on first use). Holds `_slots_lock`."""
+        self._reading.add(i)
+        self._prefetch_q.put(i)
+        if self._prefetcher is None:
+            self._prefetcher = threading.Thread(target=self._prefetch_loop, daemon=True,
+                                                name="workbench-adapter-prefetch")
+            self._prefetcher.start()
+
+    def _prefetch_loop(self) -> None:
+        while True:
+            i = self._prefetch_q.get()
+            a = self.adapters[i]
+            loader = a.loader
+            factors, error = None, None
+            try:
+                if loader is not None:
+                    factors = loader()
+            except Exception as e:  # noqa: BLE001 - a broken file fails the requests for this adapter, no other
+                log.exception("paged adapter %r could not be read", a.name)
+                error = f"adapter {a.name!r} could not be read from its pool: {type(e).__name__}: {_first_line(e)}"
+            with self._slots_lock:
+                self._reading.discard(i)
+                if error is not None:
+                    self._read_errors[i] = error
+                elif factors is not None and a.loader is not None and not a.factors:
+                    a.factors = factors
+                    self.counters["host_reads"] += 1
+                    self._stage(i)
+
+    def _readable(self, i: int, read: bool = False) -> bool:
+        """Whether adapter `i`'s factors are in memory (a paged one not read yet: its read is started, or with
+        `read` done here; a failed read raises AdapterUnavailable, once: the next request reads it again)."""
+        a = self.adapters[i]
+        if a.loader is None or a.factors:
+            return True
+        error = self._read_errors.pop(i, None)
+        if error is not None:
+            raise AdapterUnavailable(error)
+        if read:
+            try:
+                a.factors = a.loader()
+            except Exception as e:  # noqa: BLE001 - told as one line
+                raise AdapterUnavailable(f"adapter {a.name!r} could not be read from its pool: {type(e).__name__}: "
+                                         f"{_first_line(e)}") from e
+            self.counters["host_reads"] += 1
+            return True
+        if i not in self._reading:
+            self._start_read(i)
+        return False
+
+    def _stage(self, i: int) -> None:
+        """Keep paged adapter `i` (read, not in a slot) in host memory, most recently used (`_trim_staged`)."""
+        if i in self.slot_of:
+            return
+        self._staged[i] = None
+        self._staged.move_to_end(i)
+        self._trim_staged()
+
+    def _trim_staged(self) -> None:
+        """Drop the least recently used staged adapters beyond `max_host` (their factors; read again from disk when
+        next needed), never one an accepted request still needs (those stay over the cap until they are served:
+        host memory is bounded by the cap plus the adapters of the requests in the queue). Holds `_slots_lock`."""
+        if self.max_host is None or len(self._staged) <= self.max_host:
+            return
+        over = len(self._staged) - self.max_host
+        for j in list(self._staged):
+            if over <= 0:
+                break
+            if self.holds[j] or j in self.slot_of:
+                continue
+            del self._staged[j]
+            self.adapters[j].factors = {}
+            self.counters["staged_drops"] += 1
+            over -= 1
 
     def _finalize(self, i: int) -> None:
         """An unloaded adapter nobody holds or uses any more leaves its slot (released) and drops its factors."""
@@ -466,6 +589,8 @@ class MultiLoraModel:
             if i in self.slot_of:
                 self._free_slot(i, release=True)
             self.adapters[i].factors = {}
+            self.adapters[i].loader = None
+            self._staged.pop(i, None)
             self.retired.discard(i)
 
     def _finalize_composition(self, name: str) -> None:
@@ -677,19 +802,29 @@ class MultiLoraModel:
     def from_pool(cls, pool, experts: list[str] | None = None, *, include_artifacts: bool = True,
                   backend: str | None = None, device: str = "cpu", dtype=torch.float32,
                   log: Callable[[str], Any] = print, max_loaded_adapters: int | None = None,
-                  declared: Collection[Path] | None = None, **bounds: int) -> MultiLoraModel:
+                  declared: Collection[Path] | None = None, paged: bool | None = None,
+                  **bounds: int) -> MultiLoraModel:
         """The pool's LoRA experts (all, or `experts`), and with `include_artifacts` the saved LoRA compositions
         and routed compositions built over this pool (a routed one whose experts are not loaded is skipped: `log`).
         `declared`: only the artifacts in these folders (the compositions declared at start, `--recipes`), and one
         that cannot be served is a WorkbenchError, not a logged skip. `max_loaded_adapters`: at most this many
         servable adapters in kernel slots at once (the others wait on the CPU and are swapped in, least recently
-        used out, as requests need them); None: all. `bounds`: max_registered_adapters, max_composition_parts."""
+        used out, as requests need them); None: all. `paged` (default: when `max_loaded_adapters` is set): the
+        pool's adapters are not read at start; each is read from disk by a prefetch thread when a request for it is
+        queued and kept in host memory while in a slot and, beyond the slots, up to `max_host_adapters` of them
+        (least recently used dropped; None: all once read): a server over a pool larger than memory starts at once.
+        `bounds`: max_registered_adapters, max_composition_parts, max_host_adapters."""
         names = experts if experts is not None else pool.names("lora")
+        paged = max_loaded_adapters is not None if paged is None else paged
         adapters = []
         for n in names:
             e = pool.expert(n)
-            adapters.append(Adapter(n, "lora", {t: e.lora_factors(t) for t in e.delta_names()}, str(e.path),
-                                    dict(e.entry.files)))
+            files = dict(e.entry.files)
+            if paged:
+                adapters.append(Adapter(n, "lora", {}, str(e.path), files, loader=_adapter_reader(pool, e.path, n)))
+            else:
+                adapters.append(Adapter(n, "lora", {t: e.lora_factors(t) for t in e.delta_names()}, str(e.path),
+                                        files))
         routed: list[RoutedComposition] = []
         twins: list[TwinComposition] = []
         skip = log
@@ -872,7 +1007,7 @@ class MultiLoraModel:
         done = [m <= 0 for m in max_new]
         held = []
         for a in assignments:  # with a cap on loaded adapters: every row's adapters in a slot for the whole batch
-            if not self.acquire(a):
+            if not self.acquire(a, read=True):
                 for h in held:
                     self.release(h)
                 raise WorkbenchError("this batch needs more adapters loaded at once than max_loaded_adapters allows "
@@ -1087,6 +1222,20 @@ def _concat_caches(caches: Sequence[Any], pads: Sequence[int]):
 
 _META_FIELDS = {"type": str, "name": str, "router_kind": str, "pool_fingerprint": str, "pool": str, "pool_root": str,
                 "base": str}
+
+
+def _adapter_reader(pool, folder: Path, name: str) -> Callable[[], dict[str, tuple[torch.Tensor, torch.Tensor, float]]]:
+    """What reads a paged pool adapter's factors (a fresh reader each time: no file stays open between reads)."""
+    def read() -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        lay = LoraLayout(folder, pool.base.tensors.shapes, f"expert {name!r}")
+        return {t: (lay.weights.get(a).float(), lay.weights.get(b).float(), scale)
+                for t, (a, b, scale) in lay.modules.items()}
+    return read
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else ""
 
 
 def _meta_problem(meta: Any) -> str | None:

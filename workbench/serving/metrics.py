@@ -42,6 +42,11 @@ _HELP = {
                                                       "for another (--max-loaded-adapters)")),
     "workbench_resident_adapters": ("gauge", "servable adapters in a kernel slot now"),
     "workbench_registered_adapters": ("gauge", "adapters served (resident or waiting on the CPU)"),
+    "workbench_adapter_host_reads_total": ("counter", ("paged adapters (a pool served under --max-loaded-adapters) "
+                                                       "read from disk into host memory, ahead of their requests")),
+    "workbench_adapter_staged_drops_total": ("counter", ("paged adapters dropped from host memory (least recently "
+                                                         "used beyond --max-host-adapters); read again when needed")),
+    "workbench_staged_adapters": ("gauge", "paged adapters in host memory and not in a kernel slot now"),
     "workbench_runtime_adapter_loads_total": ("counter", ("adapters and compositions loaded through POST "
                                                           "/v1/load_lora_adapter")),
     "workbench_runtime_adapter_unloads_total": ("counter", ("adapters and compositions unloaded through POST "

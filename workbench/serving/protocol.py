@@ -24,6 +24,7 @@ _UNSUPPORTED = {"logit_bias": (None, {}), "suffix": (None, ""), "tools": (None, 
                 "best_of": (None, 1), "response_format": (None, {"type": "text"})}
 
 NonEmpty = Annotated[str, Field(min_length=1)]
+Text = Annotated[str, Field(min_length=0)]  # a constrained str: pydantic checks it is valid Unicode (no lone surrogate)
 Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=MAX_TOKENS)]], Field(min_length=1)]  # a prompt as token ids
 
@@ -119,12 +120,12 @@ class CompletionRequest(_Common):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
 
     @property
     def text(self) -> str:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ..tokens import byte_of
-from .engine import Assignment, BatchState, MultiLoraModel
+from .engine import AdapterUnavailable, Assignment, BatchState, MultiLoraModel
 
 log = logging.getLogger("workbench.serving")
 
@@ -193,6 +193,7 @@ class Scheduler:
         self.texts = TokenTexts(engine.tokenizer)
         # the engine's adapter cache (`MultiLoraModel`): an engine without one (a test's stub) skips these steps
         self._hold, self._acquire = getattr(engine, "hold", None), getattr(engine, "acquire", None)
+        self._prefetch = getattr(engine, "prefetch", None)  # paged adapters: read while their requests queue
         threading.Thread(target=self._loop, daemon=True, name="workbench-scheduler").start()
 
     def submit(self, job: Job) -> None:
@@ -200,6 +201,8 @@ class Scheduler:
         if self._hold is not None:
             self._hold(job.assignment)
             job.held = True
+        if self._prefetch is not None:
+            self._prefetch(job.assignment)
         job.submitted = time.monotonic()
         if job.arrived is None:
             job.arrived = job.submitted
@@ -270,8 +273,16 @@ class Scheduler:
                 room = len(jobs)  # the prefill is full: the rest wait in order
                 keep.append(job)
                 continue
-            if self._acquire is not None and not (self._pass(job, blocked) if blocked is not None
-                                                  else self._acquire(job.assignment)):
+            try:
+                ready = self._acquire is None or (self._pass(job, blocked) if blocked is not None
+                                                  else self._acquire(job.assignment))
+            except AdapterUnavailable as e:  # its paged adapter's files could not be read: this request fails
+                self._fail(job, str(e), logged=True)  # the prefetch thread logged its traceback
+                continue
+            except Exception as e:  # noqa: BLE001 - loading its adapter into a slot failed: this request, no other
+                self._fail(job, f"its adapter could not be loaded into a kernel slot: {_first_line(e)}", e)
+                continue
+            if not ready:
                 # every slot it could use is used by running sequences (or is the first waiting job's next)
                 if not job.waited_for_slot:
                     job.waited_for_slot = True
