@@ -410,6 +410,8 @@ class MultiLoraModel:
         else:
             victim = next((j for j in self._lru if self.in_use[j] == 0 and j not in keep), None)
             if victim is None:
+                if self.adapters[i].loader is not None:
+                    self._stage(i)  # read but not placed: staged again (tracked by the host cap)
                 return False
             slot = self.slot_of[victim]
             self._free_slot(victim)
