@@ -69,6 +69,14 @@ def post_all(url: str, pairs: list[tuple[str, str]], max_tokens: int) -> list[ht
     return asyncio.run(main())
 
 
+def poster(url: str, out: dict[str, httpx.Response]):
+    """post(model, n): a completion of "abc" for `model` (n tokens), its response kept in `out[model]`."""
+    def post(model: str, n: int) -> None:
+        out[model] = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "abc", "max_tokens": n},
+                                timeout=60)
+    return post
+
+
 def ids(url: str) -> list[str]:
     return [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
 
@@ -335,10 +343,7 @@ def test_a_request_waiting_for_a_slot_finishes_with_an_adapter_unloaded_meanwhil
     app = create_app(engine, max_batch=8, window_s=0.01, allow_runtime_lora=True)
     with running(app) as url:
         out: dict[str, httpx.Response] = {}
-
-        def post(model: str, n: int):
-            out[model] = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "abc", "max_tokens": n},
-                                    timeout=60)
+        post = poster(url, out)
 
         long = threading.Thread(target=post, args=("a", 40))
         long.start()
@@ -749,10 +754,7 @@ def test_queued_requests_adapters_are_read_while_they_wait_and_kept_over_the_hos
     app = create_app(engine, max_batch=8, window_s=0.01)
     with running(app) as url:
         out: dict[str, httpx.Response] = {}
-
-        def post(model: str, n: int):
-            out[model] = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "abc", "max_tokens": n},
-                                    timeout=60)
+        post = poster(url, out)
 
         threads = [threading.Thread(target=post, args=("p0", 60))]
         threads[0].start()
@@ -796,10 +798,7 @@ def test_a_failure_loading_one_requests_adapter_fails_that_request_only(pool, si
     app = create_app(engine, max_batch=8, window_s=0.01)
     with running(app) as url:
         out: dict[str, httpx.Response] = {}
-
-        def post(model: str, n: int):
-            out[model] = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "abc", "max_tokens": n},
-                                    timeout=60)
+        post = poster(url, out)
 
         longs = [threading.Thread(target=post, args=(m, 30)) for m in ("e0", "base")]
         for t in longs:
