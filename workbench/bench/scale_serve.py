@@ -97,7 +97,7 @@ def factor_bytes(engine) -> int:
 
 
 def zipf_serving(spec: dict[str, Any]) -> dict[str, Any]:
-    from .serve import _fire_open, _pct, arrivals, count_prompt, workload
+    from .serve import _fire_open, _pct, arrivals, count_prompt, run_order, workload
 
     n = spec["n"]
     requests, rate, reps = spec.get("zipf_requests", 192), spec.get("zipf_rate", 6.0), spec.get("zipf_reps", 2)
@@ -112,13 +112,9 @@ def zipf_serving(spec: dict[str, Any]) -> dict[str, Any]:
     reqs = [{"i": r["i"], "arrival_s": t, "model": m, "max_tokens": max_tokens, "prompt": count_prompt(7 + r["i"])}
             for r, t, m in zip(base, times, models)]
     runs: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
-    order = list(arms)
-    for rep in range(reps):
-        for k in range(len(order)):
-            arm = order[(k + rep) % len(order)]
-            url = arms[arm][1]
-            out = asyncio.run(_fire_open(url, reqs, 600.0, {"ignore_eos": True}, lambda q: None))
-            runs[arm].append({"requests": out})
+    for _, _, arm in run_order(reps, [rate], list(arms)):  # the arms interleaved, their order rotated every round
+        out = asyncio.run(_fire_open(arms[arm][1], reqs, 600.0, {"ignore_eos": True}, lambda q: None))
+        runs[arm].append({"requests": out})
     summary = {}
     for arm, rs in runs.items():
         done = [q for r in rs for q in r["requests"] if q["error"] is None]

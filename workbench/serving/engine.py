@@ -520,14 +520,12 @@ class MultiLoraModel:
         while True:
             i = self._prefetch_q.get()
             a = self.adapters[i]
-            loader = a.loader
             factors, error = None, None
             try:
-                if loader is not None:
-                    factors = loader()
-            except Exception as e:  # noqa: BLE001 - a broken file fails the requests for this adapter, no other
+                factors = self._read(i)
+            except AdapterUnavailable as e:  # a broken file fails the requests for this adapter, no other
                 log.exception("paged adapter %r could not be read", a.name)
-                error = f"adapter {a.name!r} could not be read from its pool: {type(e).__name__}: {_first_line(e)}"
+                error = str(e)
             with self._slots_lock:
                 self._reading.discard(i)
                 if error is not None:
@@ -547,16 +545,24 @@ class MultiLoraModel:
         if error is not None:
             raise AdapterUnavailable(error)
         if read:
-            try:
-                a.factors = a.loader()
-            except Exception as e:  # noqa: BLE001 - told as one line
-                raise AdapterUnavailable(f"adapter {a.name!r} could not be read from its pool: {type(e).__name__}: "
-                                         f"{_first_line(e)}") from e
+            a.factors = self._read(i)
             self.counters["host_reads"] += 1
             return True
         if i not in self._reading:
             self._start_read(i)
         return False
+
+    def _read(self, i: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None:
+        """Paged adapter `i`'s factors from disk (None once it is unloaded); AdapterUnavailable (one line) when its
+        files cannot be read."""
+        loader = self.adapters[i].loader
+        if loader is None:
+            return None
+        try:
+            return loader()
+        except Exception as e:  # noqa: BLE001 - told as one line
+            raise AdapterUnavailable(f"adapter {self.adapters[i].name!r} could not be read from its pool: "
+                                     f"{type(e).__name__}: {_first_line(e)}") from e
 
     def _stage(self, i: int) -> None:
         """Keep paged adapter `i` (read, not in a slot) in host memory, most recently used (`_trim_staged`)."""
