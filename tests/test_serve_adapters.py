@@ -817,3 +817,81 @@ def test_a_failure_loading_one_requests_adapter_fails_that_request_only(pool, si
         assert out["e2"].status_code == 200
         assert out["e2"].json()["choices"][0]["text"] == peft_alone(pool.base, {"e2": str(six[2])}, [("e2", "abc")], 4)[0]
         assert engine.in_use == {} and not engine.holds
+
+
+def test_rows_carry_their_pairs_through_joins_and_leaves_and_decode_steps_reuse_their_layout(pool, six, monkeypatch):
+    """The multi-LoRA metadata follows the running rows incrementally: each row's pairs are built once, when it is
+    prefilled; leaving rows are sliced out and joining rows concatenated in (never rebuilt from the assignments);
+    decode steps over the same rows reuse one slot layout. Every step's logits equal each row decoded alone."""
+    import workbench.serving.engine as eng_mod
+
+    for k, folder in enumerate(six):
+        pool.add(folder, f"e{k}")
+    engine = MultiLoraModel.from_pool(pool, max_loaded_adapters=4)
+    built, metas = [], []
+    row_pairs, make_meta = engine.row_pairs, eng_mod.make_meta
+    monkeypatch.setattr(engine, "row_pairs", lambda a: (built.append(len(a)), row_pairs(a))[1])
+    monkeypatch.setattr(eng_mod, "make_meta", lambda *a, **k: (metas.append(a[0].shape[0]), make_meta(*a, **k))[1])
+    tok = engine.tokenizer
+    specs = ["e0", "mix:e1=0.7,e2=-0.4", "base", "e3", "mix:e0=0.5,e1=0.5,e3=0.25", "e2"]
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS + PROMPTS[:2]]
+    for s in specs:
+        assert engine.acquire(engine.resolve(s))
+
+    tokens_checked = []
+
+    def check(state, rows, logits):
+        """state's pairs are its rows' own; each row's logits equal that row prefilled alone with its history."""
+        got = [{int(e): round(float(w), 6) for e, w in zip(i, ws) if e >= 0 and w != 0}
+               for i, ws in zip(state.pairs.idx, state.pairs.w)]
+        assert got == [{e: round(w, 6) for e, w in engine.resolve(specs[r])} for r in rows]
+        tokens_checked.append(len(rows))
+        for j, r in enumerate(rows):
+            alone, _ = engine.prefill([prompts[r] + tokens[r]], [engine.resolve(specs[r])])
+            torch.testing.assert_close(logits[j], alone[0], rtol=1e-4, atol=1e-4)
+
+    def step(state, rows):  # -> layouts made by the decode step
+        metas.clear()
+        logits = engine.decode(state, [tokens[r][-1] for r in rows])
+        made = len(metas)
+        check(state, rows, logits)
+        for j, r in enumerate(rows):
+            tokens[r].append(int(logits[j].argmax()))
+        return made
+
+    first, s1 = engine.prefill(prompts[:3], [engine.resolve(s) for s in specs[:3]])
+    second, s2 = engine.prefill(prompts[3:5], [engine.resolve(s) for s in specs[3:5]])
+    tokens = {r: [int(t)] for r, t in enumerate(torch.cat([first, second]).argmax(-1))}
+    state, rows = engine.concat([s1, s2]), list(range(5))
+    for round_ in range(3):  # rows leave and join between steps: one layout per set of rows
+        assert step(state, rows) == 1
+        assert step(state, rows) == 0  # the same rows: the first step's layout again
+        keep = [j for j in range(len(rows)) if (j + round_) % 3][::-1]  # a third leave, the rest reversed
+        state, rows = engine.select(state, keep), [rows[j] for j in keep]
+        if round_ == 0:  # row 5 joins
+            logits, s3 = engine.prefill([prompts[5]], [engine.resolve(specs[5])])
+            tokens[5] = [int(logits[0].argmax())]
+            state, rows = engine.concat([state, s3]), rows + [5]
+    # rows' pairs built at their prefills only (check()'s own prefills of one row each aside): 3 + 2, then 1
+    assert built[:2] == [3, 2] and set(built[2:]) == {1} and len(built) == 2 + 1 + sum(tokens_checked)
+
+
+def test_a_cached_layout_expires_when_a_running_rows_adapter_moves_slot(pool, six):
+    for k, folder in enumerate(six):
+        pool.add(folder, f"e{k}")
+    engine = MultiLoraModel.from_pool(pool, max_loaded_adapters=2)
+    e0, e2, e3 = (engine.resolve(f"e{k}") for k in (0, 2, 3))
+    ids = engine.tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"]
+    assert engine.acquire(e0)
+    logits, state = engine.prefill([ids], [e0])
+    history = [int(logits[0].argmax())]
+    history.append(int(engine.decode(state, history[-1:])[0].argmax()))  # the layout of e0's slot is cached
+    slot = engine.slot_of[e0[0][0]]
+    engine.release(e0)  # (outside the scheduler a caller may let the adapter of a running row move)
+    assert engine.acquire(e2, read=True) and engine.acquire(e3, read=True)  # e0 evicted
+    engine.release(e2)
+    assert engine.acquire(e0, read=True)  # back, into e2's slot
+    assert engine.slot_of[e0[0][0]] != slot
+    got = engine.decode(state, history[-1:])[0]
+    alone, _ = engine.prefill([ids + history], [e0])
+    torch.testing.assert_close(got, alone[0], rtol=1e-4, atol=1e-4)

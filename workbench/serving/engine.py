@@ -147,7 +147,9 @@ class MultiLoraModel:
     while `max_loaded_adapters` allows (None: all of them); beyond it their factors stay on the CPU and a request
     that needs one loads it into a slot at admission (`acquire`), evicting the least recently used adapter that no
     admitted sequence uses. A slot's factors are rewritten in place, layer by layer (`AdapterWeights.set_slot`);
-    the per-batch pair metadata maps adapters to their slots once per forward (`_layout`)."""
+    a batch's rows carry their pairs as adapter ids (`RowPairs`: built once when rows are prefilled, sliced when rows
+    leave, concatenated when rows join), mapped to slots in one gather when the rows or the slot table change
+    (`_layout`, cached in the rows' `BatchState` across decode steps)."""
 
     def __init__(self, base_model, tokenizer, adapters: list[Adapter], *, routed: Sequence[RoutedComposition] = (),
                  twins: Sequence[TwinComposition] = (), backend: str | None = None, device: str = "cpu",
@@ -246,7 +248,7 @@ class MultiLoraModel:
         self.ctx = wrap_model(self.model, targets, lambda t: [self.adapters[i].factors.get(t) for i in resident],
                               len(resident), backend=check_backend(backend) if backend else default_backend(device))
         self._layers = {name + ".weight": m for name, m in routed_modules(self.model).items()}
-        self._layout_cache: dict[tuple, tuple[LoraMeta | None, list[RoutedGroup]]] = {}
+        self._slot_epoch = 0  # bumped when the slot table or the routed compositions change: cached layouts expire
 
     # -- the registry
     def _register_adapter(self, a: Adapter, pinned: bool = False) -> int:
@@ -331,7 +333,7 @@ class MultiLoraModel:
             self._slot_table = grown
         self._slot_table[i] = slot
         self._slot_table_dev = self._slot_table.to(self.device)
-        self._layout_cache.clear()
+        self._slot_epoch += 1
 
     def _write_slot(self, slot: int | None, i: int) -> int:
         """Adapter `i`'s factors into `slot` (None: a new slot) in every routed layer (a module it does not adapt
@@ -617,19 +619,7 @@ class MultiLoraModel:
                 self._free_slot(i, release=True)
             self.pinned.discard(i)
             self.adapters[i].factors = {}
-        self._layout_cache.clear()
-
-    def _slot_assignment(self, a: Assignment) -> Assignment:
-        if isinstance(a, Routed):
-            return a
-        out = []
-        for e, w in a:
-            slot = self.slot_of.get(e)
-            if slot is None:
-                raise WorkbenchError(f"adapter {self.adapters[e].name!r} is not loaded in a slot: requests load it "
-                                     "at admission (`acquire`)")
-            out.append((slot, w))
-        return tuple(out)
+        self._slot_epoch += 1
 
     def _slots(self, ids: torch.Tensor) -> torch.Tensor:
         slots = self._slot_table_dev[ids]
@@ -902,41 +892,59 @@ class MultiLoraModel:
             raise WorkbenchError(problem)
         return tuple(out)
 
-    def _layout(self, assignments: Sequence[Assignment], seq_len: int) -> tuple[LoraMeta | None, list[RoutedGroup]]:
-        """(fixed pairs of every token [B*S], one routed group per routed composition) of a [B, S] batch, computed
-        once per batch shape: a prefill and its decode steps ([B, 1]) each get their own token rows."""
-        key = (tuple(assignments), seq_len)
-        if key not in self._layout_cache:
-            if len(self._layout_cache) > 64:
-                self._layout_cache.clear()
-            # routed sequences: no fixed pairs; the others' adapters mapped to their slots
-            fixed = [() if isinstance(a, Routed) else self._slot_assignment(a) for a in assignments]
-            k = max((len(a) for a in fixed), default=0)
-            meta = None
-            if k:
-                idx = torch.full((len(fixed), k), -1, dtype=torch.long)
-                w = torch.zeros((len(fixed), k))
-                for b, a in enumerate(fixed):
-                    for j, (e, wt) in enumerate(a):
-                        idx[b, j], w[b, j] = e, wt
-                # every token of sequence b carries its sequence's pairs ([B, S] flattened row-major)
-                idx = idx.repeat_interleave(seq_len, dim=0).to(self.device)
-                w = w.repeat_interleave(seq_len, dim=0).to(self.device)
-                meta = make_meta(idx, w, self.num_slots, block=seq_len)
-            groups = []
-            for name in dict.fromkeys(a.name for a in assignments if isinstance(a, Routed) and a.name in self.routed):
-                seqs = torch.tensor([b for b, a in enumerate(assignments) if a == Routed(name)])
-                rows = (seqs[:, None] * seq_len + torch.arange(seq_len)).reshape(-1).to(self.device)  # [n * S]
-                groups.append(RoutedGroup(self.routed[name].router, rows, self._slots(self._experts[name])))
-            self._layout_cache[key] = (meta, groups)
-        return self._layout_cache[key]
+    def row_pairs(self, assignments: Sequence[Assignment]) -> RowPairs:
+        """Each row's fixed pairs as adapter ids (a routed row and the base have none): built once per row, when it
+        is prefilled (or per `generate` batch); `select` and `concat` carry them as rows leave and join."""
+        fixed = [() if isinstance(a, Routed) else a for a in assignments]
+        k = max((len(a) for a in fixed), default=0)
+        idx = torch.full((len(fixed), k), -1, dtype=torch.long)
+        w = torch.zeros((len(fixed), k))
+        for b, a in enumerate(fixed):
+            for j, (e, wt) in enumerate(a):
+                idx[b, j], w[b, j] = e, wt
+        return RowPairs(idx.to(self.device), w.to(self.device))
+
+    def _layout(self, assignments: Sequence[Assignment], pairs: RowPairs, seq_len: int,
+                cache: dict | None = None) -> tuple[LoraMeta | None, list[RoutedGroup]]:
+        """(fixed pairs of every token [B*S] in slot ids, one routed group per routed composition) of a [B, S] batch
+        whose rows carry `pairs`: the adapter ids mapped to slots in one gather. Kept in `cache` (the rows'
+        BatchState's) while the rows and the slot table stay the same: a decode step reuses its previous step's."""
+        key = (self._slot_epoch, seq_len)
+        if cache is not None and key in cache:
+            return cache[key]
+        meta = None
+        if pairs.idx.shape[1]:
+            has = pairs.idx >= 0
+            table = self._slot_table_dev
+            known = pairs.idx < table.numel()
+            slots = torch.where(has & known, table[pairs.idx.clamp(0, table.numel() - 1)], -1)
+            if bool((has & (slots < 0)).any()):
+                e = int(pairs.idx[has & (slots < 0)][0])
+                raise WorkbenchError(f"adapter {self.adapters[e].name!r} is not loaded in a slot: requests load it "
+                                     "at admission (`acquire`)")
+            w = torch.where(has, pairs.w, torch.zeros_like(pairs.w))
+            # every token of sequence b carries its sequence's pairs ([B, S] flattened row-major)
+            meta = make_meta(slots.repeat_interleave(seq_len, dim=0), w.repeat_interleave(seq_len, dim=0),
+                             self.num_slots, block=seq_len)
+        groups = []
+        for name in dict.fromkeys(a.name for a in assignments if isinstance(a, Routed) and a.name in self.routed):
+            seqs = torch.tensor([b for b, a in enumerate(assignments) if a == Routed(name)])
+            rows = (seqs[:, None] * seq_len + torch.arange(seq_len)).reshape(-1).to(self.device)  # [n * S]
+            groups.append(RoutedGroup(self.routed[name].router, rows, self._slots(self._experts[name])))
+        if cache is not None:
+            for old in [k_ for k_ in cache if k_[0] != self._slot_epoch]:
+                del cache[old]
+            cache[key] = (meta, groups)
+        return meta, groups
 
     # -- forward and generation
     @torch.no_grad()
     def forward(self, input_ids, attention_mask=None, assignments: Sequence[Assignment] | None = None,
-                router: Router | None = None, twin_states: dict[str, Any] | None = None, **kw):
+                router: Router | None = None, twin_states: dict[str, Any] | None = None,
+                pairs: RowPairs | None = None, layouts: dict | None = None, **kw):
         """One forward of a batch, each sequence with its assignment. `twin_states` carries the Twin pre-passes'
-        KV caches and prefix sums across the decode steps of one `generate` (a fresh dict per batch)."""
+        KV caches and prefix sums across the decode steps of one `generate` (a fresh dict per batch); `pairs` the
+        rows' adapter pairs (default: built from `assignments`) and `layouts` their cached slot layouts."""
         with self.lock:
             if router is not None:
                 n = len(self.adapters)  # the callback routes over adapter ids: mapped to their slots
@@ -945,7 +953,8 @@ class MultiLoraModel:
                 meta, groups = None, [RoutedGroup(_CallbackRouter(router), None, None if same else table)]
             else:
                 assignments = assignments or [()] * input_ids.shape[0]
-                meta, groups = self._layout(assignments, input_ids.shape[1])
+                pairs = pairs if pairs is not None else self.row_pairs(assignments)
+                meta, groups = self._layout(assignments, pairs, input_ids.shape[1], layouts)
                 unknown = [a.name for a in assignments if isinstance(a, Routed) and a.name not in self.routed
                            and a.name not in self.twins]
                 if unknown:
@@ -1024,10 +1033,12 @@ class MultiLoraModel:
         live = self._count_active(done.count(False))
         step_ids = ids
         twin_states: dict[str, Any] = {}  # Twin pre-passes' own caches and prefix sums, for this batch only
+        pairs, layouts = (self.row_pairs(assignments), {}) if router is None else (None, None)
         try:
             while not all(done):
                 logits = self.forward(step_ids, attention_mask=mask, assignments=assignments, router=router,
-                                      twin_states=twin_states, position_ids=pos, past_key_values=cache,
+                                      twin_states=twin_states, pairs=pairs, layouts=layouts,
+                                      position_ids=pos, past_key_values=cache,
                                       use_cache=True).logits[:, -1].float()
                 nxt = logits.argmax(-1)
                 for i, t in enumerate(temps):
@@ -1080,9 +1091,11 @@ class MultiLoraModel:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise WorkbenchError("prefill needs at least one prompt, each of at least one token")
         ids, mask, pos = self._left_padded(prompts)
-        state = BatchState(list(assignments), mask, DynamicCache(config=self.model.config), {})
+        state = BatchState(list(assignments), mask, DynamicCache(config=self.model.config), {},
+                           self.row_pairs(assignments))
         keep = {} if all_logits or not self._logits_to_keep else {"logits_to_keep": 1}
         logits = self.forward(ids, attention_mask=mask, assignments=state.assignments, twin_states=state.twins,
+                              pairs=state.pairs, layouts=state.layouts,
                               position_ids=pos, past_key_values=state.cache, use_cache=True, **keep).logits
         for c in state.caches():
             _check_layers(c)
@@ -1100,7 +1113,8 @@ class MultiLoraModel:
         sums = {n: (t.total, t.count) for n, t in state.twins.items()}
         try:
             logits = self.forward(ids, attention_mask=mask, assignments=state.assignments, twin_states=state.twins,
-                                  position_ids=pos, past_key_values=state.cache, use_cache=True).logits[:, -1].float()
+                                  pairs=state.row_pairs(self), layouts=state.layouts, position_ids=pos,
+                                  past_key_values=state.cache, use_cache=True).logits[:, -1].float()
         except BaseException:
             width = state.mask.shape[1]
             for c in state.caches():
@@ -1131,7 +1145,8 @@ class MultiLoraModel:
                 sidx = torch.tensor(sub, dtype=torch.long, device=state.mask.device)
                 twins[name] = type(t)(_select_cache(t.cache, sidx, cut), t.total.index_select(0, sidx),
                                       t.count.index_select(0, sidx))
-        return BatchState(assignments, mask[:, cut:], _select_cache(state.cache, idx, cut), twins)
+        pairs = state.pairs.take(idx) if state.pairs is not None else None
+        return BatchState(assignments, mask[:, cut:], _select_cache(state.cache, idx, cut), twins, pairs)
 
     @staticmethod
     def concat(states: Sequence[BatchState]) -> BatchState:
@@ -1150,8 +1165,9 @@ class MultiLoraModel:
             first = have[0][0]
             twins[name] = type(first)(_concat_caches([t.cache for t, _ in have], [p for _, p in have]),
                                       torch.cat([t.total for t, _ in have]), torch.cat([t.count for t, _ in have]))
+        pairs = (RowPairs.cat([st.pairs for st in states]) if all(st.pairs is not None for st in states) else None)
         return BatchState([a for st in states for a in st.assignments], mask,
-                          _concat_caches([st.cache for st in states], pads), twins)
+                          _concat_caches([st.cache for st in states], pads), twins, pairs)
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a chat (the tokenizer's chat template, else `role: content` lines), ready to generate."""
@@ -1183,18 +1199,46 @@ class BatchState:
     """The running rows of a continuous batch between decode steps. Row i decodes with `assignments[i]`; `mask`
     [B, L] marks its real KV-cache columns (real tokens right-aligned, left padding 0); `cache` holds the L columns
     of every layer; `twins` each Twin composition's pre-pass state (its own cache and prefix sums) over that
-    composition's rows, in row order."""
+    composition's rows, in row order; `pairs` each row's adapter pairs (sliced and concatenated with the rows, never
+    rebuilt from `assignments`) and `layouts` their slot layout, computed once and reused by every decode step until
+    the rows or the slot table change."""
 
     assignments: list[Assignment]
     mask: torch.Tensor = field(repr=False)
     cache: Any = field(repr=False)
     twins: dict[str, Any] = field(default_factory=dict, repr=False)
+    pairs: RowPairs | None = field(default=None, repr=False)
+    layouts: dict = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.assignments)
 
+    def row_pairs(self, engine: MultiLoraModel) -> RowPairs:
+        if self.pairs is None:  # a state made by hand: its pairs built once, then carried
+            self.pairs = engine.row_pairs(self.assignments)
+        return self.pairs
+
     def caches(self) -> list[Any]:
         return [self.cache] + [t.cache for t in self.twins.values() if t.cache is not None]
+
+
+@dataclass
+class RowPairs:
+    """The fixed LoRA pairs of a batch's rows: adapter ids `idx` [B, k] (-1: none; routed rows and the base have
+    none) and their weights `w` [B, k]. Ids, not slots, so they stay true while adapters move between slots."""
+
+    idx: torch.Tensor
+    w: torch.Tensor
+
+    def take(self, rows: torch.Tensor) -> RowPairs:
+        return RowPairs(self.idx.index_select(0, rows), self.w.index_select(0, rows))
+
+    @staticmethod
+    def cat(parts: Sequence[RowPairs]) -> RowPairs:
+        k = max(p.idx.shape[1] for p in parts)
+        pad = torch.nn.functional.pad
+        return RowPairs(torch.cat([pad(p.idx, (0, k - p.idx.shape[1]), value=-1) for p in parts]),
+                        torch.cat([pad(p.w, (0, k - p.w.shape[1])) for p in parts]))
 
 
 def _check_layers(cache) -> None:
