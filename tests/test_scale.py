@@ -380,6 +380,38 @@ def test_compact_prototype_scoring_equals_the_full_reference():
     assert small._present == {}  # a few experts: every row scored, as before
 
 
+
+def test_sibling_projections_are_scored_in_one_matmul_per_distinct_input(monkeypatch):
+    """Over >= COMPACT_MIN_EXPERTS experts, q/k/v (and gate/up) of one layer read one input: one scoring matmul for
+    all three against their stacked matrices, each module's scores equal to scoring it alone; another input (the
+    next layer's, or another tensor of the same shape) is scored afresh; o_proj, without siblings, alone."""
+    import workbench.modules.routers as routers
+    from workbench.modules.routers import COMPACT_MIN_EXPERTS, PrototypeRouter
+
+    g = torch.Generator().manual_seed(6)
+    e, d, t = COMPACT_MIN_EXPERTS + 4, 16, 12
+    names = [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    protos = {m: torch.randn(e, d, generator=g) for m in names}
+    protos[names[1]][::4] = 0  # k_proj: a quarter of the experts do not adapt it (compacted rows)
+    r = PrototypeRouter([f"e{i}" for i in range(e)], protos, k=2)
+    alone = PrototypeRouter([f"e{i}" for i in range(e)], protos, k=2)
+    alone._siblings = {}
+    assert set(r._siblings) == set(names) - {names[3], names[7]}
+    matmuls = []
+    score = PrototypeRouter._score
+    monkeypatch.setattr(routers.PrototypeRouter, "_score",
+                        lambda self, p, x: (matmuls.append(p.shape[0]) if self is r else None, score(self, p, x))[1])
+    x0, x1 = torch.randn(t, d, generator=g), torch.randn(t, d, generator=g)
+    for i, x in ((0, x0), (0, x1.clone()), (1, x1)):  # the same layer with another input: scored afresh
+        matmuls.clear()
+        for m in names[4 * i: 4 * i + 4]:
+            torch.testing.assert_close(r.scores(m, x), alone.scores(m, x), atol=1e-5, rtol=0)
+            idx, w = r.route(m, x)
+            want = alone.route(m, x)
+            assert torch.equal(idx, want[0]) and torch.allclose(w, want[1], atol=1e-6)
+        stacked = 3 * e - (len(range(0, e, 4)) if i == 0 else 0)  # layer 0's k_proj compacted
+        assert matmuls == [stacked, e, e]  # q/k/v once, o_proj per call
+
 def test_arrow_over_64_synthesized_experts_builds_linearly_and_routes(big, arts, monkeypatch):
     """One SVD per (expert, module it adapts): time linear in N; one [N, d_in] prototype matrix per module."""
     from workbench.artifacts import load_artifact

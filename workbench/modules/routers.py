@@ -8,7 +8,8 @@
   Softmax over all E then top-k then renormalise equals a softmax over the top-k scores.
   An all-zero prototype row marks an expert that does not adapt that module: it is never chosen
   (score -inf), so experts with different target modules and ranks mix. Over COMPACT_MIN_EXPERTS or
-  more experts, a module is scored against the rows of the experts that adapt it only (one matmul).
+  more experts, a module is scored against the rows of the experts that adapt it only, and modules that read
+  one input (a layer's q/k/v projections, gate/up) are scored in one matmul against their stacked matrices.
 - `gate`: PHATGOOSE's training-time gate, sigmoid(x . v) per expert and module (dense, differentiable).
 - `fixed`: the same weights for every token (a mix); top-k of them.
 - `mole`, `smora`, `twin`: the trained routers of those methods (`workbench.methods.mole`, `.smora`, `.twin`),
@@ -36,6 +37,20 @@ _EPS = 1e-5  # layer-norm epsilon of the standardisation (torch's LayerNorm defa
 # From this many experts on, a prototype router scores each module against the experts that adapt it only (pools of
 # hundreds of adapters with varied target modules: half the rows or fewer). Every router the demo builds has fewer.
 COMPACT_MIN_EXPERTS = 32
+# Sibling projections that read the same input in the architectures the workbench adapts (llama/mistral/qwen
+# attention and MLP, Mixtral's experts): with COMPACT_MIN_EXPERTS or more experts, one matmul scores them all.
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+
+
+def sibling_groups(modules) -> dict[str, tuple[str, ...]]:
+    """module -> the modules of its layer that read its input (itself included), for modules with siblings."""
+    by: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    for m in sorted(modules):
+        parent, _, leaf = m.rpartition(".")
+        for names in SIBLINGS:
+            if leaf in names:
+                by.setdefault((parent, names), []).append(m)
+    return {m: tuple(g) for g in by.values() if len(g) > 1 for m in g}
 
 
 class BaseRouter(nn.Module):
@@ -95,6 +110,11 @@ def standardise(x: torch.Tensor) -> torch.Tensor:
     return nn.functional.layer_norm(x, x.shape[-1:], eps=_EPS)
 
 
+def _input_key(x: torch.Tensor) -> tuple:
+    """Identifies a module input while the tensor is held: its memory, shape, strides, dtype, device."""
+    return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device)
+
+
 @ROUTERS.register("prototype")
 class PrototypeRouter(BaseRouter):
     name = "prototype"
@@ -127,6 +147,13 @@ class PrototypeRouter(BaseRouter):
         for m, p in self._proto.items():
             rows = p.index_select(0, self._present[m]) if m in self._present else p
             self._ready[m] = standardise(rows) if standardize else rows
+        # one scoring matmul per distinct module input: siblings' matrices stacked (same d_in), split after
+        self._siblings = {}
+        if len(experts) >= COMPACT_MIN_EXPERTS:
+            self._siblings = {m: g for m, g in sibling_groups(self._ready).items()
+                              if len({self._ready[n].shape[1] for n in g}) == 1}
+        self._stacked = {g: torch.cat([self._ready[n] for n in g]) for g in set(self._siblings.values())}
+        self._score_cache = None
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "k": self.k, "temperature": self.temperature, "standardize": self.standardize,
@@ -149,9 +176,20 @@ class PrototypeRouter(BaseRouter):
         p = self._ready.get(module)
         if p is None:
             raise WorkbenchError(f"router has no prototypes for module {module!r}")
-        p = p.to(x.device)
+        group = self._siblings.get(module)
+        if group is not None:  # scored with its siblings in one matmul, when they read this very input
+            key = (_input_key(x), group)
+            cached = self._score_cache
+            if cached is None or cached[0] != key:
+                s = self._score(self._stacked[group], x)
+                cached = (key, dict(zip(group, s.split([self._ready[n].shape[0] for n in group], dim=1))), x)
+                self._score_cache = cached  # holds x: its memory is not reused while the key is remembered
+            return cached[1][module]
+        return self._score(p, x)
+
+    def _score(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         h = self._standardised(x) if self.standardize else x.float()
-        s = h @ p.T  # one matmul per module: [T, d_in] x [d_in, E_m]
+        s = h @ p.to(x.device).T  # one matmul: [T, d_in] x [d_in, rows of p]
         if self.scale == "inv_sqrt_d":
             s = s / x.shape[-1] ** 0.5
         return s.abs() if self.absolute else s
@@ -171,7 +209,7 @@ class PrototypeRouter(BaseRouter):
         """LN(x), reused when the next module reads the same input (q/k/v, and gate/up, share one: one
         layer norm instead of three). The cache holds x itself, so its memory cannot be handed to another
         tensor while the key (address, shape, strides) is remembered; module inputs are never written in place."""
-        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device)
+        key = _input_key(x)
         cached = getattr(self, "_ln_cache", None)
         if cached is None or cached[0] != key:
             cached = (key, standardise(x.float()), x)
