@@ -21,7 +21,7 @@ from ..errors import RecipeError
 from ..progress import progress_bar
 from .base import MAX_SCALE, MAX_SEED, BuildContext, Method, MethodParams, register_method
 from .merge_io import write_merged_model, write_refactored_lora
-from .streaming import tensor_seed
+from .streaming import release_free_memory, tensor_seed
 
 if TYPE_CHECKING:
     import torch
@@ -251,8 +251,10 @@ class TaskArithmeticFamily(Method):
                     def delta(i: int, nm: str = name) -> torch.Tensor | None:
                         return experts[i].delta(nm) if nm in name_sets[i] else None
 
-                    yield name, self.stream_merge_tensor(delta, experts, params, tensor_seed(params.seed, name, 0),
-                                                         shapes[name])
+                    merged = self.stream_merge_tensor(delta, experts, params, tensor_seed(params.seed, name, 0),
+                                                      shapes[name])
+                    release_free_memory()  # memory flat in the number of experts streamed
+                    yield name, merged
                 else:
                     deltas = [e.delta(name) if name in ns else torch.zeros(shapes[name])
                               for e, ns in zip(experts, name_sets)]

@@ -25,6 +25,27 @@ CHUNK_ELEMS = 1 << 22  # 4M fp32 entries (16 MB) per expert per chunk
 
 
 @cache
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc `malloc_trim`). A streaming merge frees and allocates
+    tensors of a few MB per expert and tensor; glibc serves them from its heap after the first frees (its mmap
+    threshold grows), and the freed holes stay in the process: its memory then grows with the number of experts
+    it has streamed. Called once per merged tensor."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@cache
 def _dtypes() -> dict[str, torch.dtype]:
     """safetensors dtype code -> torch dtype (a function: this module imports no torch until it writes)."""
     import torch
