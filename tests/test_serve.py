@@ -540,3 +540,28 @@ def test_twin_in_a_left_padded_batch_decodes_like_its_own_model(served_routed):
         w = {n: own[n].model.twin.weights(x)[0, -1] for n in ("twin-s", "twin-t")}
     assert float(w["twin-s"].max() - w["twin-s"].min()) > 0.5  # sharp routing: not a uniform mix
     assert not torch.allclose(w["twin-s"], w["twin-t"], atol=1e-3)
+
+
+def test_a_lora_expert_the_pool_records_as_not_built_is_skipped_and_said(pool, tiny_dir):
+    """A fresh clone's demo pool lists experts whose weights are not shipped (`rebuild` in pool.json, no file on
+    disk): the server serves the others and says which it skips, instead of failing to start; named explicitly,
+    the missing one is an error."""
+    import json
+    import shutil
+
+    from workbench.pool import Pool
+
+    pool.add(tiny_dir / "lora_a", "a")
+    pool.add(tiny_dir / "lora_b", "b")
+    manifest = pool.root / "pool.json"
+    data = json.loads(manifest.read_text())
+    next(e for e in data["experts"] if e["name"] == "b")["rebuild"] = "workbench demo --full"
+    manifest.write_text(json.dumps(data))
+    shutil.rmtree(pool.root / "experts" / "b")
+    reopened = Pool.open(pool.root)
+    said = []
+    engine = MultiLoraModel.from_pool(reopened, include_artifacts=False, log=said.append)
+    assert list(engine.ids) == ["a"]
+    assert said == ["not serving b: not built (`workbench demo --full`)"]
+    with pytest.raises(WorkbenchError, match="missing"):
+        MultiLoraModel.from_pool(reopened, ["a", "b"], include_artifacts=False)

@@ -812,7 +812,15 @@ class MultiLoraModel:
         queued and kept in host memory while in a slot and, beyond the slots, up to `max_host_adapters` of them
         (least recently used dropped; None: all once read): a server over a pool larger than memory starts at once.
         `bounds`: max_registered_adapters, max_composition_parts, max_host_adapters."""
-        names = experts if experts is not None else pool.names("lora")
+        if experts is None:  # every LoRA expert on disk; one the pool records as not built is skipped, said in `log`
+            names = []
+            for n in pool.names("lora"):
+                if pool.expert(n).not_built():
+                    log(f"not serving {n}: {pool.expert(n).status()}")
+                else:
+                    names.append(n)
+        else:
+            names = experts
         paged = max_loaded_adapters is not None if paged is None else paged
         adapters = []
         for n in names:
