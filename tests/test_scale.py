@@ -412,6 +412,37 @@ def test_sibling_projections_are_scored_in_one_matmul_per_distinct_input(monkeyp
         stacked = 3 * e - (len(range(0, e, 4)) if i == 0 else 0)  # layer 0's k_proj compacted
         assert matmuls == [stacked, e, e]  # q/k/v once, o_proj per call
 
+
+def test_a_routed_group_of_some_rows_scores_siblings_once_per_layer(monkeypatch):
+    """In a mixed batch a routed composition reads its own rows of each module's input: gathered once per input
+    (RoutingContext.rows_of), so q/k/v hand the router one tensor and it scores them in one matmul; the pairs are
+    those of scoring each module alone."""
+    import workbench.modules.routers as routers
+    from workbench.modules.routed_lora import RoutedGroup, RoutingContext
+    from workbench.modules.routers import COMPACT_MIN_EXPERTS, PrototypeRouter
+
+    g = torch.Generator().manual_seed(7)
+    e, d, t = COMPACT_MIN_EXPERTS, 16, 10
+    names = [f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+    protos = {m: torch.randn(e, d, generator=g) for m in names}
+    r = PrototypeRouter([f"e{i}" for i in range(e)], protos, k=2)
+    alone = PrototypeRouter([f"e{i}" for i in range(e)], protos, k=2)
+    alone._siblings = {}
+    scored = []
+    score = PrototypeRouter._score
+    monkeypatch.setattr(routers.PrototypeRouter, "_score",
+                        lambda self, p, x: (scored.append(self) if self is r else None, score(self, p, x))[1])
+    ctx = RoutingContext(e)
+    rows = torch.tensor([1, 4, 5, 8])
+    x = torch.randn(t, d, generator=g)
+    with ctx.use(groups=[RoutedGroup(r, rows, None)]):
+        for m in names:
+            meta = ctx.pairs_meta(m, x)
+            want_idx, want_w = alone.route(m, x[rows])
+            assert torch.equal(meta.idx[rows], want_idx) and torch.allclose(meta.w[rows], want_w, atol=1e-6)
+            assert (meta.idx[[0, 2, 3, 6, 7, 9]] == -1).all()
+    assert len(scored) == 1
+
 def test_arrow_over_64_synthesized_experts_builds_linearly_and_routes(big, arts, monkeypatch):
     """One SVD per (expert, module it adapts): time linear in N; one [N, d_in] prototype matrix per module."""
     from workbench.artifacts import load_artifact
@@ -495,6 +526,10 @@ def test_scale_benchmark_quick_on_the_tiny_model(src, tmp_path, monkeypatch):
         assert all(r["wall_s"] > 0 and r["peak_rss_anon_mb"] > 0 for r in rows), op
         assert isinstance(saved["exponents"][op]["wall_s"], float)
     assert all(r["ratio_to_base"] > 0 for r in ops["routed_forward_top2"])
+    for r in ops["routed_forward_top2"]:  # where the routed forward's time goes: pieces of one clocked forward
+        parts = r["parts"]
+        assert 0 < parts["route_s"] + parts["make_meta_s"] + parts["apply_lora_s"] <= parts["forward_s"]
+        assert parts["module_calls"] > 0 and 1 <= parts["active_experts_per_call"] <= r["n"]
     assert (tmp_path / "scale.svg").stat().st_size > 1000
     # the servers: the paged one reads only its slots' adapters at start (all 4..16 fit in 64: all of them here)
     assert [r["adapters_read_at_start"] for r in ops["server_start"]] == [4, 8, 16]

@@ -845,6 +845,10 @@ def test_rows_carry_their_pairs_through_joins_and_leaves_and_decode_steps_reuse_
         got = [{int(e): round(float(w), 6) for e, w in zip(i, ws) if e >= 0 and w != 0}
                for i, ws in zip(state.pairs.idx, state.pairs.w)]
         assert got == [{e: round(w, 6) for e, w in engine.resolve(specs[r])} for r in rows]
+        # as wide as the rows need (a mix that left takes its columns along), padding exactly (-1, 0)
+        assert state.pairs.idx.shape[1] == max(len(engine.resolve(specs[r])) for r in rows)
+        pad = state.pairs.idx < 0
+        assert (state.pairs.idx[pad] == -1).all() and (state.pairs.w[pad] == 0).all()
         tokens_checked.append(len(rows))
         for j, r in enumerate(rows):
             alone, _ = engine.prefill([prompts[r] + tokens[r]], [engine.resolve(specs[r])])
@@ -872,6 +876,8 @@ def test_rows_carry_their_pairs_through_joins_and_leaves_and_decode_steps_reuse_
             logits, s3 = engine.prefill([prompts[5]], [engine.resolve(specs[5])])
             tokens[5] = [int(logits[0].argmax())]
             state, rows = engine.concat([state, s3]), rows + [5]
+    state, rows = engine.select(state, [j for j, r in enumerate(rows) if r != 4]), [r for r in rows if r != 4]
+    assert step(state, rows) == 1  # the three-adapter mix left: two columns fewer
     # rows' pairs built at their prefills only (check()'s own prefills of one row each aside): 3 + 2, then 1
     assert built[:2] == [3, 2] and set(built[2:]) == {1} and len(built) == 2 + 1 + sum(tokens_checked)
 

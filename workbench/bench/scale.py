@@ -150,9 +150,44 @@ def _op_routed(spec: dict[str, Any]) -> dict[str, Any]:
     with torch.inference_mode():
         samples = _time({"base": lambda: base(input_ids=ids), "routed": lambda: routed(input_ids=ids)}, spec["reps"])
     best = {k: min(v) for k, v in samples.items()}
+    with torch.inference_mode():
+        parts = _routed_parts(lambda: routed(input_ids=ids))
     return {"base_s": round(best["base"], 4), "routed_s": round(best["routed"], 4),
             "ratio_to_base": round(best["routed"] / best["base"], 3),
-            "samples_s": {k: [round(t, 4) for t in v] for k, v in samples.items()}}
+            "samples_s": {k: [round(t, 4) for t in v] for k, v in samples.items()}, "parts": parts}
+
+
+def _routed_parts(forward: Callable[[], Any]) -> dict[str, Any]:
+    """Where one routed forward's time goes (one more forward, after the timed ones, its pieces clocked): scoring
+    and top-k in the routers (`route`), the pair metadata (`make_meta`), the LoRA op (`apply_lora`), and the mean
+    number of distinct experts one module call dispatches to (the op runs one shrink/expand per active expert)."""
+    from ..modules import routed_lora, routers
+
+    spent = {"route_s": 0.0, "make_meta_s": 0.0, "apply_lora_s": 0.0}
+    active: list[int] = []
+
+    def clocked(fn, key, after=None):
+        def run(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            spent[key] += time.perf_counter() - t0
+            if after is not None:
+                after(out)
+            return out
+        return run
+
+    saved = (routers.PrototypeRouter.route, routed_lora.make_meta, routed_lora.apply_lora)
+    routers.PrototypeRouter.route = clocked(saved[0], "route_s")
+    routed_lora.make_meta = clocked(saved[1], "make_meta_s", lambda m: active.append(len(m.active)))
+    routed_lora.apply_lora = clocked(saved[2], "apply_lora_s")
+    try:
+        t0 = time.perf_counter()
+        forward()
+        total = time.perf_counter() - t0
+    finally:
+        routers.PrototypeRouter.route, routed_lora.make_meta, routed_lora.apply_lora = saved
+    return {"forward_s": round(total, 4), **{k: round(v, 4) for k, v in spent.items()},
+            "module_calls": len(active), "active_experts_per_call": round(sum(active) / max(len(active), 1), 1)}
 
 
 _CHILD_OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {

@@ -87,16 +87,32 @@ class RoutingContext:
         self.dense = False  # training: dense differentiable weights from the (single) group's router
         self.trace: Trace | None = None
         self.calls = 0  # layer calls since the context was set (tests check sharing)
+        self._subsets: dict = {}  # (a module input, a group's rows) -> its rows of that input, while both are held
 
     @contextmanager
     def use(self, *, meta: LoraMeta | None = None, groups: Sequence[RoutedGroup] = (), dense: bool = False,
             trace: Trace | None = None) -> Iterator[RoutingContext]:
         prev = (self.meta, self.groups, self.dense, self.trace)
         self.meta, self.groups, self.dense, self.trace = meta, list(groups), dense, trace
+        self._subsets = {}
         try:
             yield self
         finally:
             self.meta, self.groups, self.dense, self.trace = prev
+            self._subsets = {}
+
+    def rows_of(self, x2: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """A routed group's rows of a module's input [T, d_in]: one gather per distinct input, so the modules that
+        read one input (q/k/v) hand their router the same tensor (its per-input caches then hit)."""
+        if rows is None:
+            return x2
+        key = (x2.data_ptr(), tuple(x2.shape), x2.stride(), x2.dtype, rows.data_ptr(), rows.numel())
+        hit = self._subsets.get(key)
+        if hit is None:
+            if self._subsets and next(iter(self._subsets))[:4] != key[:4]:
+                self._subsets = {}  # another input: the previous one's gathers are done with
+            hit = self._subsets[key] = (x2.index_select(0, rows), x2, rows)  # holds x2 and rows: keys stay unique
+        return hit[0]
 
     def pairs_meta(self, module: str, x2: torch.Tensor) -> LoraMeta | None:
         """The LoraMeta of this module's call: fixed pairs, with routed groups' pairs written in."""
@@ -107,7 +123,7 @@ class RoutingContext:
         t = x2.shape[0]
         parts: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
         for g in groups:
-            xs = x2 if g.rows is None else x2.index_select(0, g.rows)
+            xs = self.rows_of(x2, g.rows)
             with torch.no_grad():
                 idx, w = g.router.route(module, xs)
             if g.experts is not None:
@@ -158,7 +174,7 @@ class RoutedLoraLinear(nn.Module):
             apply_lora(y2, x2, self.weights, meta, ctx.backend or default_backend(x.device))
         for g in ctx.groups:
             if (reads_outputs(g.router) or own_dispatch(g.router)) and g.router.handles(self.name):
-                xs = x2 if g.rows is None else x2.index_select(0, g.rows)
+                xs = ctx.rows_of(x2, g.rows)
                 with torch.no_grad():
                     if reads_outputs(g.router):
                         part = self._mix_outputs(g, xs)

@@ -153,6 +153,9 @@ class PrototypeRouter(BaseRouter):
             self._siblings = {m: g for m, g in sibling_groups(self._ready).items()
                               if len({self._ready[n].shape[1] for n in g}) == 1}
         self._stacked = {g: torch.cat([self._ready[n] for n in g]) for g in set(self._siblings.values())}
+        for g, stacked in self._stacked.items():  # one copy: the members' matrices are views of the stack
+            for n, view in zip(g, stacked.split([self._ready[n].shape[0] for n in g])):
+                self._ready[n] = view
         self._score_cache = None
 
     def config(self) -> dict[str, Any]:

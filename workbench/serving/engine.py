@@ -249,6 +249,7 @@ class MultiLoraModel:
                               len(resident), backend=check_backend(backend) if backend else default_backend(device))
         self._layers = {name + ".weight": m for name, m in routed_modules(self.model).items()}
         self._slot_epoch = 0  # bumped when the slot table or the routed compositions change: cached layouts expire
+        self._direct_layouts: dict[tuple, tuple[RowPairs, dict]] = {}  # forward() called without a batch's pairs
 
     # -- the registry
     def _register_adapter(self, a: Adapter, pinned: bool = False) -> int:
@@ -917,7 +918,7 @@ class MultiLoraModel:
         """(fixed pairs of every token [B*S] in slot ids, one routed group per routed composition) of a [B, S] batch
         whose rows carry `pairs`: the adapter ids mapped to slots in one gather. Kept in `cache` (the rows'
         BatchState's) while the rows and the slot table stay the same: a decode step reuses its previous step's."""
-        key = (self._slot_epoch, seq_len)
+        key = (self._slot_epoch, seq_len, len(assignments))
         if cache is not None and key in cache:
             return cache[key]
         meta = None
@@ -937,7 +938,8 @@ class MultiLoraModel:
         groups = []
         for name in dict.fromkeys(a.name for a in assignments if isinstance(a, Routed) and a.name in self.routed):
             seqs = torch.tensor([b for b, a in enumerate(assignments) if a == Routed(name)])
-            rows = (seqs[:, None] * seq_len + torch.arange(seq_len)).reshape(-1).to(self.device)  # [n * S]
+            rows = None if len(seqs) == len(assignments) else (  # every row: the whole input, no gather
+                (seqs[:, None] * seq_len + torch.arange(seq_len)).reshape(-1).to(self.device))  # [n * S]
             groups.append(RoutedGroup(self.routed[name].router, rows, self._slots(self._experts[name])))
         if cache is not None:
             for old in [k_ for k_ in cache if k_[0] != self._slot_epoch]:
@@ -961,7 +963,14 @@ class MultiLoraModel:
                 meta, groups = None, [RoutedGroup(_CallbackRouter(router), None, None if same else table)]
             else:
                 assignments = assignments or [()] * input_ids.shape[0]
-                pairs = pairs if pairs is not None else self.row_pairs(assignments)
+                if pairs is None:  # a direct call: the rows' pairs and layouts kept per assignments (bounded)
+                    direct = self._direct_layouts
+                    key = tuple(assignments)
+                    if key not in direct:
+                        if len(direct) >= 64:
+                            direct.clear()
+                        direct[key] = (self.row_pairs(assignments), {})
+                    pairs, layouts = direct[key]
                 meta, groups = self._layout(assignments, pairs, input_ids.shape[1], layouts)
                 unknown = [a.name for a in assignments if isinstance(a, Routed) and a.name not in self.routed
                            and a.name not in self.twins]
@@ -1239,11 +1248,16 @@ class RowPairs:
     w: torch.Tensor
 
     def take(self, rows: torch.Tensor) -> RowPairs:
-        return RowPairs(self.idx.index_select(0, rows), self.w.index_select(0, rows))
+        """The pairs of `rows`, as wide as the widest of them needs (a mix that left takes its columns along:
+        the kernel picks its path by the width)."""
+        idx, w = self.idx.index_select(0, rows), self.w.index_select(0, rows)
+        used = (idx >= 0).any(0).nonzero()
+        k = int(used[-1]) + 1 if used.numel() else 0
+        return RowPairs(idx[:, :k], w[:, :k]) if k < idx.shape[1] else RowPairs(idx, w)
 
     @staticmethod
     def cat(parts: Sequence[RowPairs]) -> RowPairs:
-        k = max(p.idx.shape[1] for p in parts)
+        k = max(p.idx.shape[1] for p in parts)  # each part is as wide as its rows need: so is the widest
         pad = torch.nn.functional.pad
         return RowPairs(torch.cat([pad(p.idx, (0, k - p.idx.shape[1]), value=-1) for p in parts]),
                         torch.cat([pad(p.w, (0, k - p.w.shape[1])) for p in parts]))
