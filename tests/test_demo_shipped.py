@@ -27,11 +27,17 @@ def repo_cwd(monkeypatch):
 
 
 def test_shipped_lora_experts_are_present_intact_and_half_precision():
+    from workbench.demo import SHIPPED
+
     pool = Pool.open("demo")
-    lora = [e for e in pool.experts if e.kind == "lora"]
-    assert {e.name for e in lora} >= {"addition", "sorting", "unit_conversion", "word_count", "repeat_word",
+    lora = [e for e in pool.experts if e.kind == "lora" and e.name in SHIPPED]
+    assert {e.name for e in lora} == {"addition", "sorting", "unit_conversion", "word_count", "repeat_word",
                                       "reverse_words", "multitask"}
-    problems = [p for p in pool.verify() if not p.startswith("full-")]  # full fine-tunes are not shipped
+    # the rest (full fine-tunes, the rank-64 multitask LoRA) are not shipped: each says how to build it
+    unshipped = [e for e in pool.experts if e.name not in SHIPPED]
+    assert all(e.entry.rebuild == "workbench demo --full" for e in unshipped), [e.name for e in unshipped]
+    problems = [p for p in pool.verify() if not any(p.startswith(e.name + ":") or p.startswith(e.name + " ")
+                                                     for e in unshipped)]
     assert problems == []
     for e in lora:
         with safe_open(str(e.path / "adapter_model.safetensors"), "pt") as f:
