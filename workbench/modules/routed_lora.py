@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..kernels import AdapterWeights, LoraMeta, apply_lora, default_backend, make_meta
+from .routers import input_key
 
 Pairs = tuple[torch.Tensor, torch.Tensor]  # idx [T, k] long (-1: none), w [T, k] float
 
@@ -106,10 +107,10 @@ class RoutingContext:
         read one input (q/k/v) hand their router the same tensor (its per-input caches then hit)."""
         if rows is None:
             return x2
-        key = (x2.data_ptr(), tuple(x2.shape), x2.stride(), x2.dtype, rows.data_ptr(), rows.numel())
+        key = (input_key(x2), rows.data_ptr(), rows.numel())
         hit = self._subsets.get(key)
         if hit is None:
-            if self._subsets and next(iter(self._subsets))[:4] != key[:4]:
+            if self._subsets and next(iter(self._subsets))[0] != key[0]:
                 self._subsets = {}  # another input: the previous one's gathers are done with
             hit = self._subsets[key] = (x2.index_select(0, rows), x2, rows)  # holds x2 and rows: keys stay unique
         return hit[0]

@@ -110,7 +110,7 @@ def standardise(x: torch.Tensor) -> torch.Tensor:
     return nn.functional.layer_norm(x, x.shape[-1:], eps=_EPS)
 
 
-def _input_key(x: torch.Tensor) -> tuple:
+def input_key(x: torch.Tensor) -> tuple:
     """Identifies a module input while the tensor is held: its memory, shape, strides, dtype, device."""
     return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device)
 
@@ -181,7 +181,7 @@ class PrototypeRouter(BaseRouter):
             raise WorkbenchError(f"router has no prototypes for module {module!r}")
         group = self._siblings.get(module)
         if group is not None:  # scored with its siblings in one matmul, when they read this very input
-            key = (_input_key(x), group)
+            key = (input_key(x), group)
             cached = self._score_cache
             if cached is None or cached[0] != key:
                 s = self._score(self._stacked[group], x)
@@ -212,7 +212,7 @@ class PrototypeRouter(BaseRouter):
         """LN(x), reused when the next module reads the same input (q/k/v, and gate/up, share one: one
         layer norm instead of three). The cache holds x itself, so its memory cannot be handed to another
         tensor while the key (address, shape, strides) is remembered; module inputs are never written in place."""
-        key = _input_key(x)
+        key = input_key(x)
         cached = getattr(self, "_ln_cache", None)
         if cached is None or cached[0] != key:
             cached = (key, standardise(x.float()), x)

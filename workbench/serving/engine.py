@@ -816,8 +816,8 @@ class MultiLoraModel:
         if experts is None:  # every LoRA expert on disk; one the pool records as not built is skipped, said in `log`
             names = []
             for n in pool.names("lora"):
-                if pool.expert(n).not_built():
-                    log(f"not serving {n}: {pool.expert(n).status()}")
+                if (e := pool.expert(n)).not_built():
+                    log(f"not serving {n}: {e.status()}")
                 else:
                     names.append(n)
         else:
@@ -924,9 +924,7 @@ class MultiLoraModel:
         meta = None
         if pairs.idx.shape[1]:
             has = pairs.idx >= 0
-            table = self._slot_table_dev
-            known = pairs.idx < table.numel()
-            slots = torch.where(has & known, table[pairs.idx.clamp(0, table.numel() - 1)], -1)
+            slots = torch.where(has, self._slot_table_dev[pairs.idx.clamp(min=0)], -1)  # the table covers every id
             if bool((has & (slots < 0)).any()):
                 e = int(pairs.idx[has & (slots < 0)][0])
                 raise WorkbenchError(f"adapter {self.adapters[e].name!r} is not loaded in a slot: requests load it "
