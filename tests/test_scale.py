@@ -258,14 +258,14 @@ def test_a_torn_cache_entry_is_hashed_again(tmp_path, monkeypatch):
 
 
 def test_verify_of_64_adapters_rereads_nothing_the_second_time(big, monkeypatch):
-    from workbench.tensors import SafetensorsDir
+    from workbench.tensors import TensorFile
 
     monkeypatch.setattr(io, "RACY_NS", 0)
     _new_process(monkeypatch)
     assert big.verify() == []  # hashes every file once, and remembers
     _new_process(monkeypatch)
     hashed = _count(monkeypatch, io, "sha256_file")
-    scanned = _count(monkeypatch, SafetensorsDir, "check_finite")
+    scanned = _count(monkeypatch, TensorFile, "check_finite")  # a LoRA's tensors are scanned through its layout
     assert Pool.open(big.root).verify() == []
     assert hashed == [] and scanned == []  # digests from the disk cache; values passed their scan on add
     assert Pool.open(big.root).verify(deep=True) == [] and len(scanned) == 64
@@ -275,6 +275,113 @@ def test_verify_of_64_adapters_rereads_nothing_the_second_time(big, monkeypatch)
     save_file({k: v + 1 for k, v in sd.items()}, str(victim), metadata={"format": "pt"})
     problems = Pool.open(big.root).verify()
     assert problems == ["synth-0007: adapter_model.safetensors changed since it was added (sha256 mismatch)"]
+
+
+# ----------------------------------------------------------------------------- many adapters open at once
+
+
+def test_compact_reader_reads_what_safetensors_reads_and_returns_fresh_tensors(tmp_path):
+    from workbench.tensors import TensorFile
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.f32": torch.randn(3, 5, generator=g), "b.bf16": torch.randn(4, 2, generator=g).bfloat16(),
+               "c.f16": torch.randn(7, generator=g).half(), "d.i64": torch.arange(6).view(2, 3),
+               "e.bool": torch.tensor([True, False, True]), "f.scalar": torch.tensor(2.5), "g.empty": torch.zeros(0, 4),
+               "h.f64": torch.randn(2, 2, 2, generator=g).double()}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    tf = TensorFile(path)
+    ref = load_file(str(path))
+    assert sorted(tf.keys()) == sorted(ref)
+    for k, v in ref.items():
+        got = tf.get(k)
+        assert got.dtype == v.dtype and got.shape == v.shape and torch.equal(got, v), k
+        assert tf.shape(k) == tuple(v.shape)
+    first = tf.get("a.f32")
+    first.mul_(0)  # the caller's own copy: the next read is the file's values again
+    assert torch.equal(tf.get("a.f32"), ref["a.f32"])
+
+
+@pytest.mark.parametrize("bad", ["span past the end", "span of the wrong length", "unknown dtype", "header length",
+                                 "not json"])
+def test_compact_reader_refuses_a_bad_header_in_one_line(tmp_path, bad):
+    import struct
+
+    from workbench.errors import ExpertValidationError
+    from workbench.tensors import TensorFile
+
+    path = tmp_path / "t.safetensors"
+    save_file({"w": torch.ones(4, 4)}, str(path))
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
+    if bad == "span past the end":
+        header["w"]["data_offsets"] = [0, 128]
+        header["w"]["shape"] = [8, 4]
+    elif bad == "span of the wrong length":
+        header["w"]["data_offsets"] = [0, 60]
+    elif bad == "unknown dtype":
+        header["w"]["dtype"] = "F33"
+    body = b"{not json" if bad == "not json" else json.dumps(header).encode()
+    size = len(raw) * 4 if bad == "header length" else len(body)
+    path.write_bytes(struct.pack("<Q", size) + body + data)
+    with pytest.raises(ExpertValidationError) as e:
+        TensorFile(path)
+    assert str(path) in one_line(e)
+
+
+def test_a_tensor_file_truncated_after_its_check_fails_that_read_in_one_line(tmp_path):
+    from workbench.errors import ExpertValidationError
+    from workbench.tensors import TensorFile
+
+    path = tmp_path / "t.safetensors"
+    save_file({"a": torch.ones(8, 8), "z": torch.ones(64, 64)}, str(path))
+    tf = TensorFile(path)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ExpertValidationError, match="ends before the tensor"):
+        tf.get("z")
+    assert torch.equal(tf.get("a"), torch.ones(8, 8))  # what the file still holds reads as before
+
+
+def test_open_lora_layouts_hold_a_few_bytes_a_tensor_and_no_file(pools, tmp_path):
+    """A merge over N adapters keeps every adapter's layout for its whole run: each must cost little (its
+    tensors' spans, not safetensors' handle and per-tensor dicts: about 0.2 MB an adapter of SmolLM2 before), and
+    hold no open file. A deep tiny base (24 layers x 7 adapted projections: SmolLM2's 30 x 7 in kind)."""
+    import gc
+    import tracemalloc
+
+    from workbench.testing import make_tiny_base, make_tiny_lora
+
+    base = make_tiny_base(tmp_path / "deep", num_hidden_layers=24)
+    mods = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lora = make_tiny_lora(base, tmp_path / "lora", r=4, target_modules=mods)
+    pool = Pool.create("deep", base=str(base))
+    for i in range(12):
+        shutil.copytree(lora, tmp_path / f"l{i}")
+    pool.add_many([AddItem(source=str(tmp_path / f"l{i}"), name=f"e{i}") for i in range(12)])
+    experts = Pool.open("deep").experts
+    experts[0]._lora  # first-use imports and shared tables out of the count
+    tensors = 2 * len(experts[0].delta_names())
+    assert tensors == 24 * 7 * 2
+    gc.collect()
+    fds = len(os.listdir("/proc/self/fd"))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for e in experts[1:]:
+            e._lora
+        gc.collect()
+        per = (tracemalloc.get_traced_memory()[0] - before) / (len(experts) - 1) / tensors
+    finally:
+        tracemalloc.stop()
+    assert per < 160, f"{per:.0f} bytes per LoRA tensor of an open layout"  # 337 before
+    assert len(os.listdir("/proc/self/fd")) == fds
+    e = experts[5]
+    name = e.delta_names()[3]
+    a, b, _ = e.lora_factors(name)
+    ref = load_file(str(e.path / "adapter_model.safetensors"))
+    a_key, b_key, _ = e._lora.modules[name]
+    assert torch.equal(a, ref[a_key].float()) and torch.equal(b, ref[b_key].float())
 
 
 # ----------------------------------------------------------------------------- routing over many experts
@@ -541,6 +648,27 @@ def test_scale_benchmark_quick_on_the_tiny_model(src, tmp_path, monkeypatch):
         assert r["distinct_adapters"] <= r["n"]
     zipf = saved["figures"]["zipf_serving (64 resident / all resident)"]
     assert sorted(zipf) == ["16", "4", "8"] and zipf["16"]["throughput_ratio"] == ops["zipf_serving"][2]["throughput_ratio"]
+
+
+def test_scale_benchmark_of_some_operations(src, tmp_path):
+    """`--op`: only the named operations run (and pool_add, which makes the pool of N; the routed forward brings the
+    Arrow build it runs on); a wrong name,
+    or a partial run that would overwrite the full record's default file, is one line."""
+    from workbench.bench import scale
+    from workbench.errors import WorkbenchError
+
+    kw = {"base_spec": str(src.base.path), "source": str(src.root), "log": quiet}
+    out = tmp_path / "part.json"
+    rec = scale.run(**kw, ns=[4, 8], reps=1, seqs=2, tokens=8, only=["routed_forward_top2"], out_file=out)
+    assert list(rec["operations"]) == ["pool_add", "arrow_build", "routed_forward_top2"] == rec["only"]
+    assert [r["n"] for r in rec["operations"]["routed_forward_top2"]] == [4, 8]
+    assert set(rec["figures"]["routed_forward_top2 ratio_to_base"]) == {4, 8}
+    assert json.loads(out.read_text())["only"] == rec["only"]
+    for only, extra, msg in ((["ties"], {"out_file": out}, "unknown operation"),
+                             (["ties_merge_lora"], {}, "needs --out")):
+        with pytest.raises(WorkbenchError, match=msg) as e:
+            scale.run(**kw, ns=[4, 8], only=only, **extra)
+        one_line(e)
 
 
 def test_zipf_draws_follow_one_over_k_and_the_paged_server_reads_only_its_slots(src, tmp_path):

@@ -838,6 +838,8 @@ def bench_scale(
     workdir: Annotated[Optional[Path], typer.Option(help="scratch folder (default: the system's temp)")] = None,
     out: Annotated[Optional[Path], typer.Option(help="JSON record (default results/bench/scale-cpu.json)")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="log-log chart (default: beside the JSON, .svg)")] = None,
+    op: Annotated[Optional[list[str]], typer.Option("--op", help="measure only this operation (repeatable; needs "
+                                                                "--out)")] = None,
 ):
     """Cost against the number of experts N: pool add, verify, a TIES merge of N LoRAs, Arrow build, routed forward
     top-2 over N vs the base, server start, Zipf serving with 64 adapters resident vs all; time and peak memory per
@@ -846,7 +848,7 @@ def bench_scale(
 
     rec = benchmark("scale", base_spec=base, source=source, ns=n, quick=quick, reps=reps, seqs=seqs, tokens=tokens,
                     rank=rank, density=density, seed=seed, zipf_requests=zipf_requests, zipf_rate=zipf_rate,
-                    zipf_tokens=zipf_tokens, workdir=workdir, out_file=out, plot=plot, log=console.print)
+                    zipf_tokens=zipf_tokens, workdir=workdir, out_file=out, plot=plot, only=op, log=console.print)
     fits = rec.get("exponents") or {}
     cols = sorted({k for e in fits.values() for k in (e or {})})
     table = Table("operation", *[f"exponent of {c}" for c in cols], title="bench scale: cost ~ N^exponent")

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ from .data import DataRecord
 from .errors import ExpertValidationError, ManifestError, PoolError, did_you_mean
 from .faults import fault_point
 from .io import atomic_write_json, file_lock, lock_for, sha256_file, sha256_file_cached
-from .tensors import SafetensorsDir, model_weight_files, refuse_pickles, relative_distance
+from .tensors import SafetensorsDir, TensorFile, model_weight_files, refuse_pickles, relative_distance
 
 if TYPE_CHECKING:  # torch is imported by the first tensor read: `pool list` and `pool show` never need it
     import torch
@@ -297,7 +298,6 @@ class LoraLayout:
         refuse_pickles(self.folder, what)
         if not (self.folder / "adapter_model.safetensors").is_file():
             raise ExpertValidationError(f"{what}: missing {self.folder / 'adapter_model.safetensors'}")
-        self.config = cfg
         self.r = _config_rank(cfg.get("r", 8), what, "r")
         self.alpha = _config_alpha(cfg.get("lora_alpha", 8), what, "lora_alpha")  # PEFT's default, whatever r is
         self.use_rslora = bool(cfg.get("use_rslora", False))
@@ -353,7 +353,15 @@ class LoraLayout:
             alpha = _config_alpha(_pattern_value(alpha_pattern, module, self.alpha), what,
                                   f"alpha_pattern (for {module!r})")
             scale = alpha / (r ** 0.5) if self.use_rslora else alpha / r
-            self.modules[module + ".weight"] = (ab["A"], ab["B"], scale)
+            self.modules[sys.intern(module + ".weight")] = (sys.intern(ab["A"]), sys.intern(ab["B"]), scale)
+        # checked through safetensors' own reader above; kept as a compact reader (no open handle, no per-tensor
+        # dicts: a pool's every adapter can be open at once, as in a merge over a thousand of them)
+        compact = TensorFile(self.folder / "adapter_model.safetensors")
+        if sorted(compact.keys()) != sorted(self.weights.keys()) or any(
+                compact.shape(k) != tuple(wshapes[k]) or compact.dtype(k) != self.weights.dtypes[k] for k in wshapes):
+            raise ExpertValidationError(f"{what}: adapter_model.safetensors's header reads differently from its "
+                                        "tensors (corrupt?)")
+        self.weights = compact
 
     def delta(self, tensor: str) -> torch.Tensor:
         a_key, b_key, scale = self.modules[tensor]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -101,6 +102,126 @@ class SafetensorsDir:
 
     def byte_size(self) -> int:
         return sum((self.folder / f).stat().st_size for f in self.files)
+
+
+# safetensors dtype code -> (torch dtype name, bytes per element)
+_DTYPES = {"F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+           "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+           "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1)}
+_CODES = tuple(_DTYPES)
+MAX_HEADER = 100 << 20  # safetensors' own limit on a header
+MAX_DIMS = 8
+# tensor names -> position, shared by every file with the same names (a pool's experts mostly have one layout)
+_SHARED_INDEX: dict[tuple[str, ...], dict[str, int]] = {}
+
+
+def _shared_index(keys: tuple[str, ...]) -> dict[str, int]:
+    index = _SHARED_INDEX.get(keys)
+    if index is None:
+        if len(_SHARED_INDEX) >= 256:  # bounded: past 256 distinct layouts a file keeps its own
+            return {sys.intern(k): i for i, k in enumerate(keys)}
+        index = _SHARED_INDEX[keys] = {sys.intern(k): i for i, k in enumerate(keys)}
+    return index
+
+
+class TensorFile:
+    """The tensors of one `.safetensors` file kept as a few small arrays (each tensor's byte span, dtype and
+    shape: about 90 bytes a tensor, the names shared between files that have the same ones), read one tensor at
+    a time with a plain positioned read: no open handle, memory map or per-tensor Python object stays between
+    reads. For the many-adapter paths (a pool's every LoRA expert open at once in a merge over 1,024 of them),
+    where `safe_open`'s handle and `SafetensorsDir`'s dicts cost about 0.2 MB an adapter. The header is checked
+    as safetensors checks it (known dtypes, spans that match their shapes and lie inside the file)."""
+
+    def __init__(self, path: Path):
+        import numpy as np
+
+        self.path = Path(path)
+        where = f"cannot read {self.path} (truncated or corrupt?)"
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                n = int.from_bytes(head, "little") if len(head) == 8 else -1
+                if not 0 < n <= min(size - 8, MAX_HEADER):
+                    raise ExpertValidationError(f"{where}: header length {n} for a file of {size} bytes")
+                header = json.loads(f.read(n))
+        except OSError as e:
+            raise ExpertValidationError(f"{where}: {e}") from None
+        except (ValueError, RecursionError) as e:
+            raise ExpertValidationError(f"{where}: its header is not JSON ({str(e)[:80]})") from None
+        if not isinstance(header, dict):
+            raise ExpertValidationError(f"{where}: its header is not a JSON object")
+        keys = tuple(sorted(k for k in header if k != "__metadata__"))
+        start = 8 + n
+        spans = np.zeros((len(keys), 2), dtype=np.int64)
+        ndims = np.zeros(len(keys), dtype=np.uint8)
+        dims: list[int] = []
+        codes = np.zeros(len(keys), dtype=np.uint8)
+        for i, key in enumerate(keys):
+            info = header[key]
+            ok = isinstance(info, dict) and info.get("dtype") in _DTYPES
+            shape, offs = (info.get("shape"), info.get("data_offsets")) if ok else (None, None)
+            ok = ok and isinstance(shape, list) and len(shape) <= MAX_DIMS and all(
+                type(d) is int and d >= 0 for d in shape) and isinstance(offs, list) and len(offs) == 2 and all(
+                type(o) is int for o in offs)
+            if ok:
+                numel = 1
+                for d in shape:
+                    numel *= d
+                b, e = offs
+                ok = 0 <= b <= e and e - b == numel * _DTYPES[info["dtype"]][1] and start + e <= size
+            if not ok:
+                raise ExpertValidationError(f"{where}: tensor {key[:80]!r} has an invalid entry in the header")
+            spans[i] = (start + offs[0], start + offs[1])
+            dims += shape
+            ndims[i], codes[i] = len(shape), _CODES.index(info["dtype"])
+        self._index = _shared_index(keys)
+        # shapes as one flat array of dims, tensor i's from _first[i]
+        self._dims, self._first = np.array(dims, dtype=np.int64), np.concatenate(([0], np.cumsum(ndims)[:-1])).astype(np.int32)
+        self._spans, self._ndims, self._codes = spans, ndims, codes
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._index
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        i = self._index[name]
+        first = int(self._first[i])
+        return tuple(int(d) for d in self._dims[first:first + int(self._ndims[i])])
+
+    def dtype(self, name: str) -> str:
+        """The tensor's safetensors dtype code (F32, BF16, ...)."""
+        return _CODES[self._codes[self._index[name]]]
+
+    def get(self, name: str) -> torch.Tensor:
+        """A fresh tensor (its own memory, writable) read from the file."""
+        import torch
+
+        i = self._index[name]
+        b, e = (int(v) for v in self._spans[i])
+        dtype = getattr(torch, _DTYPES[_CODES[self._codes[i]]][0])
+        buf = bytearray(e - b)
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(b)
+                got = f.readinto(buf)
+        except OSError as err:
+            raise ExpertValidationError(f"cannot read tensor {name!r} from {self.path.parent}: {err}") from None
+        if got != e - b:
+            raise ExpertValidationError(f"cannot read tensor {name!r} from {self.path.parent}: the file ends before "
+                                        "the tensor (truncated since it was checked?)")
+        flat = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+        return flat.view(self.shape(name))
+
+    def check_finite(self, what: str) -> None:
+        import torch
+
+        for name in self._index:
+            t = self.get(name)
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ExpertValidationError(f"{what} has NaN or Inf values in tensor {name!r}")
 
 
 def model_weight_files(folder: Path) -> list[str]:

@@ -298,7 +298,7 @@ def run(base_spec: str | None = None, source: str | None = "demo", ns: Sequence[
         rank: int = 16, density: float = 0.2, seed: int = 0, zipf_requests: int | None = None,
         zipf_rate: float = 6.0, zipf_tokens: int | None = None, workdir: str | os.PathLike | None = None,
         out_file: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
-        log=print) -> dict[str, Any]:
+        only: Sequence[str] | None = None, log=print) -> dict[str, Any]:
     """Measure every operation for each N (see the module doc); returns the record written to `out_file` (default
     results/bench/scale-cpu.json, quick: scale-cpu-quick.json) and draws the chart to `plot` (default: beside it,
     .svg). `source`: the pool whose LoRA experts the synthetic adapters perturb (None: random factors over
@@ -306,7 +306,10 @@ def run(base_spec: str | None = None, source: str | None = "demo", ns: Sequence[
     (a check that the benchmark runs, e.g. on the tiny test model; no figure of interest). `zipf_*`: the Zipf
     serving workload (requests, Poisson rate per second, output tokens each; default 192 x 16 tokens, quick 12 x 4,
     `reps` rounds of each arm, at most 2). Scratch pools,
-    artifacts and logs go to a temporary folder under `workdir` (default: the system's), removed at the end."""
+    artifacts and logs go to a temporary folder under `workdir` (default: the system's), removed at the end.
+    `only`: measure just these operations (besides pool_add, which makes the pool of N; the routed forward brings
+    the Arrow build it runs on); the record says
+    which, and a partial run never writes the default file unless `out_file` names it."""
     from ..eval.harness import git_state, machine_info, results_root
     from ..io import RACY_NS, atomic_write_json
     from ..pool import Pool
@@ -329,7 +332,19 @@ def run(base_spec: str | None = None, source: str | None = "demo", ns: Sequence[
     base_spec = base_spec or (src.manifest.base.spec if src is not None else None)
     if base_spec is None:
         raise WorkbenchError("bench scale: give a source pool or a base (--base)")
-    ops = list(OPERATIONS) + [op for op in EXTRA_OPERATIONS if op not in OPERATIONS]
+    every = list(OPERATIONS) + [op for op in EXTRA_OPERATIONS if op not in OPERATIONS]
+    if only is not None:
+        unknown = [op for op in only if op not in every]
+        if unknown or not only:
+            raise WorkbenchError(f"bench scale: unknown operation {str(unknown[:1] or only)[:80]}; choose from: "
+                                 f"{', '.join(every)}")
+        if only and out_file is None and not quick:
+            raise WorkbenchError("bench scale: a run of some operations needs --out (the default file holds every "
+                                 "operation)")
+    # the pool of N is made by pool_add, and the routed forward runs on the Arrow build: both come along
+    chosen = set(every if only is None else ["pool_add", *only]) | (
+        {"arrow_build"} if only and "routed_forward_top2" in only else set())
+    ops = [op for op in every if op in chosen]
     results: dict[str, list[dict[str, Any]]] = {op: [] for op in ops}
     with tempfile.TemporaryDirectory(prefix="wb-bench-scale-", dir=workdir) as t:
         tmp = Path(t)
@@ -358,19 +373,19 @@ def run(base_spec: str | None = None, source: str | None = "demo", ns: Sequence[
             shutil.rmtree(pool, ignore_errors=True)  # the next N's pool is a new copy: keep the disk bounded
             for f in tmp.glob("artifacts-*"):
                 shutil.rmtree(f, ignore_errors=True)
-    for row in results["arrow_build"]:
+    for row in results.get("arrow_build", []):
         row.pop("artifact", None)  # a temporary path
     exponents = {op: {"wall_s": fit_exponent(ns, [r["wall_s"] for r in rows]),
                       "own_anon_mb": fit_exponent(ns, [r["own_anon_mb"] for r in rows], floor=1.0)}
                  for op, rows in results.items()}
-    ratio = {r["n"]: r["ratio_to_base"] for r in results["routed_forward_top2"]}
+    ratio = {r["n"]: r["ratio_to_base"] for r in results.get("routed_forward_top2", [])}
     zipf = {r["n"]: {k: r.get(k) for k in ("throughput_ratio", "p95_ttft_ratio", "adapter_memory_mb",
                                            "distinct_adapters")} for r in results.get("zipf_serving", [])}
     starts = {r["n"]: {"paged_s": r["wall_s"], "all_resident_s": a["wall_s"]}
               for r, a in zip(results.get("server_start", []), results.get("server_start_all_resident", []))}
     not_scaling = [op for op in ops if (exponents[op]["wall_s"] or 0) > 1.1]
     device = "cpu"
-    record = {"benchmark": "scale", "quick": quick, "base": base_spec, "source": source, "ns": ns, "reps": reps,
+    record = {"benchmark": "scale", "quick": quick, "only": ops if only is not None else None, "base": base_spec, "source": source, "ns": ns, "reps": reps,
               "shape": {"sequences": seqs, "tokens": tokens}, "merge": {"method": "ties", "density": density,
                                                                          "output_rank": rank},
               "synthesize_s": round(synth_s, 2), "operations": results, "exponents": exponents,
