@@ -85,6 +85,25 @@ def test_each_method_shows_only_its_parameters_at_its_defaults(res):
     assert not at.exception
 
 
+def test_the_run_form_offers_no_expert_that_is_not_built(res, app_world, tiny_dir, tmp_path, monkeypatch):
+    """A fresh clone's demo pool lists multitask-r64 without its weights (`workbench demo --full` builds it): the
+    Run form does not offer it (picking it could only fail)."""
+    from workbench.pool import Pool
+
+    pools = tmp_path / "adapters"
+    shutil.copytree(app_world["WORKBENCH_POOLS"], pools)
+    monkeypatch.setenv("WORKBENCH_POOLS", str(pools))
+    p = Pool.open("demo")
+    p.add(tiny_dir / "lora_a", "unshipped")
+    with p._locked():
+        p._put(p.expert("unshipped").entry.model_copy(update={"rebuild": "workbench demo --full"}))
+    shutil.rmtree(p.expert("unshipped").path)
+    at = open_run(res)
+    at.selectbox(key="run-method").set_value("ties").run()
+    offered = at.multiselect(key="run-experts").options
+    assert "addition" in offered and "unshipped" not in offered, offered
+
+
 def test_the_cost_preview_counts_cells_and_estimates_from_past_runs(res, tmp_path):
     at = open_run(res)
     at.selectbox(key="run-method").set_value("ties").run()

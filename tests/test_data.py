@@ -281,3 +281,25 @@ def test_chat_trained_experts_are_evaluated_through_the_chat_template(pool, tmp_
     assert off == {"eval": {"limit": 2, "batch_size": 32, "split": "test"}}  # as before the option existed
     on = parse_comparison({**doc, "eval": {"limit": 2, "apply_chat_template": True}}).settings()
     assert on["eval"]["apply_chat_template"] is True
+
+
+def test_peft_model_of_the_whole_pool_leaves_an_unbuilt_lora_out_and_a_named_one_is_one_line(pools, tiny_dir):
+    """A fresh clone's demo pool lists a LoRA whose weights are not shipped (multitask-r64): `peft_model()` loads
+    the LoRAs that are on disk; naming the unbuilt one says how to build it."""
+    import shutil
+
+    from workbench import Pool
+    from workbench.errors import PoolError
+
+    p = Pool.create("p", base=str(tiny_dir / "base"))
+    p.add(tiny_dir / "lora_a", "a")
+    p.add(tiny_dir / "lora_b", "unshipped")
+    with p._locked():
+        p._put(p.expert("unshipped").entry.model_copy(update={"rebuild": "workbench demo --full"}))
+    shutil.rmtree(p.expert("unshipped").path)
+    p = Pool.open("p")
+    pm = p.peft_model()
+    assert set(pm.peft_config) == {"a"}
+    with pytest.raises(PoolError, match=r"expert 'unshipped' not built \(`workbench demo --full`\)") as e:
+        p.peft_model(["a", "unshipped"])
+    one_line(e)

@@ -981,10 +981,13 @@ class Pool:
         """The base with the pool's LoRA experts loaded as named PEFT adapters (first one active)."""
         from peft import PeftModel
 
-        names = names or self.names("lora")
+        if not names:  # every LoRA expert that is on disk (an unbuilt one, e.g. a clone's multitask-r64, left out)
+            names = [n for n in self.names("lora") if not self.expert(n).not_built()]
         experts = [self.expert(n) for n in names]
         if not experts or any(e.kind != "lora" for e in experts):
-            raise PoolError(f"peft_model needs LoRA experts; got {names}")
+            raise PoolError(f"peft_model needs LoRA experts; got {str(names)[:120]}")
+        if unbuilt := [e for e in experts if e.not_built()]:
+            raise PoolError(f"expert {unbuilt[0].name!r} {unbuilt[0].status()}")
         model = model if model is not None else self.base.load(dtype=dtype)
         pm = PeftModel.from_pretrained(model, str(experts[0].path), adapter_name=experts[0].name, is_trainable=False)
         for e in experts[1:]:

@@ -203,7 +203,7 @@ def view_run(cat: catalog.Catalog) -> None:
             try:
                 p = Pool.open(pool)
                 names = [e.name for e in p.experts if e.kind in METHODS.get(method).expert_kinds
-                         and e.name != "multitask"]
+                         and e.name != "multitask" and not e.not_built()]  # unbuilt: not on disk (demo --full)
             except WorkbenchError as e:
                 st.error(str(e))
                 p, names = None, []
