@@ -303,3 +303,6 @@ def test_peft_model_of_the_whole_pool_leaves_an_unbuilt_lora_out_and_a_named_one
     with pytest.raises(PoolError, match=r"expert 'unshipped' not built \(`workbench demo --full`\)") as e:
         p.peft_model(["a", "unshipped"])
     one_line(e)
+    p.remove("a")
+    with pytest.raises(PoolError, match=r"pool 'p' has no LoRA expert on disk \(its LoRA experts are not built\)"):
+        Pool.open("p").peft_model()

@@ -287,7 +287,8 @@ def test_compact_reader_reads_what_safetensors_reads_and_returns_fresh_tensors(t
     tensors = {"a.f32": torch.randn(3, 5, generator=g), "b.bf16": torch.randn(4, 2, generator=g).bfloat16(),
                "c.f16": torch.randn(7, generator=g).half(), "d.i64": torch.arange(6).view(2, 3),
                "e.bool": torch.tensor([True, False, True]), "f.scalar": torch.tensor(2.5), "g.empty": torch.zeros(0, 4),
-               "h.f64": torch.randn(2, 2, 2, generator=g).double()}
+               "h.f64": torch.randn(2, 2, 2, generator=g).double(),
+               "i.fp8": torch.randn(3, 3, generator=g).to(torch.float8_e4m3fn)}
     path = tmp_path / "t.safetensors"
     save_file(tensors, str(path), metadata={"format": "pt"})
     tf = TensorFile(path)
@@ -295,7 +296,9 @@ def test_compact_reader_reads_what_safetensors_reads_and_returns_fresh_tensors(t
     assert sorted(tf.keys()) == sorted(ref)
     for k, v in ref.items():
         got = tf.get(k)
-        assert got.dtype == v.dtype and got.shape == v.shape and torch.equal(got, v), k
+        assert got.dtype == v.dtype and got.shape == v.shape, k
+        assert torch.equal(got.view(torch.uint8), v.view(torch.uint8)) if v.dtype == torch.float8_e4m3fn else \
+            torch.equal(got, v), k
         assert tf.shape(k) == tuple(v.shape)
     first = tf.get("a.f32")
     first.mul_(0)  # the caller's own copy: the next read is the file's values again
@@ -303,7 +306,7 @@ def test_compact_reader_reads_what_safetensors_reads_and_returns_fresh_tensors(t
 
 
 @pytest.mark.parametrize("bad", ["span past the end", "span of the wrong length", "unknown dtype", "header length",
-                                 "not json"])
+                                 "not json", "overlapping spans", "huge dimension"])
 def test_compact_reader_refuses_a_bad_header_in_one_line(tmp_path, bad):
     import struct
 
@@ -311,36 +314,53 @@ def test_compact_reader_refuses_a_bad_header_in_one_line(tmp_path, bad):
     from workbench.tensors import TensorFile
 
     path = tmp_path / "t.safetensors"
-    save_file({"w": torch.ones(4, 4)}, str(path))
+    save_file({"w": torch.ones(4, 4), "x": torch.ones(4, 4)}, str(path))
     raw = path.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
     header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
     if bad == "span past the end":
-        header["w"]["data_offsets"] = [0, 128]
-        header["w"]["shape"] = [8, 4]
+        header["x"]["data_offsets"] = [64, 256]
+        header["x"]["shape"] = [12, 4]
     elif bad == "span of the wrong length":
         header["w"]["data_offsets"] = [0, 60]
     elif bad == "unknown dtype":
         header["w"]["dtype"] = "F33"
+    elif bad == "overlapping spans":
+        header["x"]["data_offsets"] = [32, 96]
+    elif bad == "huge dimension":
+        header["w"]["shape"], header["w"]["data_offsets"] = [0, 2 ** 70], [0, 0]
     body = b"{not json" if bad == "not json" else json.dumps(header).encode()
     size = len(raw) * 4 if bad == "header length" else len(body)
     path.write_bytes(struct.pack("<Q", size) + body + data)
     with pytest.raises(ExpertValidationError) as e:
         TensorFile(path)
     assert str(path) in one_line(e)
+    if bad == "unknown dtype":
+        assert "dtype 'F33' is not supported" in str(e.value)
 
 
-def test_a_tensor_file_truncated_after_its_check_fails_that_read_in_one_line(tmp_path):
+@pytest.mark.parametrize("change", ["truncated", "replaced"])
+def test_a_tensor_file_changed_after_its_check_fails_its_reads_in_one_line(tmp_path, change):
+    """Reads go to byte positions found when the header was checked: a file rewritten or replaced since (e.g. an
+    expert replaced by `pool add --replace` while a merge holds its layout) is a one-line error, never another
+    file's bytes read at the old positions."""
     from workbench.errors import ExpertValidationError
     from workbench.tensors import TensorFile
 
     path = tmp_path / "t.safetensors"
     save_file({"a": torch.ones(8, 8), "z": torch.ones(64, 64)}, str(path))
     tf = TensorFile(path)
-    path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(ExpertValidationError, match="ends before the tensor"):
-        tf.get("z")
-    assert torch.equal(tf.get("a"), torch.ones(8, 8))  # what the file still holds reads as before
+    if change == "truncated":
+        path.write_bytes(path.read_bytes()[:-100])
+    else:  # the same tensors, other header bytes (longer metadata): the old positions point elsewhere
+        other = tmp_path / "new.safetensors"
+        save_file({"a": torch.ones(8, 8), "z": torch.ones(64, 64)}, str(other), metadata={"note": "x" * 37})
+        os.replace(other, path)
+    for read in (lambda: tf.get("a"), lambda: tf.check_finite("it")):
+        with pytest.raises(ExpertValidationError, match="changed since it was checked") as e:
+            read()
+        assert str(path) in one_line(e)
+    assert change == "truncated" or torch.equal(TensorFile(path).get("a"), torch.ones(8, 8))
 
 
 def test_open_lora_layouts_hold_a_few_bytes_a_tensor_and_no_file(pools, tmp_path):
@@ -664,8 +684,11 @@ def test_scale_benchmark_of_some_operations(src, tmp_path):
     assert [r["n"] for r in rec["operations"]["routed_forward_top2"]] == [4, 8]
     assert set(rec["figures"]["routed_forward_top2 ratio_to_base"]) == {4, 8}
     assert json.loads(out.read_text())["only"] == rec["only"]
-    for only, extra, msg in ((["ties"], {"out_file": out}, "unknown operation"),
-                             (["ties_merge_lora"], {}, "needs --out")):
+    rec = scale.run(**kw, ns=[4, 8], reps=1, only=["verify_again"], out_file=out)  # the warm verify needs the cold one
+    assert list(rec["operations"]) == ["pool_add", "verify", "verify_again"]
+    for only, extra, msg in ((["ties"], {"out_file": out}, "unknown operation 'ties'"),
+                             ([], {"out_file": out}, "no operation given"),
+                             (["ties_merge_lora"], {}, "needs --out"), (["verify"], {"quick": True}, "needs --out")):
         with pytest.raises(WorkbenchError, match=msg) as e:
             scale.run(**kw, ns=[4, 8], only=only, **extra)
         one_line(e)

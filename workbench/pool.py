@@ -983,6 +983,9 @@ class Pool:
 
         if not names:  # every LoRA expert that is on disk (an unbuilt one, e.g. a clone's multitask-r64, left out)
             names = [n for n in self.names("lora") if not self.expert(n).not_built()]
+            if not names:
+                raise PoolError(f"pool {self.name!r} has no LoRA expert on disk" + (
+                    " (its LoRA experts are not built)" if self.names("lora") else ""))
         experts = [self.expert(n) for n in names]
         if not experts or any(e.kind != "lora" for e in experts):
             raise PoolError(f"peft_model needs LoRA experts; got {str(names)[:120]}")

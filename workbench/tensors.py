@@ -109,7 +109,7 @@ _DTYPES = {"F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), 
            "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
            "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1)}
 _CODES = tuple(_DTYPES)
-MAX_HEADER = 100 << 20  # safetensors' own limit on a header
+MAX_HEADER = 100_000_000  # safetensors' own limit on a header, in bytes
 MAX_DIMS = 8
 # tensor names -> position, shared by every file with the same names (a pool's experts mostly have one layout)
 _SHARED_INDEX: dict[tuple[str, ...], dict[str, int]] = {}
@@ -130,7 +130,9 @@ class TensorFile:
     a time with a plain positioned read: no open handle, memory map or per-tensor Python object stays between
     reads. For the many-adapter paths (a pool's every LoRA expert open at once in a merge over 1,024 of them),
     where `safe_open`'s handle and `SafetensorsDir`'s dicts cost about 0.2 MB an adapter. The header is checked
-    as safetensors checks it (known dtypes, spans that match their shapes and lie inside the file)."""
+    as safetensors checks it (known dtypes, spans that match their shapes, lie inside the file and do not overlap);
+    the file is the one that was checked on every read (same inode, size and mtime), else a one-line error: the
+    old reader's memory map went on reading a replaced file's old bytes, positions into a new one would not."""
 
     def __init__(self, path: Path):
         import numpy as np
@@ -138,7 +140,8 @@ class TensorFile:
         self.path = Path(path)
         where = f"cannot read {self.path} (truncated or corrupt?)"
         try:
-            size = self.path.stat().st_size
+            st = self.path.stat()
+            size = st.st_size
             with open(self.path, "rb") as f:
                 head = f.read(8)
                 n = int.from_bytes(head, "little") if len(head) == 8 else -1
@@ -171,14 +174,25 @@ class TensorFile:
                 b, e = offs
                 ok = 0 <= b <= e and e - b == numel * _DTYPES[info["dtype"]][1] and start + e <= size
             if not ok:
-                raise ExpertValidationError(f"{where}: tensor {key[:80]!r} has an invalid entry in the header")
+                dtype = info.get("dtype") if isinstance(info, dict) else None
+                why = (f"dtype {str(dtype)[:20]!r} is not supported" if isinstance(dtype, str) and dtype not in _DTYPES
+                       else "an invalid entry in the header")
+                raise ExpertValidationError(f"{where}: tensor {key[:80]!r}: {why}")
             spans[i] = (start + offs[0], start + offs[1])
             dims += shape
             ndims[i], codes[i] = len(shape), _CODES.index(info["dtype"])
+        filled = spans[spans[:, 1] > spans[:, 0]]  # empty tensors take no bytes: they overlap nothing
+        filled = filled[np.argsort(filled[:, 0], kind="stable")]
+        if len(filled) > 1 and bool((filled[1:, 0] < filled[:-1, 1]).any()):
+            raise ExpertValidationError(f"{where}: two tensors' bytes overlap in the header")
+        try:
+            self._dims = np.array(dims, dtype=np.int64)  # shapes as one flat array, tensor i's from _first[i]
+        except OverflowError:
+            raise ExpertValidationError(f"{where}: a tensor's shape is too large") from None
+        self._first = np.concatenate(([0], np.cumsum(ndims)[:-1])).astype(np.int32)
         self._index = _shared_index(keys)
-        # shapes as one flat array of dims, tensor i's from _first[i]
-        self._dims, self._first = np.array(dims, dtype=np.int64), np.concatenate(([0], np.cumsum(ndims)[:-1])).astype(np.int32)
         self._spans, self._ndims, self._codes = spans, ndims, codes
+        self._stamp = _stamp(st)
 
     def __contains__(self, name: str) -> bool:
         return name in self._index
@@ -195,8 +209,21 @@ class TensorFile:
         """The tensor's safetensors dtype code (F32, BF16, ...)."""
         return _CODES[self._codes[self._index[name]]]
 
-    def get(self, name: str) -> torch.Tensor:
-        """A fresh tensor (its own memory, writable) read from the file."""
+    def _opened(self):
+        """The file, checked to be the one whose header was read (a replaced or rewritten file: one line)."""
+        import os
+
+        try:
+            f = open(self.path, "rb")  # noqa: SIM115 - returned to a with block
+        except OSError as err:
+            raise ExpertValidationError(f"cannot read {self.path}: {err}") from None
+        if _stamp(os.fstat(f.fileno())) != self._stamp:
+            f.close()
+            raise ExpertValidationError(f"{self.path} changed since it was checked (replaced or rewritten): open "
+                                        "it again")
+        return f
+
+    def _read(self, f, name: str) -> torch.Tensor:
         import torch
 
         i = self._index[name]
@@ -204,24 +231,34 @@ class TensorFile:
         dtype = getattr(torch, _DTYPES[_CODES[self._codes[i]]][0])
         buf = bytearray(e - b)
         try:
-            with open(self.path, "rb") as f:
-                f.seek(b)
-                got = f.readinto(buf)
+            f.seek(b)
+            got = f.readinto(buf)
         except OSError as err:
-            raise ExpertValidationError(f"cannot read tensor {name!r} from {self.path.parent}: {err}") from None
+            raise ExpertValidationError(f"cannot read tensor {name!r} from {self.path}: {err}") from None
         if got != e - b:
-            raise ExpertValidationError(f"cannot read tensor {name!r} from {self.path.parent}: the file ends before "
-                                        "the tensor (truncated since it was checked?)")
+            raise ExpertValidationError(f"cannot read tensor {name!r} from {self.path}: the file ends before the "
+                                        "tensor (truncated since it was checked?)")
         flat = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
         return flat.view(self.shape(name))
+
+    def get(self, name: str) -> torch.Tensor:
+        """A fresh tensor (its own memory, writable) read from the file."""
+        self._index[name]  # an unknown name: KeyError before the file is opened
+        with self._opened() as f:
+            return self._read(f, name)
 
     def check_finite(self, what: str) -> None:
         import torch
 
-        for name in self._index:
-            t = self.get(name)
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise ExpertValidationError(f"{what} has NaN or Inf values in tensor {name!r}")
+        with self._opened() as f:
+            for name in self._index:
+                t = self._read(f, name)
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise ExpertValidationError(f"{what} has NaN or Inf values in tensor {name!r}")
+
+
+def _stamp(st) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def model_weight_files(folder: Path) -> list[str]:

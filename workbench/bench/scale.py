@@ -308,7 +308,7 @@ def run(base_spec: str | None = None, source: str | None = "demo", ns: Sequence[
     `reps` rounds of each arm, at most 2). Scratch pools,
     artifacts and logs go to a temporary folder under `workdir` (default: the system's), removed at the end.
     `only`: measure just these operations (besides pool_add, which makes the pool of N; the routed forward brings
-    the Arrow build it runs on); the record says
+    the Arrow build it runs on, verify_again the verify whose digests it reuses); the record says
     which, and a partial run never writes the default file unless `out_file` names it."""
     from ..eval.harness import git_state, machine_info, results_root
     from ..io import RACY_NS, atomic_write_json
@@ -336,14 +336,15 @@ def run(base_spec: str | None = None, source: str | None = "demo", ns: Sequence[
     if only is not None:
         unknown = [op for op in only if op not in every]
         if unknown or not only:
-            raise WorkbenchError(f"bench scale: unknown operation {str(unknown[:1] or only)[:80]}; choose from: "
-                                 f"{', '.join(every)}")
-        if only and out_file is None and not quick:
+            what = f"unknown operation {str(unknown[0])[:60]!r}" if unknown else "no operation given"
+            raise WorkbenchError(f"bench scale: {what}; choose from: {', '.join(every)}")
+        if out_file is None:
             raise WorkbenchError("bench scale: a run of some operations needs --out (the default file holds every "
                                  "operation)")
-    # the pool of N is made by pool_add, and the routed forward runs on the Arrow build: both come along
-    chosen = set(every if only is None else ["pool_add", *only]) | (
-        {"arrow_build"} if only and "routed_forward_top2" in only else set())
+    # the pool of N is made by pool_add, the routed forward runs on the Arrow build, and verify_again is verify
+    # with the digests the first verify cached: each comes along with what needs it
+    needs = {"routed_forward_top2": "arrow_build", "verify_again": "verify"}
+    chosen = set(every if only is None else ["pool_add", *only, *(needs[op] for op in only if op in needs)])
     ops = [op for op in every if op in chosen]
     results: dict[str, list[dict[str, Any]]] = {op: [] for op in ops}
     with tempfile.TemporaryDirectory(prefix="wb-bench-scale-", dir=workdir) as t:
