@@ -646,6 +646,22 @@ def test_usage_reports_per_task_entropy_and_the_own_experts_share(two):
     h = -(0.3 * math.log(0.3) + 0.7 * math.log(0.7)) / math.log(2)
     assert u["per_task_weight_entropy"] == {"a": pytest.approx(h, abs=1e-4), "b": pytest.approx(h, abs=1e-4)}
     assert u["own_weight_share"] == {"a": pytest.approx(0.3, abs=1e-4), "b": pytest.approx(0.7, abs=1e-4)}
+    # every token mixes 0.3 / 0.7: its own entropy is the same h; its top-1 is always b
+    assert u["per_task_token_entropy"] == {"a": pytest.approx(h, abs=1e-4), "b": pytest.approx(h, abs=1e-4)}
+    assert u["own_top1_share"] == {"a": 0.0, "b": 1.0}
+
+    class OneHotAlternating:  # one expert per token, alternating: pooled shares uniform, each token's mixture one-hot
+        experts, k = ["a", "b"], 1
+
+        def route(self, module, x):
+            return (torch.arange(x.shape[0]) % 2)[:, None], torch.ones(x.shape[0], 1)
+
+    ctx.groups = [RoutedGroup(OneHotAlternating(), None)]
+    u = usage_stats(model, tok, rows, n=2)
+    for t in ("a", "b"):
+        assert u["per_task_weight_entropy"][t] == pytest.approx(1.0, abs=0.05)  # looks uniform pooled ...
+        assert u["per_task_token_entropy"][t] == 0.0  # ... but no token is mixed
+        assert u["own_top1_share"][t] == pytest.approx(0.5, abs=0.1)
 
     class ByRow:  # the first sequence's rows are a's (its questions start with "Add")
         experts, k = ["a", "b"], 1
@@ -664,6 +680,7 @@ def test_usage_reports_per_task_entropy_and_the_own_experts_share(two):
         shares[name] = usage_stats(model, tok, {name: rows[name]}, n=2)
     assert shares["a"]["per_task_weight_entropy"] == {"a": 0.0} and shares["a"]["own_weight_share"] == {"a": 1.0}
     assert shares["b"]["own_weight_share"] == {"b": 1.0}
+    assert shares["a"]["own_top1_share"] == {"a": 1.0} and shares["b"]["per_task_token_entropy"] == {"b": 0.0}
 
 
 def test_routed_output_by_hand_with_temperature_and_top2_on_a_module_only_some_experts_adapt(pool, tiny_dir):

@@ -187,7 +187,8 @@ class Mole(DataRoutedMethod):
         usage = usage_stats(model, tok, {e.name: held_rows(e, tok, 10) for e in experts}, n=10)
         ctx.log("mole gates: own expert's weight share per task " + ", ".join(
             f"{t} {v:.2f}" for t, v in usage["own_weight_share"].items()) + "; per-task entropy " + ", ".join(
-            f"{t} {v:.2f}" for t, v in usage["per_task_weight_entropy"].items()))
+            f"{t} {v:.2f}" for t, v in usage["per_task_weight_entropy"].items()) + "; per-token entropy " + ", ".join(
+            f"{t} {v:.2f}" for t, v in usage["per_task_token_entropy"].items()))
         router.cpu()
         taus = {m: round(float(router.log_tau[k].detach().exp()), 4) for m, k in router.keys.items()}
         return self.save(ctx, router, {"k": len(p.use or names), "gates": source, "loss_curve": curve,

@@ -143,7 +143,9 @@ def usage_stats(model, tokenizer, tasks: list[str] | dict[str, str] | dict[str, 
     task's `split`: per expert the share of the total weight and of the selections (pairs with w > 0), the
     entropy of each share normalised by log E (1 = uniform), the largest share, the mean over modules of each
     module's largest selection share, and per task the weight shares, their entropy and (where a task is labelled
-    by an expert's name) that expert's share. `tasks`: task names, expert -> task, or expert -> rows."""
+    by an expert's name) that expert's share, plus each token's own mixture: its entropy averaged over the task's
+    tokens and module calls (a pooled share near uniform can be one-hot tokens sent anywhere) and the share of
+    calls whose top-1 expert is the task's own. `tasks`: task names, expert -> task, or expert -> rows."""
     import math
 
     import torch
@@ -163,9 +165,11 @@ def usage_stats(model, tokenizer, tasks: list[str] | dict[str, str] | dict[str, 
         sources = {t: t for t in dict.fromkeys(names)}
     weight, chosen = torch.zeros(n_exp), torch.zeros(n_exp)
     per_module: dict[str, torch.Tensor] = {}
-    per_task = {}
+    per_task, token_entropy, top1 = {}, {}, {}
+    log_e = math.log(n_exp) if n_exp > 1 else 1.0
     for task, source in sources.items():
-        tw = torch.zeros(n_exp)
+        tw, tw_top1 = torch.zeros(n_exp), torch.zeros(n_exp)
+        h_sum, h_n = 0.0, 0
         for trace in traced_examples(model, tokenizer, ctx, source, split, n):
             for module, calls in trace.modules.items():
                 idx, w = calls[-1]
@@ -174,8 +178,16 @@ def usage_stats(model, tokenizer, tasks: list[str] | dict[str, str] | dict[str, 
                 tw += dense.sum(0)
                 chosen += sel
                 per_module[module] = per_module.get(module, torch.zeros(n_exp)) + sel
+                # each token's own mixture: its entropy (a one-hot gate per token gives 0 however the tokens spread)
+                # and its top-1 expert
+                share = dense / dense.sum(-1, keepdim=True).clamp(min=1e-12)
+                h_sum += float(-(share * share.clamp(min=1e-12).log()).sum(-1).sum()) / log_e
+                h_n += share.shape[0]
+                tw_top1 += torch.bincount(dense.argmax(-1), minlength=n_exp).float()
         weight += tw
         per_task[task] = [round(float(x), 4) for x in tw / tw.sum().clamp(min=1e-12)]
+        token_entropy[task] = round(h_sum / max(h_n, 1), 4) if n_exp > 1 else 1.0
+        top1[task] = [round(float(x), 4) for x in tw_top1 / tw_top1.sum().clamp(min=1e-12)]
 
     def entropy(share: torch.Tensor) -> float:
         nz = share[share > 0]
@@ -192,7 +204,10 @@ def usage_stats(model, tokenizer, tasks: list[str] | dict[str, str] | dict[str, 
             # pooled entropy near 1 says nothing about routing (a balance loss drives it there by design): per task
             "per_task_weight_entropy": {t: entropy(torch.tensor(share)) for t, share in per_task.items()},
             # label -> the weight share of the expert of the same name (tasks given as {expert: rows})
-            "own_weight_share": {t: share[experts.index(t)] for t, share in per_task.items() if t in experts}}
+            "own_weight_share": {t: share[experts.index(t)] for t, share in per_task.items() if t in experts},
+            # per token, then averaged: a pooled share near uniform may be one-hot tokens sent anywhere
+            "per_task_token_entropy": token_entropy,
+            "own_top1_share": {t: share[experts.index(t)] for t, share in top1.items() if t in experts}}
 
 
 def routed_problem(pool, meta: dict[str, Any], router: BaseRouter | None = None) -> str | None:
