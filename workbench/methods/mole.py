@@ -9,9 +9,11 @@ expert), with the gate-balancing loss L_bal = -sum_i log q_i (q_i: mean weight o
 the gated modules and the batch's tokens) weighted 0.5 (the paper's alpha). The paper trains its NLP
 gates 800 iterations of 12 at lr 1e-5 (no code for it is published; the released DreamBooth code
 trains only the projection, at lr 1e-5, temperature fixed); on this CPU the gates get 100 steps of 8
-at lr 5e-3 (linear decay after 8 warm-up steps), enough for Adam to move the gates and the
-temperature far from their start: the per-task gate entropy and the own expert's weight share
-are recorded (`usage`), and `balance: 0` is the control that shows the gates can specialise.
+at lr 1e-4 (linear decay after 8 warm-up steps): lr x steps 1e-2, the paper's 8e-3 in kind. The gate
+reads n x d_out standardised inputs, so one Adam step of lr moves a logit by up to ~0.8 n d_out lr
+(~10 at lr 5e-3, the earlier default: the gates saturated one-hot per token, each token's expert
+unrelated to its task). The per-task gate entropy, each token's own entropy and the own expert's
+weight and top-1 shares are recorded (`usage`); `balance: 0` is the control.
 The paper gates once per layer (its "block"); here every adapted module has its own gate. `gate_input: none` drops the output
 projection (a per-module parameter gate, softmax(b / tau)). Inference uses every expert or a
 masked subset (`use`: the other experts' logits set to -inf, so the kept weights renormalise),
@@ -71,7 +73,7 @@ class MoleParams(DataRoutedParams):
                                                                   f"gate-training set (at most {MAX_EXAMPLES:,})")
     steps: int = Field(100, gt=0, le=MAX_STEPS, description=f"gate training steps (1..{MAX_STEPS:,})")
     batch_size: int = Field(8, gt=0, le=MAX_BATCH, description=f"examples per step (1..{MAX_BATCH})")
-    lr: float = Field(5e-3, gt=0, le=MAX_LR, description="AdamW learning rate of the gates, (0, 1]")
+    lr: float = Field(1e-4, gt=0, le=MAX_LR, description="AdamW learning rate of the gates, (0, 1]")
     warmup: int = Field(8, ge=0, le=MAX_STEPS, description="linear warm-up steps (an explicit one: below steps)")
     balance: float = Field(0.5, ge=0, le=MAX_SCALE,
                            description=f"weight of the gate-balancing loss L_bal, [0, {MAX_SCALE:g}]")
