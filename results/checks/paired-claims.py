@@ -75,17 +75,17 @@ BEFORE = "f0c8363"
 before_after = [(r, g) for r in ("phatgoose-lora", "mole-lora", "smora-lora", "twin-lora") for g in ("held_in", "held_out")]
 
 
-def paired_before(row: str, tasks: list[str]) -> dict | None:
+def paired_before(row: str, tasks: list[str], before: str = BEFORE) -> dict | None:
     pairs, used = [], []
     cells = counted(ROOT / "routing")
     for t in tasks:
-        old = subprocess.run(["git", "show", f"{BEFORE}:results/compare/routing/cells/{row}/{t}.json"],
+        old = subprocess.run(["git", "show", f"{before}:results/compare/routing/cells/{row}/{t}.json"],
                              capture_output=True, text=True, cwd=ROOT)
         then = json.loads(old.stdout) if old.returncode == 0 else None
         if (row, t) in cells and then is not None and cell_problem(then, row, t, ANY_KEY, ROOT / "routing") is None:
             pairs.append((cells[(row, t)], then))
             used.append(t)
-    return _test(pairs, f"{row} (now)", f"{row} at {BEFORE}", used)
+    return _test(pairs, f"{row} (now)", f"{row} at {before}", used)
 
 
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -104,4 +104,11 @@ tests = [t | {"group": g} for r, g in before_after if (t := paired_before(r, HI 
 for t, adj in zip(tests, holm([t["p_value"] for t in tests])):
     t["p_holm"] = adj
 out["families"]["routing: before / after"] = tests
+# MoLE's gates at lr 1e-4 (now) against the same recipes at lr 5e-3 (their committed cells at 7465f0e), one family
+MOLE_LR = "7465f0e"
+tests = [t | {"group": g} for r in ("mole-lora", "mole-nobalance-lora") for g in ("held_in", "held_out")
+         if (t := paired_before(r, HI if g == "held_in" else HO, MOLE_LR))]
+for t, adj in zip(tests, holm([t["p_value"] for t in tests])):
+    t["p_holm"] = adj
+out["families"]["routing: MoLE lr 1e-4 / 5e-3"] = tests
 print(json.dumps(out, indent=1))
