@@ -663,6 +663,21 @@ def test_usage_reports_per_task_entropy_and_the_own_experts_share(two):
         assert u["per_task_token_entropy"][t] == 0.0  # ... but no token is mixed
         assert u["own_top1_share"][t] == pytest.approx(0.5, abs=0.1)
 
+    class HalfBaseHalfTied:  # even tokens: no expert (the base alone, index -1); odd tokens: a and b tied at 0.5
+        experts, k = ["a", "b"], 2
+
+        def route(self, module, x):
+            t = x.shape[0]
+            odd = (torch.arange(t) % 2 == 1)[:, None]
+            idx = torch.where(odd, torch.tensor([[0, 1]]), torch.tensor([[-1, -1]]))
+            return idx, torch.where(odd, torch.full((t, 2), 0.5), torch.zeros(t, 2))
+
+    ctx.groups = [RoutedGroup(HalfBaseHalfTied(), None)]
+    u = usage_stats(model, tok, rows, n=2)
+    for t in ("a", "b"):  # the base-only tokens are no one-hot gate, and a tie is no win for the first expert
+        assert u["per_task_token_entropy"][t] == pytest.approx(1.0, abs=1e-4)
+        assert u["own_top1_share"][t] == pytest.approx(0.5, abs=1e-4)
+
     class ByRow:  # the first sequence's rows are a's (its questions start with "Add")
         experts, k = ["a", "b"], 1
 

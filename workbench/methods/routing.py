@@ -179,15 +179,18 @@ def usage_stats(model, tokenizer, tasks: list[str] | dict[str, str] | dict[str, 
                 chosen += sel
                 per_module[module] = per_module.get(module, torch.zeros(n_exp)) + sel
                 # each token's own mixture: its entropy (a one-hot gate per token gives 0 however the tokens spread)
-                # and its top-1 expert
-                share = dense / dense.sum(-1, keepdim=True).clamp(min=1e-12)
+                # and its top-1 expert (tied experts share the token); a token no expert weights (a module none
+                # adapts: the base alone) has no mixture and is left out
+                live = dense[dense.sum(-1) > 0]
+                share = live / live.sum(-1, keepdim=True)
                 h_sum += float(-(share * share.clamp(min=1e-12).log()).sum(-1).sum()) / log_e
                 h_n += share.shape[0]
-                tw_top1 += torch.bincount(dense.argmax(-1), minlength=n_exp).float()
+                top = (share == share.max(-1, keepdim=True).values).float()
+                tw_top1 += (top / top.sum(-1, keepdim=True)).sum(0)
         weight += tw
         per_task[task] = [round(float(x), 4) for x in tw / tw.sum().clamp(min=1e-12)]
-        token_entropy[task] = round(h_sum / max(h_n, 1), 4) if n_exp > 1 else 1.0
-        top1[task] = [round(float(x), 4) for x in tw_top1 / tw_top1.sum().clamp(min=1e-12)]
+        token_entropy[task] = (round(h_sum / h_n, 4) if n_exp > 1 else 1.0) if h_n else None  # None: no token mixed
+        top1[task] = [round(float(x), 4) for x in tw_top1 / tw_top1.sum()] if h_n else [None] * n_exp
 
     def entropy(share: torch.Tensor) -> float:
         nz = share[share > 0]
