@@ -93,12 +93,7 @@ class SafetensorsDir:
         return sl[rows] if len(sl.get_shape()) else sl[:]
 
     def check_finite(self, what: str) -> None:
-        import torch
-
-        for name in self.index:
-            t = self.get(name)
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise ExpertValidationError(f"{what} has NaN or Inf values in tensor {name!r}")
+        _check_finite(((name, self.get(name)) for name in self.index), what)
 
     def byte_size(self) -> int:
         return sum((self.folder / f).stat().st_size for f in self.files)
@@ -248,17 +243,21 @@ class TensorFile:
             return self._read(f, name)
 
     def check_finite(self, what: str) -> None:
-        import torch
-
         with self._opened() as f:
-            for name in self._index:
-                t = self._read(f, name)
-                if t.is_floating_point() and not torch.isfinite(t).all():
-                    raise ExpertValidationError(f"{what} has NaN or Inf values in tensor {name!r}")
+            _check_finite(((name, self._read(f, name)) for name in self._index), what)
 
 
 def _stamp(st) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _check_finite(tensors, what: str) -> None:
+    """(name, tensor) pairs, read one at a time: the first floating tensor with a NaN or Inf is a one-line error."""
+    import torch
+
+    for name, t in tensors:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ExpertValidationError(f"{what} has NaN or Inf values in tensor {name!r}")
 
 
 def model_weight_files(folder: Path) -> list[str]:

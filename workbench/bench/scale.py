@@ -386,7 +386,8 @@ def run(base_spec: str | None = None, source: str | None = "demo", ns: Sequence[
               for r, a in zip(results.get("server_start", []), results.get("server_start_all_resident", []))}
     not_scaling = [op for op in ops if (exponents[op]["wall_s"] or 0) > 1.1]
     device = "cpu"
-    record = {"benchmark": "scale", "quick": quick, "only": ops if only is not None else None, "base": base_spec, "source": source, "ns": ns, "reps": reps,
+    record = {"benchmark": "scale", "quick": quick, "only": ops if only is not None else None, "base": base_spec,
+              "source": source, "ns": ns, "reps": reps,
               "shape": {"sequences": seqs, "tokens": tokens}, "merge": {"method": "ties", "density": density,
                                                                          "output_rank": rank},
               "synthesize_s": round(synth_s, 2), "operations": results, "exponents": exponents,

@@ -11,8 +11,8 @@ gates 800 iterations of 12 at lr 1e-5 (no code for it is published; the released
 trains only the projection, at lr 1e-5, temperature fixed); on this CPU the gates get 100 steps of 8
 at lr 1e-4 (linear decay after 8 warm-up steps): lr x steps 1e-2, the paper's 8e-3 in kind. The gate
 reads n x d_out standardised inputs, so one Adam step of lr moves a logit by up to ~0.8 n d_out lr
-(14 to 37 at lr 5e-3, the earlier default, for d_out 576 to 1,536: the gates saturated one-hot per token, each token's expert
-unrelated to its task). The per-task gate entropy, each token's own entropy and the own expert's
+(14 to 37 at lr 5e-3, the earlier default, for d_out 576 to 1,536: the gates saturated one-hot per
+token, each token's expert unrelated to its task). The per-task gate entropy, each token's own entropy and the own expert's
 weight and top-1 shares are recorded (`usage`); `balance: 0` is the control.
 The paper gates once per layer (its "block"); here every adapted module has its own gate. `gate_input: none` drops the output
 projection (a per-module parameter gate, softmax(b / tau)). Inference uses every expert or a
