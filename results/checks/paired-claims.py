@@ -26,6 +26,10 @@ families = {
     + [("mole-lora", "mole-nobalance-lora", g) for g in ("held_in", "held_out")]
     + [("phatgoose-lora", "avg-act-lora", g) for g in ("held_in", "held_out")],
 }
+# MoLE with 4x the gate budget (merges/mole-long-lora.yaml: 400 steps, 200 examples per expert) against the 100-step
+# MoLE and against every static merge: its own family, so that the routing family's p-values stay as they were
+MOLE_LONG = ([("mole-long-lora", "mole-lora", g) for g in ("held_in", "held_out")]
+             + [("mole-long-lora", s, g) for g in ("held_in", "held_out") for s in STATIC])
 
 
 def _test(pairs: list[tuple[dict, dict]], a: str, b: str, used: list[str]) -> dict | None:
@@ -100,6 +104,10 @@ for name, claims in families.items():
     for t, adj in zip(tests, holm([t["p_value"] for t in tests])):
         t["p_holm"] = adj
     out["families"][f"merges/{name}.yaml"] = tests
+tests = [t | {"group": g} for a, b, g in MOLE_LONG if (t := paired(ROOT / "routing", a, b, HI if g == "held_in" else HO))]
+for t, adj in zip(tests, holm([t["p_value"] for t in tests])):
+    t["p_holm"] = adj
+out["families"]["routing: MoLE 4x budget"] = tests
 tests = [t | {"group": g} for r, g in before_after if (t := paired_before(r, HI if g == "held_in" else HO))]
 for t, adj in zip(tests, holm([t["p_value"] for t in tests])):
     t["p_holm"] = adj
