@@ -107,6 +107,10 @@ for name, claims in families.items():
 tests = [t | {"group": g} for a, b, g in MOLE_LONG if (t := paired(ROOT / "routing", a, b, HI if g == "held_in" else HO))]
 for t, adj in zip(tests, holm([t["p_value"] for t in tests])):
     t["p_holm"] = adj
+# the stricter reading: the same tests Holm-corrected together with the routing family's
+routing = out["families"]["merges/routing.yaml"]
+for t, adj in zip(tests, holm([t["p_value"] for t in tests + routing])):
+    t["p_holm_with_routing_family"] = adj
 out["families"]["routing: MoLE 4x budget"] = tests
 tests = [t | {"group": g} for r, g in before_after if (t := paired_before(r, HI if g == "held_in" else HO))]
 for t, adj in zip(tests, holm([t["p_value"] for t in tests])):
