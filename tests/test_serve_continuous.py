@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import stream_pieces
 
+from workbench.errors import WorkbenchError
 from workbench.serving.api import create_app, start_in_thread
 from workbench.serving.engine import MultiLoraModel
 from workbench.tasks.suite import ADD_SPECIAL_TOKENS
@@ -511,6 +512,48 @@ def test_a_full_model_that_cannot_load_is_a_503_logged_with_its_traceback(serve,
     assert sum("503 for model 'broken'" in rec.getMessage() for rec in caplog.records) == 2
     r = httpx.post(f"{url}/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": 2}, timeout=60)
     assert r.status_code == 200
+
+
+def test_a_full_model_whose_load_failed_is_loaded_again_when_its_folder_changes_or_later(monkeypatch, tmp_path):
+    """A failed first load (say a transient MemoryError) is not for good: requests answer at once without reloading
+    while nothing changed, the next one after the folder changes or after `retry_after_s` loads it again."""
+    from workbench import artifacts
+    from workbench.serving import engine as eng
+
+    calls, fail = [], {"on": True}
+
+    def flaky(folder, device="cpu"):
+        calls.append(folder)
+        if fail["on"]:
+            raise MemoryError("not now")
+        return type("Loaded", (), {"model": "net", "tokenizer": "tok"})()
+
+    monkeypatch.setattr(artifacts, "load_artifact", flaky)
+    monkeypatch.setattr(eng, "MultiLoraModel", lambda model, tok, adapters, **kw: ("engine", model, tok))
+    folder = tmp_path / "art"
+    folder.mkdir()
+    (folder / "artifact.json").write_text("{}")
+    slow = eng.FullModel("m", "merged_model", folder, {}, retry_after_s=3600)
+    for _ in range(3):
+        with pytest.raises(WorkbenchError, match="could not be loaded: MemoryError: not now"):
+            slow.engine()
+    assert len(calls) == 1  # not reloaded per request while nothing changed
+    (folder / "model.safetensors").write_bytes(b"more")  # the folder changed: the next request loads it again
+    with pytest.raises(WorkbenchError, match="could not be loaded"):
+        slow.engine()
+    assert len(calls) == 2
+    fail["on"] = False
+    quick = eng.FullModel("q", "merged_model", folder, {}, retry_after_s=0.05)
+    fail["on"] = True
+    with pytest.raises(WorkbenchError, match="could not be loaded"):
+        quick.engine()
+    fail["on"] = False
+    time.sleep(0.1)  # the same folder, but the wait has passed
+    assert quick.engine() == ("engine", "net", "tok") and quick.loaded and len(calls) == 4
+    assert quick.engine() == ("engine", "net", "tok") and len(calls) == 4  # loaded once, kept
+    for bad in (-1, float("nan"), float("inf"), 1e6):
+        with pytest.raises(WorkbenchError, match="retry_after_s"):
+            eng.FullModel("b", "merged_model", folder, {}, retry_after_s=bad)
 
 
 class _Slow:

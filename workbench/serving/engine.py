@@ -28,6 +28,7 @@ import logging
 import math
 import queue
 import threading
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -1498,14 +1499,30 @@ class FullModel:
     base, so it gets its own engine (no adapters), loaded on its first request and kept."""
 
     FULL_TYPES = ("merged_model", "moe")
+    # after a failed load, requests answer 503 at once until the folder changes or this many seconds pass, then the
+    # next request tries again: a broken folder is not reloaded per request, a transient failure (memory, a file still
+    # being copied) does not last until a restart
+    RETRY_AFTER_S = 30.0
 
     def __init__(self, name: str, kind: str, folder: Path, meta: dict[str, Any], *, backend: str | None = None,
-                 device: str = "cpu", dtype=torch.float32):
+                 device: str = "cpu", dtype=torch.float32, retry_after_s: float | None = None):
         self.name, self.kind, self.folder, self.meta = name, kind, folder, meta
         self.backend, self.device, self.dtype = backend, device, dtype
+        self.retry_after_s = self.RETRY_AFTER_S if retry_after_s is None else float(retry_after_s)
+        if not 0 <= self.retry_after_s <= 86400:  # NaN fails this too
+            raise WorkbenchError(f"retry_after_s must be between 0 and 86400 seconds (got {retry_after_s})")
         self._engine: MultiLoraModel | None = None
-        self._failed: str | None = None  # why it could not be loaded (not retried: the folder is broken)
+        self._failed: str | None = None  # why the last load failed
+        self._failed_at, self._failed_stamp = 0.0, ()  # when, and the folder's files then
         self._lock = threading.Lock()
+
+    def _stamp(self) -> tuple:
+        """The folder's entries with their size, mtime and ctime (an error's name when it cannot be listed)."""
+        try:
+            return tuple(sorted((p.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                                for p in self.folder.iterdir() for st in (p.stat(),)))
+        except OSError as e:
+            return (type(e).__name__,)
 
     @property
     def loaded(self) -> bool:
@@ -1514,6 +1531,11 @@ class FullModel:
     def engine(self) -> MultiLoraModel:
         """Its engine, loading the artifact the first time (one load even under concurrent first requests)."""
         with self._lock:
+            if self._failed is not None and (time.monotonic() - self._failed_at >= self.retry_after_s
+                                             or self._stamp() != self._failed_stamp):
+                log.info("model %r: loading it again (%s)", self.name, "its folder changed"
+                         if self._stamp() != self._failed_stamp else f"{self.retry_after_s:g} s after it failed")
+                self._failed = None
             if self._engine is None and self._failed is None:
                 from ..artifacts import load_artifact
 
@@ -1524,8 +1546,9 @@ class FullModel:
                 except Exception as e:  # a broken folder (any library's error) fails this model only (logged)
                     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                     self._failed = f"model {self.name!r} ({self.kind}) could not be loaded: {type(e).__name__}: {first}"
-                    log.error("%s (%s); its requests answer 503 until the server restarts", self._failed,
-                              self.folder, exc_info=e)
+                    self._failed_at, self._failed_stamp = time.monotonic(), self._stamp()
+                    log.error("%s (%s); its requests answer 503 until its folder changes or %g s pass, then it is "
+                              "loaded again", self._failed, self.folder, self.retry_after_s, exc_info=e)
             if self._engine is None:
                 raise WorkbenchError(self._failed)
             return self._engine
