@@ -216,6 +216,27 @@ def test_trace_prompt_reports_forced_expert(two):
     assert tr["usage"][0] == pytest.approx([0.25, 0.75])
 
 
+def test_trace_prompt_refuses_empty_and_over_context_prompts_before_the_forward(two, monkeypatch):
+    """The app calls `trace_prompt` directly: an empty prompt, or one longer than the model's context, is one line
+    and the model never runs (the CLI checks the same before building)."""
+    from workbench.errors import WorkbenchError
+    from workbench.methods.routing import trace_prompt
+
+    model, ctx = _routed(two, ["a", "b"])
+    ctx.groups = [RoutedGroup(FixedRouter(["a", "b"], [0.0, 1.0], k=1), None)]
+    model.routing = ctx
+    tok = two.base.tokenizer()
+    context = model.config.max_position_embeddings
+    runs = []
+    model.register_forward_pre_hook(lambda m, a: runs.append(1))
+    for prompt, message in (("", "empty prompt"), ("  \n", "empty prompt"),
+                            ("1 " * (context + 5), f"longer than the model's context \\({context:,} tokens\\)")):
+        with pytest.raises(WorkbenchError, match=message):
+            trace_prompt(model, tok, prompt)
+    assert runs == []
+    assert len(trace_prompt(model, tok, "1 " * 4)["tokens"]) <= context and runs == [1]
+
+
 def test_phatgoose_gates_train_once_per_expert(pool, tiny_dir, monkeypatch):
     """A sweep over k reuses each expert's gate; the gate's loss falls on its own data."""
     from workbench.modules import routers  # phatgoose imports GateRouter from here when it builds

@@ -445,6 +445,35 @@ def test_routed_composition_over_experts_not_loaded_is_skipped(routed_pool):
                                   "LoRA experts loaded here" in logs for n in arts)
 
 
+def test_a_deeply_nested_or_huge_artifact_json_is_skipped_not_a_crash(routed_pool):
+    """The artifact scan behind `workbench serve`, the app's Routing view and Playground reads each artifact.json
+    bounded (size and depth): a 100,000-deep file and a 40 MB one are skipped (no RecursionError, no 40 MB read),
+    the other compositions still listed; reading one directly is a one-line error."""
+    import shutil
+
+    from workbench.artifacts import read_artifact_meta
+    from workbench.io import artifacts_dir
+    from workbench.serving.engine import routed_artifacts
+
+    pool, arts = routed_pool
+    before = routed_artifacts(pool)
+    assert {n for n, _ in before} >= {"goose", "arrow-k1"}
+    deep, huge = artifacts_dir() / "deep-x", artifacts_dir() / "huge-x"
+    try:
+        for folder, text in ((deep, "[" * 100_000 + "]" * 100_000),
+                             (huge, '{"type": "routed_lora", "pad": "' + "x" * (40 << 20) + '"}')):
+            shutil.copytree(arts["goose"], folder)
+            (folder / "artifact.json").write_text(text)
+        assert routed_artifacts(pool) == before
+        for folder, why in ((deep, "nested too deeply"), (huge, "too large to read")):
+            with pytest.raises(WorkbenchError, match=why) as e:
+                read_artifact_meta(folder)
+            assert "\n" not in str(e.value)
+    finally:
+        shutil.rmtree(deep, ignore_errors=True)
+        shutil.rmtree(huge, ignore_errors=True)
+
+
 def test_stale_or_dense_twin_is_not_served(routed_pool, tmp_path, monkeypatch):
     """A Twin artifact whose expert changed since the build, one from before artifacts recorded their experts'
     files, one built from full fine-tunes (dense shared part), one with a corrupt file: each skipped with its

@@ -7,7 +7,6 @@ method. Types are registered by the modules that define them.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,12 +33,12 @@ def artifact_ref(path: Path) -> str:
 def read_artifact_meta(path: Path) -> dict[str, Any]:
     """An artifact's `artifact.json` (a JSON object); WorkbenchError (one line) when it is unreadable, not UTF-8,
     not JSON, or not an object."""
+    from .cells import load_json
+
     f = Path(path) / ARTIFACT_FILE
     try:
-        meta = json.loads(f.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise WorkbenchError(f"cannot read artifact {f}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except (OSError, json.JSONDecodeError) as e:
+        meta = load_json(f)  # bounded: size and depth (a 100,000-deep file is one line, not a RecursionError)
+    except (OSError, ValueError) as e:
         raise WorkbenchError(f"cannot read artifact {f}: {e}") from None
     if not isinstance(meta, dict):
         raise WorkbenchError(f"cannot read artifact {f}: a JSON {type(meta).__name__}, not an object")

@@ -299,8 +299,14 @@ def trace_prompt(model, tokenizer, prompt: str, experts: list[str] | None = None
     ctx = getattr(model, "routing", None)
     if ctx is None or not ctx.groups:
         raise WorkbenchError("this model has no router: traces exist for routed compositions only")
+    from ..tracing import check_prompt
+
+    check_prompt(prompt)  # not empty, not over the character cap (every caller: the CLI, the API, the app)
     experts = experts or list(ctx.groups[0].router.experts)
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=ADD_SPECIAL_TOKENS)["input_ids"]
+    context = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 0)
+    if context and ids.shape[1] > context:  # one forward over the whole prompt: never past the model's context
+        raise WorkbenchError(f"prompt of {ids.shape[1]:,} tokens is longer than the model's context ({context:,} tokens)")
     ids = ids.to(next(model.parameters()).device)
     trace = Trace()
     with torch.no_grad(), ctx.use(groups=ctx.groups, trace=trace):

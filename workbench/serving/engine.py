@@ -1354,8 +1354,7 @@ def _pool_artifacts(pool, type_: str, pool_key: str, taken: set[str],
     (a recipe rebuilt with other parameters, here or in another checkout) the one built here, then the newest;
     bare sweep points ("name@point") and taken names stay out; with `only`, the artifacts in those folders alone
     (malformed artifact.json files are skipped)."""
-    import json
-
+    from ..cells import load_json
     from ..io import artifacts_dir
 
     root = artifacts_dir()
@@ -1365,9 +1364,11 @@ def _pool_artifacts(pool, type_: str, pool_key: str, taken: set[str],
     found: dict[str, tuple[tuple[bool, float], Path, dict[str, Any]]] = {}
     for meta_path in sorted(root.glob("*/artifact.json")):
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = load_json(meta_path)  # bounded in size and depth
             mtime = meta_path.stat().st_mtime
-        except (OSError, ValueError):  # unreadable, invalid UTF-8 or JSON
+        except (OSError, ValueError):  # unreadable, too large or deep, invalid UTF-8 or JSON
+            continue
+        if not isinstance(meta, dict):
             continue
         if only is not None and meta_path.parent.resolve() not in only:
             continue
