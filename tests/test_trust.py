@@ -119,6 +119,30 @@ def test_replace_killed_between_its_renames_is_undone(pools, tiny_dir, pool):
     assert not list((pools / "demo" / ".staging").glob(".old-*"))
 
 
+def test_replace_killed_after_the_new_folder_came_in_is_undone(pools, tiny_dir, pool):
+    """SIGKILL after the new folder was renamed in and before the manifest named its files: the next open puts the
+    old folder back (the manifest still names its files), so `verify` passes and the old expert is not lost."""
+    import os
+    import subprocess
+    import sys
+
+    from workbench.pool import Pool
+
+    pool.add(tiny_dir / "lora_a", "a")
+    before = Pool.open("demo").expert("a").entry.files
+    code = ("from workbench.pool import Pool; import sys; "
+            "Pool.open('demo').add(sys.argv[1], 'a', replace=True)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_dir / "lora_b")], capture_output=True, text=True,
+                          env={**os.environ, "WORKBENCH_FAULT": "pool_replace_in"}, timeout=120)
+    assert proc.returncode == -9 and "killed at pool_replace_in" in proc.stderr
+    assert list((pools / "demo" / ".staging").glob(".old-*"))  # the old folder aside, the new one in its place
+    p = Pool.open("demo")
+    assert p.expert("a").entry.files == before and p.verify() == []
+    assert not list((pools / "demo" / ".staging").glob(".old-*"))
+    p.add(tiny_dir / "lora_b", "a", replace=True)  # and the replace can be done again, to the end
+    assert Pool.open("demo").expert("a").entry.files != before and Pool.open("demo").verify() == []
+
+
 def test_the_apps_build_one_form_with_nothing_selected_is_refused(pools, tiny_dir, pool):
     """An empty expert selection is a one-line error, never TIES over the whole pool."""
     from workbench.comparison import parse_comparison

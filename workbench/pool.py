@@ -212,6 +212,17 @@ def detect_kind(folder: Path) -> Literal["lora", "full"]:
     )
 
 
+def _holds_manifest_files(folder: Path, name: str, manifest: Any) -> bool:
+    """Whether `folder` holds the files, with their sha256, that the manifest records for the copied expert `name`."""
+    entry = next((e for e in (manifest.experts if manifest is not None else []) if e.name == name), None)
+    if entry is None or entry.linked or not entry.files:
+        return False
+    try:
+        return all(sha256_file(folder / f) == h for f, h in entry.files.items())
+    except OSError:
+        return False
+
+
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     """A JSON object file of a candidate expert; ExpertValidationError (one line) when missing, unreadable, not
     UTF-8, not JSON, or not an object."""
@@ -612,13 +623,20 @@ class Pool:
             yield
 
     def _recover_replaced(self) -> None:
-        """Leftovers of a replace killed between 'old folder aside' and 'new folder in' (lock held): the old folder
-        goes back where it was when nothing took its place, else it is deleted."""
+        """Leftovers of a replace that was killed (lock held). Killed between 'old folder aside' and 'new folder in':
+        the old folder goes back. Killed after the new folder came in but before the manifest named its files: the
+        manifest still names the old folder's, so the new one goes and the old one comes back (the replace is
+        undone, never half done). Otherwise the replace completed: the old folder is deleted."""
         staging = self.root / STAGING_DIR
-        for old in sorted(staging.glob(".old-*")) if staging.is_dir() else []:
+        olds = sorted(staging.glob(".old-*")) if staging.is_dir() else []
+        manifest = _read_manifest(self.root / MANIFEST) if olds else None
+        for old in olds:
             name = old.name[len(".old-"):].rsplit("-", 2)[0]
             final = self.root / EXPERTS_DIR / name
             if not final.exists():
+                os.replace(old, final)
+            elif _holds_manifest_files(old, name, manifest) and not _holds_manifest_files(final, name, manifest):
+                shutil.rmtree(final)
                 os.replace(old, final)
             else:
                 shutil.rmtree(old, ignore_errors=True)
@@ -755,6 +773,8 @@ class Pool:
                     shutil.rmtree(tmp, ignore_errors=True)
             rel = f"{EXPERTS_DIR}/{name}"
         entry = checked.entry(name, rel, link, hashes, tags=tags, training=training, notes=notes, data=data)
+        if old is not None:
+            fault_point("pool_replace_in")  # the new folder in, the manifest not yet written: undone by the next open
         self._put(entry)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
