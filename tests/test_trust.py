@@ -639,3 +639,73 @@ def test_a_device_other_than_the_cpu_is_in_the_artifact_key_and_the_cpu_keys_sta
     assert "device" not in cpu.key_body and gpu.key_body["device"] == "cuda"
     assert gpu.key != cpu.key and gpu.key == gpu1.key and replace(cpu, device="cpu").key == cpu.key
     assert gpu.artifact_dir != cpu.artifact_dir
+
+
+def test_training_caches_key_the_device_and_the_base_tokenizer(pools, tiny_dir, pool, tmp_path, monkeypatch):
+    """PHATGOOSE's and MoLE's gate caches and SMoRA's and the upcycled MoEs' checkpoint folders are keyed like
+    artifacts: a GPU build never reuses gates or checkpoints trained on the CPU (nor the other way), and a base's
+    own tokenizer files are in the key; a CPU build over a base without its own tokenizer files (a GGUF base) keys
+    as before (no extra field), so shipped gates keep their keys."""
+    from workbench.methods import METHODS
+    from workbench.methods.base import BuildContext, OutputSpec, cache_key_extras
+
+    add_two_experts(pool, tiny_dir)
+    experts = [pool.expert("addition"), pool.expert("sorting")]
+    out = tmp_path / "arts" / "x"
+    folders = {
+        "phatgoose": lambda m, c: m._gate_dir(c, experts[0]),
+        "mole": lambda m, c: m._gate_dir(c),
+        "smora": lambda m, c: m.train_dir(c),
+        "btx": lambda m, c: m.checkpoint_dir(c),
+        "bam": lambda m, c: m.checkpoint_dir(c),
+    }
+    tok = pool.base.tokenizer_sha256
+    assert tok  # the tiny base is a folder with its own tokenizer files
+    for name, folder in folders.items():
+        method = METHODS.get(name)()
+        ctx = {d: BuildContext(pool=pool, experts=experts, params=method.Params(), output=OutputSpec(), out_dir=out,
+                               device=d) for d in ("cpu", "cuda:0", "cuda:1")}
+        cpu, gpu, gpu1 = (folder(method, ctx[d]) for d in ("cpu", "cuda:0", "cuda:1"))
+        assert cpu != gpu and gpu == gpu1, name  # the device kind, not which card
+        assert cache_key_extras(ctx["cpu"]) == {"base_tokenizer": tok}
+        monkeypatch.setattr(type(pool.base), "tokenizer_sha256", property(lambda self: None))
+        assert cache_key_extras(ctx["cpu"]) == {} and folder(method, ctx["cpu"]) != cpu, name
+        monkeypatch.undo()
+        monkeypatch.setenv("WORKBENCH_POOLS", str(pools))
+
+
+def test_smora_trains_into_its_checkpoint_folder_under_its_lock(pools, tiny_dir, pool, monkeypatch):
+    """Two builds of one SMoRA training key never train into one checkpoint folder at once: the training runs with
+    the folder's lock held (the upcycle checkpoints' and the gates' pattern)."""
+    import fcntl
+    import os
+
+    from workbench.io import lock_for
+    from workbench.recipes import build, parse_recipe
+    from workbench.train import trainer
+
+    add_two_experts(pool, tiny_dir)
+    seen = []
+
+    def probe(*args, **kwargs):
+        ck = kwargs["checkpoint"].path  # <smora-train>/<key>.checkpoint.safetensors
+        lock = lock_for(ck.parent / ck.name[: -len(".checkpoint.safetensors")])
+        if not lock.exists():
+            seen.append("no lock")
+        else:
+            fd = os.open(lock, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen.append("free")
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            except BlockingIOError:
+                seen.append("held")
+            finally:
+                os.close(fd)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(trainer, "train_loop", probe)
+    with pytest.raises(RuntimeError, match="stop here"):
+        build(parse_recipe({"name": "s", "pool": "demo", "method": "smora", "experts": ["addition", "sorting"],
+                            "parameters": {"rank": 8, "k": 2, "steps": 2}}), log=lambda *a: None)
+    assert seen == ["held"]  # the lock was held while it trained

@@ -88,6 +88,21 @@ class BuildContext:
     log: Any = print
 
 
+def cache_key_extras(ctx: BuildContext) -> dict[str, Any]:
+    """What a method's own training cache (PHATGOOSE and MoLE gates, SMoRA's and the upcycled MoEs' checkpoints)
+    must key beside its settings, as artifact keys do (`BuildPlan.key_body`): the base's tokenizer files when they
+    are its own and the device kind when it is not the CPU (gates trained on a GPU are other bytes); empty for a CPU
+    build over a GGUF base, so such caches keep their keys (the demo pool's shipped gates)."""
+    from ..recipes import device_kind
+
+    out: dict[str, Any] = {}
+    if tokenizer := ctx.pool.base.tokenizer_sha256:
+        out["base_tokenizer"] = tokenizer
+    if (kind := device_kind(ctx.device)) != "cpu":
+        out["device"] = kind
+    return out
+
+
 class Method:
     name: ClassVar[str]
     Params: ClassVar[type[MethodParams]] = MethodParams

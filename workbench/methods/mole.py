@@ -43,6 +43,7 @@ from .base import (
     MAX_STEPS,
     MAX_TEMPERATURE,
     BuildContext,
+    cache_key_extras,
     check_warmup,
     register_method,
 )
@@ -247,6 +248,7 @@ class Mole(DataRoutedMethod):
                 "data": data_key(ctx.experts)}
         if any(absent_experts(ctx.experts).values()):
             body["absent_masked"] = True  # see key_inputs
+        body.update(cache_key_extras(ctx))
         key = sha256_json(body)[:16]
         return ctx.out_dir.parent / "mole-gates" / key
 

@@ -145,12 +145,13 @@ class Phatgoose(DataRoutedMethod):
     # cached beside the artifacts, so a sweep over k or another expert set trains each gate once.
     def _gate_dir(self, ctx: BuildContext, expert) -> Path:
         from ..io import sha256_json
+        from .base import cache_key_extras
         from .routing import data_key
 
         p = ctx.params.model_dump(mode="json", exclude={"k"})
         key = sha256_json({"version": self.version, "params": p, "files": expert.entry.files,
                            "base": ctx.pool.manifest.base.fingerprint, "base_weights": ctx.pool.base.weights_sha256,
-                           "data": data_key([expert])})[:16]
+                           "data": data_key([expert]), **cache_key_extras(ctx)})[:16]
         return ctx.out_dir.parent / "phatgoose-gates" / f"{expert.name}-{key}"
 
     def _cached_gates(self, ctx: BuildContext, expert):

@@ -98,6 +98,18 @@ class Smora(Method):
     def key_inputs(self, experts, params) -> dict[str, Any]:
         return {"data": [r.identity for r, _ in smora_data(experts)]}
 
+    def train_dir(self, ctx: BuildContext) -> Path:
+        """The training's checkpoint folder beside the artifacts, keyed by what decides the trained router."""
+        from ..io import sha256_json
+        from .base import cache_key_extras
+
+        p: SmoraParams = ctx.params
+        key = sha256_json({"version": self.version, "params": p.model_dump(mode="json", exclude={"checkpoint_every"}),
+                           "tasks": [rec.name for rec, _ in smora_data(ctx.experts)],
+                           "base": ctx.pool.manifest.base.fingerprint, "base_weights": ctx.pool.base.weights_sha256,
+                           "data": self.key_inputs(ctx.experts, p), **cache_key_extras(ctx)})[:16]
+        return ctx.out_dir.parent / "smora-train" / key
+
     def build(self, ctx: BuildContext) -> dict[str, Any]:
         from ..modules.routed_lora import RoutedGroup, wrap_model
         from ..modules.routers import SmoraRouter
@@ -134,14 +146,11 @@ class Smora(Method):
             router.update_bias()
             router.counts, router.token_mask = None, None
 
-        from ..io import sha256_json
+        from ..io import file_lock, lock_for
 
-        key = sha256_json({"version": self.version, "params": p.model_dump(mode="json", exclude={"checkpoint_every"}),
-                           "tasks": tasks, "base": ctx.pool.manifest.base.fingerprint,
-                           "base_weights": ctx.pool.base.weights_sha256,
-                           "data": self.key_inputs(ctx.experts, p)})[:16]
-        folder = ctx.out_dir.parent / "smora-train" / key
-        with routing.use(groups=[RoutedGroup(router, None)], dense=True):
+        folder = self.train_dir(ctx)
+        # one process trains into a checkpoint folder at a time (two artifacts of one training key wait in turn)
+        with file_lock(lock_for(folder)), routing.use(groups=[RoutedGroup(router, None)], dense=True):
             res = train_loop(model, tok, smora_rows(data, tok), p, params,
                              f"smora R={p.rank} k={p.k} on {len(tasks)} tasks", ctx.device, loss_fn=loss_fn,
                              after_step=after_step,

@@ -52,6 +52,7 @@ from .base import (
     BuildContext,
     Method,
     MethodParams,
+    cache_key_extras,
     check_warmup,
     no_grad,
 )
@@ -547,7 +548,7 @@ class UpcycleMethod(Method):
                            "params": ctx.params.model_dump(mode="json"), "output": ctx.output.model_dump(mode="json"),
                            "experts": [(e.name, e.entry.files) for e in ctx.experts],
                            "base": ctx.pool.manifest.base.fingerprint, "base_weights": ctx.pool.base.weights_sha256,
-                           "inputs": self.key_inputs(ctx.experts, ctx.params)})[:16]
+                           "inputs": self.key_inputs(ctx.experts, ctx.params), **cache_key_extras(ctx)})[:16]
         return ctx.out_dir.parent / "upcycle-checkpoints" / f"{self.name}-{key}"
 
     def make_model(self, ctx: BuildContext, src: Sources, tok) -> tuple[torch.nn.Module, dict[str, Any]]:
