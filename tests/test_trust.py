@@ -417,6 +417,7 @@ _EVERY_METHOD = [
     ("smora", {"rank": 8, "k": 2, "steps": 3, "batch_size": 4, "warmup": 1}),
     ("btx", {"materialize": True, "steps": 2, "batch_size": 2, "examples": 4, "warmup": 1}),
     ("bam", {"materialize": True, "steps": 2, "batch_size": 2, "examples": 4, "warmup": 1}),
+    ("mergekit_moe", {"materialize": True, "steps": 2, "batch_size": 2, "examples": 4, "warmup": 1, "prompts": 4}),
 ]
 
 
