@@ -342,3 +342,21 @@ def test_a_fifo_named_json_is_skipped_with_a_warning_not_read(res):
     assert "not a regular file" in warned["compare/small/cells/base/pipe.json"]
     assert {n: set(c.cells) for n, c in got["cat"].cells.items()} == {n: set(c.cells) for n, c in before.cells.items()}
     assert len(got["cat"].runs) == len(before.runs)
+
+
+def test_catalog_rereads_a_file_rewritten_with_its_old_mtime_and_size(tmp_path):
+    """The catalog's parse cache sees a rewrite that keeps the size and puts the old mtime back (its ctime moves)."""
+    import os
+    import time
+
+    from workbench.catalog import _parse
+
+    f = tmp_path / "x.json"
+    f.write_text('{"score": 0.1}')
+    st = f.stat()
+    assert _parse(f) == {"score": 0.1}
+    time.sleep(0.02)
+    f.write_text('{"score": 0.9}')  # same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # the old mtime back
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    assert _parse(f) == {"score": 0.9}

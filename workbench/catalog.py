@@ -22,8 +22,8 @@ from typing import Any
 from . import cells as cell_records
 from .errors import WorkbenchError
 
-# (path, mtime_ns, size) -> parsed JSON or the error: re-reading a folder parses only what changed
-_PARSED: dict[str, tuple[int, int, Any]] = {}
+# path -> ((inode, mtime, ctime, size), parsed JSON or the error): re-reading a folder parses only what changed
+_PARSED: dict[str, tuple[tuple[int, int, int, int], Any]] = {}
 _CACHE_LIMIT = 50_000
 
 RUN_KEYS = ("run_id", "model_name", "scores")
@@ -58,20 +58,22 @@ def load_json(path: Path) -> Any:
 
 
 def _parse(path: Path) -> Any:
-    """The file's JSON (cached by mtime and size), or a ValueError saying why not (not a regular file, not JSON, over
+    """The file's JSON (cached by inode, mtime, ctime and size: a rewrite that restores the mtime still changes the
+    ctime), or a ValueError saying why not (not a regular file, not JSON, over
     `cells.MAX_JSON_BYTES`: not read, nested deeper than `cells.MAX_JSON_DEPTH`: `load_json`)."""
     st = path.stat()
     key = str(path)
     hit = _PARSED.get(key)
-    if hit and hit[0] == st.st_mtime_ns and hit[1] == st.st_size:
-        return hit[2]
+    stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+    if hit and hit[0] == stamp:
+        return hit[1]
     try:
         value: Any = load_json(path)
     except ValueError as e:
         value = e
     if len(_PARSED) > _CACHE_LIMIT:
         _PARSED.clear()
-    _PARSED[key] = (st.st_mtime_ns, st.st_size, value)
+    _PARSED[key] = (stamp, value)
     return value
 
 
