@@ -4,6 +4,7 @@ tens of adapters, on the tiny model."""
 import json
 import os
 import shutil
+import time
 from collections import Counter
 
 import pytest
@@ -339,7 +340,7 @@ def test_compact_reader_refuses_a_bad_header_in_one_line(tmp_path, bad):
         assert "dtype 'F33' is not supported" in str(e.value)
 
 
-@pytest.mark.parametrize("change", ["truncated", "replaced"])
+@pytest.mark.parametrize("change", ["truncated", "replaced", "rewritten in place, mtime restored"])
 def test_a_tensor_file_changed_after_its_check_fails_its_reads_in_one_line(tmp_path, change):
     """Reads go to byte positions found when the header was checked: a file rewritten or replaced since (e.g. an
     expert replaced by `pool add --replace` while a merge holds its layout) is a one-line error, never another
@@ -352,6 +353,15 @@ def test_a_tensor_file_changed_after_its_check_fails_its_reads_in_one_line(tmp_p
     tf = TensorFile(path)
     if change == "truncated":
         path.write_bytes(path.read_bytes()[:-100])
+    elif change.startswith("rewritten"):  # same inode, same size, the old mtime put back: only the ctime moves
+        st = path.stat()
+        time.sleep(0.02)
+        data = bytearray(path.read_bytes())
+        data[-4:] = b"\x00\x00\xc0\x7f"  # z's last value: NaN now
+        with open(path, "r+b") as f:
+            f.write(bytes(data))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert path.stat().st_ino == st.st_ino and path.stat().st_mtime_ns == st.st_mtime_ns
     else:  # the same tensors, other header bytes (longer metadata): the old positions point elsewhere
         other = tmp_path / "new.safetensors"
         save_file({"a": torch.ones(8, 8), "z": torch.ones(64, 64)}, str(other), metadata={"note": "x" * 37})
@@ -360,7 +370,7 @@ def test_a_tensor_file_changed_after_its_check_fails_its_reads_in_one_line(tmp_p
         with pytest.raises(ExpertValidationError, match="changed since it was checked") as e:
             read()
         assert str(path) in one_line(e)
-    assert change == "truncated" or torch.equal(TensorFile(path).get("a"), torch.ones(8, 8))
+    assert change != "replaced" or torch.equal(TensorFile(path).get("a"), torch.ones(8, 8))
 
 
 def test_open_lora_layouts_hold_a_few_bytes_a_tensor_and_no_file(pools, tmp_path):

@@ -455,23 +455,40 @@ def test_a_deeply_nested_or_huge_artifact_json_is_skipped_not_a_crash(routed_poo
     from workbench.io import artifacts_dir
     from workbench.serving.engine import routed_artifacts
 
+    from workbench.modules.routers import load_router
+    from workbench.pool import ExpertValidationError, LoraLayout
+
     pool, arts = routed_pool
     before = routed_artifacts(pool)
     assert {n for n, _ in before} >= {"goose", "arrow-k1"}
-    deep, huge = artifacts_dir() / "deep-x", artifacts_dir() / "huge-x"
+    meta = read_artifact_meta(arts["goose"])
+    nested = "[" * 100_000 + "]" * 100_000
+    deep, huge, router = (artifacts_dir() / f"{n}-x" for n in ("deep", "huge", "router"))
     try:
-        for folder, text in ((deep, "[" * 100_000 + "]" * 100_000),
-                             (huge, '{"type": "routed_lora", "pad": "' + "x" * (40 << 20) + '"}')):
+        for folder, text in ((deep, nested),  # the real artifact's metadata, padded past the size cap
+                             (huge, json.dumps({**meta, "names": ["huge-x"], "pad": "x" * (40 << 20)})),
+                             (router, json.dumps({**meta, "names": ["router-x"]}))):
             shutil.copytree(arts["goose"], folder)
             (folder / "artifact.json").write_text(text)
-        assert routed_artifacts(pool) == before
+        (router / "router.json").write_text(nested)
+        names = [n for n, _ in routed_artifacts(pool)]
+        assert "huge-x" not in names and set(names) >= {n for n, _ in before}  # skipped (not a RecursionError)
         for folder, why in ((deep, "nested too deeply"), (huge, "too large to read")):
             with pytest.raises(WorkbenchError, match=why) as e:
                 read_artifact_meta(folder)
             assert "\n" not in str(e.value)
+        with pytest.raises(WorkbenchError, match="nested too deeply"):  # a router file: one line, not a crash
+            load_router(router)
+        engine = MultiLoraModel.from_pool(pool, log=lambda *a: None)  # serving starts over all of them
+        assert "router-x" not in engine.model_names() and "goose" in engine.model_names()
+        lora = router / "lora"
+        lora.mkdir()
+        (lora / "adapter_config.json").write_text(nested)
+        with pytest.raises(ExpertValidationError, match="nested too deeply"):
+            LoraLayout(lora, {}, "deep-x")
     finally:
-        shutil.rmtree(deep, ignore_errors=True)
-        shutil.rmtree(huge, ignore_errors=True)
+        for folder in (deep, huge, router):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_stale_or_dense_twin_is_not_served(routed_pool, tmp_path, monkeypatch):

@@ -542,15 +542,40 @@ def test_a_full_model_whose_load_failed_is_loaded_again_when_its_folder_changes_
     with pytest.raises(WorkbenchError, match="could not be loaded"):
         slow.engine()
     assert len(calls) == 2
-    fail["on"] = False
-    quick = eng.FullModel("q", "merged_model", folder, {}, retry_after_s=0.05)
-    fail["on"] = True
+    quick = eng.FullModel("q", "merged_model", folder, {}, retry_after_s=0.2)
     with pytest.raises(WorkbenchError, match="could not be loaded"):
         quick.engine()
-    fail["on"] = False
-    time.sleep(0.1)  # the same folder, but the wait has passed
-    assert quick.engine() == ("engine", "net", "tok") and quick.loaded and len(calls) == 4
-    assert quick.engine() == ("engine", "net", "tok") and len(calls) == 4  # loaded once, kept
+    assert len(calls) == 3
+    time.sleep(0.25)  # the same folder, but the wait has passed: loaded again, fails again
+    with pytest.raises(WorkbenchError, match="could not be loaded"):
+        quick.engine()
+    assert len(calls) == 4
+    time.sleep(0.25)  # the wait doubled (0.4 s) after a second failure in a row: not yet
+    with pytest.raises(WorkbenchError, match="could not be loaded"):
+        quick.engine()
+    assert len(calls) == 4
+    # a retry under way: other requests answer at once instead of queueing behind the load
+    release, entered = threading.Event(), threading.Event()
+
+    def slow_load(folder, device="cpu"):
+        calls.append(folder)
+        entered.set()
+        release.wait(10)
+        return type("Loaded", (), {"model": "net", "tokenizer": "tok"})()
+
+    monkeypatch.setattr(artifacts, "load_artifact", slow_load)
+    time.sleep(0.2)
+    loader = threading.Thread(target=quick.engine)
+    loader.start()
+    assert entered.wait(10)
+    t0 = time.monotonic()
+    with pytest.raises(WorkbenchError, match="could not be loaded"):
+        quick.engine()
+    assert time.monotonic() - t0 < 1.0
+    release.set()
+    loader.join(10)
+    assert quick.engine() == ("engine", "net", "tok") and quick.loaded and len(calls) == 5
+    assert quick.engine() == ("engine", "net", "tok") and len(calls) == 5  # loaded once, kept
     for bad in (-1, float("nan"), float("inf"), 1e6):
         with pytest.raises(WorkbenchError, match="retry_after_s"):
             eng.FullModel("b", "merged_model", folder, {}, retry_after_s=bad)

@@ -226,14 +226,15 @@ def _holds_manifest_files(folder: Path, name: str, manifest: Any) -> bool:
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     """A JSON object file of a candidate expert; ExpertValidationError (one line) when missing, unreadable, not
     UTF-8, not JSON, or not an object."""
+    from .cells import load_json
+
     if not path.is_file():
         raise ExpertValidationError(f"{what}: missing {path}")
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ExpertValidationError(f"{what}: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise ExpertValidationError(f"{what}: {path} is not valid JSON ({e})") from None
+        data = load_json(path)  # bounded: size and depth (a deeply nested file is one line, not a RecursionError)
+    except ValueError as e:
+        raise ExpertValidationError(f"{what}: {path} is {e}" if str(e).startswith("not ")
+                                    else f"{what}: {path}: {e}") from None
     except OSError as e:
         raise ExpertValidationError(f"{what}: cannot read {path}: {e.strerror or e}") from None
     if not isinstance(data, dict):

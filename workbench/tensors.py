@@ -247,8 +247,9 @@ class TensorFile:
             _check_finite(((name, self._read(f, name)) for name in self._index), what)
 
 
-def _stamp(st) -> tuple[int, int, int, int]:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+def _stamp(st) -> tuple[int, int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # ctime: an in-place rewrite that
+    # restores the mtime still moves it
 
 
 def _check_finite(tensors, what: str) -> None:

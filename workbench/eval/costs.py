@@ -33,9 +33,11 @@ def _finite(x: Any) -> bool:
 
 
 def _json(path: Path) -> dict[str, Any] | None:
+    from ..cells import load_json
+
     try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
+        d = load_json(path)  # bounded: size and depth
+    except (OSError, ValueError):
         return None
     return d if isinstance(d, dict) else None
 

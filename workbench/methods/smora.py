@@ -149,19 +149,21 @@ class Smora(Method):
         from ..io import file_lock, lock_for
 
         folder = self.train_dir(ctx)
-        # one process trains into a checkpoint folder at a time (two artifacts of one training key wait in turn)
-        with file_lock(lock_for(folder)), routing.use(groups=[RoutedGroup(router, None)], dense=True):
-            res = train_loop(model, tok, smora_rows(data, tok), p, params,
-                             f"smora R={p.rank} k={p.k} on {len(tasks)} tasks", ctx.device, loss_fn=loss_fn,
-                             after_step=after_step,
-                             checkpoint=Checkpoint(checkpoint_path(folder), router, p.checkpoint_every, extra=kept))
-        router.eval()
-        loaded, lctx = smora_model(base, router, ctx.device)
-        usage = usage_stats(loaded, tok, {rec.name: smora_rows([(rec, e)], tok, split="validation")
-                                          or smora_rows([(rec, e)], tok)[:10] for rec, e in data}, n=10)
-        router.cpu()
-        router.save(ctx.out_dir)
-        checkpoint_path(folder).unlink(missing_ok=True)
+        # one process trains into a checkpoint folder at a time, and holds it until the trained router is saved in
+        # the artifact: a build waiting on it never resumes from a checkpoint deleted under it
+        with file_lock(lock_for(folder)):
+            with routing.use(groups=[RoutedGroup(router, None)], dense=True):
+                res = train_loop(model, tok, smora_rows(data, tok), p, params,
+                                 f"smora R={p.rank} k={p.k} on {len(tasks)} tasks", ctx.device, loss_fn=loss_fn,
+                                 after_step=after_step,
+                                 checkpoint=Checkpoint(checkpoint_path(folder), router, p.checkpoint_every, extra=kept))
+            router.eval()
+            loaded, lctx = smora_model(base, router, ctx.device)
+            usage = usage_stats(loaded, tok, {rec.name: smora_rows([(rec, e)], tok, split="validation")
+                                              or smora_rows([(rec, e)], tok)[:10] for rec, e in data}, n=10)
+            router.cpu()
+            router.save(ctx.out_dir)
+            checkpoint_path(folder).unlink(missing_ok=True)
         d_in_out = sum(di + do for di, do in dims.values())
         return {"type": "smora", "router": "smora", "router_kind": "smora", "rank": p.rank, "k": p.k,
                 "tasks": tasks, "pool_root": str(ctx.pool.root.resolve()),

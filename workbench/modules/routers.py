@@ -19,7 +19,6 @@ Saved as `router.json` (name + config) + `router.safetensors` (tensors), loaded 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, ClassVar
@@ -86,10 +85,14 @@ class BaseRouter(nn.Module):
 
 def load_router(folder: Path, device: str | torch.device | None = None) -> BaseRouter:
     folder = Path(folder)
+    from ..cells import load_json
+
     try:
-        spec = json.loads((folder / "router.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        spec = load_json(folder / "router.json")  # bounded: size and depth; not UTF-8 or JSON is a ValueError
+    except (OSError, ValueError) as e:
         raise WorkbenchError(f"cannot read router {folder / 'router.json'}: {e}") from None
+    if not isinstance(spec, dict):
+        raise WorkbenchError(f"cannot read router {folder / 'router.json'}: not a JSON object")
     try:
         tensors = load_file(str(folder / "router.safetensors"), device=str(device or "cpu"))
         return ROUTERS.get(spec["router"]).from_saved(spec["config"], tensors)

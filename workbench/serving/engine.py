@@ -1515,6 +1515,7 @@ class FullModel:
         self._engine: MultiLoraModel | None = None
         self._failed: str | None = None  # why the last load failed
         self._failed_at, self._failed_stamp = 0.0, ()  # when, and the folder's files then
+        self._fails = 0  # failed loads in a row (the wait before the next doubles with each)
         self._lock = threading.Lock()
 
     def _stamp(self) -> tuple:
@@ -1530,29 +1531,46 @@ class FullModel:
         return self._engine is not None
 
     def engine(self) -> MultiLoraModel:
-        """Its engine, loading the artifact the first time (one load even under concurrent first requests)."""
-        with self._lock:
-            if self._failed is not None and (time.monotonic() - self._failed_at >= self.retry_after_s
-                                             or self._stamp() != self._failed_stamp):
-                log.info("model %r: loading it again (%s)", self.name, "its folder changed"
-                         if self._stamp() != self._failed_stamp else f"{self.retry_after_s:g} s after it failed")
-                self._failed = None
-            if self._engine is None and self._failed is None:
+        """Its engine, loading the artifact the first time (one load even under concurrent first requests). After a
+        failed load, requests answer at once (a WorkbenchError, the 503) without waiting on a retry under way."""
+        if self._engine is not None:
+            return self._engine
+        if not self._lock.acquire(blocking=self._failed is None):  # a retry is loading: do not queue behind it
+            raise WorkbenchError(self._failed or f"model {self.name!r} is loading")
+        try:
+            load = self._engine is None and self._failed is None
+            if self._engine is None and self._failed is not None:  # the last failure stands until a retry loads it
+                changed = self._stamp() != self._failed_stamp
+                if changed or time.monotonic() - self._failed_at >= self._wait():
+                    log.info("model %r: loading it again (%s)", self.name,
+                             "its folder changed" if changed else f"{self._wait():g} s after it failed")
+                    load = True
+            if load:
                 from ..artifacts import load_artifact
 
                 try:
                     lm = load_artifact(self.folder, device=self.device)
                     self._engine = MultiLoraModel(lm.model, lm.tokenizer, [], backend=self.backend,
                                                   device=self.device, dtype=self.dtype)
+                    self._failed, self._fails = None, 0
                 except Exception as e:  # a broken folder (any library's error) fails this model only (logged)
                     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                     self._failed = f"model {self.name!r} ({self.kind}) could not be loaded: {type(e).__name__}: {first}"
                     self._failed_at, self._failed_stamp = time.monotonic(), self._stamp()
+                    self._fails += 1
                     log.error("%s (%s); its requests answer 503 until its folder changes or %g s pass, then it is "
-                              "loaded again", self._failed, self.folder, self.retry_after_s, exc_info=e)
+                              "loaded again", self._failed, self.folder, self._wait(), exc_info=e)
             if self._engine is None:
                 raise WorkbenchError(self._failed)
             return self._engine
+        finally:
+            self._lock.release()
+
+    def _wait(self) -> float:
+        """Seconds before a failed load is tried again (the folder unchanged): `retry_after_s`, doubling with each
+        failure in a row up to 10 minutes (or `retry_after_s` when that is longer), so a model that cannot fit is
+        not reloaded every few seconds beside the models being served."""
+        return min(self.retry_after_s * 2 ** max(self._fails - 1, 0), max(self.retry_after_s, 600.0))
 
 
 def saved_full_models(pool, taken: set[str], *, backend: str | None = None, device: str = "cpu",
