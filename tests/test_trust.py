@@ -230,6 +230,10 @@ def test_mole_gates_from_is_keyed_by_content_and_a_missing_router_is_one_line(po
     with pytest.raises(RecipeError, match="no router.safetensors") as info:
         key(broken)
     assert "\n" not in str(info.value)
+    (broken / "artifact.json").write_text("[" * 100_000 + "]" * 100_000)  # a deep file: one line, no RecursionError
+    with pytest.raises(RecipeError, match="not a built artifact .*nested too deeply") as info:
+        key(broken)
+    assert "\n" not in str(info.value)
 
 
 def test_sweep_scores_are_reused_only_under_the_same_eval_settings(pools, tiny_dir, pool, tmp_path):

@@ -117,10 +117,12 @@ class Mole(DataRoutedMethod):
                 raise RecipeError(f"MoLE 'use' names {unknown or 'no expert'}: the gates are trained on {names}")
         if params.gates_from is not None:
             folder = Path(params.gates_from)
+            from ..artifacts import read_artifact_meta
+
             try:
-                meta = json.loads((folder / "artifact.json").read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise RecipeError(f"gates_from {folder}: not a built artifact ({type(e).__name__})") from None
+                meta = read_artifact_meta(folder)  # bounded in size and depth
+            except WorkbenchError as e:
+                raise RecipeError(f"gates_from {folder}: not a built artifact ({str(e)[-80:]})") from None
             if meta.get("method") != "mole":
                 raise RecipeError(f"gates_from {folder}: a {meta.get('method')!r} artifact, not a MoLE one")
             if not (folder / "router.safetensors").is_file():
@@ -171,8 +173,9 @@ class Mole(DataRoutedMethod):
         if p.gates_from is not None:
             trained = load_router(Path(p.gates_from), ctx.device)
             router.load_state_dict(trained.state_dict())
-            curve, source = (json.loads((Path(p.gates_from) / "artifact.json").read_text()).get("loss_curve") or []), \
-                str(p.gates_from)
+            from ..artifacts import read_artifact_meta
+
+            curve, source = read_artifact_meta(Path(p.gates_from)).get("loss_curve") or [], str(p.gates_from)
         else:
             # one process trains these gates: another that needs them meanwhile waits, then reads them
             with file_lock(lock_for(folder)):
