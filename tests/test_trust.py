@@ -94,9 +94,12 @@ def test_two_pool_objects_adding_lose_no_entry(pools, tiny_dir, pool):
     assert Pool.open("demo").names() == ["y"]
 
 
-def test_replace_killed_between_its_renames_is_undone(pools, tiny_dir, pool):
-    """SIGKILL after the old expert folder was renamed aside and before the new one was renamed in: the next open
-    puts the old folder back, so the manifest never points at nothing."""
+@pytest.mark.parametrize("fault", ["pool_replace", "pool_replace_in"])
+def test_replace_killed_midway_is_undone(pools, tiny_dir, pool, fault):
+    """SIGKILL during `add --replace`: after the old expert folder was renamed aside and before the new one came in
+    (`pool_replace`), or after the new one came in and before the manifest named its files (`pool_replace_in`).
+    Either way the next open puts the old folder back (the manifest still names its files): `verify` passes, the old
+    expert is not lost, and the replace can then be done to the end, leaving nothing aside."""
     import os
     import subprocess
     import sys
@@ -108,39 +111,17 @@ def test_replace_killed_between_its_renames_is_undone(pools, tiny_dir, pool):
     code = ("from workbench.pool import Pool; import sys; "
             "Pool.open('demo').add(sys.argv[1], 'a', replace=True)")
     proc = subprocess.run([sys.executable, "-c", code, str(tiny_dir / "lora_b")], capture_output=True, text=True,
-                          env={**os.environ, "WORKBENCH_FAULT": "pool_replace"}, timeout=120)
-    assert proc.returncode == -9 and "killed at pool_replace" in proc.stderr
-    assert not (pools / "demo" / "experts" / "a").exists()  # the kill left the folder aside
+                          env={**os.environ, "WORKBENCH_FAULT": fault}, timeout=120)
+    assert proc.returncode == -9 and f"killed at {fault} #" in proc.stderr
+    assert list((pools / "demo" / ".staging").glob(".old-*"))  # the old folder aside
+    # between the renames nothing is at experts/a; after them the new files are, unnamed by the manifest
+    assert (pools / "demo" / "experts" / "a").exists() == (fault == "pool_replace_in")
     p = Pool.open("demo")
     assert (pools / "demo" / "experts" / "a").is_dir() and p.expert("a").entry.files == before
     assert p.verify() == [] and not list((pools / "demo" / ".staging").glob(".old-*"))
     p.add(tiny_dir / "lora_b", "a", replace=True)  # a replace that completes leaves nothing aside
-    assert Pool.open("demo").expert("a").entry.files != before and p.verify() == []
-    assert not list((pools / "demo" / ".staging").glob(".old-*"))
-
-
-def test_replace_killed_after_the_new_folder_came_in_is_undone(pools, tiny_dir, pool):
-    """SIGKILL after the new folder was renamed in and before the manifest named its files: the next open puts the
-    old folder back (the manifest still names its files), so `verify` passes and the old expert is not lost."""
-    import os
-    import subprocess
-    import sys
-
-    from workbench.pool import Pool
-
-    pool.add(tiny_dir / "lora_a", "a")
-    before = Pool.open("demo").expert("a").entry.files
-    code = ("from workbench.pool import Pool; import sys; "
-            "Pool.open('demo').add(sys.argv[1], 'a', replace=True)")
-    proc = subprocess.run([sys.executable, "-c", code, str(tiny_dir / "lora_b")], capture_output=True, text=True,
-                          env={**os.environ, "WORKBENCH_FAULT": "pool_replace_in"}, timeout=120)
-    assert proc.returncode == -9 and "killed at pool_replace_in" in proc.stderr
-    assert list((pools / "demo" / ".staging").glob(".old-*"))  # the old folder aside, the new one in its place
-    p = Pool.open("demo")
-    assert p.expert("a").entry.files == before and p.verify() == []
-    assert not list((pools / "demo" / ".staging").glob(".old-*"))
-    p.add(tiny_dir / "lora_b", "a", replace=True)  # and the replace can be done again, to the end
     assert Pool.open("demo").expert("a").entry.files != before and Pool.open("demo").verify() == []
+    assert not list((pools / "demo" / ".staging").glob(".old-*"))
 
 
 def test_the_apps_build_one_form_with_nothing_selected_is_refused(pools, tiny_dir, pool):
