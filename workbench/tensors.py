@@ -248,8 +248,8 @@ class TensorFile:
 
 
 def _stamp(st) -> tuple[int, int, int, int, int]:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # ctime: an in-place rewrite that
-    # restores the mtime still moves it
+    """A file's identity and version: the ctime too, as an in-place rewrite that restores the mtime still moves it."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _check_finite(tensors, what: str) -> None:

@@ -33,13 +33,9 @@ def _finite(x: Any) -> bool:
 
 
 def _json(path: Path) -> dict[str, Any] | None:
-    from ..cells import load_json
+    from ..cells import read_record
 
-    try:
-        d = load_json(path)  # bounded: size and depth
-    except (OSError, ValueError):
-        return None
-    return d if isinstance(d, dict) else None
+    return read_record(path)  # bounded in size and depth; None when absent, unreadable or not an object
 
 
 def safetensors_params(path: Path) -> int | None:

@@ -1354,7 +1354,7 @@ def _pool_artifacts(pool, type_: str, pool_key: str, taken: set[str],
     (a recipe rebuilt with other parameters, here or in another checkout) the one built here, then the newest;
     bare sweep points ("name@point") and taken names stay out; with `only`, the artifacts in those folders alone
     (malformed artifact.json files are skipped)."""
-    from ..cells import load_json
+    from ..cells import read_record
     from ..io import artifacts_dir
 
     root = artifacts_dir()
@@ -1363,12 +1363,12 @@ def _pool_artifacts(pool, type_: str, pool_key: str, taken: set[str],
     here = str(pool.root.resolve())
     found: dict[str, tuple[tuple[bool, float], Path, dict[str, Any]]] = {}
     for meta_path in sorted(root.glob("*/artifact.json")):
+        meta = read_record(meta_path)  # bounded in size and depth; None: unreadable, too large or deep, not an object
         try:
-            meta = load_json(meta_path)  # bounded in size and depth
             mtime = meta_path.stat().st_mtime
-        except (OSError, ValueError):  # unreadable, too large or deep, invalid UTF-8 or JSON
+        except OSError:
             continue
-        if not isinstance(meta, dict):
+        if meta is None:
             continue
         if only is not None and meta_path.parent.resolve() not in only:
             continue
@@ -1539,7 +1539,7 @@ class FullModel:
             raise WorkbenchError(self._failed or f"model {self.name!r} is loading")
         try:
             load = self._engine is None and self._failed is None
-            if self._engine is None and self._failed is not None:  # the last failure stands until a retry loads it
+            if self._engine is None and not load:  # the last failure stands until a retry loads it
                 changed = self._stamp() != self._failed_stamp
                 if changed or time.monotonic() - self._failed_at >= self._wait():
                     log.info("model %r: loading it again (%s)", self.name,
